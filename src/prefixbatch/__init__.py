@@ -1,0 +1,7 @@
+"""prefixbatch: offline LLM batch inference with global prefix sharing."""
+
+from .llm import LLM
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,168 @@
+"""Engine and model configuration: frozen, normalised once, read everywhere."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture is not one the engine implements."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters (``rope_type`` is ``default`` or ``llama3``)."""
+
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Hugging Face config normalised into the fields the model code reads."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> ModelConfig:
+        """Normalise a ``transformers.PretrainedConfig``; raise for unsupported architectures."""
+        archs = list(getattr(hf, "architectures", None) or [])
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise UnsupportedModelError(
+                f"unsupported architecture {archs or getattr(hf, 'model_type', '?')}; "
+                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        family = SUPPORTED_ARCHITECTURES[arch]
+        heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        eos = hf.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        max_pos = hf.max_position_embeddings
+        window = getattr(hf, "sliding_window", None)
+        if family == "mistral" and window:
+            # Sliding-window attention equals full attention inside the window; we stay inside it.
+            max_pos = min(max_pos, window)
+        return cls(
+            architecture=family,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            rope=_rope_config(hf),
+            max_position=max_pos,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+            qk_norm=family == "qwen3",
+            eos_token_ids=eos_ids,
+        )
+
+
+def _rope_config(hf: Any) -> RopeConfig:
+    # transformers 5 keeps everything in rope_parameters; 4.x uses rope_theta + rope_scaling.
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    scaling = dict(getattr(hf, "rope_scaling", None) or {})
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in ("default", "llama3"):
+        raise UnsupportedModelError(f"unsupported rope scaling {rope_type!r}; supported: llama3")
+    if rope_type == "default":
+        return RopeConfig(theta=float(theta))
+    return RopeConfig(
+        theta=float(theta),
+        rope_type="llama3",
+        factor=float(params["factor"]),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+    )
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_memory(text: str | int) -> int:
+    """Parse ``512MiB``, ``2GiB``, ``1.5G`` or a byte count into bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"cannot parse memory size {text!r}; use e.g. 512MiB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine is built from; the CLI and the Python API both produce one.
+
+    ``kv_cache_memory`` is bytes for the KV pool (None: ``kv_cache_fraction`` of free memory).
+    ``max_num_batched_tokens`` caps the prefill tokens of one step (chunked prefill);
+    ``max_num_seqs`` is a soft cap that memory-centric batching lifts by ``token_batching_degree``.
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    kv_cache_fraction: float = 0.3
+    max_num_batched_tokens: int = 1024
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    policy: str = "batchllm"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("batchllm", "fcfs-lru", "fcfs"):
+            raise ValueError(f"unknown policy {self.policy!r}; use batchllm, fcfs-lru or fcfs")
+        if self.block_size < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("block_size and max_num_batched_tokens must be positive")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            # fp32 is the fast dtype on AVX2 CPUs; bf16 on GPUs.
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            self.dtype
+        ]

@@ -1,0 +1,175 @@
+"""The engine loop: plan -> schedule -> run the model -> sample -> postprocess, streaming each
+request's output as soon as it finishes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import EngineConfig, ModelConfig
+from .execution.attention.backend import KVCache
+from .execution.attention.factory import make_backend
+from .execution.layers import rope_inv_freq
+from .execution.model_runner import ModelRunner
+from .execution.models.decoder import DecoderModel
+from .execution.model_source import ModelSource, resolve_model
+from .execution.sampler import sample
+from .outputs import Request, RequestOutput
+from .scheduling.block_manager import BlockManager
+from .scheduling.scheduler import Scheduler, SchedulerConfig
+from .scheduling.sequence import Sequence
+from .scheduling.work import build_sequences
+from .tokenizer import Tokenizer
+
+
+class KVBudgetError(ValueError):
+    """The KV cache cannot hold even the smallest request."""
+
+
+@dataclass
+class EngineStats:
+    """Counters of one ``generate`` call."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    prefill_tokens_computed: int = 0
+    output_tokens: int = 0
+    preemptions: int = 0
+    steps: int = 0
+    cache_hit_tokens: int = 0
+    groups: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prefill_saving(self) -> float:
+        return 1 - self.prefill_tokens_computed / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def available_memory() -> int:
+    """Bytes of memory available for the KV pool on the CPU (MemAvailable)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 4 * 2**30
+
+
+class LLMEngine:
+    """Loads a model and runs batches of tokenized requests through it."""
+
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+        from transformers import AutoConfig
+
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        self.source = source or resolve_model(config.model)
+        self.model_config = ModelConfig.from_hf(AutoConfig.from_pretrained(str(self.source.path)))
+        self.tokenizer = Tokenizer(self.source.path)
+        self.model = self._load_model()
+        cfg = self.model_config
+        self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+        per_block = KVCache.bytes_per_block(
+            cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype
+        )
+        budget = config.kv_cache_memory or int(available_memory() * config.kv_cache_fraction)
+        self.num_blocks = budget // per_block
+        if self.num_blocks < 1:
+            raise KVBudgetError(
+                f"--kv-cache-memory {budget} bytes holds no KV block ({per_block} bytes each)"
+            )
+        self.cache = KVCache(cfg.num_layers, self.num_blocks, config.block_size, cfg.num_kv_heads,
+                             cfg.head_dim, self.dtype, self.device)
+        eos = [*cfg.eos_token_ids, self.tokenizer.eos_token_id]
+        self.eos_ids = tuple(dict.fromkeys(e for e in eos if e is not None))
+        self.stats = EngineStats()
+
+    def _load_model(self) -> DecoderModel:
+        with torch.device("meta"):
+            model = DecoderModel(self.model_config)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.load_weights(self.source.weights())
+        # Buffers are not in the checkpoint: rebuild the fp32 rotary frequencies on the device.
+        model.rotary.inv_freq = rope_inv_freq(self.model_config.rope, self.model_config.head_dim)
+        model.rotary.inv_freq = model.rotary.inv_freq.to(self.device)
+        return model.eval()
+
+    def kv_blocks_needed(self, prompt_len: int, max_tokens: int) -> int:
+        return math.ceil(min(prompt_len + max_tokens, self.max_model_len) / self.config.block_size)
+
+    def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
+        """Why a request cannot run on this engine, or None."""
+        if prompt_len == 0:
+            return "the prompt is empty"
+        if prompt_len >= self.max_model_len:
+            return (f"the prompt has {prompt_len} tokens; the model's context is "
+                    f"{self.max_model_len} tokens and at least one must be left to generate")
+        need = self.kv_blocks_needed(prompt_len, max_tokens)
+        if need > self.num_blocks:
+            return (f"the request needs {need} KV blocks and the cache has {self.num_blocks}; "
+                    "raise --kv-cache-memory")
+        return None
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
+        """Run requests to completion, yielding each output as soon as it finishes."""
+        requests = list(requests)
+        self.stats = EngineStats(requests=len(requests),
+                                 prompt_tokens=sum(len(r.prompt_token_ids) for r in requests))
+        if not requests:
+            return
+        cfg = self.config
+        blocks = BlockManager(self.num_blocks, cfg.block_size,
+                              enable_prefix_cache=cfg.policy == "fcfs-lru")
+        cap = cfg.max_num_seqs if cfg.policy != "batchllm" else None
+        scheduler = Scheduler(
+            SchedulerConfig(cfg.max_num_batched_tokens, cap, self.max_model_len), blocks,
+            self.eos_ids,
+        )
+        work = build_sequences(requests, cfg.policy, cfg.block_size, cfg.seed)
+        self.stats.groups = work.num_groups
+        runner = ModelRunner(self.model, make_backend(self.cache, self.model_config),
+                             cfg.block_size, self.device,
+                             share_prefix_attention=cfg.policy == "batchllm")
+        for seq in work.sequences:
+            scheduler.add(seq)
+        self.scheduler = scheduler
+        while scheduler.has_work:
+            step = scheduler.schedule()
+            if not step.seqs:
+                raise KVBudgetError("the KV cache is too small to make progress; "
+                                    "raise --kv-cache-memory")
+            logits = runner.execute(step)
+            sampling = [s for s, flag in zip(step.seqs, step.sampling) if flag]
+            tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+            finished = scheduler.postprocess(step, tokens)
+            finished += self._stop_strings(scheduler, sampling, finished)
+            self.stats.steps += 1
+            for seq in finished:
+                yield self._output(seq, work.requests[seq.seq_id])
+        self.stats.prefill_tokens_computed = scheduler.prefill_tokens_computed
+        self.stats.preemptions = scheduler.num_preemptions
+        self.stats.cache_hit_tokens = blocks.cache_hits * cfg.block_size
+
+    def _stop_strings(self, scheduler: Scheduler, sampled: list[Sequence],
+                      finished: list[Sequence]) -> list[Sequence]:
+        out = []
+        done = set(map(id, finished))
+        for seq in sampled:
+            if seq.params.stop and id(seq) not in done:
+                text = self.tokenizer.decode(seq.output_tokens)
+                if any(s in text for s in seq.params.stop):
+                    scheduler.finish(seq, "stop")
+                    out.append(seq)
+        return out
+
+    def _output(self, seq: Sequence, request: Request) -> RequestOutput:
+        text = self.tokenizer.decode(seq.output_tokens)
+        cuts = [text.find(s) for s in request.params.stop if s in text]
+        if cuts:
+            text = text[: min(cuts)]
+        self.stats.output_tokens += seq.num_output
+        return RequestOutput(request.index, request.prompt_token_ids, seq.output_tokens, text,
+                             seq.finish_reason or "stop", seq.preemptions)

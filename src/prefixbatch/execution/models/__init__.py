@@ -1,0 +1,1 @@
+"""Model families implemented on shared decoder blocks."""

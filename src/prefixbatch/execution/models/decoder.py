@@ -1,0 +1,121 @@
+"""One decoder implementation for the Llama family: Llama 2/3, Mistral, Qwen2 (qkv bias) and
+Qwen3 (q/k RMSNorm). Differences are flags on ``ModelConfig``, not separate classes.
+
+Every forward works on a flattened batch: all scheduled tokens of all sequences concatenated,
+no padding. Attention goes through an ``AttentionBackend`` that owns the paged KV cache layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...config import ModelConfig
+from ..attention.backend import AttentionBackend, StepMetadata
+from ..layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.heads * self.head_dim
+        self.kv_size = self.kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        backend: AttentionBackend,
+        meta: StepMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.heads, self.head_dim)  # (T, H, D)
+        k = k.view(t, self.kv_heads, self.head_dim)  # (T, KVH, D)
+        v = v.view(t, self.kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = backend.forward(self.layer, q, k, v, meta)  # (T, H, D)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, rope, backend, meta):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), rope, backend, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Token ids (T,) and positions (T,) -> logits for the rows in ``meta.logits_rows``."""
+
+    # checkpoint sub-name -> (our parameter sub-name, shard index) for fused projections
+    FUSED = {
+        "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+        "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+        "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+        "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+        "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
+        meta: StepMetadata,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (T, hidden)
+        rope = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, backend, meta)
+        x = self.norm(x[meta.logits_rows])  # only rows that sample: (S, hidden)
+        return self.lm_head(x).float()  # (S, vocab)
+
+    def load_weights(self, weights) -> None:  # type: ignore[no-untyped-def]
+        """Copy ``(checkpoint name, tensor)`` pairs in, fusing q/k/v and gate/up on the way."""
+        params = dict(self.named_parameters())
+        cfg = self.cfg
+        qkv = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+               cfg.num_kv_heads * cfg.head_dim]
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            target, shard = name, None
+            for sub, (fused, index) in self.FUSED.items():
+                if f".{sub}." in name:
+                    target, shard = name.replace(sub, fused), index
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
+            param = params[target]
+            if shard is None:
+                param.data.copy_(tensor)
+            else:
+                sizes = qkv if "qkv" in target else [cfg.intermediate_size] * 2
+                start = sum(sizes[:shard])
+                param.data[start : start + sizes[shard]].copy_(tensor)
+            loaded.add(f"{target}:{shard}")
+        if cfg.tie_word_embeddings or "lm_head.weight:None" not in loaded:
+            self.lm_head.weight = self.embed_tokens.weight

@@ -1,0 +1,1 @@
+"""I/O: OpenAI batch files in and out, progress."""

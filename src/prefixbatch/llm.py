@@ -1,0 +1,63 @@
+"""The Python API: ``LLM(model=...).generate(prompts, SamplingParams(...))`` and ``LLM.chat``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from .config import EngineConfig
+from .engine import LLMEngine
+from .outputs import Request, RequestOutput
+from .sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """An offline engine. Keyword arguments are ``EngineConfig`` fields (``kv_cache_memory``
+    also accepts strings such as ``"512MiB"``)."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        from .config import parse_memory
+
+        if isinstance(kwargs.get("kv_cache_memory"), str):
+            kwargs["kv_cache_memory"] = parse_memory(kwargs["kv_cache_memory"])
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Outputs in prompt order. A prompt is text or a list of token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        ids = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
+        return self._run(ids, params)
+
+    def chat(
+        self, conversations: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several, through the chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        return self._run([self.tokenizer.encode_chat(c) for c in conversations], params)
+
+    def _run(self, ids: list[list[int]],
+             params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(ids)
+        for i, (p, sp) in enumerate(zip(ids, params)):
+            problem = self.engine.check_request(len(p), sp.max_tokens)
+            if problem:
+                raise ValueError(f"prompt {i}: {problem}")
+        requests = [Request(i, p, sp) for i, (p, sp) in enumerate(zip(ids, params))]
+        outputs = sorted(self.engine.generate(requests), key=lambda o: o.index)
+        return outputs
+
+    def with_policy(self, policy: str) -> LLM:
+        """The same loaded model and cache under another scheduling policy."""
+        self.engine.config = replace(self.engine.config, policy=policy)
+        return self

@@ -1,0 +1,1 @@
+"""Planning: prefix tree, groups and their order, computed before any model runs."""

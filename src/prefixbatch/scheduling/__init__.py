@@ -1,0 +1,1 @@
+"""Scheduling: sequences, KV blocks and the per-step batches."""

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random checkpoints saved the Hugging Face way, with a word-level
+tokenizer, so engine tests need no download and run in seconds."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 512
+EOS = 2
+
+
+def save_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.chat_template = (
+        "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+        "{% if add_generation_prompt %}w5{% endif %}"
+    )
+    fast.save_pretrained(str(path))
+
+
+def tiny_config(family: str):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  eos_token_id=EOS, bos_token_id=1, tie_word_embeddings=False,
+                  initializer_range=0.2)
+    if family == "llama":
+        return LlamaConfig(**common, rope_theta=10000.0)
+    if family == "llama3":
+        return LlamaConfig(**common, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, rope_theta=500000.0)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "qwen3":
+        return Qwen3Config(**common, head_dim=32)
+    raise ValueError(family)
+
+
+def make_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    model.save_pretrained(str(path))
+    save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {f: make_tiny_model(root / f, f) for f in ("llama", "llama3", "qwen2", "qwen3")}
+
+
+def shared_prefix_prompts(n: int, seed: int = 0, prefixes: int = 3, prefix_len: int = 40,
+                          ) -> list[list[int]]:
+    """``n`` prompts: a few long shared prefixes with short distinct suffixes, shuffled, plus
+    some unshared prompts; mixed lengths."""
+    rng = random.Random(seed)
+    heads = [[rng.randrange(3, VOCAB) for _ in range(prefix_len + 7 * i)] for i in range(prefixes)]
+    prompts = []
+    for i in range(n):
+        suffix = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 30))]
+        prompts.append(suffix if i % 4 == 3 else heads[i % prefixes] + suffix)
+    rng.shuffle(prompts)
+    return prompts
+
+
+def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    """Hugging Face transformers' greedy continuation of each prompt, one at a time (no padding),
+    stopping at EOS like the engine."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    outs = []
+    with torch.inference_mode():
+        for p, m in zip(prompts, max_tokens):
+            ids = torch.tensor([p])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=m,
+                                 do_sample=False, eos_token_id=EOS, pad_token_id=EOS)
+            outs.append(gen[0, len(p):].tolist())
+    return outs
