@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -86,6 +87,13 @@ class LLMEngine:
         eos = [*cfg.eos_token_ids, self.tokenizer.eos_token_id]
         self.eos_ids = tuple(dict.fromkeys(e for e in eos if e is not None))
         self.stats = EngineStats()
+
+    @property
+    def model_name(self) -> str:
+        """The name written into outputs: the checkpoint's directory or GGUF file name."""
+        if self.config.model is None:
+            return "SmolLM2-135M-Instruct"
+        return Path(self.config.model).name.removesuffix(".gguf")
 
     def _load_model(self) -> DecoderModel:
         with torch.device("meta"):

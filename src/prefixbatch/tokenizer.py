@@ -21,11 +21,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=True))
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The chat template's text for a conversation, ending with the assistant's turn."""
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use /v1/completions with a prompt")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self.hf.encode(text, add_special_tokens=False))
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        # The rendered template already holds the special tokens (BOS, role markers).
+        return list(self.hf.encode(self.render_chat(messages), add_special_tokens=False))
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        """Many texts in one call (the Rust tokenizer runs them in parallel)."""
+        return [list(ids) for ids in
+                self.hf(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)

@@ -80,9 +80,10 @@ class ModelRunner:
             return None
         lengths = torch.tensor([len(s) for _, s in decode])
         longest = int(lengths.max())
-        slots = torch.zeros(len(decode), longest, dtype=torch.long)
+        slots = torch.empty(len(decode), longest, dtype=torch.long)
         for i, (_, s) in enumerate(decode):
             slots[i, : len(s)] = s
+            slots[i, len(s) :] = s[0]  # padding reads a written slot (masked out anyway)
         mask = torch.arange(longest)[None, :] < lengths[:, None]  # (B, Lmax)
         return DecodeBatch(
             rows=torch.tensor([r for r, _ in decode], dtype=torch.long, device=self.device),

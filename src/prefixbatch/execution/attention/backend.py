@@ -21,8 +21,10 @@ class KVCache:
         dtype: torch.dtype, device: torch.device,
     ) -> None:
         shape = (layers, num_blocks * block_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, slots, KVH, D)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised on purpose: every slot is written before it is read, and untouched pages
+        # of a large pool cost nothing. (Padding must therefore never point at unwritten slots.)
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # (L, slots, KVH, D)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
 
@@ -50,7 +52,7 @@ class DecodeBatch:
     """Sequences with one query token each, attended in one padded call."""
 
     rows: torch.Tensor  # (B,) row of each query token in the flattened batch
-    kv_slots: torch.Tensor  # (B, Lmax) slots, padded with 0
+    kv_slots: torch.Tensor  # (B, Lmax) slots, padded with the sequence's own first slot
     mask: torch.Tensor  # (B, 1, 1, Lmax) True where a position is attended
 
 

@@ -1,0 +1,141 @@
+"""A batch job: batch file in, answers out, every request answered exactly once.
+
+Whole-job problems raise ``JobError`` before any compute; problems of single lines become error
+records while every other request runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import EngineConfig
+from ..engine import LLMEngine
+from ..outputs import Request
+from ..tokenizer import Tokenizer
+from .batch_file import CHAT_URL, BatchRequest, LineError, read_batch_file
+from .progress import Progress
+from .results import ResultWriter, error_record, success_record
+
+
+class JobError(RuntimeError):
+    """A problem with the whole job (input, model, memory): reported in one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    input: Path
+    output: Path
+    overwrite: bool = False  # start over instead of resuming an existing output file
+    default_max_tokens: int = 256
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    requests_ok: int
+    requests_failed: int
+    skipped: int  # answered by an earlier run
+    prompt_tokens: int
+    output_tokens: int
+    prefill_tokens_saved: int
+    preemptions: int
+    wall_s: float
+
+    def lines(self) -> list[str]:
+        tps = self.output_tokens / self.wall_s if self.wall_s else 0.0
+        return [
+            f"requests: {self.requests_ok} ok, {self.requests_failed} failed, "
+            f"{self.skipped} already answered",
+            f"tokens: {self.prompt_tokens} prompt, {self.output_tokens} output, "
+            f"{self.prefill_tokens_saved} prefill tokens saved by sharing",
+            f"preemptions: {self.preemptions}",
+            f"wall time: {self.wall_s:.1f}s, {tps:.1f} output tok/s",
+        ]
+
+
+def read_items(path: Path, default_max_tokens: int) -> list[BatchRequest | LineError]:
+    if not path.is_file():
+        raise JobError(f"input file not found: {path}")
+    return list(read_batch_file(path, default_max_tokens))
+
+
+def tokenize(tokenizer: Tokenizer, items: list[BatchRequest]
+             ) -> tuple[list[tuple[BatchRequest, list[int]]], list[LineError]]:
+    """Token ids per request (chat template for chats); template failures and empty prompts are
+    line errors. Texts are encoded in one batched call."""
+    ok: list[tuple[BatchRequest, list[int]]] = []
+    errors: list[LineError] = []
+    texts: list[tuple[BatchRequest, str, bool]] = []
+    for req in items:
+        if isinstance(req.prompt, list):
+            ok.append((req, list(req.prompt)))
+            continue
+        if req.url == CHAT_URL:
+            try:
+                texts.append((req, tokenizer.render_chat(req.messages or []), False))
+            except Exception as e:  # a template may raise anything (jinja, our checks)
+                errors.append(LineError(req.line, req.custom_id,
+                                        f"line {req.line}: chat template failed: {e}"))
+        else:
+            texts.append((req, req.prompt or "", True))
+    for special in (False, True):
+        batch = [(r, t) for r, t, s in texts if s is special]
+        if batch:
+            ids = tokenizer.encode_batch([t for _, t in batch], add_special_tokens=special)
+            ok += [(r, i) for (r, _), i in zip(batch, ids)]
+    kept = []
+    for req, ids in ok:
+        if not ids:
+            errors.append(LineError(req.line, req.custom_id, f"line {req.line}: the prompt is empty"))
+        else:
+            kept.append((req, ids))
+    return kept, errors
+
+
+def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
+    start = time.monotonic()
+    items = read_items(opts.input, opts.default_max_tokens)
+    try:
+        engine = LLMEngine(config)
+    except (OSError, ValueError) as e:
+        raise JobError(str(e)) from e
+    writer = ResultWriter(opts.output, resume=not opts.overwrite)
+    todo = [i for i in items if not writer.answered.covers(i)]
+    skipped = len(items) - len(todo)
+    errors = [i for i in todo if isinstance(i, LineError)]
+    tokenized, token_errors = tokenize(engine.tokenizer, [i for i in todo if isinstance(i, BatchRequest)])
+    errors += token_errors
+    runnable: list[tuple[BatchRequest, list[int]]] = []
+    too_big = 0
+    for req, ids in tokenized:
+        problem = engine.check_request(len(ids), req.params.max_tokens)
+        if problem:
+            too_big += "KV blocks" in problem
+            errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
+        else:
+            runnable.append((req, ids))
+    if too_big and not runnable:
+        writer.close()
+        raise JobError(f"the KV cache ({engine.num_blocks} blocks) is too small for even one "
+                       "request; raise --kv-cache-memory")
+    for err in sorted(errors, key=lambda e: e.line):
+        writer.write(error_record(err))
+    model_name = engine.model_name
+    progress = Progress(len(runnable), quiet=opts.quiet)
+    requests = [Request(i, ids, req.params) for i, (req, ids) in enumerate(runnable)]
+    try:
+        for out in engine.generate(requests):
+            writer.write(success_record(runnable[out.index][0], out, model_name))
+            progress.update(1, len(out.output_token_ids))
+    finally:
+        progress.close()
+        writer.close()
+    stats = engine.stats
+    return JobSummary(
+        requests_ok=len(runnable), requests_failed=len(errors), skipped=skipped,
+        prompt_tokens=stats.prompt_tokens, output_tokens=stats.output_tokens,
+        prefill_tokens_saved=stats.prompt_tokens - stats.prefill_tokens_computed,
+        preemptions=stats.preemptions, wall_s=time.monotonic() - start,
+    )

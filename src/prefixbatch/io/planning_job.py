@@ -1,0 +1,35 @@
+"""``prefixbatch plan``: tokenize a batch file and report the plan, loading no weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import EngineConfig, ModelConfig
+from ..engine import available_memory
+from ..execution.attention.backend import KVCache
+from ..execution.model_source import resolve_model
+from ..planning.plan import make_plan
+from ..planning.report import format_report, plan_report
+from ..tokenizer import Tokenizer
+from .batch_file import BatchRequest
+from .job import read_items, tokenize
+
+
+def plan_job(config: EngineConfig, path: Path, default_max_tokens: int
+             ) -> tuple[dict[str, Any], str]:
+    from transformers import AutoConfig
+
+    items = read_items(path, default_max_tokens)
+    source = resolve_model(config.model)
+    cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(str(source.path)))
+    tokenized, errors = tokenize(Tokenizer(source.path),
+                                 [i for i in items if isinstance(i, BatchRequest)])
+    prompts = [ids for _, ids in tokenized]
+    plan = make_plan(prompts, [r.params.max_tokens for r, _ in tokenized], config.block_size)
+    per_block = KVCache.bytes_per_block(cfg.num_layers, config.block_size, cfg.num_kv_heads,
+                                        cfg.head_dim, config.torch_dtype)
+    memory = config.kv_cache_memory or int(available_memory() * config.kv_cache_fraction)
+    report = plan_report(plan, prompts, config.block_size, max(1, memory // per_block))
+    report["invalid_lines"] = len(items) - len(tokenized)
+    return report, format_report(report) + f"\ninvalid lines:          {report['invalid_lines']}"

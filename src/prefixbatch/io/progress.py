@@ -1,0 +1,49 @@
+"""Progress of a long job: a bar on a terminal, periodic plain log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class Progress:
+    """Counts finished requests and generated tokens; ``quiet`` prints nothing."""
+
+    def __init__(self, total: int, quiet: bool = False, stream: TextIO | None = None,
+                 interval: float = 10.0) -> None:
+        self.total, self.quiet, self.interval = total, quiet, interval
+        self.stream = stream or sys.stderr
+        self.done = self.tokens = 0
+        self.start = self._last = time.monotonic()
+        self._bar = None
+        if not quiet and self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="req", file=self.stream, dynamic_ncols=True)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.monotonic() - self.start, 1e-9)
+
+    def update(self, requests: int, tokens: int) -> None:
+        self.done += requests
+        self.tokens += tokens
+        if self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.update(requests)
+            self._bar.set_postfix_str(f"{self.tokens_per_s:.1f} tok/s")
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval or self.done == self.total:
+            self._last = now
+            elapsed = now - self.start
+            eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            print(f"[prefixbatch] {self.done}/{self.total} requests, "
+                  f"{self.tokens_per_s:.1f} tok/s, elapsed {elapsed:.0f}s, eta {eta:.0f}s",
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
