@@ -137,7 +137,7 @@ class LLMEngine:
             self.eos_ids,
         )
         work = build_sequences(requests, cfg.policy, cfg.block_size, cfg.seed)
-        self.stats.groups = work.num_groups
+        self.stats.groups = len(work.groups)
         runner = ModelRunner(self.model, make_backend(self.cache, self.model_config),
                              cfg.block_size, self.device,
                              share_prefix_attention=cfg.policy == "batchllm")
@@ -150,7 +150,7 @@ class LLMEngine:
                 raise KVBudgetError("the KV cache is too small to make progress; "
                                     "raise --kv-cache-memory")
             logits = runner.execute(step)
-            sampling = [s for s, flag in zip(step.seqs, step.sampling) if flag]
+            sampling = [receiver for _, receiver in step.samples]
             tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
             finished = scheduler.postprocess(step, tokens)
             finished += self._stop_strings(scheduler, sampling, finished)

@@ -9,19 +9,23 @@ from __future__ import annotations
 import torch
 
 from ..scheduling.scheduler import ScheduledStep
-from ..scheduling.sequence import Sequence
+from ..scheduling.sequence import PrefixGroup
 from .attention.backend import (
     AttentionBackend,
     DecodeBatch,
     PrefillSlice,
-    SharedGroup,
+    PrefixSegment,
     StepMetadata,
 )
 from .models.decoder import DecoderModel
 
 
 class ModelRunner:
-    """Owns the model and the attention backend (and through it the KV cache)."""
+    """Owns the model and the attention backend (and through it the KV cache).
+
+    With ``share_prefix_attention``, sequences below prefix groups are described as prefix
+    segments plus their own KV; otherwise every sequence reads its whole context (plain path).
+    """
 
     def __init__(self, model: DecoderModel, backend: AttentionBackend, block_size: int,
                  device: torch.device, share_prefix_attention: bool = False) -> None:
@@ -41,39 +45,53 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slot_parts: list[torch.Tensor] = []
-        logits_rows: list[int] = []
+        last_rows: list[int] = []
         prefills: list[PrefillSlice] = []
         decode: list[tuple[int, torch.Tensor]] = []
-        members: dict[int, list[tuple[Sequence, PrefillSlice]]] = {}
+        members: list[PrefillSlice] = []
+        member_decode: list[tuple[int, torch.Tensor]] = []
+        segment_rows: dict[int, tuple[PrefixGroup, list[torch.Tensor]]] = {}
         row = 0
-        for seq, n, samples in zip(step.seqs, step.num_tokens, step.sampling):
+        for seq, n in zip(step.seqs, step.num_tokens):
             start, end = seq.computed, seq.computed + n
             ids += seq.tokens[start:end]
             positions.append(torch.arange(start, end))
             slot_parts.append(self.slots(seq.block_table, start, end))
-            if samples:
-                logits_rows.append(row + n - 1)
-            if self.share_prefix_attention and seq.shared_len:
-                # Only the member's own KV (after the prefix); the prefix is read per group.
+            last_rows.append(row + n - 1)
+            rows = torch.arange(row, row + n)
+            if self.share_prefix_attention and seq.group is not None:
+                group: PrefixGroup | None = seq.group
+                while group is not None:  # every level above the sequence
+                    segment_rows.setdefault(id(group), (group, []))[1].append(rows)
+                    group = group.parent
                 own = self.slots(seq.block_table, seq.shared_len, end)
-                members.setdefault(id(seq.group), []).append((seq, PrefillSlice(row, n, own)))
+                if n == 1:
+                    member_decode.append((row, own))
+                else:
+                    members.append(PrefillSlice(row, n, own))
             elif n == 1:
                 decode.append((row, self.slots(seq.block_table, 0, end)))
             else:
                 prefills.append(PrefillSlice(row, n, self.slots(seq.block_table, 0, end)))
             row += n
+        logits_rows = [last_rows[i] for i, _ in step.samples]
+        dev = self.device
         meta = StepMetadata(
-            slot_mapping=torch.cat(slot_parts).to(self.device),
-            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
-            prefills=tuple(self._to_device(p) for p in prefills),
+            slot_mapping=torch.cat(slot_parts).to(dev),
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            prefills=tuple(PrefillSlice(p.q_start, p.q_len, p.kv_slots.to(dev)) for p in prefills),
             decode=self._decode_batch(decode),
-            groups=tuple(self._group(m) for m in members.values()),
+            segments=tuple(self._segment(g, r) for g, r in segment_rows.values()),
+            members=tuple(PrefillSlice(p.q_start, p.q_len, p.kv_slots.to(dev)) for p in members),
+            member_decode=self._decode_batch(member_decode),
         )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return input_ids, torch.cat(positions).to(self.device), meta
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        return input_ids, torch.cat(positions).to(dev), meta
 
-    def _to_device(self, s: PrefillSlice) -> PrefillSlice:
-        return PrefillSlice(s.q_start, s.q_len, s.kv_slots.to(self.device))
+    def _segment(self, group: PrefixGroup, rows: list[torch.Tensor]) -> PrefixSegment:
+        start = len(group.parent.tokens) if group.parent else 0
+        slots = self.slots(group.blocks, start, len(group.tokens))
+        return PrefixSegment(slots.to(self.device), torch.cat(rows).to(self.device))
 
     def _decode_batch(self, decode: list[tuple[int, torch.Tensor]]) -> DecodeBatch | None:
         if not decode:
@@ -91,14 +109,7 @@ class ModelRunner:
             mask=mask[:, None, None, :].to(self.device),
         )
 
-    def _group(self, members: list[tuple[Sequence, PrefillSlice]]) -> SharedGroup:
-        seq = members[0][0]
-        prefix = self.slots(seq.block_table, 0, seq.shared_len).to(self.device)
-        slices = tuple(self._to_device(s) for _, s in members)
-        rows = torch.cat([torch.arange(s.q_start, s.q_start + s.q_len) for s in slices])
-        return SharedGroup(prefix, slices, rows.to(self.device))
-
     def execute(self, step: ScheduledStep) -> torch.Tensor:
-        """Run one step; returns fp32 logits (S, vocab) for the sampling sequences, in order."""
+        """Run one step; returns fp32 logits (S, vocab), one row per entry of ``step.samples``."""
         input_ids, positions, meta = self.prepare(step)
         return self.model(input_ids, positions, self.backend, meta)

@@ -1,80 +1,72 @@
-"""Flatten the radix tree to one level of sharing: groups ``(prefix, [suffixes])``.
+"""Groups of requests that share a block-aligned prefix, nested: system prompt > document >
+question keeps all three levels instead of flattening the tree to one.
 
-BatchLLM's rule, applied bottom-up: below a node ``n``, a child ``c`` has been reduced to groups
-that hang under it; such a group ``g`` is lifted to hang under ``n`` directly (its prefix becomes
-``c + g``) when that saves prefill tokens: ``(leaves(g) - 1) * len(g) - len(c) > 0``. Otherwise
-``g`` collapses into ``c``: its tokens become part of its members' suffixes. A group left with
-members from a single collapsed child keeps that child's longer prefix (single-child merge).
+A radix node with at least two requests below it starts a new level when its depth, cut down to
+whole KV blocks, reaches past the level it sits in; otherwise it merges into that level (its
+tokens become part of its requests' suffixes). Each level's extension is then computed once and
+shared by everything below it, so every distinct full-block prefix is prefilled exactly once.
+A level left with no requests of its own and a single sub-level is replaced by that sub-level.
 
-Prefixes are then cut to whole KV blocks (the tail goes into the suffixes), leaving every member at
-least one token of its own to compute.
+A request whose prompt ends exactly at its level's cut has no token of its own to compute: it
+takes its first token from the logits of the level's last prefix token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
-from .prefix_tree import Node, postorder
+from .prefix_tree import Node
 
 
 @dataclass(frozen=True)
 class Group:
-    """Requests that share ``prefix_len`` leading tokens (0: no sharing, plain requests)."""
+    """A level: ``prefix_len`` leading tokens (block-aligned) shared by ``members`` and by every
+    request of its ``children``. The root level has ``prefix_len == 0`` (nothing shared)."""
 
     prefix_len: int
     members: tuple[int, ...]
+    children: tuple[Group, ...] = ()
+
+    def walk(self) -> Iterator[tuple[Group, Group | None]]:
+        """Every level below and including this one, with its parent level, top-down."""
+        stack: list[tuple[Group, Group | None]] = [(self, None)]
+        while stack:
+            g, parent = stack.pop()
+            yield g, parent
+            stack.extend((c, g) for c in reversed(g.children))
+
+    def requests(self) -> list[int]:
+        return [m for g, _ in self.walk() for m in g.members]
 
 
-@dataclass
-class _Pending:
-    depth: int  # absolute end of the shared prefix
-    members: list[int]
+@dataclass(eq=False)
+class _Level:
+    cut: int
+    members: list[int] = field(default_factory=list)
+    children: list[_Level] = field(default_factory=list)
 
 
-def flatten(root: Node) -> list[tuple[int, list[int]]]:
-    """(prefix depth, member request indices) per group of the one-level tree."""
-    below: dict[int, list[_Pending]] = {}  # id(node) -> groups hanging directly under it
-    for node in postorder(root):
-        hanging: list[_Pending] = []
-        for c in node.children:
-            own = _Pending(c.depth, list(c.requests))
-            edge = c.depth - node.depth
-            collapsed: list[_Pending] = []
-            for g in below.pop(id(c), []):
-                if (len(g.members) - 1) * (g.depth - c.depth) - edge > 0:
-                    hanging.append(g)
-                else:
-                    collapsed.append(g)
-            for g in collapsed:
-                own.members += g.members
-            if len(collapsed) == 1 and not c.requests:
-                own.depth = collapsed[0].depth  # every member also shares the collapsed prefix
-            if own.members:
-                hanging.append(own)
-        below[id(node)] = hanging
-    return [(g.depth, g.members) for g in below.pop(id(root), [])] + (
-        [(0, list(root.requests))] if root.requests else []
+def build_levels(root: Node, block_size: int) -> Group:
+    """The nested group tree of a radix tree (leaf counts must be filled)."""
+    top = _Level(0)
+    stack: list[tuple[Node, _Level]] = [(root, top)]
+    while stack:
+        node, level = stack.pop()
+        cut = node.depth // block_size * block_size
+        if node is not root and node.leaves >= 2 and cut > level.cut:
+            new = _Level(cut)
+            level.children.append(new)
+            level = new
+        level.members.extend(node.requests)
+        stack.extend((c, level) for c in node.children)
+    return _freeze(top)
+
+
+def _freeze(level: _Level) -> Group:
+    children = tuple(_freeze(c) for c in level.children)
+    # A level with nothing of its own and one sub-level adds a prefix sequence and saves nothing.
+    children = tuple(
+        c.children[0] if not c.members and len(c.children) == 1 else c for c in children
     )
-
-
-def cut_to_blocks(depth: int, members: Sequence[int], lengths: Sequence[int],
-                  block_size: int) -> Group:
-    """Cut a prefix to whole blocks, keeping >= 1 own token per member; tiny groups are plain."""
-    shortest = min(lengths[m] for m in members)
-    blocks = min(depth, shortest - 1) // block_size
-    prefix = blocks * block_size if len(members) > 1 else 0
-    return Group(prefix, tuple(members))
-
-
-def plan_groups(root: Node, lengths: Sequence[int], block_size: int) -> list[Group]:
-    """Groups of the one-level tree with block-aligned prefixes; members of groups whose prefix
-    is shorter than a block are split into single plain requests."""
-    out: list[Group] = []
-    for depth, members in flatten(root):
-        group = cut_to_blocks(depth, members, lengths, block_size)
-        if group.prefix_len > 0:
-            out.append(group)
-        else:
-            out.extend(Group(0, (m,)) for m in members)
-    return out
+    return Group(level.cut, tuple(level.members), children)

@@ -1,8 +1,9 @@
-"""The batch plan: groups in execution order, and what sharing saves, before any compute.
+"""The batch plan: nested groups in execution order, and what sharing saves, before any compute.
 
 ``R_saving = 1 - computed prefill tokens / prompt tokens``, reported for this plan, for the best
-multi-level tree (every radix-tree edge computed once) and for an LRU prefix cache fed in file
-order (what a streaming engine with automatic prefix caching would reuse).
+token-granularity tree (every radix-tree edge computed once), for BatchLLM's one-level flattening
+and for an LRU prefix cache fed in file order (what a streaming engine with automatic prefix
+caching reuses).
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .groups import Group, plan_groups
+from .groups import Group, build_levels
+from .one_level import one_level_prefill_tokens
 from .prefix_tree import build_tree, unique_tokens
 
 
 @dataclass(frozen=True)
 class Plan:
-    groups: tuple[Group, ...]  # execution order: decode ratio, highest first
+    root: Group  # prefix_len 0: its members share nothing, its children are the top levels
+    lengths: tuple[int, ...]
+    max_tokens: tuple[int, ...]
     prompt_tokens: int
     computed_prefill_tokens: int
-    multilevel_prefill_tokens: int
+    multilevel_prefill_tokens: int  # token-granularity tree: every radix edge once
+    one_level_prefill_tokens: int  # BatchLLM's one-level flattening (gain rule), for comparison
 
     @property
     def r_saving(self) -> float:
@@ -30,38 +35,56 @@ class Plan:
     def r_saving_multilevel(self) -> float:
         return saving(self.multilevel_prefill_tokens, self.prompt_tokens)
 
+    def decode_ratio(self, item: int | Group, base: int) -> float:
+        """Expected output tokens / prefill tokens computed, for a request or a level below a
+        prefix of ``base`` tokens."""
+        if isinstance(item, int):
+            return self.max_tokens[item] / max(1, self.lengths[item] - base)
+        out = sum(self.max_tokens[m] for m in item.requests())
+        return out / max(1, computed_tokens(item, self.lengths, base))
+
+    def in_order(self, level: Group) -> list[int | Group]:
+        """A level's members and sub-levels, highest decode ratio first, so that decode-heavy
+        work starts early and overlaps the prefill of what follows."""
+        items: list[int | Group] = [*level.members, *level.children]
+        return sorted(items, key=lambda i: self.decode_ratio(i, level.prefix_len), reverse=True)
+
     @property
     def shared_groups(self) -> list[Group]:
-        return [g for g in self.groups if g.prefix_len > 0]
+        """Every level that shares a prefix (all but the root)."""
+        return [g for g, parent in self.root.walk() if parent is not None]
 
 
 def saving(computed: int, total: int) -> float:
     return 1 - computed / total if total else 0.0
 
 
-def group_prefill(group: Group, lengths: Sequence[int]) -> int:
-    """Prefill tokens a group computes: its prefix once plus every member's own suffix."""
-    return group.prefix_len + sum(lengths[m] - group.prefix_len for m in group.members)
+def computed_tokens(top: Group, lengths: Sequence[int], base: int = 0) -> int:
+    """Each level's extension once, plus every request's tokens after its level's prefix.
+    ``base`` is the prefix length already computed above ``top``."""
+    total = 0
+    for g, parent in top.walk():
+        total += g.prefix_len - (parent.prefix_len if parent else base)
+        total += sum(lengths[m] - g.prefix_len for m in g.members)
+    return total
 
 
 def make_plan(prompts: Sequence[Sequence[int]], max_tokens: Sequence[int],
               block_size: int) -> Plan:
-    """Build the radix tree, flatten it to groups and order them by decode ratio."""
+    """Build the radix tree and cut it into nested block-aligned groups."""
     lengths = [len(p) for p in prompts]
     if not prompts:
-        return Plan((), 0, 0, 0)
-    root = build_tree(prompts)
-    groups = plan_groups(root, lengths, block_size)
-
-    def decode_ratio(g: Group) -> float:
-        return sum(max_tokens[m] for m in g.members) / max(1, group_prefill(g, lengths))
-
-    ordered = sorted(groups, key=decode_ratio, reverse=True)
+        return Plan(Group(0, ()), (), (), 0, 0, 0, 0)
+    tree = build_tree(prompts)
+    root = build_levels(tree, block_size)
     return Plan(
-        groups=tuple(ordered),
+        root=root,
+        lengths=tuple(lengths),
+        max_tokens=tuple(max_tokens),
         prompt_tokens=sum(lengths),
-        computed_prefill_tokens=sum(group_prefill(g, lengths) for g in groups),
-        multilevel_prefill_tokens=unique_tokens(root),
+        computed_prefill_tokens=computed_tokens(root, lengths),
+        multilevel_prefill_tokens=unique_tokens(tree),
+        one_level_prefill_tokens=one_level_prefill_tokens(tree, lengths, block_size),
     )
 
 

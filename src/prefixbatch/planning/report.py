@@ -19,18 +19,27 @@ def plan_report(plan: Plan, prompts: Sequence[Sequence[int]], block_size: int,
                 lru_capacity_blocks: int) -> dict[str, Any]:
     """Everything the plan decides, as one JSON-ready dict."""
     lru = lru_prefill_tokens(prompts, block_size, lru_capacity_blocks)
-    sizes = Counter(size_bucket(len(g.members)) for g in plan.shared_groups)
+    top = plan.root.children
+    sizes = Counter(size_bucket(len(g.requests())) for g in top)
+    depth = {id(plan.root): 0}
+    for g, parent in plan.root.walk():
+        if parent is not None:
+            depth[id(g)] = depth[id(parent)] + 1
     return {
         "requests": len(prompts),
         "prompt_tokens": plan.prompt_tokens,
-        "groups": len(plan.shared_groups),
-        "ungrouped_requests": sum(len(g.members) for g in plan.groups if not g.prefix_len),
+        "groups": len(top),
+        "levels": len(plan.shared_groups),
+        "max_depth": max(depth.values()),
+        "ungrouped_requests": len(plan.root.members),
         "group_sizes": dict(sorted(sizes.items(), key=lambda kv: int(kv[0].split("-")[0]))),
         "block_size": block_size,
         "computed_prefill_tokens": plan.computed_prefill_tokens,
         "r_saving": round(plan.r_saving, 6),
         "multilevel_prefill_tokens": plan.multilevel_prefill_tokens,
         "r_saving_multilevel": round(plan.r_saving_multilevel, 6),
+        "one_level_prefill_tokens": plan.one_level_prefill_tokens,
+        "r_saving_one_level": round(saving(plan.one_level_prefill_tokens, plan.prompt_tokens), 6),
         "lru_prefill_tokens": lru,
         "r_saving_lru_file_order": round(saving(lru, plan.prompt_tokens), 6),
         "lru_capacity_blocks": lru_capacity_blocks,
@@ -42,11 +51,14 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join([
         f"requests:               {r['requests']}",
         f"prompt tokens:          {r['prompt_tokens']}",
-        f"groups:                 {r['groups']} (members per group: {sizes}); "
+        f"groups:                 {r['groups']} (requests per group: {sizes}); "
+        f"{r['levels']} sharing levels, nested up to {r['max_depth']} deep; "
         f"{r['ungrouped_requests']} requests share nothing",
         f"prefill tokens (plan):  {r['computed_prefill_tokens']}  "
         f"R_saving {100 * r['r_saving']:.1f}%",
-        f"best multi-level tree:  {r['multilevel_prefill_tokens']}  "
+        f"one-level (BatchLLM):   {r['one_level_prefill_tokens']}  "
+        f"R_saving {100 * r['r_saving_one_level']:.1f}%",
+        f"token-level tree:       {r['multilevel_prefill_tokens']}  "
         f"R_saving {100 * r['r_saving_multilevel']:.1f}%",
         f"LRU cache, file order:  {r['lru_prefill_tokens']}  "
         f"R_saving {100 * r['r_saving_lru_file_order']:.1f}%  "

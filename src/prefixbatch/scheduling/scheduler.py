@@ -1,15 +1,15 @@
 """Continuous batching: every step mixes decode tokens of running sequences with prefill chunks,
 bounded by KV memory (blocks) and a prefill-token budget, with preemption by recomputation.
 
-Group-aware: a group's prefix-only sequence is scheduled like any prefill; its members wait until
-the prefix KV is ready, then reference the prefix blocks. Members free only their own blocks; the
-prefix blocks go back when the group's last member finishes.
+Group-aware: a level's leader is scheduled like any prefill; the level's members (and
+sub-levels' leaders) wait until the prefix KV is ready, then reference its blocks. They free only
+their own blocks; a level's blocks go back when everything below it has finished.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import PrefixGroup, Sequence, Status
@@ -27,16 +27,18 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledStep:
-    seqs: list[Sequence]
-    num_tokens: list[int]  # new tokens per sequence this step
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # new tokens per sequence
+    # (index into seqs whose last row's logits are sampled, sequence that receives the token):
+    # a request samples for itself; a leader samples for the members whose prompt it completes.
+    samples: list[tuple[int, Sequence]] = field(default_factory=list)
 
-    @property
-    def sampling(self) -> list[bool]:
-        """Which sequences sample a token after this step (not prefix-only, prompt complete)."""
-        return [
-            not s.prefix_only and s.computed + n == len(s.tokens)
-            for s, n in zip(self.seqs, self.num_tokens)
-        ]
+    def add(self, seq: Sequence, n: int) -> None:
+        if seq.computed + n == len(seq.tokens):
+            receivers = seq.leads.dependents if seq.leads else [seq]
+            self.samples += [(len(self.seqs), r) for r in receivers]
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
 
 
 class Scheduler:
@@ -46,7 +48,7 @@ class Scheduler:
         self.eos_ids = set(eos_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.groups: list[PrefixGroup] = []  # groups whose prefix blocks are alive
+        self.groups: list[PrefixGroup] = []  # levels whose prefix blocks are alive
         self.num_preemptions = 0
         self.prefill_tokens_computed = 0
         self._finished_lengths: list[int] = []
@@ -62,7 +64,7 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         """Pick this step's sequences and token counts, allocating the blocks they need."""
         budget = self.config.max_num_batched_tokens
-        step = ScheduledStep([], [])
+        step = ScheduledStep()
         preempted = False
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
@@ -78,8 +80,7 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
-                step.seqs.append(seq)
-                step.num_tokens.append(n)
+                step.add(seq, n)
                 budget -= n if seq.pending > 1 else 0
         if not preempted:
             self._admit(step, budget)
@@ -90,17 +91,15 @@ class Scheduler:
         reserve = self._reserved_blocks()
         while self.waiting and budget > 0 and (cap is None or len(self.running) < cap):
             seq = self.waiting[0]
-            group = seq.group
-            if group is not None and not seq.prefix_only and not group.ready:
+            if seq.group is not None and not seq.group.ready:
                 break  # members enter together once their prefix KV exists
-            if seq.shared_len and not seq.block_table:
-                seq.block_table = list(group.blocks)  # type: ignore[union-attr]
-                seq.computed = seq.shared_len
+            if not seq.block_table:
+                seq.reset_to_prefix()
             hits = self._cached_prefix(seq)
             computed = max(seq.computed, len(hits) * self.blocks.block_size)
             n = min(len(seq.tokens) - computed, budget)
             need = self.blocks.blocks_for(computed + n) - max(len(seq.block_table), len(hits))
-            room = self.blocks.num_available - (0 if not self.running else reserve)
+            room = self.blocks.num_available - (reserve if self.running else 0)
             # Cached blocks nobody references are counted as available; reusing them takes them.
             revived = sum(1 for b in hits if self.blocks.refcount[b] == 0)
             if need + revived > room:
@@ -112,8 +111,7 @@ class Scheduler:
             seq.block_table += self.blocks.allocate(need)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            step.seqs.append(seq)
-            step.num_tokens.append(n)
+            step.add(seq, n)
             budget -= n
 
     def _grow(self, seq: Sequence, n: int) -> bool:
@@ -127,10 +125,7 @@ class Scheduler:
         """Free a running sequence's own blocks; it is recomputed when admitted again."""
         self.running.remove(seq)
         self.blocks.release(seq.own_blocks)
-        seq.block_table = []
-        seq.computed = seq.shared_len
-        if seq.shared_len:
-            seq.block_table = list(seq.group.blocks)  # type: ignore[union-attr]
+        seq.reset_to_prefix()
         seq.status = Status.WAITING
         seq.preemptions += 1
         self.num_preemptions += 1
@@ -149,7 +144,7 @@ class Scheduler:
         )
         total = 0
         for s in self.running:
-            if s.prefix_only:
+            if s.leads:
                 continue
             expected = s.params.max_tokens if s.params.ignore_eos else min(
                 s.params.max_tokens, int(mean) + 1
@@ -163,8 +158,7 @@ class Scheduler:
         (at least one token is always left to compute, so the sequence can sample)."""
         if not self.blocks.enable_prefix_cache or seq.computed or seq.block_table:
             return []
-        bs = self.blocks.block_size
-        usable = (len(seq.tokens) - 1) // bs
+        usable = (len(seq.tokens) - 1) // self.blocks.block_size
         self._extend_hashes(seq)
         hits = []
         for h in seq.block_hashes[:usable]:
@@ -182,23 +176,21 @@ class Scheduler:
 
     # -- after the forward pass ---------------------------------------------------------------
     def postprocess(self, step: ScheduledStep, sampled: list[int]) -> list[Sequence]:
-        """Advance computed counts, append sampled tokens, finish sequences; return finished."""
-        finished = []
-        tokens = iter(sampled)
-        for seq, n, samples in zip(step.seqs, step.num_tokens, step.sampling):
-            was_prefill = seq.computed < seq.num_prompt
+        """Advance computed counts, hand out sampled tokens, finish sequences; return finished."""
+        for seq, n in zip(step.seqs, step.num_tokens):
+            self.prefill_tokens_computed += max(0, min(seq.computed + n, seq.num_prompt)
+                                                - seq.computed)
             seq.computed += n
-            if was_prefill:
-                self.prefill_tokens_computed += min(n, seq.num_prompt - (seq.computed - n))
             self._register_blocks(seq)
-            if seq.prefix_only and seq.computed == len(seq.tokens):
+            if seq.leads and seq.computed == len(seq.tokens):
                 self._prefix_ready(seq)
-            elif samples:
-                seq.tokens.append(next(tokens))
-                reason = self._stop_reason(seq)
-                if reason:
-                    self.finish(seq, reason)
-                    finished.append(seq)
+        finished = []
+        for (_, seq), token in zip(step.samples, sampled):
+            seq.tokens.append(token)
+            reason = self._stop_reason(seq)
+            if reason:
+                self.finish(seq, reason)
+                finished.append(seq)
         return finished
 
     def _register_blocks(self, seq: Sequence) -> None:
@@ -209,14 +201,15 @@ class Scheduler:
         for i in range(full):
             self.blocks.register(seq.block_table[i], seq.block_hashes[i])
 
-    def _prefix_ready(self, seq: Sequence) -> None:
-        group = seq.group
+    def _prefix_ready(self, leader: Sequence) -> None:
+        """The leader's blocks become its level's prefix; the level holds the references."""
+        group = leader.leads
         assert group is not None
-        group.blocks = seq.block_table  # the group now holds the prefix-only sequence's refs
+        group.blocks = leader.block_table
         group.ready = True
         self.groups.append(group)
-        seq.status = Status.FINISHED
-        self.running.remove(seq)
+        leader.status = Status.FINISHED
+        self.running.remove(leader)
 
     def _stop_reason(self, seq: Sequence) -> str | None:
         last = seq.tokens[-1]
@@ -229,23 +222,27 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End a sequence (also called by the engine for stop strings) and free its blocks."""
+        """End a request (also called by the engine for stop strings) and free its blocks; a
+        level whose last member finished frees its own blocks and counts itself off its parent."""
         seq.finish_reason = reason
-        seq.status = Status.FINISHED
-        if seq in self.running:
+        if seq.status is Status.RUNNING:
             self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)  # a dependent that finished on its first token
+        seq.status = Status.FINISHED
         self.blocks.release(seq.own_blocks)
         self._finished_lengths.append(seq.num_output)
         group = seq.group
-        if group is not None and not seq.prefix_only:
+        while group is not None:
             group.remaining -= 1
-            if group.remaining == 0:
-                self.blocks.release(group.blocks)
-                self.groups.remove(group)
+            if group.remaining:
+                break
+            self.blocks.release(group.own_blocks)
+            self.groups.remove(group)
+            group = group.parent
 
     def check_integrity(self) -> None:
         """Block accounting must match the live block tables and group prefixes exactly."""
-        holders = [s.own_blocks for s in self.running]
-        holders += [s.own_blocks for s in self.waiting if s.block_table and s.own_blocks]
-        holders += [g.blocks for g in self.groups]
+        holders = [s.own_blocks for s in (*self.running, *self.waiting)]
+        holders += [g.own_blocks for g in self.groups]
         self.blocks.check_integrity(holders)

@@ -18,23 +18,36 @@ class Status(enum.Enum):
 
 @dataclass(eq=False)
 class PrefixGroup:
-    """A group's shared prefix: computed once by its prefix sequence, referenced by its members,
-    freed when ``remaining`` (members not yet finished) reaches zero."""
+    """One level of shared prefix: ``tokens`` (the whole prefix from position 0) are computed
+    once by the group's leader sequence and referenced by everything below the level.
+
+    ``blocks`` is the whole prefix's block table once ``ready``; the group itself holds one
+    reference to its own part (the blocks after its parent's). ``remaining`` counts members and
+    sub-levels not yet finished; at zero the group releases its blocks and counts itself off its
+    parent. ``dependents`` are members whose prompt is exactly the prefix: they take their first
+    token from the logits of the prefix's last token.
+    """
 
     group_id: int
     tokens: list[int]
     remaining: int
+    parent: PrefixGroup | None = None
     blocks: list[int] = field(default_factory=list)
-    ready: bool = False  # the prefix KV is fully computed
+    ready: bool = False
+    dependents: list[Sequence] = field(default_factory=list)
+
+    @property
+    def own_blocks(self) -> list[int]:
+        return self.blocks[len(self.parent.blocks) :] if self.parent else self.blocks
 
 
 @dataclass(eq=False)
 class Sequence:
-    """One sequence: a request, or a group's prefix-only sequence (``prefix_only``).
+    """One sequence: a request, or the leader that computes a group's prefix (``leads``).
 
-    ``tokens`` are prompt + generated tokens; ``computed`` of them have KV in the cache.
-    A group member's ``block_table`` starts with its group's prefix blocks and its ``tokens``
-    start with the prefix tokens; preemption frees only the member's own blocks.
+    ``tokens`` are prompt + generated tokens; ``computed`` of them have KV in the cache. A
+    sequence in a ``group`` starts with the group's prefix tokens, its ``block_table`` starts with
+    the group's blocks, and preemption frees only the blocks after them.
     """
 
     seq_id: int
@@ -42,7 +55,7 @@ class Sequence:
     num_prompt: int
     params: SamplingParams
     group: PrefixGroup | None = None
-    prefix_only: bool = False
+    leads: PrefixGroup | None = None
     generator: torch.Generator | None = None
     status: Status = Status.WAITING
     computed: int = 0
@@ -68,10 +81,14 @@ class Sequence:
     @property
     def shared_len(self) -> int:
         """Leading tokens whose KV belongs to the group's prefix, not to this sequence."""
-        return len(self.group.tokens) if self.group is not None and not self.prefix_only else 0
+        return len(self.group.tokens) if self.group is not None else 0
 
     @property
     def own_blocks(self) -> list[int]:
         """Blocks this sequence holds a reference to (its table minus the group's prefix)."""
-        shared = len(self.group.blocks) if self.shared_len else 0
-        return self.block_table[shared:]
+        return self.block_table[len(self.group.blocks) :] if self.group else self.block_table
+
+    def reset_to_prefix(self) -> None:
+        """Forget everything after the group's prefix (before admission or after preemption)."""
+        self.block_table = list(self.group.blocks) if self.group else []
+        self.computed = self.shared_len

@@ -1,18 +1,19 @@
 """Turn requests into scheduler sequences in the order a policy wants.
 
-``fcfs`` and ``fcfs-lru``: one plain sequence per request, in input order. ``batchllm``: the
-plan's groups in decode-ratio order; a group with a shared prefix becomes one prefix-only sequence
-followed by its members, which reference the prefix KV.
+``fcfs`` and ``fcfs-lru``: one plain sequence per request, in input order. ``batchllm``: the plan's
+nested groups in decode-ratio order; every level becomes a leader sequence that computes its
+prefix (sampling nothing itself), followed by its members and sub-levels, which reference it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..outputs import Request
+from ..planning.groups import Group
 from ..planning.plan import Plan, make_plan
 from .sequence import PrefixGroup, Sequence
 
@@ -22,10 +23,7 @@ class Work:
     sequences: list[Sequence]
     requests: dict[int, Request]  # seq_id -> request
     plan: Plan | None = None
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.plan.shared_groups) if self.plan else 0
+    groups: list[PrefixGroup] = field(default_factory=list)
 
 
 def _generator(request: Request, seed: int) -> torch.Generator | None:
@@ -36,25 +34,39 @@ def _generator(request: Request, seed: int) -> torch.Generator | None:
     return torch.Generator().manual_seed(s)
 
 
-def _sequence(seq_id: int, r: Request, seed: int, group: PrefixGroup | None = None) -> Sequence:
-    return Sequence(seq_id, list(r.prompt_token_ids), len(r.prompt_token_ids), r.params,
-                    group=group, generator=_generator(r, seed))
+def _sequence(r: Request, seed: int, group: PrefixGroup | None = None) -> Sequence:
+    seq = Sequence(r.index, list(r.prompt_token_ids), len(r.prompt_token_ids), r.params,
+                   group=group, generator=_generator(r, seed))
+    if group is not None and seq.num_prompt == len(group.tokens):
+        group.dependents.append(seq)
+    return seq
 
 
 def build_sequences(requests: Seq[Request], policy: str, block_size: int, seed: int) -> Work:
-    by_id = dict(enumerate(requests))
+    by_id = {r.index: r for r in requests}
     if policy != "batchllm":
-        return Work([_sequence(i, r, seed) for i, r in by_id.items()], by_id)
+        return Work([_sequence(r, seed) for r in requests], by_id)
     plan = make_plan([r.prompt_token_ids for r in requests],
                      [r.params.max_tokens for r in requests], block_size)
-    sequences: list[Sequence] = []
-    for gid, group in enumerate(plan.groups):
-        prefix_group = None
-        if group.prefix_len:
-            first = requests[group.members[0]]
-            tokens = list(first.prompt_token_ids[: group.prefix_len])
-            prefix_group = PrefixGroup(gid, tokens, remaining=len(group.members))
-            sequences.append(Sequence(-1 - gid, list(tokens), len(tokens), first.params,
-                                      group=prefix_group, prefix_only=True))
-        sequences += [_sequence(m, requests[m], seed, prefix_group) for m in group.members]
-    return Work(sequences, by_id, plan)
+    work = Work([], by_id, plan)
+    _emit(plan.root, None, list(requests), seed, work)
+    return work
+
+
+def _emit(level: Group, group: PrefixGroup | None, requests: list[Request], seed: int,
+          work: Work) -> None:
+    """Queue a level's members and sub-levels in decode-ratio order (a sub-level: its leader,
+    then its contents, so members always follow the leader whose prefix they reference)."""
+    assert work.plan is not None
+    for item in work.plan.in_order(level):
+        if isinstance(item, int):
+            work.sequences.append(_sequence(requests[item], seed, group))
+            continue
+        first = requests[item.requests()[0]]
+        tokens = list(first.prompt_token_ids[: item.prefix_len])
+        sub = PrefixGroup(len(work.groups), tokens, len(item.members) + len(item.children),
+                          parent=group)
+        work.groups.append(sub)
+        work.sequences.append(Sequence(-1 - sub.group_id, list(tokens), len(tokens), first.params,
+                                       group=group, leads=sub))
+        _emit(item, sub, requests, seed, work)

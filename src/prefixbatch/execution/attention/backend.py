@@ -57,17 +57,15 @@ class DecodeBatch:
 
 
 @dataclass(frozen=True)
-class SharedGroup:
-    """Members of one prefix group scheduled in this step (used by shared-prefix attention).
+class PrefixSegment:
+    """One level of shared prefix in this step: positions whose KV every row in ``rows`` reads.
 
-    ``prefix_slots`` are the group's prefix positions, identical for every member. Each member's
-    queries and its own KV after the prefix are described by a ``PrefillSlice`` whose
-    ``kv_slots`` start at position ``len(prefix_slots)``.
+    A request below nested levels has one segment per level (system prompt, then document); its
+    own KV after the deepest level is described by a ``PrefillSlice`` in ``StepMetadata.members``.
     """
 
-    prefix_slots: torch.Tensor  # (P,)
-    members: tuple[PrefillSlice, ...]
-    rows: torch.Tensor  # (Q,) all members' query rows, stacked
+    slots: torch.Tensor  # (P,) the level's own positions (after its parent level's)
+    rows: torch.Tensor  # (Q,) query rows of every scheduled sequence below this level
 
 
 @dataclass(frozen=True)
@@ -75,18 +73,22 @@ class StepMetadata:
     """What one forward step needs beyond token ids and positions."""
 
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
-    logits_rows: torch.Tensor  # (S,) rows whose logits are sampled
+    logits_rows: torch.Tensor  # (S,) rows whose logits are sampled (a row may repeat)
     prefills: tuple[PrefillSlice, ...] = ()
     decode: DecodeBatch | None = None
-    groups: tuple[SharedGroup, ...] = field(default_factory=tuple)
+    segments: tuple[PrefixSegment, ...] = ()
+    # Own part of each sequence whose rows are in segments: kv_slots start after its prefix.
+    members: tuple[PrefillSlice, ...] = ()
+    member_decode: DecodeBatch | None = None  # members with one query row, own part batched
 
 
 class AttentionBackend(ABC):
     """Writes a step's new K/V into the paged cache and computes attention for every row.
 
     Contract: ``forward`` gets q (T, H, D), k and v (T, KVH, D) for the flattened step and returns
-    (T, H, D). Every row is covered exactly once: by a prefill slice, by the decode batch, or by a
-    member of a shared group (which attends to the group's prefix and then to its own KV).
+    (T, H, D). Every row is covered exactly once by a prefill slice, the decode batch, a member
+    slice or the member decode batch; member rows also attend to the prefix segments that list
+    them, and the partial results are merged (an exact softmax over the union of the keys).
     """
 
     def __init__(self, cache: KVCache, num_heads: int, scale: float) -> None:

@@ -56,12 +56,6 @@ class ReferenceBackend(AttentionBackend):
             out[s.q_start : s.q_start + s.q_len] = attend_slice(
                 q[s.q_start : s.q_start + s.q_len], k_pool, v_pool, s, self.scale
             )
-        for g in meta.groups:  # plain path: each member reads prefix + own KV itself
-            for m in g.members:
-                full = PrefillSlice(m.q_start, m.q_len, torch.cat([g.prefix_slots, m.kv_slots]))
-                out[m.q_start : m.q_start + m.q_len] = attend_slice(
-                    q[m.q_start : m.q_start + m.q_len], k_pool, v_pool, full, self.scale
-                )
         if meta.decode is not None:
             out[meta.decode.rows] = attend_decode(
                 q[meta.decode.rows], k_pool, v_pool, meta.decode, self.scale

@@ -1,8 +1,8 @@
-"""Shared-prefix attention in plain PyTorch (BatchLLM / Hydragen / cascade attention).
+"""Shared-prefix (cascade) attention in plain PyTorch, after BatchLLM, Hydragen and FlashInfer.
 
-For each group in a step, the stacked queries of all members attend to the group's prefix KV in
-one matrix product, so the prefix is read once per group per step instead of once per member.
-Each member then attends causally to its own KV, and the two partial results are merged through
+For each prefix segment in a step, the stacked queries of every sequence below it attend to the
+segment's KV in one matrix product, so a prefix is read once per step instead of once per
+member. Each member then attends causally to its own KV, and all partial results merge through
 their log-sum-exp. Rows outside groups go through the reference path.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import StepMetadata
+from .backend import DecodeBatch, StepMetadata
 from .reference import ReferenceBackend, causal_mask
 
 # Query rows per prefix matmul: bounds the (KVH, rows * G, P) score tensor on long prefixes.
@@ -19,7 +19,7 @@ _PREFIX_ROWS = 512
 
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (n, H, D) against k, v (L, KVH, D) -> out (n, H, D), lse (n, H) in fp32.
+    """q (n, H, D) against k, v (L, KVH, D) -> out (n, H, D), lse (n, H), both fp32.
 
     GQA: the G query heads of a KV head are packed into the rows, so k/v are never expanded.
     ``mask`` (n, L) marks attended positions (None: all).
@@ -38,39 +38,59 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return out, lse.view(kvh, n, g).permute(1, 0, 2).reshape(n, h)
 
 
+def attend_lse_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                      d: DecodeBatch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query row per sequence, q (B, H, D), against padded own KV -> (B, H, D), (B, H)."""
+    b, h, dim = q.shape
+    kvh = k_pool.shape[1]
+    k = k_pool[d.kv_slots].float().permute(0, 2, 3, 1)  # (B, KVH, D, Lmax)
+    v = v_pool[d.kv_slots].float().transpose(1, 2)  # (B, KVH, Lmax, D)
+    scores = torch.matmul(q.float().view(b, kvh, h // kvh, dim), k) * scale  # (B, KVH, G, Lmax)
+    scores = scores.masked_fill(~d.mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, KVH, G)
+    out = torch.matmul(torch.exp(scores - lse[..., None]), v)  # (B, KVH, G, D)
+    return out.reshape(b, h, dim), lse.reshape(b, h)
+
+
 def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
-          lse2: torch.Tensor) -> torch.Tensor:
-    """Combine two attention partials over disjoint keys: o (n, H, D), lse (n, H)."""
+          lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two attention partials over disjoint keys: o (n, H, D), lse (n, H).
+    ``lse1`` may be -inf (no keys yet); ``lse2`` never is."""
     m = torch.maximum(lse1, lse2)
     w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
-    return (o1 * w1[..., None] + o2 * w2[..., None]) / (w1 + w2)[..., None]
+    total = w1 + w2
+    o = (o1 * w1[..., None] + o2 * w2[..., None]) / total[..., None]
+    return o, m + torch.log(total)
 
 
 class SharedPrefixBackend(ReferenceBackend):
-    """Reads each group's prefix KV once per layer for all of the group's query rows."""
+    """Reads each prefix segment once per layer for all query rows below it."""
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: StepMetadata) -> torch.Tensor:
         plain = StepMetadata(meta.slot_mapping, meta.logits_rows, meta.prefills, meta.decode)
-        out = super().forward(layer, q, k, v, plain)  # writes K/V, covers non-group rows
+        out = super().forward(layer, q, k, v, plain)  # writes K/V, covers non-member rows
+        if not meta.segments:
+            return out
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        for g in meta.groups:
-            pk = k_pool.index_select(0, g.prefix_slots)  # (P, KVH, D): read once for the group
-            pv = v_pool.index_select(0, g.prefix_slots)
-            qs = q.index_select(0, g.rows)  # (Q, H, D) every member's queries, stacked
-            parts = [attend_lse(qs[i : i + _PREFIX_ROWS], pk, pv, None, self.scale)
-                     for i in range(0, len(qs), _PREFIX_ROWS)]
-            o_prefix = torch.cat([p[0] for p in parts])
-            lse_prefix = torch.cat([p[1] for p in parts])
-            row = 0
-            for m in g.members:
-                own_k = k_pool.index_select(0, m.kv_slots)
-                own_v = v_pool.index_select(0, m.kv_slots)
-                mask = causal_mask(m.q_len, len(m.kv_slots), q.device) if m.q_len > 1 else None
-                o_own, lse_own = attend_lse(q[m.q_start : m.q_start + m.q_len], own_k, own_v,
-                                            mask, self.scale)
-                merged = merge(o_prefix[row : row + m.q_len], lse_prefix[row : row + m.q_len],
-                               o_own, lse_own)
-                out[m.q_start : m.q_start + m.q_len] = merged.to(out.dtype)
-                row += m.q_len
+        t, h, d = q.shape
+        acc_o = q.new_zeros(t, h, d, dtype=torch.float32)  # running merged output per row
+        acc_lse = q.new_full((t, h), float("-inf"), dtype=torch.float32)
+        for seg in meta.segments:
+            pk = k_pool.index_select(0, seg.slots)  # (P, KVH, D): read once for all rows below
+            pv = v_pool.index_select(0, seg.slots)
+            for i in range(0, len(seg.rows), _PREFIX_ROWS):
+                rows = seg.rows[i : i + _PREFIX_ROWS]
+                o, lse = attend_lse(q.index_select(0, rows), pk, pv, None, self.scale)
+                acc_o[rows], acc_lse[rows] = merge(acc_o[rows], acc_lse[rows], o, lse)
+        for m in meta.members:
+            rows = slice(m.q_start, m.q_start + m.q_len)
+            mask = causal_mask(m.q_len, len(m.kv_slots), q.device)
+            o, lse = attend_lse(q[rows], k_pool.index_select(0, m.kv_slots),
+                                v_pool.index_select(0, m.kv_slots), mask, self.scale)
+            out[rows] = merge(acc_o[rows], acc_lse[rows], o, lse)[0].to(out.dtype)
+        if meta.member_decode is not None:
+            rows = meta.member_decode.rows
+            o, lse = attend_lse_decode(q[rows], k_pool, v_pool, meta.member_decode, self.scale)
+            out[rows] = merge(acc_o[rows], acc_lse[rows], o, lse)[0].to(out.dtype)
         return out
