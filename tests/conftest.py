@@ -20,8 +20,9 @@ def save_tokenizer(path: Path) -> None:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     fast.chat_template = (
         "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
         "{% if add_generation_prompt %}w5{% endif %}"
@@ -32,16 +33,33 @@ def save_tokenizer(path: Path) -> None:
 def tiny_config(family: str):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  eos_token_id=EOS, bos_token_id=1, tie_word_embeddings=False,
-                  initializer_range=0.2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=EOS,
+        bos_token_id=1,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
     if family == "llama":
         return LlamaConfig(**common, rope_theta=10000.0)
     if family == "llama3":
-        return LlamaConfig(**common, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, rope_theta=500000.0)
+        return LlamaConfig(
+            **common,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            rope_theta=500000.0,
+        )
     if family == "qwen2":
         return Qwen2Config(**common)
     if family == "qwen3":
@@ -65,8 +83,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {f: make_tiny_model(root / f, f) for f in ("llama", "llama3", "qwen2", "qwen3")}
 
 
-def shared_prefix_prompts(n: int, seed: int = 0, prefixes: int = 3, prefix_len: int = 40,
-                          ) -> list[list[int]]:
+def shared_prefix_prompts(
+    n: int,
+    seed: int = 0,
+    prefixes: int = 3,
+    prefix_len: int = 40,
+) -> list[list[int]]:
     """``n`` prompts: a few long shared prefixes with short distinct suffixes, shuffled, plus
     some unshared prompts; mixed lengths."""
     rng = random.Random(seed)
@@ -89,7 +111,13 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> li
     with torch.inference_mode():
         for p, m in zip(prompts, max_tokens):
             ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=m,
-                                 do_sample=False, eos_token_id=EOS, pad_token_id=EOS)
-            outs.append(gen[0, len(p):].tolist())
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=m,
+                do_sample=False,
+                eos_token_id=EOS,
+                pad_token_id=EOS,
+            )
+            outs.append(gen[0, len(p) :].tolist())
     return outs

@@ -40,8 +40,15 @@ def random_step(rng: random.Random, num_blocks: int):  # type: ignore[no-untyped
         own = rng.randrange(1, 70)
         n = 1 if rng.random() < 0.6 else rng.randrange(1, own + 1)
         table = (list(g.blocks) if g else []) + [free.pop() for _ in range(-(-own // BS))]
-        seq = Sequence(i, [0] * (shared + own), shared + own, SamplingParams(), group=g,
-                       block_table=table, computed=shared + own - n)
+        seq = Sequence(
+            i,
+            [0] * (shared + own),
+            shared + own,
+            SamplingParams(),
+            group=g,
+            block_table=table,
+            computed=shared + own - n,
+        )
         step.add(seq, n)
     return step
 

@@ -22,8 +22,14 @@ def test_greedy_matches_transformers(tiny_models, family, policy):  # type: igno
     prompts = shared_prefix_prompts(36, seed=1)
     max_tokens = [4 + (i * 7) % 13 for i in range(len(prompts))]
     expected = hf_greedy(tiny_models[family], prompts, max_tokens)
-    llm, got = _run(tiny_models[family], prompts, max_tokens, policy=policy,
-                    kv_cache_memory=64 * 2**20, max_num_batched_tokens=256)
+    llm, got = _run(
+        tiny_models[family],
+        prompts,
+        max_tokens,
+        policy=policy,
+        kv_cache_memory=64 * 2**20,
+        max_num_batched_tokens=256,
+    )
     assert got == expected
     if policy == "batchllm":
         assert llm.engine.stats.groups > 0  # the shared prefixes were actually shared
@@ -37,7 +43,13 @@ def test_greedy_matches_with_preemption(tiny_models, family, policy):  # type: i
     expected = hf_greedy(tiny_models[family], prompts, max_tokens)
     # 24 blocks of 8 tokens: a few sequences at a time, so decode growth forces preemption.
     per_block = 2 * 3 * 8 * 2 * (16 if family == "llama" else 32) * 4
-    llm, got = _run(tiny_models[family], prompts, max_tokens, policy=policy,
-                    kv_cache_memory=24 * per_block, max_num_batched_tokens=64)
+    llm, got = _run(
+        tiny_models[family],
+        prompts,
+        max_tokens,
+        policy=policy,
+        kv_cache_memory=24 * per_block,
+        max_num_batched_tokens=64,
+    )
     assert got == expected
     assert llm.engine.stats.preemptions > 0

@@ -55,7 +55,9 @@ def test_plan_properties(prompts, bs, capacity):  # type: ignore[no-untyped-def]
     lru_unbounded = lru_prefill_tokens(prompts, bs, 10**9)
     # at least the LRU-in-file-order saving (any capacity), at most the token-level tree's
     assert plan.multilevel_prefill_tokens <= plan.computed_prefill_tokens <= lru_unbounded <= lru
-    assert plan.computed_prefill_tokens <= plan.one_level_prefill_tokens  # never worse than one level
+    assert (
+        plan.computed_prefill_tokens <= plan.one_level_prefill_tokens
+    )  # never worse than one level
     assert plan.r_saving <= plan.r_saving_multilevel
 
 
@@ -73,7 +75,9 @@ def test_nested_levels_system_document_question():
     rng = random.Random(0)
     system = [rng.randrange(10, 99) for _ in range(32)]
     docs = [[rng.randrange(10, 99) for _ in range(48)] for _ in range(3)]
-    prompts = [system + d + [rng.randrange(10, 99) for _ in range(5)] for d in docs for _ in range(4)]
+    prompts = [
+        system + d + [rng.randrange(10, 99) for _ in range(5)] for d in docs for _ in range(4)
+    ]
     rng.shuffle(prompts)
     plan = make_plan(prompts, [10] * len(prompts), 16)
     (top,) = plan.root.children

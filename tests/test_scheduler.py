@@ -20,8 +20,10 @@ EOS = 0
 def drive(prompts, max_tokens, policy, num_blocks, block_size=4, budget=32, seed=0):
     """Run to completion with pseudo-random tokens; returns the scheduler and finished seqs."""
     rng = random.Random(seed)
-    requests = [Request(i, p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
-                for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+    requests = [
+        Request(i, p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
+        for i, (p, m) in enumerate(zip(prompts, max_tokens))
+    ]
     work = build_sequences(requests, policy, block_size, seed=0)
     blocks = BlockManager(num_blocks, block_size, enable_prefix_cache=policy == "fcfs-lru")
     sched = Scheduler(SchedulerConfig(budget, None, 10_000), blocks, (EOS,))
@@ -51,8 +53,11 @@ def drive(prompts, max_tokens, policy, num_blocks, block_size=4, budget=32, seed
 def shared(n_groups, members, prefix_len, seed=0):
     rng = random.Random(seed)
     heads = [[rng.randrange(1, 50) for _ in range(prefix_len)] for _ in range(n_groups)]
-    prompts = [h + [rng.randrange(1, 50) for _ in range(rng.randrange(1, 9))]
-               for h in heads for _ in range(members)]
+    prompts = [
+        h + [rng.randrange(1, 50) for _ in range(rng.randrange(1, 9))]
+        for h in heads
+        for _ in range(members)
+    ]
     rng.shuffle(prompts)
     return prompts
 
@@ -67,8 +72,10 @@ def test_every_request_finishes_with_max_tokens():
 def test_prefix_blocks_freed_exactly_when_last_member_finishes():
     prompts = shared(1, 4, 16)
     max_tokens = [2, 5, 9, 3]
-    requests = [Request(i, p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
-                for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+    requests = [
+        Request(i, p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
+        for i, (p, m) in enumerate(zip(prompts, max_tokens))
+    ]
     work = build_sequences(requests, "batchllm", 4, 0)
     assert len(work.groups) == 1
     blocks = BlockManager(64, 4)
@@ -110,8 +117,10 @@ def test_tiny_budget_preempts_and_still_finishes():
 
 def test_decode_is_bounded_by_memory_not_request_count():
     prompts = [[i + 1] * 3 for i in range(200)]
-    requests = [Request(i, p, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-                for i, p in enumerate(prompts)]
+    requests = [
+        Request(i, p, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        for i, p in enumerate(prompts)
+    ]
     work = build_sequences(requests, "batchllm", 4, 0)
     sched = Scheduler(SchedulerConfig(10_000), BlockManager(1000, 4), (EOS,))
     for s in work.sequences:
@@ -123,15 +132,21 @@ def test_decode_is_bounded_by_memory_not_request_count():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n_groups=st.integers(1, 4), members=st.integers(1, 6), prefix_len=st.integers(0, 20),
-    num_blocks=st.integers(14, 60), budget=st.integers(4, 40),
-    policy=st.sampled_from(["batchllm", "fcfs", "fcfs-lru"]), seed=st.integers(0, 1000),
+    n_groups=st.integers(1, 4),
+    members=st.integers(1, 6),
+    prefix_len=st.integers(0, 20),
+    num_blocks=st.integers(14, 60),
+    budget=st.integers(4, 40),
+    policy=st.sampled_from(["batchllm", "fcfs", "fcfs-lru"]),
+    seed=st.integers(0, 1000),
 )
-def test_invariants_hold_for_any_budget(n_groups, members, prefix_len, num_blocks, budget,
-                                        policy, seed):
+def test_invariants_hold_for_any_budget(
+    n_groups, members, prefix_len, num_blocks, budget, policy, seed
+):
     prompts = shared(n_groups, members, prefix_len, seed)
     max_tokens = [1 + (i * 5) % 9 for i in range(len(prompts))]
     _, _, finished = drive(prompts, max_tokens, policy, num_blocks, budget=budget, seed=seed)
     assert sorted(s.seq_id for s in finished) == list(range(len(prompts)))
-    assert all(s.num_output == m for s, m in
-               zip(sorted(finished, key=lambda s: s.seq_id), max_tokens))
+    assert all(
+        s.num_output == m for s, m in zip(sorted(finished, key=lambda s: s.seq_id), max_tokens)
+    )

@@ -14,18 +14,26 @@ EXIT_JOB_ERROR = 2
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model directory or GGUF file (default: SmolLM2-135M)")
-    p.add_argument("--kv-cache-memory", type=parse_memory,
-                   help="KV pool size, e.g. 512MiB or 2GiB (default: a share of free memory)")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=parse_memory,
+        help="KV pool size, e.g. 512MiB or 2GiB (default: a share of free memory)",
+    )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--policy", choices=["batchllm", "fcfs-lru", "fcfs"], default="batchllm")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024,
-                   help="prefill tokens per step (chunked prefill)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=1024,
+        help="prefill tokens per step (chunked prefill)",
+    )
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--default-max-tokens", type=int, default=256,
-                   help="max_tokens for requests that set none")
+    p.add_argument(
+        "--default-max-tokens", type=int, default=256, help="max_tokens for requests that set none"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a batch file")
     run.add_argument("input", type=Path)
     run.add_argument("-o", "--output", type=Path, required=True)
-    run.add_argument("--resume", action="store_true",
-                     help="continue an earlier run (also the default when the output exists)")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an earlier run (also the default when the output exists)",
+    )
     run.add_argument("--overwrite", action="store_true", help="start over, discarding the output")
     run.add_argument("--quiet", action="store_true")
     _engine_args(run)
@@ -48,9 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, policy=args.policy, seed=args.seed,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        policy=args.policy,
+        seed=args.seed,
     )
 
 
@@ -73,8 +90,10 @@ def _run(args: argparse.Namespace, config: EngineConfig) -> int:
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    summary = run_job(config, JobOptions(args.input, args.output, args.overwrite,
-                                         args.default_max_tokens, args.quiet))
+    summary = run_job(
+        config,
+        JobOptions(args.input, args.output, args.overwrite, args.default_max_tokens, args.quiet),
+    )
     if not args.quiet:
         for line in summary.lines():
             print(f"[prefixbatch] {line}", file=sys.stderr)

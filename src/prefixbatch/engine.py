@@ -15,8 +15,8 @@ from .execution.attention.backend import KVCache
 from .execution.attention.factory import make_backend
 from .execution.layers import rope_inv_freq
 from .execution.model_runner import ModelRunner
-from .execution.models.decoder import DecoderModel
 from .execution.model_source import ModelSource, resolve_model
+from .execution.models.decoder import DecoderModel
 from .execution.sampler import sample
 from .outputs import Request, RequestOutput
 from .scheduling.block_manager import BlockManager
@@ -82,8 +82,15 @@ class LLMEngine:
             raise KVBudgetError(
                 f"--kv-cache-memory {budget} bytes holds no KV block ({per_block} bytes each)"
             )
-        self.cache = KVCache(cfg.num_layers, self.num_blocks, config.block_size, cfg.num_kv_heads,
-                             cfg.head_dim, self.dtype, self.device)
+        self.cache = KVCache(
+            cfg.num_layers,
+            self.num_blocks,
+            config.block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.dtype,
+            self.device,
+        )
         eos = [*cfg.eos_token_ids, self.tokenizer.eos_token_id]
         self.eos_ids = tuple(dict.fromkeys(e for e in eos if e is not None))
         self.stats = EngineStats()
@@ -113,42 +120,54 @@ class LLMEngine:
         if prompt_len == 0:
             return "the prompt is empty"
         if prompt_len >= self.max_model_len:
-            return (f"the prompt has {prompt_len} tokens; the model's context is "
-                    f"{self.max_model_len} tokens and at least one must be left to generate")
+            return (
+                f"the prompt has {prompt_len} tokens; the model's context is "
+                f"{self.max_model_len} tokens and at least one must be left to generate"
+            )
         need = self.kv_blocks_needed(prompt_len, max_tokens)
         if need > self.num_blocks:
-            return (f"the request needs {need} KV blocks and the cache has {self.num_blocks}; "
-                    "raise --kv-cache-memory")
+            return (
+                f"the request needs {need} KV blocks and the cache has {self.num_blocks}; "
+                "raise --kv-cache-memory"
+            )
         return None
 
     def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
         """Run requests to completion, yielding each output as soon as it finishes."""
         requests = list(requests)
-        self.stats = EngineStats(requests=len(requests),
-                                 prompt_tokens=sum(len(r.prompt_token_ids) for r in requests))
+        self.stats = EngineStats(
+            requests=len(requests), prompt_tokens=sum(len(r.prompt_token_ids) for r in requests)
+        )
         if not requests:
             return
         cfg = self.config
-        blocks = BlockManager(self.num_blocks, cfg.block_size,
-                              enable_prefix_cache=cfg.policy == "fcfs-lru")
+        blocks = BlockManager(
+            self.num_blocks, cfg.block_size, enable_prefix_cache=cfg.policy == "fcfs-lru"
+        )
         cap = cfg.max_num_seqs if cfg.policy != "batchllm" else None
         scheduler = Scheduler(
-            SchedulerConfig(cfg.max_num_batched_tokens, cap, self.max_model_len), blocks,
+            SchedulerConfig(cfg.max_num_batched_tokens, cap, self.max_model_len),
+            blocks,
             self.eos_ids,
         )
         work = build_sequences(requests, cfg.policy, cfg.block_size, cfg.seed)
         self.stats.groups = len(work.groups)
-        runner = ModelRunner(self.model, make_backend(self.cache, self.model_config),
-                             cfg.block_size, self.device,
-                             share_prefix_attention=cfg.policy == "batchllm")
+        runner = ModelRunner(
+            self.model,
+            make_backend(self.cache, self.model_config),
+            cfg.block_size,
+            self.device,
+            share_prefix_attention=cfg.policy == "batchllm",
+        )
         for seq in work.sequences:
             scheduler.add(seq)
         self.scheduler = scheduler
         while scheduler.has_work:
             step = scheduler.schedule()
             if not step.seqs:
-                raise KVBudgetError("the KV cache is too small to make progress; "
-                                    "raise --kv-cache-memory")
+                raise KVBudgetError(
+                    "the KV cache is too small to make progress; raise --kv-cache-memory"
+                )
             logits = runner.execute(step)
             sampling = [receiver for _, receiver in step.samples]
             tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
@@ -161,8 +180,9 @@ class LLMEngine:
         self.stats.preemptions = scheduler.num_preemptions
         self.stats.cache_hit_tokens = blocks.cache_hits * cfg.block_size
 
-    def _stop_strings(self, scheduler: Scheduler, sampled: list[Sequence],
-                      finished: list[Sequence]) -> list[Sequence]:
+    def _stop_strings(
+        self, scheduler: Scheduler, sampled: list[Sequence], finished: list[Sequence]
+    ) -> list[Sequence]:
         out = []
         done = set(map(id, finished))
         for seq in sampled:
@@ -179,5 +199,11 @@ class LLMEngine:
         if cuts:
             text = text[: min(cuts)]
         self.stats.output_tokens += seq.num_output
-        return RequestOutput(request.index, request.prompt_token_ids, seq.output_tokens, text,
-                             seq.finish_reason or "stop", seq.preemptions)
+        return RequestOutput(
+            request.index,
+            request.prompt_token_ids,
+            seq.output_tokens,
+            text,
+            seq.finish_reason or "stop",
+            seq.preemptions,
+        )

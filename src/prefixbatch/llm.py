@@ -27,7 +27,8 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt],
+        self,
+        prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Outputs in prompt order. A prompt is text or a list of token ids."""
@@ -37,7 +38,8 @@ class LLM:
         return self._run(ids, params)
 
     def chat(
-        self, conversations: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+        self,
+        conversations: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or several, through the chat template."""
@@ -45,8 +47,9 @@ class LLM:
             conversations = [conversations]  # type: ignore[list-item]
         return self._run([self.tokenizer.encode_chat(c) for c in conversations], params)
 
-    def _run(self, ids: list[list[int]],
-             params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:
+    def _run(
+        self, ids: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[RequestOutput]:
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(ids)
         for i, (p, sp) in enumerate(zip(ids, params)):

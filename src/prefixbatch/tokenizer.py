@@ -33,8 +33,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         """Many texts in one call (the Rust tokenizer runs them in parallel)."""
-        return [list(ids) for ids in
-                self.hf(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+        return [
+            list(ids) for ids in self.hf(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        ]
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)

@@ -27,8 +27,14 @@ class ModelRunner:
     segments plus their own KV; otherwise every sequence reads its whole context (plain path).
     """
 
-    def __init__(self, model: DecoderModel, backend: AttentionBackend, block_size: int,
-                 device: torch.device, share_prefix_attention: bool = False) -> None:
+    def __init__(
+        self,
+        model: DecoderModel,
+        backend: AttentionBackend,
+        block_size: int,
+        device: torch.device,
+        share_prefix_attention: bool = False,
+    ) -> None:
         self.model = model
         self.backend = backend
         self.block_size = block_size

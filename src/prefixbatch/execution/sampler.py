@@ -24,7 +24,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams],
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
 ) -> list[int]:
     """logits (S, vocab) fp32 -> one token per row. Greedy rows are one batched argmax."""

@@ -42,7 +42,9 @@ class _Invalid(ValueError):
     pass
 
 
-def read_batch_file(path: Path, default_max_tokens: int = 256) -> Iterator[BatchRequest | LineError]:
+def read_batch_file(
+    path: Path, default_max_tokens: int = 256
+) -> Iterator[BatchRequest | LineError]:
     """Parse ``path`` line by line; undecodable bytes are an error for that line only."""
     seen: set[str] = set()
     with open(path, "rb") as f:
@@ -57,16 +59,18 @@ def read_batch_file(path: Path, default_max_tokens: int = 256) -> Iterator[Batch
             yield parse_line(text, number, seen, default_max_tokens)
 
 
-def parse_line(text: str, number: int, seen: set[str],
-               default_max_tokens: int = 256) -> BatchRequest | LineError:
+def parse_line(
+    text: str, number: int, seen: set[str], default_max_tokens: int = 256
+) -> BatchRequest | LineError:
     """One line -> a request or an error; ``seen`` tracks custom_ids for duplicate detection."""
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
         return LineError(number, None, f"line {number}: invalid JSON: {e}")
     if not isinstance(obj, dict):
-        return LineError(number, None,
-                         f"line {number}: expected a JSON object, got {type(obj).__name__}")
+        return LineError(
+            number, None, f"line {number}: expected a JSON object, got {type(obj).__name__}"
+        )
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return LineError(number, None, f"line {number}: 'custom_id' must be a non-empty string")
@@ -79,8 +83,9 @@ def parse_line(text: str, number: int, seen: set[str],
         return LineError(number, custom_id, f"line {number}: {e}")
 
 
-def _request(obj: dict[str, Any], number: int, custom_id: str,
-             default_max_tokens: int) -> BatchRequest:
+def _request(
+    obj: dict[str, Any], number: int, custom_id: str, default_max_tokens: int
+) -> BatchRequest:
     if "body" in obj or "url" in obj:
         method = obj.get("method", "POST")
         if method != "POST":
@@ -99,9 +104,15 @@ def _request(obj: dict[str, Any], number: int, custom_id: str,
     else:
         prompt = _prompt(body.get("prompt"))
     model = body.get("model")
-    return BatchRequest(number, custom_id, url, messages, prompt,
-                        _params(body, default_max_tokens),
-                        model if isinstance(model, str) else None)
+    return BatchRequest(
+        number,
+        custom_id,
+        url,
+        messages,
+        prompt,
+        _params(body, default_max_tokens),
+        model if isinstance(model, str) else None,
+    )
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
@@ -113,8 +124,10 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             raise _Invalid(f"messages[{i}] must be an object with a string 'role'")
         content = m.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text"
-                       and isinstance(p.get("text"), str) for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content
+            ):
                 raise _Invalid(f"messages[{i}].content: only text parts are supported")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
@@ -130,8 +143,10 @@ def _prompt(value: Any) -> str | list[int]:
         raise _Invalid("the prompt is empty")
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
     ):
         return value
     if value is None:
@@ -193,7 +208,12 @@ def _params(body: dict[str, Any], default_max_tokens: int) -> SamplingParams:
     if not isinstance(ignore_eos, bool):
         raise _Invalid("'ignore_eos' must be true or false")
     return SamplingParams(
-        max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),  # type: ignore[arg-type]
-        top_k=top_k, seed=_integer(body, "seed"), stop=stop, stop_token_ids=tuple(stop_ids),
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),  # type: ignore[arg-type]
+        top_k=top_k,
+        seed=_integer(body, "seed"),
+        stop=stop,
+        stop_token_ids=tuple(stop_ids),
         ignore_eos=ignore_eos,
     )

@@ -61,8 +61,9 @@ def read_items(path: Path, default_max_tokens: int) -> list[BatchRequest | LineE
     return list(read_batch_file(path, default_max_tokens))
 
 
-def tokenize(tokenizer: Tokenizer, items: list[BatchRequest]
-             ) -> tuple[list[tuple[BatchRequest, list[int]]], list[LineError]]:
+def tokenize(
+    tokenizer: Tokenizer, items: list[BatchRequest]
+) -> tuple[list[tuple[BatchRequest, list[int]]], list[LineError]]:
     """Token ids per request (chat template for chats); template failures and empty prompts are
     line errors. Texts are encoded in one batched call."""
     ok: list[tuple[BatchRequest, list[int]]] = []
@@ -76,8 +77,11 @@ def tokenize(tokenizer: Tokenizer, items: list[BatchRequest]
             try:
                 texts.append((req, tokenizer.render_chat(req.messages or []), False))
             except Exception as e:  # a template may raise anything (jinja, our checks)
-                errors.append(LineError(req.line, req.custom_id,
-                                        f"line {req.line}: chat template failed: {e}"))
+                errors.append(
+                    LineError(
+                        req.line, req.custom_id, f"line {req.line}: chat template failed: {e}"
+                    )
+                )
         else:
             texts.append((req, req.prompt or "", True))
     for special in (False, True):
@@ -88,7 +92,9 @@ def tokenize(tokenizer: Tokenizer, items: list[BatchRequest]
     kept = []
     for req, ids in ok:
         if not ids:
-            errors.append(LineError(req.line, req.custom_id, f"line {req.line}: the prompt is empty"))
+            errors.append(
+                LineError(req.line, req.custom_id, f"line {req.line}: the prompt is empty")
+            )
         else:
             kept.append((req, ids))
     return kept, errors
@@ -105,7 +111,9 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
     todo = [i for i in items if not writer.answered.covers(i)]
     skipped = len(items) - len(todo)
     errors = [i for i in todo if isinstance(i, LineError)]
-    tokenized, token_errors = tokenize(engine.tokenizer, [i for i in todo if isinstance(i, BatchRequest)])
+    tokenized, token_errors = tokenize(
+        engine.tokenizer, [i for i in todo if isinstance(i, BatchRequest)]
+    )
     errors += token_errors
     runnable: list[tuple[BatchRequest, list[int]]] = []
     too_big = 0
@@ -118,8 +126,10 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
             runnable.append((req, ids))
     if too_big and not runnable:
         writer.close()
-        raise JobError(f"the KV cache ({engine.num_blocks} blocks) is too small for even one "
-                       "request; raise --kv-cache-memory")
+        raise JobError(
+            f"the KV cache ({engine.num_blocks} blocks) is too small for even one "
+            "request; raise --kv-cache-memory"
+        )
     for err in sorted(errors, key=lambda e: e.line):
         writer.write(error_record(err))
     model_name = engine.model_name
@@ -134,8 +144,12 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
         writer.close()
     stats = engine.stats
     return JobSummary(
-        requests_ok=len(runnable), requests_failed=len(errors), skipped=skipped,
-        prompt_tokens=stats.prompt_tokens, output_tokens=stats.output_tokens,
+        requests_ok=len(runnable),
+        requests_failed=len(errors),
+        skipped=skipped,
+        prompt_tokens=stats.prompt_tokens,
+        output_tokens=stats.output_tokens,
         prefill_tokens_saved=stats.prompt_tokens - stats.prefill_tokens_computed,
-        preemptions=stats.preemptions, wall_s=time.monotonic() - start,
+        preemptions=stats.preemptions,
+        wall_s=time.monotonic() - start,
     )

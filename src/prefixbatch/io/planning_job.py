@@ -16,19 +16,22 @@ from .batch_file import BatchRequest
 from .job import read_items, tokenize
 
 
-def plan_job(config: EngineConfig, path: Path, default_max_tokens: int
-             ) -> tuple[dict[str, Any], str]:
+def plan_job(
+    config: EngineConfig, path: Path, default_max_tokens: int
+) -> tuple[dict[str, Any], str]:
     from transformers import AutoConfig
 
     items = read_items(path, default_max_tokens)
     source = resolve_model(config.model)
     cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(str(source.path)))
-    tokenized, errors = tokenize(Tokenizer(source.path),
-                                 [i for i in items if isinstance(i, BatchRequest)])
+    tokenized, errors = tokenize(
+        Tokenizer(source.path), [i for i in items if isinstance(i, BatchRequest)]
+    )
     prompts = [ids for _, ids in tokenized]
     plan = make_plan(prompts, [r.params.max_tokens for r, _ in tokenized], config.block_size)
-    per_block = KVCache.bytes_per_block(cfg.num_layers, config.block_size, cfg.num_kv_heads,
-                                        cfg.head_dim, config.torch_dtype)
+    per_block = KVCache.bytes_per_block(
+        cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, config.torch_dtype
+    )
     memory = config.kv_cache_memory or int(available_memory() * config.kv_cache_fraction)
     report = plan_report(plan, prompts, config.block_size, max(1, memory // per_block))
     report["invalid_lines"] = len(items) - len(tokenized)

@@ -10,8 +10,9 @@ from typing import TextIO
 class Progress:
     """Counts finished requests and generated tokens; ``quiet`` prints nothing."""
 
-    def __init__(self, total: int, quiet: bool = False, stream: TextIO | None = None,
-                 interval: float = 10.0) -> None:
+    def __init__(
+        self, total: int, quiet: bool = False, stream: TextIO | None = None, interval: float = 10.0
+    ) -> None:
         self.total, self.quiet, self.interval = total, quiet, interval
         self.stream = stream or sys.stderr
         self.done = self.tokens = 0
@@ -40,9 +41,12 @@ class Progress:
             self._last = now
             elapsed = now - self.start
             eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
-            print(f"[prefixbatch] {self.done}/{self.total} requests, "
-                  f"{self.tokens_per_s:.1f} tok/s, elapsed {elapsed:.0f}s, eta {eta:.0f}s",
-                  file=self.stream, flush=True)
+            print(
+                f"[prefixbatch] {self.done}/{self.total} requests, "
+                f"{self.tokens_per_s:.1f} tok/s, elapsed {elapsed:.0f}s, eta {eta:.0f}s",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -31,22 +31,34 @@ def success_record(req: BatchRequest, out: RequestOutput, model: str) -> dict[st
     }
     if req.url == CHAT_URL:
         body = {
-            "id": _id("chatcmpl-", req.custom_id), "object": "chat.completion",
-            "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                         "logprobs": None, "finish_reason": out.finish_reason}],
+            "id": _id("chatcmpl-", req.custom_id),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": out.text},
+                    "logprobs": None,
+                    "finish_reason": out.finish_reason,
+                }
+            ],
             "usage": usage,
         }
     else:
         body = {
-            "id": _id("cmpl-", req.custom_id), "object": "text_completion",
-            "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": out.text, "logprobs": None,
-                         "finish_reason": out.finish_reason}],
+            "id": _id("cmpl-", req.custom_id),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+            ],
             "usage": usage,
         }
     return {
-        "id": _id("batch_req_", req.custom_id), "custom_id": req.custom_id,
+        "id": _id("batch_req_", req.custom_id),
+        "custom_id": req.custom_id,
         "response": {"status_code": 200, "request_id": _id("req_", req.custom_id), "body": body},
         "error": None,
     }
@@ -55,7 +67,8 @@ def success_record(req: BatchRequest, out: RequestOutput, model: str) -> dict[st
 def error_record(err: LineError) -> dict[str, Any]:
     key = err.custom_id or f"line-{err.line}"
     return {
-        "id": _id("batch_req_", f"{key}:{err.line}"), "custom_id": err.custom_id,
+        "id": _id("batch_req_", f"{key}:{err.line}"),
+        "custom_id": err.custom_id,
         "response": None,
         "error": {"code": err.code, "message": err.message, "line": err.line},
     }

@@ -69,8 +69,7 @@ def computed_tokens(top: Group, lengths: Sequence[int], base: int = 0) -> int:
     return total
 
 
-def make_plan(prompts: Sequence[Sequence[int]], max_tokens: Sequence[int],
-              block_size: int) -> Plan:
+def make_plan(prompts: Sequence[Sequence[int]], max_tokens: Sequence[int], block_size: int) -> Plan:
     """Build the radix tree and cut it into nested block-aligned groups."""
     lengths = [len(p) for p in prompts]
     if not prompts:
@@ -88,8 +87,9 @@ def make_plan(prompts: Sequence[Sequence[int]], max_tokens: Sequence[int],
     )
 
 
-def lru_prefill_tokens(prompts: Sequence[Sequence[int]], block_size: int,
-                       capacity_blocks: int) -> int:
+def lru_prefill_tokens(
+    prompts: Sequence[Sequence[int]], block_size: int, capacity_blocks: int
+) -> int:
     """Prefill tokens a block-hash prefix cache with LRU eviction computes, requests in file
     order, one at a time (every request recomputes at least its last token)."""
     cache: OrderedDict[int, None] = OrderedDict()

@@ -15,8 +15,9 @@ def size_bucket(n: int) -> str:
     return str(lo) if lo == 1 else f"{lo}-{2 * lo - 1}"
 
 
-def plan_report(plan: Plan, prompts: Sequence[Sequence[int]], block_size: int,
-                lru_capacity_blocks: int) -> dict[str, Any]:
+def plan_report(
+    plan: Plan, prompts: Sequence[Sequence[int]], block_size: int, lru_capacity_blocks: int
+) -> dict[str, Any]:
     """Everything the plan decides, as one JSON-ready dict."""
     lru = lru_prefill_tokens(prompts, block_size, lru_capacity_blocks)
     top = plan.root.children
@@ -48,19 +49,21 @@ def plan_report(plan: Plan, prompts: Sequence[Sequence[int]], block_size: int,
 
 def format_report(r: dict[str, Any]) -> str:
     sizes = ", ".join(f"{k}: {v}" for k, v in r["group_sizes"].items()) or "none"
-    return "\n".join([
-        f"requests:               {r['requests']}",
-        f"prompt tokens:          {r['prompt_tokens']}",
-        f"groups:                 {r['groups']} (requests per group: {sizes}); "
-        f"{r['levels']} sharing levels, nested up to {r['max_depth']} deep; "
-        f"{r['ungrouped_requests']} requests share nothing",
-        f"prefill tokens (plan):  {r['computed_prefill_tokens']}  "
-        f"R_saving {100 * r['r_saving']:.1f}%",
-        f"one-level (BatchLLM):   {r['one_level_prefill_tokens']}  "
-        f"R_saving {100 * r['r_saving_one_level']:.1f}%",
-        f"token-level tree:       {r['multilevel_prefill_tokens']}  "
-        f"R_saving {100 * r['r_saving_multilevel']:.1f}%",
-        f"LRU cache, file order:  {r['lru_prefill_tokens']}  "
-        f"R_saving {100 * r['r_saving_lru_file_order']:.1f}%  "
-        f"({r['lru_capacity_blocks']} blocks of {r['block_size']} tokens)",
-    ])
+    return "\n".join(
+        [
+            f"requests:               {r['requests']}",
+            f"prompt tokens:          {r['prompt_tokens']}",
+            f"groups:                 {r['groups']} (requests per group: {sizes}); "
+            f"{r['levels']} sharing levels, nested up to {r['max_depth']} deep; "
+            f"{r['ungrouped_requests']} requests share nothing",
+            f"prefill tokens (plan):  {r['computed_prefill_tokens']}  "
+            f"R_saving {100 * r['r_saving']:.1f}%",
+            f"one-level (BatchLLM):   {r['one_level_prefill_tokens']}  "
+            f"R_saving {100 * r['r_saving_one_level']:.1f}%",
+            f"token-level tree:       {r['multilevel_prefill_tokens']}  "
+            f"R_saving {100 * r['r_saving_multilevel']:.1f}%",
+            f"LRU cache, file order:  {r['lru_prefill_tokens']}  "
+            f"R_saving {100 * r['r_saving_lru_file_order']:.1f}%  "
+            f"({r['lru_capacity_blocks']} blocks of {r['block_size']} tokens)",
+        ]
+    )

@@ -23,7 +23,7 @@ class BlockManager:
         self.enable_prefix_cache = enable_prefix_cache
         self.refcount = [0] * num_blocks
         self.free: deque[int] = deque(range(num_blocks))
-        # Automatic prefix cache: content hash <-> block, and unreferenced cached blocks in LRU order.
+        # Automatic prefix cache: content hash <-> block; unreferenced cached blocks in LRU order.
         self.hash_to_block: dict[int, int] = {}
         self.block_to_hash: dict[int, int] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()
@@ -74,8 +74,9 @@ class BlockManager:
 
     # -- automatic prefix cache (fcfs-lru) ---------------------------------------------------
     @staticmethod
-    def chain_hashes(tokens: list[int], block_size: int, start: int = 0,
-                     parent: int | None = None) -> list[int]:
+    def chain_hashes(
+        tokens: list[int], block_size: int, start: int = 0, parent: int | None = None
+    ) -> list[int]:
         """Hashes of the full blocks of ``tokens`` from block ``start`` on, each chained to its
         predecessor so that equal hashes mean equal whole prefixes."""
         out = []

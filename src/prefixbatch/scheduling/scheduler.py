@@ -140,14 +140,17 @@ class Scheduler:
         """
         mean = (
             sum(self._finished_lengths) / len(self._finished_lengths)
-            if self._finished_lengths else 0.0
+            if self._finished_lengths
+            else 0.0
         )
         total = 0
         for s in self.running:
             if s.leads:
                 continue
-            expected = s.params.max_tokens if s.params.ignore_eos else min(
-                s.params.max_tokens, int(mean) + 1
+            expected = (
+                s.params.max_tokens
+                if s.params.ignore_eos
+                else min(s.params.max_tokens, int(mean) + 1)
             )
             future = len(s.tokens) + max(0, expected - s.num_output)
             total += max(0, self.blocks.blocks_for(future) - len(s.block_table))
@@ -178,8 +181,9 @@ class Scheduler:
     def postprocess(self, step: ScheduledStep, sampled: list[int]) -> list[Sequence]:
         """Advance computed counts, hand out sampled tokens, finish sequences; return finished."""
         for seq, n in zip(step.seqs, step.num_tokens):
-            self.prefill_tokens_computed += max(0, min(seq.computed + n, seq.num_prompt)
-                                                - seq.computed)
+            self.prefill_tokens_computed += max(
+                0, min(seq.computed + n, seq.num_prompt) - seq.computed
+            )
             seq.computed += n
             self._register_blocks(seq)
             if seq.leads and seq.computed == len(seq.tokens):

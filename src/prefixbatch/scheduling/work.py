@@ -35,8 +35,14 @@ def _generator(request: Request, seed: int) -> torch.Generator | None:
 
 
 def _sequence(r: Request, seed: int, group: PrefixGroup | None = None) -> Sequence:
-    seq = Sequence(r.index, list(r.prompt_token_ids), len(r.prompt_token_ids), r.params,
-                   group=group, generator=_generator(r, seed))
+    seq = Sequence(
+        r.index,
+        list(r.prompt_token_ids),
+        len(r.prompt_token_ids),
+        r.params,
+        group=group,
+        generator=_generator(r, seed),
+    )
     if group is not None and seq.num_prompt == len(group.tokens):
         group.dependents.append(seq)
     return seq
@@ -46,15 +52,17 @@ def build_sequences(requests: Seq[Request], policy: str, block_size: int, seed: 
     by_id = {r.index: r for r in requests}
     if policy != "batchllm":
         return Work([_sequence(r, seed) for r in requests], by_id)
-    plan = make_plan([r.prompt_token_ids for r in requests],
-                     [r.params.max_tokens for r in requests], block_size)
+    plan = make_plan(
+        [r.prompt_token_ids for r in requests], [r.params.max_tokens for r in requests], block_size
+    )
     work = Work([], by_id, plan)
     _emit(plan.root, None, list(requests), seed, work)
     return work
 
 
-def _emit(level: Group, group: PrefixGroup | None, requests: list[Request], seed: int,
-          work: Work) -> None:
+def _emit(
+    level: Group, group: PrefixGroup | None, requests: list[Request], seed: int, work: Work
+) -> None:
     """Queue a level's members and sub-levels in decode-ratio order (a sub-level: its leader,
     then its contents, so members always follow the leader whose prefix they reference)."""
     assert work.plan is not None
@@ -64,9 +72,13 @@ def _emit(level: Group, group: PrefixGroup | None, requests: list[Request], seed
             continue
         first = requests[item.requests()[0]]
         tokens = list(first.prompt_token_ids[: item.prefix_len])
-        sub = PrefixGroup(len(work.groups), tokens, len(item.members) + len(item.children),
-                          parent=group)
+        sub = PrefixGroup(
+            len(work.groups), tokens, len(item.members) + len(item.children), parent=group
+        )
         work.groups.append(sub)
-        work.sequences.append(Sequence(-1 - sub.group_id, list(tokens), len(tokens), first.params,
-                                       group=group, leads=sub))
+        work.sequences.append(
+            Sequence(
+                -1 - sub.group_id, list(tokens), len(tokens), first.params, group=group, leads=sub
+            )
+        )
         _emit(item, sub, requests, seed, work)

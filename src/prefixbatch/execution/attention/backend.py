@@ -8,7 +8,7 @@ p % block_size`` of the flattened (num_blocks * block_size) view.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,8 +17,14 @@ class KVCache:
     """Preallocated K and V pools; the block manager decides which blocks belong to whom."""
 
     def __init__(
-        self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
+        self,
+        layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         shape = (layers, num_blocks * block_size, kv_heads, head_dim)
         # Uninitialised on purpose: every slot is written before it is read, and untouched pages
@@ -29,8 +35,9 @@ class KVCache:
         self.num_blocks = num_blocks
 
     @staticmethod
-    def bytes_per_block(layers: int, block_size: int, kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
         return 2 * layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
@@ -101,5 +108,6 @@ class AttentionBackend(ABC):
         self.cache.v[layer].index_copy_(0, slots, v)
 
     @abstractmethod
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: StepMetadata) -> torch.Tensor: ...
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
+    ) -> torch.Tensor: ...

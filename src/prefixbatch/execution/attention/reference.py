@@ -16,8 +16,9 @@ def causal_mask(q_len: int, context: int, device: torch.device) -> torch.Tensor:
     return torch.arange(context, device=device)[None, :] <= rows
 
 
-def attend_slice(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, s: PrefillSlice,
-                 scale: float) -> torch.Tensor:
+def attend_slice(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, s: PrefillSlice, scale: float
+) -> torch.Tensor:
     """One sequence's chunk: q (n, H, D) against its gathered KV -> (n, H, D)."""
     k = k_pool.index_select(0, s.kv_slots).transpose(0, 1)  # (KVH, L, D)
     v = v_pool.index_select(0, s.kv_slots).transpose(0, 1)
@@ -28,8 +29,9 @@ def attend_slice(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, s:
     return out[0].transpose(0, 1)
 
 
-def attend_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, d: DecodeBatch,
-                  scale: float) -> torch.Tensor:
+def attend_decode(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, d: DecodeBatch, scale: float
+) -> torch.Tensor:
     """Decode tokens q (B, H, D) against padded gathered KV -> (B, H, D).
 
     The query heads that share a KV head are folded into the query length, so K/V are never
@@ -47,8 +49,9 @@ def attend_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, d
 class ReferenceBackend(AttentionBackend):
     """Plain attention: every sequence reads its whole context, prefix included."""
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: StepMetadata) -> torch.Tensor:
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
+    ) -> torch.Tensor:
         self.write_kv(layer, k, v, meta.slot_mapping)
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
         out = torch.empty_like(q)

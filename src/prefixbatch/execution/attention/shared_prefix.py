@@ -17,8 +17,9 @@ from .reference import ReferenceBackend, causal_mask
 _PREFIX_ROWS = 512
 
 
-def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q (n, H, D) against k, v (L, KVH, D) -> out (n, H, D), lse (n, H), both fp32.
 
     GQA: the G query heads of a KV head are packed into the rows, so k/v are never expanded.
@@ -38,8 +39,9 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return out, lse.view(kvh, n, g).permute(1, 0, 2).reshape(n, h)
 
 
-def attend_lse_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                      d: DecodeBatch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_lse_decode(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, d: DecodeBatch, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One query row per sequence, q (B, H, D), against padded own KV -> (B, H, D), (B, H)."""
     b, h, dim = q.shape
     kvh = k_pool.shape[1]
@@ -52,8 +54,9 @@ def attend_lse_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     return out.reshape(b, h, dim), lse.reshape(b, h)
 
 
-def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
-          lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two attention partials over disjoint keys: o (n, H, D), lse (n, H).
     ``lse1`` may be -inf (no keys yet); ``lse2`` never is."""
     m = torch.maximum(lse1, lse2)
@@ -66,8 +69,9 @@ def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
 class SharedPrefixBackend(ReferenceBackend):
     """Reads each prefix segment once per layer for all query rows below it."""
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: StepMetadata) -> torch.Tensor:
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
+    ) -> torch.Tensor:
         plain = StepMetadata(meta.slot_mapping, meta.logits_rows, meta.prefills, meta.decode)
         out = super().forward(layer, q, k, v, plain)  # writes K/V, covers non-member rows
         if not meta.segments:
@@ -86,8 +90,13 @@ class SharedPrefixBackend(ReferenceBackend):
         for m in meta.members:
             rows = slice(m.q_start, m.q_start + m.q_len)
             mask = causal_mask(m.q_len, len(m.kv_slots), q.device)
-            o, lse = attend_lse(q[rows], k_pool.index_select(0, m.kv_slots),
-                                v_pool.index_select(0, m.kv_slots), mask, self.scale)
+            o, lse = attend_lse(
+                q[rows],
+                k_pool.index_select(0, m.kv_slots),
+                v_pool.index_select(0, m.kv_slots),
+                mask,
+                self.scale,
+            )
             out[rows] = merge(acc_o[rows], acc_lse[rows], o, lse)[0].to(out.dtype)
         if meta.member_decode is not None:
             rows = meta.member_decode.rows

