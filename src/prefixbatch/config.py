@@ -131,7 +131,8 @@ class EngineConfig:
 
     ``kv_cache_memory`` is bytes for the KV pool (None: ``kv_cache_fraction`` of free memory).
     ``max_num_batched_tokens`` caps the prefill tokens of one step (chunked prefill);
-    ``max_num_seqs`` is a soft cap that memory-centric batching lifts by ``token_batching_degree``.
+    ``max_num_seqs`` caps running requests under the fcfs policies; batchllm is bounded by KV
+    memory alone (memory-centric token batching).
     """
 
     model: str | None = None
@@ -145,6 +146,9 @@ class EngineConfig:
     max_model_len: int | None = None
     policy: str = "batchllm"
     seed: int = 0
+    # Shared-prefix attention is used for sequences whose shared prefix has at least this many
+    # tokens; a shorter prefix is cheaper to read through the plain path than to merge.
+    cascade_min_prefix: int = 256
 
     def __post_init__(self) -> None:
         if self.policy not in ("batchllm", "fcfs-lru", "fcfs"):

@@ -76,7 +76,7 @@ class LLMEngine:
         per_block = KVCache.bytes_per_block(
             cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype
         )
-        budget = config.kv_cache_memory or int(available_memory() * config.kv_cache_fraction)
+        budget = config.kv_cache_memory or self._default_kv_memory()
         self.num_blocks = budget // per_block
         if self.num_blocks < 1:
             raise KVBudgetError(
@@ -94,6 +94,13 @@ class LLMEngine:
         eos = [*cfg.eos_token_ids, self.tokenizer.eos_token_id]
         self.eos_ids = tuple(dict.fromkeys(e for e in eos if e is not None))
         self.stats = EngineStats()
+
+    def _default_kv_memory(self) -> int:
+        """A share of free memory; on the CPU at most 4 GiB (the pool is zeroed up front)."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * self.config.kv_cache_fraction)
+        return min(int(available_memory() * self.config.kv_cache_fraction), 4 * 2**30)
 
     @property
     def model_name(self) -> str:
@@ -158,6 +165,7 @@ class LLMEngine:
             cfg.block_size,
             self.device,
             share_prefix_attention=cfg.policy == "batchllm",
+            min_shared=cfg.cascade_min_prefix,
         )
         for seq in work.sequences:
             scheduler.add(seq)

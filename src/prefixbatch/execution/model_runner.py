@@ -23,8 +23,9 @@ from .models.decoder import DecoderModel
 class ModelRunner:
     """Owns the model and the attention backend (and through it the KV cache).
 
-    With ``share_prefix_attention``, sequences below prefix groups are described as prefix
-    segments plus their own KV; otherwise every sequence reads its whole context (plain path).
+    With ``share_prefix_attention``, sequences below prefix groups whose shared prefix has at
+    least ``min_shared`` tokens are described as prefix segments plus their own KV; every other
+    sequence reads its whole context (plain path).
     """
 
     def __init__(
@@ -34,12 +35,14 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         share_prefix_attention: bool = False,
+        min_shared: int = 0,
     ) -> None:
         self.model = model
         self.backend = backend
         self.block_size = block_size
         self.device = device
         self.share_prefix_attention = share_prefix_attention
+        self.min_shared = max(1, min_shared)
 
     def slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
         """Cache slots of positions [start, end) of a sequence with block table ``table``."""
@@ -53,9 +56,9 @@ class ModelRunner:
         slot_parts: list[torch.Tensor] = []
         last_rows: list[int] = []
         prefills: list[PrefillSlice] = []
-        decode: list[tuple[int, torch.Tensor]] = []
+        decode: list[tuple[int, list[int], int]] = []
         members: list[PrefillSlice] = []
-        member_decode: list[tuple[int, torch.Tensor]] = []
+        member_decode: list[tuple[int, list[int], int]] = []
         segment_rows: dict[int, tuple[PrefixGroup, list[torch.Tensor]]] = {}
         row = 0
         for seq, n in zip(step.seqs, step.num_tokens):
@@ -65,18 +68,19 @@ class ModelRunner:
             slot_parts.append(self.slots(seq.block_table, start, end))
             last_rows.append(row + n - 1)
             rows = torch.arange(row, row + n)
-            if self.share_prefix_attention and seq.group is not None:
+            if self.share_prefix_attention and seq.shared_len >= self.min_shared:
                 group: PrefixGroup | None = seq.group
                 while group is not None:  # every level above the sequence
                     segment_rows.setdefault(id(group), (group, []))[1].append(rows)
                     group = group.parent
-                own = self.slots(seq.block_table, seq.shared_len, end)
+                first = seq.shared_len // self.block_size  # prefixes are whole blocks
                 if n == 1:
-                    member_decode.append((row, own))
+                    member_decode.append((row, seq.block_table[first:], end - seq.shared_len))
                 else:
+                    own = self.slots(seq.block_table, seq.shared_len, end)
                     members.append(PrefillSlice(row, n, own))
             elif n == 1:
-                decode.append((row, self.slots(seq.block_table, 0, end)))
+                decode.append((row, seq.block_table, end))
             else:
                 prefills.append(PrefillSlice(row, n, self.slots(seq.block_table, 0, end)))
             row += n
@@ -99,19 +103,18 @@ class ModelRunner:
         slots = self.slots(group.blocks, start, len(group.tokens))
         return PrefixSegment(slots.to(self.device), torch.cat(rows).to(self.device))
 
-    def _decode_batch(self, decode: list[tuple[int, torch.Tensor]]) -> DecodeBatch | None:
+    def _decode_batch(self, decode: list[tuple[int, list[int], int]]) -> DecodeBatch | None:
+        """Entries (row, blocks, positions attended from the first of those blocks)."""
         if not decode:
             return None
-        lengths = torch.tensor([len(s) for _, s in decode])
-        longest = int(lengths.max())
-        slots = torch.empty(len(decode), longest, dtype=torch.long)
-        for i, (_, s) in enumerate(decode):
-            slots[i, : len(s)] = s
-            slots[i, len(s) :] = s[0]  # padding reads a written slot (masked out anyway)
-        mask = torch.arange(longest)[None, :] < lengths[:, None]  # (B, Lmax)
+        widest = max(len(blocks) for _, blocks, _ in decode)
+        # Pad with each sequence's own first block: padding reads written KV, masked out anyway.
+        ids = [blocks + [blocks[0]] * (widest - len(blocks)) for _, blocks, _ in decode]
+        lengths = torch.tensor([n for _, _, n in decode])
+        mask = torch.arange(widest * self.block_size)[None, :] < lengths[:, None]
         return DecodeBatch(
-            rows=torch.tensor([r for r, _ in decode], dtype=torch.long, device=self.device),
-            kv_slots=slots.to(self.device),
+            rows=torch.tensor([r for r, _, _ in decode], dtype=torch.long, device=self.device),
+            block_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             mask=mask[:, None, None, :].to(self.device),
         )
 

@@ -48,17 +48,23 @@ class Scheduler:
         self.eos_ids = set(eos_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Members and sub-level leaders of levels whose prefix is not computed yet; they move to
+        # the front of ``waiting`` together when it is, so other levels' leaders are not blocked.
+        self.parked: dict[int, list[Sequence]] = {}
         self.groups: list[PrefixGroup] = []  # levels whose prefix blocks are alive
         self.num_preemptions = 0
         self.prefill_tokens_computed = 0
         self._finished_lengths: list[int] = []
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if seq.group is not None and not seq.group.ready:
+            self.parked.setdefault(id(seq.group), []).append(seq)
+        else:
+            self.waiting.append(seq)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.parked)
 
     # -- scheduling ---------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
@@ -91,8 +97,6 @@ class Scheduler:
         reserve = self._reserved_blocks()
         while self.waiting and budget > 0 and (cap is None or len(self.running) < cap):
             seq = self.waiting[0]
-            if seq.group is not None and not seq.group.ready:
-                break  # members enter together once their prefix KV exists
             if not seq.block_table:
                 seq.reset_to_prefix()
             hits = self._cached_prefix(seq)
@@ -212,6 +216,7 @@ class Scheduler:
         group.blocks = leader.block_table
         group.ready = True
         self.groups.append(group)
+        self.waiting.extendleft(reversed(self.parked.pop(id(group), [])))
         leader.status = Status.FINISHED
         self.running.remove(leader)
 

@@ -27,10 +27,10 @@ class KVCache:
         device: torch.device,
     ) -> None:
         shape = (layers, num_blocks * block_size, kv_heads, head_dim)
-        # Uninitialised on purpose: every slot is written before it is read, and untouched pages
-        # of a large pool cost nothing. (Padding must therefore never point at unwritten slots.)
-        self.k = torch.empty(shape, dtype=dtype, device=device)  # (L, slots, KVH, D)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Zeroed: a padded decode reads the unwritten tail of a sequence's last block (masked
+        # out, but uninitialised memory could hold NaN, and 0 * NaN poisons the softmax sum).
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, slots, KVH, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
 
@@ -56,11 +56,22 @@ class PrefillSlice:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """Sequences with one query token each, attended in one padded call."""
+    """Sequences with one query token each, attended in one padded call.
+
+    KV is gathered a whole block at a time (a contiguous copy, several times faster than a
+    gather per slot); ``mask`` marks the positions each row attends.
+    """
 
     rows: torch.Tensor  # (B,) row of each query token in the flattened batch
-    kv_slots: torch.Tensor  # (B, Lmax) slots, padded with the sequence's own first slot
-    mask: torch.Tensor  # (B, 1, 1, Lmax) True where a position is attended
+    block_ids: torch.Tensor  # (B, NB) blocks of each sequence, padded with its first block
+    mask: torch.Tensor  # (B, 1, 1, NB * block_size) True where a position is attended
+
+
+def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """pool (slots, KVH, D), block_ids (B, NB) -> (B, NB * block_size, KVH, D)."""
+    b, nb = block_ids.shape
+    blocks = pool.view(-1, block_size * pool.shape[1] * pool.shape[2])
+    return blocks.index_select(0, block_ids.flatten()).view(b, nb * block_size, *pool.shape[1:])
 
 
 @dataclass(frozen=True)

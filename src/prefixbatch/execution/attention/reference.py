@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import AttentionBackend, DecodeBatch, PrefillSlice, StepMetadata
+from .backend import AttentionBackend, DecodeBatch, PrefillSlice, StepMetadata, gather_blocks
 
 
 def causal_mask(q_len: int, context: int, device: torch.device) -> torch.Tensor:
@@ -30,17 +30,22 @@ def attend_slice(
 
 
 def attend_decode(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, d: DecodeBatch, scale: float
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    d: DecodeBatch,
+    scale: float,
+    block_size: int,
 ) -> torch.Tensor:
-    """Decode tokens q (B, H, D) against padded gathered KV -> (B, H, D).
+    """Decode tokens q (B, H, D) against their padded KV -> (B, H, D).
 
     The query heads that share a KV head are folded into the query length, so K/V are never
     expanded: q becomes (B, KVH, G, D) against k (B, KVH, Lmax, D).
     """
     b, h, dim = q.shape
     kv_heads = k_pool.shape[1]
-    k = k_pool[d.kv_slots].transpose(1, 2)  # (B, KVH, Lmax, D)
-    v = v_pool[d.kv_slots].transpose(1, 2)
+    k = gather_blocks(k_pool, d.block_ids, block_size).transpose(1, 2)  # (B, KVH, Lmax, D)
+    v = gather_blocks(v_pool, d.block_ids, block_size).transpose(1, 2)
     qg = q.view(b, kv_heads, h // kv_heads, dim)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=d.mask, scale=scale)
     return out.reshape(b, h, dim)
@@ -61,6 +66,6 @@ class ReferenceBackend(AttentionBackend):
             )
         if meta.decode is not None:
             out[meta.decode.rows] = attend_decode(
-                q[meta.decode.rows], k_pool, v_pool, meta.decode, self.scale
+                q[meta.decode.rows], k_pool, v_pool, meta.decode, self.scale, self.cache.block_size
             )
         return out

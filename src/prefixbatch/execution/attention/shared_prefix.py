@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import DecodeBatch, StepMetadata
+from .backend import DecodeBatch, StepMetadata, gather_blocks
 from .reference import ReferenceBackend, causal_mask
 
 # Query rows per prefix matmul: bounds the (KVH, rows * G, P) score tensor on long prefixes.
@@ -40,14 +40,19 @@ def attend_lse(
 
 
 def attend_lse_decode(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, d: DecodeBatch, scale: float
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    d: DecodeBatch,
+    scale: float,
+    block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query row per sequence, q (B, H, D), against padded own KV -> (B, H, D), (B, H)."""
     b, h, dim = q.shape
     kvh = k_pool.shape[1]
-    k = k_pool[d.kv_slots].float().permute(0, 2, 3, 1)  # (B, KVH, D, Lmax)
-    v = v_pool[d.kv_slots].float().transpose(1, 2)  # (B, KVH, Lmax, D)
-    scores = torch.matmul(q.float().view(b, kvh, h // kvh, dim), k) * scale  # (B, KVH, G, Lmax)
+    k = gather_blocks(k_pool, d.block_ids, block_size).float().permute(0, 2, 3, 1)  # (B,KVH,D,L)
+    v = gather_blocks(v_pool, d.block_ids, block_size).float().transpose(1, 2)  # (B,KVH,L,D)
+    scores = torch.matmul(q.float().view(b, kvh, h // kvh, dim), k) * scale  # (B, KVH, G, L)
     scores = scores.masked_fill(~d.mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, KVH, G)
     out = torch.matmul(torch.exp(scores - lse[..., None]), v)  # (B, KVH, G, D)
@@ -100,6 +105,8 @@ class SharedPrefixBackend(ReferenceBackend):
             out[rows] = merge(acc_o[rows], acc_lse[rows], o, lse)[0].to(out.dtype)
         if meta.member_decode is not None:
             rows = meta.member_decode.rows
-            o, lse = attend_lse_decode(q[rows], k_pool, v_pool, meta.member_decode, self.scale)
+            o, lse = attend_lse_decode(
+                q[rows], k_pool, v_pool, meta.member_decode, self.scale, self.cache.block_size
+            )
             out[rows] = merge(acc_o[rows], acc_lse[rows], o, lse)[0].to(out.dtype)
         return out

@@ -1,0 +1,196 @@
+"""prefixbatch against Hugging Face transformers' batched generate on the CPU: the same chat
+requests on the same default model (SmolLM2-135M-Instruct, fp32), greedy. Workloads:
+
+- ``job``: a batch job's mix, shuffled: one-word labels (max_tokens 8), short answers (48) and
+  paragraphs (192); answers end at EOS or max_tokens.
+- ``eos``: paragraphs only, answers end at EOS (up to --max-tokens).
+- ``fixed``: EOS ignored, every answer exactly --max-tokens long: equal work per step on both.
+
+transformers' best batched path here: requests sorted by max_tokens, then prompt length (least
+padding), in left-padded batches (sizes from --hf-batches, best reported); a batch lasts until its
+longest answer ends. Throughput counts answer tokens (up to and including EOS).
+
+    python bench/engine_vs_hf.py [--requests 64] [--max-tokens 128] [--workloads job,eos,fixed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+from common import machine, table, timed
+
+from prefixbatch import LLM, SamplingParams
+
+TOPICS = [
+    "the ocean",
+    "volcanoes",
+    "bread",
+    "chess",
+    "the moon",
+    "trains",
+    "bees",
+    "glass",
+    "rivers",
+    "clocks",
+    "maps",
+    "salt",
+    "owls",
+    "bridges",
+    "tea",
+    "snow",
+]
+
+
+REVIEWS = [
+    "The battery died after a week.",
+    "Absolutely loved the soundtrack!",
+    "Shipping was slow but the product works.",
+    "Worst customer service ever.",
+    "A solid, reliable kettle.",
+    "The colours faded after one wash.",
+]
+QUESTIONS = [
+    "What is the capital of Italy?",
+    "How many legs does a spider have?",
+    "What gas do plants absorb?",
+    "Who painted the Mona Lisa?",
+    "What is the largest ocean?",
+    "What is the freezing point of water?",
+]
+
+
+def job(n: int, seed: int = 0) -> list[tuple[list[dict[str, str]], int]]:
+    """(chat, max_tokens) for a mixed batch job, shuffled."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            text = (
+                f"Classify the sentiment of this review as positive or negative. "
+                f"Answer with one word.\nReview: {rng.choice(REVIEWS)}"
+            )
+            items.append(([{"role": "user", "content": text}], 8))
+        elif kind == 1:
+            items.append(([{"role": "user", "content": rng.choice(QUESTIONS)}], 48))
+        else:
+            items.append((chats(1, seed * 1000 + i)[0], 192))
+    rng.shuffle(items)
+    return items
+
+
+def chats(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    return [
+        [
+            {
+                "role": "user",
+                "content": f"Write {rng.choice(['a short', 'a long', 'an'])} "
+                f"paragraph about {rng.choice(TOPICS)} for a {rng.choice(['child', 'student'])}.",
+            }
+        ]
+        for _ in range(n)
+    ]
+
+
+def answer_tokens(ids: list[int], eos: set[int]) -> int:
+    """Tokens of one answer up to and including its first EOS."""
+    return next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
+
+
+def hf_generate(
+    model,
+    requests: list[tuple[list[int], int]],
+    batch: int,  # type: ignore[no-untyped-def]
+    eos: list[int],
+    ignore_eos: bool,
+) -> int:
+    """Left-padded batched greedy generate over (prompt, max_tokens) sorted by max_tokens and
+    length, ``batch`` at a time; returns the answer tokens kept (each cut at its max_tokens)."""
+    made = 0
+    ordered = sorted(requests, key=lambda r: (r[1], len(r[0])))
+    for i in range(0, len(ordered), batch):
+        chunk = ordered[i : i + batch]
+        width = max(len(p) for p, _ in chunk)
+        longest = max(m for _, m in chunk)
+        ids = torch.tensor([[eos[0]] * (width - len(p)) + p for p, _ in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk])
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=longest,
+                min_new_tokens=longest if ignore_eos else 0,
+                do_sample=False,
+                pad_token_id=eos[0],
+                eos_token_id=None if ignore_eos else eos,
+            )
+        stop = set() if ignore_eos else set(eos)
+        made += sum(
+            answer_tokens(row[:m], stop) for row, (_, m) in zip(out[:, width:].tolist(), chunk)
+        )
+    return made
+
+
+def workload(name: str, n: int, max_tokens: int) -> list[tuple[list[dict[str, str]], int]]:
+    if name == "job":
+        return job(n)
+    return [(c, max_tokens) for c in chats(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--hf-batches", default="16,64", help="batch sizes tried for transformers")
+    parser.add_argument("--workloads", default="job,eos,fixed")
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    llm = LLM(kv_cache_memory="1GiB")
+    eos = list(llm.engine.eos_ids)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(llm.engine.source.path), dtype=torch.float32)
+    hf.eval()
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    rows = []
+    for name in args.workloads.split(","):
+        fixed = name == "fixed"
+        items = workload(name, args.requests, args.max_tokens)
+        requests = [(llm.tokenizer.encode_chat(c), m) for c, m in items]
+        params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=fixed) for _, m in items]
+        outs, ours = timed(lambda r=requests, p=params: llm.generate([x for x, _ in r], p))
+        tokens = sum(len(o.output_token_ids) for o in outs)
+        rows.append(
+            {
+                "workload": name,
+                "engine": "prefixbatch",
+                "batch": "KV-bounded",
+                "answer tokens": tokens,
+                "seconds": f"{ours:.1f}",
+                "tok/s": f"{tokens / ours:.1f}",
+            }
+        )
+        best = 0.0
+        for batch in map(int, args.hf_batches.split(",")):
+            made, secs = timed(lambda b=batch, r=requests, f=fixed: hf_generate(hf, r, b, eos, f))
+            best = max(best, made / secs)
+            rows.append(
+                {
+                    "workload": name,
+                    "engine": "transformers generate",
+                    "batch": str(batch),
+                    "answer tokens": made,
+                    "seconds": f"{secs:.1f}",
+                    "tok/s": f"{made / secs:.1f}",
+                }
+            )
+        print(f"[{name}] prefixbatch / best transformers: {tokens / ours / best:.2f}x", flush=True)
+    print(f"{args.requests} chat requests per workload, greedy")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
