@@ -78,6 +78,7 @@ class LLMEngine:
         )
         budget = config.kv_cache_memory or self._default_kv_memory()
         self.num_blocks = budget // per_block
+        self.kv_bytes = self.num_blocks * per_block
         if self.num_blocks < 1:
             raise KVBudgetError(
                 f"--kv-cache-memory {budget} bytes holds no KV block ({per_block} bytes each)"

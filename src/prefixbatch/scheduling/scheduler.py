@@ -108,6 +108,10 @@ class Scheduler:
             revived = sum(1 for b in hits if self.blocks.refcount[b] == 0)
             if need + revived > room:
                 break
+            # A level starts only when its members can follow it (groups run together), unless
+            # nothing runs at all.
+            if seq.leads and self.running and self._group_footprint(seq) > room:
+                break
             self.waiting.popleft()
             if hits:
                 seq.block_table = self.blocks.lookup(seq.block_hashes[: len(hits)])
@@ -135,29 +139,36 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _reserved_blocks(self) -> int:
-        """Blocks the running sequences are predicted to still need for their outputs.
+    def _expected_output(self, seq: Sequence) -> int:
+        """Predicted final output length (after Past-Future, LightLLM): ``max_tokens`` when EOS
+        is ignored, else the mean output of the requests finished so far (capped)."""
+        if seq.params.ignore_eos or not self._finished_lengths:
+            return seq.params.max_tokens if seq.params.ignore_eos else 0
+        mean = sum(self._finished_lengths) / len(self._finished_lengths)
+        return min(seq.params.max_tokens, int(mean) + 1)
 
-        The prediction (after Past-Future, LightLLM) is the mean output length of the requests
-        finished so far, or ``max_tokens`` when EOS is ignored; it keeps admission from
-        overcommitting memory and causing preemption storms.
-        """
-        mean = (
-            sum(self._finished_lengths) / len(self._finished_lengths)
-            if self._finished_lengths
-            else 0.0
-        )
+    def _reserved_blocks(self) -> int:
+        """Blocks the running sequences are predicted to still need for their outputs; keeps
+        admission from overcommitting memory and causing preemption storms."""
         total = 0
         for s in self.running:
             if s.leads:
                 continue
-            expected = (
-                s.params.max_tokens
-                if s.params.ignore_eos
-                else min(s.params.max_tokens, int(mean) + 1)
-            )
-            future = len(s.tokens) + max(0, expected - s.num_output)
+            future = len(s.tokens) + max(0, self._expected_output(s) - s.num_output)
             total += max(0, self.blocks.blocks_for(future) - len(s.block_table))
+        return total
+
+    def _group_footprint(self, leader: Sequence) -> int:
+        """Blocks a level needs beyond its leader's chunk to run its members together: each
+        waiting member's own prompt plus its predicted output (sub-levels: their prefixes)."""
+        group = leader.leads
+        assert group is not None
+        total = self.blocks.blocks_for(len(group.tokens)) - self.blocks.blocks_for(
+            leader.computed
+        )
+        for m in self.parked.get(id(group), []):
+            own = m.num_prompt - len(group.tokens) + (0 if m.leads else self._expected_output(m))
+            total += self.blocks.blocks_for(own)
         return total
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
