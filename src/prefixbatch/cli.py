@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--overwrite", action="store_true", help="start over, discarding the output")
     run.add_argument("--quiet", action="store_true")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="engine actors on a local Ray cluster (pip install 'prefixbatch[ray]')",
+    )
+    run.add_argument("--ray-address", help="run on an existing Ray cluster: auto or ray://...")
     _engine_args(run)
     plan = sub.add_parser("plan", help="report the prefix-sharing plan without running it")
     plan.add_argument("input", type=Path)
@@ -92,7 +99,15 @@ def _run(args: argparse.Namespace, config: EngineConfig) -> int:
         raise ValueError("--resume and --overwrite exclude each other")
     summary = run_job(
         config,
-        JobOptions(args.input, args.output, args.overwrite, args.default_max_tokens, args.quiet),
+        JobOptions(
+            args.input,
+            args.output,
+            args.overwrite,
+            args.default_max_tokens,
+            args.quiet,
+            args.workers,
+            args.ray_address,
+        ),
     )
     if not args.quiet:
         for line in summary.lines():

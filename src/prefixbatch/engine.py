@@ -30,6 +30,32 @@ class KVBudgetError(ValueError):
     """The KV cache cannot hold even the smallest request."""
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a request must fit: the model's context and the KV pool."""
+
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+
+    def check(self, prompt_len: int, max_tokens: int) -> str | None:
+        """Why a request cannot run, or None."""
+        if prompt_len == 0:
+            return "the prompt is empty"
+        if prompt_len >= self.max_model_len:
+            return (
+                f"the prompt has {prompt_len} tokens; the model's context is "
+                f"{self.max_model_len} tokens and at least one must be left to generate"
+            )
+        need = math.ceil(min(prompt_len + max_tokens, self.max_model_len) / self.block_size)
+        if need > self.num_blocks:
+            return (
+                f"the request needs {need} KV blocks and the cache has {self.num_blocks}; "
+                "raise --kv-cache-memory"
+            )
+        return None
+
+
 @dataclass
 class EngineStats:
     """Counters of one ``generate`` call."""
@@ -43,6 +69,20 @@ class EngineStats:
     cache_hit_tokens: int = 0
     groups: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+
+    def add(self, other: EngineStats) -> None:
+        """Accumulate another engine's counters (workers of one distributed job)."""
+        for name in (
+            "requests",
+            "prompt_tokens",
+            "prefill_tokens_computed",
+            "output_tokens",
+            "preemptions",
+            "steps",
+            "cache_hit_tokens",
+            "groups",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
     def prefill_saving(self) -> float:
@@ -120,25 +160,17 @@ class LLMEngine:
         model.rotary.inv_freq = model.rotary.inv_freq.to(self.device)
         return model.eval()
 
-    def kv_blocks_needed(self, prompt_len: int, max_tokens: int) -> int:
-        return math.ceil(min(prompt_len + max_tokens, self.max_model_len) / self.config.block_size)
+    @property
+    def limits(self) -> EngineLimits:
+        return EngineLimits(self.max_model_len, self.num_blocks, self.config.block_size)
 
     def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
         """Why a request cannot run on this engine, or None."""
-        if prompt_len == 0:
-            return "the prompt is empty"
-        if prompt_len >= self.max_model_len:
-            return (
-                f"the prompt has {prompt_len} tokens; the model's context is "
-                f"{self.max_model_len} tokens and at least one must be left to generate"
-            )
-        need = self.kv_blocks_needed(prompt_len, max_tokens)
-        if need > self.num_blocks:
-            return (
-                f"the request needs {need} KV blocks and the cache has {self.num_blocks}; "
-                "raise --kv-cache-memory"
-            )
-        return None
+        return self.limits.check(prompt_len, max_tokens)
+
+    def status(self) -> str:
+        """A short note for progress lines (nothing for a single engine)."""
+        return ""
 
     def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
         """Run requests to completion, yielding each output as soon as it finishes."""

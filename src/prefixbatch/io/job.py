@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import EngineConfig
 from ..engine import LLMEngine
@@ -17,6 +18,9 @@ from ..tokenizer import Tokenizer
 from .batch_file import CHAT_URL, BatchRequest, LineError, read_batch_file
 from .progress import Progress
 from .results import ResultWriter, error_record, success_record
+
+if TYPE_CHECKING:
+    from ..distributed.ray_executor import RayExecutor
 
 
 class JobError(RuntimeError):
@@ -30,6 +34,8 @@ class JobOptions:
     overwrite: bool = False  # start over instead of resuming an existing output file
     default_max_tokens: int = 256
     quiet: bool = False
+    workers: int = 1  # > 1, or a ray_address: engine actors on Ray
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,13 +106,22 @@ def tokenize(
     return kept, errors
 
 
+def make_executor(config: EngineConfig, opts: JobOptions) -> LLMEngine | RayExecutor:
+    """One in-process engine, or engine actors on Ray for ``--workers`` / ``--ray-address``."""
+    try:
+        if opts.workers > 1 or opts.ray_address:
+            from ..distributed.ray_executor import RayExecutor
+
+            return RayExecutor(config, max(1, opts.workers), opts.ray_address)
+        return LLMEngine(config)
+    except (OSError, ValueError) as e:
+        raise JobError(str(e)) from e
+
+
 def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
     start = time.monotonic()
     items = read_items(opts.input, opts.default_max_tokens)
-    try:
-        engine = LLMEngine(config)
-    except (OSError, ValueError) as e:
-        raise JobError(str(e)) from e
+    engine = make_executor(config, opts)
     writer = ResultWriter(opts.output, resume=not opts.overwrite)
     todo = [i for i in items if not writer.answered.covers(i)]
     skipped = len(items) - len(todo)
@@ -127,7 +142,7 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
     if too_big and not runnable:
         writer.close()
         raise JobError(
-            f"the KV cache ({engine.num_blocks} blocks) is too small for even one "
+            f"the KV cache ({engine.limits.num_blocks} blocks) is too small for even one "
             "request; raise --kv-cache-memory"
         )
     for err in sorted(errors, key=lambda e: e.line):
@@ -138,7 +153,9 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
     try:
         for out in engine.generate(requests):
             writer.write(success_record(runnable[out.index][0], out, model_name))
-            progress.update(1, len(out.output_token_ids))
+            progress.update(1, len(out.output_token_ids), engine.status())
+    except ValueError as e:  # every Ray worker died
+        raise JobError(str(e)) from e
     finally:
         progress.close()
         writer.close()

@@ -27,14 +27,15 @@ class Progress:
     def tokens_per_s(self) -> float:
         return self.tokens / max(time.monotonic() - self.start, 1e-9)
 
-    def update(self, requests: int, tokens: int) -> None:
+    def update(self, requests: int, tokens: int, note: str = "") -> None:
+        """Count finished requests and their tokens; ``note`` (e.g. worker lag) is shown too."""
         self.done += requests
         self.tokens += tokens
         if self.quiet:
             return
         if self._bar is not None:
             self._bar.update(requests)
-            self._bar.set_postfix_str(f"{self.tokens_per_s:.1f} tok/s")
+            self._bar.set_postfix_str(f"{self.tokens_per_s:.1f} tok/s {note}".rstrip())
             return
         now = time.monotonic()
         if now - self._last >= self.interval or self.done == self.total:
@@ -43,7 +44,8 @@ class Progress:
             eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
             print(
                 f"[prefixbatch] {self.done}/{self.total} requests, "
-                f"{self.tokens_per_s:.1f} tok/s, elapsed {elapsed:.0f}s, eta {eta:.0f}s",
+                f"{self.tokens_per_s:.1f} tok/s, elapsed {elapsed:.0f}s, eta {eta:.0f}s"
+                + (f", {note}" if note else ""),
                 file=self.stream,
                 flush=True,
             )

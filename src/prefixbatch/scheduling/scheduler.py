@@ -163,9 +163,7 @@ class Scheduler:
         waiting member's own prompt plus its predicted output (sub-levels: their prefixes)."""
         group = leader.leads
         assert group is not None
-        total = self.blocks.blocks_for(len(group.tokens)) - self.blocks.blocks_for(
-            leader.computed
-        )
+        total = self.blocks.blocks_for(len(group.tokens)) - self.blocks.blocks_for(leader.computed)
         for m in self.parked.get(id(group), []):
             own = m.num_prompt - len(group.tokens) + (0 if m.leads else self._expected_output(m))
             total += self.blocks.blocks_for(own)

@@ -1,0 +1,1 @@
+"""Scale-out on Ray: the driver plans once, whole prefix groups go to engine actors."""
