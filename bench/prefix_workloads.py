@@ -55,7 +55,8 @@ def run_vllm(python: str, model: Path, w: Workload, kv_bytes: int) -> float:
             text=True,
             check=True,
         )
-    return float(out.stdout.strip().splitlines()[-1])
+    marks = [line for line in out.stdout.splitlines() if line.startswith("PREFIXBATCH_SECONDS")]
+    return float(marks[-1].split()[1])
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ def main() -> None:
     llm.generate(prompts[:1], params)
     start = time.perf_counter()
     llm.generate(prompts, params)
-    print(time.perf_counter() - start)
+    print(f"PREFIXBATCH_SECONDS {time.perf_counter() - start}", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def save_tokenizer(path: Path) -> None:
 
 
 def tiny_config(family: str):  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=VOCAB,
@@ -60,6 +60,8 @@ def tiny_config(family: str):  # type: ignore[no-untyped-def]
             },
             rope_theta=500000.0,
         )
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=4096)
     if family == "qwen2":
         return Qwen2Config(**common)
     if family == "qwen3":
@@ -80,7 +82,7 @@ def make_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {f: make_tiny_model(root / f, f) for f in ("llama", "llama3", "qwen2", "qwen3")}
+    return {f: make_tiny_model(root / f, f) for f in ("llama", "llama3", "mistral", "qwen2", "qwen3")}
 
 
 def shared_prefix_prompts(

@@ -251,3 +251,20 @@ def test_sigkill_then_resume_answers_every_request_once(tmp_path, tiny_models): 
         if r["response"]
     }
     assert text == expected
+
+
+def test_progress_log_lines_when_not_a_terminal():
+    import io
+
+    from prefixbatch.io.progress import Progress
+
+    stream = io.StringIO()  # not a tty: plain periodic lines, no bar
+    progress = Progress(3, stream=stream, interval=0.0)
+    progress.update(1, 10, "2 workers, lag 0")
+    progress.update(2, 20)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[prefixbatch] 1/3 requests") and "lag 0" in lines[0]
+    assert "3/3 requests" in lines[-1] and "tok/s" in lines[-1] and "eta 0s" in lines[-1]
+    quiet = io.StringIO()
+    Progress(3, quiet=True, stream=quiet).update(3, 5)
+    assert quiet.getvalue() == ""

@@ -7,7 +7,7 @@ import pytest
 from conftest import hf_greedy, shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
 
-FAMILIES = ["llama", "llama3", "qwen2", "qwen3"]
+FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 
 
 def _run(path, prompts, max_tokens, **kwargs):  # type: ignore[no-untyped-def]
