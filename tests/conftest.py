@@ -82,7 +82,9 @@ def make_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {f: make_tiny_model(root / f, f) for f in ("llama", "llama3", "mistral", "qwen2", "qwen3")}
+    return {
+        f: make_tiny_model(root / f, f) for f in ("llama", "llama3", "mistral", "qwen2", "qwen3")
+    }
 
 
 def shared_prefix_prompts(
