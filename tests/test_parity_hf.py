@@ -53,3 +53,16 @@ def test_greedy_matches_with_preemption(tiny_models, family, policy):  # type: i
     )
     assert got == expected
     assert llm.engine.stats.preemptions > 0
+
+
+def test_prompts_equal_to_a_shared_prefix_and_duplicates(tiny_models):  # type: ignore[no-untyped-def]
+    """A prompt that is exactly a block-aligned shared prefix takes its first token from the
+    leader's logits; exact duplicates share everything but their last token's own compute."""
+    head = [(i * 37) % 500 + 3 for i in range(32)]  # 4 blocks of 8
+    prompts = [head, head, head + [7, 8], head + [9], head + [9], head[:16] + [11] * 16]
+    prompts += [head + [7, 8] + [12] * 6]  # a prompt ending exactly on a deeper level
+    max_tokens = [5, 1, 6, 4, 4, 5, 3]
+    expected = hf_greedy(tiny_models["qwen2"], prompts, max_tokens)
+    llm, got = _run(tiny_models["qwen2"], prompts, max_tokens, policy="batchllm")
+    assert got == expected
+    assert llm.engine.stats.groups >= 2

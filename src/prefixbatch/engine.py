@@ -38,6 +38,11 @@ class EngineLimits:
     num_blocks: int
     block_size: int
 
+    def fits_kv(self, prompt_len: int, max_tokens: int) -> bool:
+        """Whether the pool holds the request's prompt and its longest answer."""
+        need = math.ceil(min(prompt_len + max_tokens, self.max_model_len) / self.block_size)
+        return need <= self.num_blocks
+
     def check(self, prompt_len: int, max_tokens: int) -> str | None:
         """Why a request cannot run, or None."""
         if prompt_len == 0:
@@ -98,6 +103,20 @@ def available_memory() -> int:
     return 4 * 2**30
 
 
+def kv_pool_blocks(config: EngineConfig, cfg: ModelConfig) -> tuple[int, int]:
+    """(blocks in the KV pool, bytes per block) for this config: ``--kv-cache-memory``, or a
+    share of free memory (on the CPU at most 4 GiB: the pool is zeroed up front)."""
+    per_block = KVCache.bytes_per_block(
+        cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, config.torch_dtype
+    )
+    budget = config.kv_cache_memory
+    if budget is None and config.torch_device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(config.torch_device)[0] * config.kv_cache_fraction)
+    elif budget is None:
+        budget = min(int(available_memory() * config.kv_cache_fraction), 4 * 2**30)
+    return budget // per_block, per_block
+
+
 class LLMEngine:
     """Loads a model and runs batches of tokenized requests through it."""
 
@@ -113,15 +132,12 @@ class LLMEngine:
         self.model = self._load_model()
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
-        per_block = KVCache.bytes_per_block(
-            cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype
-        )
-        budget = config.kv_cache_memory or self._default_kv_memory()
-        self.num_blocks = budget // per_block
+        self.num_blocks, per_block = kv_pool_blocks(config, cfg)
         self.kv_bytes = self.num_blocks * per_block
         if self.num_blocks < 1:
             raise KVBudgetError(
-                f"--kv-cache-memory {budget} bytes holds no KV block ({per_block} bytes each)"
+                f"--kv-cache-memory {config.kv_cache_memory} bytes holds no KV block "
+                f"({per_block} bytes each)"
             )
         self.cache = KVCache(
             cfg.num_layers,
@@ -136,13 +152,6 @@ class LLMEngine:
         self.eos_ids = tuple(dict.fromkeys(e for e in eos if e is not None))
         self.stats = EngineStats()
 
-    def _default_kv_memory(self) -> int:
-        """A share of free memory; on the CPU at most 4 GiB (the pool is zeroed up front)."""
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * self.config.kv_cache_fraction)
-        return min(int(available_memory() * self.config.kv_cache_fraction), 4 * 2**30)
-
     @property
     def model_name(self) -> str:
         """The name written into outputs: the checkpoint's directory or GGUF file name."""
@@ -156,8 +165,8 @@ class LLMEngine:
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_weights(self.source.weights())
         # Buffers are not in the checkpoint: rebuild the fp32 rotary frequencies on the device.
-        model.rotary.inv_freq = rope_inv_freq(self.model_config.rope, self.model_config.head_dim)
-        model.rotary.inv_freq = model.rotary.inv_freq.to(self.device)
+        cfg = self.model_config
+        model.rotary.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(self.device)
         return model.eval()
 
     @property
@@ -202,7 +211,6 @@ class LLMEngine:
         )
         for seq in work.sequences:
             scheduler.add(seq)
-        self.scheduler = scheduler
         while scheduler.has_work:
             step = scheduler.schedule()
             if not step.seqs:

@@ -135,7 +135,7 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
     for req, ids in tokenized:
         problem = engine.check_request(len(ids), req.params.max_tokens)
         if problem:
-            too_big += "KV blocks" in problem
+            too_big += not engine.limits.fits_kv(len(ids), req.params.max_tokens)
             errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
         else:
             runnable.append((req, ids))

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EngineConfig, ModelConfig
-from ..engine import available_memory
-from ..execution.attention.backend import KVCache
+from ..engine import kv_pool_blocks
 from ..execution.model_source import resolve_model
 from ..planning.plan import make_plan
 from ..planning.report import format_report, plan_report
@@ -29,10 +28,7 @@ def plan_job(
     )
     prompts = [ids for _, ids in tokenized]
     plan = make_plan(prompts, [r.params.max_tokens for r, _ in tokenized], config.block_size)
-    per_block = KVCache.bytes_per_block(
-        cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, config.torch_dtype
-    )
-    memory = config.kv_cache_memory or int(available_memory() * config.kv_cache_fraction)
-    report = plan_report(plan, prompts, config.block_size, max(1, memory // per_block))
+    blocks, _ = kv_pool_blocks(config, cfg)
+    report = plan_report(plan, prompts, config.block_size, max(1, blocks))
     report["invalid_lines"] = len(items) - len(tokenized)
     return report, format_report(report) + f"\ninvalid lines:          {report['invalid_lines']}"
