@@ -29,33 +29,20 @@ def success_record(req: BatchRequest, out: RequestOutput, model: str) -> dict[st
         "completion_tokens": len(out.output_token_ids),
         "total_tokens": out.num_prompt_tokens + len(out.output_token_ids),
     }
-    if req.url == CHAT_URL:
-        body = {
-            "id": _id("chatcmpl-", req.custom_id),
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": out.text},
-                    "logprobs": None,
-                    "finish_reason": out.finish_reason,
-                }
-            ],
-            "usage": usage,
-        }
+    chat = req.url == CHAT_URL
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": out.finish_reason}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": out.text}
     else:
-        body = {
-            "id": _id("cmpl-", req.custom_id),
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-            ],
-            "usage": usage,
-        }
+        choice["text"] = out.text
+    body = {
+        "id": _id("chatcmpl-" if chat else "cmpl-", req.custom_id),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    }
     return {
         "id": _id("batch_req_", req.custom_id),
         "custom_id": req.custom_id,
