@@ -105,6 +105,18 @@ def shared_prefix_prompts(
     return prompts
 
 
+def nested_prompts(
+    rng: random.Random, system: int, doc: int, docs: int, per_doc: int, vocab: tuple[int, int]
+) -> list[list[int]]:
+    """System prompt > ``docs`` documents > ``per_doc`` 5-token questions each, in order."""
+    lo, hi = vocab
+    head = [rng.randrange(lo, hi) for _ in range(system)]
+    bodies = [[rng.randrange(lo, hi) for _ in range(doc)] for _ in range(docs)]
+    return [
+        head + d + [rng.randrange(lo, hi) for _ in range(5)] for d in bodies for _ in range(per_doc)
+    ]
+
+
 def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
     """Hugging Face transformers' greedy continuation of each prompt, one at a time (no padding),
     stopping at EOS like the engine."""

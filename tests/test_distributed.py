@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from conftest import shared_prefix_prompts
+from conftest import nested_prompts, shared_prefix_prompts
 from prefixbatch.config import EngineConfig
 from prefixbatch.distributed.sharding import Unit, lpt_assign, make_chunks, plan_units
 from prefixbatch.outputs import Request
@@ -53,12 +53,9 @@ def test_lpt_balance_bound(workers):  # type: ignore[no-untyped-def]
 
 
 def test_a_group_above_everything_is_split_into_whole_subgroups():
-    rng = random.Random(3)
-    system = [rng.randrange(1, 1000) for _ in range(64)]
-    docs = [[rng.randrange(1, 1000) for _ in range(96)] for _ in range(12)]
-    prompts = [
-        system + d + [rng.randrange(1, 1000) for _ in range(5)] for d in docs for _ in range(4)
-    ]
+    prompts = nested_prompts(
+        random.Random(3), system=64, doc=96, docs=12, per_doc=4, vocab=(1, 1000)
+    )
     plan = make_plan(prompts, [32] * len(prompts), 16)
     assert len(plan.root.children) == 1  # one level above every request
     assert len(plan_units(plan, workers=1)) == 1

@@ -7,6 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import nested_prompts
 from prefixbatch.planning.groups import Group
 from prefixbatch.planning.one_level import flatten
 from prefixbatch.planning.plan import lru_prefill_tokens, make_plan
@@ -73,11 +74,7 @@ def test_radix_tree_holds_every_prompt(prompts):  # type: ignore[no-untyped-def]
 
 def test_nested_levels_system_document_question():
     rng = random.Random(0)
-    system = [rng.randrange(10, 99) for _ in range(32)]
-    docs = [[rng.randrange(10, 99) for _ in range(48)] for _ in range(3)]
-    prompts = [
-        system + d + [rng.randrange(10, 99) for _ in range(5)] for d in docs for _ in range(4)
-    ]
+    prompts = nested_prompts(rng, system=32, doc=48, docs=3, per_doc=4, vocab=(10, 99))
     rng.shuffle(prompts)
     plan = make_plan(prompts, [10] * len(prompts), 16)
     (top,) = plan.root.children

@@ -38,10 +38,13 @@ class EngineLimits:
     num_blocks: int
     block_size: int
 
+    def kv_blocks(self, prompt_len: int, max_tokens: int) -> int:
+        """Blocks for the request's prompt and its longest answer (capped by the context)."""
+        return math.ceil(min(prompt_len + max_tokens, self.max_model_len) / self.block_size)
+
     def fits_kv(self, prompt_len: int, max_tokens: int) -> bool:
         """Whether the pool holds the request's prompt and its longest answer."""
-        need = math.ceil(min(prompt_len + max_tokens, self.max_model_len) / self.block_size)
-        return need <= self.num_blocks
+        return self.kv_blocks(prompt_len, max_tokens) <= self.num_blocks
 
     def check(self, prompt_len: int, max_tokens: int) -> str | None:
         """Why a request cannot run, or None."""
@@ -52,8 +55,8 @@ class EngineLimits:
                 f"the prompt has {prompt_len} tokens; the model's context is "
                 f"{self.max_model_len} tokens and at least one must be left to generate"
             )
-        need = math.ceil(min(prompt_len + max_tokens, self.max_model_len) / self.block_size)
-        if need > self.num_blocks:
+        if not self.fits_kv(prompt_len, max_tokens):
+            need = self.kv_blocks(prompt_len, max_tokens)
             return (
                 f"the request needs {need} KV blocks and the cache has {self.num_blocks}; "
                 "raise --kv-cache-memory"

@@ -74,6 +74,15 @@ def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor, block_size: int) 
     return blocks.index_select(0, block_ids.flatten()).view(b, nb * block_size, *pool.shape[1:])
 
 
+def decode_kv(
+    k_pool: torch.Tensor, v_pool: torch.Tensor, d: DecodeBatch, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode batch's padded K and V, each (B, KVH, Lmax, D)."""
+    k = gather_blocks(k_pool, d.block_ids, block_size).transpose(1, 2)
+    v = gather_blocks(v_pool, d.block_ids, block_size).transpose(1, 2)
+    return k, v
+
+
 @dataclass(frozen=True)
 class PrefixSegment:
     """One level of shared prefix in this step: positions whose KV every row in ``rows`` reads.

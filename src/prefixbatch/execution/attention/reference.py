@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import AttentionBackend, DecodeBatch, PrefillSlice, StepMetadata, gather_blocks
+from .backend import AttentionBackend, DecodeBatch, PrefillSlice, StepMetadata, decode_kv
 
 
 def causal_mask(q_len: int, context: int, device: torch.device) -> torch.Tensor:
@@ -44,8 +44,7 @@ def attend_decode(
     """
     b, h, dim = q.shape
     kv_heads = k_pool.shape[1]
-    k = gather_blocks(k_pool, d.block_ids, block_size).transpose(1, 2)  # (B, KVH, Lmax, D)
-    v = gather_blocks(v_pool, d.block_ids, block_size).transpose(1, 2)
+    k, v = decode_kv(k_pool, v_pool, d, block_size)  # (B, KVH, Lmax, D)
     qg = q.view(b, kv_heads, h // kv_heads, dim)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=d.mask, scale=scale)
     return out.reshape(b, h, dim)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import DecodeBatch, StepMetadata, gather_blocks
+from .backend import DecodeBatch, StepMetadata, decode_kv
 from .reference import ReferenceBackend, causal_mask
 
 # Query rows per prefix matmul: bounds the (KVH, rows * G, P) score tensor on long prefixes.
@@ -50,9 +50,10 @@ def attend_lse_decode(
     """One query row per sequence, q (B, H, D), against padded own KV -> (B, H, D), (B, H)."""
     b, h, dim = q.shape
     kvh = k_pool.shape[1]
-    k = gather_blocks(k_pool, d.block_ids, block_size).float().permute(0, 2, 3, 1)  # (B,KVH,D,L)
-    v = gather_blocks(v_pool, d.block_ids, block_size).float().transpose(1, 2)  # (B,KVH,L,D)
-    scores = torch.matmul(q.float().view(b, kvh, h // kvh, dim), k) * scale  # (B, KVH, G, L)
+    k, v = decode_kv(k_pool, v_pool, d, block_size)  # (B, KVH, Lmax, D)
+    k, v = k.float(), v.float()
+    scores = torch.matmul(q.float().view(b, kvh, h // kvh, dim), k.transpose(-1, -2)) * scale
+    # scores: (B, KVH, G, Lmax)
     scores = scores.masked_fill(~d.mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, KVH, G)
     out = torch.matmul(torch.exp(scores - lse[..., None]), v)  # (B, KVH, G, D)
