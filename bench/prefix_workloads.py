@@ -103,12 +103,7 @@ def main() -> None:
             row["transformers tok/s"] = f"{made / secs:.1f}"
             row["batchllm / transformers"] = f"{secs / batch:.2f}x"
         if args.vllm_python:
-            secs = run_vllm(
-                args.vllm_python,
-                llm.engine.source.path,
-                w,
-                llm.engine.num_blocks * llm.engine.cache.k[0].nbytes // llm.engine.num_blocks * 2,
-            )
+            secs = run_vllm(args.vllm_python, llm.engine.source.path, w, llm.engine.kv_bytes)
             row["vLLM tok/s"] = f"{len(w.prompts) * w.max_tokens / secs:.1f}"
             row["batchllm / vLLM"] = f"{secs / batch:.2f}x"
         rows.append(row)

@@ -15,7 +15,9 @@ def main() -> None:
         model=spec["model"],
         dtype="float32",
         enable_prefix_caching=True,
-        gpu_memory_utilization=0.5,
+        # The same KV budget as prefixbatch (on the CPU backend gpu_memory_utilization would
+        # instead reserve a share of all RAM, far more than the engines being compared get).
+        kv_cache_memory_bytes=spec["kv_bytes"],
         max_model_len=2048,
     )
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True)

@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
-from prefixbatch.execution.attention.backend import KVCache
-from prefixbatch.execution.attention.reference import ReferenceBackend
+from prefixbatch.execution.attention.backend import DecodeBatch, KVCache
+from prefixbatch.execution.attention.native import NativeDecodeBackend, paged_decode_kernel
+from prefixbatch.execution.attention.reference import ReferenceBackend, attend_decode
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
 from prefixbatch.execution.model_runner import ModelRunner
 from prefixbatch.sampling_params import SamplingParams
@@ -53,8 +54,16 @@ def random_step(rng: random.Random, num_blocks: int):  # type: ignore[no-untyped
     return step
 
 
+def kernel():  # type: ignore[no-untyped-def]
+    """The compiled kernel; CI has a compiler, so a failed build fails the test."""
+    k = paged_decode_kernel()
+    assert k is not None, "the CPU decode-attention kernel did not build"
+    return k
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
 @pytest.mark.parametrize("seed", range(16))
-def test_shared_prefix_matches_reference(seed):  # type: ignore[no-untyped-def]
+def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyped-def]
     rng = random.Random(seed)
     torch.manual_seed(seed)
     kv_heads = rng.choice([1, 2, 4])
@@ -64,18 +73,62 @@ def test_shared_prefix_matches_reference(seed):  # type: ignore[no-untyped-def]
     cache.k.normal_()
     cache.v.normal_()
     step = random_step(rng, 2048)
-    plain = ModelRunner(None, None, BS, torch.device("cpu"))  # type: ignore[arg-type]
-    shared = ModelRunner(None, None, BS, torch.device("cpu"), share_prefix_attention=True)  # type: ignore[arg-type]
+    scale = dim**-0.5
+    reference = ReferenceBackend(cache, heads, scale)
+    fast = (
+        NativeDecodeBackend(cache, heads, scale, kernel())
+        if native
+        else SharedPrefixBackend(cache, heads, scale)
+    )
+    cpu = torch.device("cpu")
+    plain = ModelRunner(None, reference, BS, cpu)  # type: ignore[arg-type]
+    shared = ModelRunner(None, fast, BS, cpu, share_prefix_attention=fast.shares_prefix)  # type: ignore[arg-type]
     _, _, meta_plain = plain.prepare(step)
     _, _, meta_shared = shared.prepare(step)
-    assert meta_shared.segments or not any(s.group for s in step.seqs)
+    assert bool(meta_shared.segments) == (fast.shares_prefix and any(s.group for s in step.seqs))
     t = len(meta_plain.slot_mapping)
     q = torch.randn(t, heads, dim)
     k = torch.randn(t, kv_heads, dim)
     v = torch.randn(t, kv_heads, dim)
-    scale = dim**-0.5
-    expected = ReferenceBackend(cache, heads, scale).forward(0, q, k, v, meta_plain)
-    got = SharedPrefixBackend(cache, heads, scale).forward(0, q, k, v, meta_shared)
+    expected = reference.forward(0, q, k, v, meta_plain)
+    got = fast.forward(0, q, k, v, meta_shared)
     assert torch.isfinite(got).all()
     rel = (got - expected).abs().max() / expected.abs().max()
     assert rel < 1e-5, f"max relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_native_decode_kernel_matches_plain_attention(seed):  # type: ignore[no-untyped-def]
+    """Random GQA shapes, lengths from 1 to over a thousand, blocks scattered over the pool,
+    sequences sharing prefix blocks; the log-sum-exp too."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    kv_heads = rng.choice([1, 2, 3, 4])
+    heads = kv_heads * rng.choice([1, 2, 3, 4, 8])
+    dim = rng.choice([16, 32, 64, 128])
+    num_blocks = 600
+    k_pool = torch.randn(num_blocks * BS, kv_heads, dim)
+    v_pool = torch.randn(num_blocks * BS, kv_heads, dim)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    shared = [free.pop() for _ in range(rng.choice([0, 1, 40]))]
+    lengths = [
+        len(shared) * BS + rng.choice([1, 5, 16, 17, 200]) for _ in range(rng.randrange(1, 9))
+    ]
+    tables = [shared + [free.pop() for _ in range(-(-n // BS) - len(shared))] for n in lengths]
+    widest = max(map(len, tables))
+    ids = torch.tensor([t + [t[0]] * (widest - len(t)) for t in tables])
+    lens = torch.tensor(lengths)
+    mask = (torch.arange(widest * BS)[None, :] < lens[:, None])[:, None, None, :]
+    batch = DecodeBatch(torch.arange(len(lengths)), ids, mask, lens)
+    q = torch.randn(len(lengths), heads, dim)
+    scale = dim**-0.5
+    expected = attend_decode(q, k_pool, v_pool, batch, scale, BS)
+    out, lse = kernel()(q, k_pool, v_pool, ids, lens, BS, scale)
+    rel = (out - expected).abs().max() / expected.abs().max()
+    assert rel < 1e-5, f"max relative error {rel:.2e}"
+    for b, n in enumerate(lengths):  # lse of row b, head h: logsumexp of its scores
+        keys = k_pool.view(-1, BS, kv_heads, dim)[ids[b]].reshape(-1, kv_heads, dim)[:n]
+        keys = keys.repeat_interleave(heads // kv_heads, dim=1)  # (n, H, D)
+        scores = torch.einsum("hd,nhd->hn", q[b], keys) * scale
+        torch.testing.assert_close(lse[b], scores.logsumexp(-1), rtol=1e-5, atol=1e-5)

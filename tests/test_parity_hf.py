@@ -16,9 +16,18 @@ def _run(path, prompts, max_tokens, **kwargs):  # type: ignore[no-untyped-def]
     return llm, [o.output_token_ids for o in llm.generate(prompts, params)]
 
 
+# The default attention on the CPU is the compiled decode kernel; "torch-cascade" runs the plain
+# PyTorch paths with shared-prefix (cascade) attention for every group, however short.
+MODES = {
+    "fcfs": {"policy": "fcfs"},
+    "batchllm": {"policy": "batchllm"},
+    "torch-cascade": {"policy": "batchllm", "attention": "torch", "cascade_min_prefix": 0},
+}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("policy", ["fcfs", "batchllm"])
-def test_greedy_matches_transformers(tiny_models, family, policy):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_matches_transformers(tiny_models, family, mode):  # type: ignore[no-untyped-def]
     prompts = shared_prefix_prompts(36, seed=1)
     max_tokens = [4 + (i * 7) % 13 for i in range(len(prompts))]
     expected = hf_greedy(tiny_models[family], prompts, max_tokens)
@@ -26,12 +35,12 @@ def test_greedy_matches_transformers(tiny_models, family, policy):  # type: igno
         tiny_models[family],
         prompts,
         max_tokens,
-        policy=policy,
         kv_cache_memory=64 * 2**20,
         max_num_batched_tokens=256,
+        **MODES[mode],
     )
     assert got == expected
-    if policy == "batchllm":
+    if MODES[mode]["policy"] == "batchllm":
         assert llm.engine.stats.groups > 0  # the shared prefixes were actually shared
 
 

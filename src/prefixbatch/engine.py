@@ -204,12 +204,13 @@ class LLMEngine:
         )
         work = build_sequences(requests, cfg.policy, cfg.block_size, cfg.seed)
         self.stats.groups = len(work.groups)
+        backend = make_backend(self.cache, self.model_config, native=cfg.attention == "auto")
         runner = ModelRunner(
             self.model,
-            make_backend(self.cache, self.model_config),
+            backend,
             cfg.block_size,
             self.device,
-            share_prefix_attention=cfg.policy == "batchllm",
+            share_prefix_attention=cfg.policy == "batchllm" and backend.shares_prefix,
             min_shared=cfg.cascade_min_prefix,
         )
         for seq in work.sequences:

@@ -116,6 +116,7 @@ class ModelRunner:
             rows=torch.tensor([r for r, _, _ in decode], dtype=torch.long, device=self.device),
             block_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             mask=mask[:, None, None, :].to(self.device),
+            lengths=lengths.to(self.device),
         )
 
     def execute(self, step: ScheduledStep) -> torch.Tensor:

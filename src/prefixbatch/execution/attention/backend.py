@@ -65,6 +65,7 @@ class DecodeBatch:
     rows: torch.Tensor  # (B,) row of each query token in the flattened batch
     block_ids: torch.Tensor  # (B, NB) blocks of each sequence, padded with its first block
     mask: torch.Tensor  # (B, 1, 1, NB * block_size) True where a position is attended
+    lengths: torch.Tensor  # (B,) positions attended, from the first of its blocks
 
 
 def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -117,6 +118,10 @@ class AttentionBackend(ABC):
     slice or the member decode batch; member rows also attend to the prefix segments that list
     them, and the partial results are merged (an exact softmax over the union of the keys).
     """
+
+    # Whether the backend computes prefix-group members as shared prefix segments plus their
+    # own KV (the runner then describes them so); otherwise every row reads its whole context.
+    shares_prefix = False
 
     def __init__(self, cache: KVCache, num_heads: int, scale: float) -> None:
         self.cache = cache

@@ -64,7 +64,11 @@ class ReferenceBackend(AttentionBackend):
                 q[s.q_start : s.q_start + s.q_len], k_pool, v_pool, s, self.scale
             )
         if meta.decode is not None:
-            out[meta.decode.rows] = attend_decode(
-                q[meta.decode.rows], k_pool, v_pool, meta.decode, self.scale, self.cache.block_size
-            )
+            out[meta.decode.rows] = self.decode(q[meta.decode.rows], k_pool, v_pool, meta.decode)
         return out
+
+    def decode(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, d: DecodeBatch
+    ) -> torch.Tensor:
+        """The decode batch's rows q (B, H, D) -> (B, H, D)."""
+        return attend_decode(q, k_pool, v_pool, d, self.scale, self.cache.block_size)

@@ -75,6 +75,8 @@ def merge(
 class SharedPrefixBackend(ReferenceBackend):
     """Reads each prefix segment once per layer for all query rows below it."""
 
+    shares_prefix = True
+
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
     ) -> torch.Tensor:
