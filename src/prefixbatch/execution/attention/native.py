@@ -83,9 +83,9 @@ class NativeDecodeBackend(ReferenceBackend):
     """Decode rows through the compiled kernel, prefill chunks through SDPA's fused CPU kernel.
 
     Prefix groups need no segments here: a group's members sit next to each other in a step
-    and the kernel sweeps them per KV head, so the prefix blocks come from DRAM once and from
-    cache for the other members; a prefill chunk is bound by its score FLOPs, which a cascade
-    split does not reduce (on the CPU its extra ops made prefill steps ~25% slower).
+    and the kernel takes them one after another, so the prefix blocks come from DRAM once and
+    from cache for the other members; a prefill chunk is bound by its score FLOPs, which a
+    cascade split does not reduce (on the CPU its extra ops made prefill steps ~25% slower).
     """
 
     def __init__(self, cache: KVCache, num_heads: int, scale: float, kernel: PagedDecode) -> None:
