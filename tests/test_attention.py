@@ -1,4 +1,5 @@
-"""Shared-prefix (cascade) attention against the plain reference path, on random shapes."""
+"""The fast attention paths (PyTorch shared-prefix cascade, compiled CPU decode kernel) against
+the plain reference path, on random shapes; and the fallback when the kernel cannot be built."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import random
 import pytest
 import torch
 
+from conftest import hf_greedy, shared_prefix_prompts
+from prefixbatch import LLM, SamplingParams
+from prefixbatch.execution.attention import native
 from prefixbatch.execution.attention.backend import DecodeBatch, KVCache
 from prefixbatch.execution.attention.native import NativeDecodeBackend, paged_decode_kernel
 from prefixbatch.execution.attention.reference import ReferenceBackend, attend_decode
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
 from prefixbatch.execution.model_runner import ModelRunner
-from prefixbatch.sampling_params import SamplingParams
 from prefixbatch.scheduling.scheduler import ScheduledStep
 from prefixbatch.scheduling.sequence import PrefixGroup, Sequence
 
@@ -132,3 +135,22 @@ def test_native_decode_kernel_matches_plain_attention(seed):  # type: ignore[no-
         keys = keys.repeat_interleave(heads // kv_heads, dim=1)  # (n, H, D)
         scores = torch.einsum("hd,nhd->hn", q[b], keys) * scale
         torch.testing.assert_close(lse[b], scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_engine_falls_back_to_pytorch_when_the_kernel_cannot_build(
+    tiny_models, monkeypatch, tmp_path
+):  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setattr(native, "cache_root", lambda: blocker)
+    native.paged_decode_kernel.cache_clear()
+    try:
+        prompts = shared_prefix_prompts(6, seed=3)
+        llm = LLM(str(tiny_models["llama"]), block_size=8, kv_cache_memory=8 * 2**20)
+        with pytest.warns(UserWarning, match="could not be built"):
+            outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+        assert [o.output_token_ids for o in outs] == hf_greedy(
+            tiny_models["llama"], prompts, [6] * 6
+        )
+    finally:
+        native.paged_decode_kernel.cache_clear()

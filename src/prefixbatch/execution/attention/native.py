@@ -30,7 +30,7 @@ CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 PagedDecode = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def _cpu_model() -> str:
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith("flags")), platform.processor())
@@ -39,7 +39,7 @@ def _cpu_model() -> str:
 
 
 def _build_name() -> str:
-    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_model().encode()
+    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_flags().encode()
     key += torch.__version__.encode()
     return "prefixbatch_paged_decode_" + hashlib.sha256(key).hexdigest()[:12]
 
@@ -60,8 +60,8 @@ def paged_decode_kernel() -> PagedDecode | None:
 
     name = _build_name()
     build_dir = cache_root() / "torch_extensions" / name
-    build_dir.mkdir(parents=True, exist_ok=True)
     try:
+        build_dir.mkdir(parents=True, exist_ok=True)
         module = load(
             name,
             [str(SOURCE)],
@@ -69,7 +69,7 @@ def paged_decode_kernel() -> PagedDecode | None:
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
         )
-    except Exception as err:  # no compiler, no headers: the PyTorch path still works
+    except Exception as err:  # no compiler, headers or cache dir: the PyTorch path still works
         warnings.warn(
             f"prefixbatch: the CPU decode-attention kernel could not be built ({err}); "
             "using the slower PyTorch path",
