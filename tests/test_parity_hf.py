@@ -6,6 +6,7 @@ import pytest
 
 from conftest import hf_greedy, shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
+from prefixbatch.execution.attention.native import NativeDecodeBackend
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 
@@ -40,6 +41,9 @@ def test_greedy_matches_transformers(tiny_models, family, mode):  # type: ignore
         **MODES[mode],
     )
     assert got == expected
+    # CI has a compiler: the default runs the compiled kernel, "torch" the PyTorch paths.
+    uses_kernel = isinstance(llm.engine.backend, NativeDecodeBackend)
+    assert uses_kernel == (MODES[mode].get("attention", "auto") == "auto")
     if MODES[mode]["policy"] == "batchllm":
         assert llm.engine.stats.groups > 0  # the shared prefixes were actually shared
 

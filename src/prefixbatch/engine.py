@@ -151,6 +151,8 @@ class LLMEngine:
             self.dtype,
             self.device,
         )
+        # Built here, not per job: on the CPU this may compile the decode kernel (once per machine).
+        self.backend = make_backend(self.cache, cfg, native=config.attention == "auto")
         eos = [*cfg.eos_token_ids, self.tokenizer.eos_token_id]
         self.eos_ids = tuple(dict.fromkeys(e for e in eos if e is not None))
         self.stats = EngineStats()
@@ -204,13 +206,12 @@ class LLMEngine:
         )
         work = build_sequences(requests, cfg.policy, cfg.block_size, cfg.seed)
         self.stats.groups = len(work.groups)
-        backend = make_backend(self.cache, self.model_config, native=cfg.attention == "auto")
         runner = ModelRunner(
             self.model,
-            backend,
+            self.backend,
             cfg.block_size,
             self.device,
-            share_prefix_attention=cfg.policy == "batchllm" and backend.shares_prefix,
+            share_prefix_attention=cfg.policy == "batchllm" and self.backend.shares_prefix,
             min_shared=cfg.cascade_min_prefix,
         )
         for seq in work.sequences:
