@@ -22,7 +22,7 @@ def _run(path, prompts, max_tokens, **kwargs):  # type: ignore[no-untyped-def]
 MODES = {
     "fcfs": {"policy": "fcfs"},
     "batchllm": {"policy": "batchllm"},
-    "torch-cascade": {"policy": "batchllm", "attention": "torch", "cascade_min_prefix": 0},
+    "torch-cascade": {"policy": "batchllm", "kernels": "torch", "cascade_min_prefix": 0},
 }
 
 
@@ -43,7 +43,7 @@ def test_greedy_matches_transformers(tiny_models, family, mode):  # type: ignore
     assert got == expected
     # CI has a compiler: the default runs the compiled kernel, "torch" the PyTorch paths.
     uses_kernel = isinstance(llm.engine.backend, NativeDecodeBackend)
-    assert uses_kernel == (MODES[mode].get("attention", "auto") == "auto")
+    assert uses_kernel == (MODES[mode].get("kernels", "auto") == "auto")
     if MODES[mode]["policy"] == "batchllm":
         assert llm.engine.stats.groups > 0  # the shared prefixes were actually shared
 

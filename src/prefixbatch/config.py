@@ -149,15 +149,15 @@ class EngineConfig:
     # Shared-prefix attention is used for sequences whose shared prefix has at least this many
     # tokens; a shorter prefix is cheaper to read through the plain path than to merge.
     cascade_min_prefix: int = 256
-    # "auto": the compiled CPU decode-attention kernel where it applies (CPU, fp32) and builds;
-    # "torch": the plain PyTorch attention paths only.
-    attention: str = "auto"
+    # "auto": the CPU fast paths where they apply (CPU, fp32): the compiled decode-attention
+    # kernel and oneDNN-packed projections; "torch": plain PyTorch only (the reference paths).
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.policy not in ("batchllm", "fcfs-lru", "fcfs"):
             raise ValueError(f"unknown policy {self.policy!r}; use batchllm, fcfs-lru or fcfs")
-        if self.attention not in ("auto", "torch"):
-            raise ValueError(f"unknown attention {self.attention!r}; use auto or torch")
+        if self.kernels not in ("auto", "torch"):
+            raise ValueError(f"unknown kernels {self.kernels!r}; use auto or torch")
         if self.block_size < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size and max_num_batched_tokens must be positive")
 

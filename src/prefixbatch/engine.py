@@ -17,6 +17,7 @@ from .execution.layers import rope_inv_freq
 from .execution.model_runner import ModelRunner
 from .execution.model_source import ModelSource, resolve_model
 from .execution.models.decoder import DecoderModel
+from .execution.packed_linear import onednn_available
 from .execution.sampler import sample
 from .outputs import Request, RequestOutput
 from .scheduling.block_manager import BlockManager
@@ -152,7 +153,7 @@ class LLMEngine:
             self.device,
         )
         # Built here, not per job: on the CPU this may compile the decode kernel (once per machine).
-        self.backend = make_backend(self.cache, cfg, native=config.attention == "auto")
+        self.backend = make_backend(self.cache, cfg, native=config.kernels == "auto")
         eos = [*cfg.eos_token_ids, self.tokenizer.eos_token_id]
         self.eos_ids = tuple(dict.fromkeys(e for e in eos if e is not None))
         self.stats = EngineStats()
@@ -169,6 +170,9 @@ class LLMEngine:
             model = DecoderModel(self.model_config)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_weights(self.source.weights())
+        on_cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        if self.config.kernels == "auto" and on_cpu_fp32 and onednn_available():
+            model.pack_linears()
         # Buffers are not in the checkpoint: rebuild the fp32 rotary frequencies on the device.
         cfg = self.model_config
         model.rotary.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(self.device)

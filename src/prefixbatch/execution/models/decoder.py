@@ -13,6 +13,7 @@ from torch import nn
 from ...config import ModelConfig
 from ..attention.backend import AttentionBackend, StepMetadata
 from ..layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
+from ..packed_linear import Linear
 
 
 class Attention(nn.Module):
@@ -22,10 +23,8 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(
-            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias
-        )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -80,7 +79,7 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @torch.inference_mode()
     def forward(
@@ -127,3 +126,9 @@ class DecoderModel(nn.Module):
             loaded.add(f"{target}:{shard}")
         if cfg.tie_word_embeddings or "lm_head.weight:None" not in loaded:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def pack_linears(self) -> None:
+        """Switch every projection to oneDNN-packed weights (CPU, fp32; after loading)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
