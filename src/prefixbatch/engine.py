@@ -153,7 +153,7 @@ class LLMEngine:
             self.device,
         )
         # Built here, not per job: on the CPU this may compile the decode kernel (once per machine).
-        self.backend = make_backend(self.cache, cfg, native=config.kernels == "auto")
+        self.backend = make_backend(self.cache, cfg, native=self.cpu_kernels)
         eos = [*cfg.eos_token_ids, self.tokenizer.eos_token_id]
         self.eos_ids = tuple(dict.fromkeys(e for e in eos if e is not None))
         self.stats = EngineStats()
@@ -165,13 +165,19 @@ class LLMEngine:
             return "SmolLM2-135M-Instruct"
         return Path(self.config.model).name.removesuffix(".gguf")
 
+    @property
+    def cpu_kernels(self) -> bool:
+        """Whether the CPU fast paths (oneDNN-packed projections, the compiled decode kernel)
+        apply: ``kernels="auto"`` on the CPU in fp32."""
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        return self.config.kernels == "auto" and cpu_fp32
+
     def _load_model(self) -> DecoderModel:
         with torch.device("meta"):
             model = DecoderModel(self.model_config)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_weights(self.source.weights())
-        on_cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        if self.config.kernels == "auto" and on_cpu_fp32 and onednn_available():
+        if self.cpu_kernels and onednn_available():
             model.pack_linears()
         # Buffers are not in the checkpoint: rebuild the fp32 rotary frequencies on the device.
         cfg = self.model_config

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import torch
-
 from ...config import ModelConfig
 from .backend import AttentionBackend, KVCache
 from .native import NativeDecodeBackend, paged_decode_kernel
 from .shared_prefix import SharedPrefixBackend
 
 
-def make_backend(cache: KVCache, cfg: ModelConfig, native: bool = True) -> AttentionBackend:
-    """On the CPU in fp32 (and with ``native``), the compiled decode kernel; otherwise, or when
-    it cannot be built, the PyTorch shared-prefix backend (the reference path on rows outside
+def make_backend(cache: KVCache, cfg: ModelConfig, native: bool) -> AttentionBackend:
+    """With ``native`` (a CPU fp32 cache), the compiled decode kernel; otherwise, or when it
+    cannot be built, the PyTorch shared-prefix backend (the reference path on rows outside
     groups)."""
     scale = cfg.head_dim**-0.5
-    on_cpu_fp32 = cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
-    kernel = paged_decode_kernel() if native and on_cpu_fp32 else None
+    kernel = paged_decode_kernel() if native else None
     if kernel is not None:
         return NativeDecodeBackend(cache, cfg.num_heads, scale, kernel)
     return SharedPrefixBackend(cache, cfg.num_heads, scale)
