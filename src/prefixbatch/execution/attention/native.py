@@ -3,7 +3,7 @@
 It reads each sequence's K/V straight from the paged pool, so a decode step does not copy every
 context into a padded batch first (that copy plus SDPA was about a sixth of a decode step). The
 build (about 20 s, once per machine and source version) goes to ``$PREFIXBATCH_CACHE``; without
-a C++ compiler, or with ``PREFIXBATCH_NATIVE=0``, the engine keeps the plain PyTorch path.
+a C++ compiler, or with ``kernels="torch"``, the engine keeps the plain PyTorch path.
 """
 
 from __future__ import annotations
@@ -47,9 +47,7 @@ def _build_name() -> str:
 @functools.cache
 def paged_decode_kernel() -> PagedDecode | None:
     """The compiled ``paged_decode(q, k_pool, v_pool, block_tables, lengths, block_size, scale)``
-    -> (out, lse), or None (disabled, or the build failed: a warning says why)."""
-    if os.environ.get("PREFIXBATCH_NATIVE", "1") == "0":
-        return None
+    -> (out, lse), or None (the build failed: a warning says why)."""
     try:
         import ninja  # the pip package ships the binary torch's builder calls
 
