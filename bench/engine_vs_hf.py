@@ -179,11 +179,13 @@ def main() -> None:
     eos = list(llm.engine.eos_ids)
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(llm.engine.source.path), dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(llm.engine.loaded.source.path), dtype=torch.float32
+    )
     hf.eval()
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     steps: list[tuple[int, int]] = []  # (tokens, sampled rows) of every forward step
-    llm.engine.model.register_forward_pre_hook(
+    llm.engine.loaded.model.register_forward_pre_hook(
         lambda _, args: steps.append((len(args[0]), len(args[3].logits_rows)))
     )
     rows = []
@@ -195,7 +197,7 @@ def main() -> None:
         steps.clear()
         outs, ours = timed(lambda r=requests, p=params: llm.generate([x for x, _ in r], p))
         tokens = sum(len(o.output_token_ids) for o in outs)
-        floor = matmul_floor(llm.engine.model, steps)
+        floor = matmul_floor(llm.engine.loaded.model, steps)
         rows.append(
             {
                 "workload": name,

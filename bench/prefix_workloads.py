@@ -25,7 +25,7 @@ from prefixbatch import LLM, SamplingParams
 
 
 def run_engine(llm: LLM, w: Workload, policy: str) -> tuple[float, dict[str, float]]:
-    llm.with_policy(policy)
+    llm = llm.with_policy(policy)
     params = SamplingParams(max_tokens=w.max_tokens, temperature=0, ignore_eos=True)
     outs, secs = timed(lambda: llm.generate(w.prompts, params))
     stats = llm.engine.stats
@@ -71,7 +71,7 @@ def main() -> None:
     llm = LLM(kv_cache_memory=args.kv_cache_memory)
     print(
         f"model: {llm.engine.model_name}, KV budget {args.kv_cache_memory} "
-        f"({llm.engine.num_blocks} blocks of {llm.engine.config.block_size} tokens)"
+        f"({llm.engine.limits.num_blocks} blocks of {llm.engine.config.block_size} tokens)"
     )
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))  # warm-up
     hf = None
@@ -79,7 +79,7 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(
-            str(llm.engine.source.path), dtype=torch.float32
+            str(llm.engine.loaded.source.path), dtype=torch.float32
         ).eval()
     eos = list(llm.engine.eos_ids)
     rows = []
@@ -103,7 +103,7 @@ def main() -> None:
             row["transformers tok/s"] = f"{made / secs:.1f}"
             row["batchllm / transformers"] = f"{secs / batch:.2f}x"
         if args.vllm_python:
-            secs = run_vllm(args.vllm_python, llm.engine.source.path, w, llm.engine.kv_bytes)
+            secs = run_vllm(args.vllm_python, llm.engine.loaded.source.path, w, llm.engine.kv_bytes)
             row["vLLM tok/s"] = f"{len(w.prompts) * w.max_tokens / secs:.1f}"
             row["batchllm / vLLM"] = f"{secs / batch:.2f}x"
         rows.append(row)

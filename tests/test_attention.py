@@ -11,10 +11,11 @@ import torch
 from conftest import hf_greedy, shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.execution.attention import native
-from prefixbatch.execution.attention.backend import DecodeBatch, KVCache
+from prefixbatch.execution.attention.backend import DecodeBatch
 from prefixbatch.execution.attention.native import NativeDecodeBackend, paged_decode_kernel
 from prefixbatch.execution.attention.reference import ReferenceBackend, attend_decode
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
+from prefixbatch.execution.kv_cache import KVCache
 from prefixbatch.execution.model_runner import ModelRunner
 from prefixbatch.scheduling.scheduler import ScheduledStep
 from prefixbatch.scheduling.sequence import PrefixGroup, Sequence
@@ -57,6 +58,11 @@ def random_step(rng: random.Random, num_blocks: int):  # type: ignore[no-untyped
     return step
 
 
+def _rows(last_row: list[int], num_tokens: list[int]) -> torch.Tensor:
+    """Rows of every scheduled token, in scheduled order."""
+    return torch.cat([torch.arange(r - n + 1, r + 1) for r, n in zip(last_row, num_tokens)])
+
+
 def kernel():  # type: ignore[no-untyped-def]
     """The compiled kernel; CI has a compiler, so a failed build fails the test."""
     k = paged_decode_kernel()
@@ -85,16 +91,26 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
     )
     cpu = torch.device("cpu")
     plain = ModelRunner(None, reference, BS, cpu)  # type: ignore[arg-type]
-    shared = ModelRunner(None, fast, BS, cpu, share_prefix_attention=fast.shares_prefix)  # type: ignore[arg-type]
-    _, _, meta_plain = plain.prepare(step)
-    _, _, meta_shared = shared.prepare(step)
-    assert bool(meta_shared.segments) == (fast.shares_prefix and any(s.group for s in step.seqs))
-    t = len(meta_plain.slot_mapping)
-    q = torch.randn(t, heads, dim)
-    k = torch.randn(t, kv_heads, dim)
-    v = torch.randn(t, kv_heads, dim)
-    expected = reference.forward(0, q, k, v, meta_plain)
-    got = fast.forward(0, q, k, v, meta_shared)
+    shared = ModelRunner(None, fast, BS, cpu, share_prefix_attention=True)  # type: ignore[arg-type]
+    attn_plain, _, last_plain = plain.describe(step)
+    attn_shared, _, last_shared = shared.describe(step)
+    assert bool(attn_shared.levels) == (fast.shares_prefix and any(s.group for s in step.seqs))
+    meta_plain, meta_shared = reference.prepare(attn_plain), fast.prepare(attn_shared)
+    # Row r of the scheduled order sits at rows_plain[r] and rows_shared[r] (the shared runner
+    # groups the sequences below each level together).
+    rows_plain = _rows(last_plain, step.num_tokens)
+    rows_shared = _rows(last_shared, step.num_tokens)
+    t = attn_plain.num_rows
+    q_s, k_s, v_s = (
+        torch.randn(t, heads, dim),
+        torch.randn(t, kv_heads, dim),
+        torch.randn(t, kv_heads, dim),
+    )
+    q, k, v = (torch.empty_like(x) for x in (q_s, k_s, v_s))
+    q[rows_plain], k[rows_plain], v[rows_plain] = q_s, k_s, v_s
+    expected = reference.forward(0, q, k, v, meta_plain)[rows_plain]
+    q[rows_shared], k[rows_shared], v[rows_shared] = q_s, k_s, v_s
+    got = fast.forward(0, q, k, v, meta_shared)[rows_shared]
     assert torch.isfinite(got).all()
     rel = (got - expected).abs().max() / expected.abs().max()
     assert rel < 1e-5, f"max relative error {rel:.2e}"
@@ -123,7 +139,7 @@ def test_native_decode_kernel_matches_plain_attention(seed):  # type: ignore[no-
     ids = torch.tensor([t + [t[0]] * (widest - len(t)) for t in tables])
     lens = torch.tensor(lengths)
     mask = (torch.arange(widest * BS)[None, :] < lens[:, None])[:, None, None, :]
-    batch = DecodeBatch(torch.arange(len(lengths)), ids, mask, lens)
+    batch = DecodeBatch(torch.arange(len(lengths)), ids, lens, mask)
     q = torch.randn(len(lengths), heads, dim)
     scale = dim**-0.5
     expected = attend_decode(q, k_pool, v_pool, batch, scale, BS)

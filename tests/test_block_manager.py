@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from prefixbatch.planning.block_hash import chain_hashes
 from prefixbatch.scheduling.block_manager import BlockManager, OutOfBlocksError
 
 
@@ -41,29 +42,50 @@ def test_integrity_check_catches_leaks_and_wrong_counts():
         bm.check_integrity([blocks, blocks])  # refcount 1 but two holders
 
 
+def register(bm: BlockManager, blocks: list[int], tokens: list[int]) -> None:
+    bs = bm.block_size
+    for i, (blk, h) in enumerate(zip(blocks, chain_hashes(tokens, bs))):
+        bm.register(blk, h, tokens[i * bs : (i + 1) * bs])
+
+
+def lookup(bm: BlockManager, tokens: list[int]) -> list[int]:
+    hits = bm.cached_prefix(tokens, chain_hashes(tokens, bm.block_size), len(tokens))
+    bm.take_cached(hits)
+    return hits
+
+
 def test_prefix_cache_reuses_and_evicts_lru():
     bm = BlockManager(4, 2, enable_prefix_cache=True)
     tokens_a, tokens_b = [1, 2, 3, 4], [5, 6, 7, 8]
-    ha = BlockManager.chain_hashes(tokens_a, 2)
-    hb = BlockManager.chain_hashes(tokens_b, 2)
     a = bm.allocate(2)
-    for blk, h in zip(a, ha):
-        bm.register(blk, h)
+    register(bm, a, tokens_a)
     bm.release(a)  # cached, evictable
     assert bm.num_available == 4
-    hit = bm.lookup(ha)
+    hit = lookup(bm, tokens_a)
     assert hit == a and bm.cache_hits == 2
     bm.release(hit)
     b = bm.allocate(2)  # takes the free blocks first, the cache survives
-    for blk, h in zip(b, hb):
-        bm.register(blk, h)
+    register(bm, b, tokens_b)
     bm.release(b)
     bm.allocate(2)  # must evict two: a's blocks were used less recently than b's
-    assert bm.lookup(ha) == []
-    assert bm.lookup(hb) == b
+    assert lookup(bm, tokens_a) == []
+    assert lookup(bm, tokens_b) == b
+
+
+def test_cache_hit_compares_tokens_not_only_the_hash():
+    """A hash collision must not hand out another prefix's KV."""
+    bm = BlockManager(4, 2, enable_prefix_cache=True)
+    a = bm.allocate(2)
+    register(bm, a, [1, 2, 3, 4])
+    bm.release(a)
+    colliding = [9, 9, 8, 8]
+    # The hashes of [1, 2, 3, 4] presented with other tokens: a collision by construction.
+    forged = chain_hashes([1, 2, 3, 4], 2)
+    assert bm.cached_prefix(colliding, forged, 2) == []
+    assert bm.cached_prefix([1, 2, 3, 4], forged, 2) == a
 
 
 def test_chain_hash_depends_on_whole_prefix():
-    x = BlockManager.chain_hashes([1, 2, 3, 4], 2)
-    y = BlockManager.chain_hashes([9, 9, 3, 4], 2)
+    x = chain_hashes([1, 2, 3, 4], 2)
+    y = chain_hashes([9, 9, 3, 4], 2)
     assert x[1] != y[1]  # same second block, different first block

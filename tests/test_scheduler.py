@@ -8,13 +8,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefixbatch.outputs import Request
+from prefixbatch.planning.plan import make_plan
 from prefixbatch.sampling_params import SamplingParams
 from prefixbatch.scheduling.block_manager import BlockManager
 from prefixbatch.scheduling.scheduler import Scheduler, SchedulerConfig
 from prefixbatch.scheduling.sequence import Status
-from prefixbatch.scheduling.work import build_sequences
+from prefixbatch.scheduling.work import Work, build_sequences
 
 EOS = 0
+
+
+def work_for(requests: list[Request], policy: str, block_size: int) -> Work:
+    """The scheduler's sequences, with the batch planned first under batchllm (as the job does)."""
+    plan = None
+    if policy == "batchllm":
+        prompts = [r.prompt_token_ids for r in requests]
+        plan = make_plan(prompts, [r.params.max_tokens for r in requests], block_size)
+    return build_sequences(requests, policy, block_size, seed=0, plan=plan)
 
 
 def drive(prompts, max_tokens, policy, num_blocks, block_size=4, budget=32, seed=0):
@@ -24,7 +34,7 @@ def drive(prompts, max_tokens, policy, num_blocks, block_size=4, budget=32, seed
         Request(i, p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
         for i, (p, m) in enumerate(zip(prompts, max_tokens))
     ]
-    work = build_sequences(requests, policy, block_size, seed=0)
+    work = work_for(requests, policy, block_size)
     blocks = BlockManager(num_blocks, block_size, enable_prefix_cache=policy == "fcfs-lru")
     sched = Scheduler(SchedulerConfig(budget, None, 10_000), blocks, (EOS,))
     for s in work.sequences:
@@ -76,7 +86,7 @@ def test_prefix_blocks_freed_exactly_when_last_member_finishes():
         Request(i, p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
         for i, (p, m) in enumerate(zip(prompts, max_tokens))
     ]
-    work = build_sequences(requests, "batchllm", 4, 0)
+    work = work_for(requests, "batchllm", 4)
     assert len(work.groups) == 1
     blocks = BlockManager(64, 4)
     sched = Scheduler(SchedulerConfig(64), blocks, (EOS,))
@@ -121,7 +131,7 @@ def test_decode_is_bounded_by_memory_not_request_count():
         Request(i, p, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
         for i, p in enumerate(prompts)
     ]
-    work = build_sequences(requests, "batchllm", 4, 0)
+    work = work_for(requests, "batchllm", 4)
     sched = Scheduler(SchedulerConfig(10_000), BlockManager(1000, 4), (EOS,))
     for s in work.sequences:
         sched.add(s)

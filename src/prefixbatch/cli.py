@@ -79,15 +79,18 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .io.job import JobError
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .errors import JobError
 
+    if getattr(args, "resume", False) and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
     try:
         config = engine_config(args)
         if args.command == "plan":
             return _plan(args, config)
         return _run(args, config)
-    except (JobError, ValueError, OSError) as e:
+    except JobError as e:  # a whole-job problem; anything else is a bug and keeps its traceback
         print(f"prefixbatch: error: {e}", file=sys.stderr)
         return EXIT_JOB_ERROR
 
@@ -95,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, config: EngineConfig) -> int:
     from .io.job import JobOptions, run_job
 
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
     summary = run_job(
         config,
         JobOptions(

@@ -8,16 +8,9 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture is not one the engine implements."""
+from .errors import ConfigError, DeviceUnavailableError, UnsupportedModelError
+from .execution.models.registry import family_for
+from .scheduling.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -55,25 +48,20 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: Any) -> ModelConfig:
         """Normalise a ``transformers.PretrainedConfig``; raise for unsupported architectures."""
-        archs = list(getattr(hf, "architectures", None) or [])
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise UnsupportedModelError(
-                f"unsupported architecture {archs or getattr(hf, 'model_type', '?')}; "
-                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-            )
-        family = SUPPORTED_ARCHITECTURES[arch]
+        family = family_for(
+            list(getattr(hf, "architectures", None) or []), getattr(hf, "model_type", "?")
+        )
         heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         eos = hf.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         max_pos = hf.max_position_embeddings
         window = getattr(hf, "sliding_window", None)
-        if family == "mistral" and window:
+        if family.sliding_window_caps_context and window:
             # Sliding-window attention equals full attention inside the window; we stay inside it.
             max_pos = min(max_pos, window)
         return cls(
-            architecture=family,
+            architecture=family.name,
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
             intermediate_size=hf.intermediate_size,
@@ -85,8 +73,8 @@ class ModelConfig:
             rope=_rope_config(hf),
             max_position=max_pos,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(getattr(hf, "attention_bias", False)),
-            qk_norm=family == "qwen3",
+            qkv_bias=family.qkv_bias or bool(getattr(hf, "attention_bias", False)),
+            qk_norm=family.qk_norm,
             eos_token_ids=eos_ids,
         )
 
@@ -121,7 +109,7 @@ def parse_memory(text: str | int) -> int:
         return text
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
     if not match:
-        raise ValueError(f"cannot parse memory size {text!r}; use e.g. 512MiB or 2GiB")
+        raise ConfigError(f"cannot parse memory size {text!r}; use e.g. 512MiB or 2GiB")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
@@ -144,28 +132,41 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_num_seqs: int = 256
     max_model_len: int | None = None
-    policy: str = "batchllm"
+    policy: Policy = Policy.BATCHLLM
     seed: int = 0
     # Shared-prefix attention is used for sequences whose shared prefix has at least this many
     # tokens; a shorter prefix is cheaper to read through the plain path than to merge.
     cascade_min_prefix: int = 256
-    # "auto": the CPU fast paths where they apply (CPU, fp32): the compiled decode-attention
-    # kernel and oneDNN-packed projections; "torch": plain PyTorch only (the reference paths).
+    # "auto": the fast paths where they apply (on the CPU in fp32: the compiled decode-attention
+    # kernel and oneDNN-packed projections); "torch": plain PyTorch only (the reference paths).
     kernels: str = "auto"
+    # The attention backend by registry name ("auto": the best available for the device and
+    # dtype; see execution/attention/registry.py).
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.policy not in ("batchllm", "fcfs-lru", "fcfs"):
-            raise ValueError(f"unknown policy {self.policy!r}; use batchllm, fcfs-lru or fcfs")
+        object.__setattr__(self, "policy", Policy.parse(self.policy))
         if self.kernels not in ("auto", "torch"):
-            raise ValueError(f"unknown kernels {self.kernels!r}; use auto or torch")
+            raise ConfigError(f"unknown kernels {self.kernels!r}; use auto or torch")
         if self.block_size < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("block_size and max_num_batched_tokens must be positive")
+            raise ConfigError("block_size and max_num_batched_tokens must be positive")
 
     @property
     def torch_device(self) -> torch.device:
+        """The device; raises ``DeviceUnavailableError`` for CUDA on a machine without it."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise DeviceUnavailableError(f"unknown device {self.device!r}: {e}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f"--device {self.device}: CUDA is not available on this machine"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise DeviceUnavailableError(f"--device {self.device}: use cpu, cuda or auto")
+        return device
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -1,73 +1,34 @@
-"""The engine loop: plan -> schedule -> run the model -> sample -> postprocess, streaming each
-request's output as soon as it finishes."""
+"""The engine: requests in, one forward step at a time, finished outputs out.
+
+``add_requests`` takes a whole batch with its plan (BatchLLM's global planning: the job or the
+Python API plans, the engine consumes the plan), ``step`` runs one scheduled forward pass and
+returns the requests that finished in it, ``abort`` drops a request, and ``generate`` is a loop
+over ``step``. Every front end (CLI job, Python API, Ray worker, server) drives this loop.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
-import torch
-
-from .config import EngineConfig, ModelConfig
-from .execution.attention.backend import KVCache
-from .execution.attention.factory import make_backend
-from .execution.layers import rope_inv_freq
+from .config import EngineConfig
+from .errors import KVBudgetError
+from .execution.attention.backend import AttentionBackend
 from .execution.model_runner import ModelRunner
-from .execution.model_source import ModelSource, resolve_model
-from .execution.models.decoder import DecoderModel
-from .execution.packed_linear import onednn_available
 from .execution.sampler import sample
+from .loading.builder import LoadedModel, load_model
+from .loading.limits import EngineLimits
 from .outputs import Request, RequestOutput
+from .planning.plan import Plan, make_plan
 from .scheduling.block_manager import BlockManager
 from .scheduling.scheduler import Scheduler, SchedulerConfig
-from .scheduling.sequence import Sequence
+from .scheduling.sequence import Sequence, Status
 from .scheduling.work import build_sequences
-from .tokenizer import Tokenizer
-
-
-class KVBudgetError(ValueError):
-    """The KV cache cannot hold even the smallest request."""
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """What a request must fit: the model's context and the KV pool."""
-
-    max_model_len: int
-    num_blocks: int
-    block_size: int
-
-    def kv_blocks(self, prompt_len: int, max_tokens: int) -> int:
-        """Blocks for the request's prompt and its longest answer (capped by the context)."""
-        return math.ceil(min(prompt_len + max_tokens, self.max_model_len) / self.block_size)
-
-    def fits_kv(self, prompt_len: int, max_tokens: int) -> bool:
-        """Whether the pool holds the request's prompt and its longest answer."""
-        return self.kv_blocks(prompt_len, max_tokens) <= self.num_blocks
-
-    def check(self, prompt_len: int, max_tokens: int) -> str | None:
-        """Why a request cannot run, or None."""
-        if prompt_len == 0:
-            return "the prompt is empty"
-        if prompt_len >= self.max_model_len:
-            return (
-                f"the prompt has {prompt_len} tokens; the model's context is "
-                f"{self.max_model_len} tokens and at least one must be left to generate"
-            )
-        if not self.fits_kv(prompt_len, max_tokens):
-            need = self.kv_blocks(prompt_len, max_tokens)
-            return (
-                f"the request needs {need} KV blocks and the cache has {self.num_blocks}; "
-                "raise --kv-cache-memory"
-            )
-        return None
 
 
 @dataclass
 class EngineStats:
-    """Counters of one ``generate`` call."""
+    """Counters of one batch (one ``generate`` call), or of a worker's share of a job."""
 
     requests: int = 0
     prompt_tokens: int = 0
@@ -81,183 +42,183 @@ class EngineStats:
 
     def add(self, other: EngineStats) -> None:
         """Accumulate another engine's counters (workers of one distributed job)."""
-        for name in (
-            "requests",
-            "prompt_tokens",
-            "prefill_tokens_computed",
-            "output_tokens",
-            "preemptions",
-            "steps",
-            "cache_hit_tokens",
-            "groups",
-        ):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in fields(self):
+            if f.name != "extra":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     @property
     def prefill_saving(self) -> float:
         return 1 - self.prefill_tokens_computed / self.prompt_tokens if self.prompt_tokens else 0.0
 
-
-def available_memory() -> int:
-    """Bytes of memory available for the KV pool on the CPU (MemAvailable)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 4 * 2**30
-
-
-def kv_pool_blocks(config: EngineConfig, cfg: ModelConfig) -> tuple[int, int]:
-    """(blocks in the KV pool, bytes per block) for this config: ``--kv-cache-memory``, or a
-    share of free memory (on the CPU at most 4 GiB: the pool is zeroed up front)."""
-    per_block = KVCache.bytes_per_block(
-        cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, config.torch_dtype
-    )
-    budget = config.kv_cache_memory
-    if budget is None and config.torch_device.type == "cuda":
-        budget = int(torch.cuda.mem_get_info(config.torch_device)[0] * config.kv_cache_fraction)
-    elif budget is None:
-        budget = min(int(available_memory() * config.kv_cache_fraction), 4 * 2**30)
-    return budget // per_block, per_block
+    @property
+    def prefill_tokens_saved(self) -> int:
+        """Prompt tokens whose KV was not computed for their request: shared through a prefix
+        group or taken from the prefix cache. Never negative: tokens recomputed after a
+        preemption count as computed once more, not as negative savings."""
+        return max(0, self.prompt_tokens - self.prefill_tokens_computed)
 
 
 class LLMEngine:
-    """Loads a model and runs batches of tokenized requests through it."""
+    """Runs tokenized requests on one loaded model under one scheduling policy.
 
-    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
-        from transformers import AutoConfig
+    ``loaded`` lets several engines share one loaded model (e.g. the same weights under two
+    policies); they also share its KV pool, so only one of them may hold unfinished requests at
+    a time.
+    """
 
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        self.device = config.torch_device
-        self.dtype = config.torch_dtype
-        self.source = source or resolve_model(config.model)
-        self.model_config = ModelConfig.from_hf(AutoConfig.from_pretrained(str(self.source.path)))
-        self.tokenizer = Tokenizer(self.source.path)
-        self.model = self._load_model()
-        cfg = self.model_config
-        self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
-        self.num_blocks, per_block = kv_pool_blocks(config, cfg)
-        self.kv_bytes = self.num_blocks * per_block
-        if self.num_blocks < 1:
-            raise KVBudgetError(
-                f"--kv-cache-memory {config.kv_cache_memory} bytes holds no KV block "
-                f"({per_block} bytes each)"
-            )
-        self.cache = KVCache(
-            cfg.num_layers,
-            self.num_blocks,
+        self.loaded = loaded or load_model(config)
+        self.tokenizer = self.loaded.tokenizer
+        self.model_name = self.loaded.name
+        self.limits: EngineLimits = self.loaded.limits
+        self.eos_ids = self.loaded.eos_ids
+        self.blocks = BlockManager(
+            self.limits.num_blocks,
             config.block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            self.dtype,
-            self.device,
+            enable_prefix_cache=config.policy.prefix_cache,
         )
-        # Built here, not per job: on the CPU this may compile the decode kernel (once per machine).
-        self.backend = make_backend(self.cache, cfg, native=self.cpu_kernels)
-        eos = [*cfg.eos_token_ids, self.tokenizer.eos_token_id]
-        self.eos_ids = tuple(dict.fromkeys(e for e in eos if e is not None))
+        cap = config.max_num_seqs if config.policy.caps_requests else None
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_batched_tokens, cap, self.limits.max_model_len),
+            self.blocks,
+            self.eos_ids,
+        )
+        self.runner = ModelRunner(
+            self.loaded.model,
+            self.loaded.backend,
+            config.block_size,
+            self.loaded.cache.k.device,
+            share_prefix_attention=config.policy.plans,
+            min_shared=config.cascade_min_prefix,
+        )
         self.stats = EngineStats()
+        self._requests: dict[int, Request] = {}  # unfinished requests by id
+        self._sequences: dict[int, Sequence] = {}
+        self._next_group_id = 0
 
     @property
-    def model_name(self) -> str:
-        """The name written into outputs: the checkpoint's directory or GGUF file name."""
-        if self.config.model is None:
-            return "SmolLM2-135M-Instruct"
-        return Path(self.config.model).name.removesuffix(".gguf")
+    def backend(self) -> AttentionBackend:
+        return self.loaded.backend
 
     @property
-    def cpu_kernels(self) -> bool:
-        """Whether the CPU fast paths (oneDNN-packed projections, the compiled decode kernel)
-        apply: ``kernels="auto"`` on the CPU in fp32."""
-        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        return self.config.kernels == "auto" and cpu_fp32
+    def kv_bytes(self) -> int:
+        return self.loaded.kv_bytes
 
-    def _load_model(self) -> DecoderModel:
-        with torch.device("meta"):
-            model = DecoderModel(self.model_config)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        model.load_weights(self.source.weights())
-        if self.cpu_kernels and onednn_available():
-            model.pack_linears()
-        # Buffers are not in the checkpoint: rebuild the fp32 rotary frequencies on the device.
-        cfg = self.model_config
-        model.rotary.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(self.device)
-        return model.eval()
-
-    @property
-    def limits(self) -> EngineLimits:
-        return EngineLimits(self.max_model_len, self.num_blocks, self.config.block_size)
-
-    def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
+    def check_request(self, prompt: list[int], max_tokens: int) -> str | None:
         """Why a request cannot run on this engine, or None."""
-        return self.limits.check(prompt_len, max_tokens)
+        return self.limits.check(prompt, max_tokens)
 
     def status(self) -> str:
         """A short note for progress lines (nothing for a single engine)."""
         return ""
 
-    def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
-        """Run requests to completion, yielding each output as soon as it finishes."""
+    # -- the stepping interface ---------------------------------------------------------------
+    def add_requests(self, requests: Iterable[Request], plan: Plan | None = None) -> None:
+        """Queue a batch. ``request.index`` is the request's id (unique among unfinished ones).
+        Under a planning policy ``plan`` is the batch's plan (``plan`` indices are positions in
+        ``requests``); without one the batch is planned here.
+
+        Raises ValueError for an id already in flight.
+        """
         requests = list(requests)
-        self.stats = EngineStats(
-            requests=len(requests), prompt_tokens=sum(len(r.prompt_token_ids) for r in requests)
-        )
         if not requests:
             return
-        cfg = self.config
-        blocks = BlockManager(
-            self.num_blocks, cfg.block_size, enable_prefix_cache=cfg.policy == "fcfs-lru"
+        clash = next((r.index for r in requests if r.index in self._requests), None)
+        if clash is not None or len({r.index for r in requests}) != len(requests):
+            raise ValueError(f"request id {clash} is already in flight (ids must be unique)")
+        if self.config.policy.plans and plan is None:
+            plan = make_plan(
+                [r.prompt_token_ids for r in requests],
+                [r.params.max_tokens for r in requests],
+                self.config.block_size,
+            )
+        work = build_sequences(
+            requests,
+            self.config.policy,
+            self.config.block_size,
+            self.config.seed,
+            plan if self.config.policy.plans else None,
+            first_group_id=self._next_group_id,
         )
-        cap = cfg.max_num_seqs if cfg.policy != "batchllm" else None
-        scheduler = Scheduler(
-            SchedulerConfig(cfg.max_num_batched_tokens, cap, self.max_model_len),
-            blocks,
-            self.eos_ids,
-        )
-        work = build_sequences(requests, cfg.policy, cfg.block_size, cfg.seed)
-        self.stats.groups = len(work.groups)
-        runner = ModelRunner(
-            self.model,
-            self.backend,
-            cfg.block_size,
-            self.device,
-            share_prefix_attention=cfg.policy == "batchllm" and self.backend.shares_prefix,
-            min_shared=cfg.cascade_min_prefix,
-        )
+        self._next_group_id += len(work.groups)
+        self.stats.requests += len(requests)
+        self.stats.prompt_tokens += sum(len(r.prompt_token_ids) for r in requests)
+        self.stats.groups += len(work.groups)
+        for r in requests:
+            self._requests[r.index] = r
         for seq in work.sequences:
-            scheduler.add(seq)
-        while scheduler.has_work:
-            step = scheduler.schedule()
-            if not step.seqs:
-                raise KVBudgetError(
-                    "the KV cache is too small to make progress; raise --kv-cache-memory"
-                )
-            logits = runner.execute(step)
-            sampling = [receiver for _, receiver in step.samples]
-            tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
-            finished = scheduler.postprocess(step, tokens)
-            finished += self._stop_strings(scheduler, sampling, finished)
-            self.stats.steps += 1
-            for seq in finished:
-                yield self._output(seq, work.requests[seq.seq_id])
-        self.stats.prefill_tokens_computed = scheduler.prefill_tokens_computed
-        self.stats.preemptions = scheduler.num_preemptions
-        self.stats.cache_hit_tokens = blocks.cache_hits * cfg.block_size
+            if seq.leads is None:
+                self._sequences[seq.seq_id] = seq
+            self.scheduler.add(seq)
 
-    def _stop_strings(
-        self, scheduler: Scheduler, sampled: list[Sequence], finished: list[Sequence]
-    ) -> list[Sequence]:
+    def add_request(self, request: Request) -> None:
+        """Queue one request (planned on its own)."""
+        self.add_requests([request])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def abort(self, request_id: int) -> bool:
+        """Drop an unfinished request and free its KV blocks; False if it is not in flight.
+        Its output is never returned."""
+        seq = self._sequences.pop(request_id, None)
+        if seq is None or seq.status is Status.FINISHED:
+            return False
+        self.scheduler.abort(seq)
+        del self._requests[request_id]
+        return True
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward step; the outputs of the requests that finished in it.
+
+        Raises ``KVBudgetError`` when nothing can be scheduled (the pool holds no request)."""
+        scheduler = self.scheduler
+        computed, preempted = scheduler.prefill_tokens_computed, scheduler.num_preemptions
+        hits = self.blocks.cache_hits
+        step = scheduler.schedule()
+        if not step.seqs:
+            raise KVBudgetError(
+                "the KV cache is too small to make progress; raise --kv-cache-memory"
+            )
+        logits = self.runner.execute(step)
+        sampling = [receiver for _, receiver in step.samples]
+        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        finished = scheduler.postprocess(step, tokens)
+        finished += self._stop_strings(sampling, finished)
+        self.stats.steps += 1
+        self.stats.prefill_tokens_computed += scheduler.prefill_tokens_computed - computed
+        self.stats.preemptions += scheduler.num_preemptions - preempted
+        self.stats.cache_hit_tokens += (self.blocks.cache_hits - hits) * self.config.block_size
+        return [self._output(seq) for seq in finished]
+
+    def generate(
+        self, requests: Iterable[Request], plan: Plan | None = None
+    ) -> Iterator[RequestOutput]:
+        """Run a batch to completion, yielding each output as soon as it finishes; ``stats``
+        then holds this batch's counters."""
+        if self.has_unfinished():
+            raise RuntimeError("generate needs an idle engine; drive step() instead")
+        self.stats = EngineStats()
+        self.add_requests(requests, plan)
+        while self.has_unfinished():
+            yield from self.step()
+
+    # -- outputs ------------------------------------------------------------------------------
+    def _stop_strings(self, sampled: list[Sequence], finished: list[Sequence]) -> list[Sequence]:
         out = []
         done = set(map(id, finished))
         for seq in sampled:
             if seq.params.stop and id(seq) not in done:
                 text = self.tokenizer.decode(seq.output_tokens)
                 if any(s in text for s in seq.params.stop):
-                    scheduler.finish(seq, "stop")
+                    self.scheduler.finish(seq, "stop")
                     out.append(seq)
         return out
 
-    def _output(self, seq: Sequence, request: Request) -> RequestOutput:
+    def _output(self, seq: Sequence) -> RequestOutput:
+        request = self._requests.pop(seq.seq_id)
+        self._sequences.pop(seq.seq_id, None)
         text = self.tokenizer.decode(seq.output_tokens)
         cuts = [text.find(s) for s in request.params.stop if s in text]
         if cuts:

@@ -9,6 +9,7 @@ from typing import Any
 from .config import EngineConfig
 from .engine import LLMEngine
 from .outputs import Request, RequestOutput
+from .planning.plan import make_plan
 from .sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -25,6 +26,12 @@ class LLM:
             kwargs["kv_cache_memory"] = parse_memory(kwargs["kv_cache_memory"])
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
+
+    @classmethod
+    def _from_engine(cls, engine: LLMEngine) -> LLM:
+        llm = cls.__new__(cls)
+        llm.engine, llm.tokenizer = engine, engine.tokenizer
+        return llm
 
     def generate(
         self,
@@ -53,14 +60,17 @@ class LLM:
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(ids)
         for i, (p, sp) in enumerate(zip(ids, params)):
-            problem = self.engine.check_request(len(p), sp.max_tokens)
+            problem = self.engine.check_request(p, sp.max_tokens)
             if problem:
                 raise ValueError(f"prompt {i}: {problem}")
         requests = [Request(i, p, sp) for i, (p, sp) in enumerate(zip(ids, params))]
-        outputs = sorted(self.engine.generate(requests), key=lambda o: o.index)
-        return outputs
+        plan = None
+        if self.engine.config.policy.plans:  # the API plans the batch; the engine consumes it
+            plan = make_plan(ids, [sp.max_tokens for sp in params], self.engine.config.block_size)
+        return sorted(self.engine.generate(requests, plan), key=lambda o: o.index)
 
     def with_policy(self, policy: str) -> LLM:
-        """The same loaded model and cache under another scheduling policy."""
-        self.engine.config = replace(self.engine.config, policy=policy)
-        return self
+        """A new ``LLM`` on the same loaded model under another scheduling policy; this one is
+        unchanged. The two share the model's KV pool: run one at a time."""
+        config = replace(self.engine.config, policy=policy)
+        return LLM._from_engine(LLMEngine(config, self.engine.loaded))

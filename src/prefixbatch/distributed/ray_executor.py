@@ -15,16 +15,14 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..config import EngineConfig
-from ..engine import EngineLimits, EngineStats, LLMEngine
-from ..execution.model_source import resolve_model
+from ..engine import EngineStats, LLMEngine
+from ..errors import RayUnavailableError
+from ..loading.limits import EngineLimits
+from ..loading.model_source import resolve_model
 from ..outputs import Request, RequestOutput
-from ..planning.plan import make_plan
+from ..planning.plan import Plan, make_plan
 from ..tokenizer import Tokenizer
 from .sharding import Unit, make_chunks, plan_units
-
-
-class RayUnavailableError(ValueError):
-    """Ray is not installed (it is an optional extra) or no worker could be started."""
 
 
 class EngineWorker:
@@ -40,8 +38,12 @@ class EngineWorker:
     def info(self) -> tuple[EngineLimits, str]:
         return self.engine.limits, self.engine.model_name
 
-    def generate(self, requests: list[Request]) -> tuple[list[RequestOutput], EngineStats]:
-        outputs = list(self.engine.generate(requests))
+    def generate(
+        self, requests: list[Request], plan: Plan | None
+    ) -> tuple[list[RequestOutput], EngineStats]:
+        """Run a chunk with its share of the driver's plan (None for non-planning policies):
+        workers never plan."""
+        outputs = list(self.engine.generate(requests, plan))
         return outputs, dataclasses.replace(self.engine.stats)
 
 
@@ -87,8 +89,8 @@ class RayExecutor:
         self.done: dict[int, int] = {}  # worker -> chunks finished
         self.failed_workers: list[int] = []
 
-    def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
-        return self.limits.check(prompt_len, max_tokens)
+    def check_request(self, prompt: list[int], max_tokens: int) -> str | None:
+        return self.limits.check(prompt, max_tokens)
 
     def status(self) -> str:
         if not self.done:
@@ -99,16 +101,22 @@ class RayExecutor:
         lag = max(counts) - min(counts) if counts else 0
         return f"{len(counts)} workers, chunks {'/'.join(map(str, counts))}, lag {lag}"
 
-    def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
+    def generate(
+        self, requests: Iterable[Request], plan: Plan | None = None
+    ) -> Iterator[RequestOutput]:
+        """Run a batch on the workers; ``plan`` is the batch's plan (made here when None: the
+        chunks are cut along its groups under every policy)."""
         requests = list(requests)
         self.stats = EngineStats()
         if not requests:
             return
-        plan = make_plan(
-            [r.prompt_token_ids for r in requests],
-            [r.params.max_tokens for r in requests],
-            self.config.block_size,
-        )
+        if plan is None:
+            plan = make_plan(
+                [r.prompt_token_ids for r in requests],
+                [r.params.max_tokens for r in requests],
+                self.config.block_size,
+            )
+        share_plan = self.config.policy.plans
         queue: deque[list[Unit]] = deque(
             make_chunks(
                 plan_units(plan, len(self.actors)), len(self.actors), self.chunks_per_worker
@@ -120,8 +128,9 @@ class RayExecutor:
         while queue or inflight:
             while queue and idle:
                 worker, chunk = idle.pop(0), queue.popleft()
-                batch = [requests[i] for u in chunk for i in u.requests]
-                ref = self.actors[worker].generate.remote(batch)
+                indices = [i for u in chunk for i in u.requests]
+                share = plan.subset(indices) if share_plan else None
+                ref = self.actors[worker].generate.remote([requests[i] for i in indices], share)
                 inflight[ref] = (worker, chunk)
             if not inflight:
                 raise RayUnavailableError("every engine worker has died; the job cannot finish")

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 from ..config import EngineConfig
 from ..engine import LLMEngine
+from ..errors import InputFileError, JobError
 from ..outputs import Request
+from ..planning.plan import make_plan
 from ..tokenizer import Tokenizer
 from .batch_file import CHAT_URL, BatchRequest, LineError, read_batch_file
 from .progress import Progress
@@ -21,10 +23,6 @@ from .results import ResultWriter, error_record, success_record
 
 if TYPE_CHECKING:
     from ..distributed.ray_executor import RayExecutor
-
-
-class JobError(RuntimeError):
-    """A problem with the whole job (input, model, memory): reported in one line, exit 2."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,7 @@ class JobSummary:
 
 def read_items(path: Path, default_max_tokens: int) -> list[BatchRequest | LineError]:
     if not path.is_file():
-        raise JobError(f"input file not found: {path}")
+        raise InputFileError(f"input file not found: {path}")
     return list(read_batch_file(path, default_max_tokens))
 
 
@@ -108,14 +106,11 @@ def tokenize(
 
 def make_executor(config: EngineConfig, opts: JobOptions) -> LLMEngine | RayExecutor:
     """One in-process engine, or engine actors on Ray for ``--workers`` / ``--ray-address``."""
-    try:
-        if opts.workers > 1 or opts.ray_address:
-            from ..distributed.ray_executor import RayExecutor
+    if opts.workers > 1 or opts.ray_address:
+        from ..distributed.ray_executor import RayExecutor
 
-            return RayExecutor(config, max(1, opts.workers), opts.ray_address)
-        return LLMEngine(config)
-    except (OSError, ValueError) as e:
-        raise JobError(str(e)) from e
+        return RayExecutor(config, max(1, opts.workers), opts.ray_address)
+    return LLMEngine(config)
 
 
 def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
@@ -133,7 +128,7 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
     runnable: list[tuple[BatchRequest, list[int]]] = []
     too_big = 0
     for req, ids in tokenized:
-        problem = engine.check_request(len(ids), req.params.max_tokens)
+        problem = engine.check_request(ids, req.params.max_tokens)
         if problem:
             too_big += not engine.limits.fits_kv(len(ids), req.params.max_tokens)
             errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
@@ -150,12 +145,13 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
     model_name = engine.model_name
     progress = Progress(len(runnable), quiet=opts.quiet)
     requests = [Request(i, ids, req.params) for i, (req, ids) in enumerate(runnable)]
+    plan = make_plan(
+        [ids for _, ids in runnable], [r.params.max_tokens for r, _ in runnable], config.block_size
+    )
     try:
-        for out in engine.generate(requests):
+        for out in engine.generate(requests, plan):
             writer.write(success_record(runnable[out.index][0], out, model_name))
             progress.update(1, len(out.output_token_ids), engine.status())
-    except ValueError as e:  # every Ray worker died
-        raise JobError(str(e)) from e
     finally:
         progress.close()
         writer.close()
@@ -166,7 +162,7 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
         skipped=skipped,
         prompt_tokens=stats.prompt_tokens,
         output_tokens=stats.output_tokens,
-        prefill_tokens_saved=stats.prompt_tokens - stats.prefill_tokens_computed,
+        prefill_tokens_saved=stats.prefill_tokens_saved,
         preemptions=stats.preemptions,
         wall_s=time.monotonic() - start,
     )

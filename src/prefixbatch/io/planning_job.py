@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import EngineConfig, ModelConfig
-from ..engine import kv_pool_blocks
-from ..execution.model_source import resolve_model
+from ..config import EngineConfig
+from ..execution.kv_cache import kv_pool_blocks
+from ..loading.builder import read_model_config
+from ..loading.model_source import resolve_model
 from ..planning.plan import make_plan
 from ..planning.report import format_report, plan_report
 from ..tokenizer import Tokenizer
@@ -18,11 +19,9 @@ from .job import read_items, tokenize
 def plan_job(
     config: EngineConfig, path: Path, default_max_tokens: int
 ) -> tuple[dict[str, Any], str]:
-    from transformers import AutoConfig
-
     items = read_items(path, default_max_tokens)
     source = resolve_model(config.model)
-    cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(str(source.path)))
+    cfg = read_model_config(source)
     tokenized, errors = tokenize(
         Tokenizer(source.path), [i for i in items if isinstance(i, BatchRequest)]
     )

@@ -1,9 +1,10 @@
 """The batch plan: nested groups in execution order, and what sharing saves, before any compute.
 
-``R_saving = 1 - computed prefill tokens / prompt tokens``, reported for this plan, for the best
-token-granularity tree (every radix-tree edge computed once), for BatchLLM's one-level flattening
-and for an LRU prefix cache fed in file order (what a streaming engine with automatic prefix
-caching reuses).
+``R_saving = 1 - computed prefill tokens / prompt tokens``. The plan is made once per job (by the
+job, the Python API or the Ray driver) and handed down to the scheduler; a Ray worker gets its
+share of the driver's plan (``Plan.subset``). The comparison figures of the plan report (the
+token-level tree, BatchLLM's one-level flattening, an LRU prefix cache in file order) are computed
+only for the report (``report.py``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .block_hash import chain_hashes
 from .groups import Group, build_levels
-from .one_level import one_level_prefill_tokens
-from .prefix_tree import build_tree, unique_tokens
+from .prefix_tree import build_tree
 
 
 @dataclass(frozen=True)
@@ -24,16 +25,26 @@ class Plan:
     max_tokens: tuple[int, ...]
     prompt_tokens: int
     computed_prefill_tokens: int
-    multilevel_prefill_tokens: int  # token-granularity tree: every radix edge once
-    one_level_prefill_tokens: int  # BatchLLM's one-level flattening (gain rule), for comparison
 
     @property
     def r_saving(self) -> float:
         return saving(self.computed_prefill_tokens, self.prompt_tokens)
 
-    @property
-    def r_saving_multilevel(self) -> float:
-        return saving(self.multilevel_prefill_tokens, self.prompt_tokens)
+    def subset(self, indices: Sequence[int]) -> Plan:
+        """The plan of requests ``indices`` alone, renumbered ``0..len(indices)-1`` in that
+        order: every level keeps its prefix; a level left with fewer than two requests hands
+        them to its parent level, and a level with nothing of its own and a single sub-level is
+        replaced by it (as when planning)."""
+        new = {old: i for i, old in enumerate(indices)}
+        root = _restrict(self.root, new) or Group(0, ())
+        lengths = tuple(self.lengths[i] for i in indices)
+        return Plan(
+            root=root,
+            lengths=lengths,
+            max_tokens=tuple(self.max_tokens[i] for i in indices),
+            prompt_tokens=sum(lengths),
+            computed_prefill_tokens=computed_tokens(root, lengths),
+        )
 
     def decode_ratio(self, item: int | Group, base: int) -> float:
         """Expected output tokens / prefill tokens computed, for a request or a level below a
@@ -69,21 +80,37 @@ def computed_tokens(top: Group, lengths: Sequence[int], base: int = 0) -> int:
     return total
 
 
+def _restrict(g: Group, new: dict[int, int]) -> Group | None:
+    """``g`` with only the requests in ``new`` (renumbered); None when none is left."""
+    members = [new[m] for m in g.members if m in new]
+    children: list[Group] = []
+    for c in g.children:
+        sub = _restrict(c, new)
+        if sub is None:
+            continue
+        if len(sub.requests()) < 2:  # nothing left to share at this level
+            members += sub.requests()
+        elif not sub.members and len(sub.children) == 1:
+            children.append(sub.children[0])
+        else:
+            children.append(sub)
+    if not members and not children:
+        return None
+    return Group(g.prefix_len, tuple(members), tuple(children))
+
+
 def make_plan(prompts: Sequence[Sequence[int]], max_tokens: Sequence[int], block_size: int) -> Plan:
     """Build the radix tree and cut it into nested block-aligned groups."""
     lengths = [len(p) for p in prompts]
     if not prompts:
-        return Plan(Group(0, ()), (), (), 0, 0, 0, 0)
-    tree = build_tree(prompts)
-    root = build_levels(tree, block_size)
+        return Plan(Group(0, ()), (), (), 0, 0)
+    root = build_levels(build_tree(prompts), block_size)
     return Plan(
         root=root,
         lengths=tuple(lengths),
         max_tokens=tuple(max_tokens),
         prompt_tokens=sum(lengths),
         computed_prefill_tokens=computed_tokens(root, lengths),
-        multilevel_prefill_tokens=unique_tokens(tree),
-        one_level_prefill_tokens=one_level_prefill_tokens(tree, lengths, block_size),
     )
 
 
@@ -95,10 +122,7 @@ def lru_prefill_tokens(
     cache: OrderedDict[int, None] = OrderedDict()
     computed = 0
     for prompt in prompts:
-        hashes, parent = [], None
-        for i in range(len(prompt) // block_size):
-            parent = hash((parent, tuple(prompt[i * block_size : (i + 1) * block_size])))
-            hashes.append(parent)
+        hashes = chain_hashes(prompt, block_size)
         usable = (len(prompt) - 1) // block_size
         hits = 0
         while hits < usable and hashes[hits] in cache:

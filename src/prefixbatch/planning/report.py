@@ -6,7 +6,9 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from .one_level import one_level_prefill_tokens
 from .plan import Plan, lru_prefill_tokens, saving
+from .prefix_tree import build_tree, unique_tokens
 
 
 def size_bucket(n: int) -> str:
@@ -15,11 +17,20 @@ def size_bucket(n: int) -> str:
     return str(lo) if lo == 1 else f"{lo}-{2 * lo - 1}"
 
 
+def tree_baselines(prompts: Sequence[Sequence[int]], block_size: int) -> tuple[int, int]:
+    """Prefill tokens of the two tree baselines the report compares the plan with: the
+    token-granularity tree (every radix edge once) and BatchLLM's one-level flattening."""
+    tree = build_tree(prompts)
+    lengths = [len(p) for p in prompts]
+    return unique_tokens(tree), one_level_prefill_tokens(tree, lengths, block_size)
+
+
 def plan_report(
     plan: Plan, prompts: Sequence[Sequence[int]], block_size: int, lru_capacity_blocks: int
 ) -> dict[str, Any]:
     """Everything the plan decides, as one JSON-ready dict."""
     lru = lru_prefill_tokens(prompts, block_size, lru_capacity_blocks)
+    multilevel, one_level = tree_baselines(prompts, block_size) if prompts else (0, 0)
     top = plan.root.children
     sizes = Counter(size_bucket(len(g.requests())) for g in top)
     depth = {id(plan.root): 0}
@@ -37,10 +48,10 @@ def plan_report(
         "block_size": block_size,
         "computed_prefill_tokens": plan.computed_prefill_tokens,
         "r_saving": round(plan.r_saving, 6),
-        "multilevel_prefill_tokens": plan.multilevel_prefill_tokens,
-        "r_saving_multilevel": round(plan.r_saving_multilevel, 6),
-        "one_level_prefill_tokens": plan.one_level_prefill_tokens,
-        "r_saving_one_level": round(saving(plan.one_level_prefill_tokens, plan.prompt_tokens), 6),
+        "multilevel_prefill_tokens": multilevel,
+        "r_saving_multilevel": round(saving(multilevel, plan.prompt_tokens), 6),
+        "one_level_prefill_tokens": one_level,
+        "r_saving_one_level": round(saving(one_level, plan.prompt_tokens), 6),
         "lru_prefill_tokens": lru,
         "r_saving_lru_file_order": round(saving(lru, plan.prompt_tokens), 6),
         "lru_capacity_blocks": lru_capacity_blocks,

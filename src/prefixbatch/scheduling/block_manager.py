@@ -26,6 +26,7 @@ class BlockManager:
         # Automatic prefix cache: content hash <-> block; unreferenced cached blocks in LRU order.
         self.hash_to_block: dict[int, int] = {}
         self.block_to_hash: dict[int, int] = {}
+        self.block_tokens: dict[int, tuple[int, ...]] = {}  # compared on every hit
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.cache_hits = 0  # blocks reused from the cache (tokens = hits * block_size)
 
@@ -51,6 +52,7 @@ class BlockManager:
             else:  # evict the least recently used cached block
                 block, _ = self.evictable.popitem(last=False)
                 del self.hash_to_block[self.block_to_hash.pop(block)]
+                del self.block_tokens[block]
             self.refcount[block] = 1
             out.append(block)
         return out
@@ -73,38 +75,32 @@ class BlockManager:
                     self.free.append(b)
 
     # -- automatic prefix cache (fcfs-lru) ---------------------------------------------------
-    @staticmethod
-    def chain_hashes(
-        tokens: list[int], block_size: int, start: int = 0, parent: int | None = None
-    ) -> list[int]:
-        """Hashes of the full blocks of ``tokens`` from block ``start`` on, each chained to its
-        predecessor so that equal hashes mean equal whole prefixes."""
-        out = []
-        for i in range(start, len(tokens) // block_size):
-            parent = hash((parent, tuple(tokens[i * block_size : (i + 1) * block_size])))
-            out.append(parent)
-        return out
-
-    def lookup(self, hashes: list[int]) -> list[int]:
-        """The longest run of cached blocks matching ``hashes``; references them."""
+    def cached_prefix(self, tokens: list[int], hashes: list[int], usable: int) -> list[int]:
+        """Cached blocks holding the first blocks of ``tokens`` (at most ``usable``), found by
+        chained hash and confirmed by comparing their tokens. References nothing."""
+        bs = self.block_size
         hits = []
-        for h in hashes:
+        for i, h in enumerate(hashes[:usable]):
             block = self.hash_to_block.get(h)
-            if block is None:
+            if block is None or self.block_tokens[block] != tuple(tokens[i * bs : (i + 1) * bs]):
                 break
             hits.append(block)
-        self.incref(hits)  # also takes them off the evictable list
-        self.cache_hits += len(hits)
         return hits
 
-    def register(self, block: int, block_hash: int) -> None:
-        """Record that ``block`` holds the KV of the full block with ``block_hash``."""
+    def take_cached(self, blocks: list[int]) -> None:
+        """Reference cache hits found by ``cached_prefix`` (reviving unreferenced ones)."""
+        self.incref(blocks)  # also takes them off the evictable list
+        self.cache_hits += len(blocks)
+
+    def register(self, block: int, block_hash: int, tokens: list[int]) -> None:
+        """Record that ``block`` holds the KV of the full block ``tokens`` with ``block_hash``."""
         if not self.enable_prefix_cache or block_hash in self.hash_to_block:
             return
         if block in self.block_to_hash:
             return
         self.hash_to_block[block_hash] = block
         self.block_to_hash[block] = block_hash
+        self.block_tokens[block] = tuple(tokens)
 
     def check_integrity(self, holders: Iterable[Iterable[int]]) -> None:
         """Assert free + referenced + evictable == total and that every refcount equals the

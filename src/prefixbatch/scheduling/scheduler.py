@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..planning.block_hash import chain_hashes
 from .block_manager import BlockManager
 from .sequence import PrefixGroup, Sequence, Status
 
@@ -114,7 +115,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             if hits:
-                seq.block_table = self.blocks.lookup(seq.block_hashes[: len(hits)])
+                self.blocks.take_cached(hits)
+                seq.block_table = hits
                 seq.computed = computed
             seq.block_table += self.blocks.allocate(need)
             seq.status = Status.RUNNING
@@ -176,17 +178,11 @@ class Scheduler:
             return []
         usable = (len(seq.tokens) - 1) // self.blocks.block_size
         self._extend_hashes(seq)
-        hits = []
-        for h in seq.block_hashes[:usable]:
-            block = self.blocks.hash_to_block.get(h)
-            if block is None:
-                break
-            hits.append(block)
-        return hits
+        return self.blocks.cached_prefix(seq.tokens, seq.block_hashes, usable)
 
     def _extend_hashes(self, seq: Sequence) -> None:
         parent = seq.block_hashes[-1] if seq.block_hashes else None
-        seq.block_hashes += BlockManager.chain_hashes(
+        seq.block_hashes += chain_hashes(
             seq.tokens, self.blocks.block_size, len(seq.block_hashes), parent
         )
 
@@ -215,8 +211,10 @@ class Scheduler:
             return
         self._extend_hashes(seq)
         full = min(seq.computed // self.blocks.block_size, len(seq.block_hashes))
+        bs = self.blocks.block_size
         for i in range(full):
-            self.blocks.register(seq.block_table[i], seq.block_hashes[i])
+            tokens = seq.tokens[i * bs : (i + 1) * bs]
+            self.blocks.register(seq.block_table[i], seq.block_hashes[i], tokens)
 
     def _prefix_ready(self, leader: Sequence) -> None:
         """The leader's blocks become its level's prefix; the level holds the references."""
@@ -243,20 +241,45 @@ class Scheduler:
         """End a request (also called by the engine for stop strings) and free its blocks; a
         level whose last member finished frees its own blocks and counts itself off its parent."""
         seq.finish_reason = reason
+        self._drop(seq)
+        self._finished_lengths.append(seq.num_output)
+        self._count_off(seq.group)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop an unfinished request (waiting, parked or running) and free its blocks."""
+        seq.finish_reason = "abort"
+        group = seq.group
+        if group is not None and seq in group.dependents:
+            group.dependents.remove(seq)
+        self._drop(seq)
+        self._count_off(group)
+
+    def _drop(self, seq: Sequence) -> None:
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING:
-            self.waiting.remove(seq)  # a dependent that finished on its first token
+        elif seq in self.waiting:
+            self.waiting.remove(seq)  # e.g. a dependent that finished on its first token
+        elif seq.group is not None and seq in self.parked.get(id(seq.group), []):
+            parked = self.parked[id(seq.group)]
+            parked.remove(seq)
+            if not parked:
+                del self.parked[id(seq.group)]
         seq.status = Status.FINISHED
         self.blocks.release(seq.own_blocks)
-        self._finished_lengths.append(seq.num_output)
-        group = seq.group
+
+    def _count_off(self, group: PrefixGroup | None) -> None:
+        """One member or sub-level of ``group`` is done; a level with nothing left frees its
+        blocks (or, not computed yet, drops its leader) and counts itself off its parent."""
         while group is not None:
             group.remaining -= 1
             if group.remaining:
                 break
-            self.blocks.release(group.own_blocks)
-            self.groups.remove(group)
+            if group.ready:
+                self.blocks.release(group.own_blocks)
+                self.groups.remove(group)
+            elif group.leader is not None:  # every member aborted before the prefix was ready
+                self._drop(group.leader)
+                self.parked.pop(id(group), None)
             group = group.parent
 
     def check_integrity(self) -> None:

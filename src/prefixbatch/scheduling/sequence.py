@@ -35,6 +35,7 @@ class PrefixGroup:
     blocks: list[int] = field(default_factory=list)
     ready: bool = False
     dependents: list[Sequence] = field(default_factory=list)
+    leader: Sequence | None = None  # the sequence that computes the prefix
 
     @property
     def own_blocks(self) -> list[int]:

@@ -1,8 +1,9 @@
 """Turn requests into scheduler sequences in the order a policy wants.
 
-``fcfs`` and ``fcfs-lru``: one plain sequence per request, in input order. ``batchllm``: the plan's
-nested groups in decode-ratio order; every level becomes a leader sequence that computes its
-prefix (sampling nothing itself), followed by its members and sub-levels, which reference it.
+``fcfs`` and ``fcfs-lru``: one plain sequence per request, in input order. ``batchllm``: the
+plan's nested groups in decode-ratio order; every level becomes a leader sequence that computes
+its prefix (sampling nothing itself), followed by its members and sub-levels, which reference it.
+The plan is made before (by the job, the API or the Ray driver), never here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from ..outputs import Request
 from ..planning.groups import Group
-from ..planning.plan import Plan, make_plan
+from ..planning.plan import Plan
+from .policy import Policy
 from .sequence import PrefixGroup, Sequence
 
 
@@ -24,6 +26,7 @@ class Work:
     requests: dict[int, Request]  # seq_id -> request
     plan: Plan | None = None
     groups: list[PrefixGroup] = field(default_factory=list)
+    first_group_id: int = 0
 
 
 def _generator(request: Request, seed: int) -> torch.Generator | None:
@@ -48,14 +51,24 @@ def _sequence(r: Request, seed: int, group: PrefixGroup | None = None) -> Sequen
     return seq
 
 
-def build_sequences(requests: Seq[Request], policy: str, block_size: int, seed: int) -> Work:
+def build_sequences(
+    requests: Seq[Request],
+    policy: Policy,
+    block_size: int,
+    seed: int,
+    plan: Plan | None = None,
+    first_group_id: int = 0,
+) -> Work:
+    """Sequences for ``requests``; a planning policy needs the batch's ``plan`` (its indices
+    are positions in ``requests``). Group ids start at ``first_group_id`` (unique per engine).
+
+    Raises ValueError when a planning policy gets no plan or a plan of another batch."""
     by_id = {r.index: r for r in requests}
-    if policy != "batchllm":
+    if not Policy.parse(policy).plans:
         return Work([_sequence(r, seed) for r in requests], by_id)
-    plan = make_plan(
-        [r.prompt_token_ids for r in requests], [r.params.max_tokens for r in requests], block_size
-    )
-    work = Work([], by_id, plan)
+    if plan is None or len(plan.lengths) != len(requests):
+        raise ValueError("the batchllm policy needs the plan of exactly these requests")
+    work = Work([], by_id, plan, first_group_id=first_group_id)
     _emit(plan.root, None, list(requests), seed, work)
     return work
 
@@ -73,12 +86,15 @@ def _emit(
         first = requests[item.requests()[0]]
         tokens = list(first.prompt_token_ids[: item.prefix_len])
         sub = PrefixGroup(
-            len(work.groups), tokens, len(item.members) + len(item.children), parent=group
+            work.first_group_id + len(work.groups),
+            tokens,
+            len(item.members) + len(item.children),
+            parent=group,
         )
         work.groups.append(sub)
-        work.sequences.append(
-            Sequence(
-                -1 - sub.group_id, list(tokens), len(tokens), first.params, group=group, leads=sub
-            )
+        leader = Sequence(
+            -1 - sub.group_id, list(tokens), len(tokens), first.params, group=group, leads=sub
         )
+        sub.leader = leader
+        work.sequences.append(leader)
         _emit(item, sub, requests, seed, work)

@@ -1,44 +1,106 @@
-"""The paged KV cache, the per-step attention metadata, and the backend interface.
+"""The attention backend interface, and the index arithmetic every paged backend shares.
 
-Layout: one pool per K and V of shape (layers, num_blocks, block_size, kv_heads, head_dim). A token
-at position ``p`` of a sequence lives in slot ``block_table[p // block_size] * block_size +
-p % block_size`` of the flattened (num_blocks * block_size) view.
+A backend receives the step in device-neutral terms (``AttentionStep``), turns it once per step
+into its own metadata (``prepare``), and then, for every layer, writes the step's new K/V into the
+paged cache and computes attention for every row (``forward``). Backends are chosen through
+``registry.py``; the plain PyTorch ``ReferenceBackend`` is the contract every fast path is tested
+against.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
+from ..kv_cache import KVCache
+from .step import AttentionStep, SeqStep
 
-class KVCache:
-    """Preallocated K and V pools; the block manager decides which blocks belong to whom."""
 
-    def __init__(
-        self,
-        layers: int,
-        num_blocks: int,
-        block_size: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        shape = (layers, num_blocks * block_size, kv_heads, head_dim)
-        # Zeroed: a padded decode reads the unwritten tail of a sequence's last block (masked
-        # out, but uninitialised memory could hold NaN, and 0 * NaN poisons the softmax sum).
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, slots, KVH, D)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.block_size = block_size
-        self.num_blocks = num_blocks
+class AttentionBackend(ABC):
+    """Writes a step's new K/V into the paged cache and computes attention for every row.
 
-    @staticmethod
-    def bytes_per_block(
-        layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        return 2 * layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    Contract: ``forward`` gets q (T, H, D), k and v (T, KVH, D) for the flattened step and returns
+    (T, H, D): for each row, exact softmax attention over the positions its sequence attends
+    (causal), whatever way the backend splits the work (prefix levels read once per group and
+    merged by log-sum-exp, or the whole context per row).
+
+    ``shares_prefix``: whether the backend reads prefix levels once for all rows below them (the
+    runner then describes the step's levels); otherwise every row reads its whole context.
+    Backends that support CUDA-graph capture of decode steps also implement the graph hooks
+    (``execution/cuda_graphs.py``).
+    """
+
+    shares_prefix = False
+
+    def __init__(self, cache: KVCache, num_heads: int, scale: float) -> None:
+        self.cache = cache
+        self.num_heads = num_heads
+        self.scale = scale
+
+    @abstractmethod
+    def prepare(self, step: AttentionStep) -> Any:
+        """The backend's metadata for one step (built once, read by every layer)."""
+
+    @abstractmethod
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any
+    ) -> torch.Tensor: ...
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store the step's new k, v (T, KVH, D) at ``slots`` (T,) of the layer's pools."""
+        self.cache.k[layer].index_copy_(0, slots, k)
+        self.cache.v[layer].index_copy_(0, slots, v)
+
+
+def block_table_array(seqs: Sequence[SeqStep], pad: int = 0) -> np.ndarray:
+    """(S, max blocks) int64 block tables, padded with ``pad``."""
+    width = max((len(s.block_table) for s in seqs), default=0)
+    out = np.full((len(seqs), max(width, 1)), pad, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, : len(s.block_table)] = s.block_table
+    return out
+
+
+def query_positions(step: AttentionStep) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence index, position) of every row of the step, each (T,) int64."""
+    q_len = np.array([s.q_len for s in step.seqs], dtype=np.int64)
+    seq_of_row = np.repeat(np.arange(len(step.seqs)), q_len)
+    first = np.array([s.context_len - s.q_len for s in step.seqs], dtype=np.int64)
+    row_start = np.cumsum(q_len) - q_len
+    positions = np.arange(step.num_rows, dtype=np.int64) - row_start[seq_of_row] + first[seq_of_row]
+    return seq_of_row, positions
+
+
+def slots_of(tables: np.ndarray, seq: np.ndarray, pos: np.ndarray, block_size: int) -> np.ndarray:
+    """Cache slots of positions ``pos`` of sequences ``seq`` (row indices into ``tables``)."""
+    return tables[seq, pos // block_size] * block_size + pos % block_size
+
+
+def slot_mapping(step: AttentionStep, tables: np.ndarray) -> np.ndarray:
+    """(T,) slot where each row's new K/V is written."""
+    seq, pos = query_positions(step)
+    return slots_of(tables, seq, pos, step.block_size)
+
+
+def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Int64 index arrays as tensors on ``device``, copied in ONE transfer: concatenated into a
+    pinned host buffer, copied non-blocking, split into views (on the CPU: no copy at all)."""
+    if device.type == "cpu":
+        return {k: torch.from_numpy(a) for k, a in arrays.items()}
+    flat = np.concatenate([a.reshape(-1) for a in arrays.values()]) if arrays else np.zeros(0)
+    host = torch.from_numpy(flat.astype(np.int64, copy=False)).pin_memory()
+    dev = host.to(device, non_blocking=True)
+    out, start = {}, 0
+    for k, a in arrays.items():
+        view = dev[start : start + a.size].view(a.shape)
+        out[k] = view.bool() if a.dtype == np.bool_ else view
+        start += a.size
+    return out
 
 
 @dataclass(frozen=True)
@@ -46,26 +108,45 @@ class PrefillSlice:
     """One sequence whose step carries several query tokens (a prefill chunk).
 
     Its queries are rows ``[q_start, q_start + q_len)``; they are the last ``q_len`` of the
-    ``len(kv_slots)`` positions it has after this step (causal with that offset).
+    ``len(kv_slots)`` positions it attends (causal with that offset).
     """
 
     q_start: int
     q_len: int
-    kv_slots: torch.Tensor  # (context,) slot of each position 0..context-1
+    kv_slots: torch.Tensor  # (context,) slot of each attended position
 
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """Sequences with one query token each, attended in one padded call.
+    """Sequences with one query token each, attended in one call.
 
-    KV is gathered a whole block at a time (a contiguous copy, several times faster than a
-    gather per slot); ``mask`` marks the positions each row attends.
+    KV is read a whole block at a time; ``mask`` (only for padded attention) marks the positions
+    each row attends.
     """
 
     rows: torch.Tensor  # (B,) row of each query token in the flattened batch
     block_ids: torch.Tensor  # (B, NB) blocks of each sequence, padded with its first block
-    mask: torch.Tensor  # (B, 1, 1, NB * block_size) True where a position is attended
     lengths: torch.Tensor  # (B,) positions attended, from the first of its blocks
+    mask: torch.Tensor | None = None  # (B, 1, 1, NB * block_size) True where attended
+
+
+def decode_batch(
+    rows: list[int], tables: list[Sequence[int]], lengths: list[int], block_size: int, mask: bool
+) -> dict[str, np.ndarray]:
+    """Index arrays of a decode batch (rows, block_ids, lengths and, with ``mask``, the mask):
+    sequence i attends ``lengths[i]`` positions held in blocks ``tables[i]``; tables are padded
+    with their own first block (padding reads written KV, masked out anyway)."""
+    widest = max(len(t) for t in tables)
+    ids = np.array([list(t) + [t[0]] * (widest - len(t)) for t in tables], dtype=np.int64)
+    out = {
+        "rows": np.array(rows, dtype=np.int64),
+        "block_ids": ids,
+        "lengths": np.array(lengths, dtype=np.int64),
+    }
+    if mask:
+        attended = np.arange(widest * block_size)[None, :] < out["lengths"][:, None]
+        out["mask"] = attended[:, None, None, :]
+    return out
 
 
 def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -82,57 +163,3 @@ def decode_kv(
     k = gather_blocks(k_pool, d.block_ids, block_size).transpose(1, 2)
     v = gather_blocks(v_pool, d.block_ids, block_size).transpose(1, 2)
     return k, v
-
-
-@dataclass(frozen=True)
-class PrefixSegment:
-    """One level of shared prefix in this step: positions whose KV every row in ``rows`` reads.
-
-    A request below nested levels has one segment per level (system prompt, then document); its
-    own KV after the deepest level is described by a ``PrefillSlice`` in ``StepMetadata.members``.
-    """
-
-    slots: torch.Tensor  # (P,) the level's own positions (after its parent level's)
-    rows: torch.Tensor  # (Q,) query rows of every scheduled sequence below this level
-
-
-@dataclass(frozen=True)
-class StepMetadata:
-    """What one forward step needs beyond token ids and positions."""
-
-    slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
-    logits_rows: torch.Tensor  # (S,) rows whose logits are sampled (a row may repeat)
-    prefills: tuple[PrefillSlice, ...] = ()
-    decode: DecodeBatch | None = None
-    segments: tuple[PrefixSegment, ...] = ()
-    # Own part of each sequence whose rows are in segments: kv_slots start after its prefix.
-    members: tuple[PrefillSlice, ...] = ()
-    member_decode: DecodeBatch | None = None  # members with one query row, own part batched
-
-
-class AttentionBackend(ABC):
-    """Writes a step's new K/V into the paged cache and computes attention for every row.
-
-    Contract: ``forward`` gets q (T, H, D), k and v (T, KVH, D) for the flattened step and returns
-    (T, H, D). Every row is covered exactly once by a prefill slice, the decode batch, a member
-    slice or the member decode batch; member rows also attend to the prefix segments that list
-    them, and the partial results are merged (an exact softmax over the union of the keys).
-    """
-
-    # Whether the backend computes prefix-group members as shared prefix segments plus their
-    # own KV (the runner then describes them so); otherwise every row reads its whole context.
-    shares_prefix = False
-
-    def __init__(self, cache: KVCache, num_heads: int, scale: float) -> None:
-        self.cache = cache
-        self.num_heads = num_heads
-        self.scale = scale
-
-    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        self.cache.k[layer].index_copy_(0, slots, k)
-        self.cache.v[layer].index_copy_(0, slots, v)
-
-    @abstractmethod
-    def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
-    ) -> torch.Tensor: ...

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..model_source import cache_root
-from .backend import DecodeBatch, KVCache
+from ...loading.model_source import cache_root
+from ..kv_cache import KVCache
+from .backend import DecodeBatch
 from .reference import ReferenceBackend
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
@@ -85,6 +86,8 @@ class NativeDecodeBackend(ReferenceBackend):
     from cache for the other members; a prefill chunk is bound by its score FLOPs, which a
     cascade split does not reduce (on the CPU its extra ops made prefill steps ~25% slower).
     """
+
+    decode_mask = False  # the kernel stops at each row's length; no padding to mask
 
     def __init__(self, cache: KVCache, num_heads: int, scale: float, kernel: PagedDecode) -> None:
         super().__init__(cache, num_heads, scale)

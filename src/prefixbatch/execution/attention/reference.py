@@ -1,13 +1,99 @@
 """The plain PyTorch attention path over block tables: the reference every fast path is tested
-against. Prefill chunks attend one sequence at a time; decode tokens attend in one padded call.
+against. Prefill chunks attend one sequence at a time through SDPA; decode tokens attend in one
+padded SDPA call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backend import AttentionBackend, DecodeBatch, PrefillSlice, StepMetadata, decode_kv
+from .backend import (
+    AttentionBackend,
+    DecodeBatch,
+    PrefillSlice,
+    block_table_array,
+    decode_batch,
+    decode_kv,
+    slot_mapping,
+    slots_of,
+    to_device,
+)
+from .step import AttentionStep, SeqStep
+
+
+@dataclass(frozen=True)
+class TorchMetadata:
+    """Rows split into prefill slices (one SDPA call each) and one decode batch."""
+
+    slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
+    prefills: tuple[PrefillSlice, ...] = ()
+    decode: DecodeBatch | None = None
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    """Host-side index arrays for sequences that attend to their own positions
+    ``[shared_len, context_len)``: one prefill slice per chunk, one decode batch. Arrays are
+    keyed with ``tag`` so several plans travel to the device in one copy (``to_device``)."""
+
+    tag: str
+    prefill_seqs: tuple[SeqStep, ...]
+    has_decode: bool
+
+    @classmethod
+    def build(
+        cls,
+        step: AttentionStep,
+        tables: np.ndarray,
+        which: Sequence[int],
+        mask: bool,
+        arrays: dict[str, np.ndarray],
+        tag: str = "",
+    ) -> ContextPlan:
+        """Add the index arrays of sequences ``which`` to ``arrays``."""
+        bs = step.block_size
+        prefill_seqs, dec_rows, dec_tables, dec_lengths = [], [], [], []
+        for i in which:
+            s = step.seqs[i]
+            first = s.shared_len // bs  # the shared part is whole blocks
+            if s.q_len == 1:
+                dec_rows.append(s.q_start)
+                dec_tables.append(s.block_table[first:])
+                dec_lengths.append(s.context_len - s.shared_len)
+            else:
+                pos = np.arange(s.shared_len, s.context_len)
+                arrays[f"{tag}p{len(prefill_seqs)}"] = slots_of(
+                    tables, np.full_like(pos, i), pos, bs
+                )
+                prefill_seqs.append(s)
+        if dec_rows:
+            batch = decode_batch(dec_rows, dec_tables, dec_lengths, bs, mask)
+            arrays.update({f"{tag}d_{k}": a for k, a in batch.items()})
+        return cls(tag, tuple(prefill_seqs), bool(dec_rows))
+
+    def tensors(
+        self, t: dict[str, torch.Tensor]
+    ) -> tuple[tuple[PrefillSlice, ...], DecodeBatch | None]:
+        """The prefill slices and decode batch, from the device tensors of ``to_device``."""
+        tag = self.tag
+        prefills = tuple(
+            PrefillSlice(s.q_start, s.q_len, t[f"{tag}p{j}"])
+            for j, s in enumerate(self.prefill_seqs)
+        )
+        decode = None
+        if self.has_decode:
+            decode = DecodeBatch(
+                t[f"{tag}d_rows"],
+                t[f"{tag}d_block_ids"],
+                t[f"{tag}d_lengths"],
+                t.get(f"{tag}d_mask"),
+            )
+        return prefills, decode
 
 
 def causal_mask(q_len: int, context: int, device: torch.device) -> torch.Tensor:
@@ -42,6 +128,7 @@ def attend_decode(
     The query heads that share a KV head are folded into the query length, so K/V are never
     expanded: q becomes (B, KVH, G, D) against k (B, KVH, Lmax, D).
     """
+    assert d.mask is not None, "padded decode attention needs the batch's mask"
     b, h, dim = q.shape
     kv_heads = k_pool.shape[1]
     k, v = decode_kv(k_pool, v_pool, d, block_size)  # (B, KVH, Lmax, D)
@@ -53,18 +140,38 @@ def attend_decode(
 class ReferenceBackend(AttentionBackend):
     """Plain attention: every sequence reads its whole context, prefix included."""
 
+    # Whether decode batches carry a padding mask (the padded SDPA path reads it).
+    decode_mask = True
+
+    def prepare(self, step: AttentionStep) -> TorchMetadata:
+        tables = block_table_array(step.seqs)
+        arrays = {"slots": slot_mapping(step, tables)}
+        plan = ContextPlan.build(step, tables, range(len(step.seqs)), self.decode_mask, arrays)
+        t = to_device(arrays, self.cache.k.device)
+        return TorchMetadata(t["slots"], *plan.tensors(t))
+
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TorchMetadata
     ) -> torch.Tensor:
         self.write_kv(layer, k, v, meta.slot_mapping)
+        return self.attend(layer, q, meta.prefills, meta.decode, torch.empty_like(q))
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        prefills: Sequence[PrefillSlice],
+        decode: DecodeBatch | None,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """Fill ``out`` at the rows of ``prefills`` and ``decode`` (K/V already written)."""
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        out = torch.empty_like(q)
-        for s in meta.prefills:
+        for s in prefills:
             out[s.q_start : s.q_start + s.q_len] = attend_slice(
                 q[s.q_start : s.q_start + s.q_len], k_pool, v_pool, s, self.scale
             )
-        if meta.decode is not None:
-            out[meta.decode.rows] = self.decode(q[meta.decode.rows], k_pool, v_pool, meta.decode)
+        if decode is not None:
+            out[decode.rows] = self.decode(q[decode.rows], k_pool, v_pool, decode)
         return out
 
     def decode(

@@ -8,13 +8,45 @@ their log-sum-exp. Rows outside groups go through the reference path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-from .backend import DecodeBatch, StepMetadata, decode_kv
-from .reference import ReferenceBackend, causal_mask
+from .backend import (
+    DecodeBatch,
+    PrefillSlice,
+    block_table_array,
+    decode_kv,
+    slot_mapping,
+    to_device,
+)
+from .reference import ContextPlan, ReferenceBackend, causal_mask
+from .step import AttentionStep
 
 # Query rows per prefix matmul: bounds the (KVH, rows * G, P) score tensor on long prefixes.
 _PREFIX_ROWS = 512
+
+
+@dataclass(frozen=True)
+class PrefixSegment:
+    """One prefix level in this step: positions whose KV every row in ``rows`` reads."""
+
+    slots: torch.Tensor  # (P,) the level's own positions (after its parent level's)
+    rows: torch.Tensor  # (Q,) query rows of every sequence below this level
+
+
+@dataclass(frozen=True)
+class SharedPrefixMetadata:
+    """Sequences outside levels as in the reference path; sequences below levels as segments
+    (read once for all their rows) plus each sequence's own part."""
+
+    slot_mapping: torch.Tensor  # (T,)
+    prefills: tuple[PrefillSlice, ...]
+    decode: DecodeBatch | None
+    segments: tuple[PrefixSegment, ...]
+    members: tuple[PrefillSlice, ...]  # own part of member prefill chunks
+    member_decode: DecodeBatch | None  # own part of members with one query row
 
 
 def attend_lse(
@@ -77,11 +109,36 @@ class SharedPrefixBackend(ReferenceBackend):
 
     shares_prefix = True
 
+    def prepare(self, step: AttentionStep) -> SharedPrefixMetadata:
+        tables = block_table_array(step.seqs)
+        bs = step.block_size
+        arrays = {"slots": slot_mapping(step, tables)}
+        for i, lvl in enumerate(step.levels):
+            blocks = np.array(lvl.block_ids, dtype=np.int64)
+            arrays[f"seg{i}"] = (blocks[:, None] * bs + np.arange(bs)[None, :]).reshape(-1)
+            arrays[f"rows{i}"] = np.arange(lvl.row_start, lvl.row_end, dtype=np.int64)
+        plain = [i for i, s in enumerate(step.seqs) if s.shared_len == 0]
+        members = [i for i, s in enumerate(step.seqs) if s.shared_len > 0]
+        plain_plan = ContextPlan.build(step, tables, plain, True, arrays)
+        member_plan = ContextPlan.build(step, tables, members, True, arrays, tag="m")
+        t = to_device(arrays, self.cache.k.device)
+        segments = tuple(
+            PrefixSegment(t[f"seg{i}"], t[f"rows{i}"]) for i in range(len(step.levels))
+        )
+        return SharedPrefixMetadata(
+            t["slots"], *plain_plan.tensors(t), segments, *member_plan.tensors(t)
+        )
+
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: SharedPrefixMetadata,
     ) -> torch.Tensor:
-        plain = StepMetadata(meta.slot_mapping, meta.logits_rows, meta.prefills, meta.decode)
-        out = super().forward(layer, q, k, v, plain)  # writes K/V, covers non-member rows
+        self.write_kv(layer, k, v, meta.slot_mapping)
+        out = self.attend(layer, q, meta.prefills, meta.decode, torch.empty_like(q))
         if not meta.segments:
             return out
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]

@@ -7,11 +7,13 @@ no padding. Attention goes through an ``AttentionBackend`` that owns the paged K
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ...config import ModelConfig
-from ..attention.backend import AttentionBackend, StepMetadata
+from ..attention.backend import AttentionBackend
 from ..layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
 from ..packed_linear import Linear
 
@@ -33,7 +35,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         backend: AttentionBackend,
-        meta: StepMetadata,
+        meta: Any,
     ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -61,7 +63,8 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Token ids (T,) and positions (T,) -> logits for the rows in ``meta.logits_rows``."""
+    """Token ids (T,) and positions (T,) -> logits (S, vocab) fp32 for the rows in
+    ``logits_rows``; ``meta`` is the attention backend's metadata for the step."""
 
     # checkpoint sub-name -> (our parameter sub-name, shard index) for fused projections
     FUSED = {
@@ -87,13 +90,14 @@ class DecoderModel(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         backend: AttentionBackend,
-        meta: StepMetadata,
+        meta: Any,
+        logits_rows: torch.Tensor,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
         rope = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, backend, meta)
-        x = self.norm(x[meta.logits_rows])  # only rows that sample: (S, hidden)
+        x = self.norm(x[logits_rows])  # only rows that sample: (S, hidden)
         return self.lm_head(x).float()  # (S, vocab)
 
     def load_weights(self, weights) -> None:  # type: ignore[no-untyped-def]

