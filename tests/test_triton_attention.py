@@ -5,7 +5,10 @@ interpreter (fp32, fp16; set in conftest); with CUDA the same tests run on the G
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -293,3 +296,47 @@ def test_metadata_rejects_inconsistent_steps() -> None:
     for step in bad:
         with pytest.raises(ValueError):
             TritonMetadata.build(step, torch.device("cpu"))
+
+
+# Compiles the kernels for an H100/H200 (sm_90) with bf16 inputs, without a GPU: the interpreter
+# accepts code the compiler rejects (non-constexpr globals, dot shapes), and bf16 cannot be run on
+# the CPU. Run in a subprocess because TRITON_INTERPRET is read when a kernel is decorated.
+COMPILE_SM90 = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from prefixbatch.execution.attention import triton_kernels as tk
+
+def signature(fn, constexprs):
+    data = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "k_pool_ptr", "v_pool_ptr")
+    return {
+        a: "constexpr" if a in constexprs
+        else "*bf16" if a in data
+        else "*fp32" if a in ("po_ptr", "plse_ptr")
+        else "*i32" if a.endswith("_ptr")
+        else "fp32" if a == "qk_scale"
+        else "i32"
+        for a in fn.arg_names
+    }
+
+tiles = dict(BLOCK_N=tk.BLOCK_N, HEAD_DIM=128, BLOCK_SIZE=16, PRECISION="tf32")
+for fn, constexprs in (
+    (tk._prefix_level_kernel, dict(G=4, ROWS=16, BLOCK_M=64, **tiles)),
+    (tk._own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, **tiles)),
+    (tk._store_kv_kernel, dict(ROW=1024, BLOCK=1024)),
+):
+    source = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90_in_bf16() -> None:
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
