@@ -35,6 +35,22 @@ BLOCK_N = 32  # KV positions per inner-loop tile; untuned
 
 
 @triton.jit
+def _packed_rows(first, limit, kvh, G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The M dimension of a tile: ``ROWS`` query rows from ``first`` x the ``G`` query heads of
+    KV head ``kvh``. Returns each entry's row, head, and whether it is a real row (< ``limit``)."""
+    m = tl.arange(0, BLOCK_M)
+    rows = first + m // G
+    return rows, kvh * G + m % G, (m < ROWS * G) & (rows < limit)
+
+
+@triton.jit
+def _load_q(q_ptr, rows, heads, ok, stride_qt, stride_qh, d):
+    """q rows (BLOCK_M, D) at packed (row, head) pairs; 0 where not ``ok``."""
+    offsets = rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :]
+    return tl.load(q_ptr + offsets, mask=ok[:, None], other=0.0)
+
+
+@triton.jit
 def _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, stride_vh, d):
     """K as (D, BLOCK_N) (ready for q @ k) and V as (BLOCK_N, D) at int64 ``slot``s."""
     k = tl.load(
@@ -83,16 +99,9 @@ def _prefix_level_kernel(
     row_end = tl.load(lvl_row_end_ptr + lvl)
     length = tl.load(lvl_len_ptr + lvl)
 
-    m = tl.arange(0, BLOCK_M)
-    rows = row0 + m // G  # packed M: query row x GQA head of this KV head
-    heads = kvh * G + m % G
-    row_ok = (m < ROWS * G) & (rows < row_end)
+    rows, heads, row_ok = _packed_rows(row0, row_end, kvh, G, ROWS, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )
+    q = _load_q(q_ptr, rows, heads, row_ok, stride_qt, stride_qh, d)
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -137,18 +146,11 @@ def _own_kv_kernel(
     shared = tl.load(seq_shared_ptr + seq)
     num_levels = tl.load(seq_num_levels_ptr + seq)
 
-    m = tl.arange(0, BLOCK_M)
-    r = q0 + m // G  # query index within the sequence's new tokens
-    heads = kvh * G + m % G
-    row_ok = (m < ROWS * G) & (r < q_len)
+    r, heads, row_ok = _packed_rows(q0, q_len, kvh, G, ROWS, BLOCK_M)  # r: index in new tokens
     rows = (q_start + r).to(tl.int64)
     q_pos = ctx - q_len + r  # causal offset: query r sits at this position
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )
+    q = _load_q(q_ptr, rows, heads, row_ok, stride_qt, stride_qh, d)
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
