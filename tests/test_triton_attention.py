@@ -27,7 +27,10 @@ from prefixbatch.execution.attention.triton_kernels import (  # noqa: E402
     prefix_partials,
     triton_attention,
 )
-from prefixbatch.execution.attention.triton_metadata import TritonMetadata  # noqa: E402
+from prefixbatch.execution.attention.triton_metadata import (  # noqa: E402
+    MetadataShape,
+    TritonMetadata,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -342,3 +345,39 @@ def test_kernels_compile_for_sm90_in_bf16() -> None:
         [sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_metadata_for_cuda_graphs(device: str) -> None:
+    """Metadata padded to a fixed shape (a CUDA-graph bucket) gives the unpadded result on the
+    real rows and writes no KV for padding rows; refreshed in place from another step's
+    metadata (what a graph replay reads), it computes that step."""
+    dev = torch.device(device)
+    shape = MetadataShape(
+        rows=112, seqs=11, max_blocks=10, levels=6, max_level_blocks=4, max_depth=2,
+        own_tiles=16, prefix_tiles=9, partials=128,
+    )  # fmt: skip
+    cache = KVCache(1, 400, 16, 2, 32, torch.float32, dev)
+    cache.k.normal_()
+    cache.v.normal_()
+    backend = TritonBackend(cache, num_heads=4, scale=32**-0.5)
+    steps = [random_step(random.Random(seed), 16, max_depth=2) for seed in (11, 12)]
+    static = TritonMetadata.build(steps[0], dev, 2, shape)
+    for i, step in enumerate(steps):
+        if i:
+            static.update_from(TritonMetadata.build(step, dev, 2, shape))
+        assert static.own_tile_seq.numel() == 16 and static.num_partials == 128
+        t = step.num_rows
+        q, k, v = (torch.randn(shape.rows, h, 32, device=dev) for h in (4, 2, 2))
+        before_k = cache.k.clone()
+        got = backend.forward(0, q, k, v, static)[:t]
+        before_k[0, static.slot_mapping[:t].long()] = k[:t]
+        assert torch.equal(cache.k, before_k)  # padding rows (slot -1) wrote nothing
+        unpadded = backend.prepare(step)
+        assert torch.equal(
+            got, triton_attention(q[:t], cache.k[0], cache.v[0], unpadded, backend.scale)
+        )
+    with pytest.raises(ValueError):
+        TritonMetadata.build(steps[0], dev, 2, replace(shape, seqs=2))
+    with pytest.raises(ValueError):
+        static.update_from(TritonMetadata.build(steps[0], dev, 2))

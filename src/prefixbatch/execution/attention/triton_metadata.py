@@ -13,6 +13,10 @@ launched over two work lists built here, so no program searches for its sequence
 The GQA query heads of one KV head are packed into the kernels' M dimension, so a tile of ``n``
 rows fills ``n * group_size`` rows of M; the rows per tile are chosen from ``group_size`` so
 that this stays near ``OWN_TILE_M`` / ``PREFIX_TILE_M``.
+
+For CUDA graphs, ``build(..., shape=MetadataShape(...))`` pads every array to fixed sizes (one
+shape per batch-size bucket): the kernels' grids and the partial buffer then depend only on the
+shape, and a captured step is refreshed with one device copy (``update_from``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,24 @@ from .step import AttentionStep
 # Packed (query row x GQA head) rows a tile aims for; untuned starting points.
 OWN_TILE_M = 32
 PREFIX_TILE_M = 64
+_SEQ_KEYS = ("q_start", "q_len", "context_len", "shared_len", "num_levels")
+_LEVEL_KEYS = ("level_row_start", "level_row_end", "level_start", "level_length")
+
+
+@dataclass(frozen=True)
+class MetadataShape:
+    """Fixed sizes of padded metadata (e.g. one CUDA-graph bucket); a step fits when none of its
+    counts exceeds these. ``partials`` bounds the sum of the levels' row counts."""
+
+    rows: int
+    seqs: int
+    max_blocks: int
+    levels: int
+    max_level_blocks: int
+    max_depth: int
+    own_tiles: int
+    prefix_tiles: int
+    partials: int
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,7 @@ class TritonMetadata:
     own_tile_q0: torch.Tensor
     prefix_tile_level: torch.Tensor
     prefix_tile_row0: torch.Tensor
+    flat: torch.Tensor  # the one device buffer every field above is a view of
     num_rows: int
     block_size: int
     own_rows: int  # query rows per own tile
@@ -71,13 +94,20 @@ class TritonMetadata:
 
     @classmethod
     def build(
-        cls, step: AttentionStep, device: torch.device, group_size: int = 1
+        cls,
+        step: AttentionStep,
+        device: torch.device,
+        group_size: int = 1,
+        shape: MetadataShape | None = None,
     ) -> TritonMetadata:
         """Lay out ``step`` for the kernels. ``group_size`` (query heads per KV head) only sizes
-        the tiles; any value gives correct results.
+        the tiles; any value gives correct results. With ``shape``, every array is padded to it
+        (padding rows write no KV, padding tiles do no work; q must then have ``shape.rows``
+        rows, and the output rows past ``step.num_rows`` are undefined).
 
-        Raises ValueError when the rows do not tile ``[0, num_rows)`` in sequence order, or a
-        sequence's levels do not cover ``[0, shared_len)`` with depths ``0..n-1``.
+        Raises ValueError when the rows do not tile ``[0, num_rows)`` in sequence order, a
+        sequence's levels do not cover ``[0, shared_len)`` with depths ``0..n-1``, or the step
+        does not fit ``shape``.
         """
         seqs = step.seqs
         bs = step.block_size
@@ -107,14 +137,31 @@ class TritonMetadata:
         row_start = arrays["level_row_start"]
         rows = arrays["level_row_end"] - row_start
         arrays.update(_tiles("prefix_tile_level", "prefix_tile_row0", rows, prefix_rows, row_start))
+        num_rows, num_partials = step.num_rows, int(rows.sum())
+        if shape is not None:
+            if num_partials > shape.partials:
+                raise ValueError(f"{num_partials} partial rows do not fit {shape}")
+            arrays, num_rows, num_partials = _pad(arrays, shape), shape.rows, shape.partials
         return cls(
             **_upload(arrays, device),
-            num_rows=step.num_rows,
+            num_rows=num_rows,
             block_size=bs,
             own_rows=own_rows,
             prefix_rows=prefix_rows,
-            num_partials=int(rows.sum()),
+            num_partials=num_partials,
         )
+
+    def update_from(self, other: TritonMetadata) -> None:
+        """Copy ``other`` (built with the same ``shape`` and ``group_size``) into this
+        metadata's buffers in place, one device copy: what a CUDA-graph replay reads.
+
+        Raises ValueError when the layouts differ."""
+        sizes = ("num_rows", "block_size", "own_rows", "prefix_rows", "num_partials")
+        if self.flat.shape != other.flat.shape or any(
+            getattr(self, n) != getattr(other, n) for n in sizes
+        ):
+            raise ValueError("metadata of different shapes")
+        self.flat.copy_(other.flat, non_blocking=True)
 
 
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
@@ -168,15 +215,13 @@ def _level_arrays(
     depth_ok = (seq_levels >= 0) == (np.arange(seq_levels.shape[1]) < num_levels[:, None])
     if (covered != shared).any() or not depth_ok.all():
         raise ValueError("levels must cover [0, shared_len) of each sequence, depths 0..n-1")
-    row_start = np.array([lvl.row_start for lvl in levels], dtype=np.int32)
-    row_end = np.array([lvl.row_end for lvl in levels], dtype=np.int32)
+    columns = [(lvl.row_start, lvl.row_end, lvl.start, lvl.end - lvl.start) for lvl in levels]
+    per_level = np.array(columns, dtype=np.int32).reshape(len(levels), len(_LEVEL_KEYS))
+    row_start, row_end = per_level[:, 0], per_level[:, 1]
     return {
         "num_levels": num_levels,
         "seq_levels": seq_levels,
-        "level_row_start": row_start,
-        "level_row_end": row_end,
-        "level_start": np.array([lvl.start for lvl in levels], dtype=np.int32),
-        "level_length": np.array([lvl.end - lvl.start for lvl in levels], dtype=np.int32),
+        **{key: per_level[:, i].copy() for i, key in enumerate(_LEVEL_KEYS)},
         "level_depth": np.array([lvl.depth for lvl in levels], dtype=np.int32),
         "level_out": _exclusive_cumsum(row_end - row_start),
         "level_blocks": _padded([lvl.block_ids for lvl in levels]),
@@ -197,6 +242,36 @@ def _tiles(
     }
 
 
+def _pad(arrays: dict[str, np.ndarray], shape: MetadataShape) -> dict[str, np.ndarray]:
+    """Every array padded to ``shape``, plus one null sequence (no rows, no context) and one
+    null level (no rows, no KV) past the last, which the padding tiles point at."""
+    depth = max(1, shape.max_depth)
+    # key -> (room for the step, fill); sequence and level arrays get one null entry more.
+    room: dict[str, tuple[tuple[int, ...], int]] = {
+        **{key: ((shape.seqs,), 0) for key in _SEQ_KEYS},
+        "block_table": ((shape.seqs, shape.max_blocks), 0),
+        "seq_levels": ((shape.seqs, depth), -1),
+        **{key: ((shape.levels,), 0) for key in (*_LEVEL_KEYS, "level_depth", "level_out")},
+        "level_blocks": ((shape.levels, shape.max_level_blocks), 0),
+    }
+    exact: dict[str, tuple[tuple[int, ...], int]] = {
+        "slot_mapping": ((shape.rows,), -1),
+        "own_tile_seq": ((shape.own_tiles,), shape.seqs),
+        "own_tile_q0": ((shape.own_tiles,), 0),
+        "prefix_tile_level": ((shape.prefix_tiles,), shape.levels),
+        "prefix_tile_row0": ((shape.prefix_tiles,), 0),
+    }
+    out = {}
+    for key, a in arrays.items():
+        fits, fill = room.get(key) or exact[key]
+        if any(n > t for n, t in zip(a.shape, fits)):
+            raise ValueError(f"{key} {a.shape} does not fit {shape}")
+        target = (fits[0] + 1, *fits[1:]) if key in room else fits
+        out[key] = np.full(target, fill, dtype=np.int32)
+        out[key][tuple(slice(0, n) for n in a.shape)] = a
+    return out
+
+
 def _upload(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """One host buffer, one copy to ``device``; returns views with the arrays' shapes."""
     flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays.values()]).astype(np.int32))
@@ -204,7 +279,7 @@ def _upload(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, to
         flat = flat.pin_memory().to(device, non_blocking=True)
     else:
         flat = flat.to(device)
-    out, offset = {}, 0
+    out, offset = {"flat": flat}, 0
     for key, a in arrays.items():
         out[key] = flat[offset : offset + a.size].view(a.shape)
         offset += a.size
