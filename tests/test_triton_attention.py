@@ -362,10 +362,10 @@ def test_padded_metadata_for_cuda_graphs(device: str) -> None:
     cache.v.normal_()
     backend = TritonBackend(cache, num_heads=4, scale=32**-0.5)
     steps = [random_step(random.Random(seed), 16, max_depth=2) for seed in (11, 12)]
-    static = TritonMetadata.build(steps[0], dev, 2, shape)
+    static = backend.prepare(steps[0], shape)
     for i, step in enumerate(steps):
         if i:
-            static.update_from(TritonMetadata.build(step, dev, 2, shape))
+            static.update_from(backend.prepare(step, shape))
         assert static.own_tile_seq.numel() == 16 and static.num_partials == 128
         t = step.num_rows
         q, k, v = (torch.randn(shape.rows, h, 32, device=dev) for h in (4, 2, 2))

@@ -14,7 +14,7 @@ import torch
 
 from .backend import KVCache
 from .step import AttentionStep
-from .triton_metadata import TritonMetadata
+from .triton_metadata import MetadataShape, TritonMetadata
 
 
 def triton_available(device: torch.device) -> bool:
@@ -48,9 +48,10 @@ class TritonBackend:
         self.scale = scale
         self.group_size = num_heads // cache.k.shape[2]  # query heads per KV head
 
-    def prepare(self, step: AttentionStep) -> TritonMetadata:
-        """The step's metadata, on the cache's device (one host-to-device copy)."""
-        return TritonMetadata.build(step, self.cache.k.device, self.group_size)
+    def prepare(self, step: AttentionStep, shape: MetadataShape | None = None) -> TritonMetadata:
+        """The step's metadata, on the cache's device (one host-to-device copy); padded to
+        ``shape`` for a CUDA-graph bucket (see ``TritonMetadata.build``)."""
+        return TritonMetadata.build(step, self.cache.k.device, self.group_size, shape)
 
     def forward(
         self,
