@@ -16,7 +16,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from prefixbatch.execution.attention.backend import KVCache  # noqa: E402
 from prefixbatch.execution.attention.shared_prefix import attend_lse  # noqa: E402
 from prefixbatch.execution.attention.step import AttentionStep, PrefixLevel, SeqStep  # noqa: E402
 from prefixbatch.execution.attention.triton_backend import (  # noqa: E402
@@ -31,6 +30,7 @@ from prefixbatch.execution.attention.triton_metadata import (  # noqa: E402
     MetadataShape,
     TritonMetadata,
 )
+from prefixbatch.execution.kv_cache import KVCache  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -381,3 +381,43 @@ def test_padded_metadata_for_cuda_graphs(device: str) -> None:
         TritonMetadata.build(steps[0], dev, 2, replace(shape, seqs=2))
     with pytest.raises(ValueError):
         static.update_from(TritonMetadata.build(steps[0], dev, 2))
+
+
+def test_engine_with_the_triton_backend_matches_transformers(tiny_models):  # type: ignore[no-untyped-def]
+    """The whole engine through the Triton kernels (interpreter on the CPU, fp32): nested prefix
+    levels read as levels (cascade on every group), prefill chunks and decode rows in one step."""
+    from conftest import hf_greedy, nested_prompts
+    from prefixbatch import LLM, SamplingParams
+    from prefixbatch.execution.attention.triton_backend import TritonBackend
+
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("triton is not installed")
+    rng = random.Random(3)
+    prompts = nested_prompts(rng, system=16, doc=16, docs=2, per_doc=2, vocab=(3, 500))
+    prompts += [[rng.randrange(3, 500) for _ in range(11)]]  # shares nothing
+    llm = LLM(
+        str(tiny_models["llama"]),
+        device="cpu",
+        block_size=8,
+        kv_cache_memory=4 * 2**20,
+        attention_backend="triton",
+        cascade_min_prefix=0,
+        max_num_batched_tokens=24,  # prefill chunks cross block edges and mix with decodes
+    )
+    assert isinstance(llm.engine.backend, TritonBackend)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0))
+    assert llm.engine.stats.groups >= 3  # the system prompt and two documents were levels
+    assert [o.output_token_ids for o in outs] == hf_greedy(
+        tiny_models["llama"], prompts, [3] * len(prompts)
+    )
+
+
+def test_auto_never_picks_the_interpreter():  # type: ignore[no-untyped-def]
+    from prefixbatch.execution.attention.registry import select_backend
+    from prefixbatch.execution.attention.triton_backend import TritonBackend
+    from prefixbatch.execution.kv_cache import KVCache
+
+    cache = KVCache(1, 4, 16, 2, 16, torch.float16, torch.device("cpu"))
+    assert not isinstance(select_backend("auto", cache, 4, 0.25), TritonBackend)
+    if triton_available(torch.device("cpu")):
+        assert isinstance(select_backend("triton", cache, 4, 0.25), TritonBackend)

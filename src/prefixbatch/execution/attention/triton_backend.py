@@ -12,7 +12,8 @@ import os
 
 import torch
 
-from .backend import KVCache
+from ..kv_cache import KVCache
+from .backend import AttentionBackend
 from .step import AttentionStep
 from .triton_metadata import MetadataShape, TritonMetadata
 
@@ -27,7 +28,7 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-class TritonBackend:
+class TritonBackend(AttentionBackend):
     """Writes a step's new K/V into the paged cache and computes attention for every row, the
     rows below prefix levels reading each level once per tile of rows (see ``triton_kernels``).
 
@@ -42,10 +43,8 @@ class TritonBackend:
         # Imported here so that this module, and triton_available, load without triton.
         from . import triton_kernels
 
+        super().__init__(cache, num_heads, scale)
         self._kernels = triton_kernels
-        self.cache = cache
-        self.num_heads = num_heads
-        self.scale = scale
         self.group_size = num_heads // cache.k.shape[2]  # query heads per KV head
 
     def prepare(self, step: AttentionStep, shape: MetadataShape | None = None) -> TritonMetadata:
