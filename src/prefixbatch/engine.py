@@ -18,7 +18,7 @@ from .execution.model_runner import ModelRunner
 from .execution.model_source import ModelSource, resolve_model
 from .execution.models.decoder import DecoderModel
 from .execution.packed_linear import onednn_available
-from .execution.sampler import sample
+from .execution.sampler import SamplingTensors, sample
 from .outputs import Request, RequestOutput
 from .scheduling.block_manager import BlockManager
 from .scheduling.scheduler import Scheduler, SchedulerConfig
@@ -234,7 +234,11 @@ class LLMEngine:
                 )
             logits = runner.execute(step)
             sampling = [receiver for _, receiver in step.samples]
-            tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+            params = [s.params for s in sampling]
+            seeds = [s.seed for s in sampling]
+            index = [s.num_output for s in sampling]
+            tensors = SamplingTensors.build(params, seeds, index, logits.device)
+            tokens = sample(logits, tensors).tolist()
             finished = scheduler.postprocess(step, tokens)
             finished += self._stop_strings(scheduler, sampling, finished)
             self.stats.steps += 1
