@@ -13,6 +13,7 @@ import torch
 from .config import EngineConfig, ModelConfig
 from .execution.attention.backend import KVCache
 from .execution.attention.factory import make_backend
+from .execution.kv_memory import KVBudgetError
 from .execution.layers import rope_inv_freq
 from .execution.model_runner import ModelRunner
 from .execution.model_source import ModelSource, resolve_model
@@ -25,10 +26,6 @@ from .scheduling.scheduler import Scheduler, SchedulerConfig
 from .scheduling.sequence import Sequence
 from .scheduling.work import build_sequences
 from .tokenizer import Tokenizer
-
-
-class KVBudgetError(ValueError):
-    """The KV cache cannot hold even the smallest request."""
 
 
 @dataclass(frozen=True)
