@@ -101,10 +101,11 @@ class InMemorySource(ModelSource):
 
 
 def hf_model(config: dict[str, Any], dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """A transformers Llama with random weights (normal, std 0.02) made on ``device``."""
+    """A transformers Llama with random weights (normal, std 0.02) made on ``device``, with no
+    EOS token (every generation runs to its length without masking a token)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**config, initializer_range=0.02, eos_token_id=2, bos_token_id=1)
+    cfg = LlamaConfig(**config, initializer_range=0.02, eos_token_id=None, bos_token_id=1)
     cfg.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     with torch.device(device):
@@ -153,16 +154,18 @@ def generate(
 
 
 def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """transformers' greedy continuation, one prompt at a time (no padding), EOS ignored."""
+    """transformers' greedy continuation, one prompt at a time (no padding)."""
     dev = next(model.parameters()).device
     outs = []
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([p], device=dev)
             gen = model.generate(  # type: ignore[attr-defined]
-                ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+                ids, max_new_tokens=n, do_sample=False, pad_token_id=0
             )
             outs.append(gen[0, len(p) :].tolist())
+            if len(outs[-1]) != n:
+                raise RuntimeError(f"transformers made {len(outs[-1])} tokens, not {n}")
     return outs
 
 
@@ -296,7 +299,8 @@ def run_hf_continuous(
         outs, wall = timed(lambda: run(inputs=prompts, **kwargs))
     made = sum(len(o.generated_tokens) for o in outs.values())
     row = job_row("transformers CB", groups, sizes, wall, made, useful_flops(params, sizes, groups))
-    return row | {"errors": sum(o.error is not None for o in outs.values())}
+    errors = sum(o.error is not None for o in outs.values())
+    return row | {"errors": errors, "includes_warmup": warmup}
 
 
 class Recorder:
