@@ -383,9 +383,12 @@ def test_padded_metadata_for_cuda_graphs(device: str) -> None:
         static.update_from(TritonMetadata.build(steps[0], dev, 2))
 
 
-def test_engine_with_the_triton_backend_matches_transformers(tiny_models):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-buffers"])
+def test_engine_with_the_triton_backend_matches_transformers(tiny_models, graphs):  # type: ignore[no-untyped-def]
     """The whole engine through the Triton kernels (interpreter on the CPU, fp32): nested prefix
-    levels read as levels (cascade on every group), prefill chunks and decode rows in one step."""
+    levels read as levels (cascade on every group), prefill chunks and decode rows in one step.
+    With graphs, decode steps go through the CUDA-graph runner's padded static buffers (run
+    eagerly here: the same hooks and padding a capture replays)."""
     from conftest import hf_greedy, nested_prompts
     from prefixbatch import LLM, SamplingParams
     from prefixbatch.execution.attention.triton_backend import TritonBackend
@@ -403,9 +406,18 @@ def test_engine_with_the_triton_backend_matches_transformers(tiny_models):  # ty
         attention_backend="triton",
         cascade_min_prefix=0,
         max_num_batched_tokens=24,  # prefill chunks cross block edges and mix with decodes
+        cuda_graphs=graphs,
+        max_cuda_graph_batch=4,  # decode steps of 5+ rows run eagerly
     )
     assert isinstance(llm.engine.backend, TritonBackend)
+    assert (llm.engine.loaded.graphs is not None) == graphs
+    replays = []
+    if graphs:
+        runner = llm.engine.loaded.graphs
+        run = runner.run
+        runner.run = lambda *a: replays.append(a[0].shape[0]) or run(*a)  # type: ignore[method-assign]
     outs = llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0))
+    assert bool(replays) == graphs  # decode steps of up to 4 rows went through the buffers
     assert llm.engine.stats.groups >= 3  # the system prompt and two documents were levels
     assert [o.output_token_ids for o in outs] == hf_greedy(
         tiny_models["llama"], prompts, [3] * len(prompts)

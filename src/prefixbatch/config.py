@@ -146,6 +146,10 @@ class EngineConfig:
     # The attention backend by registry name ("auto": the best available for the device and
     # dtype; see execution/attention/registry.py).
     attention_backend: str = "auto"
+    # Decode steps of up to max_cuda_graph_batch rows replay CUDA graphs, when the backend has
+    # the graph hooks (Triton); captured once at load, per batch-size bucket.
+    cuda_graphs: bool = True
+    max_cuda_graph_batch: int = 256
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))

@@ -91,6 +91,7 @@ class LLMEngine:
             self.loaded.cache.k.device,
             share_prefix_attention=config.policy.plans,
             min_shared=config.cascade_min_prefix,
+            graphs=self.loaded.graphs,
         )
         self.stats = EngineStats()
         self._requests: dict[int, Request] = {}  # unfinished requests by id

@@ -14,9 +14,11 @@ PyTorch docs, "CUDA Graphs": ``torch.cuda.graph`` with ``pool=``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
+
+from .attention.step import AttentionStep
 
 M = TypeVar("M")
 
@@ -24,6 +26,7 @@ M = TypeVar("M")
 Forward = Callable[[torch.Tensor, torch.Tensor, M], torch.Tensor]
 
 
+@runtime_checkable
 class GraphMetadataHooks(Protocol[M]):
     """What an attention backend implements so its decode steps can be captured.
 
@@ -37,11 +40,16 @@ class GraphMetadataHooks(Protocol[M]):
         run the forward on it (rows that attend one position and write KV to a scratch slot)."""
         ...
 
+    def prepare_graph(self, step: AttentionStep, bucket: int) -> M:
+        """A decode step's metadata laid out for ``bucket`` rows (what ``fill`` copies in);
+        raises ValueError when the step does not fit the bucket (it then runs eagerly)."""
+        ...
+
     def fill(self, static: M, meta: M, num_rows: int) -> None:
-        """Copy a decode step's metadata (``num_rows`` rows, from ``prepare``) into ``static``
-        in place (``Tensor.copy_``; never rebind a tensor: the graph reads fixed addresses).
-        Rows ``[num_rows, bucket)`` are padding: make them read valid KV and write their KV
-        where no sequence reads (a scratch slot), and nothing they produce is used."""
+        """Copy a decode step's metadata (``num_rows`` rows, from ``prepare_graph``) into
+        ``static`` in place (``Tensor.copy_``; never rebind a tensor: the graph reads fixed
+        addresses). Rows ``[num_rows, bucket)`` are padding: they must read valid KV and write
+        their KV where no sequence reads, and nothing they produce is used."""
         ...
 
 

@@ -17,6 +17,7 @@ from ..scheduling.scheduler import ScheduledStep
 from ..scheduling.sequence import PrefixGroup, Sequence
 from .attention.backend import AttentionBackend, to_device
 from .attention.step import AttentionStep, PrefixLevel, SeqStep
+from .cuda_graphs import DecodeGraphRunner, bucket_for
 from .models.decoder import DecoderModel
 
 
@@ -45,7 +46,8 @@ class ModelRunner:
 
     With ``share_prefix_attention`` (and a backend that ``shares_prefix``), sequences below
     prefix groups whose shared prefix has at least ``min_shared`` tokens read it through the
-    step's prefix levels; every other sequence reads its whole context.
+    step's prefix levels; every other sequence reads its whole context. With ``graphs``, decode
+    steps run through the backend's captured CUDA graphs (``cuda_graphs.py``).
     """
 
     def __init__(
@@ -56,7 +58,9 @@ class ModelRunner:
         device: torch.device,
         share_prefix_attention: bool = False,
         min_shared: int = 0,
+        graphs: DecodeGraphRunner | None = None,
     ) -> None:
+        self.graphs = graphs
         self.model = model
         self.backend = backend
         self.block_size = block_size
@@ -122,8 +126,11 @@ class ModelRunner:
             rows.depth,
         )
 
-    def prepare(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
-        """(input_ids (T,), positions (T,), backend metadata, logits_rows (S,)) for a step."""
+    def inputs(
+        self, step: ScheduledStep
+    ) -> tuple[AttentionStep, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(attention step, input_ids (T,), positions (T,), logits_rows (S,)) of a step, the
+        tensors on the device in one copy."""
         attn, ids, last_row = self.describe(step)
         positions = np.concatenate(
             [np.arange(s.context_len - s.q_len, s.context_len) for s in attn.seqs]
@@ -137,10 +144,27 @@ class ModelRunner:
             },
             self.device,
         )
-        meta = self.backend.prepare(attn)
-        return t["ids"], t["positions"], meta, t["logits_rows"]
+        return attn, t["ids"], t["positions"], t["logits_rows"]
 
     def execute(self, step: ScheduledStep) -> torch.Tensor:
-        """Run one step; returns fp32 logits (S, vocab), one row per entry of ``step.samples``."""
-        input_ids, positions, meta, logits_rows = self.prepare(step)
+        """Run one step; returns fp32 logits (S, vocab), one row per entry of ``step.samples``.
+        A decode step that fits a captured batch-size bucket replays its CUDA graph."""
+        attn, input_ids, positions, logits_rows = self.inputs(step)
+        graph_meta = self._graph_metadata(attn)
+        if graph_meta is not None:
+            assert self.graphs is not None
+            return self.graphs.run(input_ids, positions, graph_meta)[logits_rows]
+        meta = self.backend.prepare(attn)
         return self.model(input_ids, positions, self.backend, meta, logits_rows)
+
+    def _graph_metadata(self, attn: AttentionStep) -> Any | None:
+        """The step's metadata padded to its bucket when it is a decode step the graphs take."""
+        if self.graphs is None or any(s.q_len != 1 for s in attn.seqs):
+            return None
+        bucket = bucket_for(attn.num_rows, self.graphs.buckets)
+        if bucket is None:
+            return None
+        try:
+            return self.graphs.hooks.prepare_graph(attn, bucket)
+        except ValueError:  # deeper nesting or more levels than the bucket holds: eager
+            return None

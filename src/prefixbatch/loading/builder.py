@@ -17,6 +17,7 @@ from ..errors import ModelNotFoundError
 from ..execution.attention.backend import AttentionBackend
 from ..execution.attention.registry import select_backend
 from ..execution.attention.step import AttentionStep, SeqStep
+from ..execution.cuda_graphs import DecodeGraphRunner, GraphMetadataHooks
 from ..execution.kv_cache import KVCache, kv_pool_blocks
 from ..execution.kv_memory import gpu_kv_blocks
 from ..execution.layers import rope_inv_freq
@@ -61,6 +62,7 @@ class LoadedModel:
     limits: EngineLimits
     eos_ids: tuple[int, ...]
     name: str  # written into outputs
+    graphs: DecodeGraphRunner | None = None  # decode steps as CUDA graphs (backend permitting)
 
     @property
     def kv_bytes(self) -> int:
@@ -140,6 +142,7 @@ def load_model(config: EngineConfig, source: ModelSource | None = None) -> Loade
     # Built here, not per job: on the CPU this may compile the decode kernel (once per machine).
     backend = select_backend(backend_name, cache, cfg.num_heads, cfg.head_dim**-0.5)
     max_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+    graphs = decode_graphs(config, model, backend, -(-max_len // config.block_size))
     eos = [*cfg.eos_token_ids, tokenizer.eos_token_id]
     return LoadedModel(
         config=config,
@@ -152,4 +155,25 @@ def load_model(config: EngineConfig, source: ModelSource | None = None) -> Loade
         limits=EngineLimits(max_len, num_blocks, config.block_size, cfg.vocab_size),
         eos_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
         name=model_name(config.model),
+        graphs=graphs,
     )
+
+
+def decode_graphs(
+    config: EngineConfig, model: DecoderModel, backend: AttentionBackend, max_blocks: int
+) -> DecodeGraphRunner | None:
+    """The decode-step graph runner when ``config.cuda_graphs`` and the backend has the graph
+    hooks; captured here on CUDA (before any request holds a block). Elsewhere the same padded
+    buffers run eagerly (how the tests check the hooks without a GPU)."""
+    if not config.cuda_graphs or not isinstance(backend, GraphMetadataHooks):
+        return None
+    backend.set_graph_limits(max_blocks)  # type: ignore[attr-defined]
+
+    def forward(ids: torch.Tensor, pos: torch.Tensor, meta: object) -> torch.Tensor:
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return model(ids, pos, backend, meta, rows)
+
+    graphs = DecodeGraphRunner(forward, backend, config.max_cuda_graph_batch, config.torch_device)
+    if graphs.use_graphs:
+        graphs.capture()
+    return graphs

@@ -14,8 +14,8 @@ import torch
 
 from ..kv_cache import KVCache
 from .backend import AttentionBackend
-from .step import AttentionStep
-from .triton_metadata import MetadataShape, TritonMetadata
+from .step import AttentionStep, SeqStep
+from .triton_metadata import PREFIX_TILE_M, MetadataShape, TritonMetadata
 
 
 def triton_available(device: torch.device) -> bool:
@@ -64,3 +64,45 @@ class TritonBackend(AttentionBackend):
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
         self._kernels.write_kv(k, v, k_pool, v_pool, metadata.slot_mapping)
         return self._kernels.triton_attention(q, k_pool, v_pool, metadata, self.scale)
+
+    # -- CUDA-graph hooks (execution/cuda_graphs.GraphMetadataHooks) --------------------------
+    def set_graph_limits(self, max_blocks_per_seq: int, max_depth: int = 4) -> None:
+        """Bounds of a captured decode step: the longest block table (the model's context) and
+        the deepest prefix nesting. A step beyond them runs eagerly."""
+        self._graph_limits = (max_blocks_per_seq, max_depth)
+
+    def graph_shape(self, bucket: int) -> MetadataShape:
+        """Fixed metadata sizes of a decode step of ``bucket`` rows (one per sequence)."""
+        max_blocks, depth = self._graph_limits
+        partials = bucket * depth  # each row reads at most ``depth`` levels
+        levels = partials  # at most one new level per row and depth
+        prefix_rows = max(1, PREFIX_TILE_M // self.group_size)
+        return MetadataShape(
+            rows=bucket,
+            seqs=bucket,
+            max_blocks=max_blocks,
+            levels=levels,
+            max_level_blocks=max_blocks,
+            max_depth=depth,
+            own_tiles=bucket,  # one query row per sequence: one tile each
+            prefix_tiles=levels + -(-partials // prefix_rows),
+            partials=partials,
+        )
+
+    def prepare_graph(self, step: AttentionStep, bucket: int) -> TritonMetadata:
+        """A decode step's metadata padded to ``bucket`` (raises ValueError when it does not
+        fit the bucket's shape)."""
+        return self.prepare(step, self.graph_shape(bucket))
+
+    def graph_buffers(self, bucket: int) -> TritonMetadata:
+        """Static metadata of a ``bucket``-row decode step, valid as allocated: every row is a
+        sequence attending one position of block 0 (used only to capture, before any request
+        holds a block)."""
+        seqs = tuple(SeqStep(i, 1, 1, (0,)) for i in range(bucket))
+        return self.prepare_graph(AttentionStep(seqs, (), bucket, self.cache.block_size), bucket)
+
+    def fill(self, static: TritonMetadata, meta: TritonMetadata, num_rows: int) -> None:
+        """Copy a step's bucket-padded metadata (``prepare_graph``) into the static buffers: its
+        padding rows write no KV and its padding tiles do no work."""
+        del num_rows  # the padding is already in ``meta``
+        static.update_from(meta)
