@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import EngineConfig, ModelConfig
+from .detokenizer import OutputTexts, mask_min_tokens
 from .execution.attention.backend import KVCache
 from .execution.attention.factory import make_backend
 from .execution.layers import rope_inv_freq
@@ -38,6 +39,7 @@ class EngineLimits:
     max_model_len: int
     num_blocks: int
     block_size: int
+    vocab_size: int
 
     def kv_blocks(self, prompt_len: int, max_tokens: int) -> int:
         """Blocks for the request's prompt and its longest answer (capped by the context)."""
@@ -121,6 +123,11 @@ def kv_pool_blocks(config: EngineConfig, cfg: ModelConfig) -> tuple[int, int]:
     return budget // per_block, per_block
 
 
+def model_len(config: EngineConfig, cfg: ModelConfig) -> int:
+    """The context a request must fit: ``--max-model-len``, capped by the model's positions."""
+    return min(config.max_model_len or cfg.max_position, cfg.max_position)
+
+
 class LLMEngine:
     """Loads a model and runs batches of tokenized requests through it."""
 
@@ -135,7 +142,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(self.source.path)
         self.model = self._load_model()
         cfg = self.model_config
-        self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+        self.max_model_len = model_len(config, cfg)
         self.num_blocks, per_block = kv_pool_blocks(config, cfg)
         self.kv_bytes = self.num_blocks * per_block
         if self.num_blocks < 1:
@@ -186,11 +193,12 @@ class LLMEngine:
 
     @property
     def limits(self) -> EngineLimits:
-        return EngineLimits(self.max_model_len, self.num_blocks, self.config.block_size)
-
-    def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
-        """Why a request cannot run on this engine, or None."""
-        return self.limits.check(prompt_len, max_tokens)
+        return EngineLimits(
+            self.max_model_len,
+            self.num_blocks,
+            self.config.block_size,
+            self.model_config.vocab_size,
+        )
 
     def status(self) -> str:
         """A short note for progress lines (nothing for a single engine)."""
@@ -224,6 +232,7 @@ class LLMEngine:
             share_prefix_attention=cfg.policy == "batchllm" and self.backend.shares_prefix,
             min_shared=cfg.cascade_min_prefix,
         )
+        texts = OutputTexts(self.tokenizer.hf, work.requests)
         for seq in work.sequences:
             scheduler.add(seq)
         while scheduler.has_work:
@@ -234,34 +243,18 @@ class LLMEngine:
                 )
             logits = runner.execute(step)
             sampling = [receiver for _, receiver in step.samples]
+            mask_min_tokens(logits, sampling, self.eos_ids)
             tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
             finished = scheduler.postprocess(step, tokens)
-            finished += self._stop_strings(scheduler, sampling, finished)
+            finished += texts.update(sampling, scheduler.finish)
             self.stats.steps += 1
             for seq in finished:
-                yield self._output(seq, work.requests[seq.seq_id])
+                yield self._output(seq, work.requests[seq.seq_id], texts.pop(seq))
         self.stats.prefill_tokens_computed = scheduler.prefill_tokens_computed
         self.stats.preemptions = scheduler.num_preemptions
         self.stats.cache_hit_tokens = blocks.cache_hits * cfg.block_size
 
-    def _stop_strings(
-        self, scheduler: Scheduler, sampled: list[Sequence], finished: list[Sequence]
-    ) -> list[Sequence]:
-        out = []
-        done = set(map(id, finished))
-        for seq in sampled:
-            if seq.params.stop and id(seq) not in done:
-                text = self.tokenizer.decode(seq.output_tokens)
-                if any(s in text for s in seq.params.stop):
-                    scheduler.finish(seq, "stop")
-                    out.append(seq)
-        return out
-
-    def _output(self, seq: Sequence, request: Request) -> RequestOutput:
-        text = self.tokenizer.decode(seq.output_tokens)
-        cuts = [text.find(s) for s in request.params.stop if s in text]
-        if cuts:
-            text = text[: min(cuts)]
+    def _output(self, seq: Sequence, request: Request, text: str) -> RequestOutput:
         self.stats.output_tokens += seq.num_output
         return RequestOutput(
             request.index,

@@ -87,9 +87,6 @@ class RayExecutor:
         self.done: dict[int, int] = {}  # worker -> chunks finished
         self.failed_workers: list[int] = []
 
-    def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
-        return self.limits.check(prompt_len, max_tokens)
-
     def status(self) -> str:
         if not self.done:
             return ""

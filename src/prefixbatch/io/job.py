@@ -1,23 +1,27 @@
 """A batch job: batch file in, answers out, every request answered exactly once.
 
 Whole-job problems raise ``JobError`` before any compute; problems of single lines become error
-records while every other request runs.
+records while every other request runs. Ctrl-C / SIGTERM raise ``JobInterrupted`` after the
+answers finished so far are on disk. See ``results.py`` for the resume rule.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import EngineConfig
-from ..engine import LLMEngine
+from ..engine import EngineStats, LLMEngine
+from ..execution.model_source import cache_root
 from ..outputs import Request
-from ..tokenizer import Tokenizer
-from .batch_file import CHAT_URL, BatchRequest, LineError, read_batch_file
+from .batch_file import BatchRequest, LineError, read_batch_file
 from .progress import Progress
 from .results import ResultWriter, error_record, success_record
+from .validate import validate
 
 if TYPE_CHECKING:
     from ..distributed.ray_executor import RayExecutor
@@ -25,6 +29,16 @@ if TYPE_CHECKING:
 
 class JobError(RuntimeError):
     """A problem with the whole job (input, model, memory): reported in one line, exit 2."""
+
+
+class JobInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: what is answered is on disk; running the same command resumes."""
+
+    def __init__(self, answered: int, total: int) -> None:
+        super().__init__(
+            f"interrupted: {answered} of {total} requests answered; "
+            "run the same command again to resume"
+        )
 
 
 @dataclass(frozen=True)
@@ -40,9 +54,11 @@ class JobOptions:
 
 @dataclass(frozen=True)
 class JobSummary:
-    requests_ok: int
-    requests_failed: int
-    skipped: int  # answered by an earlier run
+    """Counts of one run; ``requests_ok + requests_failed + skipped`` is the input's lines."""
+
+    requests_ok: int  # answered by this run
+    requests_failed: int  # error records (every line with an error, every run)
+    skipped: int  # answered by an earlier run (same custom_id and request)
     prompt_tokens: int
     output_tokens: int
     prefill_tokens_saved: int
@@ -51,7 +67,7 @@ class JobSummary:
 
     def lines(self) -> list[str]:
         tps = self.output_tokens / self.wall_s if self.wall_s else 0.0
-        return [
+        lines = [
             f"requests: {self.requests_ok} ok, {self.requests_failed} failed, "
             f"{self.skipped} already answered",
             f"tokens: {self.prompt_tokens} prompt, {self.output_tokens} output, "
@@ -59,51 +75,19 @@ class JobSummary:
             f"preemptions: {self.preemptions}",
             f"wall time: {self.wall_s:.1f}s, {tps:.1f} output tok/s",
         ]
+        if not self.requests_ok and not self.skipped:
+            lines.insert(0, "no line of the input is a valid request: see the error records")
+        return lines
 
 
 def read_items(path: Path, default_max_tokens: int) -> list[BatchRequest | LineError]:
+    """Every non-blank line of the input; JobError when it is missing or has no line."""
     if not path.is_file():
         raise JobError(f"input file not found: {path}")
-    return list(read_batch_file(path, default_max_tokens))
-
-
-def tokenize(
-    tokenizer: Tokenizer, items: list[BatchRequest]
-) -> tuple[list[tuple[BatchRequest, list[int]]], list[LineError]]:
-    """Token ids per request (chat template for chats); template failures and empty prompts are
-    line errors. Texts are encoded in one batched call."""
-    ok: list[tuple[BatchRequest, list[int]]] = []
-    errors: list[LineError] = []
-    texts: list[tuple[BatchRequest, str, bool]] = []
-    for req in items:
-        if isinstance(req.prompt, list):
-            ok.append((req, list(req.prompt)))
-            continue
-        if req.url == CHAT_URL:
-            try:
-                texts.append((req, tokenizer.render_chat(req.messages or []), False))
-            except Exception as e:  # a template may raise anything (jinja, our checks)
-                errors.append(
-                    LineError(
-                        req.line, req.custom_id, f"line {req.line}: chat template failed: {e}"
-                    )
-                )
-        else:
-            texts.append((req, req.prompt or "", True))
-    for special in (False, True):
-        batch = [(r, t) for r, t, s in texts if s is special]
-        if batch:
-            ids = tokenizer.encode_batch([t for _, t in batch], add_special_tokens=special)
-            ok += [(r, i) for (r, _), i in zip(batch, ids)]
-    kept = []
-    for req, ids in ok:
-        if not ids:
-            errors.append(
-                LineError(req.line, req.custom_id, f"line {req.line}: the prompt is empty")
-            )
-        else:
-            kept.append((req, ids))
-    return kept, errors
+    items = list(read_batch_file(path, default_max_tokens))
+    if not items:
+        raise JobError(f"the input file {path} is empty: it has no request lines")
+    return items
 
 
 def make_executor(config: EngineConfig, opts: JobOptions) -> LLMEngine | RayExecutor:
@@ -118,55 +102,78 @@ def make_executor(config: EngineConfig, opts: JobOptions) -> LLMEngine | RayExec
         raise JobError(str(e)) from e
 
 
+def _say(quiet: bool) -> Callable[[str], None]:
+    def say(line: str) -> None:
+        if not quiet:
+            print(f"[prefixbatch] {line}", file=sys.stderr, flush=True)
+
+    return say
+
+
 def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
+    """Run the batch file ``opts.input`` into ``opts.output``; see the module docstring."""
     start = time.monotonic()
+    if opts.output.resolve() == opts.input.resolve():
+        raise JobError("the output file must not be the input file (-o names where answers go)")
     items = read_items(opts.input, opts.default_max_tokens)
-    engine = make_executor(config, opts)
+    say = _say(opts.quiet)
     writer = ResultWriter(opts.output, resume=not opts.overwrite)
-    todo = [i for i in items if not writer.answered.covers(i)]
-    skipped = len(items) - len(todo)
-    errors = [i for i in todo if isinstance(i, LineError)]
-    tokenized, token_errors = tokenize(
-        engine.tokenizer, [i for i in todo if isinstance(i, BatchRequest)]
-    )
-    errors += token_errors
-    runnable: list[tuple[BatchRequest, list[int]]] = []
-    too_big = 0
-    for req, ids in tokenized:
-        problem = engine.check_request(len(ids), req.params.max_tokens)
-        if problem:
-            too_big += not engine.limits.fits_kv(len(ids), req.params.max_tokens)
-            errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
-        else:
-            runnable.append((req, ids))
-    if too_big and not runnable:
-        writer.close()
-        raise JobError(
-            f"the KV cache ({engine.limits.num_blocks} blocks) is too small for even one "
-            "request; raise --kv-cache-memory"
-        )
-    for err in sorted(errors, key=lambda e: e.line):
-        writer.write(error_record(err))
-    model_name = engine.model_name
-    progress = Progress(len(runnable), quiet=opts.quiet)
-    requests = [Request(i, ids, req.params) for i, (req, ids) in enumerate(runnable)]
+    requests = [i for i in items if isinstance(i, BatchRequest)]
+    todo = [r for r in requests if not writer.answered.covers(r)]
+    errors = {i.line: i for i in items if isinstance(i, LineError)}
+    skipped = len(requests) - len(todo)
+    if skipped:
+        say(f"{skipped} of {len(items)} requests already answered in {opts.output}")
+    stats, answered = EngineStats(), 0
+    progress: Progress | None = None
     try:
-        for out in engine.generate(requests):
-            writer.write(success_record(runnable[out.index][0], out, model_name))
-            progress.update(1, len(out.output_token_ids), engine.status())
-    except ValueError as e:  # every Ray worker died
-        raise JobError(str(e)) from e
+        if todo:
+            say(
+                f"loading the model ({config.model or 'default: SmolLM2-135M-Instruct'}); "
+                "the first run also converts a GGUF file and compiles the CPU attention kernel "
+                f"(about 20 s), kept in {cache_root()}"
+            )
+            engine = make_executor(config, opts)
+            say(
+                f"model loaded after {time.monotonic() - start:.1f}s; checking {len(todo)} requests"
+            )
+            checked = validate(engine.tokenizer, engine.limits, todo)
+            if checked.too_big_for_kv and not checked.runnable:
+                raise JobError(
+                    f"the KV cache ({engine.limits.num_blocks} blocks) is too small for even one "
+                    "request; raise --kv-cache-memory"
+                )
+            errors.update((e.line, e) for e in checked.errors)
+        for line in sorted(errors):
+            writer.write(error_record(errors[line]))
+        if todo and checked.runnable:
+            runnable = checked.runnable
+            progress = Progress(len(runnable), quiet=opts.quiet, start=start)
+            model_name = engine.model_name
+            batch = [Request(i, ids, req.params) for i, (req, ids) in enumerate(runnable)]
+            try:
+                for out in engine.generate(batch):
+                    writer.write(success_record(runnable[out.index][0], out, model_name))
+                    answered += 1
+                    progress.update(1, len(out.output_token_ids), engine.status())
+            except ValueError as e:  # every Ray worker died
+                raise JobError(str(e)) from e
+            stats = engine.stats
+        writer.finish(items, errors)
+    except KeyboardInterrupt:
+        raise JobInterrupted(skipped + answered, len(items)) from None
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         writer.close()
-    stats = engine.stats
     return JobSummary(
-        requests_ok=len(runnable),
+        requests_ok=answered,
         requests_failed=len(errors),
         skipped=skipped,
         prompt_tokens=stats.prompt_tokens,
         output_tokens=stats.output_tokens,
-        prefill_tokens_saved=stats.prompt_tokens - stats.prefill_tokens_computed,
+        # Prefill recomputed after a preemption counts against the saving; never below zero.
+        prefill_tokens_saved=max(0, stats.prompt_tokens - stats.prefill_tokens_computed),
         preemptions=stats.preemptions,
         wall_s=time.monotonic() - start,
     )
