@@ -150,11 +150,15 @@ def mask_min_tokens(
     sample EOS (unless ``ignore_eos``) or their ``stop_token_ids`` (vLLM's min_tokens logits
     processor). ``logits``: (len(seqs), vocab) float."""
     vocab = logits.shape[-1]
+    rows: list[int] = []
+    cols: list[int] = []
     for row, seq in enumerate(seqs):
         p = seq.params
         if seq.num_output >= p.min_tokens:
             continue
-        banned = [*p.stop_token_ids, *(() if p.ignore_eos else eos_ids)]
-        banned = [t for t in banned if 0 <= t < vocab]
-        if banned:
-            logits[row, banned] = float("-inf")
+        banned = {t for t in (*p.stop_token_ids, *(() if p.ignore_eos else eos_ids)) if t < vocab}
+        rows += [row] * len(banned)
+        cols += sorted(banned)
+    if rows:
+        with torch.inference_mode():  # the runner's logits are inference tensors
+            logits[rows, cols] = float("-inf")
