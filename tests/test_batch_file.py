@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from prefixbatch.io.batch_file import (
@@ -16,6 +16,7 @@ from prefixbatch.io.batch_file import (
     LineError,
     read_batch_file,
 )
+from prefixbatch.io.body_fields import UNSUPPORTED
 
 CHAT = {
     "custom_id": "a",
@@ -81,7 +82,7 @@ def _with(base, **body):  # type: ignore[no-untyped-def]
         (_with(CHAT, temperature="hot"), "'temperature' must be a number"),
         (_with(CHAT, top_p=0), "'top_p'"),
         (_with(CHAT, top_p=1.5), "'top_p'"),
-        (_with(CHAT, n=2), "'n' must be 1"),
+        (_with(CHAT, n=2), "'n' is not supported yet (got 2)"),
         (_with(CHAT, stop=[1]), "'stop'"),
         (_with(CHAT, messages=[{"role": "user", "content": ""}]), "empty"),
         (_with(COMPLETION, prompt=""), "empty"),
@@ -120,6 +121,7 @@ def _non_blank_lines(data: bytes) -> int:
 )
 @given(data=st.binary(max_size=400))
 def test_arbitrary_bytes_never_crash(tmp_path, data):  # type: ignore[no-untyped-def]
+    assume(not data.startswith((b"\xff\xfe", b"\xfe\xff")))  # UTF-16: tested on its own
     path = tmp_path / "fuzz.jsonl"
     path.write_bytes(data)
     items = list(read_batch_file(path))
@@ -176,3 +178,125 @@ def test_mutated_lines_yield_one_result_each(tmp_path, base, key, value, in_body
     items = list(read_batch_file(path))
     assert len(items) == 2 and isinstance(items[1], BatchRequest)
     assert isinstance(items[0], (BatchRequest, LineError))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("logprobs", True),
+        ("top_logprobs", 3),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "auto"),
+        ("response_format", {"type": "json_object"}),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", 1),
+        ("logit_bias", {"50": 10}),
+        ("n", 2),
+        ("stream", True),
+        ("best_of", 3),
+        ("unknown_option", 1),
+    ],
+)
+def test_fields_not_honoured_are_a_line_error_naming_them(tmp_path, key, value):  # type: ignore[no-untyped-def]
+    ok, bad = read(tmp_path, [json.dumps(MINIMAL), _with(CHAT, **{key: value})])
+    assert isinstance(ok, BatchRequest) and isinstance(bad, LineError)
+    assert f"'{key}'" in bad.message and bad.custom_id == "a"
+    assert ("not supported yet" if key in UNSUPPORTED else "unknown field") in bad.message
+
+
+def test_harmless_metadata_and_values_that_ask_for_nothing_are_accepted(tmp_path):  # type: ignore[no-untyped-def]
+    body = dict(
+        model="gpt-4o-mini",
+        user="u1",
+        metadata={"k": "v"},
+        store=False,
+        stream=False,
+        logprobs=False,
+        n=1,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        tools=[],
+        response_format={"type": "text"},
+    )
+    (req,) = read(tmp_path, [_with(CHAT, **body)])
+    assert isinstance(req, BatchRequest)
+    # 0 is not false: on /v1/completions "logprobs": 0 asks for the sampled token's logprob.
+    (bad,) = read(tmp_path, [json.dumps(COMPLETION | {"body": {"prompt": "x", "logprobs": 0}})])
+    assert isinstance(bad, LineError) and "'logprobs'" in bad.message
+    (wrong_url,) = read(tmp_path, [json.dumps(COMPLETION | {"body": {"messages": []}})])
+    assert isinstance(wrong_url, LineError)
+    assert "'messages' is only valid for /v1/chat/completions" in wrong_url.message
+
+
+def test_vllm_fields_parse(tmp_path):  # type: ignore[no-untyped-def]
+    extra = dict(
+        include_stop_str_in_output=True,
+        min_tokens=2,
+        skip_special_tokens=False,
+        stop_token_ids=[7],
+        ignore_eos=True,
+        continue_final_message=True,
+        add_generation_prompt=False,
+    )
+    (req,) = read(tmp_path, [_with(CHAT, **extra)])
+    assert isinstance(req, BatchRequest)
+    p = req.params
+    assert p.include_stop_str_in_output and p.min_tokens == 2 and not p.skip_special_tokens
+    assert p.stop_token_ids == (7,) and p.ignore_eos
+    assert req.continue_final_message and not req.add_generation_prompt
+    (bad,) = read(tmp_path, [_with(CHAT, min_tokens=9)])  # max_tokens is 5
+    assert isinstance(bad, LineError) and "'min_tokens' must be in [0, max_tokens=5]" in bad.message
+
+
+def test_content_parts_join_with_newline_and_roles_are_kept(tmp_path):  # type: ignore[no-untyped-def]
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "this?"}]
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}]
+    (req,) = read(tmp_path, [_with(CHAT, messages=messages)])
+    assert isinstance(req, BatchRequest)
+    assert req.messages == [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "What is\nthis?"},
+    ]
+
+
+def test_request_hash_ignores_layout_and_follows_the_request(tmp_path):  # type: ignore[no-untyped-def]
+    spaced = json.dumps(CHAT, indent=None, separators=(", ", ": "))
+    reordered = json.dumps({**CHAT, "body": dict(reversed(list(CHAT["body"].items())))})
+    a, b = read(tmp_path, [spaced, reordered.replace('"a"', '"a2"', 1)])
+    assert a.request_hash == b.request_hash  # type: ignore[union-attr]
+    (c,) = read(tmp_path, [_with(CHAT, max_tokens=6)])
+    assert c.request_hash != a.request_hash  # type: ignore[union-attr]
+    # the default max_tokens is part of the request when the body sets none
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(MINIMAL | {"max_tokens": None}) + "\n")
+    d1 = next(read_batch_file(path, default_max_tokens=8))
+    d2 = next(read_batch_file(path, default_max_tokens=9))
+    assert d1.request_hash != d2.request_hash  # type: ignore[union-attr]
+
+
+def test_non_string_custom_id_is_kept_in_the_error(tmp_path):  # type: ignore[no-untyped-def]
+    (bad,) = read(tmp_path, [json.dumps(MINIMAL | {"custom_id": 17})])
+    assert isinstance(bad, LineError) and bad.custom_id == 17
+    assert "'custom_id' must be a non-empty string, got 17" in bad.message
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be"])
+def test_byte_order_marks_and_utf16(tmp_path, encoding):  # type: ignore[no-untyped-def]
+    text = json.dumps(MINIMAL | {"prompt": "café"}) + "\r\n" + json.dumps(COMPLETION) + "\r\n"
+    path = tmp_path / "bom.jsonl"
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data
+    path.write_bytes(data)
+    first, second = read_batch_file(path)
+    assert isinstance(first, BatchRequest) and first.prompt == "café" and first.line == 1
+    assert isinstance(second, BatchRequest) and second.line == 2
+
+
+def test_a_latin1_line_says_what_is_wrong(tmp_path):  # type: ignore[no-untyped-def]
+    (bad,) = read(
+        tmp_path, [json.dumps(MINIMAL | {"prompt": "café"}, ensure_ascii=False).encode("latin-1")]
+    )
+    assert isinstance(bad, LineError)
+    assert bad.message.startswith("line 1: not valid UTF-8 (byte 0xe9 at column")
+    assert "save the file as UTF-8" in bad.message

@@ -168,6 +168,7 @@ def test_tiny_kv_budget_completes_through_preemption(tmp_path, tiny_models):  # 
     cfg = EngineConfig(model=str(tiny_models["llama"]), block_size=8, kv_cache_memory=18 * 3072)
     summary = run_job(cfg, JobOptions(inp, tmp_path / "small.jsonl", quiet=True))
     assert summary.preemptions > 0 and summary.requests_ok == 12
+    assert summary.prefill_tokens_saved >= 0  # recomputed prefill never shows as negative
     big = run_job(
         EngineConfig(model=str(tiny_models["llama"]), block_size=8),
         JobOptions(inp, tmp_path / "big.jsonl", quiet=True),

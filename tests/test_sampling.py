@@ -218,3 +218,43 @@ def test_stop_token_ids_and_max_tokens(llm):  # type: ignore[no-untyped-def]
     )[0]
     assert cut.output_token_ids == full.output_token_ids[: first + 1]
     assert cut.finish_reason == "stop"
+
+
+def test_stop_string_on_the_last_allowed_token_finishes_with_stop(llm):  # type: ignore[no-untyped-def]
+    prompt = shared_prefix_prompts(1, seed=8)[0]
+    full = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
+    words = full.text.split()
+    k = next(i for i, w in enumerate(words) if i >= 2 and w not in " ".join(words[:i]))
+    outs = llm.generate(
+        [prompt] * 2,
+        [SamplingParams(max_tokens=m, temperature=0, stop=[words[k]]) for m in (k + 1, k + 2)],
+    )
+    assert [o.finish_reason for o in outs] == ["stop", "stop"]  # max_tokens == stop position
+    assert outs[0].text == outs[1].text == full.text[: full.text.index(words[k])]
+    assert len(outs[0].output_token_ids) == len(outs[1].output_token_ids) == k + 1
+
+
+def test_include_stop_str_and_min_tokens(llm):  # type: ignore[no-untyped-def]
+    prompt = shared_prefix_prompts(1, seed=8)[0]
+    full = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
+    stop = full.text.split()[3]
+    kept = llm.generate(
+        [prompt],
+        SamplingParams(max_tokens=12, temperature=0, stop=[stop], include_stop_str_in_output=True),
+    )[0]
+    assert kept.text == full.text[: full.text.index(stop) + len(stop)]
+    first = full.output_token_ids[0]
+    late = llm.generate(
+        [prompt],
+        SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(first,), min_tokens=3),
+    )[0]
+    assert first not in late.output_token_ids[:3] and len(late.output_token_ids) >= 3
+
+
+def test_params_list_of_another_length_raises(llm):  # type: ignore[no-untyped-def]
+    prompts = shared_prefix_prompts(3, seed=1)
+    sp = SamplingParams(max_tokens=2)
+    with pytest.raises(ValueError, match="3 prompts and 2 SamplingParams"):
+        llm.generate(prompts, [sp, sp])
+    with pytest.raises(ValueError, match="token id 512 is outside the model's vocabulary"):
+        llm.generate([[5, 512]], sp)

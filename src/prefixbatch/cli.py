@@ -4,51 +4,83 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .config import EngineConfig, parse_memory
+from .execution.attention.registry import backend_names
+from .scheduling.policy import Policy
 
 EXIT_JOB_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a job stopped by Ctrl-C
+
+DESCRIPTION = (
+    "Offline LLM batch inference on OpenAI batch files: prompts that share a prefix are "
+    "grouped and each shared prefix is computed once."
+)
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF model directory or GGUF file (default: SmolLM2-135M)")
+def _version() -> str:
+    try:
+        return version("prefixbatch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """Options that decide which requests fit: used by both commands."""
+    p.add_argument(
+        "--model",
+        help="Hugging Face model directory or GGUF file (default: the embedded SmolLM2-135M)",
+    )
     p.add_argument(
         "--kv-cache-memory",
         type=parse_memory,
-        help="KV pool size, e.g. 512MiB or 2GiB (default: a share of free memory)",
+        help="KV cache size, e.g. 512MiB or 2GiB (default: a share of free memory)",
     )
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--policy", choices=["batchllm", "fcfs-lru", "fcfs"], default="batchllm")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument(
-        "--max-num-batched-tokens",
+        "--device", default="auto", help="cpu, cuda or cuda:N; auto picks a GPU when there is one"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV cache precision; auto is float32 on the CPU",
+    )
+    p.add_argument(
+        "--max-model-len",
         type=int,
-        default=1024,
-        help="prefill tokens per step (chunked prefill)",
+        help="longest prompt plus answer in tokens (default: the model's context length)",
     )
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--default-max-tokens", type=int, default=256, help="max_tokens for requests that set none"
+        "--default-max-tokens",
+        type=int,
+        default=256,
+        help="max_tokens for requests that set none",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefixbatch", description=__doc__)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="prefixbatch", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"prefixbatch {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a batch file")
-    run.add_argument("input", type=Path)
-    run.add_argument("-o", "--output", type=Path, required=True)
+    run = sub.add_parser(
+        "run", help="run a batch file", description="Run a batch file.", formatter_class=fmt
+    )
+    run.add_argument("input", type=Path, help="OpenAI batch input file (.jsonl)")
+    run.add_argument("-o", "--output", type=Path, required=True, help="output file (.jsonl)")
     run.add_argument(
         "--resume",
         action="store_true",
-        help="continue an earlier run (also the default when the output exists)",
+        help="continue an earlier run (also what happens when the output exists)",
     )
     run.add_argument("--overwrite", action="store_true", help="start over, discarding the output")
-    run.add_argument("--quiet", action="store_true")
+    run.add_argument("--quiet", action="store_true", help="print nothing but errors")
     run.add_argument(
         "--workers",
         type=int,
@@ -56,35 +88,74 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine actors on a local Ray cluster (pip install 'prefixbatch[ray]')",
     )
     run.add_argument("--ray-address", help="run on an existing Ray cluster: auto or ray://...")
-    _engine_args(run)
-    plan = sub.add_parser("plan", help="report the prefix-sharing plan without running it")
-    plan.add_argument("input", type=Path)
-    plan.add_argument("--json", action="store_true")
-    _engine_args(plan)
+    _model_args(run)
+    run.add_argument(
+        "--policy",
+        choices=[p.value for p in Policy],
+        default=Policy.BATCHLLM.value,
+        help="batchllm: global prefix plan; fcfs-lru: file order with an LRU prefix cache "
+        "(what vLLM does); fcfs: file order, no sharing",
+    )
+    run.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=1024,
+        help="prefill tokens per step (chunked prefill)",
+    )
+    run.add_argument("--seed", type=int, default=0, help="seed of requests that set none")
+    run.add_argument(
+        "--attention-backend",
+        choices=["auto", *backend_names()],
+        default="auto",
+        help="auto: the fastest available here (triton on CUDA, the compiled kernel on the CPU "
+        "in float32, torch otherwise); torch is the plain PyTorch reference",
+    )
+    plan = sub.add_parser(
+        "plan",
+        help="show what sharing saves, without running the model",
+        description="Show the prefix-sharing plan of a batch file without running the model.",
+        formatter_class=fmt,
+    )
+    plan.add_argument("input", type=Path, help="OpenAI batch input file (.jsonl)")
+    plan.add_argument("--json", action="store_true", help="print the report as JSON")
+    _model_args(plan)
     return parser
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    run_only = {}
+    if args.command == "run":
+        run_only = dict(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            policy=args.policy,
+            seed=args.seed,
+            attention_backend=args.attention_backend,
+        )
     return EngineConfig(
         model=args.model,
         device=args.device,
         dtype=args.dtype,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
-        max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
-        policy=args.policy,
-        seed=args.seed,
+        **run_only,  # type: ignore[arg-type]
     )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .errors import JobError
+    from .errors import JobError, JobInterrupted
 
     if getattr(args, "resume", False) and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly as on Ctrl-C
     try:
         config = engine_config(args)
         if args.command == "plan":
@@ -93,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as e:  # a whole-job problem; anything else is a bug and keeps its traceback
         print(f"prefixbatch: error: {e}", file=sys.stderr)
         return EXIT_JOB_ERROR
+    except JobInterrupted as e:
+        print(f"prefixbatch: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("prefixbatch: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _run(args: argparse.Namespace, config: EngineConfig) -> int:

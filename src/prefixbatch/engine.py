@@ -8,10 +8,11 @@ over ``step``. Every front end (CLI job, Python API, Ray worker, server) drives 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 
 from .config import EngineConfig
+from .detokenizer import OutputTexts, mask_min_tokens
 from .errors import KVBudgetError
 from .execution.attention.backend import AttentionBackend
 from .execution.model_runner import ModelRunner
@@ -96,6 +97,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self._requests: dict[int, Request] = {}  # unfinished requests by id
         self._sequences: dict[int, Sequence] = {}
+        self._texts = OutputTexts(self.tokenizer.hf, self._requests)  # incremental detokenizers
         self._next_group_id = 0
 
     @property
@@ -105,10 +107,6 @@ class LLMEngine:
     @property
     def kv_bytes(self) -> int:
         return self.loaded.kv_bytes
-
-    def check_request(self, prompt: list[int], max_tokens: int) -> str | None:
-        """Why a request cannot run on this engine, or None."""
-        return self.limits.check(prompt, max_tokens)
 
     def status(self) -> str:
         """A short note for progress lines (nothing for a single engine)."""
@@ -167,6 +165,7 @@ class LLMEngine:
         if seq is None or seq.status is Status.FINISHED:
             return False
         self.scheduler.abort(seq)
+        self._texts.pop(seq)
         del self._requests[request_id]
         return True
 
@@ -184,6 +183,7 @@ class LLMEngine:
             )
         logits = self.runner.execute(step)
         sampling = [receiver for _, receiver in step.samples]
+        mask_min_tokens(logits, sampling, self.eos_ids)
         tensors = SamplingTensors.build(
             [s.params for s in sampling],
             [s.seed for s in sampling],
@@ -192,7 +192,7 @@ class LLMEngine:
         )
         tokens = sample(logits, tensors).tolist()
         finished = scheduler.postprocess(step, tokens)
-        finished += self._stop_strings(sampling, finished)
+        finished += self._texts.update(sampling, scheduler.finish)
         self.stats.steps += 1
         self.stats.prefill_tokens_computed += scheduler.prefill_tokens_computed - computed
         self.stats.preemptions += scheduler.num_preemptions - preempted
@@ -200,36 +200,30 @@ class LLMEngine:
         return [self._output(seq) for seq in finished]
 
     def generate(
-        self, requests: Iterable[Request], plan: Plan | None = None
+        self,
+        requests: Iterable[Request],
+        plan: Plan | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[RequestOutput]:
         """Run a batch to completion, yielding each output as soon as it finishes; ``stats``
-        then holds this batch's counters."""
+        then holds this batch's counters. ``should_stop()`` is asked before every step: when it
+        says True the unfinished requests are aborted and the generator ends."""
         if self.has_unfinished():
             raise RuntimeError("generate needs an idle engine; drive step() instead")
         self.stats = EngineStats()
         self.add_requests(requests, plan)
         while self.has_unfinished():
+            if should_stop is not None and should_stop():
+                for request_id in list(self._sequences):
+                    self.abort(request_id)
+                return
             yield from self.step()
 
     # -- outputs ------------------------------------------------------------------------------
-    def _stop_strings(self, sampled: list[Sequence], finished: list[Sequence]) -> list[Sequence]:
-        out = []
-        done = set(map(id, finished))
-        for seq in sampled:
-            if seq.params.stop and id(seq) not in done:
-                text = self.tokenizer.decode(seq.output_tokens)
-                if any(s in text for s in seq.params.stop):
-                    self.scheduler.finish(seq, "stop")
-                    out.append(seq)
-        return out
-
     def _output(self, seq: Sequence) -> RequestOutput:
+        text = self._texts.pop(seq)
         request = self._requests.pop(seq.seq_id)
         self._sequences.pop(seq.seq_id, None)
-        text = self.tokenizer.decode(seq.output_tokens)
-        cuts = [text.find(s) for s in request.params.stop if s in text]
-        if cuts:
-            text = text[: min(cuts)]
         self.stats.output_tokens += seq.num_output
         return RequestOutput(
             request.index,

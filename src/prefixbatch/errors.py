@@ -46,5 +46,15 @@ class RayUnavailableError(JobError):
     """Ray is not installed, no worker could be started, or every worker died."""
 
 
+class JobInterrupted(PrefixbatchError):
+    """Ctrl-C or SIGTERM: what is answered is on disk; running the same command resumes."""
+
+    def __init__(self, answered: int, total: int) -> None:
+        super().__init__(
+            f"interrupted: {answered} of {total} requests answered; "
+            "run the same command again to resume"
+        )
+
+
 class RequestError(PrefixbatchError):
     """One request cannot run (bad field, too long, token id out of range)."""

@@ -38,7 +38,9 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Outputs in prompt order. A prompt is text or a list of token ids."""
+        """Outputs in prompt order. A prompt is text or a list of token ids; ``params`` is one
+        SamplingParams for all or one per prompt. Raises ValueError for a params list of another
+        length or a prompt that cannot run (token ids outside the vocabulary, too long)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         ids = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
@@ -48,19 +50,36 @@ class LLM:
         self,
         conversations: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
-        """One conversation (a list of messages) or several, through the chat template."""
+        """One conversation (a list of messages) or several, through the chat template.
+        ``developer`` messages are system messages; content may be a list of text parts.
+        ``continue_final_message=True, add_generation_prompt=False`` makes the answer continue
+        a final assistant message (vLLM's ``LLM.chat`` options). Raises ValueError as
+        ``generate`` does, or when the template cannot render a conversation."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
-        return self._run([self.tokenizer.encode_chat(c) for c in conversations], params)
+        options = dict(
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+        return self._run([self.tokenizer.encode_chat(c, **options) for c in conversations], params)
 
     def _run(
         self, ids: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None
     ) -> list[RequestOutput]:
+        """Raises ValueError when ``params`` is a list of another length than the prompts, or
+        a prompt cannot run (token ids outside the vocabulary, too long)."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(ids)
+        if len(params) != len(ids):
+            raise ValueError(
+                f"{len(ids)} prompts and {len(params)} SamplingParams: give one SamplingParams "
+                "for all prompts or one per prompt"
+            )
         for i, (p, sp) in enumerate(zip(ids, params)):
-            problem = self.engine.check_request(p, sp.max_tokens)
+            problem = self.engine.limits.check(p, sp.max_tokens)
             if problem:
                 raise ValueError(f"prompt {i}: {problem}")
         requests = [Request(i, p, sp) for i, (p, sp) in enumerate(zip(ids, params))]

@@ -5,6 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# OpenAI's newer name for the system message; templates only know "system".
+ROLE_ALIASES = {"developer": "system"}
+
+
+def message_text(content: Any) -> str:
+    """A message's content as one string: a string, or a list of text parts joined with "\\n"
+    as vLLM joins them (vllm/entrypoints/chat_utils.py). Raises ValueError otherwise."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
+        return "\n".join(p["text"] for p in content)
+    if isinstance(content, list):
+        raise ValueError("only text content parts are supported")
+    raise ValueError("content must be a string or a list of text parts")
+
+
+def normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: ``developer`` -> ``system``, content a string."""
+    return [
+        {**m, "role": ROLE_ALIASES.get(m["role"], m["role"]), "content": message_text(m["content"])}
+        for m in messages
+    ]
+
 
 class Tokenizer:
     """Encodes prompts and chats, decodes outputs; the template adds special tokens itself."""
@@ -21,21 +47,42 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=True))
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The chat template's text for a conversation, ending with the assistant's turn."""
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> str:
+        """The chat template's text for a conversation. By default it ends with the start of a
+        new assistant turn; ``continue_final_message`` (with ``add_generation_prompt=False``)
+        leaves the final assistant message open so the answer continues it (vLLM's chat
+        extensions, passed to transformers' ``apply_chat_template``). Raises ValueError for
+        a model without a template or both options set."""
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use /v1/completions with a prompt")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if add_generation_prompt and continue_final_message:
+            raise ValueError(
+                "continue_final_message needs add_generation_prompt: false "
+                "(the answer continues the last message instead of starting a new one)"
+            )
+        messages = normalise_messages(messages)
+        if continue_final_message and messages[-1]["role"] != "assistant":
+            raise ValueError("continue_final_message needs a final assistant message")
+        return self.hf.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], **template_options: bool) -> list[int]:
+        """Token ids of ``render_chat(messages, **template_options)``."""
         # The rendered template already holds the special tokens (BOS, role markers).
-        return list(self.hf.encode(self.render_chat(messages), add_special_tokens=False))
+        text = self.render_chat(messages, **template_options)
+        return list(self.hf.encode(text, add_special_tokens=False))
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         """Many texts in one call (the Rust tokenizer runs them in parallel)."""
         return [
             list(ids) for ids in self.hf(texts, add_special_tokens=add_special_tokens)["input_ids"]
         ]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..config import EngineConfig
@@ -89,9 +89,6 @@ class RayExecutor:
         self.done: dict[int, int] = {}  # worker -> chunks finished
         self.failed_workers: list[int] = []
 
-    def check_request(self, prompt: list[int], max_tokens: int) -> str | None:
-        return self.limits.check(prompt, max_tokens)
-
     def status(self) -> str:
         if not self.done:
             return ""
@@ -102,10 +99,15 @@ class RayExecutor:
         return f"{len(counts)} workers, chunks {'/'.join(map(str, counts))}, lag {lag}"
 
     def generate(
-        self, requests: Iterable[Request], plan: Plan | None = None
+        self,
+        requests: Iterable[Request],
+        plan: Plan | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[RequestOutput]:
         """Run a batch on the workers; ``plan`` is the batch's plan (made here when None: the
-        chunks are cut along its groups under every policy)."""
+        chunks are cut along its groups under every policy). ``should_stop()`` is asked before
+        each chunk is handed out: when it says True no more chunks start, and the generator ends
+        after the chunks in flight (their outputs are dropped)."""
         requests = list(requests)
         self.stats = EngineStats()
         if not requests:
@@ -126,6 +128,8 @@ class RayExecutor:
         inflight: dict[Any, tuple[int, list[Unit]]] = {}
         ray = self.ray
         while queue or inflight:
+            if should_stop is not None and should_stop():
+                return
             while queue and idle:
                 worker, chunk = idle.pop(0), queue.popleft()
                 indices = [i for u in chunk for i in u.requests]

@@ -1,11 +1,16 @@
 """Read an OpenAI Batch API input file (or the minimal ``{"custom_id", "prompt"}`` form).
 
-Every line yields exactly one ``BatchRequest`` or one ``LineError``; nothing in a line can stop
-the others from being read. Blank lines are skipped.
+Every non-blank line yields exactly one ``BatchRequest`` or one ``LineError``; nothing in a line
+can stop the others from being read. The file is UTF-8 (a byte-order mark is dropped) or, when
+it starts with a UTF-16 byte-order mark, UTF-16 as some Windows editors save it; CRLF line ends
+are fine. Body fields are checked against ``body_fields.py`` (unknown or not yet supported
+fields are a line error naming the field).
 """
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -14,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..sampling_params import SamplingParams
+from ..tokenizer import message_text
+from .body_fields import field_problem
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -27,13 +34,15 @@ class BatchRequest:
     messages: list[dict[str, Any]] | None
     prompt: str | list[int] | None
     params: SamplingParams
-    model: str | None = None
+    request_hash: str  # of the normalised request: a resumed run reuses answers only if equal
+    add_generation_prompt: bool = True  # chat: end the prompt with a new assistant turn
+    continue_final_message: bool = False  # chat: the answer continues the last message
 
 
 @dataclass(frozen=True)
 class LineError:
     line: int
-    custom_id: str | None
+    custom_id: Any  # as the line wrote it (None when absent or unreadable)
     message: str
     code: str = "invalid_request"
 
@@ -42,20 +51,54 @@ class _Invalid(ValueError):
     pass
 
 
+def request_hash(url: str, body: dict[str, Any], max_tokens: int) -> str:
+    """16 hex digits of SHA-256 over the request as JSON with sorted keys and no spaces, plus
+    the max_tokens it runs with (the default applies when the body sets none)."""
+    canonical = json.dumps(
+        [url, body, max_tokens], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | LineError]]:
+    """(line number, text or the reason it cannot be read)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+        f.seek(0)
+        if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            try:
+                text = f.read().decode("utf-16")
+            except UnicodeDecodeError as e:
+                yield 1, LineError(1, None, f"the file starts as UTF-16 but is not valid: {e}")
+                return
+            yield from enumerate(text.split("\n"), start=1)
+            return
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield (
+                    number,
+                    LineError(
+                        number,
+                        None,
+                        f"line {number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start + 1}: {e.reason}); save the file as UTF-8",
+                    ),
+                )
+
+
 def read_batch_file(
     path: Path, default_max_tokens: int = 256
 ) -> Iterator[BatchRequest | LineError]:
-    """Parse ``path`` line by line; undecodable bytes are an error for that line only."""
+    """Parse ``path`` line by line; a line that cannot be read is an error for that line only."""
     seen: set[str] = set()
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield LineError(number, None, f"line {number}: not valid UTF-8 ({e.reason})")
-                continue
-            if not text.strip():
-                continue
+    for number, text in _lines(path):
+        if isinstance(text, LineError):
+            yield text
+        elif text.strip():
             yield parse_line(text, number, seen, default_max_tokens)
 
 
@@ -73,7 +116,11 @@ def parse_line(
         )
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
-        return LineError(number, None, f"line {number}: 'custom_id' must be a non-empty string")
+        return LineError(
+            number,
+            custom_id,
+            f"line {number}: 'custom_id' must be a non-empty string, got {custom_id!r}",
+        )
     if custom_id in seen:
         return LineError(number, custom_id, f"line {number}: duplicate custom_id {custom_id!r}")
     seen.add(custom_id)
@@ -96,22 +143,34 @@ def _request(
         body = obj.get("body")
         if not isinstance(body, dict):
             raise _Invalid("'body' must be a JSON object")
+        not_fields: frozenset[str] = frozenset()
     else:  # minimal form: sampling fields sit next to the prompt
         url, body = (CHAT_URL if "messages" in obj else COMPLETIONS_URL), obj
-    messages = prompt = None
-    if url == CHAT_URL:
-        messages = _messages(body.get("messages"))
-    else:
-        prompt = _prompt(body.get("prompt"))
-    model = body.get("model")
+        not_fields = frozenset({"custom_id"})
+    problem = field_problem(body, url == CHAT_URL, not_fields)
+    if problem:
+        raise _Invalid(problem)
+    params = _params(body, default_max_tokens)
+    digest = request_hash(
+        url, {k: v for k, v in body.items() if k not in not_fields}, params.max_tokens
+    )
+    if url == COMPLETIONS_URL:
+        return BatchRequest(
+            number, custom_id, url, None, _prompt(body.get("prompt")), params, digest
+        )
+    add_generation_prompt = _flag(body, "add_generation_prompt", True)
+    continue_final_message = _flag(body, "continue_final_message", False)
+    messages = _messages(body.get("messages"))
     return BatchRequest(
         number,
         custom_id,
         url,
         messages,
-        prompt,
-        _params(body, default_max_tokens),
-        model if isinstance(model, str) else None,
+        None,
+        params,
+        digest,
+        add_generation_prompt,
+        continue_final_message,
     )
 
 
@@ -122,16 +181,10 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _Invalid(f"messages[{i}] must be an object with a string 'role'")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            if not all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                for p in content
-            ):
-                raise _Invalid(f"messages[{i}].content: only text parts are supported")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise _Invalid(f"messages[{i}].content must be a string")
+        try:
+            content = message_text(m.get("content"))
+        except ValueError as e:
+            raise _Invalid(f"messages[{i}].content: {e}") from e
         out.append({"role": m["role"], "content": content})
     if not any(m["content"].strip() for m in out):
         raise _Invalid("the prompt is empty: every message has empty content")
@@ -154,13 +207,13 @@ def _prompt(value: Any) -> str | list[int]:
     raise _Invalid("'prompt' must be a string or a list of token ids (one prompt per line)")
 
 
-def _number(body: dict[str, Any], key: str, default: float | None) -> float | None:
-    value = body.get(key, default)
+def _number(body: dict[str, Any], key: str, default: float) -> float:
+    value = body.get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _Invalid(f"'{key}' must be a number, got {value!r}")
-    return value
+    return float(value)
 
 
 def _integer(body: dict[str, Any], key: str) -> int | None:
@@ -169,6 +222,13 @@ def _integer(body: dict[str, Any], key: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Invalid(f"'{key}' must be an integer, got {value!r}")
+    return value
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise _Invalid(f"'{key}' must be true or false, got {value!r}")
     return value
 
 
@@ -181,19 +241,18 @@ def _params(body: dict[str, Any], default_max_tokens: int) -> SamplingParams:
     if max_tokens < 1:
         raise _Invalid(f"'max_tokens' must be at least 1, got {max_tokens}")
     temperature = _number(body, "temperature", 1.0)
-    if temperature < 0 or temperature > 2:  # type: ignore[operator]
+    if not 0 <= temperature <= 2:
         raise _Invalid(f"'temperature' must be in [0, 2], got {temperature}")
     top_p = _number(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:  # type: ignore[operator]
+    if not 0 < top_p <= 1:
         raise _Invalid(f"'top_p' must be in (0, 1], got {top_p}")
-    top_k = _integer(body, "top_k") or 0
-    n = _integer(body, "n")
-    if n not in (None, 1):
-        raise _Invalid(f"'n' must be 1, got {n}")
+    min_tokens = _integer(body, "min_tokens") or 0
+    if not 0 <= min_tokens <= max_tokens:
+        raise _Invalid(f"'min_tokens' must be in [0, max_tokens={max_tokens}], got {min_tokens}")
     stop = body.get("stop")
     if stop is None:
         stop = ()
-    elif isinstance(stop, str):
+    elif isinstance(stop, str) and stop:
         stop = (stop,)
     elif isinstance(stop, list) and all(isinstance(s, str) and s for s in stop):
         stop = tuple(stop)
@@ -201,19 +260,19 @@ def _params(body: dict[str, Any], default_max_tokens: int) -> SamplingParams:
         raise _Invalid("'stop' must be a string or a list of non-empty strings")
     stop_ids = body.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids
     ):
-        raise _Invalid("'stop_token_ids' must be a list of integers")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise _Invalid("'ignore_eos' must be true or false")
+        raise _Invalid("'stop_token_ids' must be a list of token ids (integers >= 0)")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=float(temperature),
-        top_p=float(top_p),  # type: ignore[arg-type]
-        top_k=top_k,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=_integer(body, "top_k") or 0,
         seed=_integer(body, "seed"),
         stop=stop,
         stop_token_ids=tuple(stop_ids),
-        ignore_eos=ignore_eos,
+        ignore_eos=_flag(body, "ignore_eos", False),
+        include_stop_str_in_output=_flag(body, "include_stop_str_in_output", False),
+        min_tokens=min_tokens,
+        skip_special_tokens=_flag(body, "skip_special_tokens", True),
     )

@@ -1,25 +1,30 @@
 """A batch job: batch file in, answers out, every request answered exactly once.
 
 Whole-job problems raise ``JobError`` before any compute; problems of single lines become error
-records while every other request runs.
+records while every other request runs. Ctrl-C / SIGTERM raise ``JobInterrupted`` after the
+answers finished so far are on disk. See ``results.py`` for the resume rule.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import EngineConfig
-from ..engine import LLMEngine
-from ..errors import InputFileError, JobError
+from ..engine import EngineStats, LLMEngine
+from ..errors import InputFileError, JobInterrupted, KVBudgetError
+from ..execution.models.registry import DEFAULT_MODEL_NAME
+from ..loading.model_source import cache_root
 from ..outputs import Request
 from ..planning.plan import make_plan
-from ..tokenizer import Tokenizer
-from .batch_file import CHAT_URL, BatchRequest, LineError, read_batch_file
+from .batch_file import BatchRequest, LineError, read_batch_file
 from .progress import Progress
 from .results import ResultWriter, error_record, success_record
+from .validate import validate
 
 if TYPE_CHECKING:
     from ..distributed.ray_executor import RayExecutor
@@ -38,9 +43,11 @@ class JobOptions:
 
 @dataclass(frozen=True)
 class JobSummary:
-    requests_ok: int
-    requests_failed: int
-    skipped: int  # answered by an earlier run
+    """Counts of one run; ``requests_ok + requests_failed + skipped`` is the input's lines."""
+
+    requests_ok: int  # answered by this run
+    requests_failed: int  # error records (every line with an error, every run)
+    skipped: int  # answered by an earlier run (same custom_id and request)
     prompt_tokens: int
     output_tokens: int
     prefill_tokens_saved: int
@@ -49,7 +56,7 @@ class JobSummary:
 
     def lines(self) -> list[str]:
         tps = self.output_tokens / self.wall_s if self.wall_s else 0.0
-        return [
+        lines = [
             f"requests: {self.requests_ok} ok, {self.requests_failed} failed, "
             f"{self.skipped} already answered",
             f"tokens: {self.prompt_tokens} prompt, {self.output_tokens} output, "
@@ -57,107 +64,140 @@ class JobSummary:
             f"preemptions: {self.preemptions}",
             f"wall time: {self.wall_s:.1f}s, {tps:.1f} output tok/s",
         ]
+        if not self.requests_ok and not self.skipped:
+            lines.insert(0, "no line of the input is a valid request: see the error records")
+        return lines
 
 
 def read_items(path: Path, default_max_tokens: int) -> list[BatchRequest | LineError]:
+    """Every non-blank line of the input; JobError when it is missing or has no line."""
     if not path.is_file():
         raise InputFileError(f"input file not found: {path}")
-    return list(read_batch_file(path, default_max_tokens))
+    items = list(read_batch_file(path, default_max_tokens))
+    if not items:
+        raise InputFileError(f"the input file {path} is empty: it has no request lines")
+    return items
 
 
-def tokenize(
-    tokenizer: Tokenizer, items: list[BatchRequest]
-) -> tuple[list[tuple[BatchRequest, list[int]]], list[LineError]]:
-    """Token ids per request (chat template for chats); template failures and empty prompts are
-    line errors. Texts are encoded in one batched call."""
-    ok: list[tuple[BatchRequest, list[int]]] = []
-    errors: list[LineError] = []
-    texts: list[tuple[BatchRequest, str, bool]] = []
-    for req in items:
-        if isinstance(req.prompt, list):
-            ok.append((req, list(req.prompt)))
-            continue
-        if req.url == CHAT_URL:
-            try:
-                texts.append((req, tokenizer.render_chat(req.messages or []), False))
-            except Exception as e:  # a template may raise anything (jinja, our checks)
-                errors.append(
-                    LineError(
-                        req.line, req.custom_id, f"line {req.line}: chat template failed: {e}"
-                    )
-                )
-        else:
-            texts.append((req, req.prompt or "", True))
-    for special in (False, True):
-        batch = [(r, t) for r, t, s in texts if s is special]
-        if batch:
-            ids = tokenizer.encode_batch([t for _, t in batch], add_special_tokens=special)
-            ok += [(r, i) for (r, _), i in zip(batch, ids)]
-    kept = []
-    for req, ids in ok:
-        if not ids:
-            errors.append(
-                LineError(req.line, req.custom_id, f"line {req.line}: the prompt is empty")
-            )
-        else:
-            kept.append((req, ids))
-    return kept, errors
-
-
-def make_executor(config: EngineConfig, opts: JobOptions) -> LLMEngine | RayExecutor:
+def make_executor(
+    config: EngineConfig, workers: int = 1, ray_address: str | None = None
+) -> LLMEngine | RayExecutor:
     """One in-process engine, or engine actors on Ray for ``--workers`` / ``--ray-address``."""
-    if opts.workers > 1 or opts.ray_address:
+    if workers > 1 or ray_address:
         from ..distributed.ray_executor import RayExecutor
 
-        return RayExecutor(config, max(1, opts.workers), opts.ray_address)
+        return RayExecutor(config, max(1, workers), ray_address)
     return LLMEngine(config)
 
 
+def _say(quiet: bool) -> Callable[[str], None]:
+    def say(line: str) -> None:
+        if not quiet:
+            print(f"[prefixbatch] {line}", file=sys.stderr, flush=True)
+
+    return say
+
+
 def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
+    """Run the batch file ``opts.input`` into ``opts.output``; see the module docstring."""
     start = time.monotonic()
-    items = read_items(opts.input, opts.default_max_tokens)
-    engine = make_executor(config, opts)
-    writer = ResultWriter(opts.output, resume=not opts.overwrite)
-    todo = [i for i in items if not writer.answered.covers(i)]
-    skipped = len(items) - len(todo)
-    errors = [i for i in todo if isinstance(i, LineError)]
-    tokenized, token_errors = tokenize(
-        engine.tokenizer, [i for i in todo if isinstance(i, BatchRequest)]
-    )
-    errors += token_errors
-    runnable: list[tuple[BatchRequest, list[int]]] = []
-    too_big = 0
-    for req, ids in tokenized:
-        problem = engine.check_request(ids, req.params.max_tokens)
-        if problem:
-            too_big += not engine.limits.fits_kv(len(ids), req.params.max_tokens)
-            errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
-        else:
-            runnable.append((req, ids))
-    if too_big and not runnable:
-        writer.close()
-        raise JobError(
-            f"the KV cache ({engine.limits.num_blocks} blocks) is too small for even one "
-            "request; raise --kv-cache-memory"
+    if opts.output.resolve() == opts.input.resolve():
+        raise InputFileError(
+            "the output file must not be the input file (-o names where answers go)"
         )
-    for err in sorted(errors, key=lambda e: e.line):
-        writer.write(error_record(err))
-    model_name = engine.model_name
-    progress = Progress(len(runnable), quiet=opts.quiet)
-    requests = [Request(i, ids, req.params) for i, (req, ids) in enumerate(runnable)]
-    plan = make_plan(
-        [ids for _, ids in runnable], [r.params.max_tokens for r, _ in runnable], config.block_size
-    )
+    items = read_items(opts.input, opts.default_max_tokens)
+    config.torch_device  # noqa: B018  an unavailable device fails here, before any message
+    say = _say(opts.quiet)
+
+    def load() -> LLMEngine | RayExecutor:
+        say(
+            f"loading the model ({config.model or f'default: {DEFAULT_MODEL_NAME}'}); "
+            "the first run also converts a GGUF file and compiles the CPU attention kernel "
+            f"(about 20 s), kept in {cache_root()}"
+        )
+        engine = make_executor(config, opts.workers, opts.ray_address)
+        say(f"model loaded after {time.monotonic() - start:.1f}s")
+        return engine
+
+    return run_batch(load, items, opts, start=start)
+
+
+def run_batch(
+    load: Callable[[], LLMEngine | RayExecutor],
+    items: list[BatchRequest | LineError],
+    opts: JobOptions,
+    should_stop: Callable[[], bool] | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
+    start: float | None = None,
+) -> JobSummary:
+    """Answer the batch file's ``items`` into ``opts.output``, resuming it (the CLI's job and
+    the server's batches). ``load()`` gives the executor; it is called only when something is
+    left to answer.
+
+    ``should_stop()`` is checked between engine steps: when it returns True the unfinished
+    requests are dropped, the answers so far are on disk, and the call returns (a later call
+    resumes; the output is not tidied). ``on_progress(completed, failed, total)`` gets counts over
+    all ``items`` (earlier answers included) after the error records and after each answer.
+    Ctrl-C raises ``JobInterrupted`` once the finished answers are flushed.
+    """
+    start = time.monotonic() if start is None else start
+    say = _say(opts.quiet)
+    writer = ResultWriter(opts.output, resume=not opts.overwrite)
+    requests = [i for i in items if isinstance(i, BatchRequest)]
+    todo = [r for r in requests if not writer.answered.covers(r)]
+    errors = {i.line: i for i in items if isinstance(i, LineError)}
+    skipped = len(requests) - len(todo)
+    if skipped:
+        say(f"{skipped} of {len(items)} requests already answered in {opts.output}")
+    stats, answered, stopped = EngineStats(), 0, False
+    progress: Progress | None = None
+
+    def report() -> None:
+        if on_progress is not None:
+            on_progress(skipped + answered, len(errors), len(items))
+
     try:
-        for out in engine.generate(requests, plan):
-            writer.write(success_record(runnable[out.index][0], out, model_name))
-            progress.update(1, len(out.output_token_ids), engine.status())
+        runnable = []
+        if todo:
+            engine = load()
+            say(f"checking {len(todo)} requests")
+            checked = validate(engine.tokenizer, engine.limits, todo)
+            if checked.too_big_for_kv and not checked.runnable:
+                raise KVBudgetError(
+                    f"the KV cache ({engine.limits.num_blocks} blocks) is too small for even one "
+                    "request; raise --kv-cache-memory"
+                )
+            errors.update((e.line, e) for e in checked.errors)
+            runnable = checked.runnable
+        for line in sorted(errors):
+            writer.write(error_record(errors[line]))
+        report()
+        if runnable:
+            progress = Progress(len(runnable), quiet=opts.quiet, start=start)
+            model_name = engine.model_name
+            batch = [Request(i, ids, req.params) for i, (req, ids) in enumerate(runnable)]
+            plan = make_plan(
+                [ids for _, ids in runnable],
+                [r.params.max_tokens for r, _ in runnable],
+                engine.config.block_size,
+            )
+            for out in engine.generate(batch, plan, should_stop):
+                writer.write(success_record(runnable[out.index][0], out, model_name))
+                answered += 1
+                progress.update(1, len(out.output_token_ids), engine.status())
+                report()
+            stats = engine.stats
+            stopped = answered < len(runnable)
+        if not stopped:
+            writer.finish(items, errors)
+    except KeyboardInterrupt:
+        raise JobInterrupted(skipped + answered, len(items)) from None
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         writer.close()
-    stats = engine.stats
     return JobSummary(
-        requests_ok=len(runnable),
+        requests_ok=answered,
         requests_failed=len(errors),
         skipped=skipped,
         prompt_tokens=stats.prompt_tokens,

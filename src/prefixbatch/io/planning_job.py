@@ -8,26 +8,32 @@ from typing import Any
 from ..config import EngineConfig
 from ..execution.kv_cache import kv_pool_blocks
 from ..loading.builder import read_model_config
+from ..loading.limits import EngineLimits
 from ..loading.model_source import resolve_model
 from ..planning.plan import make_plan
 from ..planning.report import format_report, plan_report
 from ..tokenizer import Tokenizer
 from .batch_file import BatchRequest
-from .job import read_items, tokenize
+from .job import read_items
+from .validate import validate
 
 
 def plan_job(
     config: EngineConfig, path: Path, default_max_tokens: int
 ) -> tuple[dict[str, Any], str]:
+    """(the report as a JSON-ready dict, the same as text). Lines ``prefixbatch run`` would
+    reject (parse errors, token ids outside the vocabulary, too long) are left out and counted
+    in ``rejected_lines``."""
     items = read_items(path, default_max_tokens)
     source = resolve_model(config.model)
     cfg = read_model_config(source)
-    tokenized, errors = tokenize(
-        Tokenizer(source.path), [i for i in items if isinstance(i, BatchRequest)]
-    )
-    prompts = [ids for _, ids in tokenized]
-    plan = make_plan(prompts, [r.params.max_tokens for r, _ in tokenized], config.block_size)
     blocks, _ = kv_pool_blocks(config, cfg)
+    limits = EngineLimits.of(config, cfg, blocks)
+    checked = validate(
+        Tokenizer(source.path), limits, [i for i in items if isinstance(i, BatchRequest)]
+    )
+    prompts = [ids for _, ids in checked.runnable]
+    plan = make_plan(prompts, [r.params.max_tokens for r, _ in checked.runnable], config.block_size)
     report = plan_report(plan, prompts, config.block_size, max(1, blocks))
-    report["invalid_lines"] = len(items) - len(tokenized)
-    return report, format_report(report) + f"\ninvalid lines:          {report['invalid_lines']}"
+    report["rejected_lines"] = len(items) - len(checked.runnable)
+    return report, format_report(report)

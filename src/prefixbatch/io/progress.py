@@ -8,24 +8,35 @@ from typing import TextIO
 
 
 class Progress:
-    """Counts finished requests and generated tokens; ``quiet`` prints nothing."""
+    """Counts finished requests and generated tokens; ``quiet`` prints nothing.
+
+    ``start`` (``time.monotonic()``, default now) is the job's start: the elapsed clock counts
+    from it, as the summary's wall time does; rates and the ETA count from the first compute
+    (this object's creation), so model loading does not skew them."""
 
     def __init__(
-        self, total: int, quiet: bool = False, stream: TextIO | None = None, interval: float = 10.0
+        self,
+        total: int,
+        quiet: bool = False,
+        stream: TextIO | None = None,
+        interval: float = 10.0,
+        start: float | None = None,
     ) -> None:
         self.total, self.quiet, self.interval = total, quiet, interval
         self.stream = stream or sys.stderr
         self.done = self.tokens = 0
-        self.start = self._last = time.monotonic()
+        self.compute_start = self._last = time.monotonic()
+        self.start = self.compute_start if start is None else start
         self._bar = None
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, unit="req", file=self.stream, dynamic_ncols=True)
+            self._bar.start_t -= self.compute_start - self.start  # the job's clock (wall time)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / max(time.monotonic() - self.start, 1e-9)
+        return self.tokens / max(time.monotonic() - self.compute_start, 1e-9)
 
     def update(self, requests: int, tokens: int, note: str = "") -> None:
         """Count finished requests and their tokens; ``note`` (e.g. worker lag) is shown too."""
@@ -41,7 +52,8 @@ class Progress:
         if now - self._last >= self.interval or self.done == self.total:
             self._last = now
             elapsed = now - self.start
-            eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            computing = now - self.compute_start
+            eta = computing / self.done * (self.total - self.done) if self.done else float("nan")
             print(
                 f"[prefixbatch] {self.done}/{self.total} requests, "
                 f"{self.tokens_per_s:.1f} tok/s, elapsed {elapsed:.0f}s, eta {eta:.0f}s"

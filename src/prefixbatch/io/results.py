@@ -3,6 +3,12 @@
 Each record is one complete line written with a single ``write`` and flushed at once, so a killed
 job leaves at most one partial last line; ``ResultWriter`` cuts that line off before appending.
 Ids are derived from the custom_id, so the same job writes the same file except ``created``.
+
+Resume rule: a request is skipped only when the output holds a *success* record with its
+``custom_id`` and its ``request_hash`` (a top-level field of our success records that OpenAI and
+vLLM readers ignore: 16 hex digits of the normalised request, see ``batch_file.request_hash``).
+Error records never make a request skip. When a run completes, ``ResultWriter.finish`` rewrites
+the output atomically to exactly one record per input line, in input order.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from typing import Any
 
 from ..outputs import RequestOutput
 from .batch_file import CHAT_URL, BatchRequest, LineError
+
+HASH_FIELD = "request_hash"
 
 
 def _id(prefix: str, custom_id: str) -> str:
@@ -48,11 +56,13 @@ def success_record(req: BatchRequest, out: RequestOutput, model: str) -> dict[st
         "custom_id": req.custom_id,
         "response": {"status_code": 200, "request_id": _id("req_", req.custom_id), "body": body},
         "error": None,
+        HASH_FIELD: req.request_hash,
     }
 
 
 def error_record(err: LineError) -> dict[str, Any]:
-    key = err.custom_id or f"line-{err.line}"
+    """The error record of a line; ``custom_id`` is the line's own value, even if not a string."""
+    key = err.custom_id if isinstance(err.custom_id, str) else f"line-{err.line}"
     return {
         "id": _id("batch_req_", f"{key}:{err.line}"),
         "custom_id": err.custom_id,
@@ -63,20 +73,33 @@ def error_record(err: LineError) -> dict[str, Any]:
 
 @dataclass
 class Answered:
-    """What an existing output file already holds."""
+    """The success records an existing output file holds: custom_id -> request hash."""
 
-    custom_ids: set[str] = field(default_factory=set)  # answered successfully
-    error_lines: set[int] = field(default_factory=set)  # input lines answered with an error
+    hashes: dict[str, str] = field(default_factory=dict)
 
-    def covers(self, item: BatchRequest | LineError) -> bool:
-        if isinstance(item, BatchRequest) and item.custom_id in self.custom_ids:
-            return True
-        return item.line in self.error_lines
+    def covers(self, req: BatchRequest) -> bool:
+        """Whether ``req`` (same custom_id, same request) was answered successfully."""
+        return self.hashes.get(req.custom_id) == req.request_hash
+
+
+def _success(raw: bytes) -> tuple[str, str] | None:
+    """(custom_id, request hash) of a success record line, else None."""
+    try:
+        rec = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(rec, dict) or rec.get("error") is not None:
+        return None
+    cid, digest = rec.get("custom_id"), rec.get(HASH_FIELD)
+    if isinstance(cid, str) and isinstance(digest, str) and isinstance(rec.get("response"), dict):
+        return cid, digest
+    return None
 
 
 def read_answered(path: Path) -> tuple[Answered, int]:
-    """Parse an output file; returns what it answers and the byte length of its complete lines
-    (a trailing partial or corrupt line from a crash is not counted)."""
+    """Parse an output file; returns its success records and the byte length of its complete
+    lines (a trailing partial line from a crash is not counted). Lines that are not records
+    (e.g. of another tool) are kept but answer nothing."""
     answered = Answered()
     good = 0
     if not path.exists():
@@ -85,23 +108,15 @@ def read_answered(path: Path) -> tuple[Answered, int]:
         for raw in f:
             if not raw.endswith(b"\n"):
                 break
-            try:
-                rec = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                break
-            if not isinstance(rec, dict):
-                break
-            err = rec.get("error")
-            if isinstance(err, dict) and isinstance(err.get("line"), int):
-                answered.error_lines.add(err["line"])
-            elif isinstance(rec.get("custom_id"), str):
-                answered.custom_ids.add(rec["custom_id"])
             good += len(raw)
+            hit = _success(raw)
+            if hit:
+                answered.hashes[hit[0]] = hit[1]
     return answered, good
 
 
 class ResultWriter:
-    """Appends records to the output file, one flushed line each."""
+    """Appends records to the output file, one flushed line each; ``finish`` rewrites it."""
 
     def __init__(self, path: Path, resume: bool) -> None:
         self.path = path
@@ -119,6 +134,42 @@ class ResultWriter:
         self._file.flush()
 
     def close(self) -> None:
+        if self._file.closed:
+            return
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+
+    def finish(self, items: list[BatchRequest | LineError], errors: dict[int, LineError]) -> None:
+        """Close, then replace the output with one record per input line, in input order: the
+        success record of each request (``covers`` it: same custom_id and hash), else its
+        error from ``errors`` (by line); superseded records and records of custom_ids no longer
+        in the input are dropped. Atomic: a temporary file in the same folder, fsync, rename."""
+        self.close()
+        wanted = {i.custom_id: i.request_hash for i in items if isinstance(i, BatchRequest)}
+        where: dict[str, tuple[int, int]] = {}  # custom_id -> (offset, length) of its record
+        offset = 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                hit = _success(raw)
+                if hit and wanted.get(hit[0]) == hit[1]:
+                    where[hit[0]] = (offset, len(raw))
+                offset += len(raw)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+            for item in items:
+                if isinstance(item, BatchRequest) and item.custom_id in where:
+                    start, length = where[item.custom_id]
+                    src.seek(start)
+                    dst.write(src.read(length))
+                elif item.line in errors:
+                    record = error_record(errors[item.line])
+                    dst.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, self.path)
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # make the rename itself durable
+        finally:
+            os.close(folder)

@@ -141,8 +141,8 @@ def load_model(config: EngineConfig, source: ModelSource | None = None) -> Loade
     )
     # Built here, not per job: on the CPU this may compile the decode kernel (once per machine).
     backend = select_backend(backend_name, cache, cfg.num_heads, cfg.head_dim**-0.5)
-    max_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
-    graphs = decode_graphs(config, model, backend, -(-max_len // config.block_size))
+    limits = EngineLimits.of(config, cfg, num_blocks)
+    graphs = decode_graphs(config, model, backend, -(-limits.max_model_len // config.block_size))
     eos = [*cfg.eos_token_ids, tokenizer.eos_token_id]
     return LoadedModel(
         config=config,
@@ -152,7 +152,7 @@ def load_model(config: EngineConfig, source: ModelSource | None = None) -> Loade
         model=model,
         cache=cache,
         backend=backend,
-        limits=EngineLimits(max_len, num_blocks, config.block_size, cfg.vocab_size),
+        limits=limits,
         eos_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
         name=model_name(config.model),
         graphs=graphs,

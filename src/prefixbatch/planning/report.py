@@ -1,4 +1,7 @@
-"""The plan report printed by ``prefixbatch plan`` before any compute."""
+"""The plan report printed by ``prefixbatch plan`` before any compute.
+
+The text form labels every figure with its ``--json`` key, followed by what it means.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ def tree_baselines(prompts: Sequence[Sequence[int]], block_size: int) -> tuple[i
     tree = build_tree(prompts)
     lengths = [len(p) for p in prompts]
     return unique_tokens(tree), one_level_prefill_tokens(tree, lengths, block_size)
+
+
+def count(n: int, noun: str) -> str:
+    """``1 request``, ``2 requests``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def plan_report(
@@ -58,23 +66,35 @@ def plan_report(
     }
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
 def format_report(r: dict[str, Any]) -> str:
-    sizes = ", ".join(f"{k}: {v}" for k, v in r["group_sizes"].items()) or "none"
-    return "\n".join(
-        [
-            f"requests:               {r['requests']}",
-            f"prompt tokens:          {r['prompt_tokens']}",
-            f"groups:                 {r['groups']} (requests per group: {sizes}); "
-            f"{r['levels']} sharing levels, nested up to {r['max_depth']} deep; "
-            f"{r['ungrouped_requests']} requests share nothing",
-            f"prefill tokens (plan):  {r['computed_prefill_tokens']}  "
-            f"R_saving {100 * r['r_saving']:.1f}%",
-            f"one-level (BatchLLM):   {r['one_level_prefill_tokens']}  "
-            f"R_saving {100 * r['r_saving_one_level']:.1f}%",
-            f"token-level tree:       {r['multilevel_prefill_tokens']}  "
-            f"R_saving {100 * r['r_saving_multilevel']:.1f}%",
-            f"LRU cache, file order:  {r['lru_prefill_tokens']}  "
-            f"R_saving {100 * r['r_saving_lru_file_order']:.1f}%  "
-            f"({r['lru_capacity_blocks']} blocks of {r['block_size']} tokens)",
-        ]
-    )
+    """Plain words, one figure per line, each labelled with its JSON key."""
+    sizes = ", ".join(f"{v} of {k}" for k, v in r["group_sizes"].items()) or "none"
+    lines = [
+        f"requests: {count(r['requests'], 'request')} in the plan",
+        f"rejected_lines: {count(r.get('rejected_lines', 0), 'line')} left out "
+        "(the run would answer them with an error record)",
+        f"prompt_tokens: {r['prompt_tokens']} prompt tokens in all",
+        f"groups: {count(r['groups'], 'group')} of requests that share a prefix "
+        f"(group_sizes, requests per group: {sizes})",
+        f"levels: {count(r['levels'], 'shared prefix')}, each computed once "
+        f"(max_depth: nested up to {r['max_depth']} deep)",
+        f"ungrouped_requests: {count(r['ungrouped_requests'], 'request')} that share no prefix",
+        f"computed_prefill_tokens: {r['computed_prefill_tokens']} prompt tokens computed by "
+        f"this plan (r_saving: {_pct(r['r_saving'])} of the prompt tokens not computed)",
+        f"one_level_prefill_tokens: {r['one_level_prefill_tokens']} with BatchLLM's one-level "
+        f"groups (r_saving_one_level: {_pct(r['r_saving_one_level'])})",
+        f"multilevel_prefill_tokens: {r['multilevel_prefill_tokens']} if every shared token, "
+        "not only whole KV blocks, were computed once "
+        f"(r_saving_multilevel: {_pct(r['r_saving_multilevel'])})",
+        f"lru_prefill_tokens: {r['lru_prefill_tokens']} with a prefix cache of "
+        f"{r['lru_capacity_blocks']} blocks (lru_capacity_blocks) of {r['block_size']} tokens "
+        "(block_size) and LRU eviction, requests in file order, one at a time "
+        f"(r_saving_lru_file_order: {_pct(r['r_saving_lru_file_order'])}). This is the most "
+        "--policy fcfs-lru can save: it runs up to max_num_seqs requests at once, and "
+        "requests started together cannot reuse a prefix none of them has computed yet.",
+    ]
+    return "\n".join(lines)

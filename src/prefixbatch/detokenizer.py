@@ -1,0 +1,164 @@
+"""Output text built token by token, and the stop rules that read it, as vLLM does both.
+
+``IncrementalDetokenizer`` is vLLM's ``detokenize_incrementally`` (vllm/transformers_utils/
+detokenizer_utils.py): it decodes a short window of tokens (``prefix_offset:read_offset`` is the
+part already emitted) so that merges across token boundaries and leading spaces come out right,
+and emits nothing while the window ends in an incomplete UTF-8 character (U+FFFD), so a text is
+never cut inside a character whatever token the output stops on.
+
+``OutputText`` applies vLLM's stop semantics (vllm/v1/engine/detokenizer.py,
+``check_stop_strings``): a stop string ends the request and is cut from the text unless
+``include_stop_str_in_output``; the text of a stop token (EOS, ``stop_token_ids``) is left out
+unless ``include_stop_str_in_output``; stop strings are not checked before ``min_tokens``
+tokens, and ``mask_min_tokens`` keeps EOS and ``stop_token_ids`` from being sampled before then.
+A stop string found on the last allowed token still makes ``finish_reason`` ``"stop"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .outputs import Request
+from .sampling_params import SamplingParams
+from .scheduling.sequence import Sequence as SchedSequence
+
+# vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET: prompt tokens that give the first output
+# token its context (a leading space depends on the token before it).
+PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Decodes one token at a time; ``hf_tokenizer`` is a transformers tokenizer."""
+
+    def __init__(
+        self, hf_tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool
+    ) -> None:
+        self.hf = hf_tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        # Two more tokens than the window in case some are special and skipped.
+        self.tokens: list[str] = self._tokens(prompt_ids[-PROMPT_CONTEXT_TOKENS - 2 :])
+        self.read_offset = len(self.tokens)
+        self.prefix_offset = max(self.read_offset - PROMPT_CONTEXT_TOKENS, 0)
+
+    def _tokens(self, ids: Sequence[int]) -> list[str]:
+        return list(
+            self.hf.convert_ids_to_tokens(list(ids), skip_special_tokens=self.skip_special_tokens)
+        )
+
+    def decode_next(self, token_id: int) -> str:
+        """The new complete text that ``token_id`` adds ("" while a character is incomplete)."""
+        self.tokens += self._tokens([token_id])
+        emitted = self.hf.convert_tokens_to_string(
+            self.tokens[self.prefix_offset : self.read_offset]
+        )
+        text = self.hf.convert_tokens_to_string(self.tokens[self.prefix_offset :])
+        if len(text) <= len(emitted) or text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return text[len(emitted) :]
+
+
+def find_stop_string(
+    text: str, new_chars: int, stop: Sequence[str], include_in_output: bool
+) -> int | None:
+    """Where to cut ``text`` when a stop string appears in its last ``new_chars`` characters
+    (or straddles them), else None. vLLM's ``check_stop_strings``: the first string of ``stop``
+    that matches wins; the cut is before it, or after it with ``include_in_output``."""
+    for s in stop:
+        at = text.find(s, max(0, len(text) - new_chars - len(s) + 1))
+        if at != -1:
+            return at + len(s) if include_in_output else at
+    return None
+
+
+class OutputText:
+    """The text of one request's output and whether a stop string ended it."""
+
+    def __init__(self, hf_tokenizer: Any, prompt_ids: Sequence[int], params: SamplingParams):
+        self.params = params
+        self.detokenizer = IncrementalDetokenizer(
+            hf_tokenizer, prompt_ids, params.skip_special_tokens
+        )
+        self.text = ""
+        self.num_tokens = 0
+
+    def append(self, token_id: int, stop_token: bool) -> bool:
+        """Add the newest output token; ``stop_token``: it is EOS or in ``stop_token_ids`` and
+        ended the request. Returns True when a stop string ends the output here."""
+        self.num_tokens += 1
+        if stop_token and not self.params.include_stop_str_in_output:
+            return False
+        new = self.detokenizer.decode_next(token_id)
+        self.text += new
+        if stop_token or not new or not self.params.stop:
+            return False
+        if self.num_tokens <= self.params.min_tokens:
+            return False
+        cut = find_stop_string(
+            self.text, len(new), self.params.stop, self.params.include_stop_str_in_output
+        )
+        if cut is None:
+            return False
+        self.text = self.text[:cut]
+        return True
+
+
+class OutputTexts:
+    """The ``OutputText`` of every request of one ``generate`` call, by sequence id."""
+
+    def __init__(self, hf_tokenizer: Any, requests: Mapping[int, Request]) -> None:
+        self.hf = hf_tokenizer
+        self.requests = requests
+        self.texts: dict[int, OutputText] = {}
+
+    def update(
+        self, sampled: list[SchedSequence], finish: Callable[[SchedSequence, str], None]
+    ) -> list[SchedSequence]:
+        """Call after the scheduler appended a token to each of ``sampled`` (and finished those
+        that hit EOS, a stop token or a length limit). A stop string ends a running sequence
+        through ``finish(seq, "stop")`` (those are returned) and turns a ``"length"`` finish on
+        the same token into ``"stop"``."""
+        ended = []
+        for seq in sampled:
+            text = self.texts.get(seq.seq_id)
+            if text is None:
+                request = self.requests[seq.seq_id]
+                text = OutputText(self.hf, request.prompt_token_ids, request.params)
+                self.texts[seq.seq_id] = text
+            if not text.append(seq.tokens[-1], stop_token=seq.finish_reason == "stop"):
+                continue
+            if seq.finish_reason is None:
+                finish(seq, "stop")
+                ended.append(seq)
+            else:
+                seq.finish_reason = "stop"
+        return ended
+
+    def pop(self, seq: SchedSequence) -> str:
+        """The finished sequence's text (empty when it sampled no token)."""
+        text = self.texts.pop(seq.seq_id, None)
+        return text.text if text else ""
+
+
+def mask_min_tokens(
+    logits: torch.Tensor, seqs: list[SchedSequence], eos_ids: Sequence[int]
+) -> None:
+    """In place: rows of sequences that have fewer than ``min_tokens`` output tokens cannot
+    sample EOS (unless ``ignore_eos``) or their ``stop_token_ids`` (vLLM's min_tokens logits
+    processor). ``logits``: (len(seqs), vocab) float."""
+    vocab = logits.shape[-1]
+    rows: list[int] = []
+    cols: list[int] = []
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if seq.num_output >= p.min_tokens:
+            continue
+        banned = {t for t in (*p.stop_token_ids, *(() if p.ignore_eos else eos_ids)) if t < vocab}
+        rows += [row] * len(banned)
+        cols += sorted(banned)
+    if rows:
+        with torch.inference_mode():  # the runner's logits are inference tensors
+            logits[rows, cols] = float("-inf")

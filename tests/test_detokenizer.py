@@ -1,0 +1,147 @@
+"""Incremental detokenization and vLLM's stop rules, without a model: a small byte-level BPE
+tokenizer (characters split across tokens, like GPT-2's) and the word-level test tokenizer."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import save_tokenizer
+from prefixbatch.detokenizer import (
+    IncrementalDetokenizer,
+    OutputText,
+    OutputTexts,
+    find_stop_string,
+    mask_min_tokens,
+)
+from prefixbatch.outputs import Request
+from prefixbatch.sampling_params import SamplingParams
+
+TEXT = "héllo wörld café naïve 🙂 日本語 the cat sat"
+
+
+@pytest.fixture(scope="module")
+def bpe():  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TEXT] * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("wordtok")
+    save_tokenizer(path)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def pieces(hf, prompt: list[int], output: list[int]) -> list[str]:  # type: ignore[no-untyped-def]
+    detok = IncrementalDetokenizer(hf, prompt, skip_special_tokens=True)
+    return [detok.decode_next(t) for t in output]
+
+
+def test_a_character_split_across_tokens_is_emitted_whole(bpe):  # type: ignore[no-untyped-def]
+    ids = bpe.encode("🙂 café")
+    assert bpe.decode(ids[:1]) == "\ufffd"  # the first token holds half the emoji's bytes
+    got = pieces(bpe, bpe.encode("the"), ids)
+    assert got == ["", "🙂", " café"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(list(TEXT)), min_size=1, max_size=30), st.integers(0, 40))
+def test_pieces_join_to_the_full_decode_and_never_end_mid_character(bpe, chars, cut):  # type: ignore[no-untyped-def]
+    ids = bpe.encode("".join(chars))
+    got = pieces(bpe, bpe.encode("the cat"), ids)
+    assert "".join(got) == bpe.decode(ids)
+    partial = "".join(got[:cut])  # stopped on any token: complete characters only
+    assert "\ufffd" not in partial and bpe.decode(ids).startswith(partial)
+
+
+def test_find_stop_string_matches_vllm():  # type: ignore[no-untyped-def]
+    assert find_stop_string("The capital is Paris", 6, ["Paris"], False) == 15
+    assert find_stop_string("The capital is Paris", 6, ["Paris"], True) == 20
+    # only the new text (and what straddles it) is searched: older matches ended nothing
+    assert find_stop_string("Paris is big", 4, ["Paris"], False) is None
+    assert find_stop_string("ab" + "cd", 2, ["bc"], False) == 1  # straddles the boundary
+    # the first string of the list that matches wins, as in vLLM
+    assert find_stop_string("xyz", 3, ["z", "x"], False) == 2
+
+
+def out_text(hf, params: SamplingParams, prompt: list[int], output: list[int], stop_last: bool):  # type: ignore[no-untyped-def]
+    """(final text, tokens appended) for ``output`` fed until a stop string ends it."""
+    text = OutputText(hf, prompt, params)
+    for i, t in enumerate(output):
+        if text.append(t, stop_token=stop_last and i == len(output) - 1):
+            return text.text, i + 1
+    return text.text, len(output)
+
+
+def test_stop_string_rules(words):  # type: ignore[no-untyped-def]
+    prompt, output = words.encode("w5"), words.encode("w10 w11 w12 w13")
+    assert out_text(words, SamplingParams(stop=["w12"]), prompt, output, False) == (" w10 w11 ", 3)
+    keep = SamplingParams(stop=["w12"], include_stop_str_in_output=True)
+    assert out_text(words, keep, prompt, output, False) == (" w10 w11 w12", 3)
+    # min_tokens: no stop string is checked until more than min_tokens tokens exist
+    late = SamplingParams(stop=["w10"], min_tokens=1)
+    assert out_text(words, late, prompt, output, False) == (" w10 w11 w12 w13", 4)
+
+
+def test_stop_token_text_is_left_out_unless_asked(words):  # type: ignore[no-untyped-def]
+    prompt, output = words.encode("w5"), words.encode("w10 </s>")
+    plain = SamplingParams(skip_special_tokens=False)
+    assert out_text(words, plain, prompt, output, True)[0] == " w10"
+    keep = SamplingParams(skip_special_tokens=False, include_stop_str_in_output=True)
+    assert out_text(words, keep, prompt, output, True)[0] == " w10 </s>"
+    skip = SamplingParams(include_stop_str_in_output=True)  # skip_special_tokens by default
+    assert out_text(words, skip, prompt, output, True)[0] == " w10"
+
+
+def seq(seq_id: int, tokens: list[int], params: SamplingParams, reason: str | None = None):  # type: ignore[no-untyped-def]
+    return SimpleNamespace(
+        seq_id=seq_id,
+        tokens=tokens,
+        params=params,
+        finish_reason=reason,
+        num_output=len(tokens) - 1,
+    )
+
+
+def test_a_stop_string_on_the_last_allowed_token_finishes_with_stop(words):  # type: ignore[no-untyped-def]
+    prompt = words.encode("w5")
+    params = SamplingParams(max_tokens=2, stop=["w11"])
+    texts = OutputTexts(words, {0: Request(0, prompt, params), 1: Request(1, prompt, params)})
+    finished: list[object] = []
+    a, b = seq(0, [*prompt, 10], params), seq(1, [*prompt, 20], params)
+    assert texts.update([a, b], lambda s, r: finished.append((s, r))) == []
+    a.tokens.append(11)
+    a.finish_reason = "length"  # the scheduler ended it on max_tokens with the same token
+    b.tokens.append(11)  # running: the stop string ends it through finish()
+    ended = texts.update([a, b], lambda s, r: finished.append((s.seq_id, r)))
+    assert a.finish_reason == "stop" and texts.pop(a) == " w10 "  # type: ignore[arg-type]
+    assert ended == [b] and finished == [(1, "stop")]
+
+
+def test_min_tokens_masks_eos_and_stop_ids():  # type: ignore[no-untyped-def]
+    logits = torch.zeros(3, 8)
+    p = SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=(5,))
+    short, done = seq(0, [1, 2], p), seq(1, [1, 2, 3, 4], p)  # 1 and 3 output tokens
+    no_eos = seq(2, [1, 2], SamplingParams(max_tokens=5, min_tokens=2, ignore_eos=True))
+    mask_min_tokens(logits, [short, done, no_eos], eos_ids=(2, 99))  # type: ignore[list-item]
+    assert torch.isinf(logits[0]).nonzero().flatten().tolist() == [2, 5]
+    assert not torch.isinf(logits[1]).any()
+    assert not torch.isinf(logits[2]).any()  # ignore_eos, no stop ids
