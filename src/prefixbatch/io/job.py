@@ -7,6 +7,7 @@ records while every other request runs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,25 +107,52 @@ def tokenize(
     return kept, errors
 
 
-def make_executor(config: EngineConfig, opts: JobOptions) -> LLMEngine | RayExecutor:
+def make_executor(
+    config: EngineConfig, workers: int = 1, ray_address: str | None = None
+) -> LLMEngine | RayExecutor:
     """One in-process engine, or engine actors on Ray for ``--workers`` / ``--ray-address``."""
     try:
-        if opts.workers > 1 or opts.ray_address:
+        if workers > 1 or ray_address:
             from ..distributed.ray_executor import RayExecutor
 
-            return RayExecutor(config, max(1, opts.workers), opts.ray_address)
+            return RayExecutor(config, max(1, workers), ray_address)
         return LLMEngine(config)
     except (OSError, ValueError) as e:
         raise JobError(str(e)) from e
 
 
 def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
+    """Read the batch file, load the executor, run every request not yet answered."""
     start = time.monotonic()
     items = read_items(opts.input, opts.default_max_tokens)
-    engine = make_executor(config, opts)
+    engine = make_executor(config, opts.workers, opts.ray_address)
+    return run_batch(engine, items, opts, start=start)
+
+
+def run_batch(
+    engine: LLMEngine | RayExecutor,
+    items: list[BatchRequest | LineError],
+    opts: JobOptions,
+    should_stop: Callable[[], bool] | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
+    start: float | None = None,
+) -> JobSummary:
+    """Answer the batch file's ``items`` on ``engine`` into ``opts.output``, resuming it.
+
+    ``should_stop()`` is checked after each output: when it returns True the output file is
+    flushed and the function returns, leaving the rest unanswered (a later call resumes).
+    ``on_progress(completed, failed, total)`` is called with counts over all ``items``
+    (answers from an earlier run included) after the error records are written and after each
+    output.
+    """
+    start = time.monotonic() if start is None else start
     writer = ResultWriter(opts.output, resume=not opts.overwrite)
-    todo = [i for i in items if not writer.answered.covers(i)]
+    answered = writer.answered
+    todo = [i for i in items if not answered.covers(i)]
     skipped = len(items) - len(todo)
+    done_before = sum(  # earlier successes; the other skipped items are earlier errors
+        isinstance(i, BatchRequest) and i.custom_id in answered.custom_ids for i in items
+    )
     errors = [i for i in todo if isinstance(i, LineError)]
     tokenized, token_errors = tokenize(
         engine.tokenizer, [i for i in todo if isinstance(i, BatchRequest)]
@@ -147,6 +175,9 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
         )
     for err in sorted(errors, key=lambda e: e.line):
         writer.write(error_record(err))
+    failed = skipped - done_before + len(errors)
+    if on_progress:
+        on_progress(done_before, failed, len(items))
     model_name = engine.model_name
     progress = Progress(len(runnable), quiet=opts.quiet)
     requests = [Request(i, ids, req.params) for i, (req, ids) in enumerate(runnable)]
@@ -154,6 +185,10 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
         for out in engine.generate(requests):
             writer.write(success_record(runnable[out.index][0], out, model_name))
             progress.update(1, len(out.output_token_ids), engine.status())
+            if on_progress:
+                on_progress(done_before + progress.done, failed, len(items))
+            if should_stop and should_stop():
+                break
     except ValueError as e:  # every Ray worker died
         raise JobError(str(e)) from e
     finally:
@@ -161,7 +196,7 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
         writer.close()
     stats = engine.stats
     return JobSummary(
-        requests_ok=len(runnable),
+        requests_ok=progress.done,
         requests_failed=len(errors),
         skipped=skipped,
         prompt_tokens=stats.prompt_tokens,
