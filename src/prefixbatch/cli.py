@@ -1,9 +1,10 @@
-"""``prefixbatch run`` and ``prefixbatch plan``."""
+"""``prefixbatch run``, ``prefixbatch plan`` and ``prefixbatch serve``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,19 +50,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--overwrite", action="store_true", help="start over, discarding the output")
     run.add_argument("--quiet", action="store_true")
-    run.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="engine actors on a local Ray cluster (pip install 'prefixbatch[ray]')",
-    )
-    run.add_argument("--ray-address", help="run on an existing Ray cluster: auto or ray://...")
+    _executor_args(run)
     _engine_args(run)
     plan = sub.add_parser("plan", help="report the prefix-sharing plan without running it")
     plan.add_argument("input", type=Path)
     plan.add_argument("--json", action="store_true")
     _engine_args(plan)
+    serve = sub.add_parser("serve", help="serve the OpenAI Files + Batches API over HTTP")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", type=Path, default=Path("prefixbatch-data"))
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("PREFIXBATCH_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $PREFIXBATCH_API_KEY)",
+    )
+    serve.add_argument(
+        "--max-upload-size", type=parse_memory, default=200 * 2**20, help="e.g. 200MiB"
+    )
+    _executor_args(serve)
+    _engine_args(serve)
     return parser
+
+
+def _executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="engine actors on a local Ray cluster (pip install 'prefixbatch[ray]')",
+    )
+    p.add_argument("--ray-address", help="run on an existing Ray cluster: auto or ray://...")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -86,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         config = engine_config(args)
         if args.command == "plan":
             return _plan(args, config)
+        if args.command == "serve":
+            return _serve(args, config)
         return _run(args, config)
     except (JobError, ValueError, OSError) as e:
         print(f"prefixbatch: error: {e}", file=sys.stderr)
@@ -120,6 +141,25 @@ def _plan(args: argparse.Namespace, config: EngineConfig) -> int:
 
     report, text = plan_job(config, args.input, args.default_max_tokens)
     print(json.dumps(report) if args.json else text)
+    return 0
+
+
+def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
+    from .server import ServeOptions, serve
+
+    serve(
+        config,
+        ServeOptions(
+            args.host,
+            args.port,
+            args.data_dir,
+            args.api_key,
+            args.max_upload_size,
+            args.default_max_tokens,
+            args.workers,
+            args.ray_address,
+        ),
+    )
     return 0
 
 
