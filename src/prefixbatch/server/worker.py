@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class WorkerOptions:
     default_max_tokens: int = 256  # for requests that set no max_tokens
-    progress_interval_s: float = 0.5  # request_counts are written at most this often
+    progress_interval_s: float = 0.25  # request_counts are written at most this often
 
 
 def _now() -> int:
