@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from ..io.batch_file import CHAT_URL, COMPLETIONS_URL
 from .errors import APIError, bad_request, not_found
 from .objects import (
+    ACTIVE,
     BATCH_ID,
     BATCH_PREFIX,
     COMPLETION_WINDOW_S,
@@ -221,13 +222,13 @@ def create_app(store: Store, worker: BatchWorker, config: AppConfig) -> FastAPI:
     @app.post("/v1/batches/{batch_id}/cancel", dependencies=auth)
     def cancel_batch(batch_id: str) -> dict[str, Any]:
         current = _batch(store, batch_id)
-        if current.status not in ("validating", "in_progress", "finalizing", "cancelling"):
+        if current.status not in ACTIVE:
             raise APIError(409, f"Cannot cancel a batch with status '{current.status}'.")
         batch = store.update_batch(
             batch_id,
             lambda b: (
                 {"status": "cancelling", "cancelling_at": int(time.time())}
-                if b.status in ("validating", "in_progress", "finalizing")
+                if b.status in ACTIVE and b.status != "cancelling"
                 else None
             ),
         )
