@@ -1,9 +1,10 @@
-"""``prefixbatch run`` and ``prefixbatch plan``."""
+"""``prefixbatch run``, ``prefixbatch plan`` and ``prefixbatch serve``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -81,35 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--overwrite", action="store_true", help="start over, discarding the output")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    run.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="engine actors on a local Ray cluster (pip install 'prefixbatch[ray]')",
-    )
-    run.add_argument("--ray-address", help="run on an existing Ray cluster: auto or ray://...")
     _model_args(run)
-    run.add_argument(
-        "--policy",
-        choices=[p.value for p in Policy],
-        default=Policy.BATCHLLM.value,
-        help="batchllm: global prefix plan; fcfs-lru: file order with an LRU prefix cache "
-        "(what vLLM does); fcfs: file order, no sharing",
-    )
-    run.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=1024,
-        help="prefill tokens per step (chunked prefill)",
-    )
-    run.add_argument("--seed", type=int, default=0, help="seed of requests that set none")
-    run.add_argument(
-        "--attention-backend",
-        choices=["auto", *backend_names()],
-        default="auto",
-        help="auto: the fastest available here (triton on CUDA, the compiled kernel on the CPU "
-        "in float32, torch otherwise); torch is the plain PyTorch reference",
-    )
+    _engine_args(run)
     plan = sub.add_parser(
         "plan",
         help="show what sharing saves, without running the model",
@@ -119,12 +93,72 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("input", type=Path, help="OpenAI batch input file (.jsonl)")
     plan.add_argument("--json", action="store_true", help="print the report as JSON")
     _model_args(plan)
+    serve = sub.add_parser(
+        "serve",
+        help="serve the OpenAI Files + Batches API over HTTP",
+        description="Serve the OpenAI Files + Batches API: batches run one at a time, each "
+        "planned as a whole.",
+        formatter_class=fmt,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (localhost only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("prefixbatch-data"),
+        help="where files and batch state are kept (SQLite + blobs)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("PREFIXBATCH_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $PREFIXBATCH_API_KEY; none: open)",
+    )
+    serve.add_argument(
+        "--max-upload-size",
+        type=parse_memory,
+        default=200 * 2**20,
+        help="largest uploaded file in bytes (e.g. 200MiB)",
+    )
+    _model_args(serve)
+    _engine_args(serve)
     return parser
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    """How requests are run: used by ``run`` and ``serve``."""
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="engine actors on a local Ray cluster (pip install 'prefixbatch[ray]')",
+    )
+    p.add_argument("--ray-address", help="run on an existing Ray cluster: auto or ray://...")
+    p.add_argument(
+        "--policy",
+        choices=[p.value for p in Policy],
+        default=Policy.BATCHLLM.value,
+        help="batchllm: global prefix plan; fcfs-lru: file order with an LRU prefix cache "
+        "(what vLLM does); fcfs: file order, no sharing",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=1024,
+        help="prefill tokens per step (chunked prefill)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of requests that set none")
+    p.add_argument(
+        "--attention-backend",
+        choices=["auto", *backend_names()],
+        default="auto",
+        help="auto: the fastest available here (triton on CUDA, the compiled kernel on the CPU "
+        "in float32, torch otherwise); torch is the plain PyTorch reference",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     run_only = {}
-    if args.command == "run":
+    if args.command in ("run", "serve"):
         run_only = dict(
             max_num_batched_tokens=args.max_num_batched_tokens,
             policy=args.policy,
@@ -160,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         config = engine_config(args)
         if args.command == "plan":
             return _plan(args, config)
+        if args.command == "serve":
+            return _serve(args, config)
         return _run(args, config)
     except JobError as e:  # a whole-job problem; anything else is a bug and keeps its traceback
         print(f"prefixbatch: error: {e}", file=sys.stderr)
@@ -198,6 +234,25 @@ def _plan(args: argparse.Namespace, config: EngineConfig) -> int:
 
     report, text = plan_job(config, args.input, args.default_max_tokens)
     print(json.dumps(report) if args.json else text)
+    return 0
+
+
+def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
+    from .server import ServeOptions, serve
+
+    serve(
+        config,
+        ServeOptions(
+            args.host,
+            args.port,
+            args.data_dir,
+            args.api_key,
+            args.max_upload_size,
+            args.default_max_tokens,
+            args.workers,
+            args.ray_address,
+        ),
+    )
     return 0
 
 

@@ -136,7 +136,7 @@ def run_batch(
 
     ``should_stop()`` is checked between engine steps: when it returns True the unfinished
     requests are dropped, the answers so far are on disk, and the call returns (a later call
-    resumes; the output is not tidied). ``on_progress(completed, failed, total)`` gets counts over
+    resumes). ``on_progress(completed, failed, total)`` gets counts over
     all ``items`` (earlier answers included) after the error records and after each answer.
     Ctrl-C raises ``JobInterrupted`` once the finished answers are flushed.
     """
@@ -149,7 +149,7 @@ def run_batch(
     skipped = len(requests) - len(todo)
     if skipped:
         say(f"{skipped} of {len(items)} requests already answered in {opts.output}")
-    stats, answered, stopped = EngineStats(), 0, False
+    stats, answered = EngineStats(), 0
     progress: Progress | None = None
 
     def report() -> None:
@@ -187,9 +187,7 @@ def run_batch(
                 progress.update(1, len(out.output_token_ids), engine.status())
                 report()
             stats = engine.stats
-            stopped = answered < len(runnable)
-        if not stopped:
-            writer.finish(items, errors)
+        writer.finish(items, errors)  # also after a stop: the answers so far, tidied
     except KeyboardInterrupt:
         raise JobInterrupted(skipped + answered, len(items)) from None
     finally:

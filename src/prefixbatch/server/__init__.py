@@ -1,0 +1,5 @@
+"""The OpenAI Files + Batches API over the engine (``prefixbatch serve``)."""
+
+from .main import ServeOptions, serve
+
+__all__ = ["ServeOptions", "serve"]

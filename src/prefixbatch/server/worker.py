@@ -1,0 +1,230 @@
+"""The batch worker: one thread that runs batches one at a time, oldest first, on the one
+executor loaded at start-up.
+
+A batch's answers go to its combined record file (successes and errors, crash-safe, resumable:
+``io.job.run_batch``); at the end that file is split into the output file (successes) and the
+error file (errors), as OpenAI splits them. After a crash, whatever was unfinished is picked up
+again in order, and a batch that was running resumes from its record file.
+
+Lifecycle (OpenAI's statuses): validating (queued; checked at dequeue) -> in_progress ->
+finalizing -> completed; failed (the input cannot run at all); expired (still queued when its
+completion window passed); cancelling (asked to stop; the run stops after the next output) ->
+cancelled, keeping what finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import JobError
+from ..io.batch_file import BatchRequest, LineError
+from ..io.job import JobOptions, read_items, run_batch
+from .objects import FILE_PREFIX, BatchRecord, FileRecord, new_id
+from .storage import Store
+
+if TYPE_CHECKING:
+    from ..distributed.ray_executor import RayExecutor
+    from ..engine import LLMEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    default_max_tokens: int = 256  # for requests that set no max_tokens
+    progress_interval_s: float = 0.25  # request_counts are written at most this often
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _error(code: str, message: str, line: int | None = None) -> dict[str, Any]:
+    """An entry of the Batch object's ``errors.data``."""
+    return {"code": code, "message": message, "param": None, "line": line}
+
+
+class BatchWorker:
+    """Runs the store's unfinished batches on ``engine``; ``notify()`` after creating or
+    cancelling one, ``stop()`` at shutdown (a running batch stays in_progress and resumes on
+    the next start)."""
+
+    def __init__(
+        self, store: Store, engine: LLMEngine | RayExecutor, opts: WorkerOptions | None = None
+    ) -> None:
+        self.store, self.engine = store, engine
+        self.opts = opts or WorkerOptions()
+        self._wake = threading.Event()
+        self._shutdown = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="batch-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._shutdown.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._shutdown.is_set():
+            self._wake.clear()
+            batch = self.store.next_active_batch()
+            if batch is None:
+                self._wake.wait()
+                continue
+            try:
+                self._process(batch)
+            except Exception as e:  # keep serving; the batch says what went wrong
+                log.exception("batch %s failed", batch.id)
+                self._fail(batch.id, _error("server_error", f"{type(e).__name__}: {e}"))
+
+    def _process(self, batch: BatchRecord) -> None:
+        if batch.status == "validating" and _now() > batch.expires_at:
+            self.store.update_batch(batch.id, lambda b: {"status": "expired", "expired_at": _now()})
+            return
+        items = self._validate(batch)
+        if items is None:
+            return
+        if batch.status == "validating":
+            batch = self.store.update_batch(
+                batch.id,
+                lambda b: (
+                    {"status": "in_progress", "in_progress_at": _now(), "total": len(items)}
+                    if b.status == "validating"
+                    else None
+                ),
+            )
+        if batch.status == "in_progress":
+            self._run(batch, items)
+            if self._shutdown.is_set():
+                return
+            batch = self.store.update_batch(
+                batch.id,
+                lambda b: (
+                    {"status": "finalizing", "finalizing_at": _now()}
+                    if b.status == "in_progress"
+                    else None
+                ),
+            )
+        self._finalize(batch, items)
+
+    def _validate(self, batch: BatchRecord) -> list[BatchRequest | LineError] | None:
+        """The input's items, or None after failing the batch: an input that cannot be read,
+        holds no request, or has requests for another endpoint than the batch's."""
+        record = self.store.get(FileRecord, batch.input_file_id)
+        if record is None:
+            self._fail(batch.id, _error("missing_file", "the input file was deleted"))
+            return None
+        try:
+            items = read_items(
+                self.store.blob_path(record.stored_name), self.opts.default_max_tokens
+            )
+        except JobError as e:
+            self._fail(batch.id, _error("missing_file", str(e)))
+            return None
+        if not items:
+            self._fail(batch.id, _error("empty_file", "the input file holds no request"))
+            return None
+        wrong = [
+            _error(
+                "invalid_url",
+                f"line {i.line}: the url {i.url} is not the batch's endpoint {batch.endpoint}",
+                i.line,
+            )
+            for i in items
+            if isinstance(i, BatchRequest) and i.url != batch.endpoint
+        ]
+        if wrong:
+            self._fail(batch.id, *wrong)
+            return None
+        return items
+
+    def _run(self, batch: BatchRecord, items: list[BatchRequest | LineError]) -> None:
+        last = 0.0
+
+        def should_stop() -> bool:
+            if self._shutdown.is_set():
+                return True
+            current = self.store.get(BatchRecord, batch.id)
+            return current is None or current.status == "cancelling"
+
+        def on_progress(completed: int, failed: int, total: int) -> None:
+            nonlocal last
+            if time.monotonic() - last >= self.opts.progress_interval_s:
+                last = time.monotonic()
+                self.store.update_batch(
+                    batch.id, lambda b: {"completed": completed, "failed": failed, "total": total}
+                )
+
+        opts = JobOptions(
+            input=Path(),  # the items are read already
+            output=self.store.blob_path(batch.records_name),
+            default_max_tokens=self.opts.default_max_tokens,
+            quiet=True,
+        )
+        try:
+            run_batch(lambda: self.engine, items, opts, should_stop, on_progress)
+        except JobError as e:
+            self._fail(batch.id, _error("batch_failed", str(e)))
+
+    def _finalize(self, batch: BatchRecord, items: list[BatchRequest | LineError]) -> None:
+        """Split the record file into the output and error files, in input order, and close
+        the batch: completed (or cancelled when it was cancelling)."""
+        if batch.status not in ("finalizing", "cancelling"):
+            return  # failed while running
+        order = {i.custom_id: i.line for i in items if isinstance(i, BatchRequest)}
+        ok: list[tuple[int, bytes]] = []
+        bad: list[tuple[int, bytes]] = []
+        for raw in _complete_lines(self.store.blob_path(batch.records_name)):
+            rec = json.loads(raw)
+            if rec.get("error") is None:
+                ok.append((order.get(rec["custom_id"], 0), raw))
+            else:
+                bad.append((rec["error"].get("line") or 0, raw))
+        files = {
+            kind: self._write_file(f"{batch.id}_{kind}.jsonl", lines)
+            for kind, lines in (("output", ok), ("error", bad))
+            if lines
+        }
+        done = "cancelled" if batch.status == "cancelling" else "completed"
+        self.store.update_batch(
+            batch.id,
+            lambda b: {
+                "status": done,
+                f"{done}_at": _now(),
+                "completed": len(ok),
+                "failed": len(bad),
+                "total": len(items),
+                "output_file_id": files["output"].id if "output" in files else None,
+                "error_file_id": files["error"].id if "error" in files else None,
+            },
+            new_files=tuple(files.values()),
+        )
+
+    def _write_file(self, filename: str, lines: list[tuple[int, bytes]]) -> FileRecord:
+        name, path = self.store.new_blob()
+        data = b"".join(raw for _, raw in sorted(lines, key=lambda x: x[0]))
+        path.write_bytes(data)
+        return FileRecord(new_id(FILE_PREFIX), len(data), _now(), filename, "batch_output", name)
+
+    def _fail(self, batch_id: str, *errors: dict[str, Any]) -> None:
+        self.store.update_batch(
+            batch_id, lambda b: {"status": "failed", "failed_at": _now(), "errors": list(errors)}
+        )
+
+
+def _complete_lines(path: Path) -> list[bytes]:
+    """The record file's complete lines (a run that stopped has closed it; none if absent)."""
+    if not path.exists():
+        return []
+    return [raw for raw in path.read_bytes().splitlines(keepends=True) if raw.endswith(b"\n")]
