@@ -203,7 +203,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):  # type: ignore[no-un
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr("prefixbatch.io.job.run_job", broken)
+    monkeypatch.setattr("prefixbatch.jobs.job.run_job", broken)
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"custom_id": "a", "prompt": "hi"}\n')
     with pytest.raises(ValueError, match="internal bug"):

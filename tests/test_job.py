@@ -161,7 +161,7 @@ def test_whole_job_errors(tmp_path, tiny_models, capsys, case, message):  # type
 
 def test_tiny_kv_budget_completes_through_preemption(tmp_path, tiny_models):  # type: ignore[no-untyped-def]
     from prefixbatch.config import EngineConfig
-    from prefixbatch.io.job import JobOptions, run_job
+    from prefixbatch.jobs.job import JobOptions, run_job
 
     lines = [completion_line(i, max_tokens=24) for i in range(12)]
     inp = write_jsonl(tmp_path / "in.jsonl", lines)

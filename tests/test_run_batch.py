@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from prefixbatch.config import EngineConfig
-from prefixbatch.io.job import JobOptions, make_executor, read_items, run_batch
+from prefixbatch.jobs.job import JobOptions, make_executor, read_items, run_batch
 
 
 def test_stop_then_resume_counts_every_request_once(tmp_path: Path, tiny_models) -> None:  # type: ignore[no-untyped-def]

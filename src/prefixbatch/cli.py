@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, config: EngineConfig) -> int:
-    from .io.job import JobOptions, run_job
+    from .jobs.job import JobOptions, run_job
 
     summary = run_job(
         config,
@@ -230,7 +230,7 @@ def _run(args: argparse.Namespace, config: EngineConfig) -> int:
 
 
 def _plan(args: argparse.Namespace, config: EngineConfig) -> int:
-    from .io.planning_job import plan_job
+    from .jobs.planning_job import plan_job
 
     report, text = plan_job(config, args.input, args.default_max_tokens)
     print(json.dumps(report) if args.json else text)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import EngineConfig
-from ..io.job import make_executor
+from ..jobs.job import make_executor
 from .app import AppConfig, create_app
 from .storage import Store
 from .worker import BatchWorker, WorkerOptions

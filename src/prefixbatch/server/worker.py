@@ -2,7 +2,7 @@
 executor loaded at start-up.
 
 A batch's answers go to its combined record file (successes and errors, crash-safe, resumable:
-``io.job.run_batch``); at the end that file is split into the output file (successes) and the
+``jobs.job.run_batch``); at the end that file is split into the output file (successes) and the
 error file (errors), as OpenAI splits them. After a crash, whatever was unfinished is picked up
 again in order, and a batch that was running resumes from its record file.
 
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import JobError
 from ..io.batch_file import BatchRequest, LineError
-from ..io.job import JobOptions, read_items, run_batch
+from ..jobs.job import JobOptions, read_items, run_batch
 from .objects import FILE_PREFIX, BatchRecord, FileRecord, new_id
 from .storage import Store
 

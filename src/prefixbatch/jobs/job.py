@@ -18,12 +18,12 @@ from ..config import EngineConfig
 from ..engine import EngineStats, LLMEngine
 from ..errors import InputFileError, JobInterrupted, KVBudgetError
 from ..execution.models.registry import DEFAULT_MODEL_NAME
+from ..io.batch_file import BatchRequest, LineError, read_batch_file
+from ..io.progress import Progress
+from ..io.results import ResultWriter, error_record, success_record
 from ..loading.model_source import cache_root
 from ..outputs import Request
 from ..planning.plan import make_plan
-from .batch_file import BatchRequest, LineError, read_batch_file
-from .progress import Progress
-from .results import ResultWriter, error_record, success_record
 from .validate import validate
 
 if TYPE_CHECKING:

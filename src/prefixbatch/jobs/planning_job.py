@@ -7,13 +7,13 @@ from typing import Any
 
 from ..config import EngineConfig
 from ..execution.kv_cache import kv_pool_blocks
+from ..io.batch_file import BatchRequest
 from ..loading.builder import read_model_config
 from ..loading.limits import EngineLimits
 from ..loading.model_source import resolve_model
 from ..planning.plan import make_plan
 from ..planning.report import format_report, plan_report
 from ..tokenizer import Tokenizer
-from .batch_file import BatchRequest
 from .job import read_items
 from .validate import validate
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..io.batch_file import CHAT_URL, BatchRequest, LineError
 from ..loading.limits import EngineLimits
 from ..tokenizer import Tokenizer
-from .batch_file import CHAT_URL, BatchRequest, LineError
 
 
 def tokenize(
