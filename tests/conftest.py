@@ -3,11 +3,17 @@ tokenizer, so engine tests need no download and run in seconds."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton kernels run on the CPU through its interpreter. The switch is read when a kernel is
+# decorated, so it is set before any test module imports triton (torch does not import it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VOCAB = 512
 EOS = 2

@@ -128,7 +128,10 @@ class EngineConfig:
     dtype: str = "auto"
     block_size: int = 16
     kv_cache_memory: int | None = None
-    kv_cache_fraction: float = 0.3
+    kv_cache_fraction: float = 0.3  # CPU: share of available memory (capped at 4 GiB)
+    # CUDA: share of the device's memory the engine may use; the KV pool gets what is left after
+    # the weights and a profiling forward at the largest step (as vLLM's option of that name).
+    gpu_memory_utilization: float = 0.9
     max_num_batched_tokens: int = 1024
     max_num_seqs: int = 256
     max_model_len: int | None = None

@@ -15,7 +15,7 @@ from .config import EngineConfig
 from .errors import KVBudgetError
 from .execution.attention.backend import AttentionBackend
 from .execution.model_runner import ModelRunner
-from .execution.sampler import sample
+from .execution.sampler import SamplingTensors, sample
 from .loading.builder import LoadedModel, load_model
 from .loading.limits import EngineLimits
 from .outputs import Request, RequestOutput
@@ -183,7 +183,13 @@ class LLMEngine:
             )
         logits = self.runner.execute(step)
         sampling = [receiver for _, receiver in step.samples]
-        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        tensors = SamplingTensors.build(
+            [s.params for s in sampling],
+            [s.seed for s in sampling],
+            [s.num_output for s in sampling],
+            logits.device,
+        )
+        tokens = sample(logits, tensors).tolist()
         finished = scheduler.postprocess(step, tokens)
         finished += self._stop_strings(sampling, finished)
         self.stats.steps += 1

@@ -10,9 +10,10 @@ class SamplingParams:
     """How one request is decoded.
 
     ``temperature == 0`` means greedy. ``top_k <= 0`` and ``top_p == 1`` disable those filters.
-    ``seed`` makes a sampled request reproducible whatever else is in the batch: each request draws
-    from its own generator. ``stop`` strings cut the text before the first match; ``stop_token_ids``
-    end the request on those tokens (the EOS token always ends it unless ``ignore_eos``).
+    ``seed`` makes a sampled request reproducible whatever else is in the batch: its noise is a hash
+    of its seed, its output index and the token id (``execution/sampler.py``). ``stop`` strings
+    cut the text before the first match; ``stop_token_ids`` end the request on those tokens (the
+    EOS token always ends it unless ``ignore_eos``).
     """
 
     max_tokens: int = 16

@@ -60,7 +60,9 @@ def available_memory() -> int:
 
 def kv_pool_blocks(config: EngineConfig, cfg: ModelConfig) -> tuple[int, int]:
     """(blocks in the KV pool, bytes per block): ``kv_cache_memory`` bytes, or a
-    ``kv_cache_fraction`` of free memory (on the CPU at most ``CPU_DEFAULT_CAP``).
+    ``kv_cache_fraction`` of free memory (on the CPU at most ``CPU_DEFAULT_CAP``). On CUDA without
+    a budget this is an estimate from free memory (the plan report); the engine sizes its pool
+    with a profiling forward instead (``kv_memory.gpu_kv_blocks``).
 
     Raises ``KVBudgetError`` when the budget holds no block at all.
     """
@@ -69,7 +71,9 @@ def kv_pool_blocks(config: EngineConfig, cfg: ModelConfig) -> tuple[int, int]:
     )
     budget = config.kv_cache_memory
     if budget is None and config.torch_device.type == "cuda":
-        budget = int(torch.cuda.mem_get_info(config.torch_device)[0] * config.kv_cache_fraction)
+        budget = int(
+            torch.cuda.mem_get_info(config.torch_device)[0] * config.gpu_memory_utilization
+        )
     elif budget is None:
         budget = min(int(available_memory() * config.kv_cache_fraction), CPU_DEFAULT_CAP)
     if budget < per_block:

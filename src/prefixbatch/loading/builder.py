@@ -7,6 +7,7 @@ the registry. The engine, the plan command and Ray workers all start here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +16,14 @@ from ..config import EngineConfig, ModelConfig
 from ..errors import ModelNotFoundError
 from ..execution.attention.backend import AttentionBackend
 from ..execution.attention.registry import select_backend
+from ..execution.attention.step import AttentionStep, SeqStep
 from ..execution.kv_cache import KVCache, kv_pool_blocks
+from ..execution.kv_memory import gpu_kv_blocks
 from ..execution.layers import rope_inv_freq
 from ..execution.models.decoder import DecoderModel
 from ..execution.packed_linear import onednn_available
+from ..execution.sampler import SamplingTensors, sample
+from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
 from .limits import EngineLimits
 from .model_source import ModelSource, model_name, resolve_model
@@ -76,6 +81,36 @@ def build_model(config: EngineConfig, source: ModelSource, cfg: ModelConfig) -> 
     return model.eval()
 
 
+def largest_step(
+    model: DecoderModel, config: EngineConfig, cfg: ModelConfig, backend_name: str
+) -> Callable[[], object]:
+    """One forward of the largest step the scheduler makes (``max_num_batched_tokens`` prefill
+    tokens) sampling ``max_num_seqs`` rows, through a throwaway cache just big enough: run
+    before the KV pool exists, it measures the weights' and activations' peak memory."""
+
+    def run() -> object:
+        tokens, bs = config.max_num_batched_tokens, config.block_size
+        blocks = -(-tokens // bs)
+        device = config.torch_device
+        cache = KVCache(
+            cfg.num_layers, blocks, bs, cfg.num_kv_heads, cfg.head_dim, config.torch_dtype, device
+        )
+        backend = select_backend(backend_name, cache, cfg.num_heads, cfg.head_dim**-0.5)
+        step = AttentionStep((SeqStep(0, tokens, tokens, tuple(range(blocks))),), (), tokens, bs)
+        rows = min(tokens, config.max_num_seqs)
+        logits = model(
+            torch.zeros(tokens, dtype=torch.long, device=device),
+            torch.arange(tokens, device=device),
+            backend,
+            backend.prepare(step),
+            torch.arange(tokens - rows, tokens, device=device),
+        )
+        params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9)] * rows
+        return sample(logits, SamplingTensors.build(params, [0] * rows, [0] * rows, device))
+
+    return run
+
+
 def load_model(config: EngineConfig, source: ModelSource | None = None) -> LoadedModel:
     """Build everything once. Raises ``JobError`` subclasses for a bad model path, an
     unsupported architecture, an unavailable device or backend, or a KV budget of no block."""
@@ -84,7 +119,15 @@ def load_model(config: EngineConfig, source: ModelSource | None = None) -> Loade
     cfg = read_model_config(source)
     tokenizer = Tokenizer(source.path)
     model = build_model(config, source, cfg)
-    num_blocks, _ = kv_pool_blocks(config, cfg)
+    backend_name = "torch" if config.kernels == "torch" else config.attention_backend
+    if device.type == "cuda" and config.kv_cache_memory is None:
+        per_block = KVCache.bytes_per_block(
+            cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, config.torch_dtype
+        )
+        largest = largest_step(model, config, cfg, backend_name)
+        num_blocks = gpu_kv_blocks(largest, device, per_block, config.gpu_memory_utilization)
+    else:
+        num_blocks, _ = kv_pool_blocks(config, cfg)
     cache = KVCache(
         cfg.num_layers,
         num_blocks,
@@ -95,8 +138,7 @@ def load_model(config: EngineConfig, source: ModelSource | None = None) -> Loade
         device,
     )
     # Built here, not per job: on the CPU this may compile the decode kernel (once per machine).
-    name = "torch" if config.kernels == "torch" else config.attention_backend
-    backend = select_backend(name, cache, cfg.num_heads, cfg.head_dim**-0.5)
+    backend = select_backend(backend_name, cache, cfg.num_heads, cfg.head_dim**-0.5)
     max_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
     eos = [*cfg.eos_token_ids, tokenizer.eos_token_id]
     return LoadedModel(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from ..sampling_params import SamplingParams
 
 
@@ -57,7 +55,7 @@ class Sequence:
     params: SamplingParams
     group: PrefixGroup | None = None
     leads: PrefixGroup | None = None
-    generator: torch.Generator | None = None
+    seed: int = 0  # sampling seed (execution/sampler.py hashes it with the output index)
     status: Status = Status.WAITING
     computed: int = 0
     block_table: list[int] = field(default_factory=list)

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-import torch
-
 from ..outputs import Request
 from ..planning.groups import Group
 from ..planning.plan import Plan
@@ -29,12 +27,12 @@ class Work:
     first_group_id: int = 0
 
 
-def _generator(request: Request, seed: int) -> torch.Generator | None:
-    if request.params.greedy:
-        return None
-    # Seeded per request, so a request samples the same tokens whatever shares its batch.
-    s = request.params.seed if request.params.seed is not None else seed * 1_000_003 + request.index
-    return torch.Generator().manual_seed(s)
+def request_seed(request: Request, job_seed: int) -> int:
+    """The request's sampling seed: its own, or derived from the job's seed and its index (so a
+    request samples the same tokens whatever shares its batch)."""
+    if request.params.seed is not None:
+        return request.params.seed
+    return job_seed * 1_000_003 + request.index
 
 
 def _sequence(r: Request, seed: int, group: PrefixGroup | None = None) -> Sequence:
@@ -44,7 +42,7 @@ def _sequence(r: Request, seed: int, group: PrefixGroup | None = None) -> Sequen
         len(r.prompt_token_ids),
         r.params,
         group=group,
-        generator=_generator(r, seed),
+        seed=request_seed(r, seed),
     )
     if group is not None and seq.num_prompt == len(group.tokens):
         group.dependents.append(seq)

@@ -21,12 +21,16 @@ Factory = Callable[[KVCache, int, float], AttentionBackend | None]
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """``supports(device, dtype)`` says whether the backend can run; ``build`` may still return
-    None when a compiled part cannot be built (a warning says why), and the next entry is used."""
+    """``supports(cache)`` says whether the backend can run over that cache (device, dtype, head
+    size); ``build`` may still return None when a compiled part cannot be built (a warning says
+    why), and the next entry is used."""
 
     name: str
-    supports: Callable[[torch.device, torch.dtype], bool]
+    supports: Callable[[KVCache], bool]
     build: Factory
+    # Whether "auto" may pick it where it is supported (the Triton interpreter on the CPU is for
+    # tests only: it must be asked for by name).
+    in_auto: Callable[[torch.device], bool] = lambda device: True
 
 
 class BackendUnavailableError(JobError):
@@ -40,20 +44,35 @@ def _cpu_native(cache: KVCache, heads: int, scale: float) -> AttentionBackend | 
     return None if kernel is None else NativeDecodeBackend(cache, heads, scale, kernel)
 
 
+def _triton(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
+    from .triton_backend import TritonBackend
+
+    return TritonBackend(cache, heads, scale)
+
+
+def _triton_supports(cache: KVCache) -> bool:
+    from .triton_backend import triton_available
+
+    head_dim = cache.k.shape[-1]
+    power_of_two = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return power_of_two and triton_available(cache.k.device)
+
+
 def _torch(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
     from .shared_prefix import SharedPrefixBackend
 
     return SharedPrefixBackend(cache, heads, scale)
 
 
-def _is_cpu_fp32(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.float32
+def _is_cpu_fp32(cache: KVCache) -> bool:
+    return cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
 
 
 # Highest priority first; "torch" last: it runs everywhere.
 BACKENDS: list[BackendEntry] = [
+    BackendEntry("triton", _triton_supports, _triton, in_auto=lambda d: d.type == "cuda"),
     BackendEntry("cpu", _is_cpu_fp32, _cpu_native),
-    BackendEntry("torch", lambda device, dtype: True, _torch),
+    BackendEntry("torch", lambda cache: True, _torch),
 ]
 
 
@@ -73,14 +92,14 @@ def select_backend(name: str, cache: KVCache, num_heads: int, scale: float) -> A
             raise BackendUnavailableError(
                 f"unknown attention backend {name!r}; use auto, {', '.join(backend_names())}"
             )
-        backend = entry.build(cache, num_heads, scale) if entry.supports(device, dtype) else None
+        backend = entry.build(cache, num_heads, scale) if entry.supports(cache) else None
         if backend is None:
             raise BackendUnavailableError(
                 f"attention backend {name!r} cannot run on {device.type} with {dtype}"
             )
         return backend
     for entry in BACKENDS:
-        if entry.supports(device, dtype):
+        if entry.in_auto(device) and entry.supports(cache):
             backend = entry.build(cache, num_heads, scale)
             if backend is not None:
                 return backend

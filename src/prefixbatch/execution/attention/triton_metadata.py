@@ -1,0 +1,286 @@
+"""What the Triton attention kernels read for one step, built once from an ``AttentionStep``.
+
+Every array is made with numpy on the host, packed into one int32 buffer and copied to the
+device in one transfer (pinned and ``non_blocking`` on CUDA, after nano-vllm's
+``prepare_prefill``/``prepare_decode``); the fields are views of that buffer. The kernels are
+launched over two work lists built here, so no program searches for its sequence or level:
+
+- prefix tiles: ``(level, first row)`` pairs, one per ``prefix_rows`` query rows of a level, so a
+  level's KV is read once per tile of the rows below it (Hydragen, BatchLLM);
+- own tiles: ``(sequence, first query)`` pairs, one per ``own_rows`` new tokens of a sequence,
+  prefill chunks and decode rows alike (vLLM's unified Triton attention tiles the same way).
+
+The GQA query heads of one KV head are packed into the kernels' M dimension, so a tile of ``n``
+rows fills ``n * group_size`` rows of M; the rows per tile are chosen from ``group_size`` so
+that this stays near ``OWN_TILE_M`` / ``PREFIX_TILE_M``.
+
+For CUDA graphs, ``build(..., shape=MetadataShape(...))`` pads every array to fixed sizes (one
+shape per batch-size bucket): the kernels' grids and the partial buffer then depend only on the
+shape, and a captured step is refreshed with one device copy (``update_from``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .step import AttentionStep
+
+# Packed (query row x GQA head) rows a tile aims for; untuned starting points.
+OWN_TILE_M = 32
+PREFIX_TILE_M = 64
+_SEQ_KEYS = ("q_start", "q_len", "context_len", "shared_len", "num_levels")
+_LEVEL_KEYS = ("level_row_start", "level_row_end", "level_start", "level_length")
+
+
+@dataclass(frozen=True)
+class MetadataShape:
+    """Fixed sizes of padded metadata (e.g. one CUDA-graph bucket); a step fits when none of its
+    counts exceeds these. ``partials`` bounds the sum of the levels' row counts."""
+
+    rows: int
+    seqs: int
+    max_blocks: int
+    levels: int
+    max_level_blocks: int
+    max_depth: int
+    own_tiles: int
+    prefix_tiles: int
+    partials: int
+
+
+@dataclass(frozen=True)
+class TritonMetadata:
+    """Device tensors (int32) for one step, and the sizes the launcher needs.
+
+    Per sequence, shape (S,): ``q_start``, ``q_len``, ``context_len``, ``shared_len`` (where its
+    own KV starts), ``num_levels`` (prefix levels above it, depths ``0..num_levels - 1``).
+    ``block_table`` (S, max_blocks) is padded with 0; ``seq_levels`` (S, max(1, max_depth)) holds
+    the level id at each depth (-1 past ``num_levels``). ``slot_mapping`` (T,) is the KV slot of
+    each new token. Per level, shape (L,): ``level_row_start``, ``level_row_end``,
+    ``level_start``, ``level_length`` (positions, whole blocks), ``level_depth``, ``level_out``
+    (first row of the level's partials in the (num_partials, H, D) buffer); ``level_blocks``
+    (L, max_level_blocks) padded with 0. Work lists: ``own_tile_seq``, ``own_tile_q0`` (NT,);
+    ``prefix_tile_level``, ``prefix_tile_row0`` (NP,).
+    """
+
+    q_start: torch.Tensor
+    q_len: torch.Tensor
+    context_len: torch.Tensor
+    shared_len: torch.Tensor
+    num_levels: torch.Tensor
+    block_table: torch.Tensor
+    seq_levels: torch.Tensor
+    slot_mapping: torch.Tensor
+    level_row_start: torch.Tensor
+    level_row_end: torch.Tensor
+    level_start: torch.Tensor
+    level_length: torch.Tensor
+    level_depth: torch.Tensor
+    level_out: torch.Tensor
+    level_blocks: torch.Tensor
+    own_tile_seq: torch.Tensor
+    own_tile_q0: torch.Tensor
+    prefix_tile_level: torch.Tensor
+    prefix_tile_row0: torch.Tensor
+    flat: torch.Tensor  # the one device buffer every field above is a view of
+    num_rows: int
+    block_size: int
+    own_rows: int  # query rows per own tile
+    prefix_rows: int  # query rows per prefix tile
+    num_partials: int  # rows of the prefix partial buffer (sum of the levels' row counts)
+
+    @classmethod
+    def build(
+        cls,
+        step: AttentionStep,
+        device: torch.device,
+        group_size: int = 1,
+        shape: MetadataShape | None = None,
+    ) -> TritonMetadata:
+        """Lay out ``step`` for the kernels. ``group_size`` (query heads per KV head) only sizes
+        the tiles; any value gives correct results. With ``shape``, every array is padded to it
+        (padding rows write no KV, padding tiles do no work; q must then have ``shape.rows``
+        rows, and the output rows past ``step.num_rows`` are undefined).
+
+        Raises ValueError when the rows do not tile ``[0, num_rows)`` in sequence order, a
+        sequence's levels do not cover ``[0, shared_len)`` with depths ``0..n-1``, or the step
+        does not fit ``shape``.
+        """
+        seqs = step.seqs
+        bs = step.block_size
+        q_start = np.array([s.q_start for s in seqs], dtype=np.int32)
+        q_len = np.array([s.q_len for s in seqs], dtype=np.int32)
+        ctx = np.array([s.context_len for s in seqs], dtype=np.int32)
+        shared = np.array([s.shared_len for s in seqs], dtype=np.int32)
+        if (q_start != _exclusive_cumsum(q_len)).any() or q_len.sum() != step.num_rows:
+            raise ValueError("sequence rows must tile [0, num_rows) in order")
+        if (q_len < 1).any() or (ctx - q_len < shared).any() or (shared % bs).any():
+            raise ValueError("each sequence needs q_len >= 1 and new tokens after shared_len")
+        if any(len(s.block_table) * bs < s.context_len for s in seqs):
+            raise ValueError("a block table is shorter than its context")
+        table = _padded([s.block_table for s in seqs])
+        own_rows = max(1, OWN_TILE_M // group_size)
+        prefix_rows = max(1, PREFIX_TILE_M // group_size)
+        arrays = {
+            "q_start": q_start,
+            "q_len": q_len,
+            "context_len": ctx,
+            "shared_len": shared,
+            "block_table": table,
+            "slot_mapping": _slot_mapping(q_len, ctx, table, bs),
+            **_level_arrays(step, q_start, q_len, shared),
+            **_tiles("own_tile_seq", "own_tile_q0", q_len, own_rows, np.zeros_like(q_len)),
+        }
+        row_start = arrays["level_row_start"]
+        rows = arrays["level_row_end"] - row_start
+        arrays.update(_tiles("prefix_tile_level", "prefix_tile_row0", rows, prefix_rows, row_start))
+        num_rows, num_partials = step.num_rows, int(rows.sum())
+        if shape is not None:
+            if num_partials > shape.partials:
+                raise ValueError(f"{num_partials} partial rows do not fit {shape}")
+            arrays, num_rows, num_partials = _pad(arrays, shape), shape.rows, shape.partials
+        return cls(
+            **_upload(arrays, device),
+            num_rows=num_rows,
+            block_size=bs,
+            own_rows=own_rows,
+            prefix_rows=prefix_rows,
+            num_partials=num_partials,
+        )
+
+    def update_from(self, other: TritonMetadata) -> None:
+        """Copy ``other`` (built with the same ``shape`` and ``group_size``) into this
+        metadata's buffers in place, one device copy: what a CUDA-graph replay reads.
+
+        Raises ValueError when the layouts differ."""
+        sizes = ("num_rows", "block_size", "own_rows", "prefix_rows", "num_partials")
+        if self.flat.shape != other.flat.shape or any(
+            getattr(self, n) != getattr(other, n) for n in sizes
+        ):
+            raise ValueError("metadata of different shapes")
+        self.flat.copy_(other.flat, non_blocking=True)
+
+
+def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
+    return (np.cumsum(x) - x).astype(np.int32)
+
+
+def _padded(lists: list[tuple[int, ...]]) -> np.ndarray:
+    """Ragged int lists -> (len(lists), max(1, longest)) int32, padded with 0."""
+    out = np.zeros((len(lists), max([1, *map(len, lists)])), dtype=np.int32)
+    for i, xs in enumerate(lists):
+        out[i, : len(xs)] = xs
+    return out
+
+
+def _slot_mapping(
+    q_len: np.ndarray, ctx: np.ndarray, table: np.ndarray, block_size: int
+) -> np.ndarray:
+    """(T,) KV slot of each new token: sequence i writes positions [ctx_i - q_len_i, ctx_i)."""
+    seq = np.repeat(np.arange(len(q_len)), q_len)
+    pos = (
+        np.repeat(ctx - q_len, q_len)
+        + np.arange(len(seq))
+        - np.repeat(_exclusive_cumsum(q_len), q_len)
+    )
+    return (table[seq, pos // block_size] * block_size + pos % block_size).astype(np.int32)
+
+
+def _level_arrays(
+    step: AttentionStep, q_start: np.ndarray, q_len: np.ndarray, shared: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-level arrays, ``seq_levels``/``num_levels``, and the checks that levels tile each
+    sequence's shared positions."""
+    levels = step.levels
+    num_seqs = len(step.seqs)
+    seq_levels = np.full((num_seqs, max(1, step.max_depth)), -1, dtype=np.int32)
+    covered = np.zeros(num_seqs, dtype=np.int64)
+    for i, lvl in enumerate(levels):
+        first, last = lvl.first_seq, lvl.first_seq + lvl.num_seqs
+        if lvl.num_seqs < 1 or last > num_seqs:
+            raise ValueError(f"level {i}: sequences [{first}, {last}) out of range")
+        rows = (q_start[first], q_start[last - 1] + q_len[last - 1])
+        if rows != (lvl.row_start, lvl.row_end) or len(lvl.block_ids) * step.block_size != (
+            lvl.end - lvl.start
+        ):
+            raise ValueError(f"level {i}: rows or blocks disagree with its sequences")
+        if (seq_levels[first:last, lvl.depth] != -1).any():
+            raise ValueError(f"level {i}: two levels at depth {lvl.depth} over one sequence")
+        seq_levels[first:last, lvl.depth] = i
+        covered[first:last] += lvl.end - lvl.start
+    num_levels = (seq_levels >= 0).sum(1).astype(np.int32)
+    depth_ok = (seq_levels >= 0) == (np.arange(seq_levels.shape[1]) < num_levels[:, None])
+    if (covered != shared).any() or not depth_ok.all():
+        raise ValueError("levels must cover [0, shared_len) of each sequence, depths 0..n-1")
+    columns = [(lvl.row_start, lvl.row_end, lvl.start, lvl.end - lvl.start) for lvl in levels]
+    per_level = np.array(columns, dtype=np.int32).reshape(len(levels), len(_LEVEL_KEYS))
+    row_start, row_end = per_level[:, 0], per_level[:, 1]
+    return {
+        "num_levels": num_levels,
+        "seq_levels": seq_levels,
+        **{key: per_level[:, i].copy() for i, key in enumerate(_LEVEL_KEYS)},
+        "level_depth": np.array([lvl.depth for lvl in levels], dtype=np.int32),
+        "level_out": _exclusive_cumsum(row_end - row_start),
+        "level_blocks": _padded([lvl.block_ids for lvl in levels]),
+    }
+
+
+def _tiles(
+    owner_key: str, first_key: str, counts: np.ndarray, per_tile: int, base: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Split ``counts[i]`` rows of owner ``i`` into tiles of ``per_tile``: the owner of each tile
+    and its first row (``base[i]`` + a multiple of ``per_tile``)."""
+    n = -(-counts // per_tile)
+    owner = np.repeat(np.arange(len(counts)), n)
+    k = np.arange(len(owner)) - np.repeat(_exclusive_cumsum(n), n)
+    return {
+        owner_key: owner.astype(np.int32),
+        first_key: (base[owner] + k * per_tile).astype(np.int32),
+    }
+
+
+def _pad(arrays: dict[str, np.ndarray], shape: MetadataShape) -> dict[str, np.ndarray]:
+    """Every array padded to ``shape``, plus one null sequence (no rows, no context) and one
+    null level (no rows, no KV) past the last, which the padding tiles point at."""
+    depth = max(1, shape.max_depth)
+    # key -> (room for the step, fill); sequence and level arrays get one null entry more.
+    room: dict[str, tuple[tuple[int, ...], int]] = {
+        **{key: ((shape.seqs,), 0) for key in _SEQ_KEYS},
+        "block_table": ((shape.seqs, shape.max_blocks), 0),
+        "seq_levels": ((shape.seqs, depth), -1),
+        **{key: ((shape.levels,), 0) for key in (*_LEVEL_KEYS, "level_depth", "level_out")},
+        "level_blocks": ((shape.levels, shape.max_level_blocks), 0),
+    }
+    exact: dict[str, tuple[tuple[int, ...], int]] = {
+        "slot_mapping": ((shape.rows,), -1),
+        "own_tile_seq": ((shape.own_tiles,), shape.seqs),
+        "own_tile_q0": ((shape.own_tiles,), 0),
+        "prefix_tile_level": ((shape.prefix_tiles,), shape.levels),
+        "prefix_tile_row0": ((shape.prefix_tiles,), 0),
+    }
+    out = {}
+    for key, a in arrays.items():
+        fits, fill = room.get(key) or exact[key]
+        if any(n > t for n, t in zip(a.shape, fits)):
+            raise ValueError(f"{key} {a.shape} does not fit {shape}")
+        target = (fits[0] + 1, *fits[1:]) if key in room else fits
+        out[key] = np.full(target, fill, dtype=np.int32)
+        out[key][tuple(slice(0, n) for n in a.shape)] = a
+    return out
+
+
+def _upload(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """One host buffer, one copy to ``device``; returns views with the arrays' shapes."""
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays.values()]).astype(np.int32))
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    out, offset = {"flat": flat}, 0
+    for key, a in arrays.items():
+        out[key] = flat[offset : offset + a.size].view(a.shape)
+        offset += a.size
+    return out

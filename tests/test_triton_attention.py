@@ -1,0 +1,423 @@
+"""The Triton attention kernels against a plain PyTorch reference built from the same
+``AttentionStep``: random mixed steps (prefill chunks and decode rows) under up to three nested
+prefix levels, GQA 1-8, block sizes 16/32, head_dim 32-128. On the CPU they run under Triton's
+interpreter (fp32, fp16; set in conftest); with CUDA the same tests run on the GPU, bf16 too."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from prefixbatch.execution.attention.shared_prefix import attend_lse  # noqa: E402
+from prefixbatch.execution.attention.step import AttentionStep, PrefixLevel, SeqStep  # noqa: E402
+from prefixbatch.execution.attention.triton_backend import (  # noqa: E402
+    TritonBackend,
+    triton_available,
+)
+from prefixbatch.execution.attention.triton_kernels import (  # noqa: E402
+    prefix_partials,
+    triton_attention,
+)
+from prefixbatch.execution.attention.triton_metadata import (  # noqa: E402
+    MetadataShape,
+    TritonMetadata,
+)
+from prefixbatch.execution.kv_cache import KVCache  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="the interpreter runs without CUDA")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
+]
+# Max error relative to the largest output; the reference runs in float64 on the same inputs.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+class StepMaker:
+    """Random steps over a pool of ``num_blocks`` scattered blocks: a tree of prefix levels (each
+    of 1-3 whole blocks, at most ``max_depth`` deep) with sequences below them, laid out depth
+    first, plus sequences read as a whole. Each sequence has 0-40 own positions before its new
+    tokens, and 1 new token (decode) or a prefill chunk of 2-32."""
+
+    def __init__(self, rng: random.Random, block_size: int, num_blocks: int) -> None:
+        self.rng = rng
+        self.bs = block_size
+        self.free = list(range(num_blocks))
+        rng.shuffle(self.free)
+        self.seqs: list[SeqStep] = []
+        self.levels: list[PrefixLevel] = []
+        self.rows = 0
+
+    def blocks(self, n: int) -> list[int]:
+        return [self.free.pop() for _ in range(n)]
+
+    def seq(self, prefix: list[int], own_before: int | None = None, q_len: int = 0) -> None:
+        """A sequence below ``prefix`` blocks; random own positions and new tokens unless given."""
+        rng = self.rng
+        shared = len(prefix) * self.bs
+        before = rng.choice([0, 1, 15, 16, 17, 40]) if own_before is None else own_before
+        q_len = q_len or (1 if rng.random() < 0.5 else rng.randrange(2, 33))
+        ctx = shared + before + q_len
+        table = prefix + self.blocks(-(-(ctx - shared) // self.bs))
+        self.seqs.append(SeqStep(self.rows, q_len, ctx, tuple(table), shared))
+        self.rows += q_len
+
+    def level(self, depth: int, max_depth: int, prefix: list[int], force_depth: bool) -> None:
+        """A level below ``prefix`` and everything under it; ``force_depth`` makes its first
+        child a level whenever the depth allows (so the tree reaches ``max_depth``)."""
+        rng = self.rng
+        own = self.blocks(rng.choice([1, 1, 2, 3]))
+        first, row_start = len(self.seqs), self.rows
+        for i in range(rng.randrange(1, 4)):
+            if i and len(self.seqs) >= 10:  # small steps: the interpreter runs every program
+                break
+            deeper = depth + 1 < max_depth and (rng.random() < 0.4 or (force_depth and i == 0))
+            if deeper:
+                self.level(depth + 1, max_depth, prefix + own, force_depth)
+            else:
+                self.seq(prefix + own)
+        start = len(prefix) * self.bs
+        self.levels.append(
+            PrefixLevel(
+                start,
+                start + len(own) * self.bs,
+                tuple(own),
+                first,
+                len(self.seqs) - first,
+                row_start,
+                self.rows,
+                depth,
+            )
+        )
+
+    def step(self) -> AttentionStep:
+        return AttentionStep(tuple(self.seqs), tuple(self.levels), self.rows, self.bs)
+
+
+def random_step(rng: random.Random, block_size: int, max_depth: int = 3) -> AttentionStep:
+    maker = StepMaker(rng, block_size, 400)
+    for _ in range(rng.randrange(0, 3)):
+        maker.seq([])
+    for _ in range(rng.randrange(1, 3)):
+        maker.level(0, max_depth, [], force_depth=True)
+    maker.seq([], q_len=1)  # a decode row and a prefill chunk in every step
+    maker.seq([], q_len=23)
+    return maker.step()
+
+
+def reference(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, step: AttentionStep, scale: float
+) -> torch.Tensor:
+    """Every sequence's whole context gathered by its block table, causal softmax with the offset
+    ``context_len - q_len``, in float64 -> (T, H, D) float64. Ignores the levels."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    g = q.shape[1] // k_pool.shape[1]
+    bs = step.block_size
+    for s in step.seqs:
+        pos = torch.arange(s.context_len)
+        slots = torch.tensor(s.block_table)[pos // bs] * bs + pos % bs
+        k = k_pool.double().cpu()[slots].repeat_interleave(g, 1)  # (L, H, D)
+        v = v_pool.double().cpu()[slots].repeat_interleave(g, 1)
+        qs = q.double().cpu()[s.q_start : s.q_start + s.q_len]  # (n, H, D)
+        scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale
+        q_pos = torch.arange(s.q_len)[:, None] + s.context_len - s.q_len
+        scores = scores.masked_fill(pos[None, :] > q_pos, float("-inf"))
+        out[s.q_start : s.q_start + s.q_len] = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
+    return out
+
+
+def random_inputs(
+    rng: random.Random, step: AttentionStep, device: str, group: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """fp32 q (T, H, D) and filled pools (slots, KVH, D), ``group`` query heads per KV head;
+    the scale."""
+    kv_heads = rng.choice([1, 2])
+    q = torch.randn(step.num_rows, kv_heads * group, dim, device=device)
+    k_pool = torch.randn(400 * step.block_size, kv_heads, dim, device=device)
+    v_pool = torch.randn_like(k_pool)
+    return q, k_pool, v_pool, dim**-0.5
+
+
+def max_rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    assert torch.isfinite(got).all()
+    return float((got.double().cpu() - expected).abs().max() / expected.abs().max())
+
+
+def dtypes_for(device: str) -> list[torch.dtype]:
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(6))
+def test_mixed_step_matches_reference(seed: int, device: str) -> None:
+    """Random mixed steps under nested levels (3 deep), every dtype the device computes."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    step = random_step(rng, (16, 32)[seed % 2])
+    assert step.max_depth == 3
+    group, dim = (1, 2, 3, 4, 8, 5)[seed], (32, 64, 128)[seed % 3]
+    q, k_pool, v_pool, scale = random_inputs(rng, step, device, group, dim)
+    expected_by_dtype = {}
+    for dtype in dtypes_for(device):
+        q_d, k_d, v_d = q.to(dtype), k_pool.to(dtype), v_pool.to(dtype)
+        meta = TritonMetadata.build(step, torch.device(device), q.shape[1] // k_pool.shape[1])
+        got = triton_attention(q_d, k_d, v_d, meta, scale)
+        assert got.dtype == dtype and got.shape == q.shape
+        expected_by_dtype[dtype] = reference(q_d, k_d, v_d, step, scale)
+        err = max_rel_error(got, expected_by_dtype[dtype])
+        assert err < TOLERANCE[dtype], f"{dtype}: max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(3))
+def test_prefix_partials_are_each_levels_attention(seed: int, device: str) -> None:
+    """The prefix-level kernel alone: each level's rows against its own blocks, output and
+    log-sum-exp, at the level's place in the partial buffer."""
+    rng = random.Random(100 + seed)
+    step = random_step(rng, (16, 32)[seed % 2])
+    q, k_pool, v_pool, scale = random_inputs(rng, step, device, (4, 8, 3)[seed], 32 << seed)
+    meta = TritonMetadata.build(step, torch.device(device), q.shape[1] // k_pool.shape[1])
+    o, lse = prefix_partials(q, k_pool, v_pool, meta, scale)
+    assert o.shape == (sum(lvl.row_end - lvl.row_start for lvl in step.levels), *q.shape[1:])
+    at = 0
+    for lvl in step.levels:
+        pos = torch.arange(lvl.end - lvl.start)
+        slots = torch.tensor(lvl.block_ids)[pos // step.block_size] * step.block_size
+        slots = (slots + pos % step.block_size).to(device)
+        rows = q[lvl.row_start : lvl.row_end]
+        o_ref, lse_ref = attend_lse(rows, k_pool[slots], v_pool[slots], None, scale)
+        n = lvl.row_end - lvl.row_start
+        torch.testing.assert_close(o[at : at + n], o_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[at : at + n], lse_ref, rtol=1e-5, atol=1e-5)
+        at += n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_edge_shapes(device: str) -> None:
+    """GQA 8 over one KV head, block size 32: a level of exactly one block over a sequence with
+    no own KV before its new tokens, a 3-deep chain, a prefill chunk crossing two block
+    boundaries, and a plain sequence of one token."""
+    rng = random.Random(7)
+    bs = 32
+    maker = StepMaker(rng, bs, 64)
+    one = maker.blocks(1)
+    maker.seq(one, own_before=0)  # context = one block of prefix + its new tokens
+    mid = maker.blocks(2)
+    maker.seq(one + mid, own_before=0)
+    deep = maker.blocks(1)
+    maker.seq(one + mid + deep, own_before=5)
+    maker.levels = [
+        PrefixLevel(0, bs, tuple(one), 0, 3, 0, maker.rows, 0),
+        PrefixLevel(bs, 3 * bs, tuple(mid), 1, 2, maker.seqs[1].q_start, maker.rows, 1),
+        PrefixLevel(3 * bs, 4 * bs, tuple(deep), 2, 1, maker.seqs[2].q_start, maker.rows, 2),
+    ]
+    table = tuple(maker.blocks(3))
+    maker.seqs.append(SeqStep(maker.rows, 70, 90, table))  # positions 20-89: crosses 32 and 64
+    maker.rows += 70
+    maker.seqs.append(SeqStep(maker.rows, 1, 1, tuple(maker.blocks(1))))
+    maker.rows += 1
+    step = maker.step()
+    q = torch.randn(step.num_rows, 8, 64, device=device)
+    k_pool = torch.randn(64 * bs, 1, 64, device=device)
+    v_pool = torch.randn_like(k_pool)
+    meta = TritonMetadata.build(step, torch.device(device), 8)
+    got = triton_attention(q, k_pool, v_pool, meta, 0.125)
+    err = max_rel_error(got, reference(q, k_pool, v_pool, step, 0.125))
+    assert err < 1e-5, f"max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backend_writes_kv_then_attends(device: str) -> None:
+    """TritonBackend.forward stores the step's K/V at the new tokens' slots (and nowhere else),
+    then matches the reference over the updated pool."""
+    dev = torch.device(device)
+    assert triton_available(dev)
+    rng = random.Random(3)
+    step = random_step(rng, 16, max_depth=2)
+    cache = KVCache(2, 400, 16, 2, 32, torch.float32, dev)
+    cache.k.normal_()
+    cache.v.normal_()
+    before_k, before_v = cache.k.clone(), cache.v.clone()
+    backend = TritonBackend(cache, num_heads=4, scale=32**-0.5)
+    meta = backend.prepare(step)
+    q = torch.randn(step.num_rows, 4, 32, device=dev)
+    k = torch.randn(step.num_rows, 2, 32, device=dev)
+    v = torch.randn(step.num_rows, 2, 32, device=dev)
+    got = backend.forward(1, q, k, v, meta)
+    slots = meta.slot_mapping.long()
+    assert torch.equal(cache.k[1, slots], k) and torch.equal(cache.v[1, slots], v)
+    before_k[1, slots], before_v[1, slots] = k, v
+    assert torch.equal(cache.k, before_k) and torch.equal(cache.v, before_v)
+    err = max_rel_error(got, reference(q, cache.k[1], cache.v[1], step, backend.scale))
+    assert err < 1e-5, f"max relative error {err:.2e}"
+
+
+def test_metadata_layout() -> None:
+    """Tiles, partial offsets and slots of a small hand-made step (two sequences under one
+    level, GQA 4 -> 8 rows per own tile, 16 per prefix tile)."""
+    table = (5, 9, 2)
+    step = AttentionStep(
+        seqs=(
+            SeqStep(0, 20, 40, table, shared_len=16),
+            SeqStep(20, 1, 17, (5, 7), shared_len=16),
+        ),
+        levels=(PrefixLevel(0, 16, (5,), 0, 2, 0, 21, 0),),
+        num_rows=21,
+        block_size=16,
+    )
+    meta = TritonMetadata.build(step, torch.device("cpu"), group_size=4)
+    assert meta.own_tile_seq.tolist() == [0, 0, 0, 1]
+    assert meta.own_tile_q0.tolist() == [0, 8, 16, 0]
+    assert meta.prefix_tile_level.tolist() == [0, 0]
+    assert meta.prefix_tile_row0.tolist() == [0, 16]
+    assert meta.num_partials == 21 and meta.level_out.tolist() == [0]
+    assert meta.seq_levels.tolist() == [[0], [0]] and meta.num_levels.tolist() == [1, 1]
+    # Positions 20..39 of sequence 0, then position 16 of sequence 1.
+    expected = [9 * 16 + p - 16 for p in range(20, 32)] + [2 * 16 + p - 32 for p in range(32, 40)]
+    assert meta.slot_mapping.tolist() == expected + [7 * 16]
+    assert meta.block_table.tolist() == [[5, 9, 2], [5, 7, 0]]
+
+
+def test_metadata_rejects_inconsistent_steps() -> None:
+    seq = SeqStep(0, 4, 36, (1, 2, 3), shared_len=16)
+    level = PrefixLevel(0, 16, (1,), 0, 1, 0, 4, 0)
+    good = AttentionStep((seq,), (level,), 4, 16)
+    TritonMetadata.build(good, torch.device("cpu"))
+    bad = [
+        replace(good, levels=()),  # shared positions no level covers
+        replace(good, levels=(replace(level, depth=1),)),  # depth 1 without depth 0
+        replace(good, levels=(replace(level, row_end=3),)),  # rows disagree with the sequence
+        replace(good, seqs=(replace(seq, block_table=(1, 2)),)),  # table shorter than context
+        replace(good, num_rows=5),
+    ]
+    for step in bad:
+        with pytest.raises(ValueError):
+            TritonMetadata.build(step, torch.device("cpu"))
+
+
+# Compiles the kernels for an H100/H200 (sm_90) with bf16 inputs, without a GPU: the interpreter
+# accepts code the compiler rejects (non-constexpr globals, dot shapes), and bf16 cannot be run on
+# the CPU. Run in a subprocess because TRITON_INTERPRET is read when a kernel is decorated.
+COMPILE_SM90 = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from prefixbatch.execution.attention import triton_kernels as tk
+
+def signature(fn, constexprs):
+    data = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "k_pool_ptr", "v_pool_ptr")
+    return {
+        a: "constexpr" if a in constexprs
+        else "*bf16" if a in data
+        else "*fp32" if a in ("po_ptr", "plse_ptr")
+        else "*i32" if a.endswith("_ptr")
+        else "fp32" if a == "qk_scale"
+        else "i32"
+        for a in fn.arg_names
+    }
+
+tiles = dict(BLOCK_N=tk.BLOCK_N, HEAD_DIM=128, BLOCK_SIZE=16, PRECISION="tf32")
+for fn, constexprs in (
+    (tk._prefix_level_kernel, dict(G=4, ROWS=16, BLOCK_M=64, **tiles)),
+    (tk._own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, **tiles)),
+    (tk._store_kv_kernel, dict(ROW=1024, BLOCK=1024)),
+):
+    source = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90_in_bf16() -> None:
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_metadata_for_cuda_graphs(device: str) -> None:
+    """Metadata padded to a fixed shape (a CUDA-graph bucket) gives the unpadded result on the
+    real rows and writes no KV for padding rows; refreshed in place from another step's
+    metadata (what a graph replay reads), it computes that step."""
+    dev = torch.device(device)
+    shape = MetadataShape(
+        rows=112, seqs=11, max_blocks=10, levels=6, max_level_blocks=4, max_depth=2,
+        own_tiles=16, prefix_tiles=9, partials=128,
+    )  # fmt: skip
+    cache = KVCache(1, 400, 16, 2, 32, torch.float32, dev)
+    cache.k.normal_()
+    cache.v.normal_()
+    backend = TritonBackend(cache, num_heads=4, scale=32**-0.5)
+    steps = [random_step(random.Random(seed), 16, max_depth=2) for seed in (11, 12)]
+    static = backend.prepare(steps[0], shape)
+    for i, step in enumerate(steps):
+        if i:
+            static.update_from(backend.prepare(step, shape))
+        assert static.own_tile_seq.numel() == 16 and static.num_partials == 128
+        t = step.num_rows
+        q, k, v = (torch.randn(shape.rows, h, 32, device=dev) for h in (4, 2, 2))
+        before_k = cache.k.clone()
+        got = backend.forward(0, q, k, v, static)[:t]
+        before_k[0, static.slot_mapping[:t].long()] = k[:t]
+        assert torch.equal(cache.k, before_k)  # padding rows (slot -1) wrote nothing
+        unpadded = backend.prepare(step)
+        assert torch.equal(
+            got, triton_attention(q[:t], cache.k[0], cache.v[0], unpadded, backend.scale)
+        )
+    with pytest.raises(ValueError):
+        TritonMetadata.build(steps[0], dev, 2, replace(shape, seqs=2))
+    with pytest.raises(ValueError):
+        static.update_from(TritonMetadata.build(steps[0], dev, 2))
+
+
+def test_engine_with_the_triton_backend_matches_transformers(tiny_models):  # type: ignore[no-untyped-def]
+    """The whole engine through the Triton kernels (interpreter on the CPU, fp32): nested prefix
+    levels read as levels (cascade on every group), prefill chunks and decode rows in one step."""
+    from conftest import hf_greedy, nested_prompts
+    from prefixbatch import LLM, SamplingParams
+    from prefixbatch.execution.attention.triton_backend import TritonBackend
+
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("triton is not installed")
+    rng = random.Random(3)
+    prompts = nested_prompts(rng, system=16, doc=16, docs=2, per_doc=2, vocab=(3, 500))
+    prompts += [[rng.randrange(3, 500) for _ in range(11)]]  # shares nothing
+    llm = LLM(
+        str(tiny_models["llama"]),
+        device="cpu",
+        block_size=8,
+        kv_cache_memory=4 * 2**20,
+        attention_backend="triton",
+        cascade_min_prefix=0,
+        max_num_batched_tokens=24,  # prefill chunks cross block edges and mix with decodes
+    )
+    assert isinstance(llm.engine.backend, TritonBackend)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0))
+    assert llm.engine.stats.groups >= 3  # the system prompt and two documents were levels
+    assert [o.output_token_ids for o in outs] == hf_greedy(
+        tiny_models["llama"], prompts, [3] * len(prompts)
+    )
+
+
+def test_auto_never_picks_the_interpreter():  # type: ignore[no-untyped-def]
+    from prefixbatch.execution.attention.registry import select_backend
+    from prefixbatch.execution.attention.triton_backend import TritonBackend
+    from prefixbatch.execution.kv_cache import KVCache
+
+    cache = KVCache(1, 4, 16, 2, 16, torch.float16, torch.device("cpu"))
+    assert not isinstance(select_backend("auto", cache, 4, 0.25), TritonBackend)
+    if triton_available(torch.device("cpu")):
+        assert isinstance(select_backend("triton", cache, 4, 0.25), TritonBackend)
