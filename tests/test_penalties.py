@@ -6,36 +6,29 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from prefixbatch.execution.penalties import LogitsProcessing, uses_logits_processing
+from prefixbatch.sampling_params import SamplingParams
 
 VOCAB = 12
 EOS = (2,)
 
 
-@dataclass(frozen=True)
-class Params:
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    min_p: float = 0.0
-    min_tokens: int = 0
-    temperature: float = 1.0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
+def Params(**kwargs) -> SamplingParams:  # noqa: N802 (reads like the class it builds)
+    return SamplingParams(max_tokens=16, **kwargs)
 
 
-def reference_row(logits: list[float], p: Params, prompt: list[int], out: list[int]) -> list[float]:
+def reference_row(
+    logits: list[float], p: SamplingParams, prompt: list[int], out: list[int]
+) -> list[float]:
     x = list(logits)
     if len(out) < p.min_tokens:
         for t in (*(() if p.ignore_eos else EOS), *p.stop_token_ids):
             x[t] = -math.inf
-    for t, b in p.logit_bias.items():
+    for t, b in p.logit_bias:
         x[t] += b
     counts = Counter(out)
     for t in range(VOCAB):
@@ -103,7 +96,7 @@ def test_min_p_keeps_tokens_within_ratio_after_temperature():
 def test_batched_matches_reference_on_random_rows(seed: int):
     rng = random.Random(seed)
     rows = 9
-    params: list[Params] = []
+    params: list[SamplingParams] = []
     for _ in range(rows):
         kind = rng.randrange(4)
         params.append(
@@ -146,3 +139,20 @@ def test_logit_bias_outside_vocab_is_refused():
         LogitsProcessing.build(
             [Params(logit_bias={VOCAB: 1.0})], [[]], [[]], EOS, VOCAB, torch.device("cpu")
         )
+
+
+def test_sampling_params_normalise_and_check_the_new_fields():
+    p = SamplingParams(logit_bias={"7": 5, 3: -100})  # OpenAI's JSON keys are strings
+    assert p.logit_bias == ((3, -100.0), (7, 5.0))
+    hash(p)  # still hashable and picklable as plain tuples
+    for bad in (
+        dict(logprobs=21),
+        dict(n=0),
+        dict(presence_penalty=2.5),
+        dict(repetition_penalty=0),
+        dict(logit_bias={1: 101}),
+        dict(min_p=1.5),
+        dict(min_tokens=17, max_tokens=16),
+    ):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from .execution.grammar_spec import GrammarSpec
 
 
 @dataclass(frozen=True)
@@ -14,6 +17,15 @@ class SamplingParams:
     of its seed, its output index and the token id (``execution/sampler.py``). ``stop`` strings
     cut the text before the first match; ``stop_token_ids`` end the request on those tokens (the
     EOS token always ends it unless ``ignore_eos``).
+
+    ``n`` choices are sampled from one prompt (computed once); choice ``i`` of a seeded request
+    draws from its own stream, so it is reproducible. ``logprobs`` (0..20, None: off) returns the
+    chosen tokens' raw log-probabilities with that many alternatives; ``prompt_logprobs`` the
+    same for the prompt's tokens. ``presence_penalty``, ``frequency_penalty`` (-2..2) and
+    ``logit_bias`` (token id -> -100..100) are OpenAI's; ``repetition_penalty`` (> 0, 1: off),
+    ``min_p`` (0..1) and ``min_tokens`` are vLLM's (``execution/penalties.py``). ``structured``
+    constrains the output to a JSON schema, JSON object, regex or choice
+    (``GrammarSpec.from_request``).
     """
 
     max_tokens: int = 16
@@ -24,6 +36,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # Stored as sorted (token id, bias) pairs so the params stay hashable; a dict is accepted.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    min_tokens: int = 0
+    structured: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -36,6 +59,29 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        bias = self.logit_bias
+        pairs = bias.items() if isinstance(bias, Mapping) else bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(v)) for t, v in pairs)))
+        self._check_extensions()
+
+    def _check_extensions(self) -> None:
+        """Ranges of the fields added for logprobs, n, penalties (OpenAI's and vLLM's limits)."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise ValueError(f"{name} must be in 0..20, got {value}")
+        checks = [
+            (self.n >= 1, f"n must be at least 1, got {self.n}"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (all(-100 <= v <= 100 for _, v in self.logit_bias), "logit_bias values: -100..100"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in 0..max_tokens"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     @property
     def greedy(self) -> bool:

@@ -21,7 +21,7 @@ per row on the device) and written back, so a step where nobody uses them pays n
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,7 +34,7 @@ class LogitsParams(Protocol):
     presence_penalty: float
     frequency_penalty: float
     repetition_penalty: float
-    logit_bias: Mapping[int, float]
+    logit_bias: tuple[tuple[int, float], ...]  # (token id, bias) pairs
     min_p: float
     min_tokens: int
     temperature: float
@@ -116,7 +116,7 @@ class LogitsProcessing:
             if len(outs[r]) < p.min_tokens
             for t in (*(() if p.ignore_eos else eos_ids), *p.stop_token_ids)
         ]
-        bias = [(r, t, v) for r, p in enumerate(ps) for t, v in p.logit_bias.items()]
+        bias = [(r, t, v) for r, p in enumerate(ps) for t, v in p.logit_bias]
         if any(not 0 <= t < vocab_size for _, t, _ in bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
         repetition = seen = frequency = presence = counts = min_p = None
