@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass, field
 
 import jsonschema
 import pytest
@@ -17,24 +16,14 @@ from prefixbatch.execution.sampler import SamplingTensors, sample
 from prefixbatch.execution.step_sampler import StepSampler
 from prefixbatch.execution.structured import StructuredOutput
 from prefixbatch.sampling_params import SamplingParams
+from prefixbatch.scheduling.sequence import Sequence
 
 VOCAB = 64
 
 
-@dataclass(eq=False)
-class Seq:
-    params: SamplingParams
-    tokens: list[int] = field(default_factory=lambda: [5, 6, 7])
-    num_prompt: int = 3
-    seed: int = 0
-
-    @property
-    def num_output(self) -> int:
-        return len(self.tokens) - self.num_prompt
-
-    @property
-    def output_tokens(self) -> list[int]:
-        return self.tokens[self.num_prompt :]
+def Seq(params: SamplingParams, seed: int = 0) -> Sequence:  # noqa: N802
+    """A running request with a 3-token prompt and no output yet."""
+    return Sequence(0, [5, 6, 7], 3, params, seed=seed)
 
 
 def no_grammar() -> StructuredOutput:
