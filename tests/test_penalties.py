@@ -156,3 +156,20 @@ def test_sampling_params_normalise_and_check_the_new_fields():
     ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_params_with_every_field_survive_pickling():
+    """Ray workers receive SamplingParams by pickle."""
+    import pickle
+
+    from prefixbatch.execution.grammar_spec import GrammarSpec
+
+    p = SamplingParams(
+        n=3,
+        logprobs=5,
+        prompt_logprobs=1,
+        logit_bias={4: 2.0},
+        min_tokens=2,
+        structured=GrammarSpec.from_request(guided_choice=["a", "b"]),
+    )
+    assert pickle.loads(pickle.dumps(p)) == p
