@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from .execution.grammar_spec import GrammarSpec
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,15 @@ class SamplingParams:
     ``include_stop_str_in_output``; the token id is always in the output ids). Until
     ``min_tokens`` tokens are generated EOS and ``stop_token_ids`` cannot be sampled and stop
     strings are not checked. ``skip_special_tokens`` leaves special tokens out of the text.
+
+    ``n`` choices are sampled from one prompt (computed once); choice ``i`` of a seeded request
+    draws from its own stream, so it is reproducible. ``logprobs`` (0..20, None: off) returns the
+    chosen tokens' raw log-probabilities with that many alternatives; ``prompt_logprobs`` the
+    same for the prompt's tokens. ``presence_penalty``, ``frequency_penalty`` (-2..2) and
+    ``logit_bias`` (token id -> -100..100) are OpenAI's; ``repetition_penalty`` (> 0, 1: off),
+    ``min_p`` (0..1) and ``min_tokens`` are vLLM's (``execution/penalties.py``). ``structured``
+    constrains the output to a JSON schema, JSON object, regex or choice
+    (``GrammarSpec.from_request``).
     """
 
     max_tokens: int = 16
@@ -32,6 +44,16 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # Stored as sorted (token id, bias) pairs so the params stay hashable; a dict is accepted.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    structured: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +72,28 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        bias = self.logit_bias
+        pairs = bias.items() if isinstance(bias, Mapping) else bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(v)) for t, v in pairs)))
+        self._check_extensions()
+
+    def _check_extensions(self) -> None:
+        """Ranges of the fields added for logprobs, n, penalties (OpenAI's and vLLM's limits)."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise ValueError(f"{name} must be in 0..20, got {value}")
+        checks = [
+            (self.n >= 1, f"n must be at least 1, got {self.n}"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (all(-100 <= v <= 100 for _, v in self.logit_bias), "logit_bias values: -100..100"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     @property
     def greedy(self) -> bool:
