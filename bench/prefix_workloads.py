@@ -5,12 +5,17 @@ EOS ignored (every engine makes the same tokens), the same KV budget for both po
 
     python bench/prefix_workloads.py [--scale 1] [--kv-cache-memory 128MiB] [--no-hf]
                                      [--vllm-python /path/to/venv/bin/python]
+
+Each engine's start-up (prefixbatch: model load and warm-up, kernel build cached; vLLM: engine
+start and warm-up) is printed beside its throughput, and end-to-end seconds (start-up + job).
+Run it at the tight budget (128MiB) and at a generous one (4GiB).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -36,7 +41,14 @@ def run_engine(llm: LLM, w: Workload, policy: str) -> tuple[float, dict[str, flo
     }
 
 
-def run_vllm(python: str, model: Path, w: Workload, kv_bytes: int) -> float:
+def run_vllm(python: str, model: Path, w: Workload, kv_bytes: int) -> tuple[float, float]:
+    """(start-up seconds, generation seconds) of vLLM on every core with the same KV budget."""
+    cores = os.cpu_count() or 1
+    env = {
+        **os.environ,
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "w.json"
         spec.write_text(
@@ -54,9 +66,14 @@ def run_vllm(python: str, model: Path, w: Workload, kv_bytes: int) -> float:
             capture_output=True,
             text=True,
             check=True,
+            env=env,
         )
-    marks = [line for line in out.stdout.splitlines() if line.startswith("PREFIXBATCH_SECONDS")]
-    return float(marks[-1].split()[1])
+
+    def mark(name: str) -> float:
+        lines = [x for x in out.stdout.splitlines() if x.startswith(f"PREFIXBATCH_{name}")]
+        return float(lines[-1].split()[1])
+
+    return mark("STARTUP"), mark("SECONDS")
 
 
 def main() -> None:
@@ -68,12 +85,14 @@ def main() -> None:
     parser.add_argument("--vllm-python")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    llm = LLM(kv_cache_memory=args.kv_cache_memory)
+    llm, startup = timed(lambda: LLM(kv_cache_memory=args.kv_cache_memory))
     print(
         f"model: {llm.engine.model_name}, KV budget {args.kv_cache_memory} "
         f"({llm.engine.limits.num_blocks} blocks of {llm.engine.config.block_size} tokens)"
     )
-    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))  # warm-up
+    _, warm = timed(lambda: llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2)))
+    startup += warm
+    print(f"prefixbatch start-up: {startup:.1f}s (model load, warm-up; kernel cached)")
     hf = None
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
@@ -96,6 +115,7 @@ def main() -> None:
             "batchllm tok/s": f"{batch_s['tokens'] / batch:.1f}",
             "fcfs-lru tok/s": f"{lru_s['tokens'] / lru:.1f}",
             "batchllm / fcfs-lru": f"{lru / batch:.2f}x",
+            "batchllm e2e s": f"{startup + batch:.1f}",
         }
         if hf is not None:
             requests = [(p, w.max_tokens) for p in w.prompts]
@@ -103,9 +123,12 @@ def main() -> None:
             row["transformers tok/s"] = f"{made / secs:.1f}"
             row["batchllm / transformers"] = f"{secs / batch:.2f}x"
         if args.vllm_python:
-            secs = run_vllm(args.vllm_python, llm.engine.loaded.source.path, w, llm.engine.kv_bytes)
+            model = llm.engine.loaded.source.path
+            vllm_up, secs = run_vllm(args.vllm_python, model, w, llm.engine.kv_bytes)
             row["vLLM tok/s"] = f"{len(w.prompts) * w.max_tokens / secs:.1f}"
             row["batchllm / vLLM"] = f"{secs / batch:.2f}x"
+            row["vLLM start-up s"] = f"{vllm_up:.1f}"
+            row["vLLM e2e s"] = f"{vllm_up + secs:.1f}"
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(table(rows))

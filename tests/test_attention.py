@@ -163,7 +163,9 @@ def test_engine_falls_back_to_pytorch_when_the_kernel_cannot_build(
     try:
         prompts = shared_prefix_prompts(6, seed=3)
         with pytest.warns(UserWarning, match="could not be built"):
-            llm = LLM(str(tiny_models["llama"]), block_size=8, kv_cache_memory=8 * 2**20)
+            llm = LLM(
+                str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=8 * 2**20
+            )
         assert not isinstance(llm.engine.backend, NativeDecodeBackend)
         outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
         assert [o.output_token_ids for o in outs] == hf_greedy(

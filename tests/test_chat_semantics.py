@@ -23,7 +23,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM()
+    return LLM(device="cpu")
 
 
 def test_developer_is_the_system_message(llm):  # type: ignore[no-untyped-def]

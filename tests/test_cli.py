@@ -71,9 +71,8 @@ def test_plan_lru_estimate_bounds_what_fcfs_lru_saves(tmp_path, tiny_models, cap
     model = str(tiny_models["llama"])
     assert main(["plan", str(inp), "--model", model, "--block-size", "8", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    llm = LLM(
-        model, block_size=8, policy="fcfs-lru", kv_cache_memory=report["lru_capacity_blocks"] * 3072
-    )
+    blocks = report["lru_capacity_blocks"]
+    llm = LLM(model, device="cpu", block_size=8, policy="fcfs-lru", kv_cache_memory=blocks * 3072)
     llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0))
     stats = llm.engine.stats
     actual_saved = stats.prompt_tokens - stats.prefill_tokens_computed

@@ -30,7 +30,7 @@ CHATS = [
 
 
 def test_default_model_matches_transformers_greedy():
-    llm = LLM(kv_cache_memory="256MiB")
+    llm = LLM(device="cpu", kv_cache_memory="256MiB")
     outs = llm.chat(CHATS, SamplingParams(max_tokens=24, temperature=0))
     assert "Paris" in outs[0].text
 

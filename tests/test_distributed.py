@@ -123,7 +123,9 @@ def test_two_workers_match_single_process(ray_cluster, tiny_models):  # type: ig
     from prefixbatch.distributed.ray_executor import RayExecutor
     from prefixbatch.engine import LLMEngine
 
-    config = EngineConfig(model=str(tiny_models["llama"]), block_size=8, kv_cache_memory=16 * 2**20)
+    config = EngineConfig(
+        model=str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=16 * 2**20
+    )
     requests = _requests(48)
     single = {o.index: o.output_token_ids for o in LLMEngine(config).generate(requests)}
     executor = RayExecutor(config, workers=2)
@@ -146,7 +148,9 @@ def test_two_workers_match_single_process(ray_cluster, tiny_models):  # type: ig
 def test_killed_worker_loses_nothing(ray_cluster, tiny_models):  # type: ignore[no-untyped-def]
     from prefixbatch.distributed.ray_executor import RayExecutor
 
-    config = EngineConfig(model=str(tiny_models["qwen2"]), block_size=8, kv_cache_memory=16 * 2**20)
+    config = EngineConfig(
+        model=str(tiny_models["qwen2"]), device="cpu", block_size=8, kv_cache_memory=16 * 2**20
+    )
     requests = _requests(60)
     executor = RayExecutor(config, workers=2, chunks_per_worker=6)
     try:
@@ -179,7 +183,7 @@ def test_cli_with_workers_and_resume(ray_cluster, tmp_path, tiny_models):  # typ
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
     model = str(tiny_models["llama"])
-    base = ["run", str(inp), "--model", model, "--quiet", "--block-size", "8"]
+    base = ["run", str(inp), "--model", model, "--quiet", "--block-size", "8", "--device", "cpu"]
     assert main([*base, "-o", str(tmp_path / "single.jsonl")]) == 0
     out = tmp_path / "multi.jsonl"
     assert main([*base, "-o", str(out), "--workers", "2"]) == 0

@@ -23,7 +23,9 @@ from prefixbatch.planning.plan import computed_tokens, make_plan
 
 
 def _config(path, **kw) -> EngineConfig:  # type: ignore[no-untyped-def]
-    return EngineConfig(model=str(path), block_size=8, kv_cache_memory=16 * 2**20, **kw)
+    return EngineConfig(
+        model=str(path), device="cpu", block_size=8, kv_cache_memory=16 * 2**20, **kw
+    )
 
 
 def test_engine_runs_a_batch_step_by_step(tiny_models):  # type: ignore[no-untyped-def]
@@ -95,7 +97,7 @@ def test_duplicate_request_ids_are_refused(tiny_models):  # type: ignore[no-unty
 def test_engine_consumes_the_callers_plan(tiny_models, monkeypatch):  # type: ignore[no-untyped-def]
     """The API plans once; the engine (and so a Ray worker handed a plan) never plans."""
     prompts = shared_prefix_prompts(10, seed=4)
-    llm = LLM(str(tiny_models["llama"]), block_size=8, kv_cache_memory=16 * 2**20)
+    llm = LLM(str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=16 * 2**20)
     calls = []
     real = plan_module.make_plan
 
@@ -165,7 +167,7 @@ def test_registry_picks_the_backend_by_device_and_dtype():  # type: ignore[no-un
 
 
 def test_with_policy_leaves_the_original_untouched(tiny_models):  # type: ignore[no-untyped-def]
-    llm = LLM(str(tiny_models["llama"]), block_size=8, kv_cache_memory=16 * 2**20)
+    llm = LLM(str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=16 * 2**20)
     lru = llm.with_policy("fcfs-lru")
     assert llm.engine.config.policy == "batchllm"
     assert lru.engine.config.policy == "fcfs-lru"
@@ -207,4 +209,4 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):  # type: ignore[no-un
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"custom_id": "a", "prompt": "hi"}\n')
     with pytest.raises(ValueError, match="internal bug"):
-        cli.main(["run", str(inp), "-o", str(tmp_path / "out.jsonl")])
+        cli.main(["run", str(inp), "-o", str(tmp_path / "out.jsonl"), "--device", "cpu"])

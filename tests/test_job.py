@@ -58,7 +58,7 @@ def records(path: Path) -> list[dict]:  # type: ignore[type-arg]
 
 
 def run_cli(args: list[str]) -> int:
-    return main(["run", *args, "--quiet", "--block-size", "8"])
+    return main(["run", *args, "--quiet", "--block-size", "8", "--device", "cpu"])
 
 
 def test_output_format_field_by_field(tmp_path, tiny_models):  # type: ignore[no-untyped-def]
@@ -91,7 +91,7 @@ def test_output_format_field_by_field(tmp_path, tiny_models):  # type: ignore[no
         body = recs[cid]["response"]["body"]
         assert body["object"] == "text_completion" and isinstance(body["choices"][0]["text"], str)
     # the text equals what the Python API produces for the same prompt
-    llm = LLM(model, block_size=8)
+    llm = LLM(model, device="cpu", block_size=8)
     ref = llm.generate(words(1, 12), SamplingParams(max_tokens=6, temperature=0))[0]
     assert recs["cmpl-1"]["response"]["body"]["choices"][0]["text"] == ref.text
     for key, line in (("line4", 4), ("chat-3", 5)):
@@ -165,12 +165,14 @@ def test_tiny_kv_budget_completes_through_preemption(tmp_path, tiny_models):  # 
 
     lines = [completion_line(i, max_tokens=24) for i in range(12)]
     inp = write_jsonl(tmp_path / "in.jsonl", lines)
-    cfg = EngineConfig(model=str(tiny_models["llama"]), block_size=8, kv_cache_memory=18 * 3072)
+    cfg = EngineConfig(
+        model=str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=18 * 3072
+    )
     summary = run_job(cfg, JobOptions(inp, tmp_path / "small.jsonl", quiet=True))
     assert summary.preemptions > 0 and summary.requests_ok == 12
     assert summary.prefill_tokens_saved >= 0  # recomputed prefill never shows as negative
     big = run_job(
-        EngineConfig(model=str(tiny_models["llama"]), block_size=8),
+        EngineConfig(model=str(tiny_models["llama"]), device="cpu", block_size=8),
         JobOptions(inp, tmp_path / "big.jsonl", quiet=True),
     )
     assert big.preemptions == 0
@@ -220,6 +222,8 @@ def test_sigkill_then_resume_answers_every_request_once(tmp_path, tiny_models): 
         "--model",
         model,
         "--quiet",
+        "--device",
+        "cpu",
         "--block-size",
         "8",
         "--max-num-batched-tokens",

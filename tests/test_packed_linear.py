@@ -31,7 +31,7 @@ def test_packed_linear_matches_f_linear(rows, bias):  # type: ignore[no-untyped-
 def test_engine_packs_only_with_fast_kernels(tiny_models):  # type: ignore[no-untyped-def]
     from prefixbatch import LLM
 
-    fast = LLM(str(tiny_models["qwen2"]), kv_cache_memory=2**20)
-    plain = LLM(str(tiny_models["qwen2"]), kv_cache_memory=2**20, kernels="torch")
+    fast = LLM(str(tiny_models["qwen2"]), device="cpu", kv_cache_memory=2**20)
+    plain = LLM(str(tiny_models["qwen2"]), device="cpu", kv_cache_memory=2**20, kernels="torch")
     assert fast.engine.loaded.model.layers[0].mlp.down_proj.packed is not None
     assert plain.engine.loaded.model.layers[0].mlp.down_proj.packed is None

@@ -12,7 +12,7 @@ FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 
 
 def _run(path, prompts, max_tokens, **kwargs):  # type: ignore[no-untyped-def]
-    llm = LLM(str(path), block_size=8, **kwargs)
+    llm = LLM(str(path), device="cpu", block_size=8, **kwargs)
     params = [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens]
     return llm, [o.output_token_ids for o in llm.generate(prompts, params)]
 

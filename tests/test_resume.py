@@ -18,7 +18,21 @@ from prefixbatch.cli import main
 
 
 def run(inp: Path, out: Path, model: str, *extra: str) -> int:
-    return main(["run", str(inp), "-o", str(out), "--model", model, "--block-size", "8", *extra])
+    return main(
+        [
+            "run",
+            str(inp),
+            "-o",
+            str(out),
+            "--model",
+            model,
+            "--block-size",
+            "8",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def test_resume_after_editing_the_input(tmp_path, tiny_models, capsys):  # type: ignore[no-untyped-def]
@@ -117,6 +131,7 @@ def test_interrupt_flushes_and_exits_130(tmp_path, tiny_models, sig):  # type: i
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "prefixbatch.cli", "run", str(inp), "-o", str(out)]
     cmd += ["--model", model, "--quiet", "--block-size", "8", "--max-num-batched-tokens", "64"]
+    cmd += ["--device", "cpu"]
     cmd += ["--kv-cache-memory", "200KiB"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

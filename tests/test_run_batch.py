@@ -26,7 +26,9 @@ def test_stop_then_resume_counts_every_request_once(tmp_path: Path, tiny_models)
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines) + "{bad\n")
     opts = JobOptions(inp, tmp_path / "out.jsonl", quiet=True)
-    engine = make_executor(EngineConfig(model=str(tiny_models["llama"]), block_size=8))
+    engine = make_executor(
+        EngineConfig(model=str(tiny_models["llama"]), device="cpu", block_size=8)
+    )
     items = read_items(inp, 256)
     seen: list[tuple[int, int, int]] = []
     first = run_batch(

@@ -26,6 +26,7 @@ from prefixbatch.cli import main
 KEY = "sk-test-key"
 # a small KV pool (10 blocks): few requests run at once, so a long batch takes many steps
 ENGINE = ["--block-size", "8", "--max-num-batched-tokens", "64", "--kv-cache-memory", "64KiB"]
+ENGINE += ["--device", "cpu"]  # the CPU path on any machine
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 

@@ -48,10 +48,6 @@ class EngineStats:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     @property
-    def prefill_saving(self) -> float:
-        return 1 - self.prefill_tokens_computed / self.prompt_tokens if self.prompt_tokens else 0.0
-
-    @property
     def prefill_tokens_saved(self) -> int:
         """Prompt tokens whose KV was not computed for their request: shared through a prefix
         group or taken from the prefix cache. Never negative: tokens recomputed after a

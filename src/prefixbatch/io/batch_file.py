@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import RequestError
 from ..sampling_params import SamplingParams
 from ..tokenizer import message_text
 from .body_fields import field_problem
@@ -47,8 +48,8 @@ class LineError:
     code: str = "invalid_request"
 
 
-class _Invalid(ValueError):
-    pass
+class _Invalid(RequestError):
+    """A line's request is invalid; it becomes that line's error record."""
 
 
 def request_hash(url: str, body: dict[str, Any], max_tokens: int) -> str:
