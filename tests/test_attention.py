@@ -4,6 +4,7 @@ the plain reference path, on random shapes; and the fallback when the kernel can
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,5 +172,30 @@ def test_engine_falls_back_to_pytorch_when_the_kernel_cannot_build(
         assert [o.output_token_ids for o in outs] == hf_greedy(
             tiny_models["llama"], prompts, [6] * 6
         )
+    finally:
+        native.paged_decode_kernel.cache_clear()
+
+
+def test_kernel_build_is_announced_only_when_it_compiles(monkeypatch, tmp_path, caplog):  # type: ignore[no-untyped-def]
+    import logging
+    import types
+
+    import torch.utils.cpp_extension as ext
+
+    def fake_load(name, sources, build_directory, **kwargs):  # type: ignore[no-untyped-def]
+        (Path(build_directory) / f"{name}.so").write_text("")  # what a real build leaves
+        return types.SimpleNamespace(paged_decode=lambda *a: None)
+
+    monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(ext, "load", fake_load)
+    native.paged_decode_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="prefixbatch"):
+            assert paged_decode_kernel() is not None
+            assert any("compiling the CPU attention kernel" in r.message for r in caplog.records)
+            caplog.clear()
+            native.paged_decode_kernel.cache_clear()
+            paged_decode_kernel()  # built already: a cached module loads silently
+            assert not any("compiling" in r.message for r in caplog.records)
     finally:
         native.paged_decode_kernel.cache_clear()

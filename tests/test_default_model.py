@@ -53,3 +53,18 @@ def test_default_model_matches_transformers_greedy():
                 pad_token_id=llm.engine.eos_ids[0],
             )
         assert out.output_token_ids == gen[0, ids.shape[1] :].tolist()
+
+
+def test_first_gguf_conversion_says_so(tmp_path, monkeypatch, caplog):  # type: ignore[no-untyped-def]
+    """Start-up tells a newcomer what the slow first run is doing, once."""
+    import logging
+
+    from prefixbatch.loading.model_source import resolve_model
+
+    monkeypatch.setenv("PREFIXBATCH_CACHE", str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="prefixbatch"):
+        first = resolve_model(None)
+        assert any("converting" in r.message and "once" in r.message for r in caplog.records)
+        caplog.clear()
+        assert resolve_model(None) == first
+        assert not any("converting" in r.message for r in caplog.records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -176,6 +177,16 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """The package's progress messages (loading, converting, compiling, checking) on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[prefixbatch] %(message)s"))
+    logger = logging.getLogger("prefixbatch")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -187,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if getattr(args, "resume", False) and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
+    _log_to_stderr(quiet=getattr(args, "quiet", False))
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly as on Ctrl-C

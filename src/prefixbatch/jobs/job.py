@@ -7,7 +7,7 @@ answers finished so far are on disk. See ``results.py`` for the resume rule.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,13 +21,14 @@ from ..execution.models.registry import DEFAULT_MODEL_NAME
 from ..io.batch_file import BatchRequest, LineError, read_batch_file
 from ..io.progress import Progress
 from ..io.results import ResultWriter, error_record, success_record
-from ..loading.model_source import cache_root
 from ..outputs import Request
 from ..planning.plan import make_plan
 from .validate import validate
 
 if TYPE_CHECKING:
     from ..distributed.ray_executor import RayExecutor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,6 @@ def make_executor(
     return LLMEngine(config)
 
 
-def _say(quiet: bool) -> Callable[[str], None]:
-    def say(line: str) -> None:
-        if not quiet:
-            print(f"[prefixbatch] {line}", file=sys.stderr, flush=True)
-
-    return say
-
-
 def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
     """Run the batch file ``opts.input`` into ``opts.output``; see the module docstring."""
     start = time.monotonic()
@@ -107,16 +100,11 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
         )
     items = read_items(opts.input, opts.default_max_tokens)
     config.torch_device  # noqa: B018  an unavailable device fails here, before any message
-    say = _say(opts.quiet)
 
     def load() -> LLMEngine | RayExecutor:
-        say(
-            f"loading the model ({config.model or f'default: {DEFAULT_MODEL_NAME}'}); "
-            "the first run also converts a GGUF file and compiles the CPU attention kernel "
-            f"(about 20 s), kept in {cache_root()}"
-        )
+        log.info("loading the model (%s)", config.model or f"default: {DEFAULT_MODEL_NAME}")
         engine = make_executor(config, opts.workers, opts.ray_address)
-        say(f"model loaded after {time.monotonic() - start:.1f}s")
+        log.info("model loaded after %.1fs", time.monotonic() - start)
         return engine
 
     return run_batch(load, items, opts, start=start)
@@ -141,14 +129,13 @@ def run_batch(
     Ctrl-C raises ``JobInterrupted`` once the finished answers are flushed.
     """
     start = time.monotonic() if start is None else start
-    say = _say(opts.quiet)
     writer = ResultWriter(opts.output, resume=not opts.overwrite)
     requests = [i for i in items if isinstance(i, BatchRequest)]
     todo = [r for r in requests if not writer.answered.covers(r)]
     errors = {i.line: i for i in items if isinstance(i, LineError)}
     skipped = len(requests) - len(todo)
     if skipped:
-        say(f"{skipped} of {len(items)} requests already answered in {opts.output}")
+        log.info("%d of %d requests already answered in %s", skipped, len(items), opts.output)
     stats, answered = EngineStats(), 0
     progress: Progress | None = None
 
@@ -160,7 +147,7 @@ def run_batch(
         runnable = []
         if todo:
             engine = load()
-            say(f"checking {len(todo)} requests")
+            log.info("checking %d requests", len(todo))
             checked = validate(engine.tokenizer, engine.limits, todo)
             if checked.too_big_for_kv and not checked.runnable:
                 raise KVBudgetError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ class ModelSource:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
+
+
+log = logging.getLogger(__name__)
 
 
 def default_model_path() -> Path:
@@ -89,6 +93,7 @@ def convert_gguf(path: Path) -> Path:
     out = cache_root() / "gguf" / key[:16]
     if (out / "done").exists():
         return out
+    log.info("converting %s to fp32 safetensors in %s (once, kept for later runs)", path.name, out)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer

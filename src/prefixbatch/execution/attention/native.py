@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import platform
 import warnings
@@ -27,6 +28,8 @@ SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
 # -ffast-math lets the compiler vectorise exp and the dot-product reductions; the kernel keeps
 # every value finite for it. -march=native: the build is keyed by this machine's CPU below.
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+
+log = logging.getLogger(__name__)
 
 PagedDecode = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -61,6 +64,8 @@ def paged_decode_kernel() -> PagedDecode | None:
     build_dir = cache_root() / "torch_extensions" / name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
+        if not any(build_dir.glob(f"{name}*.so")):
+            log.info("compiling the CPU attention kernel (once, about 20 s) into %s", build_dir)
         module = load(
             name,
             [str(SOURCE)],
