@@ -82,7 +82,35 @@ def _with(base, **body):  # type: ignore[no-untyped-def]
         (_with(CHAT, temperature="hot"), "'temperature' must be a number"),
         (_with(CHAT, top_p=0), "'top_p'"),
         (_with(CHAT, top_p=1.5), "'top_p'"),
-        (_with(CHAT, n=2), "'n' is not supported yet (got 2)"),
+        (_with(CHAT, n=0), "'n' must be in 1..128"),
+        (_with(CHAT, top_logprobs=3), "'top_logprobs' needs 'logprobs': true"),
+        (_with(CHAT, logprobs=True, top_logprobs=21), "'top_logprobs' must be in 0..20"),
+        (_with(CHAT, logprobs=1), "'logprobs' must be true or false"),
+        (_with(COMPLETION, logprobs=6), "'logprobs' must be in 0..5"),
+        (_with(CHAT, presence_penalty=3), "'presence_penalty' must be in [-2, 2]"),
+        (_with(CHAT, repetition_penalty=0), "'repetition_penalty' must be > 0"),
+        (_with(CHAT, min_p=1.5), "'min_p' must be in [0, 1]"),
+        (_with(CHAT, logit_bias={"x": 1}), "'logit_bias' keys must be token ids"),
+        (_with(CHAT, logit_bias={"5": 101}), "'logit_bias' values"),
+        (_with(CHAT, response_format={"type": "xml"}), "unsupported response_format type"),
+        (
+            _with(CHAT, response_format={"type": "json_schema", "json_schema": {"schema": 3}}),
+            "json_schema.schema",
+        ),
+        (
+            _with(
+                CHAT,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
+                },
+            ),
+            "cannot compile json_schema",
+        ),
+        (_with(CHAT, guided_regex="a(("), "cannot compile regex"),
+        (_with(CHAT, guided_choice=[]), "guided_choice"),
+        (_with(CHAT, guided_choice=["a"], guided_regex="a"), "only one of"),
+        (_with(CHAT, echo=True), "'echo' is only valid for /v1/completions"),
         (_with(CHAT, stop=[1]), "'stop'"),
         (_with(CHAT, messages=[{"role": "user", "content": ""}]), "empty"),
         (_with(COMPLETION, prompt=""), "empty"),
@@ -183,17 +211,11 @@ def test_mutated_lines_yield_one_result_each(tmp_path, base, key, value, in_body
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("logprobs", True),
-        ("top_logprobs", 3),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("tool_choice", "auto"),
-        ("response_format", {"type": "json_object"}),
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", 1),
-        ("logit_bias", {"50": 10}),
-        ("n", 2),
         ("stream", True),
         ("best_of", 3),
+        ("suffix", "x"),
         ("unknown_option", 1),
     ],
 )
@@ -220,9 +242,10 @@ def test_harmless_metadata_and_values_that_ask_for_nothing_are_accepted(tmp_path
     )
     (req,) = read(tmp_path, [_with(CHAT, **body)])
     assert isinstance(req, BatchRequest)
+    assert req.params.logprobs is None and req.params.n == 1 and req.params.structured is None
     # 0 is not false: on /v1/completions "logprobs": 0 asks for the sampled token's logprob.
-    (bad,) = read(tmp_path, [json.dumps(COMPLETION | {"body": {"prompt": "x", "logprobs": 0}})])
-    assert isinstance(bad, LineError) and "'logprobs'" in bad.message
+    (zero,) = read(tmp_path, [json.dumps(COMPLETION | {"body": {"prompt": "x", "logprobs": 0}})])
+    assert isinstance(zero, BatchRequest) and zero.params.logprobs == 0
     (wrong_url,) = read(tmp_path, [json.dumps(COMPLETION | {"body": {"messages": []}})])
     assert isinstance(wrong_url, LineError)
     assert "'messages' is only valid for /v1/chat/completions" in wrong_url.message
@@ -300,3 +323,37 @@ def test_a_latin1_line_says_what_is_wrong(tmp_path):  # type: ignore[no-untyped-
     assert isinstance(bad, LineError)
     assert bad.message.startswith("line 1: not valid UTF-8 (byte 0xe9 at column")
     assert "save the file as UTF-8" in bad.message
+
+
+def test_feature_fields_parse(tmp_path):  # type: ignore[no-untyped-def]
+    from prefixbatch.execution.grammar_spec import GrammarSpec
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    chat = _with(
+        CHAT,
+        n=3,
+        logprobs=True,
+        top_logprobs=4,
+        presence_penalty=0.5,
+        frequency_penalty=-1,
+        repetition_penalty=1.2,
+        logit_bias={"7": -100, "9": 2.5},
+        min_p=0.1,
+        prompt_logprobs=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
+    echo = json.dumps(COMPLETION | {"body": {"prompt": "x", "logprobs": 2, "echo": True}})
+    choice = _with(CHAT | {"custom_id": "g"}, guided_choice=["yes", "no"])
+    (c, e, g) = read(tmp_path, [chat, echo, choice])
+    assert isinstance(c, BatchRequest) and isinstance(e, BatchRequest)
+    assert isinstance(g, BatchRequest)
+    p = c.params
+    assert (p.n, p.logprobs, p.prompt_logprobs, p.min_p) == (3, 4, 2, 0.1)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -1, 1.2)
+    assert p.logit_bias == ((7, -100.0), (9, 2.5))
+    assert p.structured == GrammarSpec("json_schema", json.dumps(schema))
+    assert e.echo and (e.params.logprobs, e.params.prompt_logprobs) == (2, 2)
+    assert g.params.structured is not None and g.params.structured.kind == "choice"
+    # The resume hash covers the new fields: a changed n is a different request.
+    (c2,) = read(tmp_path, [chat.replace('"n": 3', '"n": 2')])
+    assert isinstance(c2, BatchRequest) and c2.request_hash != c.request_hash

@@ -16,8 +16,8 @@ from prefixbatch.detokenizer import (
     OutputText,
     OutputTexts,
     find_stop_string,
-    mask_min_tokens,
 )
+from prefixbatch.execution.penalties import LogitsProcessing
 from prefixbatch.outputs import Request
 from prefixbatch.sampling_params import SamplingParams
 
@@ -111,8 +111,12 @@ def test_stop_token_text_is_left_out_unless_asked(words):  # type: ignore[no-unt
     assert out_text(words, skip, prompt, output, True)[0] == " w10"
 
 
+class _Seq(SimpleNamespace):
+    __hash__ = object.__hash__  # keyed by identity, as scheduler sequences are
+
+
 def seq(seq_id: int, tokens: list[int], params: SamplingParams, reason: str | None = None):  # type: ignore[no-untyped-def]
-    return SimpleNamespace(
+    return _Seq(
         seq_id=seq_id,
         tokens=tokens,
         params=params,
@@ -137,11 +141,16 @@ def test_a_stop_string_on_the_last_allowed_token_finishes_with_stop(words):  # t
 
 
 def test_min_tokens_masks_eos_and_stop_ids():  # type: ignore[no-untyped-def]
+    # The one min_tokens implementation is the logits processing's (penalties.py).
     logits = torch.zeros(3, 8)
     p = SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=(5,))
-    short, done = seq(0, [1, 2], p), seq(1, [1, 2, 3, 4], p)  # 1 and 3 output tokens
-    no_eos = seq(2, [1, 2], SamplingParams(max_tokens=5, min_tokens=2, ignore_eos=True))
-    mask_min_tokens(logits, [short, done, no_eos], eos_ids=(2, 99))  # type: ignore[list-item]
+    no_eos = SamplingParams(max_tokens=5, min_tokens=2, ignore_eos=True)
+    outputs = [[3], [3, 4, 6], [3]]  # 1, 3 and 1 output tokens
+    processing = LogitsProcessing.build(
+        [p, p, no_eos], [[1]] * 3, outputs, eos_ids=(2, 99), vocab_size=8, device=logits.device
+    )
+    assert processing is not None
+    processing.apply(logits)
     assert torch.isinf(logits[0]).nonzero().flatten().tolist() == [2, 5]
     assert not torch.isinf(logits[1]).any()
     assert not torch.isinf(logits[2]).any()  # ignore_eos, no stop ids

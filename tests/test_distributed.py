@@ -4,6 +4,7 @@ workers gives the single-process output, and survives a worker killed mid-job.""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -199,3 +200,34 @@ def test_cli_with_workers_and_resume(ray_cluster, tmp_path, tiny_models):  # typ
 
     assert len(out.read_text().splitlines()) == 30
     assert texts(out) == texts(tmp_path / "single.jsonl")
+
+
+def test_two_workers_carry_n_and_logprobs(ray_cluster, tiny_models):  # type: ignore[no-untyped-def]
+    from prefixbatch.distributed.ray_executor import RayExecutor
+    from prefixbatch.engine import LLMEngine
+
+    config = EngineConfig(model=str(tiny_models["llama"]), block_size=8, kv_cache_memory=16 * 2**20)
+    requests = [
+        Request(r.index, r.prompt_token_ids, replace(r.params, temperature=0.9, seed=r.index))
+        for r in _requests(16)
+    ]
+    for i in range(0, 16, 3):  # n=2 with logprobs beside plain requests
+        r = requests[i]
+        requests[i] = Request(i, r.prompt_token_ids, replace(r.params, n=2, logprobs=2))
+
+    def by_index(outs):  # type: ignore[no-untyped-def]
+        return {
+            o.index: [
+                (c.token_ids, c.logprobs and [e.token_id for e in c.logprobs]) for c in o.outputs
+            ]
+            for o in outs
+        }
+
+    single = by_index(LLMEngine(config).generate(requests))
+    executor = RayExecutor(config, workers=2)
+    try:
+        outs = list(executor.generate(requests))
+        assert by_index(outs) == single
+        assert all(len(o.outputs) == 2 and o.outputs[1].logprobs for o in outs if o.index % 3 == 0)
+    finally:
+        executor.shutdown()

@@ -10,7 +10,8 @@ never cut inside a character whatever token the output stops on.
 ``check_stop_strings``): a stop string ends the request and is cut from the text unless
 ``include_stop_str_in_output``; the text of a stop token (EOS, ``stop_token_ids``) is left out
 unless ``include_stop_str_in_output``; stop strings are not checked before ``min_tokens``
-tokens, and ``mask_min_tokens`` keeps EOS and ``stop_token_ids`` from being sampled before then.
+tokens (``execution/penalties.py`` keeps EOS and ``stop_token_ids`` from being sampled before
+then).
 A stop string found on the last allowed token still makes ``finish_reason`` ``"stop"``.
 """
 
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
-import torch
 
 from .outputs import Request
 from .sampling_params import SamplingParams
@@ -107,12 +106,13 @@ class OutputText:
 
 
 class OutputTexts:
-    """The ``OutputText`` of every request of one ``generate`` call, by sequence id."""
+    """The ``OutputText`` of every sequence (each choice of a request) of one ``generate``
+    call; ``requests`` maps a sequence's ``seq_id`` to its request."""
 
     def __init__(self, hf_tokenizer: Any, requests: Mapping[int, Request]) -> None:
         self.hf = hf_tokenizer
         self.requests = requests
-        self.texts: dict[int, OutputText] = {}
+        self.texts: dict[SchedSequence, OutputText] = {}
 
     def update(
         self, sampled: list[SchedSequence], finish: Callable[[SchedSequence, str], None]
@@ -123,11 +123,11 @@ class OutputTexts:
         the same token into ``"stop"``."""
         ended = []
         for seq in sampled:
-            text = self.texts.get(seq.seq_id)
+            text = self.texts.get(seq)
             if text is None:
                 request = self.requests[seq.seq_id]
                 text = OutputText(self.hf, request.prompt_token_ids, request.params)
-                self.texts[seq.seq_id] = text
+                self.texts[seq] = text
             if not text.append(seq.tokens[-1], stop_token=seq.finish_reason == "stop"):
                 continue
             if seq.finish_reason is None:
@@ -139,26 +139,5 @@ class OutputTexts:
 
     def pop(self, seq: SchedSequence) -> str:
         """The finished sequence's text (empty when it sampled no token)."""
-        text = self.texts.pop(seq.seq_id, None)
+        text = self.texts.pop(seq, None)
         return text.text if text else ""
-
-
-def mask_min_tokens(
-    logits: torch.Tensor, seqs: list[SchedSequence], eos_ids: Sequence[int]
-) -> None:
-    """In place: rows of sequences that have fewer than ``min_tokens`` output tokens cannot
-    sample EOS (unless ``ignore_eos``) or their ``stop_token_ids`` (vLLM's min_tokens logits
-    processor). ``logits``: (len(seqs), vocab) float."""
-    vocab = logits.shape[-1]
-    rows: list[int] = []
-    cols: list[int] = []
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if seq.num_output >= p.min_tokens:
-            continue
-        banned = {t for t in (*p.stop_token_ids, *(() if p.ignore_eos else eos_ids)) if t < vocab}
-        rows += [row] * len(banned)
-        cols += sorted(banned)
-    if rows:
-        with torch.inference_mode():  # the runner's logits are inference tensors
-            logits[rows, cols] = float("-inf")

@@ -11,18 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 
+import torch
+
 from .config import EngineConfig
-from .detokenizer import OutputTexts, mask_min_tokens
+from .detokenizer import OutputTexts
 from .errors import KVBudgetError
 from .execution.attention.backend import AttentionBackend
 from .execution.model_runner import ModelRunner
-from .execution.sampler import SamplingTensors, sample
+from .execution.step_sampler import StepSampler
+from .execution.structured import StructuredOutput
 from .loading.builder import LoadedModel, load_model
 from .loading.limits import EngineLimits
-from .outputs import Request, RequestOutput
+from .outputs import CompletionOutput, Request, RequestOutput
 from .planning.plan import Plan, make_plan
 from .scheduling.block_manager import BlockManager
-from .scheduling.scheduler import Scheduler, SchedulerConfig
+from .scheduling.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .scheduling.sequence import Sequence, Status
 from .scheduling.work import build_sequences
 
@@ -90,11 +93,18 @@ class LLMEngine:
             min_shared=config.cascade_min_prefix,
             graphs=self.loaded.graphs,
         )
+        # Penalties, grammar masks, sampling, log-probabilities; the grammar engine is built
+        # only when a request asks for structured output.
+        self.sampler = StepSampler(self.limits.vocab_size, self.eos_ids, self._grammars)
         self.stats = EngineStats()
         self._requests: dict[int, Request] = {}  # unfinished requests by id
-        self._sequences: dict[int, Sequence] = {}
+        self._sequences: dict[int, list[Sequence]] = {}  # a request's choices by request id
+        self._finished: dict[int, list[Sequence]] = {}  # choices that ended, by request id
         self._texts = OutputTexts(self.tokenizer.hf, self._requests)  # incremental detokenizers
         self._next_group_id = 0
+
+    def _grammars(self) -> StructuredOutput:
+        return StructuredOutput(self.tokenizer.hf, self.limits.vocab_size, self.eos_ids)
 
     @property
     def backend(self) -> AttentionBackend:
@@ -144,7 +154,7 @@ class LLMEngine:
             self._requests[r.index] = r
         for seq in work.sequences:
             if seq.leads is None:
-                self._sequences[seq.seq_id] = seq
+                self._sequences.setdefault(seq.seq_id, []).append(seq)
             self.scheduler.add(seq)
 
     def add_request(self, request: Request) -> None:
@@ -155,13 +165,16 @@ class LLMEngine:
         return self.scheduler.has_work
 
     def abort(self, request_id: int) -> bool:
-        """Drop an unfinished request and free its KV blocks; False if it is not in flight.
-        Its output is never returned."""
-        seq = self._sequences.pop(request_id, None)
-        if seq is None or seq.status is Status.FINISHED:
+        """Drop an unfinished request (all its choices) and free its KV blocks; False if it is
+        not in flight. Its output is never returned."""
+        seqs = self._sequences.pop(request_id, None)
+        if seqs is None:
             return False
-        self.scheduler.abort(seq)
-        self._texts.pop(seq)
+        for seq in seqs:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.abort(seq)
+            self._texts.pop(seq)
+        self._finished.pop(request_id, None)
         del self._requests[request_id]
         return True
 
@@ -177,23 +190,22 @@ class LLMEngine:
             raise KVBudgetError(
                 "the KV cache is too small to make progress; raise --kv-cache-memory"
             )
-        logits = self.runner.execute(step)
         sampling = [receiver for _, receiver in step.samples]
-        mask_min_tokens(logits, sampling, self.eos_ids)
-        tensors = SamplingTensors.build(
-            [s.params for s in sampling],
-            [s.seed for s in sampling],
-            [s.num_output for s in sampling],
-            logits.device,
-        )
-        tokens = sample(logits, tensors).tolist()
+        pending = self.sampler.prepare(sampling)  # grammar masks fill during the forward pass
+        scoring = [i for i, s in enumerate(step.seqs) if _scores_prompt(s)]
+        with torch.inference_mode():  # the runner's logits are inference tensors
+            logits = self.runner.execute(step, scoring)
+            if scoring:
+                self._score_prompts(step, scoring, logits[len(sampling) :])
+                logits = logits[: len(sampling)]
+            tokens = self.sampler.sample(logits, sampling, pending)
         finished = scheduler.postprocess(step, tokens)
         finished += self._texts.update(sampling, scheduler.finish)
         self.stats.steps += 1
         self.stats.prefill_tokens_computed += scheduler.prefill_tokens_computed - computed
         self.stats.preemptions += scheduler.num_preemptions - preempted
         self.stats.cache_hit_tokens += (self.blocks.cache_hits - hits) * self.config.block_size
-        return [self._output(seq) for seq in finished]
+        return [out for seq in finished if (out := self._output(seq)) is not None]
 
     def generate(
         self,
@@ -215,17 +227,53 @@ class LLMEngine:
                 return
             yield from self.step()
 
+    def _score_prompts(self, step: ScheduledStep, scoring: list[int], logits: torch.Tensor) -> None:
+        """Hand each scoring sequence the logits of its chunk (rows in ``scoring`` order)."""
+        row = 0
+        for i in scoring:
+            seq, n = step.seqs[i], step.num_tokens[i]
+            self.sampler.score_prompt(seq, seq.computed, logits[row : row + n])
+            row += n
+
     # -- outputs ------------------------------------------------------------------------------
-    def _output(self, seq: Sequence) -> RequestOutput:
-        text = self._texts.pop(seq)
-        request = self._requests.pop(seq.seq_id)
-        self._sequences.pop(seq.seq_id, None)
+    def _output(self, seq: Sequence) -> RequestOutput | None:
+        """Record a finished choice; the request's output once all its choices have ended."""
         self.stats.output_tokens += seq.num_output
+        done = self._finished.setdefault(seq.seq_id, [])
+        done.append(seq)
+        request = self._requests[seq.seq_id]
+        if len(done) < request.params.n:
+            return None
+        del self._requests[seq.seq_id], self._finished[seq.seq_id]
+        self._sequences.pop(seq.seq_id, None)
+        done.sort(key=lambda s: s.choice)
+        wants = request.params.logprobs is not None
+        choices = [
+            CompletionOutput(
+                s.choice,
+                s.output_tokens,
+                self._texts.pop(s),
+                s.finish_reason or "stop",
+                self.sampler.logprobs(s) if wants else None,
+            )
+            for s in done
+        ]
+        scored = request.params.prompt_logprobs is not None
         return RequestOutput(
             request.index,
             request.prompt_token_ids,
-            seq.output_tokens,
-            text,
-            seq.finish_reason or "stop",
-            seq.preemptions,
+            choices,
+            sum(s.preemptions for s in done),
+            self.sampler.prompt_logprobs(done[0]) if scored else None,
         )
+
+
+def _scores_prompt(seq: Sequence) -> bool:
+    """Whether this step's chunk of ``seq`` yields prompt log-probabilities (choice 0 of a
+    request that asks for them, while prompt tokens 1.. are still unscored)."""
+    return (
+        seq.params.prompt_logprobs is not None
+        and seq.leads is None
+        and seq.choice == 0
+        and seq.computed < seq.num_prompt - 1
+    )

@@ -70,7 +70,8 @@ class LLM:
         self, ids: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None
     ) -> list[RequestOutput]:
         """Raises ValueError when ``params`` is a list of another length than the prompts, or
-        a prompt cannot run (token ids outside the vocabulary, too long)."""
+        a prompt cannot run (token ids outside the vocabulary, too long, a logit_bias token
+        outside it, a grammar that does not compile)."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(ids)
         if len(params) != len(ids):
@@ -79,7 +80,8 @@ class LLM:
                 "for all prompts or one per prompt"
             )
         for i, (p, sp) in enumerate(zip(ids, params)):
-            problem = self.engine.limits.check(p, sp.max_tokens)
+            limits = self.engine.limits
+            problem = limits.check(p, sp.max_tokens) or limits.check_params(sp)
             if problem:
                 raise ValueError(f"prompt {i}: {problem}")
         requests = [Request(i, p, sp) for i, (p, sp) in enumerate(zip(ids, params))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .execution.logprobs import TokenLogprob
 from .sampling_params import SamplingParams
 
 
@@ -17,14 +18,46 @@ class Request:
 
 
 @dataclass(frozen=True)
-class RequestOutput:
+class CompletionOutput:
+    """One choice of a request (``SamplingParams.n`` of them). ``logprobs``: one entry per
+    output token when the request asked for them, else None."""
+
     index: int
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]
     text: str
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A finished request: its ``outputs`` (choices, in choice order) and, when asked for, the
+    prompt's log-probabilities (``prompt_logprobs[0]`` scores prompt token 1: token 0 has
+    none). ``text``, ``output_token_ids`` and ``finish_reason`` are choice 0's."""
+
+    index: int
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
     preemptions: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens of all choices (``usage.completion_tokens``)."""
+        return sum(len(c.token_ids) for c in self.outputs)
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason

@@ -39,6 +39,19 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(str(path))
+        self._token_bytes: list[bytes] | None = None
+
+    def token_bytes(self, vocab_size: int) -> list[bytes]:
+        """Each token id's exact bytes, ``vocab_size`` of them (ids the tokenizer does not
+        know: empty), for log-probability records. Byte-level and sentencepiece vocabularies
+        are decoded by xgrammar's tokenizer analysis; built once, on first use."""
+        if self._token_bytes is None:
+            import xgrammar as xgr
+
+            info = xgr.TokenizerInfo.from_huggingface(self.hf, vocab_size=vocab_size)
+            self._token_bytes = list(info.decoded_vocab)
+        vocab = self._token_bytes
+        return vocab + [b""] * (vocab_size - len(vocab))
 
     @property
     def eos_token_id(self) -> int | None:

@@ -7,6 +7,7 @@ are built here; the step is described to the attention backend in device-neutral
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 
 from ..scheduling.scheduler import ScheduledStep
-from ..scheduling.sequence import PrefixGroup, Sequence
+from ..scheduling.sequence import PrefixGroup
+from ..scheduling.sequence import Sequence as SchedSequence
 from .attention.backend import AttentionBackend, to_device
 from .attention.step import AttentionStep, PrefixLevel, SeqStep
 from .cuda_graphs import DecodeGraphRunner, bucket_for
@@ -68,14 +70,14 @@ class ModelRunner:
         self.share_prefix_attention = share_prefix_attention and backend.shares_prefix
         self.min_shared = max(1, min_shared)
 
-    def _reads_levels(self, seq: Sequence) -> bool:
+    def _reads_levels(self, seq: SchedSequence) -> bool:
         return self.share_prefix_attention and seq.shared_len >= self.min_shared
 
     def _order(self, step: ScheduledStep) -> list[int]:
         """Sequences that read prefix levels first, depth-first by their groups (so that the
         rows below every level are contiguous), then the others in scheduled order."""
 
-        def chain(seq: Sequence) -> tuple[int, ...]:
+        def chain(seq: SchedSequence) -> tuple[int, ...]:
             ids, group = [], seq.group
             while group is not None:
                 ids.append(group.group_id)
@@ -127,15 +129,20 @@ class ModelRunner:
         )
 
     def inputs(
-        self, step: ScheduledStep
+        self, step: ScheduledStep, every_row: Sequence[int] = ()
     ) -> tuple[AttentionStep, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(attention step, input_ids (T,), positions (T,), logits_rows (S,)) of a step, the
-        tensors on the device in one copy."""
+        """(attention step, input_ids (T,), positions (T,), logits_rows) of a step, the
+        tensors on the device in one copy. ``logits_rows`` holds the row of each entry of
+        ``step.samples``, then every row of the sequences ``every_row`` (indices into
+        ``step.seqs``, in that order: prompt scoring)."""
         attn, ids, last_row = self.describe(step)
         positions = np.concatenate(
             [np.arange(s.context_len - s.q_len, s.context_len) for s in attn.seqs]
         )
         sample_rows = [last_row[i] for i, _ in step.samples]
+        for i in every_row:
+            n = step.num_tokens[i]
+            sample_rows += range(last_row[i] - n + 1, last_row[i] + 1)
         t = to_device(
             {
                 "ids": np.array(ids, dtype=np.int64),
@@ -146,10 +153,12 @@ class ModelRunner:
         )
         return attn, t["ids"], t["positions"], t["logits_rows"]
 
-    def execute(self, step: ScheduledStep) -> torch.Tensor:
-        """Run one step; returns fp32 logits (S, vocab), one row per entry of ``step.samples``.
-        A decode step that fits a captured batch-size bucket replays its CUDA graph."""
-        attn, input_ids, positions, logits_rows = self.inputs(step)
+    def execute(self, step: ScheduledStep, every_row: Sequence[int] = ()) -> torch.Tensor:
+        """Run one step; returns fp32 logits (S, vocab), one row per entry of ``step.samples``,
+        followed by the logits of every new token of the sequences ``every_row`` (indices into
+        ``step.seqs``). A decode step that fits a captured batch-size bucket replays its CUDA
+        graph."""
+        attn, input_ids, positions, logits_rows = self.inputs(step, every_row)
         graph_meta = self._graph_metadata(attn)
         if graph_meta is not None:
             assert self.graphs is not None

@@ -114,7 +114,8 @@ class LogitsProcessing:
             (r, t)
             for r, p in enumerate(ps)
             if len(outs[r]) < p.min_tokens
-            for t in (*(() if p.ignore_eos else eos_ids), *p.stop_token_ids)
+            for t in {*(() if p.ignore_eos else eos_ids), *p.stop_token_ids}
+            if t < vocab_size
         ]
         bias = [(r, t, v) for r, p in enumerate(ps) for t, v in p.logit_bias]
         if any(not 0 <= t < vocab_size for _, t, _ in bias):

@@ -25,7 +25,7 @@ import torch
 import xgrammar as xgr
 
 from ..sampling_params import SamplingParams
-from .logprobs import TokenLogprob, compute_logprobs
+from .logprobs import TokenLogprob, compute_logprobs, prompt_logprobs
 from .penalties import LogitsProcessing
 from .sampler import SamplingTensors, sample
 from .structured import StructuredOutput
@@ -72,6 +72,7 @@ class StepSampler:
         self._structured: StructuredOutput | None = None
         self._matchers: WeakKeyDictionary[SampledSequence, xgr.GrammarMatcher] = WeakKeyDictionary()
         self._logprobs: WeakKeyDictionary[SampledSequence, list[TokenLogprob]] = WeakKeyDictionary()
+        self._prompt: WeakKeyDictionary[SampledSequence, list[TokenLogprob]] = WeakKeyDictionary()
 
     @property
     def structured(self) -> StructuredOutput:
@@ -82,6 +83,23 @@ class StepSampler:
     def logprobs(self, seq: SampledSequence) -> list[TokenLogprob]:
         """The log-probabilities of ``seq``'s output tokens so far (empty when not asked for)."""
         return self._logprobs.get(seq, [])
+
+    def prompt_logprobs(self, seq: SampledSequence) -> list[TokenLogprob]:
+        """The log-probabilities of ``seq``'s prompt tokens 1.. scored so far."""
+        return self._prompt.get(seq, [])
+
+    def score_prompt(self, seq: SampledSequence, start: int, logits: torch.Tensor) -> None:
+        """Record what a prefill chunk's logits (T, vocab) fp32, at prompt positions
+        ``start ..``, say about the prompt tokens after them; a chunk recomputed after a
+        preemption adds nothing already recorded."""
+        done = self._prompt.setdefault(seq, [])
+        k = seq.params.prompt_logprobs or 0
+        prompt = seq.tokens[: seq.num_prompt]
+        if start >= len(prompt) - 1 or start > len(done):
+            return
+        scored = prompt_logprobs(logits, prompt, start, k)
+        entries = scored.entries([k] * int(scored.token_ids.shape[0]))
+        done += entries[len(done) - start :]
 
     def prepare(self, seqs: Seq[SampledSequence]) -> PendingMasks | None:
         """Start the grammar masks of this step's structured rows; None when there are none.

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RequestError
+from ..execution.grammar_spec import GrammarSpec
 from ..sampling_params import SamplingParams
 from ..tokenizer import message_text
 from .body_fields import field_problem
@@ -38,6 +39,7 @@ class BatchRequest:
     request_hash: str  # of the normalised request: a resumed run reuses answers only if equal
     add_generation_prompt: bool = True  # chat: end the prompt with a new assistant turn
     continue_final_message: bool = False  # chat: the answer continues the last message
+    echo: bool = False  # completions: the text starts with the prompt
 
 
 @dataclass(frozen=True)
@@ -151,14 +153,14 @@ def _request(
     problem = field_problem(body, url == CHAT_URL, not_fields)
     if problem:
         raise _Invalid(problem)
-    params = _params(body, default_max_tokens)
+    params = _params(body, default_max_tokens, url == CHAT_URL)
     digest = request_hash(
         url, {k: v for k, v in body.items() if k not in not_fields}, params.max_tokens
     )
     if url == COMPLETIONS_URL:
-        return BatchRequest(
-            number, custom_id, url, None, _prompt(body.get("prompt")), params, digest
-        )
+        prompt = _prompt(body.get("prompt"))
+        echo = _flag(body, "echo", False)
+        return BatchRequest(number, custom_id, url, None, prompt, params, digest, echo=echo)
     add_generation_prompt = _flag(body, "add_generation_prompt", True)
     continue_final_message = _flag(body, "continue_final_message", False)
     messages = _messages(body.get("messages"))
@@ -233,7 +235,7 @@ def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _params(body: dict[str, Any], default_max_tokens: int) -> SamplingParams:
+def _params(body: dict[str, Any], default_max_tokens: int, chat: bool) -> SamplingParams:
     max_tokens = _integer(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens")
@@ -276,4 +278,84 @@ def _params(body: dict[str, Any], default_max_tokens: int) -> SamplingParams:
         include_stop_str_in_output=_flag(body, "include_stop_str_in_output", False),
         min_tokens=min_tokens,
         skip_special_tokens=_flag(body, "skip_special_tokens", True),
+        **_features(body, chat),
+    )
+
+
+def _in_range(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = _number(body, key, default)
+    if not low <= value <= high:
+        raise _Invalid(f"'{key}' must be in [{low:g}, {high:g}], got {value:g}")
+    return value
+
+
+def _count(body: dict[str, Any], key: str, high: int) -> int | None:
+    value = _integer(body, key)
+    if value is not None and not 0 <= value <= high:
+        raise _Invalid(f"'{key}' must be in 0..{high}, got {value}")
+    return value
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> tuple[int | None, int | None]:
+    """(logprobs, prompt_logprobs) as ``SamplingParams`` takes them. Chat: ``logprobs`` true
+    with ``top_logprobs`` 0-20; completions: ``logprobs`` 0-5, with ``echo`` also for the
+    prompt; vLLM's ``prompt_logprobs`` 0-20 for either."""
+    prompt = _count(body, "prompt_logprobs", 20)
+    if chat:
+        top = _count(body, "top_logprobs", 20)
+        if not _flag(body, "logprobs", False):
+            if top is not None:
+                raise _Invalid("'top_logprobs' needs 'logprobs': true")
+            return None, prompt
+        return top or 0, prompt
+    value = _count(body, "logprobs", 5)
+    if value is not None and prompt is None and _flag(body, "echo", False):
+        prompt = value
+    return value, prompt
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
+    value = body.get("logit_bias") or {}
+    if not isinstance(value, dict):
+        raise _Invalid("'logit_bias' must be an object of token id -> bias")
+    bias = {}
+    for key, v in value.items():
+        if not str(key).isdigit():
+            raise _Invalid(f"'logit_bias' keys must be token ids, got {key!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise _Invalid(f"'logit_bias' values must be numbers in [-100, 100], got {v!r}")
+        bias[int(key)] = float(v)
+    return bias
+
+
+def _features(body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """The ``SamplingParams`` fields of issue #14: n, log-probabilities, penalties, biases,
+    min_p and structured output."""
+    n = _integer(body, "n")
+    if n is not None and not 1 <= n <= 128:
+        raise _Invalid(f"'n' must be in 1..128, got {n}")
+    repetition = _number(body, "repetition_penalty", 1.0)
+    if repetition <= 0:
+        raise _Invalid(f"'repetition_penalty' must be > 0, got {repetition:g}")
+    logprobs, prompt_logprobs = _logprobs(body, chat)
+    choice = body.get("guided_choice")
+    regex = body.get("guided_regex")
+    if regex is not None and not isinstance(regex, str):
+        raise _Invalid("'guided_regex' must be a string")
+    try:
+        structured = GrammarSpec.from_request(body.get("response_format"), choice, regex)
+        if structured is not None:
+            structured.check()
+    except ValueError as e:
+        raise _Invalid(str(e)) from e
+    return dict(
+        n=n or 1,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        presence_penalty=_in_range(body, "presence_penalty", 0.0, -2, 2),
+        frequency_penalty=_in_range(body, "frequency_penalty", 0.0, -2, 2),
+        repetition_penalty=repetition,
+        logit_bias=_logit_bias(body),
+        min_p=_in_range(body, "min_p", 0.0, 0, 1),
+        structured=structured,
     )

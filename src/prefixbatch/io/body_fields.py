@@ -2,15 +2,15 @@
 
 OpenAI rejects a request with a field it does not know; so do we, per line, naming the field,
 so that nobody believes an option was applied when it was not. A field listed in
-``UNSUPPORTED`` is accepted only with a value that asks for nothing (``"logprobs": false``,
-``"stream": false``, ``"presence_penalty": 0``).
+``UNSUPPORTED`` is accepted only with a value that asks for nothing (``"stream": false``,
+``"best_of": 1``, ``"tools": []``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-# Fields the engine applies (see the README's field table).
+# Fields the engine applies (see the README's field tables).
 HONOURED = frozenset(
     {
         "max_tokens",
@@ -25,35 +25,36 @@ HONOURED = frozenset(
         "include_stop_str_in_output",
         "min_tokens",
         "skip_special_tokens",
+        "n",
+        "logprobs",  # chat: bool; completions: int
+        "prompt_logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "min_p",
+        "response_format",
+        "guided_choice",
+        "guided_regex",
     }
 )
-CHAT_ONLY = frozenset({"messages", "continue_final_message", "add_generation_prompt"})
-COMPLETIONS_ONLY = frozenset({"prompt"})
+CHAT_ONLY = frozenset(
+    {"messages", "continue_final_message", "add_generation_prompt", "top_logprobs"}
+)
+COMPLETIONS_ONLY = frozenset({"prompt", "echo"})
 # Harmless metadata: accepted and not used (the output's "model" is the model that ran).
 METADATA = frozenset({"model", "user", "metadata", "store", "service_tier", "safety_identifier"})
-# Not implemented yet: field -> the values that ask for nothing. Types are compared too, so
-# ``"logprobs": 0`` (one logprob per token on /v1/completions) is not taken for ``false``.
+# Not implemented: field -> the values that ask for nothing.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
     "best_of": (1,),
     "stream": (False,),
     "stream_options": (),
-    "logprobs": (False,),
-    "top_logprobs": (),
-    "prompt_logprobs": (),
-    "echo": (False,),
     "suffix": ("",),
     "tools": ([],),
     "tool_choice": ("none",),
     "parallel_tool_calls": (),
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "repetition_penalty": (1, 1.0),
-    "logit_bias": ({},),
-    "min_p": (0, 0.0),
     "use_beam_search": (False,),
     "reasoning_effort": (),
     "modalities": (["text"],),

@@ -75,3 +75,19 @@ def completion_logprobs(
         "top_logprobs": top,
         "text_offset": offsets,
     }
+
+
+def prompt_logprobs_list(
+    entries: Sequence[TokenLogprob], vocab: Sequence[bytes]
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: ``null`` for the first prompt token, then per token a map
+    token id -> ``{"logprob", "decoded_token"}`` holding the prompt token and its top
+    alternatives (vLLM's ``rank`` is not computed)."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for e in entries:
+        scored = {t: lp for t, lp in e.top}
+        scored.setdefault(e.token_id, e.logprob)
+        out.append(
+            {str(t): {"logprob": lp, "decoded_token": _text(vocab[t])} for t, lp in scored.items()}
+        )
+    return out

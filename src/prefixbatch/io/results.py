@@ -17,12 +17,14 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..outputs import RequestOutput
+from ..outputs import CompletionOutput, RequestOutput
 from .batch_file import CHAT_URL, BatchRequest, LineError
+from .logprobs_format import chat_logprobs, completion_logprobs, prompt_logprobs_list
 
 HASH_FIELD = "request_hash"
 
@@ -31,25 +33,40 @@ def _id(prefix: str, custom_id: str) -> str:
     return f"{prefix}{hashlib.sha1(custom_id.encode()).hexdigest()[:24]}"
 
 
-def success_record(req: BatchRequest, out: RequestOutput, model: str) -> dict[str, Any]:
+def success_record(
+    req: BatchRequest,
+    out: RequestOutput,
+    model: str,
+    vocab: Sequence[bytes] | None = None,
+    prompt_text: str = "",
+) -> dict[str, Any]:
+    """The record of an answered request: one choice per ``out.outputs``, with OpenAI's
+    ``logprobs`` shapes when asked for (``vocab``: each token id's bytes, needed then), and
+    the prompt's ``prompt_logprobs`` as vLLM writes them (chat: in the body; completions: in
+    each choice). ``prompt_text`` starts each completion's text when ``req.echo``."""
     usage = {
         "prompt_tokens": out.num_prompt_tokens,
-        "completion_tokens": len(out.output_token_ids),
-        "total_tokens": out.num_prompt_tokens + len(out.output_token_ids),
+        "completion_tokens": out.num_output_tokens,
+        "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
     }
     chat = req.url == CHAT_URL
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": out.finish_reason}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": out.text}
-    else:
-        choice["text"] = out.text
+    choices = [_choice(req, out, c, vocab, prompt_text) for c in out.outputs]
+    extra: dict[str, Any] = {}
+    if out.prompt_logprobs is not None and vocab is not None:
+        scored = prompt_logprobs_list(out.prompt_logprobs, vocab)
+        if chat:
+            extra["prompt_logprobs"] = scored
+        else:
+            for choice in choices:
+                choice["prompt_logprobs"] = scored
     body = {
         "id": _id("chatcmpl-" if chat else "cmpl-", req.custom_id),
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": usage,
+        **extra,
     }
     return {
         "id": _id("batch_req_", req.custom_id),
@@ -58,6 +75,29 @@ def success_record(req: BatchRequest, out: RequestOutput, model: str) -> dict[st
         "error": None,
         HASH_FIELD: req.request_hash,
     }
+
+
+def _choice(
+    req: BatchRequest,
+    out: RequestOutput,
+    c: CompletionOutput,
+    vocab: Sequence[bytes] | None,
+    prompt_text: str,
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": c.index, "logprobs": None, "finish_reason": c.finish_reason}
+    if req.url == CHAT_URL:
+        choice["message"] = {"role": "assistant", "content": c.text}
+        if c.logprobs is not None and vocab is not None:
+            choice["logprobs"] = chat_logprobs(c.logprobs, vocab)
+        return choice
+    choice["text"] = prompt_text + c.text if req.echo else c.text
+    if c.logprobs is not None and vocab is not None:
+        if req.echo and out.prompt_logprobs is not None:
+            entries = [*out.prompt_logprobs, *c.logprobs]
+            choice["logprobs"] = completion_logprobs(entries, vocab, out.prompt_token_ids[:1])
+        else:
+            choice["logprobs"] = completion_logprobs(c.logprobs, vocab)
+    return choice
 
 
 def error_record(err: LineError) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from ..io.progress import Progress
 from ..io.results import ResultWriter, error_record, success_record
 from ..outputs import Request
 from ..planning.plan import make_plan
+from ..tokenizer import Tokenizer
 from .validate import validate
 
 if TYPE_CHECKING:
@@ -168,10 +169,17 @@ def run_batch(
                 [r.params.max_tokens for r, _ in runnable],
                 engine.config.block_size,
             )
+            vocab = None
+            if any(
+                r.params.logprobs is not None or r.params.prompt_logprobs is not None for r in batch
+            ):
+                vocab = engine.tokenizer.token_bytes(engine.limits.vocab_size)
             for out in engine.generate(batch, plan, should_stop):
-                writer.write(success_record(runnable[out.index][0], out, model_name))
+                req, ids = runnable[out.index]
+                echoed = _prompt_text(engine.tokenizer, req, ids) if req.echo else ""
+                writer.write(success_record(req, out, model_name, vocab, echoed))
                 answered += 1
-                progress.update(1, len(out.output_token_ids), engine.status())
+                progress.update(1, out.num_output_tokens, engine.status())
                 report()
             stats = engine.stats
         writer.finish(items, errors)  # also after a stop: the answers so far, tidied
@@ -191,3 +199,8 @@ def run_batch(
         preemptions=stats.preemptions,
         wall_s=time.monotonic() - start,
     )
+
+
+def _prompt_text(tokenizer: Tokenizer, req: BatchRequest, ids: list[int]) -> str:
+    """The prompt as ``echo`` returns it: the text as sent, or the token ids decoded."""
+    return req.prompt if isinstance(req.prompt, str) else tokenizer.hf.decode(ids)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import EngineConfig, ModelConfig
+from ..sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -55,4 +56,20 @@ class EngineLimits:
                 f"the request needs {need} KV blocks and the cache has {self.num_blocks}; "
                 "raise --kv-cache-memory"
             )
+        return None
+
+    def check_params(self, params: SamplingParams) -> str | None:
+        """Why a request's sampling parameters cannot run on this model, or None: token ids
+        outside the vocabulary, a grammar that does not compile."""
+        outside = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
+        if outside:
+            return (
+                f"logit_bias token id {outside[0]} is outside the model's vocabulary "
+                f"(ids 0 to {self.vocab_size - 1})"
+            )
+        if params.structured is not None:
+            try:
+                params.structured.check()
+            except ValueError as e:
+                return str(e)
         return None

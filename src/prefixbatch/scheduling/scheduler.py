@@ -173,8 +173,11 @@ class Scheduler:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks of the automatic prefix cache that match this sequence's leading tokens
-        (at least one token is always left to compute, so the sequence can sample)."""
+        (at least one token is always left to compute, so the sequence can sample). A request
+        that scores its prompt computes all of it: cached blocks have no logits."""
         if not self.blocks.enable_prefix_cache or seq.computed or seq.block_table:
+            return []
+        if seq.params.prompt_logprobs is not None:
             return []
         usable = (len(seq.tokens) - 1) // self.blocks.block_size
         self._extend_hashes(seq)

@@ -42,7 +42,9 @@ class PrefixGroup:
 
 @dataclass(eq=False)
 class Sequence:
-    """One sequence: a request, or the leader that computes a group's prefix (``leads``).
+    """One sequence: a request's choice, or the leader that computes a group's prefix
+    (``leads``). ``seq_id`` is the request's id, shared by its ``n`` choices (``choice``
+    0..n-1); a leader's is ``-1 - group_id``.
 
     ``tokens`` are prompt + generated tokens; ``computed`` of them have KV in the cache. A
     sequence in a ``group`` starts with the group's prefix tokens, its ``block_table`` starts with
@@ -56,6 +58,7 @@ class Sequence:
     group: PrefixGroup | None = None
     leads: PrefixGroup | None = None
     seed: int = 0  # sampling seed (execution/sampler.py hashes it with the output index)
+    choice: int = 0
     status: Status = Status.WAITING
     computed: int = 0
     block_table: list[int] = field(default_factory=list)
