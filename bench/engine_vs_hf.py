@@ -186,7 +186,7 @@ def main() -> None:
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     steps: list[tuple[int, int]] = []  # (tokens, sampled rows) of every forward step
     llm.engine.loaded.model.register_forward_pre_hook(
-        lambda _, args: steps.append((len(args[0]), len(args[3].logits_rows)))
+        lambda _, args: steps.append((len(args[0]), len(args[4])))  # ids, ..., logits_rows
     )
     rows = []
     for name in args.workloads.split(","):

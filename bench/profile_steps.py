@@ -48,10 +48,10 @@ def profile_step(llm: LLM) -> tuple[dict[str, float], float, int, int]:
     forward_ms = 0.0
     execute = runner.execute
 
-    def timed_execute(step):  # type: ignore[no-untyped-def]
+    def timed_execute(step, *rest):  # type: ignore[no-untyped-def]
         nonlocal forward_ms
         start = time.perf_counter()
-        out = execute(step)
+        out = execute(step, *rest)
         forward_ms = 1000 * (time.perf_counter() - start)
         timed_execute.rows = sum(step.num_tokens)  # type: ignore[attr-defined]
         timed_execute.seqs = len(step.seqs)  # type: ignore[attr-defined]
