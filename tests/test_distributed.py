@@ -206,7 +206,9 @@ def test_two_workers_carry_n_and_logprobs(ray_cluster, tiny_models):  # type: ig
     from prefixbatch.distributed.ray_executor import RayExecutor
     from prefixbatch.engine import LLMEngine
 
-    config = EngineConfig(model=str(tiny_models["llama"]), block_size=8, kv_cache_memory=16 * 2**20)
+    config = EngineConfig(
+        model=str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=16 * 2**20
+    )
     requests = [
         Request(r.index, r.prompt_token_ids, replace(r.params, temperature=0.9, seed=r.index))
         for r in _requests(16)

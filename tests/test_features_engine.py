@@ -24,7 +24,7 @@ def hf_model(tiny_models):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def llm(tiny_models):  # type: ignore[no-untyped-def]
-    return LLM(str(tiny_models["llama"]), block_size=8, kv_cache_memory=16 * 2**20)
+    return LLM(str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=16 * 2**20)
 
 
 def hf_logprobs(model, tokens: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]

@@ -32,7 +32,9 @@ def test_a_batch_mixing_plain_and_feature_requests(tmp_path, tiny_models):  # ty
     ]
     inp = write_jsonl(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
-    assert main(["run", str(inp), "-o", str(out), "--model", model, "--quiet"]) == 0
+    assert (
+        main(["run", str(inp), "-o", str(out), "--model", model, "--quiet", "--device", "cpu"]) == 0
+    )
     recs = {r["custom_id"]: r for r in records(out)}
     assert len(recs) == len(lines)
     assert "json_schema.schema" in recs["chat-4"]["error"]["message"]
@@ -43,7 +45,7 @@ def test_a_batch_mixing_plain_and_feature_requests(tmp_path, tiny_models):  # ty
 
     body = recs["chat-1"]["response"]["body"]
     assert [c["index"] for c in body["choices"]] == [0, 1]
-    llm = LLM(model)
+    llm = LLM(model, device="cpu")
     conversation = lines[1]["body"]["messages"]
     params = SamplingParams(max_tokens=6, temperature=0.8, seed=5, n=2, logprobs=3)
     (expected,) = llm.chat([conversation], params)
@@ -83,6 +85,8 @@ def test_a_batch_mixing_plain_and_feature_requests(tmp_path, tiny_models):  # ty
     )
 
     # Resume: everything answered stays answered; the line errors are written again.
-    assert main(["run", str(inp), "-o", str(out), "--model", model, "--quiet"]) == 0
+    assert (
+        main(["run", str(inp), "-o", str(out), "--model", model, "--quiet", "--device", "cpu"]) == 0
+    )
     again = {r["custom_id"]: r for r in records(out)}
     assert json.dumps(again["chat-1"], sort_keys=True) == json.dumps(recs["chat-1"], sort_keys=True)

@@ -51,7 +51,7 @@ QUESTIONS = [
 
 
 def test_twenty_schema_requests_parse_and_validate_beside_free_text():
-    llm = LLM()
+    llm = LLM(device="cpu")
     chats, params, schemas = [], [], []
     for i in range(20):
         k = i % 3
