@@ -66,8 +66,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsFormatter
     parser = argparse.ArgumentParser(prog="prefixbatch", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"prefixbatch {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -105,6 +105,14 @@ def read_batch_file(
             yield parse_line(text, number, seen, default_max_tokens)
 
 
+def json_problem(e: json.JSONDecodeError | RecursionError) -> str:
+    """What is wrong with one line's JSON, placed by column within that line (the decoder's own
+    message counts lines and characters of the text it was given)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON: {e.msg} at column {e.colno}"
+    return "invalid JSON: nested too deeply"
+
+
 def parse_line(
     text: str, number: int, seen: set[str], default_max_tokens: int = 256
 ) -> BatchRequest | LineError:
@@ -112,7 +120,7 @@ def parse_line(
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
-        return LineError(number, None, f"line {number}: invalid JSON: {e}")
+        return LineError(number, None, f"line {number}: {json_problem(e)}")
     if not isinstance(obj, dict):
         return LineError(
             number, None, f"line {number}: expected a JSON object, got {type(obj).__name__}"

@@ -23,6 +23,7 @@ from ..io.progress import Progress
 from ..io.results import ResultWriter, error_record, success_record
 from ..outputs import Request
 from ..planning.plan import make_plan
+from ..planning.report import count
 from ..tokenizer import Tokenizer
 from .validate import validate
 
@@ -148,7 +149,7 @@ def run_batch(
         runnable = []
         if todo:
             engine = load()
-            log.info("checking %d requests", len(todo))
+            log.info("checking %s", count(len(todo), "request"))
             checked = validate(engine.tokenizer, engine.limits, todo)
             if checked.too_big_for_kv and not checked.runnable:
                 raise KVBudgetError(

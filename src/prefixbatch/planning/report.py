@@ -29,8 +29,10 @@ def tree_baselines(prompts: Sequence[Sequence[int]], block_size: int) -> tuple[i
 
 
 def count(n: int, noun: str) -> str:
-    """``1 request``, ``2 requests``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    """``1 request``, ``2 requests``, ``2 prefixes``."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}es" if noun.endswith(("x", "s", "ch", "sh")) else f"{n} {noun}s"
 
 
 def plan_report(
@@ -72,7 +74,10 @@ def _pct(x: float) -> str:
 
 def format_report(r: dict[str, Any]) -> str:
     """Plain words, one figure per line, each labelled with its JSON key."""
-    sizes = ", ".join(f"{v} of {k}" for k, v in r["group_sizes"].items()) or "none"
+    sizes = (
+        ", ".join(f"{count(v, 'group')} of {k} requests" for k, v in r["group_sizes"].items())
+        or "none"
+    )
     lines = [
         f"requests: {count(r['requests'], 'request')} in the plan",
         f"rejected_lines: {count(r.get('rejected_lines', 0), 'line')} left out "

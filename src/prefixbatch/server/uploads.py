@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..io.batch_file import json_problem
+
 
 class BadUpload(ValueError):
     """The upload is not JSONL; the message names the first bad line."""
@@ -31,7 +33,7 @@ def check_jsonl(path: Path) -> int:
             try:
                 obj = json.loads(text)
             except (json.JSONDecodeError, RecursionError) as e:
-                raise BadUpload(f"line {number}: invalid JSON: {e}") from None
+                raise BadUpload(f"line {number}: {json_problem(e)}") from None
             if not isinstance(obj, dict):
                 raise BadUpload(
                     f"line {number}: expected a JSON object, got {type(obj).__name__}"

@@ -138,7 +138,8 @@ class BatchWorker:
         wrong = [
             _error(
                 "invalid_url",
-                f"line {i.line}: the url {i.url} is not the batch's endpoint {batch.endpoint}",
+                f"line {i.line}: a {i.url} request does not belong in a {batch.endpoint} "
+                "batch (a batch has one endpoint, as in OpenAI's Batch API)",
                 i.line,
             )
             for i in items
