@@ -32,7 +32,7 @@ from .step import AttentionStep
 OWN_TILE_M = 32
 PREFIX_TILE_M = 64
 _SEQ_KEYS = ("q_start", "q_len", "context_len", "shared_len", "num_levels")
-_LEVEL_KEYS = ("level_row_start", "level_row_end", "level_start", "level_length")
+_LEVEL_KEYS = ("level_row_start", "level_row_end", "level_length")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class TritonMetadata:
     ``block_table`` (S, max_blocks) is padded with 0; ``seq_levels`` (S, max(1, max_depth)) holds
     the level id at each depth (-1 past ``num_levels``). ``slot_mapping`` (T,) is the KV slot of
     each new token. Per level, shape (L,): ``level_row_start``, ``level_row_end``,
-    ``level_start``, ``level_length`` (positions, whole blocks), ``level_depth``, ``level_out``
+    ``level_length`` (positions, whole blocks), ``level_out``
     (first row of the level's partials in the (num_partials, H, D) buffer); ``level_blocks``
     (L, max_level_blocks) padded with 0. Work lists: ``own_tile_seq``, ``own_tile_q0`` (NT,);
     ``prefix_tile_level``, ``prefix_tile_row0`` (NP,).
@@ -76,9 +76,7 @@ class TritonMetadata:
     slot_mapping: torch.Tensor
     level_row_start: torch.Tensor
     level_row_end: torch.Tensor
-    level_start: torch.Tensor
     level_length: torch.Tensor
-    level_depth: torch.Tensor
     level_out: torch.Tensor
     level_blocks: torch.Tensor
     own_tile_seq: torch.Tensor
@@ -215,14 +213,13 @@ def _level_arrays(
     depth_ok = (seq_levels >= 0) == (np.arange(seq_levels.shape[1]) < num_levels[:, None])
     if (covered != shared).any() or not depth_ok.all():
         raise ValueError("levels must cover [0, shared_len) of each sequence, depths 0..n-1")
-    columns = [(lvl.row_start, lvl.row_end, lvl.start, lvl.end - lvl.start) for lvl in levels]
+    columns = [(lvl.row_start, lvl.row_end, lvl.end - lvl.start) for lvl in levels]
     per_level = np.array(columns, dtype=np.int32).reshape(len(levels), len(_LEVEL_KEYS))
     row_start, row_end = per_level[:, 0], per_level[:, 1]
     return {
         "num_levels": num_levels,
         "seq_levels": seq_levels,
         **{key: per_level[:, i].copy() for i, key in enumerate(_LEVEL_KEYS)},
-        "level_depth": np.array([lvl.depth for lvl in levels], dtype=np.int32),
         "level_out": _exclusive_cumsum(row_end - row_start),
         "level_blocks": _padded([lvl.block_ids for lvl in levels]),
     }
@@ -251,7 +248,7 @@ def _pad(arrays: dict[str, np.ndarray], shape: MetadataShape) -> dict[str, np.nd
         **{key: ((shape.seqs,), 0) for key in _SEQ_KEYS},
         "block_table": ((shape.seqs, shape.max_blocks), 0),
         "seq_levels": ((shape.seqs, depth), -1),
-        **{key: ((shape.levels,), 0) for key in (*_LEVEL_KEYS, "level_depth", "level_out")},
+        **{key: ((shape.levels,), 0) for key in (*_LEVEL_KEYS, "level_out")},
         "level_blocks": ((shape.levels, shape.max_level_blocks), 0),
     }
     exact: dict[str, tuple[tuple[int, ...], int]] = {
