@@ -165,11 +165,13 @@ def run_batch(
             progress = Progress(len(runnable), quiet=opts.quiet, start=start)
             model_name = engine.model_name
             batch = [Request(i, ids, req.params) for i, (req, ids) in enumerate(runnable)]
-            plan = make_plan(
-                [ids for _, ids in runnable],
-                [r.params.max_tokens for r, _ in runnable],
-                engine.config.block_size,
-            )
+            plan = None  # only a planning policy reads it (Ray cuts fcfs chunks by its own)
+            if engine.config.policy.plans:
+                plan = make_plan(
+                    [ids for _, ids in runnable],
+                    [r.params.max_tokens for r, _ in runnable],
+                    engine.config.block_size,
+                )
             vocab = None
             if any(
                 r.params.logprobs is not None or r.params.prompt_logprobs is not None for r in batch
