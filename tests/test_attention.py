@@ -11,7 +11,7 @@ import torch
 
 from conftest import hf_greedy, shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
-from prefixbatch.execution.attention import native
+from prefixbatch.execution import native_build
 from prefixbatch.execution.attention.backend import DecodeBatch
 from prefixbatch.execution.attention.native import NativeDecodeBackend, paged_decode_kernel
 from prefixbatch.execution.attention.reference import ReferenceBackend, attend_decode
@@ -159,8 +159,8 @@ def test_engine_falls_back_to_pytorch_when_the_kernel_cannot_build(
 ):  # type: ignore[no-untyped-def]
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
-    monkeypatch.setattr(native, "cache_root", lambda: blocker)
-    native.paged_decode_kernel.cache_clear()
+    monkeypatch.setattr(native_build, "cache_root", lambda: blocker)
+    native_build.build_extension.cache_clear()
     try:
         prompts = shared_prefix_prompts(6, seed=3)
         with pytest.warns(UserWarning, match="could not be built"):
@@ -173,7 +173,7 @@ def test_engine_falls_back_to_pytorch_when_the_kernel_cannot_build(
             tiny_models["llama"], prompts, [6] * 6
         )
     finally:
-        native.paged_decode_kernel.cache_clear()
+        native_build.build_extension.cache_clear()
 
 
 def test_kernel_build_is_announced_only_when_it_compiles(monkeypatch, tmp_path, caplog):  # type: ignore[no-untyped-def]
@@ -186,16 +186,16 @@ def test_kernel_build_is_announced_only_when_it_compiles(monkeypatch, tmp_path, 
         (Path(build_directory) / f"{name}.so").write_text("")  # what a real build leaves
         return types.SimpleNamespace(paged_decode=lambda *a: None)
 
-    monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(native_build, "cache_root", lambda: tmp_path)
     monkeypatch.setattr(ext, "load", fake_load)
-    native.paged_decode_kernel.cache_clear()
+    native_build.build_extension.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="prefixbatch"):
             assert paged_decode_kernel() is not None
             assert any("compiling the CPU attention kernel" in r.message for r in caplog.records)
             caplog.clear()
-            native.paged_decode_kernel.cache_clear()
+            native_build.build_extension.cache_clear()
             paged_decode_kernel()  # built already: a cached module loads silently
             assert not any("compiling" in r.message for r in caplog.records)
     finally:
-        native.paged_decode_kernel.cache_clear()
+        native_build.build_extension.cache_clear()
