@@ -3,6 +3,7 @@ the plain reference path, on random shapes; and the fallback when the kernel can
 
 from __future__ import annotations
 
+import platform
 import random
 from pathlib import Path
 
@@ -13,7 +14,11 @@ from conftest import hf_greedy, shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.execution import native_build
 from prefixbatch.execution.attention.backend import DecodeBatch
-from prefixbatch.execution.attention.native import NativeDecodeBackend, paged_decode_kernel
+from prefixbatch.execution.attention.native import (
+    NativeDecodeBackend,
+    PagedDecode,
+    paged_decode_kernel,
+)
 from prefixbatch.execution.attention.reference import ReferenceBackend, attend_decode
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
 from prefixbatch.execution.kv_cache import KVCache
@@ -117,24 +122,19 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
     assert rel < 1e-5, f"max relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_native_decode_kernel_matches_plain_attention(seed):  # type: ignore[no-untyped-def]
-    """Random GQA shapes, lengths from 1 to over a thousand, blocks scattered over the pool,
-    sequences sharing prefix blocks; the log-sum-exp too."""
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    kv_heads = rng.choice([1, 2, 3, 4])
-    heads = kv_heads * rng.choice([1, 2, 3, 4, 8])
-    dim = rng.choice([16, 32, 64, 128])
-    num_blocks = 600
+def check_kernel(
+    fn: PagedDecode, rng: random.Random, kv_heads: int, group: int, dim: int, lengths: list[int]
+) -> None:
+    """The kernel ``fn`` against the plain PyTorch path on rows with these lengths, over blocks
+    scattered in the pool, the rows sharing their first blocks at random; the log-sum-exp too."""
+    heads = kv_heads * group
+    num_blocks = sum(-(-n // BS) for n in lengths) + 8
     k_pool = torch.randn(num_blocks * BS, kv_heads, dim)
     v_pool = torch.randn(num_blocks * BS, kv_heads, dim)
     free = list(range(num_blocks))
     rng.shuffle(free)
-    shared = [free.pop() for _ in range(rng.choice([0, 1, 40]))]
-    lengths = [
-        len(shared) * BS + rng.choice([1, 5, 16, 17, 200]) for _ in range(rng.randrange(1, 9))
-    ]
+    prefix = rng.choice([0, 1, 40])
+    shared = [free.pop() for _ in range(min([prefix] + [n // BS for n in lengths]))]
     tables = [shared + [free.pop() for _ in range(-(-n // BS) - len(shared))] for n in lengths]
     widest = max(map(len, tables))
     ids = torch.tensor([t + [t[0]] * (widest - len(t)) for t in tables])
@@ -144,14 +144,61 @@ def test_native_decode_kernel_matches_plain_attention(seed):  # type: ignore[no-
     q = torch.randn(len(lengths), heads, dim)
     scale = dim**-0.5
     expected = attend_decode(q, k_pool, v_pool, batch, scale, BS)
-    out, lse = kernel()(q, k_pool, v_pool, ids, lens, BS, scale)
+    out, lse = fn(q, k_pool, v_pool, ids, lens, BS, scale)
     rel = (out - expected).abs().max() / expected.abs().max()
     assert rel < 1e-5, f"max relative error {rel:.2e}"
     for b, n in enumerate(lengths):  # lse of row b, head h: logsumexp of its scores
         keys = k_pool.view(-1, BS, kv_heads, dim)[ids[b]].reshape(-1, kv_heads, dim)[:n]
-        keys = keys.repeat_interleave(heads // kv_heads, dim=1)  # (n, H, D)
+        keys = keys.repeat_interleave(group, dim=1)  # (n, H, D)
         scores = torch.einsum("hd,nhd->hn", q[b], keys) * scale
         torch.testing.assert_close(lse[b], scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_native_decode_kernel_matches_plain_attention(seed: int) -> None:
+    """Random GQA shapes (head dims on the vector path, with a remainder, and off it), lengths
+    from 1 to over a thousand, some a multiple of the block size, some not."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    lengths = [rng.choice([1, 5, 16, 17, 200, 1100]) for _ in range(rng.randrange(1, 20))]
+    kv_heads, group = rng.choice([1, 2, 3, 4]), rng.choice([1, 2, 3, 4, 8])
+    check_kernel(kernel(), rng, kv_heads, group, rng.choice([8, 16, 24, 64, 80, 128]), lengths)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_native_decode_kernel_splits_long_contexts(seed: int, threads: int) -> None:
+    """Batches too small for the threads: long contexts are cut into pieces merged by their
+    log-sum-exp, whatever the thread count; short rows next to them stay whole."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    lengths = [rng.choice([1, 17, 300, 2000, 3001]) for _ in range(rng.randrange(1, 4))]
+    lengths[0] = 3001  # at least one row split into several pieces
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dim = rng.choice([24, 64, 128])
+        check_kernel(kernel(), rng, rng.choice([1, 3]), rng.choice([1, 3, 8]), dim, lengths)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_native_decode_kernel_without_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built for an AVX2-only CPU (x86-64-v3), the portable paths give the same results."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 only")
+    flags = [f for f in native_build.CFLAGS if not f.startswith("-march")] + ["-march=x86-64-v3"]
+    monkeypatch.setattr(native_build, "CFLAGS", flags)
+    native_build.build_extension.cache_clear()
+    try:
+        fn = paged_decode_kernel()
+        assert fn is not None
+        rng = random.Random(0)
+        torch.manual_seed(0)
+        for dim, lengths in [(64, [1, 17, 330, 3001]), (80, [5, 16, 200]), (24, [1, 40])]:
+            check_kernel(fn, rng, 3, 3, dim, lengths)
+    finally:
+        native_build.build_extension.cache_clear()
 
 
 def test_engine_falls_back_to_pytorch_when_the_kernel_cannot_build(

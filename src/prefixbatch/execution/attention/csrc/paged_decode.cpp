@@ -1,30 +1,237 @@
 // Decode attention read straight from the paged KV pool (CPU, fp32): one query token per
 // sequence, no gather copy of the context. Built at first use by prefixbatch/execution/attention/
 // native.py; the plain PyTorch path in reference.py is what it is tested against.
+//
+// Layout. q (B, H, D); k_pool, v_pool (slots, KVH, D) of one layer, slot = block * block_size +
+// offset, so one block of K (or V) is block_size * KVH * D contiguous floats; block_tables (B, NB)
+// int64 with a sequence's blocks in position order; lengths (B,) int64 positions attended (>= 1).
+// Query head h * G + g (g < G = H / KVH) reads KV head h.
+//
+// Algorithm. The work is cut into pieces: a piece is a run of one sequence's blocks, the whole
+// sequence unless the batch is too small to keep every thread busy, in which case long contexts
+// are split (>= kMinPieceBlocks blocks a piece) and the pieces' results merged afterwards by
+// their log-sum-exp. Threads take pieces in sequence order from a shared counter (dynamic, so a
+// thread slowed by other load on the machine takes fewer); members of a prefix group sit next to
+// each other in the batch, so their shared blocks come from DRAM once and from cache after.
+// A piece walks its blocks in order and, per block, all KV heads: the block's K and V are read
+// whole and contiguously while the next block (anywhere in the pool) is prefetched. Per KV head
+// the G query heads share each K and V row: scores for 16 tokens at a time, each token's dot
+// product accumulated in a vector and the 16 vectors reduced together (AVX-512; elsewhere one
+// reduction per token); online softmax over blocks (running max and sum per query head); then
+// the V rows weighted into accumulators kept in registers for the block.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace {
 
 // Finite stand-in for -inf: the build uses -ffast-math, which assumes no infinities.
 constexpr float kNegBig = -1e30f;
+// A split piece is at least this many blocks, so merging partials stays a small cost.
+constexpr int64_t kMinPieceBlocks = 16;
+// Pieces per thread below which long contexts are split.
+constexpr int64_t kPiecesPerThread = 4;
+
+struct Problem {
+  const float* q;
+  const float* k;
+  const float* v;
+  const int64_t* tables;
+  const int64_t* lengths;
+  int64_t H, KVH, G, D, NB, block_size;
+  int64_t tok_stride;    // KVH * D: floats between consecutive slots of the pool
+  int64_t score_stride;  // block_size rounded up to 16: floats between query heads' scores
+  float scale;
+};
+
+struct Piece {
+  int64_t b, first_block, end_block;
+  float* out;  // (H, D), normalised
+  float* lse;  // (H,)
+};
+
+#ifdef __AVX512F__
+// Lane i of the result is the sum of v[i]'s 16 lanes: 15 adds for 16 dot products instead of a
+// full horizontal reduction each.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a b a b] partials of v[2i], v[2i+1]
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [a b c d]
+    const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
+    y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: two halves of 4 sums, two halves of 4 more
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
+                       _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+#endif
+
+// s[g * score_stride + t] = scale * q_g . k_t for the n (<= block_size) tokens of one block and
+// KV head; k points at token 0's row of that head.
+inline void block_scores(const Problem& p, const float* q, const float* k, int64_t n, float* s) {
+#ifdef __AVX512F__
+  if (p.D % 16 == 0) {
+    const __m512 scale = _mm512_set1_ps(p.scale);
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float* qg = q + g * p.D;
+      for (int64_t t0 = 0; t0 < n; t0 += 16) {
+        // Tokens past n repeat the last row (fixed trip count, dot[] stays in registers); their
+        // scores land in the padding of s and are never read.
+        const int64_t last = n - 1 - t0;
+        __m512 dot[16];
+        for (int t = 0; t < 16; ++t) dot[t] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < p.D; d += 16) {
+          const __m512 qd = _mm512_loadu_ps(qg + d);
+          for (int t = 0; t < 16; ++t) {
+            const float* kt = k + (t0 + std::min<int64_t>(t, last)) * p.tok_stride + d;
+            dot[t] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(kt), dot[t]);
+          }
+        }
+        _mm512_storeu_ps(s + g * p.score_stride + t0, _mm512_mul_ps(sum_lanes16(dot), scale));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < p.G; ++g) {
+    const float* qg = q + g * p.D;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* kt = k + t * p.tok_stride;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < p.D; ++d) dot += qg[d] * kt[d];
+      s[g * p.score_stride + t] = dot * p.scale;
+    }
+  }
+}
+
+// acc_g = acc_g * correction[g] + sum_t s[g, t] * v_t over the n tokens of one block and KV head.
+inline void block_values(const Problem& p, const float* v, int64_t n, const float* s,
+                         const float* correction, float* acc) {
+#ifdef __AVX512F__
+  if (p.D % 16 == 0) {
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float* sg = s + g * p.score_stride;
+      float* a = acc + g * p.D;
+      const __m512 c = _mm512_set1_ps(correction[g]);
+      int64_t d = 0;
+      for (; d + 64 <= p.D; d += 64) {  // four accumulators in registers across the block
+        __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(a + d), c);
+        __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(a + d + 16), c);
+        __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(a + d + 32), c);
+        __m512 a3 = _mm512_mul_ps(_mm512_loadu_ps(a + d + 48), c);
+        for (int64_t t = 0; t < n; ++t) {
+          const __m512 w = _mm512_set1_ps(sg[t]);
+          const float* vt = v + t * p.tok_stride + d;
+          a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt), a0);
+          a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 16), a1);
+          a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 32), a2);
+          a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 48), a3);
+        }
+        _mm512_storeu_ps(a + d, a0);
+        _mm512_storeu_ps(a + d + 16, a1);
+        _mm512_storeu_ps(a + d + 32, a2);
+        _mm512_storeu_ps(a + d + 48, a3);
+      }
+      for (; d < p.D; d += 16) {
+        __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(a + d), c);
+        for (int64_t t = 0; t < n; ++t)
+          a0 = _mm512_fmadd_ps(_mm512_set1_ps(sg[t]), _mm512_loadu_ps(v + t * p.tok_stride + d),
+                               a0);
+        _mm512_storeu_ps(a + d, a0);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < p.G; ++g) {
+    float* a = acc + g * p.D;
+#pragma omp simd
+    for (int64_t d = 0; d < p.D; ++d) a[d] *= correction[g];
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const float* vt = v + t * p.tok_stride;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float w = s[g * p.score_stride + t];
+      float* a = acc + g * p.D;
+#pragma omp simd
+      for (int64_t d = 0; d < p.D; ++d) a[d] += w * vt[d];
+    }
+  }
+}
+
+// Brings one block of K and V (all heads, n slots) towards the cache.
+inline void prefetch_block(const Problem& p, int64_t block, int64_t n) {
+  const int64_t offset = block * p.block_size * p.tok_stride;
+  const char* k = reinterpret_cast<const char*>(p.k + offset);
+  const char* v = reinterpret_cast<const char*>(p.v + offset);
+  const int64_t bytes = n * p.tok_stride * static_cast<int64_t>(sizeof(float));
+  for (int64_t i = 0; i < bytes; i += 64) {
+    __builtin_prefetch(k + i);
+    __builtin_prefetch(v + i);
+  }
+}
+
+// One piece: attention of sequence b's query over its blocks [first_block, end_block).
+// Scratch: acc (H * D), m and l (H), correction (G), s (G * score_stride).
+void attend_piece(const Problem& p, const Piece& piece, float* acc, float* m, float* l,
+                  float* correction, float* s) {
+  const int64_t b = piece.b, n_ctx = p.lengths[b];
+  const float* q = p.q + b * p.H * p.D;
+  const int64_t* table = p.tables + b * p.NB;
+  std::fill(acc, acc + p.H * p.D, 0.f);
+  std::fill(m, m + p.H, kNegBig);
+  std::fill(l, l + p.H, 0.f);
+  for (int64_t j = piece.first_block; j < piece.end_block; ++j) {
+    const int64_t n = std::min(p.block_size, n_ctx - j * p.block_size);
+    if (j + 1 < piece.end_block)
+      prefetch_block(p, table[j + 1], std::min(p.block_size, n_ctx - (j + 1) * p.block_size));
+    const int64_t offset = table[j] * p.block_size * p.tok_stride;
+    for (int64_t h = 0; h < p.KVH; ++h) {
+      const int64_t qh = h * p.G;  // first query head of KV head h
+      block_scores(p, q + qh * p.D, p.k + offset + h * p.D, n, s);
+      for (int64_t g = 0; g < p.G; ++g) {  // online softmax: s becomes exp(score - new max)
+        float* sg = s + g * p.score_stride;
+        float block_max = kNegBig;
+#pragma omp simd reduction(max : block_max)
+        for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, sg[t]);
+        const float new_max = std::max(m[qh + g], block_max);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < n; ++t) {
+          sg[t] = std::exp(sg[t] - new_max);
+          sum += sg[t];
+        }
+        correction[g] = std::exp(m[qh + g] - new_max);
+        l[qh + g] = l[qh + g] * correction[g] + sum;
+        m[qh + g] = new_max;
+      }
+      block_values(p, p.v + offset + h * p.D, n, s, correction, acc + qh * p.D);
+    }
+  }
+  for (int64_t h = 0; h < p.H; ++h) {
+    const float inv = 1.f / l[h];
+    for (int64_t d = 0; d < p.D; ++d) piece.out[h * p.D + d] = acc[h * p.D + d] * inv;
+    piece.lse[h] = m[h] + std::log(l[h]);
+  }
+}
 
 }  // namespace
 
-// q (B, H, D); k_pool, v_pool (slots, KVH, D) of one layer; block_tables (B, NB) int64 with a
-// sequence's blocks in position order; lengths (B,) int64 positions attended (>= 1).
 // Returns out (B, H, D) and the log-sum-exp of the scores, lse (B, H).
-//
-// Work items are (sequence, KV head) pairs, sequence-major: the heads of one sequence run back to
-// back on one thread and consume each token's K/V row (KVH * D floats, contiguous) whole, which
-// streams from memory ~20% faster than a head-major sweep. Members of a prefix group sit next to
-// each other in the batch, so the shared prefix blocks come from DRAM once and from cache after.
-// The G query heads of a KV head are computed together, so each K and V row is loaded once for
-// them. Softmax is online over blocks (running max and sum).
 std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
                                         torch::Tensor v_pool, torch::Tensor block_tables,
                                         torch::Tensor lengths, int64_t block_size,
@@ -35,77 +242,85 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
   TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous() &&
                   block_tables.is_contiguous() && lengths.is_contiguous(),
               "paged_decode: contiguous tensors only");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KVH = k_pool.size(1), G = H / KVH, NB = block_tables.size(1);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
+  Problem p{q.data_ptr<float>(),
+            k_pool.data_ptr<float>(),
+            v_pool.data_ptr<float>(),
+            block_tables.data_ptr<int64_t>(),
+            lengths.data_ptr<int64_t>(),
+            H,
+            KVH,
+            H / KVH,
+            D,
+            block_tables.size(1),
+            block_size,
+            KVH * D,
+            (block_size + 15) / 16 * 16,
+            static_cast<float>(scale)};
   auto out = torch::empty_like(q);
   auto lse = torch::empty({B, H}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_pool.data_ptr<float>();
-  const float* vp = v_pool.data_ptr<float>();
-  const int64_t* bt = block_tables.data_ptr<int64_t>();
-  const int64_t* len = lengths.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  const int64_t tok_stride = KVH * D;  // floats between consecutive slots of the pool
 
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(G * block_size), acc(G * D), m(G), l(G);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / KVH, h = item % KVH;
-      const float* qs = qp + (b * H + h * G) * D;  // the G query heads of KV head h
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), kNegBig);
-      std::fill(l.begin(), l.end(), 0.f);
-      const int64_t n_ctx = len[b];
-      for (int64_t j = 0; j * block_size < n_ctx; ++j) {
-        const int64_t n = std::min(block_size, n_ctx - j * block_size);
-        const float* kb = kp + bt[b * NB + j] * block_size * tok_stride + h * D;
-        const float* vb = vp + bt[b * NB + j] * block_size * tok_stride + h * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qs + g * D;
-          float* sg = s.data() + g * block_size;
-          float block_max = kNegBig;
-          for (int64_t t = 0; t < n; ++t) {
-            const float* kt = kb + t * tok_stride;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < D; ++d) dot += qg[d] * kt[d];
-            sg[t] = dot * sc;
-            block_max = std::max(block_max, sg[t]);
-          }
-          const float new_max = std::max(m[g], block_max);
-          const float correction = std::exp(m[g] - new_max);
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = 0; t < n; ++t) {
-            sg[t] = std::exp(sg[t] - new_max);
-            sum += sg[t];
-          }
-          l[g] = l[g] * correction + sum;
-          m[g] = new_max;
-          float* a = acc.data() + g * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] *= correction;
-        }
-        for (int64_t t = 0; t < n; ++t) {
-          const float* vt = vb + t * tok_stride;
-          for (int64_t g = 0; g < G; ++g) {
-            const float p = s[g * block_size + t];
-            float* a = acc.data() + g * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += p * vt[d];
-          }
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* o = op + (b * H + h * G + g) * D;
-        const float inv = 1.f / l[g];
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
-        lp[b * H + h * G + g] = m[g] + std::log(l[g]);
-      }
+  // Split long contexts only when the batch has too few sequences for the threads.
+  const int64_t threads = at::get_num_threads();
+  int64_t total_blocks = 0;
+  for (int64_t b = 0; b < B; ++b) total_blocks += (p.lengths[b] + block_size - 1) / block_size;
+  const int64_t piece_blocks =
+      B >= kPiecesPerThread * threads
+          ? p.NB
+          : std::max(kMinPieceBlocks, total_blocks / (kPiecesPerThread * threads));
+  std::vector<Piece> pieces;
+  std::vector<int64_t> first_piece(B + 1);  // pieces of sequence b: [first_piece[b], ..[b + 1])
+  int64_t split_pieces = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t blocks = (p.lengths[b] + block_size - 1) / block_size;
+    first_piece[b] = static_cast<int64_t>(pieces.size());
+    const int64_t count = (blocks + piece_blocks - 1) / piece_blocks;
+    for (int64_t i = 0; i < count; ++i)
+      pieces.push_back({b, i * blocks / count, (i + 1) * blocks / count, nullptr, nullptr});
+    if (count > 1) split_pieces += count;
+  }
+  first_piece[B] = static_cast<int64_t>(pieces.size());
+  // Partial results of split sequences (normalised out and lse per piece); others write directly.
+  std::vector<float> part_out(split_pieces * H * D), part_lse(split_pieces * H);
+  int64_t next_part = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const bool split = first_piece[b + 1] - first_piece[b] > 1;
+    for (int64_t i = first_piece[b]; i < first_piece[b + 1]; ++i) {
+      pieces[i].out = split ? part_out.data() + next_part * H * D : op + b * H * D;
+      pieces[i].lse = split ? part_lse.data() + next_part * H : lp + b * H;
+      next_part += split;
     }
+  }
+
+  std::atomic<int64_t> next{0};
+  const int64_t num_pieces = static_cast<int64_t>(pieces.size());
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> acc(H * D), m(H), l(H), correction(p.G), s(p.G * p.score_stride);
+    for (int64_t i = next++; i < num_pieces; i = next++)
+      attend_piece(p, pieces[i], acc.data(), m.data(), l.data(), correction.data(), s.data());
   });
+
+  for (int64_t b = 0; b < B; ++b) {  // merge split sequences' pieces by their log-sum-exp
+    if (first_piece[b + 1] - first_piece[b] == 1) continue;
+    for (int64_t h = 0; h < H; ++h) {
+      float top = kNegBig;
+      for (int64_t i = first_piece[b]; i < first_piece[b + 1]; ++i)
+        top = std::max(top, pieces[i].lse[h]);
+      float total = 0.f;
+      float* o = op + (b * H + h) * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t i = first_piece[b]; i < first_piece[b + 1]; ++i) {
+        const float w = std::exp(pieces[i].lse[h] - top);
+        total += w;
+        const float* po = pieces[i].out + h * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * po[d];
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] /= total;
+      lp[b * H + h] = top + std::log(total);
+    }
+  }
   return {out, lse};
 }
 
