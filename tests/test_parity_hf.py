@@ -41,9 +41,10 @@ def test_greedy_matches_transformers(tiny_models, family, mode):  # type: ignore
         **MODES[mode],
     )
     assert got == expected
-    # CI has a compiler: the default runs the compiled kernel, "torch" the PyTorch paths.
-    uses_kernel = isinstance(llm.engine.backend, NativeDecodeBackend)
-    assert uses_kernel == (MODES[mode].get("kernels", "auto") == "auto")
+    # CI has a compiler: the default runs the compiled kernels, "torch" the PyTorch paths.
+    fast = MODES[mode].get("kernels", "auto") == "auto"
+    assert isinstance(llm.engine.backend, NativeDecodeBackend) == fast
+    assert (llm.engine.loaded.model.fused is not None) == fast
     if MODES[mode]["policy"] == "batchllm":
         assert llm.engine.stats.groups > 0  # the shared prefixes were actually shared
 

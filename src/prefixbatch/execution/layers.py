@@ -1,4 +1,8 @@
-"""Building blocks shared by every model family: RMSNorm, rotary embedding, gated MLP."""
+"""Building blocks shared by every model family: RMSNorm, rotary embedding, gated MLP.
+
+Each has a plain PyTorch path, the reference, and runs the fused CPU kernels of
+``fused_ops.py`` instead once ``fused`` is set (``DecoderModel.use_fused_kernels``).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,22 @@ import torch
 from torch import nn
 
 from ..config import RopeConfig
+from .fused_ops import FusedKernels
 from .packed_linear import Linear
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., dim) normalised over its last dimension in fp32, times weight (dim,)."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
 
 
 class RMSNorm(nn.Module):
     """RMS normalisation computed in fp32, as the reference implementations do."""
+
+    fused: FusedKernels | None = None
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -20,10 +35,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        """x (T, dim) or (T, heads, dim) -> normalised, contiguous."""
+        if self.fused is not None:
+            return self.fused.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+    def normalise_(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, heads, dim) normalised, in place when fused (x may be a strided view)."""
+        if self.fused is not None:
+            self.fused.rms_norm_(x, self.weight, self.eps)
+            return x
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual (T, dim) -> (normalised sum, the sum): a residual add fused with the norm
+        after it. The fused kernel overwrites both inputs with the results."""
+        if self.fused is not None:
+            self.fused.fused_add_rms_norm_(x, residual, self.weight, self.eps)
+            return x, residual
+        residual = x + residual
+        return rms_norm(residual, self.weight, self.eps), residual
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -50,20 +83,32 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """positions (T,) -> cos, sin (T, 1, head_dim/2), shared by every layer of a step."""
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) -> cos, sin (T, head_dim/2) contiguous, shared by every layer of a
+        step."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return freqs.cos().to(dtype)[:, None, :], freqs.sin().to(dtype)[:, None, :]
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, head_dim) rotated by per-token cos/sin (T, 1, head_dim/2)."""
+    """x (T, heads, head_dim) rotated by per-token cos, sin (T, head_dim/2) -> a new tensor."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (T, 2 * intermediate), gate then up -> silu(gate) * up (T, intermediate)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return nn.functional.silu(gate) * up
+
+
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward with gate and up projections fused into one matmul."""
+
+    fused: FusedKernels | None = None
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
@@ -71,5 +116,7 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        """x (T, hidden) -> (T, hidden)."""
+        gate_up = self.gate_up_proj(x)
+        act = silu_and_mul(gate_up) if self.fused is None else self.fused.silu_and_mul(gate_up)
+        return self.down_proj(act)

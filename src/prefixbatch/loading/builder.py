@@ -18,6 +18,7 @@ from ..execution.attention.backend import AttentionBackend
 from ..execution.attention.registry import select_backend
 from ..execution.attention.step import AttentionStep, SeqStep
 from ..execution.cuda_graphs import DecodeGraphRunner, GraphMetadataHooks
+from ..execution.fused_ops import fused_kernels
 from ..execution.host_memory import keep_freed_memory
 from ..execution.kv_cache import KVCache, kv_pool_blocks
 from ..execution.kv_memory import gpu_kv_blocks
@@ -81,6 +82,9 @@ def build_model(config: EngineConfig, source: ModelSource, cfg: ModelConfig) -> 
         keep_freed_memory()
         if onednn_available():
             model.pack_linears()
+        kernels = fused_kernels()
+        if kernels is not None:
+            model.use_fused_kernels(kernels)
     # Buffers are not in the checkpoint: rebuild the fp32 rotary frequencies on the device.
     model.rotary.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
     return model.eval()

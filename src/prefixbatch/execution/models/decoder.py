@@ -14,11 +14,14 @@ from torch import nn
 
 from ...config import ModelConfig
 from ..attention.backend import AttentionBackend
+from ..fused_ops import FusedKernels
 from ..layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
 from ..packed_linear import Linear
 
 
 class Attention(nn.Module):
+    fused: FusedKernels | None = None
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -37,14 +40,18 @@ class Attention(nn.Module):
         backend: AttentionBackend,
         meta: Any,
     ) -> torch.Tensor:
+        """x (T, hidden), rope's cos, sin (T, head_dim/2) -> (T, hidden)."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.heads, self.head_dim)  # (T, H, D)
+        q = q.view(t, self.heads, self.head_dim)  # (T, H, D), strided views into the qkv output
         k = k.view(t, self.kv_heads, self.head_dim)  # (T, KVH, D)
         v = v.view(t, self.kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = self.q_norm.normalise_(q), self.k_norm.normalise_(k)
+        if self.fused is None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        else:  # rotated in place, inside the qkv output
+            self.fused.rotary_embedding_(q, k, *rope)
         out = backend.forward(self.layer, q, k, v, meta)  # (T, H, D)
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -57,9 +64,26 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, rope, backend, meta):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), rope, backend, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        backend: AttentionBackend,
+        meta: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, hidden), the previous layer's output (the embeddings at the first layer, whose
+        residual is None), and the residual stream before it -> this layer's (output, residual).
+
+        The residual stream is x + residual; carrying the two apart lets each add run fused with
+        the norm that follows it (vLLM's layout)."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(x, rope, backend, meta)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -95,9 +119,12 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
         rope = self.rotary.cos_sin(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope, backend, meta)
-        x = self.norm(x[logits_rows])  # only rows that sample: (S, hidden)
+            x, residual = layer(x, residual, rope, backend, meta)
+        assert residual is not None  # a model has layers
+        # only rows that sample: (S, hidden)
+        x, _ = self.norm.add_forward(x[logits_rows], residual[logits_rows])
         return self.lm_head(x).float()  # (S, vocab)
 
     def load_weights(self, weights) -> None:  # type: ignore[no-untyped-def]
@@ -130,6 +157,17 @@ class DecoderModel(nn.Module):
             loaded.add(f"{target}:{shard}")
         if cfg.tie_word_embeddings or "lm_head.weight:None" not in loaded:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def fused(self) -> FusedKernels | None:
+        """The fused element-wise kernels the model runs, or None (the plain PyTorch path)."""
+        return self.norm.fused
+
+    def use_fused_kernels(self, kernels: FusedKernels) -> None:
+        """Run norms, residual adds, rope and SiLU-and-mul through ``kernels`` (CPU, fp32)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, GatedMLP)):
+                module.fused = kernels
 
     def pack_linears(self) -> None:
         """Switch every projection to oneDNN-packed weights (CPU, fp32; after loading)."""

@@ -1,0 +1,189 @@
+// Fused element-wise ops of a decoder layer (CPU, fp32), after vLLM's CPU `_C` ops: RMSNorm
+// (plain, in place on strided heads, and fused with the residual add), SiLU-and-mul and in-place
+// rotary embedding. Built at first use by prefixbatch/execution/fused_ops.py; the plain PyTorch
+// path in layers.py is what each op is tested against. Loops are plain and marked `omp simd` so
+// the compiler vectorises them for whatever this CPU has (the build uses -march=native).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+// Floats of work per parallel task: smaller batches run on the calling thread, since waking
+// another one costs more than such a batch takes.
+constexpr int64_t kGrainFloats = 32768;
+
+int64_t grain(int64_t floats_per_item) {
+  return std::max<int64_t>(1, kGrainFloats / std::max<int64_t>(floats_per_item, 1));
+}
+
+void check_fp32(const torch::Tensor& t, const char* op) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, op, ": fp32 only");
+  TORCH_CHECK(t.stride(-1) == 1, op, ": the last dimension must be contiguous");
+}
+
+// 1 / RMS of x (D,), the statistic in fp32.
+inline float inv_rms(const float* x, int64_t D, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t d = 0; d < D; ++d) ss += x[d] * x[d];
+  return 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+}
+
+// out (D,) = x * inv * w; out may be x.
+inline void scale_row(const float* x, const float* w, float inv, float* out, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) out[d] = x[d] * inv * w[d];
+}
+
+// RMSNorm of every D-row of x (T, D) or (T, H, D) into out of the same shape; either may be a
+// strided view (last dimension contiguous) and out may be x.
+void norm_rows(const torch::Tensor& x, const torch::Tensor& weight, double eps,
+               torch::Tensor& out) {
+  check_fp32(x, "rms_norm");
+  check_fp32(out, "rms_norm");
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "rms_norm: x must be (T, D) or (T, H, D)");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(-1),
+              "rms_norm: weight must be contiguous (D,)");
+  const int64_t T = x.size(0), D = x.size(-1), H = x.dim() == 3 ? x.size(1) : 1;
+  const int64_t xs0 = x.stride(0), xs1 = x.dim() == 3 ? x.stride(1) : 0;
+  const int64_t os0 = out.stride(0), os1 = out.dim() == 3 ? out.stride(1) : 0;
+  const float* xp = x.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, T, grain(H * D), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* row = xp + t * xs0 + h * xs1;
+        scale_row(row, w, inv_rms(row, D, e), op + t * os0 + h * os1, D);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x (T, D) or (T, H, D), any row strides -> RMSNorm(x) * weight, contiguous.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  auto out = torch::empty(x.sizes(), x.options());
+  norm_rows(x, weight, eps, out);
+  return out;
+}
+
+// x (T, D) or (T, H, D), any row strides: x = RMSNorm(x) * weight in place (Qwen3's per-head
+// q/k norm on views into the fused qkv output).
+void rms_norm_(torch::Tensor x, torch::Tensor weight, double eps) { norm_rows(x, weight, eps, x); }
+
+// x, residual (T, D) contiguous, in place: residual += x, then x = RMSNorm(residual) * weight.
+void fused_add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight,
+                         double eps) {
+  check_fp32(x, "fused_add_rms_norm_");
+  check_fp32(residual, "fused_add_rms_norm_");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && residual.is_contiguous() &&
+                  x.sizes() == residual.sizes(),
+              "fused_add_rms_norm_: x and residual must be contiguous (T, D) of one shape");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1),
+              "fused_add_rms_norm_: weight must be contiguous (D,)");
+  const int64_t T = x.size(0), D = x.size(1);
+  float* xp = x.data_ptr<float>();
+  float* rp = residual.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, T, grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* xr = xp + t * D;
+      float* rr = rp + t * D;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t d = 0; d < D; ++d) {
+        const float r = rr[d] + xr[d];
+        rr[d] = r;
+        ss += r * r;
+      }
+      scale_row(rr, w, 1.f / std::sqrt(ss / static_cast<float>(D) + e), xr, D);
+    }
+  });
+}
+
+// gate_up (T, 2I) contiguous, gate then up -> silu(gate) * up (T, I).
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  check_fp32(gate_up, "silu_and_mul");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "silu_and_mul: gate_up must be contiguous (T, 2I)");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto out = torch::empty({T, I}, gate_up.options());
+  const float* in = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, grain(2 * I), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = in + t * 2 * I;
+      const float* u = g + I;
+      float* o = op + t * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) {
+        // exp's argument is capped so it stays finite (-ffast-math assumes no infinities); past
+        // the cap silu(g) is below 1e-33 either way.
+        o[i] = g[i] / (1.f + std::exp(std::min(-g[i], 80.f))) * u[i];
+      }
+    }
+  });
+  return out;
+}
+
+namespace {
+
+// Rotates the H heads of one token, x (H, D) with head stride hs, by cos/sin (D/2,).
+inline void rotate_heads(float* x, int64_t H, int64_t hs, int64_t half, const float* c,
+                         const float* s) {
+  for (int64_t h = 0; h < H; ++h) {
+    float* x1 = x + h * hs;
+    float* x2 = x1 + half;
+#pragma omp simd
+    for (int64_t d = 0; d < half; ++d) {
+      const float a = x1[d], b = x2[d];
+      x1[d] = a * c[d] - b * s[d];
+      x2[d] = b * c[d] + a * s[d];
+    }
+  }
+}
+
+}  // namespace
+
+// Non-interleaved ("rotate half") RoPE in place: q (T, H, D) and k (T, KVH, D), any token and
+// head strides (views into the fused qkv output), by per-token cos, sin (T, D/2) contiguous.
+void rotary_embedding_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  check_fp32(q, "rotary_embedding_");
+  check_fp32(k, "rotary_embedding_");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == q.size(2),
+              "rotary_embedding_: q (T, H, D) and k (T, KVH, D) expected");
+  const int64_t T = q.size(0), H = q.size(1), KVH = k.size(1), D = q.size(2), half = D / 2;
+  TORCH_CHECK(D % 2 == 0, "rotary_embedding_: even head size expected");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 &&
+                  cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * half &&
+                  sin.numel() == T * half,
+              "rotary_embedding_: cos and sin must be contiguous fp32 (T, D/2)");
+  float* qp = q.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
+  at::parallel_for(0, T, grain((H + KVH) * D), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cp + t * half;
+      const float* s = sp + t * half;
+      rotate_heads(qp + t * qs0, H, qs1, half, c, s);
+      rotate_heads(kp + t * ks0, KVH, ks1, half, c, s);
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of (T, D) or (T, H, D) rows into a new tensor");
+  m.def("rms_norm_", &rms_norm_, "RMSNorm of (T, D) or (T, H, D) rows in place");
+  m.def("fused_add_rms_norm_", &fused_add_rms_norm_, "residual += x; x = RMSNorm(residual)");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of (T, 2I) gate_up");
+  m.def("rotary_embedding_", &rotary_embedding_, "rotate-half RoPE of q and k in place");
+}

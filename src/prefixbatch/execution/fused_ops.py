@@ -1,0 +1,54 @@
+"""Fused element-wise CPU kernels of a decoder layer (``csrc/elementwise.cpp``), compiled on
+first use like vLLM's CPU ``_C`` ops.
+
+Eager PyTorch runs a layer's norms, residual adds, rope and SiLU-and-mul as a dozen small ops,
+each a pass over memory and a dispatch; the kernels do each in one pass, in place where they can
+(rope rotates q and k inside the fused qkv output). fp32 only; the engine switches them on with
+the other CPU fast paths (``kernels="auto"``, CPU, fp32). The plain PyTorch path in ``layers.py``
+is the reference they are tested against; without a C++ compiler the engine keeps it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .native_build import build_extension
+
+SOURCE = Path(__file__).with_name("csrc") / "elementwise.cpp"
+
+
+class FusedKernels(Protocol):
+    """The compiled module's functions (all tensors fp32, last dimension contiguous)."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x (T, D) or (T, H, D), any row strides -> RMSNorm(x) * weight, contiguous."""
+        ...
+
+    def rms_norm_(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+        """x (T, D) or (T, H, D), any row strides, normalised in place."""
+        ...
+
+    def fused_add_rms_norm_(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> None:
+        """x, residual (T, D) contiguous: residual += x, then x = RMSNorm(residual) * weight."""
+        ...
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up (T, 2I) contiguous -> silu(gate) * up (T, I)."""
+        ...
+
+    def rotary_embedding_(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> None:
+        """q (T, H, D), k (T, KVH, D), any token and head strides, rotated in place by
+        cos, sin (T, D/2) contiguous (rotate-half RoPE)."""
+        ...
+
+
+def fused_kernels() -> FusedKernels | None:
+    """The compiled kernels, or None (the build failed: a warning says why)."""
+    return build_extension(SOURCE, "the fused CPU element-wise kernels")  # type: ignore[return-value]

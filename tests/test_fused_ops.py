@@ -1,0 +1,157 @@
+"""The fused element-wise CPU kernels (``execution/fused_ops.py``) against the plain PyTorch ops
+of ``layers.py`` (the reference), and the engine's use of them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import hf_greedy, shared_prefix_prompts
+from prefixbatch import LLM, SamplingParams
+from prefixbatch.config import RopeConfig
+from prefixbatch.execution import native_build
+from prefixbatch.execution.fused_ops import FusedKernels, fused_kernels
+from prefixbatch.execution.layers import RotaryEmbedding, apply_rope, rms_norm, silu_and_mul
+
+ROWS = [0, 1, 7, 64, 300]
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def kernels() -> FusedKernels:
+    built = fused_kernels()
+    assert built is not None  # CI has a compiler
+    return built
+
+
+def qkv_views(
+    t: int, heads: int, kv_heads: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused qkv output (T, (H + 2 KVH) D) and its q (T, H, D), k (T, KVH, D) strided views."""
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim)
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    return qkv, q.view(t, heads, dim), k.view(t, kv_heads, dim)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("dim", [64, 576])
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_rms_norm_matches_pytorch(kernels, t, dim, eps):  # type: ignore[no-untyped-def]
+    torch.manual_seed(t + dim)
+    x, weight = 3 * torch.randn(t, dim), torch.randn(dim)
+    got = kernels.rms_norm(x, weight, eps)
+    assert got.shape == (t, dim) and got.is_contiguous()
+    torch.testing.assert_close(got, rms_norm(x, weight, eps), **TOL)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 32), (16, 8, 128)])
+def test_head_rms_norm_matches_pytorch_on_strided_views(kernels, t, heads, kv_heads, dim):  # type: ignore[no-untyped-def]
+    torch.manual_seed(t + heads)
+    qkv, q, k = qkv_views(t, heads, kv_heads, dim)
+    weight = torch.randn(dim)
+    expected_q, expected_k = rms_norm(q, weight, 1e-6), rms_norm(k, weight, 1e-6)
+    before = qkv.clone()
+    torch.testing.assert_close(kernels.rms_norm(q, weight, 1e-6), expected_q, **TOL)
+    kernels.rms_norm_(q, weight, 1e-6)
+    kernels.rms_norm_(k, weight, 1e-6)
+    torch.testing.assert_close(q, expected_q, **TOL)
+    torch.testing.assert_close(k, expected_k, **TOL)
+    v_start = (heads + kv_heads) * dim
+    assert torch.equal(qkv[:, v_start:], before[:, v_start:])  # v untouched
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("dim", [64, 576])
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_fused_add_rms_norm_matches_pytorch(kernels, t, dim, eps):  # type: ignore[no-untyped-def]
+    torch.manual_seed(t + dim)
+    x, residual, weight = torch.randn(t, dim), 5 * torch.randn(t, dim), torch.randn(dim)
+    expected_sum = x + residual
+    expected = rms_norm(expected_sum, weight, eps)
+    kernels.fused_add_rms_norm_(x, residual, weight, eps)
+    torch.testing.assert_close(residual, expected_sum, **TOL)
+    torch.testing.assert_close(x, expected, **TOL)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("intermediate", [128, 1536])
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # 40: silu's exp far out on both sides
+def test_silu_and_mul_matches_pytorch(kernels, t, intermediate, scale):  # type: ignore[no-untyped-def]
+    torch.manual_seed(t + intermediate)
+    gate_up = scale * torch.randn(t, 2 * intermediate)
+    got = kernels.silu_and_mul(gate_up)
+    assert got.shape == (t, intermediate)
+    torch.testing.assert_close(got, silu_and_mul(gate_up), **TOL)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 16), (4, 4, 32), (8, 1, 128)]
+)
+@pytest.mark.parametrize("rope_type", ["default", "llama3"])
+def test_rope_matches_pytorch_on_strided_views(kernels, t, heads, kv_heads, dim, rope_type):  # type: ignore[no-untyped-def]
+    torch.manual_seed(t + heads + dim)
+    rope = RopeConfig(theta=10000.0) if rope_type == "default" else llama3_rope()
+    cos, sin = RotaryEmbedding(rope, dim).cos_sin(torch.randint(0, 4096, (t,)), torch.float32)
+    qkv, q, k = qkv_views(t, heads, kv_heads, dim)
+    expected_q, expected_k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    before = qkv.clone()
+    kernels.rotary_embedding_(q, k, cos, sin)
+    torch.testing.assert_close(q, expected_q, **TOL)
+    torch.testing.assert_close(k, expected_k, **TOL)
+    v_start = (heads + kv_heads) * dim
+    assert torch.equal(qkv[:, v_start:], before[:, v_start:])  # v untouched
+
+
+def llama3_rope() -> RopeConfig:
+    return RopeConfig(
+        theta=500000.0,
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position=64,
+    )
+
+
+def test_kernels_refuse_other_dtypes(kernels):  # type: ignore[no-untyped-def]
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        kernels.rms_norm(x, torch.ones(64, dtype=torch.bfloat16), 1e-6)
+
+
+def test_engine_fuses_only_on_the_cpu_fast_path(tiny_models):  # type: ignore[no-untyped-def]
+    path = str(tiny_models["qwen3"])
+
+    def fused(**kwargs) -> bool:  # type: ignore[no-untyped-def]
+        llm = LLM(path, device="cpu", kv_cache_memory=2**20, **kwargs)
+        model = llm.engine.loaded.model
+        layer = model.layers[0]
+        uses = [layer.input_layernorm, layer.self_attn, layer.self_attn.q_norm, layer.mlp]
+        assert all((m.fused is not None) == (model.fused is not None) for m in uses)
+        return model.fused is not None
+
+    assert fused()  # kernels="auto", fp32
+    assert not fused(kernels="torch")
+    assert not fused(dtype="bfloat16")
+
+
+def test_engine_keeps_pytorch_ops_when_the_kernels_cannot_build(tiny_models, monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setattr(native_build, "cache_root", lambda: blocker)
+    native_build.build_extension.cache_clear()
+    try:
+        prompts = shared_prefix_prompts(6, seed=4)
+        with pytest.warns(UserWarning, match="element-wise kernels could not be built"):
+            llm = LLM(
+                str(tiny_models["qwen3"]), device="cpu", block_size=8, kv_cache_memory=8 * 2**20
+            )
+        assert llm.engine.loaded.model.fused is None
+        outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+        assert [o.output_token_ids for o in outs] == hf_greedy(
+            tiny_models["qwen3"], prompts, [6] * 6
+        )
+    finally:
+        native_build.build_extension.cache_clear()
