@@ -23,7 +23,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 # glibc's largest mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX): 32 MiB.
 MMAP_THRESHOLD = 32 * 2**20
-TRIM_THRESHOLD = 2**30
+TRIM_THRESHOLD = -1  # never trim (glibc: -1 disables trimming)
 
 
 @functools.cache
