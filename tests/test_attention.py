@@ -27,6 +27,9 @@ from prefixbatch.scheduling.scheduler import ScheduledStep
 from prefixbatch.scheduling.sequence import PrefixGroup, Sequence
 
 BS = 16
+# The compiled kernel is built with -ffast-math (vectorised exp, reassociated sums): over
+# contexts of thousands of fp32 terms its error reaches about 1e-5 of the largest output.
+KERNEL_RTOL = 3e-5
 
 
 def random_step(rng: random.Random, num_blocks: int):  # type: ignore[no-untyped-def]
@@ -119,7 +122,7 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
     got = fast.forward(0, q, k, v, meta_shared)[rows_shared]
     assert torch.isfinite(got).all()
     rel = (got - expected).abs().max() / expected.abs().max()
-    assert rel < 1e-5, f"max relative error {rel:.2e}"
+    assert rel < (KERNEL_RTOL if native else 1e-5), f"max relative error {rel:.2e}"
 
 
 def check_kernel(
@@ -146,7 +149,7 @@ def check_kernel(
     expected = attend_decode(q, k_pool, v_pool, batch, scale, BS)
     out, lse = fn(q, k_pool, v_pool, ids, lens, BS, scale)
     rel = (out - expected).abs().max() / expected.abs().max()
-    assert rel < 1e-5, f"max relative error {rel:.2e}"
+    assert rel < KERNEL_RTOL, f"max relative error {rel:.2e}"
     for b, n in enumerate(lengths):  # lse of row b, head h: logsumexp of its scores
         keys = k_pool.view(-1, BS, kv_heads, dim)[ids[b]].reshape(-1, kv_heads, dim)[:n]
         keys = keys.repeat_interleave(group, dim=1)  # (n, H, D)
