@@ -12,6 +12,7 @@ from prefixbatch.config import RopeConfig
 from prefixbatch.execution import native_build
 from prefixbatch.execution.fused_ops import FusedKernels, fused_kernels
 from prefixbatch.execution.layers import RotaryEmbedding, apply_rope, rms_norm, silu_and_mul
+from prefixbatch.execution.sampler import torch_argmax
 
 ROWS = [0, 1, 7, 64, 300]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -121,6 +122,19 @@ def test_kernels_refuse_other_dtypes(kernels):  # type: ignore[no-untyped-def]
         kernels.rms_norm(x, torch.ones(64, dtype=torch.bfloat16), 1e-6)
 
 
+@pytest.mark.parametrize("rows", [0, 1, 5, 96])
+def test_argmax_rows_matches_torch_argmax_ties_and_masked_rows_included(kernels, rows):  # type: ignore[no-untyped-def]
+    torch.manual_seed(rows)
+    logits = torch.randn(rows, 4099) * 8
+    if rows > 1:
+        logits[1, 10] = logits[1, 4000] = logits[1].max() + 1  # a tie: the first index wins
+    if rows > 2:  # masked as structured output does; one row masked but its last entry
+        logits[2] = float("-inf")
+    if rows > 3:
+        logits[3, :-1] = float("-inf")
+    assert torch.equal(kernels.argmax_rows(logits), logits.argmax(dim=-1))
+
+
 def test_engine_fuses_only_on_the_cpu_fast_path(tiny_models):  # type: ignore[no-untyped-def]
     path = str(tiny_models["qwen3"])
 
@@ -130,6 +144,8 @@ def test_engine_fuses_only_on_the_cpu_fast_path(tiny_models):  # type: ignore[no
         layer = model.layers[0]
         uses = [layer.input_layernorm, layer.self_attn, layer.self_attn.q_norm, layer.mlp]
         assert all((m.fused is not None) == (model.fused is not None) for m in uses)
+        fast_argmax = llm.engine.sampler.argmax_rows is not torch_argmax
+        assert fast_argmax == (model.fused is not None)
         return model.fused is not None
 
     assert fused()  # kernels="auto", fp32

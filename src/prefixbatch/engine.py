@@ -18,6 +18,7 @@ from .detokenizer import OutputTexts
 from .errors import KVBudgetError
 from .execution.attention.backend import AttentionBackend
 from .execution.model_runner import ModelRunner
+from .execution.sampler import torch_argmax
 from .execution.step_sampler import StepSampler
 from .execution.structured import StructuredOutput
 from .loading.builder import LoadedModel, load_model
@@ -95,7 +96,13 @@ class LLMEngine:
         )
         # Penalties, grammar masks, sampling, log-probabilities; the grammar engine is built
         # only when a request asks for structured output.
-        self.sampler = StepSampler(self.limits.vocab_size, self.eos_ids, self._grammars)
+        fused = self.loaded.model.fused
+        self.sampler = StepSampler(
+            self.limits.vocab_size,
+            self.eos_ids,
+            self._grammars,
+            torch_argmax if fused is None else fused.argmax_rows,
+        )
         self.stats = EngineStats()
         self._requests: dict[int, Request] = {}  # unfinished requests by id
         self._sequences: dict[int, list[Sequence]] = {}  # a request's choices by request id

@@ -5,7 +5,9 @@ Eager PyTorch runs a layer's norms, residual adds, rope and SiLU-and-mul as a do
 each a pass over memory and a dispatch; the kernels do each in one pass, in place where they can
 (rope rotates q and k inside the fused qkv output). fp32 only; the engine switches them on with
 the other CPU fast paths (``kernels="auto"``, CPU, fp32). The plain PyTorch path in ``layers.py``
-is the reference they are tested against; without a C++ compiler the engine keeps it.
+is the reference they are tested against; without a C++ compiler the engine keeps it. The same
+module holds the greedy sampler's row argmax (torch's CPU argmax is a scalar loop: about 4 ms
+for 96 rows of a 49k vocabulary, a few percent of a decode step).
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class FusedKernels(Protocol):
     ) -> None:
         """q (T, H, D), k (T, KVH, D), any token and head strides, rotated in place by
         cos, sin (T, D/2) contiguous (rotate-half RoPE)."""
+        ...
+
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x (S, V) contiguous -> (S,) int64, the first index of each row's maximum (the greedy
+        sampler's ``argmax``; rows must not hold NaN)."""
         ...
 
 

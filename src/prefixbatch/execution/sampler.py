@@ -12,7 +12,7 @@ shares its batch, at any row of it, and the same integer math runs on the CPU an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -131,10 +131,20 @@ def filter_logits(
     return logits.masked_fill(~mask, float("-inf"))
 
 
-def sample(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
+def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(S, vocab) -> (S,) int64: the first index of each row's maximum."""
+    return logits.argmax(dim=-1)
+
+
+def sample(
+    logits: torch.Tensor,
+    tensors: SamplingTensors,
+    argmax_rows: Callable[[torch.Tensor], torch.Tensor] = torch_argmax,
+) -> torch.Tensor:
     """logits (S, vocab) fp32 -> (S,) int64 token ids on the logits' device (the caller makes one
-    ``.tolist()`` per step). Greedy rows take the argmax of the raw logits."""
-    argmax = logits.argmax(dim=-1)
+    ``.tolist()`` per step). Greedy rows take ``argmax_rows`` of the raw logits (a compiled
+    kernel on the CPU fast path, ``torch_argmax`` otherwise)."""
+    argmax = argmax_rows(logits)
     if tensors.all_greedy:
         return argmax
     scaled = logits / tensors.temperature[:, None]

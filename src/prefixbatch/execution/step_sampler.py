@@ -27,7 +27,7 @@ import xgrammar as xgr
 from ..sampling_params import SamplingParams
 from .logprobs import TokenLogprob, compute_logprobs, prompt_logprobs
 from .penalties import LogitsProcessing
-from .sampler import SamplingTensors, sample
+from .sampler import SamplingTensors, sample, torch_argmax
 from .structured import StructuredOutput
 
 
@@ -65,8 +65,10 @@ class StepSampler:
         vocab_size: int,
         eos_ids: Seq[int],
         structured: Callable[[], StructuredOutput],
+        argmax_rows: Callable[[torch.Tensor], torch.Tensor] = torch_argmax,
     ) -> None:
         self.vocab_size = vocab_size
+        self.argmax_rows = argmax_rows
         self.eos_ids = tuple(eos_ids)
         self._make_structured = structured
         self._structured: StructuredOutput | None = None
@@ -142,7 +144,7 @@ class StepSampler:
             [s.num_output for s in seqs],
             logits.device,
         )
-        chosen = sample(logits, tensors)
+        chosen = sample(logits, tensors, self.argmax_rows)
         if raw is not None:
             tops = [seqs[i].params.logprobs or 0 for i in want]
             entries = compute_logprobs(raw, chosen[want], max(tops)).entries(tops)

@@ -1,6 +1,6 @@
 // Fused element-wise ops of a decoder layer (CPU, fp32), after vLLM's CPU `_C` ops: RMSNorm
 // (plain, in place on strided heads, and fused with the residual add), SiLU-and-mul and in-place
-// rotary embedding. Built at first use by prefixbatch/execution/fused_ops.py; the plain PyTorch
+// rotary embedding; and the greedy sampler's row argmax. Built at first use by prefixbatch/execution/fused_ops.py; the plain PyTorch
 // path in layers.py is what each op is tested against. Loops are plain and marked `omp simd` so
 // the compiler vectorises them for whatever this CPU has (the build uses -march=native).
 #include <torch/extension.h>
@@ -180,10 +180,38 @@ void rotary_embedding_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torc
   });
 }
 
+// Index of the first largest value of each row of x (S, V), contiguous -> (S,) int64: what
+// torch.argmax gives for rows without NaN. One vectorised pass finds the maximum, a second stops
+// at its first occurrence (torch's CPU argmax tracks the index in a scalar loop, ~10x slower).
+torch::Tensor argmax_rows(torch::Tensor x) {
+  check_fp32(x, "argmax_rows");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0,
+              "argmax_rows: contiguous (S, V) with V > 0 expected");
+  const int64_t S = x.size(0), V = x.size(1);
+  auto out = torch::empty({S}, x.options().dtype(torch::kInt64));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, S, grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * V;
+      float m = row[0];
+#pragma omp simd reduction(max : m)
+      for (int64_t i = 0; i < V; ++i) m = std::max(m, row[i]);
+      int64_t i = 0;
+      while (i < V && row[i] != m) ++i;
+      // OpenMP starts a max reduction at -FLT_MAX, so a row of -inf (all masked) matches
+      // nothing: torch.argmax gives 0 for it.
+      op[r] = i < V ? i : 0;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of (T, D) or (T, H, D) rows into a new tensor");
   m.def("rms_norm_", &rms_norm_, "RMSNorm of (T, D) or (T, H, D) rows in place");
   m.def("fused_add_rms_norm_", &fused_add_rms_norm_, "residual += x; x = RMSNorm(residual)");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of (T, 2I) gate_up");
   m.def("rotary_embedding_", &rotary_embedding_, "rotate-half RoPE of q and k in place");
+  m.def("argmax_rows", &argmax_rows, "first index of each row's maximum");
 }
