@@ -141,7 +141,8 @@ class EngineConfig:
     # tokens; a shorter prefix is cheaper to read through the plain path than to merge.
     cascade_min_prefix: int = 256
     # "auto": the fast paths where they apply (on the CPU in fp32: the compiled decode-attention
-    # kernel and oneDNN-packed projections); "torch": plain PyTorch only (the reference paths).
+    # kernel, oneDNN-packed projections, the fused element-wise kernels and the compiled greedy
+    # argmax); "torch": plain PyTorch only (the reference paths).
     kernels: str = "auto"
     # The attention backend by registry name ("auto": the best available for the device and
     # dtype; see execution/attention/registry.py).
