@@ -30,6 +30,10 @@ BS = 16
 # The compiled kernel is built with -ffast-math (vectorised exp, reassociated sums): over
 # contexts of thousands of fp32 terms its error reaches about 1e-5 of the largest output.
 KERNEL_RTOL = 3e-5
+# Two PyTorch paths in fp32 (cascade + log-sum-exp merge against one SDPA call): their
+# summation orders, which also depend on how many threads split a product, differ by up to
+# about 1.2e-5 of the largest output.
+TORCH_RTOL = 2e-5
 
 
 def random_step(rng: random.Random, num_blocks: int):  # type: ignore[no-untyped-def]
@@ -122,7 +126,7 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
     got = fast.forward(0, q, k, v, meta_shared)[rows_shared]
     assert torch.isfinite(got).all()
     rel = (got - expected).abs().max() / expected.abs().max()
-    assert rel < (KERNEL_RTOL if native else 1e-5), f"max relative error {rel:.2e}"
+    assert rel < (KERNEL_RTOL if native else TORCH_RTOL), f"max relative error {rel:.2e}"
 
 
 def check_kernel(
