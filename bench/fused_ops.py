@@ -19,6 +19,7 @@ from common import machine, table
 
 from prefixbatch.config import RopeConfig
 from prefixbatch.execution.fused_ops import FusedKernels, fused_kernels
+from prefixbatch.execution.host_memory import keep_freed_memory
 from prefixbatch.execution.layers import RotaryEmbedding, apply_rope, rms_norm, silu_and_mul
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, EPS = 576, 9, 3, 64, 1536, 1e-5
@@ -61,6 +62,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
     print(f"machine: {machine()}, torch threads: {torch.get_num_threads()}")
+    # As in the engine: freed buffers stay in the process, so the plain ops' allocations do not
+    # page-fault (without this their 1024-row times swing 3-5x from run to run).
+    keep_freed_memory()
     kernels = fused_kernels()
     assert kernels is not None, "the kernels did not build"
     rows = []
