@@ -33,9 +33,6 @@ class TorchMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
     prefills: tuple[PrefillSlice, ...] = ()
     decode: DecodeBatch | None = None
-    # Every row is a decode row, in row order: attention returns the decode output as it is,
-    # with no gather of its rows' queries and no scatter of its results.
-    decode_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,14 +148,15 @@ class ReferenceBackend(AttentionBackend):
         arrays = {"slots": slot_mapping(step, tables)}
         plan = ContextPlan.build(step, tables, range(len(step.seqs)), self.decode_mask, arrays)
         t = to_device(arrays, self.cache.k.device)
-        decode_only = not plan.prefill_seqs and all(s.q_len == 1 for s in step.seqs)
-        return TorchMetadata(t["slots"], *plan.tensors(t), decode_only=decode_only)
+        return TorchMetadata(t["slots"], *plan.tensors(t))
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TorchMetadata
     ) -> torch.Tensor:
         self.write_kv(layer, k, v, meta.slot_mapping)
-        if meta.decode_only and meta.decode is not None:
+        if not meta.prefills and meta.decode is not None:
+            # Every row is a decode row, in row order: the decode output is the result as it
+            # is, with no gather of the rows' queries and no scatter of their outputs.
             return self.decode(q, self.cache.k[layer], self.cache.v[layer], meta.decode)
         return self.attend(layer, q, meta.prefills, meta.decode, torch.empty_like(q))
 
