@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,20 @@ def make_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
     model.save_pretrained(str(path))
     save_tokenizer(path)
     return path
+
+
+@pytest.fixture
+def kernels_cannot_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Every C++ kernel build fails (the cache directory is a file) for this test; builds
+    already loaded are forgotten before and after."""
+    from prefixbatch.execution import native_build
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setattr(native_build, "cache_root", lambda: blocker)
+    native_build.build_extension.cache_clear()
+    yield
+    native_build.build_extension.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -208,26 +208,14 @@ def test_native_decode_kernel_without_avx512(monkeypatch: pytest.MonkeyPatch) ->
         native_build.build_extension.cache_clear()
 
 
-def test_engine_falls_back_to_pytorch_when_the_kernel_cannot_build(
-    tiny_models, monkeypatch, tmp_path
-):  # type: ignore[no-untyped-def]
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("")
-    monkeypatch.setattr(native_build, "cache_root", lambda: blocker)
-    native_build.build_extension.cache_clear()
-    try:
-        prompts = shared_prefix_prompts(6, seed=3)
-        with pytest.warns(UserWarning, match="could not be built"):
-            llm = LLM(
-                str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=8 * 2**20
-            )
-        assert not isinstance(llm.engine.backend, NativeDecodeBackend)
-        outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
-        assert [o.output_token_ids for o in outs] == hf_greedy(
-            tiny_models["llama"], prompts, [6] * 6
-        )
-    finally:
-        native_build.build_extension.cache_clear()
+@pytest.mark.usefixtures("kernels_cannot_build")
+def test_engine_falls_back_to_pytorch_when_the_kernel_cannot_build(tiny_models):  # type: ignore[no-untyped-def]
+    prompts = shared_prefix_prompts(6, seed=3)
+    with pytest.warns(UserWarning, match="could not be built"):
+        llm = LLM(str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=8 * 2**20)
+    assert not isinstance(llm.engine.backend, NativeDecodeBackend)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    assert [o.output_token_ids for o in outs] == hf_greedy(tiny_models["llama"], prompts, [6] * 6)
 
 
 def test_kernel_build_is_announced_only_when_it_compiles(monkeypatch, tmp_path, caplog):  # type: ignore[no-untyped-def]

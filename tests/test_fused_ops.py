@@ -9,7 +9,6 @@ import torch
 from conftest import hf_greedy, shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.config import RopeConfig
-from prefixbatch.execution import native_build
 from prefixbatch.execution.fused_ops import FusedKernels, fused_kernels
 from prefixbatch.execution.layers import RotaryEmbedding, apply_rope, rms_norm, silu_and_mul
 from prefixbatch.execution.sampler import torch_argmax
@@ -153,21 +152,11 @@ def test_engine_fuses_only_on_the_cpu_fast_path(tiny_models):  # type: ignore[no
     assert not fused(dtype="bfloat16")
 
 
-def test_engine_keeps_pytorch_ops_when_the_kernels_cannot_build(tiny_models, monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("")
-    monkeypatch.setattr(native_build, "cache_root", lambda: blocker)
-    native_build.build_extension.cache_clear()
-    try:
-        prompts = shared_prefix_prompts(6, seed=4)
-        with pytest.warns(UserWarning, match="element-wise kernels could not be built"):
-            llm = LLM(
-                str(tiny_models["qwen3"]), device="cpu", block_size=8, kv_cache_memory=8 * 2**20
-            )
-        assert llm.engine.loaded.model.fused is None
-        outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
-        assert [o.output_token_ids for o in outs] == hf_greedy(
-            tiny_models["qwen3"], prompts, [6] * 6
-        )
-    finally:
-        native_build.build_extension.cache_clear()
+@pytest.mark.usefixtures("kernels_cannot_build")
+def test_engine_keeps_pytorch_ops_when_the_kernels_cannot_build(tiny_models):  # type: ignore[no-untyped-def]
+    prompts = shared_prefix_prompts(6, seed=4)
+    with pytest.warns(UserWarning, match="element-wise kernels could not be built"):
+        llm = LLM(str(tiny_models["qwen3"]), device="cpu", block_size=8, kv_cache_memory=8 * 2**20)
+    assert llm.engine.loaded.model.fused is None
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    assert [o.output_token_ids for o in outs] == hf_greedy(tiny_models["qwen3"], prompts, [6] * 6)
