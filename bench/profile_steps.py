@@ -1,6 +1,6 @@
 """Where a step's time goes: one prefill-heavy and one decode-heavy step of the engine under
 ``torch.profiler``, split into projections, prefill attention, decode attention, element-wise
-ops (norms, rope, SiLU, residuals; the fused CPU kernels as named ranges), sampling, host-side
+ops (norms, rope, SiLU, residuals; the compiled CPU kernels as named ranges), sampling, host-side
 step preparation and Python overhead.
 
     python bench/profile_steps.py [--kv-cache-memory 4GiB] [--decode-batch 64]
@@ -108,7 +108,9 @@ def main() -> None:
     engine = llm.engine
     model = engine.loaded.model
     if model.fused is not None:
-        model.use_fused_kernels(NamedKernels(model.fused))  # type: ignore[arg-type]
+        named = NamedKernels(model.fused)
+        model.use_fused_kernels(named)  # type: ignore[arg-type]
+        engine.sampler.argmax_rows = named.argmax_rows  # the greedy argmax: "sampling"
     rng = random.Random(0)
     prompts = [
         [rng.randrange(100, 40000) for _ in range(args.prompt_len)]
