@@ -1,4 +1,6 @@
-"""The CPU decode-attention kernel (``csrc/paged_decode.cpp``) against memory bandwidth.
+"""The CPU decode-attention kernels: ``paged_decode`` against memory bandwidth, and
+``attend_prefix_levels`` (shared prefix levels read once for the rows below them) against reading
+the same contexts row by row.
 
     python bench/decode_kernel.py [--baseline OLD.cpp] [--reps 15] [--threads N]
 
@@ -10,9 +12,14 @@ prefix shared by a group of rows counts once, as DRAM traffic would (its other r
 The bandwidth peer, measured in the same run, is ``torch.sum`` over a float32 array far larger
 than the last-level cache, on the same threads (bytes read / seconds).
 
-``--baseline`` builds another version of the kernel source (e.g. the previous commit's, copied
+``--baseline`` builds another version of ``paged_decode.cpp`` (e.g. the previous commit's, copied
 outside the repository) under its own name and times both, repetitions interleaved so that
 other load on the machine falls on both alike; medians are reported.
+
+The level cases are the decode steps of ``bench/workloads.py``'s shared-prefix jobs: each row's
+own part (its question) goes through ``paged_decode`` either way; "row by row" reads each row's
+whole context with it, "levels" reads its own blocks with it and the levels with
+``attend_prefix_levels``.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ import argparse
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from common import machine, table
 
-from prefixbatch.execution.attention.native import SOURCE, PagedDecode
+from prefixbatch.execution.attention.native import SOURCES, DecodeKernels
 from prefixbatch.execution.native_build import build_extension
 
 BLOCK = 16
@@ -86,6 +94,78 @@ def cases(rng: random.Random, num_blocks: int) -> list[Case]:
     ]
 
 
+@dataclass
+class LevelCase:
+    name: str
+    full: tuple[torch.Tensor, torch.Tensor]  # (B, NB) tables and (B,) lengths, whole contexts
+    own: tuple[torch.Tensor, torch.Tensor]  # the same for each row's own part
+    levels: tuple[torch.Tensor, ...]  # level tables, lengths, row_ptr, rows
+
+
+def padded(tables: list[list[int]]) -> torch.Tensor:
+    widest = max(map(len, tables))
+    return torch.tensor([t + [t[0]] * (widest - len(t)) for t in tables])
+
+
+def level_case(
+    name: str, rng: random.Random, num_blocks: int, top: int, subs: list[tuple[int, int]]
+) -> LevelCase:
+    """One level of ``top`` blocks over every row (none if 0), below it sub-levels of
+    (blocks, rows) each; every row then has 10-60 tokens of its own."""
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    top_blocks = [free.pop() for _ in range(top)]
+    level_blocks = [top_blocks] if top else []
+    level_rows: list[list[int]] = [[]] if top else []
+    full, full_len, own, own_len = [], [], [], []
+    for blocks, rows in subs:
+        sub = [free.pop() for _ in range(blocks)]
+        level_blocks.append(sub)
+        level_rows.append([])
+        for _ in range(rows):
+            n = rng.randint(10, 60)
+            mine = [free.pop() for _ in range(-(-n // BLOCK))]
+            for lv in ([0] if top else []) + [len(level_blocks) - 1]:
+                level_rows[lv].append(len(own))
+            full.append(top_blocks + sub + mine)
+            full_len.append((top + blocks) * BLOCK + n)
+            own.append(mine)
+            own_len.append(n)
+    ptr = [0]
+    for r in level_rows:
+        ptr.append(ptr[-1] + len(r))
+    levels = (
+        padded(level_blocks),
+        torch.tensor([len(b) * BLOCK for b in level_blocks]),
+        torch.tensor(ptr),
+        torch.tensor([r for rows in level_rows for r in rows]),
+    )
+    return LevelCase(
+        name,
+        (padded(full), torch.tensor(full_len)),
+        (padded(own), torch.tensor(own_len)),
+        levels,
+    )
+
+
+def level_cases(rng: random.Random, num_blocks: int) -> list[LevelCase]:
+    return [
+        level_case("multi-level: 300 > 8 x 400 > 6 rows", rng, num_blocks, 18, [(25, 6)] * 8),
+        level_case("document QA: 16 x 500 > 4 rows", rng, num_blocks, 0, [(31, 4)] * 16),
+        level_case("few-shot: 12 x 500 > 6 rows", rng, num_blocks, 0, [(31, 6)] * 12),
+    ]
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    times = []
+    for rep in range(reps + 1):
+        start = time.perf_counter()
+        fn()
+        if rep:
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def bandwidth_peer(reps: int) -> float:
     """GB/s of ``torch.sum`` over 1 GiB of float32."""
     x = torch.ones(2**28)
@@ -106,12 +186,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    kernels: dict[str, PagedDecode] = {}
-    for label, source in [("baseline", args.baseline), ("kernel", SOURCE)]:
+    kernels: dict[str, DecodeKernels] = {}
+    for label, source in [("baseline", args.baseline), ("kernel", SOURCES[0])]:
         if source is not None:
-            module = build_extension(source.resolve(), f"{label} decode kernel")
+            module = build_extension((source.resolve(), *SOURCES[1:]), f"{label} decode kernel")
             assert module is not None, f"{source} did not build"
-            kernels[label] = module.paged_decode
+            kernels[label] = module  # type: ignore[assignment]
     rng = random.Random(0)
     torch.manual_seed(0)
     num_blocks = 12288  # room for the largest case (256 rows of <= 38 blocks)
@@ -130,7 +210,7 @@ def main() -> None:
             for label, fn in kernels.items():
                 start = time.perf_counter()
                 for k_pool, v_pool in pools:
-                    fn(q, k_pool, v_pool, case.tables, lengths, BLOCK, DIM**-0.5)
+                    fn.paged_decode(q, k_pool, v_pool, case.tables, lengths, BLOCK, DIM**-0.5)
                 if rep:  # the first repetition warms up
                     times[label].append((time.perf_counter() - start) / LAYERS)
         unique = case.unique_tokens * KV_HEADS * DIM * 4 * 2
@@ -142,6 +222,32 @@ def main() -> None:
         rows.append(row)
     print(table(rows))
     print(f"GB/s: unique K/V bytes per call / median s per call; (%): of the {peer:.1f} GB/s peer")
+    k = kernels["kernel"]
+    scale = DIM**-0.5
+    rows = []
+    for lc in level_cases(rng, num_blocks):
+        q = torch.randn(len(lc.own[1]), KV_HEADS * GROUP, DIM)
+
+        def row_by_row(lc: LevelCase = lc, q: torch.Tensor = q) -> None:
+            for k_pool, v_pool in pools:
+                k.paged_decode(q, k_pool, v_pool, *lc.full, BLOCK, scale)
+
+        def levels(lc: LevelCase = lc, q: torch.Tensor = q) -> None:
+            for k_pool, v_pool in pools:
+                out, lse = k.paged_decode(q, k_pool, v_pool, *lc.own, BLOCK, scale)
+                k.attend_prefix_levels(q, k_pool, v_pool, out, lse, *lc.levels, BLOCK, scale)
+
+        plain, shared = (median_ms(f, args.reps) / LAYERS for f in (row_by_row, levels))
+        rows.append(
+            {
+                "decode step (one layer)": lc.name,
+                "rows": len(q),
+                "row by row ms": f"{plain:.3f}",
+                "levels ms": f"{shared:.3f}",
+                "speed-up": f"{plain / shared:.2f}x",
+            }
+        )
+    print(table(rows))
 
 
 if __name__ == "__main__":

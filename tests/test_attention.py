@@ -3,6 +3,7 @@ the plain reference path, on random shapes; and the fallback when the kernel can
 
 from __future__ import annotations
 
+import itertools
 import platform
 import random
 from pathlib import Path
@@ -15,9 +16,9 @@ from prefixbatch import LLM, SamplingParams
 from prefixbatch.execution import native_build
 from prefixbatch.execution.attention.backend import DecodeBatch
 from prefixbatch.execution.attention.native import (
+    DecodeKernels,
     NativeDecodeBackend,
-    PagedDecode,
-    paged_decode_kernel,
+    decode_kernels,
 )
 from prefixbatch.execution.attention.reference import ReferenceBackend, attend_decode
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
@@ -76,10 +77,10 @@ def _rows(last_row: list[int], num_tokens: list[int]) -> torch.Tensor:
     return torch.cat([torch.arange(r - n + 1, r + 1) for r, n in zip(last_row, num_tokens)])
 
 
-def kernel():  # type: ignore[no-untyped-def]
-    """The compiled kernel; CI has a compiler, so a failed build fails the test."""
-    k = paged_decode_kernel()
-    assert k is not None, "the CPU decode-attention kernel did not build"
+def kernels() -> DecodeKernels:
+    """The compiled kernels; CI has a compiler, so a failed build fails the test."""
+    k = decode_kernels()
+    assert k is not None, "the CPU decode-attention kernels did not build"
     return k
 
 
@@ -98,7 +99,7 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
     scale = dim**-0.5
     reference = ReferenceBackend(cache, heads, scale)
     fast = (
-        NativeDecodeBackend(cache, heads, scale, kernel())
+        NativeDecodeBackend(cache, heads, scale, kernels())
         if native
         else SharedPrefixBackend(cache, heads, scale)
     )
@@ -130,9 +131,9 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
 
 
 def check_kernel(
-    fn: PagedDecode, rng: random.Random, kv_heads: int, group: int, dim: int, lengths: list[int]
+    k: DecodeKernels, rng: random.Random, kv_heads: int, group: int, dim: int, lengths: list[int]
 ) -> None:
-    """The kernel ``fn`` against the plain PyTorch path on rows with these lengths, over blocks
+    """``k.paged_decode`` against the plain PyTorch path on rows with these lengths, over blocks
     scattered in the pool, the rows sharing their first blocks at random; the log-sum-exp too."""
     heads = kv_heads * group
     num_blocks = sum(-(-n // BS) for n in lengths) + 8
@@ -151,7 +152,7 @@ def check_kernel(
     q = torch.randn(len(lengths), heads, dim)
     scale = dim**-0.5
     expected = attend_decode(q, k_pool, v_pool, batch, scale, BS)
-    out, lse = fn(q, k_pool, v_pool, ids, lens, BS, scale)
+    out, lse = k.paged_decode(q, k_pool, v_pool, ids, lens, BS, scale)
     rel = (out - expected).abs().max() / expected.abs().max()
     assert rel < KERNEL_RTOL, f"max relative error {rel:.2e}"
     for b, n in enumerate(lengths):  # lse of row b, head h: logsumexp of its scores
@@ -169,7 +170,7 @@ def test_native_decode_kernel_matches_plain_attention(seed: int) -> None:
     torch.manual_seed(seed)
     lengths = [rng.choice([1, 5, 16, 17, 200, 1100]) for _ in range(rng.randrange(1, 20))]
     kv_heads, group = rng.choice([1, 2, 3, 4]), rng.choice([1, 2, 3, 4, 8])
-    check_kernel(kernel(), rng, kv_heads, group, rng.choice([8, 16, 24, 64, 80, 128]), lengths)
+    check_kernel(kernels(), rng, kv_heads, group, rng.choice([8, 16, 24, 64, 80, 128]), lengths)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -185,9 +186,83 @@ def test_native_decode_kernel_splits_long_contexts(seed: int, threads: int) -> N
     torch.set_num_threads(threads)
     try:
         dim = rng.choice([24, 64, 128])
-        check_kernel(kernel(), rng, rng.choice([1, 3]), rng.choice([1, 3, 8]), dim, lengths)
+        check_kernel(kernels(), rng, rng.choice([1, 3]), rng.choice([1, 3, 8]), dim, lengths)
     finally:
         torch.set_num_threads(before)
+
+
+def check_levels(
+    k: DecodeKernels, rng: random.Random, kv_heads: int, group: int, dim: int, block_size: int
+) -> None:
+    """``paged_decode`` over rows' own blocks, then ``attend_prefix_levels`` over the nested
+    prefix levels above them, against the plain PyTorch path over their whole contexts; the
+    log-sum-exp too. Levels hang from each other at random (some read by no row, some by one,
+    some by dozens: several lane chunks), rows sit below any level or none."""
+    heads = kv_heads * group
+    num_blocks = 1200
+    k_pool = torch.randn(num_blocks * block_size, kv_heads, dim)
+    v_pool = torch.randn(num_blocks * block_size, kv_heads, dim)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    parents: list[int | None] = []
+    blocks: list[list[int]] = []
+    for _ in range(rng.randint(1, 6)):
+        parents.append(rng.choice([None, *range(len(blocks))]))
+        blocks.append([free.pop() for _ in range(rng.choice([1, 2, 5, 40]))])
+
+    def chain(level: int | None) -> list[int]:  # the level and those above it, outermost first
+        return [] if level is None else chain(parents[level]) + [level]
+
+    own_tables, own_lengths, full_tables, full_lengths, below = [], [], [], [], []
+    for _ in range(rng.choice([1, 3, 7, 30])):
+        levels = chain(rng.choice([None, *range(len(blocks))]))
+        own = rng.randint(1, 70)
+        own_blocks = [free.pop() for _ in range(-(-own // block_size))]
+        prefix = [b for lvl in levels for b in blocks[lvl]]
+        own_tables.append(own_blocks)
+        own_lengths.append(own)
+        full_tables.append(prefix + own_blocks)
+        full_lengths.append(len(prefix) * block_size + own)
+        below.append(levels)
+
+    def padded(tables: list[list[int]]) -> torch.Tensor:
+        widest = max(map(len, tables))
+        return torch.tensor([t + [t[0]] * (widest - len(t)) for t in tables])
+
+    q = torch.randn(len(own_lengths), heads, dim)
+    scale = dim**-0.5
+    ids, lens = padded(full_tables), torch.tensor(full_lengths)
+    mask = (torch.arange(ids.shape[1] * block_size)[None, :] < lens[:, None])[:, None, None, :]
+    batch = DecodeBatch(torch.arange(len(lens)), ids, lens, mask)
+    expected = attend_decode(q, k_pool, v_pool, batch, scale, block_size)
+    out, lse = k.paged_decode(
+        q, k_pool, v_pool, padded(own_tables), torch.tensor(own_lengths), block_size, scale
+    )
+    rows = [[r for r, levels in enumerate(below) if lvl in levels] for lvl in range(len(blocks))]
+    k.attend_prefix_levels(
+        q, k_pool, v_pool, out, lse, padded(blocks),
+        torch.tensor([len(b) * block_size for b in blocks]),
+        torch.tensor([0, *itertools.accumulate(map(len, rows))]),
+        torch.tensor([r for level_rows in rows for r in level_rows], dtype=torch.int64),
+        block_size, scale,
+    )  # fmt: skip
+    rel = (out - expected).abs().max() / expected.abs().max()
+    assert rel < KERNEL_RTOL, f"max relative error {rel:.2e}"
+    for b, n in enumerate(full_lengths):
+        keys = k_pool.view(-1, block_size, kv_heads, dim)[ids[b]].reshape(-1, kv_heads, dim)[:n]
+        scores = torch.einsum("hd,nhd->hn", q[b], keys.repeat_interleave(group, dim=1)) * scale
+        torch.testing.assert_close(lse[b], scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_prefix_levels_kernel_matches_plain_attention(seed: int) -> None:
+    """Head dims with a compiled specialisation (64, 128) and without; block sizes under, at
+    and over the vector width."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    kv_heads, group = rng.choice([1, 2, 3]), rng.choice([1, 3, 4, 8])
+    dim, block_size = rng.choice([8, 24, 64, 80, 128]), rng.choice([8, 16, 32])
+    check_levels(kernels(), rng, kv_heads, group, dim, block_size)
 
 
 def test_native_decode_kernel_without_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,12 +273,13 @@ def test_native_decode_kernel_without_avx512(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(native_build, "CFLAGS", flags)
     native_build.build_extension.cache_clear()
     try:
-        fn = paged_decode_kernel()
-        assert fn is not None
+        built = decode_kernels()
+        assert built is not None
         rng = random.Random(0)
         torch.manual_seed(0)
         for dim, lengths in [(64, [1, 17, 330, 3001]), (80, [5, 16, 200]), (24, [1, 40])]:
-            check_kernel(fn, rng, 3, 3, dim, lengths)
+            check_kernel(built, rng, 3, 3, dim, lengths)
+            check_levels(built, rng, 3, 3, dim, 16)
     finally:
         native_build.build_extension.cache_clear()
 
@@ -226,18 +302,18 @@ def test_kernel_build_is_announced_only_when_it_compiles(monkeypatch, tmp_path, 
 
     def fake_load(name, sources, build_directory, **kwargs):  # type: ignore[no-untyped-def]
         (Path(build_directory) / f"{name}.so").write_text("")  # what a real build leaves
-        return types.SimpleNamespace(paged_decode=lambda *a: None)
+        return types.SimpleNamespace()
 
     monkeypatch.setattr(native_build, "cache_root", lambda: tmp_path)
     monkeypatch.setattr(ext, "load", fake_load)
     native_build.build_extension.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="prefixbatch"):
-            assert paged_decode_kernel() is not None
-            assert any("compiling the CPU attention kernel" in r.message for r in caplog.records)
+            assert decode_kernels() is not None
+            assert any("compiling the CPU attention kernels" in r.message for r in caplog.records)
             caplog.clear()
             native_build.build_extension.cache_clear()
-            paged_decode_kernel()  # built already: a cached module loads silently
+            decode_kernels()  # built already: a cached module loads silently
             assert not any("compiling" in r.message for r in caplog.records)
     finally:
         native_build.build_extension.cache_clear()

@@ -58,4 +58,4 @@ class FusedKernels(Protocol):
 
 def fused_kernels() -> FusedKernels | None:
     """The compiled kernels, or None (the build failed: a warning says why)."""
-    return build_extension(SOURCE, "the fused CPU element-wise kernels")  # type: ignore[return-value]
+    return build_extension((SOURCE,), "the fused CPU element-wise kernels")  # type: ignore[return-value]

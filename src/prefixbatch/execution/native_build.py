@@ -1,9 +1,10 @@
 """Builds the project's C++ CPU kernels (``csrc/*.cpp`` files) on first use, once per machine.
 
-``torch.utils.cpp_extension`` compiles a source into ``$PREFIXBATCH_CACHE/torch_extensions``
-under a name keyed by the source, the flags, this CPU's feature flags and the torch version, so a
-later start loads the cached library (milliseconds) and a change to any of them rebuilds. Without
-a C++ compiler the build fails with a warning and callers keep their plain PyTorch path.
+``torch.utils.cpp_extension`` compiles an extension's sources into
+``$PREFIXBATCH_CACHE/torch_extensions`` under a name keyed by the sources, the flags, this CPU's
+feature flags and the torch version, so a later start loads the cached library (milliseconds)
+and a change to any of them rebuilds. Without a C++ compiler the build fails with a warning and
+callers keep their plain PyTorch path.
 """
 
 from __future__ import annotations
@@ -36,17 +37,19 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def build_name(source: Path) -> str:
-    """The extension's module name: the source's stem and a hash of what the build depends on."""
-    key = source.read_bytes() + " ".join(CFLAGS).encode() + _cpu_flags().encode()
-    key += torch.__version__.encode()
-    return f"prefixbatch_{source.stem}_{hashlib.sha256(key).hexdigest()[:12]}"
+def build_name(sources: tuple[Path, ...]) -> str:
+    """The extension's module name: the first source's stem and a hash of what the build
+    depends on."""
+    key = b"".join(s.read_bytes() for s in sources) + " ".join(CFLAGS).encode()
+    key += _cpu_flags().encode() + torch.__version__.encode()
+    return f"prefixbatch_{sources[0].stem}_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
 @functools.cache
-def build_extension(source: Path, what: str) -> ModuleType | None:
-    """The compiled module of ``source``, or None when it cannot be built (a warning names
-    ``what`` and the error). The first build of a source takes 10-30 s and is logged."""
+def build_extension(sources: tuple[Path, ...], what: str) -> ModuleType | None:
+    """The module compiled from ``sources`` (the first one holds its Python bindings), or None
+    when it cannot be built (a warning names ``what`` and the error). The first build takes
+    10-30 s and is logged."""
     try:
         import ninja  # the pip package ships the binary torch's builder calls
 
@@ -55,7 +58,7 @@ def build_extension(source: Path, what: str) -> ModuleType | None:
         pass
     from torch.utils.cpp_extension import load
 
-    name = build_name(source)
+    name = build_name(sources)
     build_dir = cache_root() / "torch_extensions" / name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,7 @@ def build_extension(source: Path, what: str) -> ModuleType | None:
             log.info("compiling %s (once, about 20 s) into %s", what, build_dir)
         return load(
             name,
-            [str(source)],
+            [str(s) for s in sources],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),

@@ -38,10 +38,10 @@ class BackendUnavailableError(JobError):
 
 
 def _cpu_native(cache: KVCache, heads: int, scale: float) -> AttentionBackend | None:
-    from .native import NativeDecodeBackend, paged_decode_kernel
+    from .native import NativeDecodeBackend, decode_kernels
 
-    kernel = paged_decode_kernel()
-    return None if kernel is None else NativeDecodeBackend(cache, heads, scale, kernel)
+    kernels = decode_kernels()
+    return None if kernels is None else NativeDecodeBackend(cache, heads, scale, kernels)
 
 
 def _triton(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
