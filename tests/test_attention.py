@@ -105,7 +105,7 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
     )
     cpu = torch.device("cpu")
     plain = ModelRunner(None, reference, BS, cpu)  # type: ignore[arg-type]
-    shared = ModelRunner(None, fast, BS, cpu, share_prefix_attention=True)  # type: ignore[arg-type]
+    shared = ModelRunner(None, fast, BS, cpu, True, min_shared=1)  # type: ignore[arg-type]
     attn_plain, _, last_plain = plain.describe(step)
     attn_shared, _, last_shared = shared.describe(step)
     assert bool(attn_shared.levels) == (fast.shares_prefix and any(s.group for s in step.seqs))

@@ -166,6 +166,16 @@ def test_registry_picks_the_backend_by_device_and_dtype():  # type: ignore[no-un
         select_backend("flash", fp32, 4, 0.25)
 
 
+def test_shared_prefix_threshold_is_the_backends_unless_configured(tiny_models):  # type: ignore[no-untyped-def]
+    """The CPU kernels read shared prefixes of 128 tokens as levels, the PyTorch cascade of 256;
+    a configured threshold overrides both."""
+    path = str(tiny_models["llama"])
+    opts = {"device": "cpu", "block_size": 8, "kv_cache_memory": 8 * 2**20}
+    assert LLM(path, **opts).engine.runner.min_shared == 128
+    assert LLM(path, kernels="torch", **opts).engine.runner.min_shared == 256
+    assert LLM(path, cascade_min_prefix=64, **opts).engine.runner.min_shared == 64
+
+
 def test_with_policy_leaves_the_original_untouched(tiny_models):  # type: ignore[no-untyped-def]
     llm = LLM(str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=16 * 2**20)
     lru = llm.with_policy("fcfs-lru")

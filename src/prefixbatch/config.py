@@ -138,8 +138,10 @@ class EngineConfig:
     policy: Policy = Policy.BATCHLLM
     seed: int = 0
     # Shared-prefix attention is used for sequences whose shared prefix has at least this many
-    # tokens; a shorter prefix is cheaper to read through the plain path than to merge.
-    cascade_min_prefix: int = 256
+    # tokens. None: the attention backend's own threshold (``min_shared_prefix``: 256 for the
+    # PyTorch and Triton cascades, where a shorter prefix is cheaper to read through the plain
+    # path than to merge; 128 for the CPU kernels).
+    cascade_min_prefix: int | None = None
     # "auto": the fast paths where they apply (on the CPU in fp32: the compiled decode-attention
     # kernel, oneDNN-packed projections, the fused element-wise kernels and the compiled greedy
     # argmax); "torch": plain PyTorch only (the reference paths).

@@ -47,9 +47,10 @@ class ModelRunner:
     """Owns the model and the attention backend (and through it the KV cache).
 
     With ``share_prefix_attention`` (and a backend that ``shares_prefix``), sequences below
-    prefix groups whose shared prefix has at least ``min_shared`` tokens read it through the
-    step's prefix levels; every other sequence reads its whole context. With ``graphs``, decode
-    steps run through the backend's captured CUDA graphs (``cuda_graphs.py``).
+    prefix groups whose shared prefix has at least ``min_shared`` tokens (None: the backend's
+    ``min_shared_prefix``) read it through the step's prefix levels; every other sequence reads
+    its whole context. With ``graphs``, decode steps run through the backend's captured CUDA
+    graphs (``cuda_graphs.py``).
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         share_prefix_attention: bool = False,
-        min_shared: int = 0,
+        min_shared: int | None = None,
         graphs: DecodeGraphRunner | None = None,
     ) -> None:
         self.graphs = graphs
@@ -68,7 +69,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.share_prefix_attention = share_prefix_attention and backend.shares_prefix
-        self.min_shared = max(1, min_shared)
+        self.min_shared = max(1, backend.min_shared_prefix if min_shared is None else min_shared)
 
     def _reads_levels(self, seq: SchedSequence) -> bool:
         return self.share_prefix_attention and seq.shared_len >= self.min_shared

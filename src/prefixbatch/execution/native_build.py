@@ -39,8 +39,9 @@ def _cpu_flags() -> str:
 
 def build_name(sources: tuple[Path, ...]) -> str:
     """The extension's module name: the first source's stem and a hash of what the build
-    depends on."""
-    key = b"".join(s.read_bytes() for s in sources) + " ".join(CFLAGS).encode()
+    depends on (the sources and the headers beside them)."""
+    headers = sorted({h for s in sources for h in s.parent.glob("*.h")})
+    key = b"".join(f.read_bytes() for f in (*sources, *headers)) + " ".join(CFLAGS).encode()
     key += _cpu_flags().encode() + torch.__version__.encode()
     return f"prefixbatch_{sources[0].stem}_{hashlib.sha256(key).hexdigest()[:12]}"
 

@@ -30,12 +30,15 @@ class AttentionBackend(ABC):
     merged by log-sum-exp, or the whole context per row).
 
     ``shares_prefix``: whether the backend reads prefix levels once for all rows below them (the
-    runner then describes the step's levels); otherwise every row reads its whole context.
+    runner then describes the step's levels for sequences whose shared prefix has at least
+    ``min_shared_prefix`` tokens, unless the engine config sets its own threshold); otherwise
+    every row reads its whole context.
     Backends that support CUDA-graph capture of decode steps also implement the graph hooks
     (``execution/cuda_graphs.py``).
     """
 
     shares_prefix = False
+    min_shared_prefix = 256
 
     def __init__(self, cache: KVCache, num_heads: int, scale: float) -> None:
         self.cache = cache

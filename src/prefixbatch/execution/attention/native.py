@@ -110,6 +110,9 @@ class NativeDecodeBackend(ReferenceBackend):
     """
 
     shares_prefix = True
+    # Below this, rows reread a short prefix from cache about as fast as the level path reads
+    # it once (bench: levels of 2 blocks break even, 4 gain 10%, 8 gain 20%).
+    min_shared_prefix = 128
     decode_mask = False  # the kernel stops at each row's length; no padding to mask
 
     def __init__(

@@ -25,7 +25,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
+
+#include "vector_exp.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -39,6 +42,9 @@ constexpr float kNegBig = -1e30f;
 constexpr int64_t kMinPieceBlocks = 16;
 // Pieces per thread below which long contexts are split.
 constexpr int64_t kPiecesPerThread = 4;
+
+typedef float V16 __attribute__((vector_size(64)));  // one AVX-512 register, two AVX2 ones
+typedef int32_t I16 __attribute__((vector_size(64)));
 
 struct Problem {
   const float* q;
@@ -173,6 +179,37 @@ inline void block_values(const Problem& p, const float* v, int64_t n, const floa
   }
 }
 
+// Online softmax over one block's n scores of a query head, in tiles of 16 (sg holds n rounded
+// up to 16 floats; the padding is ignored): sg becomes exp(score - new max), m and l the running
+// max and sum, correction the factor for what was accumulated before this block.
+inline void block_softmax(float* sg, int64_t n, float& m, float& l, float& correction) {
+  const I16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  V16 top = V16{} + kNegBig;
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    V16 x;
+    std::memcpy(&x, sg + t0, sizeof x);
+    x = lane < static_cast<int32_t>(n - t0) ? x : top;
+    top = x > top ? x : top;
+  }
+  float block_max = kNegBig;
+  for (int i = 0; i < 16; ++i) block_max = std::max(block_max, top[i]);
+  const float new_max = std::max(m, block_max);
+  V16 sum = V16{};
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    V16 x;
+    std::memcpy(&x, sg + t0, sizeof x);
+    x = vector_exp<V16, I16>(x - new_max);
+    x = lane < static_cast<int32_t>(n - t0) ? x : V16{};
+    std::memcpy(sg + t0, &x, sizeof x);
+    sum += x;
+  }
+  float total = 0.f;
+  for (int i = 0; i < 16; ++i) total += sum[i];
+  correction = std::exp(m - new_max);
+  l = l * correction + total;
+  m = new_max;
+}
+
 // Brings one block of K and V (all heads, n slots) towards the cache.
 inline void prefetch_block(const Problem& p, int64_t block, int64_t n) {
   const int64_t offset = block * p.block_size * p.tok_stride;
@@ -203,22 +240,8 @@ void attend_piece(const Problem& p, const Piece& piece, float* acc, float* m, fl
     for (int64_t h = 0; h < p.KVH; ++h) {
       const int64_t qh = h * p.G;  // first query head of KV head h
       block_scores(p, q + qh * p.D, p.k + offset + h * p.D, n, s);
-      for (int64_t g = 0; g < p.G; ++g) {  // online softmax: s becomes exp(score - new max)
-        float* sg = s + g * p.score_stride;
-        float block_max = kNegBig;
-#pragma omp simd reduction(max : block_max)
-        for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, sg[t]);
-        const float new_max = std::max(m[qh + g], block_max);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < n; ++t) {
-          sg[t] = std::exp(sg[t] - new_max);
-          sum += sg[t];
-        }
-        correction[g] = std::exp(m[qh + g] - new_max);
-        l[qh + g] = l[qh + g] * correction[g] + sum;
-        m[qh + g] = new_max;
-      }
+      for (int64_t g = 0; g < p.G; ++g)
+        block_softmax(s + g * p.score_stride, n, m[qh + g], l[qh + g], correction[g]);
       block_values(p, p.v + offset + h * p.D, n, s, correction, acc + qh * p.D);
     }
   }

@@ -24,7 +24,14 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "vector_exp.h"
 
 namespace {
 
@@ -44,26 +51,7 @@ typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 inline Vec splat(float x) { return Vec{} + x; }
 inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 
-// exp(x) lane-wise, 0 below -87: 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, and
-// Cephes' expf polynomial for e^r (relative error ~1e-7).
-inline Vec vexp(Vec x) {
-  const Vec lo = splat(-87.f), hi = splat(88.f);
-  const Vec xc = x < lo ? lo : (x > hi ? hi : x);
-  const IVec n = __builtin_convertvector(xc * 1.44269504f + 128.5f, IVec) - 128;  // floor(+0.5)
-  const Vec nf = __builtin_convertvector(n, Vec);
-  const Vec r = xc - nf * 0.693359375f - nf * -2.12194440e-4f;
-  Vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const IVec bits = (n + 127) << 23;  // 2^n as a float's exponent field
-  Vec pow2;
-  std::memcpy(&pow2, &bits, sizeof pow2);
-  return x < lo ? Vec{} : p * pow2;
-}
+inline Vec vexp(Vec x) { return vector_exp<Vec, IVec>(x); }
 
 struct Levels {
   const float* q;
@@ -121,12 +109,98 @@ inline void tile_update(ChunkState& c, const float* kt, const float* vt, int64_t
 }
 
 // Scratch of one thread: kChunksPerPiece chunk states and one K and one V tile.
+// (Left uninitialised: every piece writes what it reads.)
 struct Scratch {
-  std::vector<Vec> qt, acc;
-  std::vector<float> kt, vt;
+  std::unique_ptr<Vec[]> qt, acc;
+  std::unique_ptr<float[]> kt, vt;
   explicit Scratch(int64_t D)
-      : qt(kChunksPerPiece * D), acc(kChunksPerPiece * D), kt(kLanes * D), vt(kLanes * D) {}
+      : qt(new Vec[kChunksPerPiece * D]),
+        acc(new Vec[kChunksPerPiece * D]),
+        kt(new float[kLanes * D]),
+        vt(new float[kLanes * D]) {}
 };
+
+// Lane i of chunk c of a piece holds query head `head` of level_rows slot `slot` (slot -1: past
+// the level's query heads).
+struct LaneHead {
+  int64_t slot, head;
+};
+
+inline LaneHead lane_head(const Levels& p, const LevelPiece& piece, int64_t first, int64_t lanes,
+                          int64_t c, int i) {
+  const int64_t lane = (piece.first_chunk + c) * kLanes + i;
+  if (lane >= lanes) return {-1, 0};
+  return {first + lane / p.G, piece.head * p.G + lane % p.G};
+}
+
+#ifdef __AVX512F__
+// r[i][j] <-> r[j][i] for a 16x16 block of floats held in 16 vectors.
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // 32-bit pairs of rows 2i, 2i + 1
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // per 128-bit lane k: columns 4k..4k+3 of rows g..g+3
+    for (int h = 0; h < 2; ++h) {
+      const __m512d a = _mm512_castps_pd(t[g + h]), b = _mm512_castps_pd(t[g + h + 2]);
+      r[g + h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[g + h + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  }
+  // r[g + m] now holds, in its 128-bit lane k, column 4k + m' of rows g..g+3, where m' is
+  // 0, 2, 1, 3 for m = 0, 1, 2, 3. Gather the four row groups' lanes per column.
+  const int order[4] = {0, 2, 1, 3};
+  for (int m = 0; m < 4; ++m) {
+    const __m512 a = r[m], b = r[4 + m], c = r[8 + m], d = r[12 + m];
+    const __m512 x0 = _mm512_shuffle_f32x4(a, b, 0x88), x1 = _mm512_shuffle_f32x4(a, b, 0xDD);
+    const __m512 y0 = _mm512_shuffle_f32x4(c, d, 0x88), y1 = _mm512_shuffle_f32x4(c, d, 0xDD);
+    t[order[m]] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+    t[8 + order[m]] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+    t[4 + order[m]] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+    t[12 + order[m]] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
+// qt[d] lane i = src[i][d] * scale (0 where src[i] is null): each lane's query row, transposed.
+inline void to_lanes(const float* const* src, int64_t D, float scale, Vec* qt) {
+#ifdef __AVX512F__
+  if (D % 16 == 0) {
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = src[i] ? _mm512_mul_ps(_mm512_loadu_ps(src[i] + d0), s) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) qt[d0 + j] = (Vec)r[j];
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < kLanes; ++i)
+    for (int64_t d = 0; d < D; ++d) qt[d][i] = src[i] ? src[i][d] * scale : 0.f;
+}
+
+// dst[i][d] = acc[d] lane i * inv lane i where dst[i] is not null: the transpose back.
+inline void from_lanes(const Vec* acc, Vec inv, int64_t D, float* const* dst) {
+#ifdef __AVX512F__
+  if (D % 16 == 0) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) r[j] = (__m512)(acc[d0 + j] * inv);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i)
+        if (dst[i]) _mm512_storeu_ps(dst[i] + d0, r[i]);
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < kLanes; ++i)
+    if (dst[i])
+      for (int64_t d = 0; d < D; ++d) dst[i][d] = acc[d][i] * inv[i];
+}
 
 // Partial results of one piece: per lane, out (D,) normalised and lse, at part_out[slot, head]
 // and part_lse[slot, head] where slot indexes level_rows.
@@ -140,23 +214,22 @@ void attend_level_piece(const Levels& p, const LevelPiece& piece, Scratch& scrat
   std::vector<ChunkState> state(chunks);
   for (int64_t c = 0; c < chunks; ++c) {
     ChunkState& st = state[c];
-    st.qt = scratch.qt.data() + c * D;
-    st.acc = scratch.acc.data() + c * D;
+    st.qt = scratch.qt.get() + c * D;
+    st.acc = scratch.acc.get() + c * D;
     st.m = splat(kNegBig);
     st.l = Vec{};
     for (int64_t d = 0; d < D; ++d) st.acc[d] = Vec{};
-    for (int i = 0; i < kLanes; ++i) {  // lanes past the level's query heads stay zero
-      const int64_t lane = (piece.first_chunk + c) * kLanes + i;
-      const float* qh = nullptr;
-      if (lane < lanes)
-        qh = p.q + (p.rows[first + lane / p.G] * p.H + piece.head * p.G + lane % p.G) * D;
-      for (int64_t d = 0; d < D; ++d) st.qt[d][i] = qh ? qh[d] * p.scale : 0.f;
+    const float* src[kLanes];  // each lane's query head (null past the level's: zero)
+    for (int i = 0; i < kLanes; ++i) {
+      const LaneHead at = lane_head(p, piece, first, lanes, c, i);
+      src[i] = at.slot < 0 ? nullptr : p.q + (p.rows[at.slot] * p.H + at.head) * D;
     }
+    to_lanes(src, D, p.scale, st.qt);
   }
   const int64_t length = p.lengths[piece.level];
   const int64_t* table = p.tables + piece.level * p.NBL;
-  float* kt = scratch.kt.data();
-  float* vt = scratch.vt.data();
+  float* kt = scratch.kt.get();
+  float* vt = scratch.vt.get();
   int64_t n;  // tokens in the tile: up to kLanes, never across a block boundary
   for (int64_t pos = 0; pos < length; pos += n) {
     n = std::min<int64_t>({kLanes, length - pos, p.block_size - pos % p.block_size});
@@ -173,14 +246,13 @@ void attend_level_piece(const Levels& p, const LevelPiece& piece, Scratch& scrat
   }
   for (int64_t c = 0; c < chunks; ++c) {
     const ChunkState& st = state[c];
+    float* dst[kLanes];
     for (int i = 0; i < kLanes; ++i) {
-      const int64_t lane = (piece.first_chunk + c) * kLanes + i;
-      if (lane >= lanes) break;
-      const int64_t at = (first + lane / p.G) * p.H + piece.head * p.G + lane % p.G;
-      const float inv = 1.f / st.l[i];
-      for (int64_t d = 0; d < D; ++d) part_out[at * D + d] = st.acc[d][i] * inv;
-      part_lse[at] = st.m[i] + std::log(st.l[i]);
+      const LaneHead at = lane_head(p, piece, first, lanes, c, i);
+      dst[i] = at.slot < 0 ? nullptr : part_out + (at.slot * p.H + at.head) * D;
+      if (at.slot >= 0) part_lse[at.slot * p.H + at.head] = st.m[i] + std::log(st.l[i]);
     }
+    from_lanes(st.acc, 1.f / st.l, D, dst);
   }
 }
 
@@ -239,13 +311,14 @@ void attend_prefix_levels(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v
       for (int64_t c = 0; c < chunks; c += kChunksPerPiece)
         pieces.push_back({l, h, c, std::min(chunks, c + kChunksPerPiece)});
   }
-  std::vector<float> part_out(R * H * D), part_lse(R * H);  // per level_rows slot
+  // Per level_rows slot, every element written by its piece.
+  std::unique_ptr<float[]> part_out(new float[R * H * D]), part_lse(new float[R * H]);
   std::atomic<int64_t> next{0};
   const int64_t num_pieces = static_cast<int64_t>(pieces.size());
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     Scratch scratch(D);
     for (int64_t i = next++; i < num_pieces; i = next++)
-      run_piece(p, pieces[i], scratch, part_out.data(), part_lse.data());
+      run_piece(p, pieces[i], scratch, part_out.get(), part_lse.get());
   });
 
   // Each row's slots (one per level above it), then the merge.
@@ -268,7 +341,7 @@ void attend_prefix_levels(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v
         for (int64_t d = 0; d < D; ++d) o[d] *= w_own;
         for (int64_t i = slot_ptr[b]; i < slot_ptr[b + 1]; ++i) {
           const float w = std::exp(part_lse[slots[i] * H + h] - top);
-          const float* po = part_out.data() + (slots[i] * H + h) * D;
+          const float* po = part_out.get() + (slots[i] * H + h) * D;
           total += w;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) o[d] += w * po[d];
