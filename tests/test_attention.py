@@ -14,13 +14,17 @@ import torch
 from conftest import hf_greedy, shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.execution import native_build
-from prefixbatch.execution.attention.backend import DecodeBatch
+from prefixbatch.execution.attention.backend import DecodeBatch, PrefillSlice
 from prefixbatch.execution.attention.native import (
+    CpuBackend,
     DecodeKernels,
-    NativeDecodeBackend,
     decode_kernels,
 )
-from prefixbatch.execution.attention.reference import ReferenceBackend, attend_decode
+from prefixbatch.execution.attention.reference import (
+    ReferenceBackend,
+    attend_decode,
+    attend_slice,
+)
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
 from prefixbatch.execution.kv_cache import KVCache
 from prefixbatch.execution.model_runner import ModelRunner
@@ -99,7 +103,7 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
     scale = dim**-0.5
     reference = ReferenceBackend(cache, heads, scale)
     fast = (
-        NativeDecodeBackend(cache, heads, scale, kernels())
+        CpuBackend(cache, heads, scale, kernels())
         if native
         else SharedPrefixBackend(cache, heads, scale)
     )
@@ -265,6 +269,60 @@ def test_prefix_levels_kernel_matches_plain_attention(seed: int) -> None:
     check_levels(kernels(), rng, kv_heads, group, dim, block_size)
 
 
+def check_prefill(
+    k: DecodeKernels, rng: random.Random, kv_heads: int, group: int, dim: int, block_size: int
+) -> None:
+    """``prefill_attention`` on several chunks at once (a first chunk, chunks after earlier
+    context, one token past a long context) against SDPA per chunk over gathered K/V; q is a
+    row-strided view, as the fused qkv output gives it, and rows outside chunks stay as they
+    were."""
+    heads = kv_heads * group
+    num_blocks = 400
+    k_pool = torch.randn(num_blocks * block_size, kv_heads, dim)
+    v_pool = torch.randn(num_blocks * block_size, kv_heads, dim)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    chunks, row = [], 1  # row 0 belongs to no chunk
+    for _ in range(rng.randint(1, 4)):
+        context = rng.choice([2, 17, 100, 700])
+        q_len = rng.choice([context, min(context, rng.choice([2, 5, 33, 130]))])
+        table = [free.pop() for _ in range(-(-context // block_size))]
+        chunks.append((row, q_len, context, table))
+        row += q_len
+    qkv = torch.randn(row, heads + 7, dim)  # q: the first `heads` of each row
+    q = qkv[:, :heads]
+    out = torch.full((row, heads, dim), 5.0)
+    widest = max(len(c[3]) for c in chunks)
+    k.prefill_attention(
+        q, k_pool, v_pool, out,
+        torch.tensor([c[3] + [0] * (widest - len(c[3])) for c in chunks]),
+        torch.tensor([c[0] for c in chunks]),
+        torch.tensor([c[1] for c in chunks]),
+        torch.tensor([c[2] for c in chunks]),
+        block_size, dim**-0.5,
+    )  # fmt: skip
+    assert (out[0] == 5.0).all()
+    for start, q_len, context, table in chunks:
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size
+                              for p in range(context)])  # fmt: skip
+        expected = attend_slice(
+            q[start : start + q_len], k_pool, v_pool,
+            PrefillSlice(start, q_len, slots), dim**-0.5,
+        )  # fmt: skip
+        got = out[start : start + q_len]
+        rel = (got - expected).abs().max() / expected.abs().max()
+        assert rel < KERNEL_RTOL, f"max relative error {rel:.2e} (q_len {q_len}, {context})"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_prefill_kernel_matches_plain_attention(seed: int) -> None:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    kv_heads, group = rng.choice([1, 2, 3]), rng.choice([1, 3, 4, 8])
+    dim, block_size = rng.choice([8, 24, 64, 80, 128]), rng.choice([8, 16, 32])
+    check_prefill(kernels(), rng, kv_heads, group, dim, block_size)
+
+
 def test_native_decode_kernel_without_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
     """Built for an AVX2-only CPU (x86-64-v3), the portable paths give the same results."""
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -280,6 +338,7 @@ def test_native_decode_kernel_without_avx512(monkeypatch: pytest.MonkeyPatch) ->
         for dim, lengths in [(64, [1, 17, 330, 3001]), (80, [5, 16, 200]), (24, [1, 40])]:
             check_kernel(built, rng, 3, 3, dim, lengths)
             check_levels(built, rng, 3, 3, dim, 16)
+            check_prefill(built, rng, 3, 3, dim, 16)
     finally:
         native_build.build_extension.cache_clear()
 
@@ -289,7 +348,7 @@ def test_engine_falls_back_to_pytorch_when_the_kernel_cannot_build(tiny_models):
     prompts = shared_prefix_prompts(6, seed=3)
     with pytest.warns(UserWarning, match="could not be built"):
         llm = LLM(str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=8 * 2**20)
-    assert not isinstance(llm.engine.backend, NativeDecodeBackend)
+    assert not isinstance(llm.engine.backend, CpuBackend)
     outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     assert [o.output_token_ids for o in outs] == hf_greedy(tiny_models["llama"], prompts, [6] * 6)
 

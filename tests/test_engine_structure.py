@@ -13,7 +13,7 @@ from prefixbatch import LLM, SamplingParams
 from prefixbatch.config import EngineConfig
 from prefixbatch.engine import LLMEngine
 from prefixbatch.errors import ConfigError, JobError
-from prefixbatch.execution.attention.native import NativeDecodeBackend
+from prefixbatch.execution.attention.native import CpuBackend
 from prefixbatch.execution.attention.registry import BackendUnavailableError, select_backend
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
 from prefixbatch.execution.kv_cache import KVCache
@@ -157,7 +157,7 @@ def test_registry_picks_the_backend_by_device_and_dtype():  # type: ignore[no-un
     cpu = torch.device("cpu")
     fp32 = KVCache(1, 4, 16, 2, 16, torch.float32, cpu)
     fp16 = KVCache(1, 4, 16, 2, 16, torch.float16, cpu)
-    assert isinstance(select_backend("auto", fp32, 4, 0.25), NativeDecodeBackend)
+    assert isinstance(select_backend("auto", fp32, 4, 0.25), CpuBackend)
     assert type(select_backend("auto", fp16, 4, 0.25)) is SharedPrefixBackend
     assert type(select_backend("torch", fp32, 4, 0.25)) is SharedPrefixBackend
     with pytest.raises(BackendUnavailableError, match="cannot run"):

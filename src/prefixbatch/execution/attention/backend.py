@@ -120,31 +120,17 @@ class PrefillSlice:
 
 
 @dataclass(frozen=True)
-class DecodeLevels:
-    """Shared prefix levels read by the rows of a decode batch besides their own blocks: level
-    ``l`` holds ``lengths[l]`` positions (whole blocks) in ``block_ids[l]`` and is read by the
-    batch's rows ``rows[row_ptr[l]:row_ptr[l + 1]]`` (indices into the batch, not the step)."""
-
-    block_ids: torch.Tensor  # (L, NBL) padded with 0
-    lengths: torch.Tensor  # (L,)
-    row_ptr: torch.Tensor  # (L + 1,)
-    rows: torch.Tensor  # (R,)
-
-
-@dataclass(frozen=True)
 class DecodeBatch:
     """Sequences with one query token each, attended in one call.
 
     KV is read a whole block at a time; ``mask`` (only for padded attention) marks the positions
-    each row attends. ``levels`` (only from backends whose decode reads them) are prefix levels
-    the rows attend to before their own blocks.
+    each row attends.
     """
 
     rows: torch.Tensor  # (B,) row of each query token in the flattened batch
     block_ids: torch.Tensor  # (B, NB) blocks of each sequence, padded with its first block
     lengths: torch.Tensor  # (B,) positions attended, from the first of its blocks
     mask: torch.Tensor | None = None  # (B, 1, 1, NB * block_size) True where attended
-    levels: DecodeLevels | None = None
 
 
 def decode_batch(

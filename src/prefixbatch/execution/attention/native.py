@@ -1,31 +1,33 @@
-"""The CPU decode-attention kernels (``csrc/paged_decode.cpp``, ``csrc/prefix_levels.cpp``),
-compiled on first use into one module.
+"""The CPU attention kernels (``csrc/paged_decode.cpp``, ``csrc/prefix_levels.cpp``,
+``csrc/prefill_attention.cpp``), compiled on first use into one module, and the ``cpu`` backend
+that runs them.
 
-``paged_decode`` reads each sequence's K/V straight from the paged pool, so a decode step does
-not copy every context into a padded batch first (that copy plus SDPA was about a sixth of a
-decode step). ``attend_prefix_levels`` reads each shared prefix level once for all the decode
-rows below it and merges it into their results by log-sum-exp (cascade attention, after
-BatchLLM, Hydragen and FlashInfer). The build (``native_build.py``) happens once per machine and
-source version; without a C++ compiler, or with ``kernels="torch"``, the engine keeps the plain
-PyTorch path.
+All three read K/V straight from the paged pool, with no gathered copy of a context.
+``paged_decode`` attends one query token per sequence over its blocks. ``attend_prefix_levels``
+reads each shared prefix level once for all the decode rows below it and merges it into their
+results by log-sum-exp (cascade attention, after BatchLLM, Hydragen and FlashInfer).
+``prefill_attention`` attends prefill chunks causally over their sequences. The build
+(``native_build.py``) happens once per machine and source version; without a C++ compiler, or
+with ``kernels="torch"``, the engine keeps the plain PyTorch path.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, cast
 
+import numpy as np
 import torch
 
 from ..kv_cache import KVCache
 from ..native_build import build_extension
-from .backend import DecodeBatch, DecodeLevels, block_table_array
-from .reference import ReferenceBackend, TorchMetadata
+from .backend import AttentionBackend, DecodeBatch, block_table_array, slot_mapping, to_device
+from .reference import ContextPlan
 from .step import AttentionStep
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "paged_decode.cpp", CSRC / "prefix_levels.cpp")
+SOURCES = (CSRC / "paged_decode.cpp", CSRC / "prefix_levels.cpp", CSRC / "prefill_attention.cpp")
 
 
 class DecodeKernels(Protocol):
@@ -64,11 +66,60 @@ class DecodeKernels(Protocol):
         (``paged_decode``'s, over the rows' own blocks), in place."""
         ...
 
+    def prefill_attention(
+        self,
+        q: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        out: torch.Tensor,
+        block_tables: torch.Tensor,
+        q_start: torch.Tensor,
+        q_len: torch.Tensor,
+        context_len: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> None:
+        """Fills ``out`` (T, H, D) contiguous at each chunk's rows ``[q_start[s], + q_len[s])``:
+        their causal attention over positions ``[0, context_len[s])`` held in
+        ``block_tables[s]`` (S, NB). q (T, H, D) may be a row-strided view."""
+        ...
+
 
 def decode_kernels() -> DecodeKernels | None:
     """The compiled kernels, or None (the build failed: a warning says why)."""
     module = build_extension(SOURCES, "the CPU attention kernels")
     return None if module is None else cast(DecodeKernels, module)
+
+
+@dataclass(frozen=True)
+class PrefillBatch:
+    """The step's prefill chunks: chunk ``s`` has query rows ``[q_start[s], + q_len[s])`` and
+    attends causally to positions ``[0, context_len[s])`` of its blocks ``block_ids[s]``."""
+
+    block_ids: torch.Tensor  # (S, NB) padded with 0
+    q_start: torch.Tensor  # (S,)
+    q_len: torch.Tensor  # (S,)
+    context_len: torch.Tensor  # (S,)
+
+
+@dataclass(frozen=True)
+class DecodeLevels:
+    """Shared prefix levels read by the rows of a decode batch besides their own blocks: level
+    ``l`` holds ``lengths[l]`` positions (whole blocks) in ``block_ids[l]`` and is read by the
+    batch's rows ``rows[row_ptr[l]:row_ptr[l + 1]]`` (indices into the batch, not the step)."""
+
+    block_ids: torch.Tensor  # (L, NBL) padded with 0
+    lengths: torch.Tensor  # (L,)
+    row_ptr: torch.Tensor  # (L + 1,)
+    rows: torch.Tensor  # (R,)
+
+
+@dataclass(frozen=True)
+class CpuMetadata:
+    slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
+    prefill: PrefillBatch | None
+    decode: DecodeBatch | None  # each row's own blocks (after its levels)
+    levels: DecodeLevels | None
 
 
 def decode_levels(step: AttentionStep) -> DecodeLevels | None:
@@ -99,21 +150,20 @@ def decode_levels(step: AttentionStep) -> DecodeLevels | None:
     )
 
 
-class NativeDecodeBackend(ReferenceBackend):
-    """Decode rows through the compiled kernels, prefill chunks through SDPA's fused CPU kernel.
+class CpuBackend(AttentionBackend):
+    """Every row through the compiled kernels, K/V read in place from the paged pool.
 
-    A decode row below prefix levels reads its own blocks through ``paged_decode`` and each
-    level through ``attend_prefix_levels``, which holds the query heads of all the level's rows
-    in vector lanes, so each K/V element of the level is loaded once for all of them. A prefill
-    chunk reads its whole context through SDPA: it is bound by its score FLOPs, which a cascade
-    split does not reduce (on the CPU its extra ops made prefill steps ~25% slower).
+    A prefill chunk attends causally to its whole context (its shared prefix included: the
+    chunk's FLOPs are the same either way, and the kernel already loads each K/V element once
+    for 16 query heads). A decode row reads its own blocks through ``paged_decode`` and each
+    prefix level above it through ``attend_prefix_levels``, which loads the level's K/V once for
+    the query heads of all the level's rows.
     """
 
     shares_prefix = True
     # Below this, rows reread a short prefix from cache about as fast as the level path reads
     # it once (bench: levels of 2 blocks break even, 4 gain 10%, 8 gain 20%).
     min_shared_prefix = 128
-    decode_mask = False  # the kernel stops at each row's length; no padding to mask
 
     def __init__(
         self, cache: KVCache, num_heads: int, scale: float, kernels: DecodeKernels
@@ -121,30 +171,63 @@ class NativeDecodeBackend(ReferenceBackend):
         super().__init__(cache, num_heads, scale)
         self.kernels = kernels
 
-    def prepare(self, step: AttentionStep) -> TorchMetadata:
-        if not step.levels:
-            return super().prepare(step)
-        # Prefill chunks read their whole context (shared_len 0); decode rows their own blocks.
-        seqs = tuple(s if s.q_len == 1 else replace(s, shared_len=0) for s in step.seqs)
-        meta = super().prepare(replace(step, seqs=seqs))
-        if meta.decode is None:
-            return meta
-        return replace(meta, decode=replace(meta.decode, levels=decode_levels(step)))
+    def prepare(self, step: AttentionStep) -> CpuMetadata:
+        tables = block_table_array(step.seqs)
+        arrays = {"slots": slot_mapping(step, tables)}
+        prefill = [i for i, s in enumerate(step.seqs) if s.q_len > 1]
+        decode = [i for i, s in enumerate(step.seqs) if s.q_len == 1]
+        if prefill:
+            seqs = [step.seqs[i] for i in prefill]
+            arrays["p_tables"] = tables[prefill]
+            for key in ("q_start", "q_len", "context_len"):
+                arrays[f"p_{key}"] = np.array([getattr(s, key) for s in seqs], dtype=np.int64)
+        plan = ContextPlan.build(step, tables, decode, False, arrays)  # own blocks of each row
+        t = to_device(arrays, self.cache.k.device)
+        batch = None
+        if prefill:
+            batch = PrefillBatch(t["p_tables"], t["p_q_start"], t["p_q_len"], t["p_context_len"])
+        levels = decode_levels(step) if step.levels else None
+        return CpuMetadata(t["slots"], batch, plan.tensors(t)[1], levels)
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: CpuMetadata
+    ) -> torch.Tensor:
+        self.write_kv(layer, k, v, meta.slot_mapping)
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        d = meta.decode
+        if meta.prefill is None and d is not None:
+            # Every row is a decode row, in row order: no gather of the queries, no scatter.
+            return self.decode(q.contiguous(), k_pool, v_pool, d, meta.levels)
+        out = q.new_empty(q.shape)
+        if meta.prefill is not None:
+            p = meta.prefill
+            with torch.profiler.record_function("prefixbatch::prefill_attention"):
+                self.kernels.prefill_attention(
+                    q, k_pool, v_pool, out, p.block_ids, p.q_start, p.q_len, p.context_len,
+                    self.cache.block_size, self.scale,
+                )  # fmt: skip
+        if d is not None:
+            out[d.rows] = self.decode(q[d.rows], k_pool, v_pool, d, meta.levels)
+        return out
 
     def decode(
-        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, d: DecodeBatch
+        self,
+        q: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        d: DecodeBatch,
+        levels: DecodeLevels | None,
     ) -> torch.Tensor:
+        """The decode rows' queries q (B, H, D) contiguous -> their attention (B, H, D)."""
         # pybind calls the profiler would not see; the named range makes them show.
         with torch.profiler.record_function("prefixbatch::paged_decode"):
-            q = q.contiguous()
             bs = self.cache.block_size
             out, lse = self.kernels.paged_decode(
                 q, k_pool, v_pool, d.block_ids, d.lengths, bs, self.scale
             )
-            if d.levels is not None:
-                lv = d.levels
+            if levels is not None:
                 self.kernels.attend_prefix_levels(
-                    q, k_pool, v_pool, out, lse, lv.block_ids, lv.lengths, lv.row_ptr, lv.rows,
-                    bs, self.scale,
+                    q, k_pool, v_pool, out, lse, levels.block_ids, levels.lengths,
+                    levels.row_ptr, levels.rows, bs, self.scale,
                 )  # fmt: skip
         return out

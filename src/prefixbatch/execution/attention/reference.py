@@ -129,7 +129,6 @@ def attend_decode(
     expanded: q becomes (B, KVH, G, D) against k (B, KVH, Lmax, D).
     """
     assert d.mask is not None, "padded decode attention needs the batch's mask"
-    assert d.levels is None, "the padded path reads whole contexts, not prefix levels"
     b, h, dim = q.shape
     kv_heads = k_pool.shape[1]
     k, v = decode_kv(k_pool, v_pool, d, block_size)  # (B, KVH, Lmax, D)

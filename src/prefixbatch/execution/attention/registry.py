@@ -38,10 +38,10 @@ class BackendUnavailableError(JobError):
 
 
 def _cpu_native(cache: KVCache, heads: int, scale: float) -> AttentionBackend | None:
-    from .native import NativeDecodeBackend, decode_kernels
+    from .native import CpuBackend, decode_kernels
 
     kernels = decode_kernels()
-    return None if kernels is None else NativeDecodeBackend(cache, heads, scale, kernels)
+    return None if kernels is None else CpuBackend(cache, heads, scale, kernels)
 
 
 def _triton(cache: KVCache, heads: int, scale: float) -> AttentionBackend:

@@ -347,14 +347,20 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
   return {out, lse};
 }
 
-// prefix_levels.cpp, built into the same module.
+// prefix_levels.cpp and prefill_attention.cpp, built into the same module.
 void attend_prefix_levels(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                           torch::Tensor out, torch::Tensor lse, torch::Tensor level_tables,
                           torch::Tensor level_lengths, torch::Tensor level_row_ptr,
                           torch::Tensor level_rows, int64_t block_size, double scale);
+void prefill_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
+                       torch::Tensor out, torch::Tensor block_tables, torch::Tensor q_start,
+                       torch::Tensor q_len, torch::Tensor context_len, int64_t block_size,
+                       double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV pool");
   m.def("attend_prefix_levels", &attend_prefix_levels,
         "merge rows' shared prefix levels into their decode attention, in place");
+  m.def("prefill_attention", &prefill_attention,
+        "causal attention of prefill chunks over their sequences' paged KV");
 }
