@@ -134,6 +134,18 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
     assert rel < (KERNEL_RTOL if native else TORCH_RTOL), f"max relative error {rel:.2e}"
 
 
+def random_pools(
+    rng: random.Random, num_blocks: int, block_size: int, kv_heads: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Random K and V pools (slots, KVH, D) and their block ids in random order (take with
+    ``pop``), so a sequence's blocks are scattered over the pool."""
+    k_pool = torch.randn(num_blocks * block_size, kv_heads, dim)
+    v_pool = torch.randn(num_blocks * block_size, kv_heads, dim)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    return k_pool, v_pool, free
+
+
 def check_kernel(
     k: DecodeKernels, rng: random.Random, kv_heads: int, group: int, dim: int, lengths: list[int]
 ) -> None:
@@ -141,10 +153,7 @@ def check_kernel(
     scattered in the pool, the rows sharing their first blocks at random; the log-sum-exp too."""
     heads = kv_heads * group
     num_blocks = sum(-(-n // BS) for n in lengths) + 8
-    k_pool = torch.randn(num_blocks * BS, kv_heads, dim)
-    v_pool = torch.randn(num_blocks * BS, kv_heads, dim)
-    free = list(range(num_blocks))
-    rng.shuffle(free)
+    k_pool, v_pool, free = random_pools(rng, num_blocks, BS, kv_heads, dim)
     prefix = rng.choice([0, 1, 40])
     shared = [free.pop() for _ in range(min([prefix] + [n // BS for n in lengths]))]
     tables = [shared + [free.pop() for _ in range(-(-n // BS) - len(shared))] for n in lengths]
@@ -203,11 +212,7 @@ def check_levels(
     log-sum-exp too. Levels hang from each other at random (some read by no row, some by one,
     some by dozens: several lane chunks), rows sit below any level or none."""
     heads = kv_heads * group
-    num_blocks = 1200
-    k_pool = torch.randn(num_blocks * block_size, kv_heads, dim)
-    v_pool = torch.randn(num_blocks * block_size, kv_heads, dim)
-    free = list(range(num_blocks))
-    rng.shuffle(free)
+    k_pool, v_pool, free = random_pools(rng, 1200, block_size, kv_heads, dim)
     parents: list[int | None] = []
     blocks: list[list[int]] = []
     for _ in range(rng.randint(1, 6)):
@@ -277,11 +282,7 @@ def check_prefill(
     row-strided view, as the fused qkv output gives it, and rows outside chunks stay as they
     were."""
     heads = kv_heads * group
-    num_blocks = 400
-    k_pool = torch.randn(num_blocks * block_size, kv_heads, dim)
-    v_pool = torch.randn(num_blocks * block_size, kv_heads, dim)
-    free = list(range(num_blocks))
-    rng.shuffle(free)
+    k_pool, v_pool, free = random_pools(rng, 400, block_size, kv_heads, dim)
     chunks, row = [], 1  # row 0 belongs to no chunk
     for _ in range(rng.randint(1, 4)):
         context = rng.choice([2, 17, 100, 700])
