@@ -31,7 +31,7 @@ from prefixbatch.planning.plan import make_plan
 CATEGORIES = [
     ("projections", r"mkldnn.*linear|aten::(linear|addmm|mm|matmul)$"),
     ("decode attention", r"paged_decode|aten::index_select|aten::bmm"),
-    ("prefill attention", r"scaled_dot_product|flash_attention|_scaled_dot"),
+    ("prefill attention", r"prefill_attention|scaled_dot_product|flash_attention|_scaled_dot"),
     ("sampling", r"argmax|topk|sort|cumsum|exponential|softmax|bitwise|aten::remainder"),
     (
         "element-wise (norm, rope, SiLU, residual)",
