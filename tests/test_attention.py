@@ -162,7 +162,7 @@ def check_kernel(
     lens = torch.tensor(lengths)
     mask = (torch.arange(widest * BS)[None, :] < lens[:, None])[:, None, None, :]
     batch = DecodeBatch(torch.arange(len(lengths)), ids, lens, mask)
-    q = torch.randn(len(lengths), heads, dim)
+    q = torch.randn(len(lengths), heads + 2, dim)[:, :heads]  # rows strided, as from qkv
     scale = dim**-0.5
     expected = attend_decode(q, k_pool, v_pool, batch, scale, BS)
     out, lse = k.paged_decode(q, k_pool, v_pool, ids, lens, BS, scale)
@@ -238,7 +238,7 @@ def check_levels(
         widest = max(map(len, tables))
         return torch.tensor([t + [t[0]] * (widest - len(t)) for t in tables])
 
-    q = torch.randn(len(own_lengths), heads, dim)
+    q = torch.randn(len(own_lengths), heads + 2, dim)[:, :heads]  # rows strided
     scale = dim**-0.5
     ids, lens = padded(full_tables), torch.tensor(full_lengths)
     mask = (torch.arange(ids.shape[1] * block_size)[None, :] < lens[:, None])[:, None, None, :]
@@ -322,6 +322,25 @@ def test_prefill_kernel_matches_plain_attention(seed: int) -> None:
     kv_heads, group = rng.choice([1, 2, 3]), rng.choice([1, 3, 4, 8])
     dim, block_size = rng.choice([8, 24, 64, 80, 128]), rng.choice([8, 16, 32])
     check_prefill(kernels(), rng, kv_heads, group, dim, block_size)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 600])
+def test_kv_write_kernel_matches_index_copy(rows: int) -> None:
+    """k and v as the fused qkv output gives them (row-strided views), scattered slots, a
+    step small enough for one thread and one large enough for several."""
+    torch.manual_seed(rows)
+    kv_heads, dim, slots_total = 3, 64, 4096
+    qkv = torch.randn(rows, 9 + 2 * kv_heads, dim)
+    k, v = qkv[:, 9 : 9 + kv_heads], qkv[:, 9 + kv_heads :]
+    slots = torch.randperm(slots_total)[:rows]
+    cache = KVCache(1, slots_total // BS, BS, kv_heads, dim, torch.float32, torch.device("cpu"))
+    plain = ReferenceBackend(cache, 9, 0.125)
+    plain.write_kv(0, k, v, slots)
+    expected_k, expected_v = cache.k[0].clone(), cache.v[0].clone()
+    cache.k.zero_()
+    cache.v.zero_()
+    CpuBackend(cache, 9, 0.125, kernels()).write_kv(0, k, v, slots)
+    assert torch.equal(cache.k[0], expected_k) and torch.equal(cache.v[0], expected_v)
 
 
 def test_native_decode_kernel_without_avx512(monkeypatch: pytest.MonkeyPatch) -> None:

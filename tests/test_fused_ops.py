@@ -134,6 +134,15 @@ def test_argmax_rows_matches_torch_argmax_ties_and_masked_rows_included(kernels,
     assert torch.equal(kernels.argmax_rows(logits), logits.argmax(dim=-1))
 
 
+@pytest.mark.parametrize("vocab", [1, 5, 16, 17, 64, 65, 200])
+def test_argmax_rows_on_short_rows_and_span_edges(kernels, vocab):  # type: ignore[no-untyped-def]
+    """Rows shorter than a vector, and ties inside and across the 64-value spans the kernel
+    compares at once: the first index still wins."""
+    torch.manual_seed(vocab)
+    logits = torch.randint(0, 3, (40, vocab)).float()  # many ties
+    assert torch.equal(kernels.argmax_rows(logits), logits.argmax(dim=-1))
+
+
 def test_engine_fuses_only_on_the_cpu_fast_path(tiny_models):  # type: ignore[no-untyped-def]
     path = str(tiny_models["qwen3"])
 

@@ -27,7 +27,10 @@ from .reference import ContextPlan
 from .step import AttentionStep
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "paged_decode.cpp", CSRC / "prefix_levels.cpp", CSRC / "prefill_attention.cpp")
+SOURCES = tuple(
+    CSRC / name
+    for name in ("paged_decode.cpp", "prefix_levels.cpp", "prefill_attention.cpp", "kv_write.cpp")
+)
 
 
 class DecodeKernels(Protocol):
@@ -45,7 +48,7 @@ class DecodeKernels(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, H, D) against the first ``lengths[b]`` positions held in blocks
         ``block_tables[b]`` (B, NB) int64 of the pools (slots, KVH, D) -> out (B, H, D) and the
-        log-sum-exp of the scores, lse (B, H). fp32, contiguous."""
+        log-sum-exp of the scores, lse (B, H). fp32; q may be a row-strided view."""
         ...
 
     def attend_prefix_levels(
@@ -82,6 +85,18 @@ class DecodeKernels(Protocol):
         """Fills ``out`` (T, H, D) contiguous at each chunk's rows ``[q_start[s], + q_len[s])``:
         their causal attention over positions ``[0, context_len[s])`` held in
         ``block_tables[s]`` (S, NB). q (T, H, D) may be a row-strided view."""
+        ...
+
+    def write_kv(
+        self,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        """``AttentionBackend.write_kv`` in one call: k, v (T, KVH, D), rows possibly strided,
+        stored at ``slots`` (T,) of the pools."""
         ...
 
 
@@ -189,6 +204,9 @@ class CpuBackend(AttentionBackend):
         levels = decode_levels(step) if step.levels else None
         return CpuMetadata(t["slots"], batch, plan.tensors(t)[1], levels)
 
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        self.kernels.write_kv(self.cache.k[layer], self.cache.v[layer], slots, k, v)
+
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: CpuMetadata
     ) -> torch.Tensor:
@@ -197,7 +215,7 @@ class CpuBackend(AttentionBackend):
         d = meta.decode
         if meta.prefill is None and d is not None:
             # Every row is a decode row, in row order: no gather of the queries, no scatter.
-            return self.decode(q.contiguous(), k_pool, v_pool, d, meta.levels)
+            return self.decode(q, k_pool, v_pool, d, meta.levels)
         out = q.new_empty(q.shape)
         if meta.prefill is not None:
             p = meta.prefill
@@ -218,7 +236,8 @@ class CpuBackend(AttentionBackend):
         d: DecodeBatch,
         levels: DecodeLevels | None,
     ) -> torch.Tensor:
-        """The decode rows' queries q (B, H, D) contiguous -> their attention (B, H, D)."""
+        """The decode rows' queries q (B, H, D), rows possibly strided -> their attention
+        (B, H, D) contiguous."""
         # pybind calls the profiler would not see; the named range makes them show.
         with torch.profiler.record_function("prefixbatch::paged_decode"):
             bs = self.cache.block_size

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace {
 
@@ -180,9 +181,43 @@ void rotary_embedding_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torc
   });
 }
 
+// 16 floats: one AVX-512 register, two AVX2 ones.
+typedef float V16 __attribute__((vector_size(64)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+
+inline V16 load16(const float* p) {
+  V16 x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+
+// The first index of the largest value of row (V,), or 0 when no value equals it (a row of
+// -inf, which -ffast-math comparisons may not match).
+inline int64_t argmax_row(const float* row, int64_t V) {
+  V16 top = V16{} + row[0];
+  int64_t i = 0;
+  for (; i + 16 <= V; i += 16) {
+    const V16 x = load16(row + i);
+    top = x > top ? x : top;
+  }
+  float m = row[0];
+  for (int j = 0; j < 16; ++j) m = std::max(m, top[j]);
+  for (; i < V; ++i) m = std::max(m, row[i]);
+  // Its first occurrence: 64 values compared at once until a span holds it, then scanned.
+  for (i = 0; i + 64 <= V; i += 64) {
+    const I16 hit = (load16(row + i) == m) | (load16(row + i + 16) == m) |
+                    (load16(row + i + 32) == m) | (load16(row + i + 48) == m);
+    int any = 0;
+    for (int j = 0; j < 16; ++j) any |= hit[j];
+    if (any) break;
+  }
+  while (i < V && row[i] != m) ++i;
+  return i < V ? i : 0;
+}
+
 // Index of the first largest value of each row of x (S, V), contiguous -> (S,) int64: what
-// torch.argmax gives for rows without NaN. One vectorised pass finds the maximum, a second stops
-// at its first occurrence (torch's CPU argmax tracks the index in a scalar loop, ~10x slower).
+// torch.argmax gives for rows without NaN, from two vectorised passes over the row (torch's CPU
+// argmax tracks the index in a scalar loop, ~10x slower).
 torch::Tensor argmax_rows(torch::Tensor x) {
   check_fp32(x, "argmax_rows");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0,
@@ -192,17 +227,7 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, S, grain(V), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * V;
-      float m = row[0];
-#pragma omp simd reduction(max : m)
-      for (int64_t i = 0; i < V; ++i) m = std::max(m, row[i]);
-      int64_t i = 0;
-      while (i < V && row[i] != m) ++i;
-      // OpenMP starts a max reduction at -FLT_MAX, so a row of -inf (all masked) matches
-      // nothing: torch.argmax gives 0 for it.
-      op[r] = i < V ? i : 0;
-    }
+    for (int64_t r = begin; r < end; ++r) op[r] = argmax_row(xp + r * V, V);
   });
   return out;
 }

@@ -2,7 +2,8 @@
 // sequence, no gather copy of the context. Built at first use by prefixbatch/execution/attention/
 // native.py; the plain PyTorch path in reference.py is what it is tested against.
 //
-// Layout. q (B, H, D); k_pool, v_pool (slots, KVH, D) of one layer, slot = block * block_size +
+// Layout. q (B, H, D), each row's heads contiguous (rows may be strided: a view into the fused
+// qkv output); k_pool, v_pool (slots, KVH, D) of one layer, slot = block * block_size +
 // offset, so one block of K (or V) is block_size * KVH * D contiguous floats; block_tables (B, NB)
 // int64 with a sequence's blocks in position order; lengths (B,) int64 positions attended (>= 1).
 // Query head h * G + g (g < G = H / KVH) reads KV head h.
@@ -48,6 +49,7 @@ typedef int32_t I16 __attribute__((vector_size(64)));
 
 struct Problem {
   const float* q;
+  int64_t q_row_stride;  // floats between rows of q (its heads contiguous within a row)
   const float* k;
   const float* v;
   const int64_t* tables;
@@ -227,7 +229,7 @@ inline void prefetch_block(const Problem& p, int64_t block, int64_t n) {
 void attend_piece(const Problem& p, const Piece& piece, float* acc, float* m, float* l,
                   float* correction, float* s) {
   const int64_t b = piece.b, n_ctx = p.lengths[b];
-  const float* q = p.q + b * p.H * p.D;
+  const float* q = p.q + b * p.q_row_stride;
   const int64_t* table = p.tables + b * p.NB;
   std::fill(acc, acc + p.H * p.D, 0.f);
   std::fill(m, m + p.H, kNegBig);
@@ -262,11 +264,13 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k_pool.dtype() == torch::kFloat32 &&
                   v_pool.dtype() == torch::kFloat32,
               "paged_decode: fp32 only");
-  TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous() &&
-                  block_tables.is_contiguous() && lengths.is_contiguous(),
-              "paged_decode: contiguous tensors only");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D && k_pool.is_contiguous() &&
+                  v_pool.is_contiguous() && block_tables.is_contiguous() &&
+                  lengths.is_contiguous(),
+              "paged_decode: contiguous tensors only (q: each row's heads contiguous)");
   Problem p{q.data_ptr<float>(),
+            q.stride(0),
             k_pool.data_ptr<float>(),
             v_pool.data_ptr<float>(),
             block_tables.data_ptr<int64_t>(),
@@ -280,7 +284,7 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
             KVH * D,
             (block_size + 15) / 16 * 16,
             static_cast<float>(scale)};
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({B, H, D}, q.options());
   auto lse = torch::empty({B, H}, q.options());
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
@@ -347,7 +351,7 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
   return {out, lse};
 }
 
-// prefix_levels.cpp and prefill_attention.cpp, built into the same module.
+// prefix_levels.cpp, prefill_attention.cpp and kv_write.cpp, built into the same module.
 void attend_prefix_levels(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                           torch::Tensor out, torch::Tensor lse, torch::Tensor level_tables,
                           torch::Tensor level_lengths, torch::Tensor level_row_ptr,
@@ -356,6 +360,8 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_po
                        torch::Tensor out, torch::Tensor block_tables, torch::Tensor q_start,
                        torch::Tensor q_len, torch::Tensor context_len, int64_t block_size,
                        double scale);
+void write_kv(torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor slots, torch::Tensor k,
+              torch::Tensor v);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV pool");
@@ -363,4 +369,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "merge rows' shared prefix levels into their decode attention, in place");
   m.def("prefill_attention", &prefill_attention,
         "causal attention of prefill chunks over their sequences' paged KV");
+  m.def("write_kv", &write_kv, "store a step's new K and V rows at their pool slots");
 }

@@ -11,7 +11,7 @@
 // i / G, query head i % G of the KV head), so each K or V element is loaded once for kLanes
 // query heads.
 //
-// Layout. As paged_decode.cpp: q (B, H, D); pools (slots, KVH, D); out (B, H, D), lse (B, H).
+// Layout. As paged_decode.cpp: q (B, H, D), rows possibly strided; pools (slots, KVH, D); out (B, H, D), lse (B, H).
 // Levels: level_tables (L, NBL) int64 block ids, level_lengths (L,) positions (a level's own part,
 // whole blocks), level_row_ptr (L + 1,) and level_rows (R,) int64: level l is read by rows
 // level_rows[level_row_ptr[l] .. level_row_ptr[l + 1]) of q.
@@ -32,6 +32,7 @@ using namespace lanes;
 
 struct Levels {
   const float* q;
+  int64_t q_row_stride;
   const float* k;
   const float* v;
   const int64_t* tables;  // (L, NBL)
@@ -75,7 +76,7 @@ void attend_level_piece(const Levels& p, const LevelPiece& piece, Scratch& scrat
     const float* src[kLanes];  // each lane's query head (null past the level's: zero)
     for (int i = 0; i < kLanes; ++i) {
       const LaneHead at = lane_head(p, piece, first, lanes, c, i);
-      src[i] = at.slot < 0 ? nullptr : p.q + (p.rows[at.slot] * p.H + at.head) * D;
+      src[i] = at.slot < 0 ? nullptr : p.q + p.rows[at.slot] * p.q_row_stride + at.head * D;
     }
     state[c] = scratch.chunk(c, D, src, p.scale);
   }
@@ -106,13 +107,15 @@ void attend_prefix_levels(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v
                           torch::Tensor out, torch::Tensor lse, torch::Tensor level_tables,
                           torch::Tensor level_lengths, torch::Tensor level_row_ptr,
                           torch::Tensor level_rows, int64_t block_size, double scale) {
-  for (const auto& t : {q, k_pool, v_pool, out, lse})
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.stride(2) == 1 && q.stride(1) == D,
+              "attend_prefix_levels: fp32 q with each row's heads contiguous");
+  for (const auto& t : {k_pool, v_pool, out, lse})
     TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(),
                 "attend_prefix_levels: contiguous fp32 tensors only");
   for (const auto& t : {level_tables, level_lengths, level_row_ptr, level_rows})
     TORCH_CHECK(t.dtype() == torch::kInt64 && t.is_contiguous(),
                 "attend_prefix_levels: contiguous int64 index tensors only");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
   const int64_t L = level_lengths.size(0), R = level_rows.size(0);
   TORCH_CHECK(level_row_ptr.size(0) == L + 1 && level_tables.size(0) == L,
               "attend_prefix_levels: level arrays of different lengths");
@@ -120,6 +123,7 @@ void attend_prefix_levels(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v
     TORCH_CHECK(level_rows.data_ptr<int64_t>()[i] >= 0 && level_rows.data_ptr<int64_t>()[i] < B,
                 "attend_prefix_levels: a level row outside the batch");
   Levels p{q.data_ptr<float>(),
+           q.stride(0),
            k_pool.data_ptr<float>(),
            v_pool.data_ptr<float>(),
            level_tables.data_ptr<int64_t>(),
