@@ -1,7 +1,7 @@
 """Where a step's time goes: one prefill-heavy and one decode-heavy step of the engine under
 ``torch.profiler``, split into projections, prefill attention, decode attention, element-wise
-ops (norms, rope, SiLU, residuals; the compiled CPU kernels as named ranges), sampling, host-side
-step preparation and Python overhead.
+ops (norms, rope, SiLU, residuals, the K/V write), sampling, host-side step preparation and
+Python overhead. The compiled CPU kernels (element-wise and attention) are named ranges here.
 
     python bench/profile_steps.py [--kv-cache-memory 4GiB] [--decode-batch 64]
 
@@ -24,18 +24,18 @@ from common import machine, table
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from prefixbatch import LLM, SamplingParams
-from prefixbatch.execution.fused_ops import FusedKernels
+from prefixbatch.execution.attention.native import CpuBackend
 from prefixbatch.outputs import Request
 from prefixbatch.planning.plan import make_plan
 
 CATEGORIES = [
     ("projections", r"mkldnn.*linear|aten::(linear|addmm|mm|matmul)$"),
-    ("decode attention", r"paged_decode|aten::index_select|aten::bmm"),
+    ("decode attention", r"paged_decode|attend_prefix_levels|aten::index_select|aten::bmm"),
     ("prefill attention", r"prefill_attention|scaled_dot_product|flash_attention|_scaled_dot"),
     ("sampling", r"argmax|topk|sort|cumsum|exponential|softmax|bitwise|aten::remainder"),
     (
         "element-wise (norm, rope, SiLU, residual)",
-        r"prefixbatch::(rms_norm|fused_add_rms_norm|silu_and_mul|rotary_embedding)"
+        r"prefixbatch::(rms_norm|fused_add_rms_norm|silu_and_mul|rotary_embedding|write_kv)"
         r"|aten::(mul|add|sub|pow|mean|rsqrt|cat|silu|neg|div|to|_to_copy|copy_|embedding"
         r"|index_copy_|index|chunk|split|slice|view|reshape|contiguous|empty|clone|float|cos|sin)",
     ),
@@ -43,10 +43,11 @@ CATEGORIES = [
 
 
 class NamedKernels:
-    """The fused element-wise kernels, each call a named range the profiler shows (pybind calls
-    are invisible to it). Only here: a range costs more than a kernel call."""
+    """A compiled kernel module (fused element-wise ops, attention), each call a named range the
+    profiler shows (pybind calls are invisible to it). Only here: a range costs more than many
+    kernel calls."""
 
-    def __init__(self, kernels: FusedKernels) -> None:
+    def __init__(self, kernels: Any) -> None:
         self.kernels = kernels
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
@@ -111,6 +112,8 @@ def main() -> None:
         named = NamedKernels(model.fused)
         model.use_fused_kernels(named)  # type: ignore[arg-type]
         engine.sampler.argmax_rows = named.argmax_rows  # the greedy argmax: "sampling"
+    if isinstance(engine.backend, CpuBackend):
+        engine.backend.kernels = NamedKernels(engine.backend.kernels)
     rng = random.Random(0)
     prompts = [
         [rng.randrange(100, 40000) for _ in range(args.prompt_len)]

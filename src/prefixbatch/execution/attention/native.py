@@ -219,11 +219,10 @@ class CpuBackend(AttentionBackend):
         out = q.new_empty(q.shape)
         if meta.prefill is not None:
             p = meta.prefill
-            with torch.profiler.record_function("prefixbatch::prefill_attention"):
-                self.kernels.prefill_attention(
-                    q, k_pool, v_pool, out, p.block_ids, p.q_start, p.q_len, p.context_len,
-                    self.cache.block_size, self.scale,
-                )  # fmt: skip
+            self.kernels.prefill_attention(
+                q, k_pool, v_pool, out, p.block_ids, p.q_start, p.q_len, p.context_len,
+                self.cache.block_size, self.scale,
+            )  # fmt: skip
         if d is not None:
             out[d.rows] = self.decode(q[d.rows], k_pool, v_pool, d, meta.levels)
         return out
@@ -238,15 +237,11 @@ class CpuBackend(AttentionBackend):
     ) -> torch.Tensor:
         """The decode rows' queries q (B, H, D), rows possibly strided -> their attention
         (B, H, D) contiguous."""
-        # pybind calls the profiler would not see; the named range makes them show.
-        with torch.profiler.record_function("prefixbatch::paged_decode"):
-            bs = self.cache.block_size
-            out, lse = self.kernels.paged_decode(
-                q, k_pool, v_pool, d.block_ids, d.lengths, bs, self.scale
-            )
-            if levels is not None:
-                self.kernels.attend_prefix_levels(
-                    q, k_pool, v_pool, out, lse, levels.block_ids, levels.lengths,
-                    levels.row_ptr, levels.rows, bs, self.scale,
-                )  # fmt: skip
+        bs, scale = self.cache.block_size, self.scale
+        out, lse = self.kernels.paged_decode(q, k_pool, v_pool, d.block_ids, d.lengths, bs, scale)
+        if levels is not None:
+            self.kernels.attend_prefix_levels(
+                q, k_pool, v_pool, out, lse, levels.block_ids, levels.lengths, levels.row_ptr,
+                levels.rows, bs, scale,
+            )  # fmt: skip
         return out
