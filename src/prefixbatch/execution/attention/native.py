@@ -1,14 +1,15 @@
 """The CPU attention kernels (``csrc/paged_decode.cpp``, ``csrc/prefix_levels.cpp``,
-``csrc/prefill_attention.cpp``), compiled on first use into one module, and the ``cpu`` backend
-that runs them.
+``csrc/prefill_attention.cpp``, ``csrc/kv_write.cpp``), compiled on first use into one module,
+and the ``cpu`` backend that runs them.
 
-All three read K/V straight from the paged pool, with no gathered copy of a context.
+The attention kernels read K/V straight from the paged pool, with no gathered copy of a context.
 ``paged_decode`` attends one query token per sequence over its blocks. ``attend_prefix_levels``
 reads each shared prefix level once for all the decode rows below it and merges it into their
 results by log-sum-exp (cascade attention, after BatchLLM, Hydragen and FlashInfer).
-``prefill_attention`` attends prefill chunks causally over their sequences. The build
-(``native_build.py``) happens once per machine and source version; without a C++ compiler, or
-with ``kernels="torch"``, the engine keeps the plain PyTorch path.
+``prefill_attention`` attends prefill chunks causally over their sequences. ``write_kv`` stores
+a step's new K/V rows. The build (``native_build.py``) happens once per machine and source
+version; without a C++ compiler, or with ``kernels="torch"``, the engine keeps the plain PyTorch
+path.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ class DecodeLevels:
 
 @dataclass(frozen=True)
 class CpuMetadata:
+    """One step as the CPU backend reads it in every layer."""
+
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
     prefill: PrefillBatch | None
     decode: DecodeBatch | None  # each row's own blocks (after its levels)
