@@ -1,5 +1,6 @@
-"""The fast attention paths (PyTorch shared-prefix cascade, compiled CPU decode kernel) against
-the plain reference path, on random shapes; and the fallback when the kernel cannot be built."""
+"""The fast attention paths (PyTorch shared-prefix cascade; the compiled CPU kernels: paged
+decode, prefix levels, prefill chunks, K/V write) against the plain reference path, on random
+shapes; and the fallback when the kernels cannot be built."""
 
 from __future__ import annotations
 

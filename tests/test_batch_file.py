@@ -60,6 +60,16 @@ def test_both_forms_parse(tmp_path):  # type: ignore[no-untyped-def]
     assert minimal.params.greedy and minimal.params.max_tokens == 3
 
 
+def test_an_unfinished_line_is_placed_at_its_own_end(tmp_path):  # type: ignore[no-untyped-def]
+    """A line missing its closing brace: the column is where the line stops, not column 1 of
+    the next line (the line's newline must not count)."""
+    good = json.dumps(CHAT)
+    bad, ok = read(tmp_path, [good[:-1], good])
+    assert isinstance(bad, LineError)
+    assert bad.message == f"line 1: invalid JSON: Expecting ',' delimiter at column {len(good)}"
+    assert not isinstance(ok, LineError)
+
+
 def _with(base, **body):  # type: ignore[no-untyped-def]
     obj = json.loads(json.dumps(base))
     obj["body"].update(body)

@@ -118,7 +118,7 @@ def parse_line(
 ) -> BatchRequest | LineError:
     """One line -> a request or an error; ``seen`` tracks custom_ids for duplicate detection."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text.rstrip("\r\n"))  # an unfinished line ends at its last character
     except (json.JSONDecodeError, RecursionError) as e:
         return LineError(number, None, f"line {number}: {json_problem(e)}")
     if not isinstance(obj, dict):
