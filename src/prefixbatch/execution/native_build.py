@@ -50,7 +50,7 @@ def build_name(sources: tuple[Path, ...]) -> str:
 def build_extension(sources: tuple[Path, ...], what: str) -> ModuleType | None:
     """The module compiled from ``sources`` (the first one holds its Python bindings), or None
     when it cannot be built (a warning names ``what`` and the error). The first build takes
-    20-70 s on 2 cores and is logged."""
+    20-40 s on 2 cores and is logged."""
     try:
         import ninja  # the pip package ships the binary torch's builder calls
 
@@ -64,7 +64,7 @@ def build_extension(sources: tuple[Path, ...], what: str) -> ModuleType | None:
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob(f"{name}*.so")):
-            log.info("compiling %s (once, up to a minute or so) into %s", what, build_dir)
+            log.info("compiling %s (once, about 30 s) into %s", what, build_dir)
         return load(
             name,
             [str(s) for s in sources],

@@ -1,24 +1,26 @@
 // The step's new K and V rows stored into one layer's paged pools (CPU, fp32) in one call: what
 // two index_copy_ calls do, without their dispatch and with k and v read in place from the fused
 // qkv output. AttentionBackend.write_kv is the plain path it replaces.
-#include <torch/extension.h>
+// ATen headers only: the bindings (and the heavy torch/extension.h) are in paged_decode.cpp.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
 
 #include <cstring>
 
 // k_pool[slots[t]] = k[t] and v_pool[slots[t]] = v[t] for every row t; k and v (T, KVH, D) with
 // each row's heads contiguous (rows may be strided), pools (slots, KVH, D) contiguous.
-void write_kv(torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor slots, torch::Tensor k,
-              torch::Tensor v) {
+void write_kv(at::Tensor k_pool, at::Tensor v_pool, at::Tensor slots, at::Tensor k,
+              at::Tensor v) {
   const int64_t T = k.size(0), KVH = k.size(1), D = k.size(2), row = KVH * D;
   for (const auto& t : {k, v})
-    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.stride(2) == 1 && t.stride(1) == D,
+    TORCH_CHECK(t.dtype() == at::kFloat && t.stride(2) == 1 && t.stride(1) == D,
                 "write_kv: fp32 k and v with each row's heads contiguous");
   for (const auto& t : {k_pool, v_pool})
-    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous() && t.size(1) == KVH &&
+    TORCH_CHECK(t.dtype() == at::kFloat && t.is_contiguous() && t.size(1) == KVH &&
                     t.size(2) == D,
                 "write_kv: contiguous fp32 pools of k's head shape");
-  TORCH_CHECK(slots.dtype() == torch::kInt64 && slots.is_contiguous() && slots.size(0) == T,
+  TORCH_CHECK(slots.dtype() == at::kLong && slots.is_contiguous() && slots.size(0) == T,
               "write_kv: one int64 slot per row");
   const int64_t* slot = slots.data_ptr<int64_t>();
   const int64_t num_slots = k_pool.size(0);

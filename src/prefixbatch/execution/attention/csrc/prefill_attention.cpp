@@ -13,7 +13,9 @@
 // the fused qkv output); pools (slots, KVH, D); out (T, H, D) contiguous, written at the chunks'
 // rows only. Per chunk s: block_tables[s] (S, NB) int64, its query rows [q_start[s], + q_len[s])
 // at positions [context_len[s] - q_len[s], context_len[s]).
-#include <torch/extension.h>
+// ATen headers only: the bindings (and the heavy torch/extension.h) are in paged_decode.cpp.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -87,18 +89,18 @@ void attend_piece(const Prefill& p, const Piece& piece, Scratch& scratch) {
 
 // Fills out's rows of every prefill chunk with its causal attention over its sequence's
 // positions [0, context_len).
-void prefill_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
-                       torch::Tensor out, torch::Tensor block_tables, torch::Tensor q_start,
-                       torch::Tensor q_len, torch::Tensor context_len, int64_t block_size,
+void prefill_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
+                       at::Tensor out, at::Tensor block_tables, at::Tensor q_start,
+                       at::Tensor q_len, at::Tensor context_len, int64_t block_size,
                        double scale) {
   const int64_t H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.stride(2) == 1 && q.stride(1) == D,
+  TORCH_CHECK(q.dtype() == at::kFloat && q.stride(2) == 1 && q.stride(1) == D,
               "prefill_attention: fp32 q with each row's heads contiguous");
   for (const auto& t : {k_pool, v_pool, out})
-    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(),
+    TORCH_CHECK(t.dtype() == at::kFloat && t.is_contiguous(),
                 "prefill_attention: contiguous fp32 pools and output");
   for (const auto& t : {block_tables, q_start, q_len, context_len})
-    TORCH_CHECK(t.dtype() == torch::kInt64 && t.is_contiguous(),
+    TORCH_CHECK(t.dtype() == at::kLong && t.is_contiguous(),
                 "prefill_attention: contiguous int64 index tensors");
   const int64_t S = q_len.size(0);
   Prefill p{q.data_ptr<float>(),

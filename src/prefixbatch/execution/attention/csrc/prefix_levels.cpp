@@ -15,7 +15,9 @@
 // Levels: level_tables (L, NBL) int64 block ids, level_lengths (L,) positions (a level's own part,
 // whole blocks), level_row_ptr (L + 1,) and level_rows (R,) int64: level l is read by rows
 // level_rows[level_row_ptr[l] .. level_row_ptr[l + 1]) of q.
-#include <torch/extension.h>
+// ATen headers only: the bindings (and the heavy torch/extension.h) are in paged_decode.cpp.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -103,18 +105,18 @@ void attend_level_piece(const Levels& p, const LevelPiece& piece, Scratch& scrat
 // Adds each row's prefix levels to out (B, H, D) and lse (B, H), which hold its attention over
 // its own blocks (from paged_decode), in place: the levels' partial results merged by their
 // log-sum-exp.
-void attend_prefix_levels(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
-                          torch::Tensor out, torch::Tensor lse, torch::Tensor level_tables,
-                          torch::Tensor level_lengths, torch::Tensor level_row_ptr,
-                          torch::Tensor level_rows, int64_t block_size, double scale) {
+void attend_prefix_levels(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
+                          at::Tensor out, at::Tensor lse, at::Tensor level_tables,
+                          at::Tensor level_lengths, at::Tensor level_row_ptr,
+                          at::Tensor level_rows, int64_t block_size, double scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.stride(2) == 1 && q.stride(1) == D,
+  TORCH_CHECK(q.dtype() == at::kFloat && q.stride(2) == 1 && q.stride(1) == D,
               "attend_prefix_levels: fp32 q with each row's heads contiguous");
   for (const auto& t : {k_pool, v_pool, out, lse})
-    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(),
+    TORCH_CHECK(t.dtype() == at::kFloat && t.is_contiguous(),
                 "attend_prefix_levels: contiguous fp32 tensors only");
   for (const auto& t : {level_tables, level_lengths, level_row_ptr, level_rows})
-    TORCH_CHECK(t.dtype() == torch::kInt64 && t.is_contiguous(),
+    TORCH_CHECK(t.dtype() == at::kLong && t.is_contiguous(),
                 "attend_prefix_levels: contiguous int64 index tensors only");
   const int64_t L = level_lengths.size(0), R = level_rows.size(0);
   TORCH_CHECK(level_row_ptr.size(0) == L + 1 && level_tables.size(0) == L,
