@@ -60,13 +60,17 @@ class AttentionBackend(ABC):
         self.cache.v[layer].index_copy_(0, slots, v)
 
 
-def block_table_array(seqs: Sequence[SeqStep], pad: int = 0) -> np.ndarray:
-    """(S, max blocks) int64 block tables, padded with ``pad``."""
-    width = max((len(s.block_table) for s in seqs), default=0)
-    out = np.full((len(seqs), max(width, 1)), pad, dtype=np.int64)
-    for i, s in enumerate(seqs):
-        out[i, : len(s.block_table)] = s.block_table
+def padded_rows(rows: Sequence[Sequence[int]], dtype: type = np.int64) -> np.ndarray:
+    """Ragged int lists -> (len(rows), max(1, longest)) array of ``dtype``, padded with 0."""
+    out = np.zeros((len(rows), max([1, *map(len, rows)])), dtype=dtype)
+    for i, xs in enumerate(rows):
+        out[i, : len(xs)] = xs
     return out
+
+
+def block_table_array(seqs: Sequence[SeqStep]) -> np.ndarray:
+    """(S, max blocks) int64 block tables, padded with 0."""
+    return padded_rows([s.block_table for s in seqs])
 
 
 def query_positions(step: AttentionStep) -> tuple[np.ndarray, np.ndarray]:

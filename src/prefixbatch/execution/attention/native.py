@@ -14,7 +14,8 @@ path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -23,7 +24,14 @@ import torch
 
 from ..kv_cache import KVCache
 from ..native_build import build_extension
-from .backend import AttentionBackend, DecodeBatch, block_table_array, slot_mapping, to_device
+from .backend import (
+    AttentionBackend,
+    DecodeBatch,
+    block_table_array,
+    padded_rows,
+    slot_mapping,
+    to_device,
+)
 from .reference import ContextPlan
 from .step import AttentionStep
 
@@ -140,13 +148,10 @@ class CpuMetadata:
     levels: DecodeLevels | None
 
 
-def decode_levels(step: AttentionStep) -> DecodeLevels | None:
-    """The step's levels as read by its decode rows (None when no level has one). Row ``j`` of
-    the decode batch is the step's ``j``-th sequence with one query row."""
-    decode_row: dict[int, int] = {}
-    for i, s in enumerate(step.seqs):
-        if s.q_len == 1:
-            decode_row[i] = len(decode_row)
+def decode_levels(step: AttentionStep, decode: Sequence[int]) -> DecodeLevels | None:
+    """The step's levels as read by its decode rows ``decode`` (indices into ``step.seqs``, in
+    decode-batch order); None when no level has one."""
+    decode_row = {i: j for j, i in enumerate(decode)}
     tables: list[tuple[int, ...]] = []
     lengths, row_ptr, rows = [], [0], []
     for lvl in step.levels:
@@ -159,9 +164,8 @@ def decode_levels(step: AttentionStep) -> DecodeLevels | None:
             row_ptr.append(len(rows))
     if not tables:
         return None
-    padded = block_table_array([replace(step.seqs[0], block_table=t) for t in tables])
     return DecodeLevels(
-        torch.from_numpy(padded),
+        torch.from_numpy(padded_rows(tables)),
         torch.tensor(lengths, dtype=torch.int64),
         torch.tensor(row_ptr, dtype=torch.int64),
         torch.tensor(rows, dtype=torch.int64),
@@ -204,7 +208,7 @@ class CpuBackend(AttentionBackend):
         batch = None
         if prefill:
             batch = PrefillBatch(t["p_tables"], t["p_q_start"], t["p_q_len"], t["p_context_len"])
-        levels = decode_levels(step) if step.levels else None
+        levels = decode_levels(step, decode) if step.levels else None
         return CpuMetadata(t["slots"], batch, plan.tensors(t)[1], levels)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .backend import padded_rows
 from .step import AttentionStep
 
 # Packed (query row x GQA head) rows a tile aims for; untuned starting points.
@@ -119,7 +120,7 @@ class TritonMetadata:
             raise ValueError("each sequence needs q_len >= 1 and new tokens after shared_len")
         if any(len(s.block_table) * bs < s.context_len for s in seqs):
             raise ValueError("a block table is shorter than its context")
-        table = _padded([s.block_table for s in seqs])
+        table = padded_rows([s.block_table for s in seqs], np.int32)
         own_rows = max(1, OWN_TILE_M // group_size)
         prefix_rows = max(1, PREFIX_TILE_M // group_size)
         arrays = {
@@ -164,14 +165,6 @@ class TritonMetadata:
 
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return (np.cumsum(x) - x).astype(np.int32)
-
-
-def _padded(lists: list[tuple[int, ...]]) -> np.ndarray:
-    """Ragged int lists -> (len(lists), max(1, longest)) int32, padded with 0."""
-    out = np.zeros((len(lists), max([1, *map(len, lists)])), dtype=np.int32)
-    for i, xs in enumerate(lists):
-        out[i, : len(xs)] = xs
-    return out
 
 
 def _slot_mapping(
@@ -221,7 +214,7 @@ def _level_arrays(
         "seq_levels": seq_levels,
         **{key: per_level[:, i].copy() for i, key in enumerate(_LEVEL_KEYS)},
         "level_out": _exclusive_cumsum(row_end - row_start),
-        "level_blocks": _padded([lvl.block_ids for lvl in levels]),
+        "level_blocks": padded_rows([lvl.block_ids for lvl in levels], np.int32),
     }
 
 
