@@ -135,6 +135,13 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
     assert rel < (KERNEL_RTOL if native else TORCH_RTOL), f"max relative error {rel:.2e}"
 
 
+def padded(tables: list[list[int]]) -> torch.Tensor:
+    """(rows, longest) block ids, each row padded with its own first block (as the engine's
+    decode batches are: padding reads written K/V)."""
+    widest = max(map(len, tables))
+    return torch.tensor([t + [t[0]] * (widest - len(t)) for t in tables])
+
+
 def random_pools(
     rng: random.Random, num_blocks: int, block_size: int, kv_heads: int, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -158,10 +165,8 @@ def check_kernel(
     prefix = rng.choice([0, 1, 40])
     shared = [free.pop() for _ in range(min([prefix] + [n // BS for n in lengths]))]
     tables = [shared + [free.pop() for _ in range(-(-n // BS) - len(shared))] for n in lengths]
-    widest = max(map(len, tables))
-    ids = torch.tensor([t + [t[0]] * (widest - len(t)) for t in tables])
-    lens = torch.tensor(lengths)
-    mask = (torch.arange(widest * BS)[None, :] < lens[:, None])[:, None, None, :]
+    ids, lens = padded(tables), torch.tensor(lengths)
+    mask = (torch.arange(ids.shape[1] * BS)[None, :] < lens[:, None])[:, None, None, :]
     batch = DecodeBatch(torch.arange(len(lengths)), ids, lens, mask)
     q = torch.randn(len(lengths), heads + 2, dim)[:, :heads]  # rows strided, as from qkv
     scale = dim**-0.5
@@ -234,10 +239,6 @@ def check_levels(
         full_tables.append(prefix + own_blocks)
         full_lengths.append(len(prefix) * block_size + own)
         below.append(levels)
-
-    def padded(tables: list[list[int]]) -> torch.Tensor:
-        widest = max(map(len, tables))
-        return torch.tensor([t + [t[0]] * (widest - len(t)) for t in tables])
 
     q = torch.randn(len(own_lengths), heads + 2, dim)[:, :heads]  # rows strided
     scale = dim**-0.5

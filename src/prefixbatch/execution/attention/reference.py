@@ -140,13 +140,10 @@ def attend_decode(
 class ReferenceBackend(AttentionBackend):
     """Plain attention: every sequence reads its whole context, prefix included."""
 
-    # Whether decode batches carry a padding mask (the padded SDPA path reads it).
-    decode_mask = True
-
     def prepare(self, step: AttentionStep) -> TorchMetadata:
         tables = block_table_array(step.seqs)
         arrays = {"slots": slot_mapping(step, tables)}
-        plan = ContextPlan.build(step, tables, range(len(step.seqs)), self.decode_mask, arrays)
+        plan = ContextPlan.build(step, tables, range(len(step.seqs)), True, arrays)
         t = to_device(arrays, self.cache.k.device)
         return TorchMetadata(t["slots"], *plan.tensors(t))
 
