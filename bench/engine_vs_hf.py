@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 
 import torch
@@ -135,9 +136,11 @@ def hf_generate(
     return made
 
 
-def matmul_floor(model: torch.nn.Module, steps: list[tuple[int, int]]) -> float:
+def matmul_floor(model: torch.nn.Module, steps: list[tuple[int, int]], reps: int = 5) -> float:
     """Seconds the engine's own projections (its GEMM path, its weights) alone take for these
-    forward steps ((tokens, sampled rows) each): the engine minus everything but the GEMMs."""
+    forward steps ((tokens, sampled rows) each): the engine minus everything but the GEMMs. Each
+    distinct step shape is timed ``reps`` times, the median kept (one timing weighted by the
+    hundred decode steps of one shape moved the floor by up to 15%)."""
 
     def linears(layer: torch.nn.Module) -> tuple[torch.nn.Linear, ...]:
         return (
@@ -147,17 +150,18 @@ def matmul_floor(model: torch.nn.Module, steps: list[tuple[int, int]]) -> float:
             layer.mlp.down_proj,
         )
 
-    cost: dict[tuple[int, int], float] = {}
+    def seconds(m: int, rows: int) -> float:
+        inputs = [torch.randn(m, lin.in_features) for lin in linears(model.layers[0])]
+        head_in = torch.randn(rows, model.lm_head.in_features)
+        start = time.perf_counter()
+        for layer in model.layers:
+            for x, lin in zip(inputs, linears(layer)):
+                lin(x)
+        model.lm_head(head_in)
+        return time.perf_counter() - start
+
     with torch.inference_mode():
-        for m, rows in set(steps):
-            inputs = [torch.randn(m, lin.in_features) for lin in linears(model.layers[0])]
-            head_in = torch.randn(rows, model.lm_head.in_features)
-            start = time.perf_counter()
-            for layer in model.layers:
-                for x, lin in zip(inputs, linears(layer)):
-                    lin(x)
-            model.lm_head(head_in)
-            cost[(m, rows)] = time.perf_counter() - start
+        cost = {s: statistics.median(seconds(*s) for _ in range(reps)) for s in set(steps)}
     return sum(cost[s] for s in steps)
 
 

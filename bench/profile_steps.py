@@ -109,7 +109,7 @@ def main() -> None:
     engine = llm.engine
     model = engine.loaded.model
     if model.fused is not None:
-        named = NamedKernels(model.fused)
+        named = NamedKernels(model.fused.kernels)
         model.use_fused_kernels(named)  # type: ignore[arg-type]
         engine.sampler.argmax_rows = named.argmax_rows  # the greedy argmax: "sampling"
     if isinstance(engine.backend, CpuBackend):

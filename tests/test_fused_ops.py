@@ -149,9 +149,6 @@ def test_engine_fuses_only_on_the_cpu_fast_path(tiny_models):  # type: ignore[no
     def fused(**kwargs) -> bool:  # type: ignore[no-untyped-def]
         llm = LLM(path, device="cpu", kv_cache_memory=2**20, **kwargs)
         model = llm.engine.loaded.model
-        layer = model.layers[0]
-        uses = [layer.input_layernorm, layer.self_attn, layer.self_attn.q_norm, layer.mlp]
-        assert all((m.fused is not None) == (model.fused is not None) for m in uses)
         fast_argmax = llm.engine.sampler.argmax_rows is not torch_argmax
         assert fast_argmax == (model.fused is not None)
         return model.fused is not None
@@ -169,3 +166,35 @@ def test_engine_keeps_pytorch_ops_when_the_kernels_cannot_build(tiny_models):  #
     assert llm.engine.loaded.model.fused is None
     outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     assert [o.output_token_ids for o in outs] == hf_greedy(tiny_models["qwen3"], prompts, [6] * 6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fused_forward_matches_the_modules_forward(tiny_models, family):  # type: ignore[no-untyped-def]
+    """The CPU fast path's flat loop (``fused_forward.py``) against the modules' plain forward,
+    on every step of a job: prefill chunks, decode rows and steps mixing both."""
+    llm = LLM(
+        str(tiny_models[family]),
+        device="cpu",
+        block_size=8,
+        kv_cache_memory=8 * 2**20,
+        max_num_batched_tokens=48,
+    )
+    model = llm.engine.loaded.model
+    fused = model.fused
+    assert fused is not None
+    step_rows: list[tuple[int, int]] = []  # (rows, rows that sample) of each step
+
+    def compare(_, args):  # type: ignore[no-untyped-def]
+        got = fused(*args)
+        model.fused = None
+        try:
+            expected = model.forward(*args)
+        finally:
+            model.fused = fused
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        step_rows.append((len(args[0]), len(args[4])))
+
+    model.register_forward_pre_hook(compare)
+    llm.generate(shared_prefix_prompts(8, seed=3), SamplingParams(max_tokens=5, temperature=0))
+    assert any(rows > sampled for rows, sampled in step_rows)  # prefill rows
+    assert any(rows == sampled > 1 for rows, sampled in step_rows)  # decode-only steps

@@ -101,7 +101,7 @@ class LLMEngine:
             self.limits.vocab_size,
             self.eos_ids,
             self._grammars,
-            torch_argmax if fused is None else fused.argmax_rows,
+            torch_argmax if fused is None else fused.kernels.argmax_rows,
         )
         self.stats = EngineStats()
         self._requests: dict[int, Request] = {}  # unfinished requests by id

@@ -1,7 +1,7 @@
 """Building blocks shared by every model family: RMSNorm, rotary embedding, gated MLP.
 
-Each has a plain PyTorch path, the reference, and runs the fused CPU kernels of
-``fused_ops.py`` instead once ``fused`` is set (``DecoderModel.use_fused_kernels``).
+Plain PyTorch: the reference the fused CPU kernels (``fused_ops.py``, run by
+``models/fused_forward.py``) are tested against.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from ..config import RopeConfig
-from .fused_ops import FusedKernels
 from .packed_linear import Linear
 
 
@@ -27,34 +26,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """RMS normalisation computed in fp32, as the reference implementations do."""
 
-    fused: FusedKernels | None = None
-
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (T, dim) or (T, heads, dim) -> normalised, contiguous."""
-        if self.fused is not None:
-            return self.fused.rms_norm(x, self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)
-
-    def normalise_(self, x: torch.Tensor) -> torch.Tensor:
-        """x (T, heads, dim) normalised, in place when fused (x may be a strided view)."""
-        if self.fused is not None:
-            self.fused.rms_norm_(x, self.weight, self.eps)
-            return x
+        """x (T, dim) or (T, heads, dim) -> normalised."""
         return rms_norm(x, self.weight, self.eps)
 
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, residual (T, dim) -> (normalised sum, the sum): a residual add fused with the norm
-        after it. The fused kernel overwrites both inputs with the results."""
-        if self.fused is not None:
-            self.fused.fused_add_rms_norm_(x, residual, self.weight, self.eps)
-            return x, residual
+        """x, residual (T, dim) -> (normalised sum, the sum): a residual add with the norm after
+        it (the fused kernel does both in one pass)."""
         residual = x + residual
         return rms_norm(residual, self.weight, self.eps), residual
 
@@ -108,8 +93,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward with gate and up projections fused into one matmul."""
 
-    fused: FusedKernels | None = None
-
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False)
@@ -118,5 +101,4 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, hidden) -> (T, hidden)."""
         gate_up = self.gate_up_proj(x)
-        act = silu_and_mul(gate_up) if self.fused is None else self.fused.silu_and_mul(gate_up)
-        return self.down_proj(act)
+        return self.down_proj(silu_and_mul(gate_up))

@@ -9,11 +9,20 @@ summation order. The engine packs after loading weights; ``kernels="torch"`` kee
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 # Row count oneDNN chooses the packed layout for; measured as good from 1 to 1024 rows.
 _ROWS_HINT = 1024
+
+# A projection as a plain call: function(x (T, in), weight, bias) -> (T, out).
+Projection = tuple[
+    Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    torch.Tensor,
+    torch.Tensor | None,
+]
 
 
 def onednn_available() -> bool:
@@ -24,6 +33,11 @@ def onednn_available() -> bool:
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
     )
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (T, in), T >= 1, times a weight packed by ``Linear.pack`` (plus bias) -> (T, out)."""
+    return torch.ops.mkldnn._linear_pointwise.default(x, packed, bias, "none", [], "")
 
 
 class Linear(nn.Linear):
@@ -42,4 +56,10 @@ class Linear(nn.Linear):
             return super().forward(x)
         if x.shape[0] == 0:  # a step that samples nothing
             return x.new_empty(0, self.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias)
+
+    def projection(self) -> Projection:
+        """This layer as a plain call (no module call), for inputs of at least one row."""
+        if self.packed is None:
+            return nn.functional.linear, self.weight, self.bias
+        return packed_linear, self.packed, self.bias

@@ -17,11 +17,10 @@ from ..attention.backend import AttentionBackend
 from ..fused_ops import FusedKernels
 from ..layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
 from ..packed_linear import Linear
+from .fused_forward import FusedForward
 
 
 class Attention(nn.Module):
-    fused: FusedKernels | None = None
-
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -47,11 +46,8 @@ class Attention(nn.Module):
         k = k.view(t, self.kv_heads, self.head_dim)  # (T, KVH, D)
         v = v.view(t, self.kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm.normalise_(q), self.k_norm.normalise_(k)
-        if self.fused is None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        else:  # rotated in place, inside the qkv output
-            self.fused.rotary_embedding_(q, k, *rope)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = backend.forward(self.layer, q, k, v, meta)  # (T, H, D)
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -88,7 +84,12 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     """Token ids (T,) and positions (T,) -> logits (S, vocab) fp32 for the rows in
-    ``logits_rows``; ``meta`` is the attention backend's metadata for the step."""
+    ``logits_rows``; ``meta`` is the attention backend's metadata for the step.
+
+    The modules' forward is the plain PyTorch reference; with ``fused`` set (the CPU fast path,
+    ``use_fused_kernels``) the model runs ``fused_forward.py`` instead."""
+
+    fused: FusedForward | None = None
 
     # checkpoint sub-name -> (our parameter sub-name, shard index) for fused projections
     FUSED = {
@@ -117,6 +118,8 @@ class DecoderModel(nn.Module):
         meta: Any,
         logits_rows: torch.Tensor,
     ) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(input_ids, positions, backend, meta, logits_rows)
         x = self.embed_tokens(input_ids)  # (T, hidden)
         rope = self.rotary.cos_sin(positions, x.dtype)
         residual = None
@@ -158,16 +161,10 @@ class DecoderModel(nn.Module):
         if cfg.tie_word_embeddings or "lm_head.weight:None" not in loaded:
             self.lm_head.weight = self.embed_tokens.weight
 
-    @property
-    def fused(self) -> FusedKernels | None:
-        """The fused element-wise kernels the model runs, or None (the plain PyTorch path)."""
-        return self.norm.fused
-
     def use_fused_kernels(self, kernels: FusedKernels) -> None:
-        """Run norms, residual adds, rope and SiLU-and-mul through ``kernels`` (CPU, fp32)."""
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention, GatedMLP)):
-                module.fused = kernels
+        """Run the CPU fast path (``fused_forward.py``) with ``kernels`` (CPU, fp32; after
+        loading and packing the weights)."""
+        self.fused = FusedForward(self, kernels)
 
     def pack_linears(self) -> None:
         """Switch every projection to oneDNN-packed weights (CPU, fp32; after loading)."""
