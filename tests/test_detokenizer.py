@@ -51,7 +51,7 @@ def words(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def pieces(hf, prompt: list[int], output: list[int]) -> list[str]:  # type: ignore[no-untyped-def]
-    detok = IncrementalDetokenizer(hf, prompt, skip_special_tokens=True)
+    detok = IncrementalDetokenizer(hf, prompt, frozenset(hf.all_special_ids))
     return [detok.decode_next(t) for t in output]
 
 
@@ -84,7 +84,7 @@ def test_find_stop_string_matches_vllm():  # type: ignore[no-untyped-def]
 
 def out_text(hf, params: SamplingParams, prompt: list[int], output: list[int], stop_last: bool):  # type: ignore[no-untyped-def]
     """(final text, tokens appended) for ``output`` fed until a stop string ends it."""
-    text = OutputText(hf, prompt, params)
+    text = OutputText(hf, prompt, params, frozenset(hf.all_special_ids))
     for i, t in enumerate(output):
         if text.append(t, stop_token=stop_last and i == len(output) - 1):
             return text.text, i + 1
@@ -154,3 +154,10 @@ def test_min_tokens_masks_eos_and_stop_ids():  # type: ignore[no-untyped-def]
     assert torch.isinf(logits[0]).nonzero().flatten().tolist() == [2, 5]
     assert not torch.isinf(logits[1]).any()
     assert not torch.isinf(logits[2]).any()  # ignore_eos, no stop ids
+
+
+def test_special_tokens_inside_an_output_follow_skip_special_tokens(words):  # type: ignore[no-untyped-def]
+    prompt, output = words.encode("w5"), words.encode("w10 </s> <s> w11")
+    keep = SamplingParams(skip_special_tokens=False)
+    assert out_text(words, keep, prompt, output, False)[0] == " w10 </s> <s> w11"
+    assert out_text(words, SamplingParams(), prompt, output, False)[0] == " w10 w11"

@@ -17,7 +17,7 @@ A stop string found on the last allowed token still makes ``finish_reason`` ``"s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any
 
 from .outputs import Request
@@ -30,22 +30,22 @@ PROMPT_CONTEXT_TOKENS = 5
 
 
 class IncrementalDetokenizer:
-    """Decodes one token at a time; ``hf_tokenizer`` is a transformers tokenizer."""
+    """Decodes one token at a time; ``hf_tokenizer`` is a transformers tokenizer. Tokens in
+    ``skip_ids`` are left out of the text (the tokenizer's special tokens for
+    ``skip_special_tokens``, as transformers' ``convert_ids_to_tokens`` skips them)."""
 
-    def __init__(
-        self, hf_tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool
-    ) -> None:
+    def __init__(self, hf_tokenizer: Any, prompt_ids: Sequence[int], skip_ids: Set[int]) -> None:
         self.hf = hf_tokenizer
-        self.skip_special_tokens = skip_special_tokens
+        self.skip_ids = skip_ids
         # Two more tokens than the window in case some are special and skipped.
         self.tokens: list[str] = self._tokens(prompt_ids[-PROMPT_CONTEXT_TOKENS - 2 :])
         self.read_offset = len(self.tokens)
         self.prefix_offset = max(self.read_offset - PROMPT_CONTEXT_TOKENS, 0)
 
     def _tokens(self, ids: Sequence[int]) -> list[str]:
-        return list(
-            self.hf.convert_ids_to_tokens(list(ids), skip_special_tokens=self.skip_special_tokens)
-        )
+        # One id at a time: transformers' skip_special_tokens rebuilds the special-id set on
+        # every call (about 10 us, a few percent of a small model's decode step).
+        return [self.hf.convert_ids_to_tokens(i) for i in ids if i not in self.skip_ids]
 
     def decode_next(self, token_id: int) -> str:
         """The new complete text that ``token_id`` adds ("" while a character is incomplete)."""
@@ -74,12 +74,19 @@ def find_stop_string(
 
 
 class OutputText:
-    """The text of one request's output and whether a stop string ended it."""
+    """The text of one request's output and whether a stop string ended it; ``special_ids``:
+    the tokenizer's special tokens (``all_special_ids``)."""
 
-    def __init__(self, hf_tokenizer: Any, prompt_ids: Sequence[int], params: SamplingParams):
+    def __init__(
+        self,
+        hf_tokenizer: Any,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        special_ids: Set[int],
+    ) -> None:
         self.params = params
         self.detokenizer = IncrementalDetokenizer(
-            hf_tokenizer, prompt_ids, params.skip_special_tokens
+            hf_tokenizer, prompt_ids, special_ids if params.skip_special_tokens else frozenset()
         )
         self.text = ""
         self.num_tokens = 0
@@ -111,6 +118,7 @@ class OutputTexts:
 
     def __init__(self, hf_tokenizer: Any, requests: Mapping[int, Request]) -> None:
         self.hf = hf_tokenizer
+        self.special_ids = frozenset(hf_tokenizer.all_special_ids)
         self.requests = requests
         self.texts: dict[SchedSequence, OutputText] = {}
 
@@ -126,7 +134,9 @@ class OutputTexts:
             text = self.texts.get(seq)
             if text is None:
                 request = self.requests[seq.seq_id]
-                text = OutputText(self.hf, request.prompt_token_ids, request.params)
+                text = OutputText(
+                    self.hf, request.prompt_token_ids, request.params, self.special_ids
+                )
                 self.texts[seq] = text
             if not text.append(seq.tokens[-1], stop_token=seq.finish_reason == "stop"):
                 continue
