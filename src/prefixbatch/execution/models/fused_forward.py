@@ -86,7 +86,7 @@ class FusedForward:
             if i:  # the residual stream is x + residual (see DecoderLayer)
                 kernels.fused_add_rms_norm_(x, residual, w.input_norm, eps)
             linear, weight, bias = w.qkv
-            q, k, v = linear(x, weight, bias).split(self.qkv_sizes, dim=-1)
+            q, k, v = linear(x, weight, bias).split_with_sizes(self.qkv_sizes, dim=-1)
             q = q.view(t, heads, dim)  # strided views into the qkv output
             k = k.view(t, kv_heads, dim)
             v = v.view(t, kv_heads, dim)
