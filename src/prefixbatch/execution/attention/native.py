@@ -217,8 +217,8 @@ class CpuBackend(AttentionBackend):
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: CpuMetadata
     ) -> torch.Tensor:
+        self.write_kv(layer, k, v, meta.slot_mapping)
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        self.kernels.write_kv(k_pool, v_pool, meta.slot_mapping, k, v)
         d = meta.decode
         if meta.prefill is None and d is not None:
             # Every row is a decode row, in row order: no gather of the queries, no scatter.
