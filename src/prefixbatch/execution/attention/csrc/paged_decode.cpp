@@ -17,11 +17,11 @@
 // A piece walks its blocks in order and, per block, all KV heads: the block's K and V are read
 // whole and contiguously while the next block (anywhere in the pool) is prefetched; during its
 // last block, the first block of the thread's next piece is (a row's first block was otherwise
-// read on demand: at 192 rows of 40-200 tokens that cost 5-8% of the kernel's bandwidth). Per KV head
-// the G query heads share each K and V row: scores for 16 tokens at a time, each token's dot
-// product accumulated in a vector and the 16 vectors reduced together (AVX-512; elsewhere one
-// reduction per token); online softmax over blocks (running max and sum per query head); then
-// the V rows weighted into accumulators kept in registers for the block.
+// read on demand: at 192 rows of 40-200 tokens that cost 5-8% of the kernel's bandwidth). Per
+// KV head the G query heads share each K and V row: scores for 16 tokens at a time, each
+// token's dot product accumulated in a vector and the 16 vectors reduced together (AVX-512;
+// elsewhere one reduction per token); online softmax over blocks (running max and sum per query
+// head); then the V rows weighted into accumulators kept in registers for the block.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

@@ -11,7 +11,8 @@
 // i / G, query head i % G of the KV head), so each K or V element is loaded once for kLanes
 // query heads.
 //
-// Layout. As paged_decode.cpp: q (B, H, D), rows possibly strided; pools (slots, KVH, D); out (B, H, D), lse (B, H).
+// Layout. As paged_decode.cpp: q (B, H, D), rows possibly strided; pools (slots, KVH, D);
+// out (B, H, D), lse (B, H).
 // Levels: level_tables (L, NBL) int64 block ids, level_lengths (L,) positions (a level's own part,
 // whole blocks), level_row_ptr (L + 1,) and level_rows (R,) int64: level l is read by rows
 // level_rows[level_row_ptr[l] .. level_row_ptr[l + 1]) of q.
