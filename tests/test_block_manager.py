@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prefixbatch.planning.block_hash import chain_hashes
 from prefixbatch.scheduling.block_manager import BlockManager, OutOfBlocksError
@@ -89,3 +91,62 @@ def test_chain_hash_depends_on_whole_prefix():
     x = chain_hashes([1, 2, 3, 4], 2)
     y = chain_hashes([9, 9, 3, 4], 2)
     assert x[1] != y[1]  # same second block, different first block
+
+
+def test_growing_tables_keep_their_blocks_adjacent():
+    """Tables that grow one block at a time, interleaved (decode), each stay one run."""
+    bm = BlockManager(64, 4)
+    tables = [bm.allocate(2) for _ in range(3)]  # three prompts
+    for _ in range(5):  # then one block each per round, in turn
+        for t in tables:
+            t += bm.allocate(1, t[-1])
+    for t in tables:
+        assert t == list(range(t[0], t[0] + len(t))), t
+    bm.check_integrity(tables)
+
+
+def test_a_new_run_starts_in_the_middle_of_the_largest_gap():
+    bm = BlockManager(20, 4)
+    first = bm.allocate(2)
+    assert first == [9, 10]  # centred in 0..19
+    assert bm.allocate(2) == [3, 4]  # gaps 0..8 and 11..19 tie: the first one
+    assert bm.allocate(2) == [14, 15]  # the largest gap left is 11..19
+    assert bm.allocate(1, 10) == [11]  # the first table grows into its own room
+    assert bm.allocate(3, 15) == [16, 17, 18]
+
+
+def test_allocation_falls_back_to_any_free_block():
+    bm = BlockManager(4, 4)
+    a = bm.allocate(1)
+    b = bm.allocate(1, a[0])  # adjacent
+    assert b == [a[0] + 1]
+    rest = bm.allocate(2, b[0])  # partly adjacent, the rest wherever blocks are free
+    assert sorted(a + b + rest) == [0, 1, 2, 3]
+    bm.check_integrity([a, b, rest])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 7), st.integers(1, 5)), max_size=60))
+def test_allocation_never_hands_out_a_block_twice(ops: list[tuple[bool, int, int]]):
+    """Random grows (after a table's last block) and frees of eight tables: every block is held
+    by at most one table, the counts add up, and a table grows adjacently whenever the block after
+    its last one is free."""
+    bm = BlockManager(24, 4)
+    tables: list[list[int]] = [[] for _ in range(8)]
+    for grow, i, n in ops:
+        t = tables[i]
+        if not grow:
+            bm.release(t)
+            t.clear()
+            continue
+        if n > bm.num_available:
+            with pytest.raises(OutOfBlocksError):
+                bm.allocate(n, t[-1] if t else None)
+            continue
+        next_free = bool(t) and t[-1] + 1 < bm.num_blocks and bool(bm.is_free[t[-1] + 1])
+        new = bm.allocate(n, t[-1] if t else None)
+        assert len(new) == n
+        if next_free:
+            assert new[0] == t[-1] + 1
+        t += new
+        bm.check_integrity(tables)

@@ -1,13 +1,24 @@
-"""KV block accounting: a free list, reference counts, and (for the fcfs-lru policy) a hash-based
+"""KV block accounting: free blocks, reference counts, and (for the fcfs-lru policy) a hash-based
 automatic prefix cache whose unreferenced blocks are evicted least-recently-used first.
+
+Allocation keeps a sequence's blocks adjacent where it can: a sequence that grows takes the block
+after its last one when that is free, and a new run of blocks starts in the middle of the largest
+free gap, so that the runs on both sides of it have room to grow. A block's K (and V) is
+``block_size`` consecutive slots of the pool, so adjacent blocks make one long stream for decode
+attention: the CPU kernel reads K/V from DRAM 15-20% faster from adjacent blocks than from
+scattered ones (``bench/decode_kernel.py``); in a whole job, where part of the K/V comes from
+cache, decode attention took 2-3% less time. Where no adjacent block is free, any free block
+serves; placement never changes what fits.
 
 Pure Python bookkeeping; the tensors live in ``KVCache``.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable
+
+import numpy as np
 
 
 class OutOfBlocksError(RuntimeError):
@@ -22,7 +33,8 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_cache = enable_prefix_cache
         self.refcount = [0] * num_blocks
-        self.free: deque[int] = deque(range(num_blocks))
+        self.is_free = np.ones(num_blocks, dtype=np.bool_)
+        self.num_free = num_blocks
         # Automatic prefix cache: content hash <-> block; unreferenced cached blocks in LRU order.
         self.hash_to_block: dict[int, int] = {}
         self.block_to_hash: dict[int, int] = {}
@@ -33,7 +45,7 @@ class BlockManager:
     @property
     def num_available(self) -> int:
         """Blocks an allocation can take now: free ones plus evictable cached ones."""
-        return len(self.free) + len(self.evictable)
+        return self.num_free + len(self.evictable)
 
     @property
     def num_used(self) -> int:
@@ -42,20 +54,40 @@ class BlockManager:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def allocate(self, n: int) -> list[int]:
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
+        """``n`` blocks, each referenced once, for a block table whose last block is ``after``
+        (None: a new table): free blocks first, adjacent to ``after`` and to each other where
+        possible (see the module docstring), then evicted cached ones, least recently used first.
+        Raises OutOfBlocksError when fewer than ``n`` are available."""
         if n > self.num_available:
             raise OutOfBlocksError(f"asked for {n} blocks, {self.num_available} available")
-        out = []
-        for _ in range(n):
-            if self.free:
-                block = self.free.popleft()
-            else:  # evict the least recently used cached block
-                block, _ = self.evictable.popitem(last=False)
-                del self.hash_to_block[self.block_to_hash.pop(block)]
-                del self.block_tokens[block]
-            self.refcount[block] = 1
+        out: list[int] = []
+        block = after
+        while len(out) < n and self.num_free:
+            if block is None or block + 1 == self.num_blocks or not self.is_free[block + 1]:
+                block = self._gap_start(n - len(out))
+            else:
+                block += 1
+            self.is_free[block] = False
+            self.num_free -= 1
             out.append(block)
+        while len(out) < n:  # evict the least recently used cached block
+            block, _ = self.evictable.popitem(last=False)
+            del self.hash_to_block[self.block_to_hash.pop(block)]
+            del self.block_tokens[block]
+            out.append(block)
+        for block in out:
+            self.refcount[block] = 1
         return out
+
+    def _gap_start(self, n: int) -> int:
+        """Where a new run of ``n`` free blocks starts: centred in the largest gap of free
+        blocks (at its start when the gap is shorter than ``n``)."""
+        edges = np.diff(self.is_free.astype(np.int8), prepend=0, append=0)
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        largest = int(np.argmax(ends - starts))
+        start, length = int(starts[largest]), int(ends[largest] - starts[largest])
+        return start + max(0, length - n) // 2
 
     def incref(self, blocks: Iterable[int]) -> None:
         for b in blocks:
@@ -72,7 +104,8 @@ class BlockManager:
                 if b in self.block_to_hash:
                     self.evictable[b] = None
                 else:
-                    self.free.append(b)
+                    self.is_free[b] = True
+                    self.num_free += 1
 
     # -- automatic prefix cache (fcfs-lru) ---------------------------------------------------
     def cached_prefix(self, tokens: list[int], hashes: list[int], usable: int) -> list[int]:
@@ -110,9 +143,9 @@ class BlockManager:
             for b in blocks:
                 expected[b] += 1
         assert expected == self.refcount, "refcounts do not match the block tables"
-        free, evictable = set(self.free), set(self.evictable)
+        free, evictable = set(np.flatnonzero(self.is_free).tolist()), set(self.evictable)
         referenced = {b for b, c in enumerate(self.refcount) if c > 0}
-        assert len(free) == len(self.free), "a block is on the free list twice"
+        assert len(free) == self.num_free, "the free count does not match the free blocks"
         assert not (free & evictable) and not (free & referenced) and not (evictable & referenced)
         assert len(free) + len(evictable) + len(referenced) == self.num_blocks, "blocks leaked"
         assert all(b in self.block_to_hash for b in evictable), "evictable block without a hash"

@@ -118,7 +118,7 @@ class Scheduler:
                 self.blocks.take_cached(hits)
                 seq.block_table = hits
                 seq.computed = computed
-            seq.block_table += self.blocks.allocate(need)
+            seq.block_table += self.blocks.allocate(need, seq.last_block)
             seq.status = Status.RUNNING
             self.running.append(seq)
             step.add(seq, n)
@@ -128,7 +128,7 @@ class Scheduler:
         need = self.blocks.blocks_for(seq.computed + n) - len(seq.block_table)
         if need > self.blocks.num_available:
             return False
-        seq.block_table += self.blocks.allocate(need)
+        seq.block_table += self.blocks.allocate(need, seq.last_block)
         return True
 
     def _preempt(self, seq: Sequence) -> None:

@@ -90,6 +90,12 @@ class Sequence:
         """Blocks this sequence holds a reference to (its table minus the group's prefix)."""
         return self.block_table[len(self.group.blocks) :] if self.group else self.block_table
 
+    @property
+    def last_block(self) -> int | None:
+        """The block table's last block (None while it is empty): where a growing table would
+        like its next block (``BlockManager.allocate``)."""
+        return self.block_table[-1] if self.block_table else None
+
     def reset_to_prefix(self) -> None:
         """Forget everything after the group's prefix (before admission or after preemption)."""
         self.block_table = list(self.group.blocks) if self.group else []
