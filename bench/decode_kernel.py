@@ -6,7 +6,8 @@ the same contexts row by row.
 
 Each case builds random K/V pools for several layers (so one call's K/V is not in cache from the
 call before, as in a real step over 30 layers) with block ids scattered over each pool like a
-long-running pool's, times the kernel and prints the effective bandwidth: unique K/V bytes read
+long-running pool's (one case also with each row's blocks adjacent, as the block manager places
+them where it can), times the kernel and prints the effective bandwidth: unique K/V bytes read
 per call / seconds. Unique bytes count every (block, slot) position some row attends once, so a
 prefix shared by a group of rows counts once, as DRAM traffic would (its other reads hit cache).
 The bandwidth peer, measured in the same run, is ``torch.sum`` over a float32 array far larger
@@ -52,13 +53,20 @@ class Case:
 
 
 def make_case(
-    name: str, rng: random.Random, num_blocks: int, lengths: list[int], groups: list[int]
+    name: str,
+    rng: random.Random,
+    num_blocks: int,
+    lengths: list[int],
+    groups: list[int],
+    adjacent: bool = False,
 ) -> Case:
     """Rows with the given lengths; ``groups`` splits them into runs of neighbours that share
     their first ``prefix`` blocks (a run of 1 shares nothing). Blocks are drawn at random from a
-    pool of ``num_blocks``."""
-    free = list(range(num_blocks))
-    rng.shuffle(free)
+    pool of ``num_blocks``, or with ``adjacent`` in order (each row's blocks one run, as the
+    block manager places them when it can)."""
+    free = list(range(num_blocks - 1, -1, -1))  # pop() takes the lowest id
+    if not adjacent:
+        rng.shuffle(free)
     tables: list[list[int]] = []
     row = 0
     for size in groups:
@@ -87,6 +95,9 @@ def cases(rng: random.Random, num_blocks: int) -> list[Case]:
 
     return [
         make_case("B=64 ctx 250-410", rng, num_blocks, lens(64, 250, 410), [1] * 64),
+        make_case(
+            "B=64 ctx 250-410, adjacent", rng, num_blocks, lens(64, 250, 410), [1] * 64, True
+        ),
         make_case("B=256 ctx 100-600", rng, num_blocks, lens(256, 100, 600), [1] * 256),
         make_case("B=32 ctx 1500-2000", rng, num_blocks, lens(32, 1500, 2000), [1] * 32),
         make_case("B=64 shared prefix ~300", rng, num_blocks, lens(64, 300, 420), groups(64)),

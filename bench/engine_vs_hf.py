@@ -10,7 +10,12 @@ transformers' best batched path here: requests sorted by max_tokens, then prompt
 padding), in left-padded batches (sizes from --hf-batches, best reported); a batch lasts until its
 longest answer ends. Throughput counts answer tokens (up to and including EOS).
 
+The dense-matmul floor is the engine's own projections alone on the engine's own forward steps
+(``matmul_floor``). The engine and its floor run ``--repeats`` times, alternately, and the
+medians are reported, so that the machine's drift falls on both.
+
     python bench/engine_vs_hf.py [--requests 64] [--max-tokens 128] [--workloads job,eos,fixed]
+                                 [--repeats 3]
 """
 
 from __future__ import annotations
@@ -136,7 +141,7 @@ def hf_generate(
     return made
 
 
-def matmul_floor(model: torch.nn.Module, steps: list[tuple[int, int]], reps: int = 5) -> float:
+def matmul_floor(model: torch.nn.Module, steps: list[tuple[int, int]], reps: int = 3) -> float:
     """Seconds the engine's own projections (its GEMM path, its weights) alone take for these
     forward steps ((tokens, sampled rows) each): the engine minus everything but the GEMMs. Each
     distinct step shape is timed ``reps`` times, the median kept (one timing weighted by the
@@ -177,6 +182,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--hf-batches", default="16,64", help="batch sizes tried for transformers")
     parser.add_argument("--workloads", default="job,eos,fixed")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="engine runs, each followed by a floor run"
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}")
     llm = LLM(kv_cache_memory="1GiB")
@@ -198,10 +206,21 @@ def main() -> None:
         items = workload(name, args.requests, args.max_tokens)
         requests = [(llm.tokenizer.encode_chat(c), m) for c, m in items]
         params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=fixed) for _, m in items]
-        steps.clear()
-        outs, ours = timed(lambda r=requests, p=params: llm.generate([x for x, _ in r], p))
+        # The engine and its floor alternate, medians kept: the machine's speed drifts by 5-10%
+        # over minutes, which moved a single engine run / floor run pair by 4 points.
+        engine_runs, floor_runs = [], []
+        for _ in range(args.repeats):
+            steps.clear()
+            outs, secs = timed(lambda r=requests, p=params: llm.generate([x for x, _ in r], p))
+            engine_runs.append(secs)
+            floor_runs.append(matmul_floor(llm.engine.loaded.model, steps))
+        ours, floor = statistics.median(engine_runs), statistics.median(floor_runs)
         tokens = sum(len(o.output_token_ids) for o in outs)
-        floor = matmul_floor(llm.engine.loaded.model, steps)
+        print(
+            f"[{name}] prefixbatch s: {' '.join(f'{t:.1f}' for t in engine_runs)}; "
+            f"floor s: {' '.join(f'{t:.1f}' for t in floor_runs)}",
+            flush=True,
+        )
         rows.append(
             {
                 "workload": name,
