@@ -150,3 +150,18 @@ def test_allocation_never_hands_out_a_block_twice(ops: list[tuple[bool, int, int
             assert new[0] == t[-1] + 1
         t += new
         bm.check_integrity(tables)
+
+
+def test_a_large_pool_places_new_runs_by_wholly_free_chunks():
+    """Over 1,024 blocks the gaps are measured in chunks (here of 2 blocks); once no chunk is
+    wholly free, the new run goes to the largest gap of the chunk with the most free blocks."""
+    bm = BlockManager(1100, 4)
+    everything = bm.allocate(1100)
+    assert everything == list(range(1100))  # one run from the start: the pool was one gap
+    odd = everything[1::2]
+    bm.release(odd)  # every chunk {2i, 2i + 1} half free: none wholly free
+    assert bm.allocate(1) == [1]  # the first chunk with the most free blocks
+    bm.release([10, 12])  # chunks {10, 11} and {12, 13} wholly free now
+    assert bm.allocate(1) == [11]  # centred in blocks 10..13
+    held = [b for b in everything if b % 2 == 0 and b not in (10, 12)] + [1, 11]
+    bm.check_integrity([[b] for b in held])
