@@ -66,8 +66,18 @@ def test_an_unfinished_line_is_placed_at_its_own_end(tmp_path):  # type: ignore[
     good = json.dumps(CHAT)
     bad, ok = read(tmp_path, [good[:-1], good])
     assert isinstance(bad, LineError)
-    assert bad.message == f"line 1: invalid JSON: Expecting ',' delimiter at column {len(good)}"
+    assert bad.message == f"line 1: invalid JSON: Expecting ',' delimiter: column {len(good)}"
     assert not isinstance(ok, LineError)
+
+
+def test_an_unterminated_string_is_named_once(tmp_path):  # type: ignore[no-untyped-def]
+    """json's message for it ends in "at" ("Unterminated string starting at"): the column
+    follows it after a colon, as in the decoder's own form, not after a second "at"."""
+    line = '{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"x": "'
+    (bad,) = read(tmp_path, [line])
+    assert isinstance(bad, LineError)
+    column = line.rindex('"') + 1
+    assert bad.message == f"line 1: invalid JSON: Unterminated string starting at: column {column}"
 
 
 def _with(base, **body):  # type: ignore[no-untyped-def]

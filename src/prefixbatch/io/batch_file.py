@@ -109,7 +109,8 @@ def json_problem(e: json.JSONDecodeError | RecursionError) -> str:
     """What is wrong with one line's JSON, placed by column within that line (the decoder's own
     message counts lines and characters of the text it was given)."""
     if isinstance(e, json.JSONDecodeError):
-        return f"invalid JSON: {e.msg} at column {e.colno}"
+        # The decoder's own form ("msg: line L column C"): some messages end in "at".
+        return f"invalid JSON: {e.msg}: column {e.colno}"
     return "invalid JSON: nested too deeply"
 
 
