@@ -68,3 +68,25 @@ def test_first_gguf_conversion_says_so(tmp_path, monkeypatch, caplog):  # type: 
         caplog.clear()
         assert resolve_model(None) == first
         assert not any("converting" in r.message for r in caplog.records)
+
+
+def test_copies_of_a_gguf_share_one_cache_dir(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """The conversion is keyed by content: the same checkpoint at two paths (two environments)
+    gets one cache directory, other content another; a known path is not hashed again."""
+    import hashlib
+
+    from prefixbatch.loading import model_source
+
+    monkeypatch.setenv("PREFIXBATCH_CACHE", str(tmp_path / "cache"))
+    a, b, c = (tmp_path / f"{name}.gguf" for name in "abc")
+    a.write_bytes(b"GGUF" + bytes(range(256)) * 100)
+    b.write_bytes(a.read_bytes())
+    c.write_bytes(a.read_bytes()[:-1] + b"x")
+    first = model_source.gguf_cache_dir(a)
+    assert model_source.gguf_cache_dir(b) == first
+    assert model_source.gguf_cache_dir(c) != first
+    hashed = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *x: hashed.append(x) or real(*x))
+    assert model_source.gguf_cache_dir(a) == first
+    assert all(x for x in hashed), "the content was hashed again"  # only path keys hashed

@@ -1,8 +1,10 @@
 """Find a model's config, tokenizer and weights: a Hugging Face directory or a GGUF file.
 
 A GGUF file is converted once (dequantised to fp32 safetensors, tokenizer and config saved the
-Hugging Face way) into a cache directory keyed by the file's path, size and mtime; later runs load
-the cache directly.
+Hugging Face way) into a cache directory keyed by a hash of the file's content, so that copies of
+one checkpoint (the default model installed in several environments) share one conversion; later
+runs load the cache directly. Each (path, size, mtime) remembers its content's key, so the file is
+hashed once, not on every load.
 """
 
 from __future__ import annotations
@@ -86,11 +88,28 @@ def resolve_model(model: str | None) -> ModelSource:
     )
 
 
+def gguf_cache_dir(path: Path) -> Path:
+    """The cache directory of a GGUF file's conversion: named by the SHA-256 of its content,
+    which is looked up by the file's (path, size, mtime) after the first time."""
+    stat = path.stat()
+    where = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    index = cache_root() / "gguf" / "by-path" / hashlib.sha256(where.encode()).hexdigest()[:16]
+    if index.is_file():
+        key = index.read_text().strip()
+    else:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        key = digest.hexdigest()[:16]
+        index.parent.mkdir(parents=True, exist_ok=True)
+        index.write_text(key)
+    return cache_root() / "gguf" / key
+
+
 def convert_gguf(path: Path) -> Path:
     """Dequantise a GGUF checkpoint into the cache once; return the cached directory."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    out = cache_root() / "gguf" / key[:16]
+    out = gguf_cache_dir(path)
     if (out / "done").exists():
         return out
     log.info("converting %s to fp32 safetensors in %s (once, kept for later runs)", path.name, out)
