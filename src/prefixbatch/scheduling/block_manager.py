@@ -159,12 +159,11 @@ class BlockManager:
             for b in blocks:
                 expected[b] += 1
         assert expected == self.refcount, "refcounts do not match the block tables"
-        free, evictable = set(np.flatnonzero(self.is_free).tolist()), set(self.evictable)
+        free_ids = np.flatnonzero(self.is_free)
+        free, evictable = set(free_ids.tolist()), set(self.evictable)
         referenced = {b for b, c in enumerate(self.refcount) if c > 0}
         assert len(free) == self.num_free, "the free count does not match the free blocks"
-        chunks = np.bincount(
-            np.flatnonzero(self.is_free) >> self._shift, minlength=len(self._chunk_size)
-        )
+        chunks = np.bincount(free_ids >> self._shift, minlength=len(self._chunk_size))
         assert (chunks == self._chunk_free).all(), "the free counts per chunk do not match"
         assert not (free & evictable) and not (free & referenced) and not (evictable & referenced)
         assert len(free) + len(evictable) + len(referenced) == self.num_blocks, "blocks leaked"
