@@ -17,7 +17,11 @@
 // A piece walks its blocks in order and, per block, all KV heads: the block's K and V are read
 // whole and contiguously while the next block (anywhere in the pool) is prefetched; during its
 // last block, the first block of the thread's next piece is (a row's first block was otherwise
-// read on demand: at 192 rows of 40-200 tokens that cost 5-8% of the kernel's bandwidth). Per
+// read on demand: at 192 rows of 40-200 tokens that cost 5-8% of the kernel's bandwidth). The
+// prefetches are spread over the block's arithmetic, a few lines per tile of scores and per V
+// row, rather than issued all at once: a burst of a whole block's lines filled the core's queue
+// of outstanding misses, so the burst waited on memory and the arithmetic waited on the burst
+// (spread, bench/decode_kernel.py streamed 25-30% more GB/s from DRAM and 40% more from L3). Per
 // KV head the G query heads share each K and V row: scores for 16 tokens at a time, each
 // token's dot product accumulated in a vector and the 16 vectors reduced together (AVX-512;
 // elsewhere one reduction per token); online softmax over blocks (running max and sum per query
@@ -62,6 +66,29 @@ struct Problem {
   float scale;
 };
 
+// The next block's K and V (all heads), prefetched a few cache lines at a time.
+struct BlockPrefetch {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t bytes = 0;      // of the block's K (as many of its V)
+  int64_t done = 0;       // bytes of each already prefetched
+  int64_t per_row = 1;    // lines of K and of V per V row weighted (block_values)
+
+  // The next `lines` lines of K and of V, if any are left.
+  inline void lines(int64_t count) {
+    for (int64_t i = 0; i < count && done < bytes; ++i, done += 64) {
+      __builtin_prefetch(k + done);
+      __builtin_prefetch(v + done);
+    }
+  }
+  inline void rest() { lines((bytes - done + 63) / 64); }
+};
+
+// Lines of K and of V prefetched per tile of 16 scores (block_scores). With one line per V row,
+// this spreads a SmolLM2 block's 192 lines of each over its arithmetic (measured against 2 and
+// 6: 4 and 6 were best, 2 lost 3%).
+constexpr int64_t kLinesPerScoreTile = 4;
+
 struct Piece {
   int64_t b, first_block, end_block;
   float* out;  // (H, D), normalised
@@ -91,7 +118,8 @@ inline __m512 sum_lanes16(const __m512* v) {
 
 // s[g * score_stride + t] = scale * q_g . k_t for the n (<= block_size) tokens of one block and
 // KV head; k points at token 0's row of that head.
-inline void block_scores(const Problem& p, const float* q, const float* k, int64_t n, float* s) {
+inline void block_scores(const Problem& p, const float* q, const float* k, int64_t n, float* s,
+                         BlockPrefetch& pf) {
 #ifdef __AVX512F__
   if (p.D % 16 == 0) {
     const __m512 scale = _mm512_set1_ps(p.scale);
@@ -101,6 +129,7 @@ inline void block_scores(const Problem& p, const float* q, const float* k, int64
         // Tokens past n repeat the last row (fixed trip count, dot[] stays in registers); their
         // scores land in the padding of s and are never read.
         const int64_t last = n - 1 - t0;
+        pf.lines(kLinesPerScoreTile);
         __m512 dot[16];
         for (int t = 0; t < 16; ++t) dot[t] = _mm512_setzero_ps();
         for (int64_t d = 0; d < p.D; d += 16) {
@@ -119,6 +148,7 @@ inline void block_scores(const Problem& p, const float* q, const float* k, int64
   for (int64_t g = 0; g < p.G; ++g) {
     const float* qg = q + g * p.D;
     for (int64_t t = 0; t < n; ++t) {
+      if (t % 16 == 0) pf.lines(kLinesPerScoreTile);
       const float* kt = k + t * p.tok_stride;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
@@ -130,7 +160,7 @@ inline void block_scores(const Problem& p, const float* q, const float* k, int64
 
 // acc_g = acc_g * correction[g] + sum_t s[g, t] * v_t over the n tokens of one block and KV head.
 inline void block_values(const Problem& p, const float* v, int64_t n, const float* s,
-                         const float* correction, float* acc) {
+                         const float* correction, float* acc, BlockPrefetch& pf) {
 #ifdef __AVX512F__
   if (p.D % 16 == 0) {
     for (int64_t g = 0; g < p.G; ++g) {
@@ -144,6 +174,7 @@ inline void block_values(const Problem& p, const float* v, int64_t n, const floa
         __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(a + d + 32), c);
         __m512 a3 = _mm512_mul_ps(_mm512_loadu_ps(a + d + 48), c);
         for (int64_t t = 0; t < n; ++t) {
+          pf.lines(pf.per_row);
           const __m512 w = _mm512_set1_ps(sg[t]);
           const float* vt = v + t * p.tok_stride + d;
           a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt), a0);
@@ -174,6 +205,7 @@ inline void block_values(const Problem& p, const float* v, int64_t n, const floa
   }
   for (int64_t t = 0; t < n; ++t) {
     const float* vt = v + t * p.tok_stride;
+    pf.lines(p.G * pf.per_row);
     for (int64_t g = 0; g < p.G; ++g) {
       const float w = s[g * p.score_stride + t];
       float* a = acc + g * p.D;
@@ -214,18 +246,6 @@ inline void block_softmax(float* sg, int64_t n, float& m, float& l, float& corre
   m = new_max;
 }
 
-// Brings one block of K and V (all heads, n slots) towards the cache.
-inline void prefetch_block(const Problem& p, int64_t block, int64_t n) {
-  const int64_t offset = block * p.block_size * p.tok_stride;
-  const char* k = reinterpret_cast<const char*>(p.k + offset);
-  const char* v = reinterpret_cast<const char*>(p.v + offset);
-  const int64_t bytes = n * p.tok_stride * static_cast<int64_t>(sizeof(float));
-  for (int64_t i = 0; i < bytes; i += 64) {
-    __builtin_prefetch(k + i);
-    __builtin_prefetch(v + i);
-  }
-}
-
 // One piece: attention of sequence b's query over its blocks [first_block, end_block).
 // Scratch: acc (H * D), m and l (H), correction (G), s (G * score_stride).
 void attend_piece(const Problem& p, const Piece& piece, const Piece* after, float* acc, float* m,
@@ -238,21 +258,32 @@ void attend_piece(const Problem& p, const Piece& piece, const Piece* after, floa
   std::fill(l, l + p.H, 0.f);
   for (int64_t j = piece.first_block; j < piece.end_block; ++j) {
     const int64_t n = std::min(p.block_size, n_ctx - j * p.block_size);
+    int64_t next = -1, next_n = 0;  // the block to prefetch and its slots in use
     if (j + 1 < piece.end_block) {
-      prefetch_block(p, table[j + 1], std::min(p.block_size, n_ctx - (j + 1) * p.block_size));
+      next = table[j + 1];
+      next_n = std::min(p.block_size, n_ctx - (j + 1) * p.block_size);
     } else if (after != nullptr) {  // the first block of this thread's next piece
       const int64_t a = after->b, first = after->first_block;
-      prefetch_block(p, p.tables[a * p.NB + first],
-                     std::min(p.block_size, p.lengths[a] - first * p.block_size));
+      next = p.tables[a * p.NB + first];
+      next_n = std::min(p.block_size, p.lengths[a] - first * p.block_size);
+    }
+    BlockPrefetch pf;
+    if (next >= 0) {
+      const int64_t at = next * p.block_size * p.tok_stride;
+      pf.k = reinterpret_cast<const char*>(p.k + at);
+      pf.v = reinterpret_cast<const char*>(p.v + at);
+      pf.bytes = next_n * p.tok_stride * static_cast<int64_t>(sizeof(float));
+      pf.per_row = std::max<int64_t>(1, pf.bytes / 64 / (p.KVH * p.G * n));
     }
     const int64_t offset = table[j] * p.block_size * p.tok_stride;
     for (int64_t h = 0; h < p.KVH; ++h) {
       const int64_t qh = h * p.G;  // first query head of KV head h
-      block_scores(p, q + qh * p.D, p.k + offset + h * p.D, n, s);
+      block_scores(p, q + qh * p.D, p.k + offset + h * p.D, n, s, pf);
       for (int64_t g = 0; g < p.G; ++g)
         block_softmax(s + g * p.score_stride, n, m[qh + g], l[qh + g], correction[g]);
-      block_values(p, p.v + offset + h * p.D, n, s, correction, acc + qh * p.D);
+      block_values(p, p.v + offset + h * p.D, n, s, correction, acc + qh * p.D, pf);
     }
+    pf.rest();  // what the arithmetic did not cover
   }
   for (int64_t h = 0; h < p.H; ++h) {
     const float inv = 1.f / l[h];
