@@ -41,12 +41,34 @@ inline Vec splat(float x) { return Vec{} + x; }
 inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 inline Vec vexp(Vec x) { return vector_exp<Vec, IVec>(x); }
 
+// The next tile's K and V rows (one KV head), prefetched a line or so per dimension of the
+// current tile's arithmetic rather than all at once (see paged_decode.cpp: a burst of prefetches
+// waits on memory and stalls the arithmetic behind it).
+struct TileAhead {
+  const char* k = nullptr;  // the next tile's first K row (V: v), null when there is none
+  const char* v = nullptr;
+  int64_t stride = 0;     // bytes between rows
+  int64_t row_lines = 0;  // lines per row
+  int64_t lines = 0;      // lines of K (as many of V) in the tile
+  int64_t per_dim = 0;    // lines of K (or V) per dimension of tile_update's loops
+  int64_t k_done = 0, v_done = 0;
+
+  inline void next_lines(const char* base, int64_t& done) {
+    for (int64_t i = 0; i < per_dim && done < lines; ++i, ++done)
+      __builtin_prefetch(base + done / row_lines * stride + done % row_lines * 64);
+  }
+  inline void next_k() { next_lines(k, k_done); }
+  inline void next_v() { next_lines(v, v_done); }
+};
+
 // Running state of one lane chunk: qt[d] (the chunk's queries, scaled), acc[d] (weighted
-// values), m and l (online softmax: running max and sum).
+// values), m and l (online softmax: running max and sum); ahead, the thread's prefetch of the
+// next tile.
 struct ChunkState {
   Vec* qt;
   Vec* acc;
   Vec m, l;
+  TileAhead* ahead;
 };
 
 // One tile of n <= kLanes tokens at positions pos0.., kt and vt (kLanes, D) row-major (rows past
@@ -59,6 +81,7 @@ inline void tile_update(ChunkState& c, const float* kt, const float* vt, int64_t
   Vec s[kLanes];
   for (int t = 0; t < kLanes; ++t) s[t] = Vec{};
   for (int64_t d = 0; d < D; ++d) {  // s[t] = q . k_t for every lane: kt broadcast, no reduction
+    c.ahead->next_k();
     const Vec qd = c.qt[d];
     for (int t = 0; t < kLanes; ++t) s[t] += qd * kt[t * D + d];
   }
@@ -78,6 +101,7 @@ inline void tile_update(ChunkState& c, const float* kt, const float* vt, int64_t
   c.l = c.l * correction + sum;
   c.m = new_m;
   for (int64_t d = 0; d < D; ++d) {  // acc[d] = acc[d] * correction + sum_t p_t * v_t[d]
+    c.ahead->next_v();
     Vec a = c.acc[d] * correction;
     for (int t = 0; t < kLanes; ++t) a += s[t] * vt[t * D + d];
     c.acc[d] = a;
@@ -89,6 +113,7 @@ inline void tile_update(ChunkState& c, const float* kt, const float* vt, int64_t
 struct Scratch {
   std::unique_ptr<Vec[]> qt, acc;
   std::unique_ptr<float[]> kt, vt;
+  TileAhead ahead;
   explicit Scratch(int64_t D)
       : qt(new Vec[kChunksPerPiece * D]),
         acc(new Vec[kChunksPerPiece * D]),
@@ -171,7 +196,7 @@ inline void from_lanes(const ChunkState& c, int64_t D, float* const* dst) {
 }
 
 inline ChunkState Scratch::chunk(int64_t c, int64_t D, const float* const* src, float scale) {
-  ChunkState st{qt.get() + c * D, acc.get() + c * D, splat(kNegBig), Vec{}};
+  ChunkState st{qt.get() + c * D, acc.get() + c * D, splat(kNegBig), Vec{}, &ahead};
   for (int64_t d = 0; d < D; ++d) st.acc[d] = Vec{};
   to_lanes(src, D, scale, st.qt);
   return st;
@@ -197,6 +222,19 @@ inline void for_each_tile(const float* k, const float* v, const int64_t* table, 
     }
     std::fill(kt + n * D, kt + kLanes * D, 0.f);
     std::fill(vt + n * D, vt + kLanes * D, 0.f);
+    TileAhead& ahead = scratch.ahead;  // the next tile, fetched during this one's arithmetic
+    ahead.lines = ahead.k_done = ahead.v_done = 0;
+    const int64_t next = pos + n;
+    if (next < length) {
+      const int64_t next_n = std::min<int64_t>({kLanes, length - next, block_size - next % block_size});
+      const int64_t at = (table[next / block_size] * block_size + next % block_size) * tok_stride;
+      ahead.k = reinterpret_cast<const char*>(k + at);
+      ahead.v = reinterpret_cast<const char*>(v + at);
+      ahead.stride = tok_stride * static_cast<int64_t>(sizeof(float));
+      ahead.row_lines = (D * static_cast<int64_t>(sizeof(float)) + 63) / 64;
+      ahead.lines = next_n * ahead.row_lines;
+      ahead.per_dim = (ahead.lines + D - 1) / D;
+    }
     tile(static_cast<const float*>(kt), static_cast<const float*>(vt), pos, n);
   }
 }
