@@ -6,11 +6,7 @@
 #include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <cstring>
-
-// Rows prefetched, then copied, at a time; also the least rows a thread takes.
-constexpr int64_t kWindow = 16;
 
 // k_pool[slots[t]] = k[t] and v_pool[slots[t]] = v[t] for every row t; k and v (T, KVH, D) with
 // each row's heads contiguous (rows may be strided), pools (slots, KVH, D) contiguous.
@@ -35,25 +31,11 @@ void write_kv(at::Tensor k_pool, at::Tensor v_pool, at::Tensor slots, at::Tensor
   const float* kr = k.data_ptr<float>();
   const float* vr = v.data_ptr<float>();
   const int64_t ks = k.stride(0), vs = v.stride(0);
-  // The destination slots are cold (a step writes each row's newest position), so each row's
-  // copy waits on its lines' misses: the threads split the rows from 16 up, and each thread
-  // prefetches 16 rows' lines for writing, then copies them, window after window (all of a
-  // thread's rows at once overflowed the cache on prefill chunks). Into cold pools, against one
-  // thread copying alone: 33 rows of SmolLM2 7.3 us (13.7), 192 rows 30 us (70), 1024 rows
-  // 131 us (170).
-  const int64_t row_bytes = row * static_cast<int64_t>(sizeof(float));
-  at::parallel_for(0, T, kWindow, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; w += kWindow) {
-      const int64_t w_end = std::min(end, w + kWindow);
-      for (int64_t t = w; t < w_end; ++t)
-        for (int64_t i = 0; i < row_bytes; i += 64) {
-          __builtin_prefetch(reinterpret_cast<const char*>(kp + slot[t] * row) + i, 1);
-          __builtin_prefetch(reinterpret_cast<const char*>(vp + slot[t] * row) + i, 1);
-        }
-      for (int64_t t = w; t < w_end; ++t) {
-        std::memcpy(kp + slot[t] * row, kr + t * ks, row * sizeof(float));
-        std::memcpy(vp + slot[t] * row, vr + t * vs, row * sizeof(float));
-      }
+  // A decode step's few rows are copied on the calling thread; prefill chunks in parallel.
+  at::parallel_for(0, T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::memcpy(kp + slot[t] * row, kr + t * ks, row * sizeof(float));
+      std::memcpy(vp + slot[t] * row, vr + t * vs, row * sizeof(float));
     }
   });
 }
