@@ -17,6 +17,7 @@ from prefixbatch import LLM, SamplingParams
 from prefixbatch.execution import native_build
 from prefixbatch.execution.attention.backend import DecodeBatch, PrefillSlice
 from prefixbatch.execution.attention.native import (
+    SOURCES,
     CpuBackend,
     DecodeKernels,
     decode_kernels,
@@ -375,14 +376,14 @@ def test_engine_falls_back_to_pytorch_when_the_kernel_cannot_build(tiny_models):
     assert [o.output_token_ids for o in outs] == hf_greedy(tiny_models["llama"], prompts, [6] * 6)
 
 
-def test_kernel_build_is_announced_only_when_it_compiles(monkeypatch, tmp_path, caplog):  # type: ignore[no-untyped-def]
+def test_kernel_build_is_announced_and_a_damaged_library_is_rebuilt(monkeypatch, tmp_path, caplog):  # type: ignore[no-untyped-def]
     import logging
     import types
 
     import torch.utils.cpp_extension as ext
 
     def fake_load(name, sources, build_directory, **kwargs):  # type: ignore[no-untyped-def]
-        (Path(build_directory) / f"{name}.so").write_text("")  # what a real build leaves
+        (Path(build_directory) / f"{name}.so").write_text("")  # not a loadable library
         return types.SimpleNamespace()
 
     monkeypatch.setattr(native_build, "cache_root", lambda: tmp_path)
@@ -394,7 +395,27 @@ def test_kernel_build_is_announced_only_when_it_compiles(monkeypatch, tmp_path, 
             assert any("compiling the CPU attention kernels" in r.message for r in caplog.records)
             caplog.clear()
             native_build.build_extension.cache_clear()
-            decode_kernels()  # built already: a cached module loads silently
-            assert not any("compiling" in r.message for r in caplog.records)
+            assert decode_kernels() is not None  # the library there does not load: built again
+            assert any("rebuilding" in r.message for r in caplog.records)
+            assert any("compiling" in r.message for r in caplog.records)
+    finally:
+        native_build.build_extension.cache_clear()
+
+
+def test_a_built_library_loads_without_the_builder(monkeypatch):  # type: ignore[no-untyped-def]
+    """Built once (by the session's first kernel use), the library is imported directly: torch's
+    builder, whose ninja file names the checkout that built it, is not called again."""
+    import torch.utils.cpp_extension as ext
+
+    assert decode_kernels() is not None  # built into the cache, if it was not already
+
+    def no_build(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the cached library should load without building")
+
+    monkeypatch.setattr(ext, "load", no_build)
+    native_build.build_extension.cache_clear()
+    try:
+        module = native_build.build_extension(SOURCES, "the CPU attention kernels")
+        assert module is not None and hasattr(module, "paged_decode")
     finally:
         native_build.build_extension.cache_clear()

@@ -2,18 +2,24 @@
 
 ``torch.utils.cpp_extension`` compiles an extension's sources into
 ``$PREFIXBATCH_CACHE/torch_extensions`` under a name keyed by the sources, the flags, this CPU's
-feature flags and the torch version, so a later start loads the cached library (milliseconds)
-and a change to any of them rebuilds. Without a C++ compiler the build fails with a warning and
-callers keep their plain PyTorch path.
+feature flags, the torch version and the Python ABI, so a later start loads the cached library
+(milliseconds) and a change to any of them rebuilds. A built library is imported directly, not
+through ``cpp_extension.load``: its ninja file names the source and header paths of the checkout
+that built it, so two checkouts or environments sharing the cache would otherwise rebuild (30-60
+s, silently) each time the other one had loaded. Without a C++ compiler the build fails with a
+warning and callers keep their plain PyTorch path.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +49,7 @@ def build_name(sources: tuple[Path, ...]) -> str:
     headers = sorted({h for s in sources for h in s.parent.glob("*.h")})
     key = b"".join(f.read_bytes() for f in (*sources, *headers)) + " ".join(CFLAGS).encode()
     key += _cpu_flags().encode() + torch.__version__.encode()
+    key += sys.implementation.cache_tag.encode()  # the Python ABI the library is built for
     return f"prefixbatch_{sources[0].stem}_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
@@ -61,10 +68,15 @@ def build_extension(sources: tuple[Path, ...], what: str) -> ModuleType | None:
 
     name = build_name(sources)
     build_dir = cache_root() / "torch_extensions" / name
+    built = build_dir / f"{name}.so"
+    if built.is_file():
+        try:
+            return _import_library(name, built)
+        except ImportError as err:  # a damaged library: build it again
+            log.info("rebuilding %s (%s)", what, err)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        if not any(build_dir.glob(f"{name}*.so")):
-            log.info("compiling %s (once, about 30 s) into %s", what, build_dir)
+        log.info("compiling %s (once, about 30 s) into %s", what, build_dir)
         return load(
             name,
             [str(s) for s in sources],
@@ -78,3 +90,15 @@ def build_extension(sources: tuple[Path, ...], what: str) -> ModuleType | None:
             stacklevel=2,
         )
         return None
+
+
+def _import_library(name: str, path: Path) -> ModuleType:
+    """The extension module ``name`` from its built library at ``path`` (ImportError if it
+    does not load)."""
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    if spec is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
