@@ -58,14 +58,6 @@ def build_extension(sources: tuple[Path, ...], what: str) -> ModuleType | None:
     """The module compiled from ``sources`` (the first one holds its Python bindings), or None
     when it cannot be built (a warning names ``what`` and the error). The first build takes
     20-40 s on 2 cores and is logged."""
-    try:
-        import ninja  # the pip package ships the binary torch's builder calls
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
-    from torch.utils.cpp_extension import load
-
     name = build_name(sources)
     build_dir = cache_root() / "torch_extensions" / name
     built = build_dir / f"{name}.so"
@@ -74,6 +66,14 @@ def build_extension(sources: tuple[Path, ...], what: str) -> ModuleType | None:
             return _import_library(name, built)
         except ImportError as err:  # a damaged library: build it again
             log.info("rebuilding %s (%s)", what, err)
+    try:
+        import ninja  # the pip package ships the binary torch's builder calls
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    from torch.utils.cpp_extension import load
+
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         log.info("compiling %s (once, about 30 s) into %s", what, build_dir)
