@@ -1,6 +1,6 @@
 """Planning cost at job scale: 100,000 prompts of about 1,000 tokens (system prompt > one of
-2,000 documents > question), shuffled. Times the radix tree, the nested groups and the whole plan
-(no model involved) and reports peak memory.
+2,000 documents > question), shuffled. Times the sort (the radix tree as sorted prompts and their
+LCPs), the whole plan and the report's baselines (no model involved) and reports peak memory.
 
     python bench/plan_scale.py [--prompts 100000] [--tokens 1000]
 """
@@ -14,8 +14,9 @@ import numpy as np
 from common import machine, timed
 
 from prefixbatch.planning.plan import make_plan
-from prefixbatch.planning.prefix_tree import build_tree
+from prefixbatch.planning.prefix_sort import sort_prompts
 from prefixbatch.planning.report import tree_baselines
+from prefixbatch.planning.token_arrays import TokenArrays
 
 
 def prompts(n: int, tokens: int, docs: int, seed: int = 0) -> list[np.ndarray]:
@@ -36,15 +37,17 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=2000)
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    batch, made = timed(lambda: prompts(args.prompts, args.tokens, args.docs))
-    total = sum(len(p) for p in batch)
+    batch, made = timed(
+        lambda: TokenArrays.from_lists(prompts(args.prompts, args.tokens, args.docs))
+    )
+    total = batch.num_tokens
     print(f"{args.prompts} prompts, {total} tokens (generated in {made:.1f}s)")
-    _, tree_s = timed(lambda: build_tree(batch))
+    tree, tree_s = timed(lambda: sort_prompts(batch))
     plan, plan_s = timed(lambda: make_plan(batch, [64] * len(batch), 16))
-    (multilevel, _), report_s = timed(lambda: tree_baselines(batch, 16))
+    (multilevel, _), report_s = timed(lambda: tree_baselines(batch.lengths, tree, 16))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(
-        f"radix tree: {tree_s:.1f}s; whole plan (tree, levels, savings): {plan_s:.1f}s; "
+        f"sort: {tree_s:.1f}s; whole plan (sort, levels, savings): {plan_s:.1f}s; "
         f"{total / plan_s / 1e6:.1f}M tokens/s; report baselines (token-level tree, one-level): "
         f"{report_s:.1f}s"
     )

@@ -141,12 +141,12 @@ def test_plan_subset_keeps_groups_and_renumbers():  # type: ignore[no-untyped-de
     plan = make_plan(prompts, [5] * len(prompts), 16)
     share = [1, 2, 5, 8, 9, 10, 11]  # two of doc 0, one of doc 1, all of doc 2
     sub = plan.subset(share)
-    assert sorted(sub.root.requests()) == list(range(len(share)))
-    assert sub.lengths == tuple(len(prompts[i]) for i in share)
+    assert sorted(sub.root.requests().tolist()) == list(range(len(share)))
+    assert sub.lengths.tolist() == [len(prompts[i]) for i in share]
     # Same as planning the share from scratch.
     fresh = make_plan([prompts[i] for i in share], [5] * len(share), 16)
     assert sub.computed_prefill_tokens == fresh.computed_prefill_tokens
-    assert sub.computed_prefill_tokens == computed_tokens(sub.root, sub.lengths)
+    assert sub.computed_prefill_tokens == computed_tokens(sub.root)
     lone = sub.root.children[0]
     assert lone.prefix_len == 32  # the system prompt level
     assert len(lone.children) == 2  # doc 0 (two questions) and doc 2; doc 1's lone question joins

@@ -7,24 +7,33 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefixbatch.outputs import Request
+from prefixbatch.outputs import Request, RequestList
 from prefixbatch.planning.plan import make_plan
 from prefixbatch.sampling_params import SamplingParams
 from prefixbatch.scheduling.block_manager import BlockManager
 from prefixbatch.scheduling.scheduler import Scheduler, SchedulerConfig
-from prefixbatch.scheduling.sequence import Status
-from prefixbatch.scheduling.work import Work, build_sequences
+from prefixbatch.scheduling.sequence import Sequence, Status
+from prefixbatch.scheduling.work import WorkStream
 
 EOS = 0
 
 
+class Work:
+    """A whole batch's sequences at once, with the batch planned first under batchllm (as the
+    job does)."""
+
+    def __init__(self, requests: list[Request], policy: str, block_size: int) -> None:
+        self.plan = None
+        if policy == "batchllm":
+            prompts = [r.prompt_token_ids for r in requests]
+            self.plan = make_plan(prompts, [r.params.max_tokens for r in requests], block_size)
+        stream = WorkStream(RequestList(requests), policy, block_size, seed=0, plan=self.plan)
+        self.sequences: list[Sequence] = [s for _, _, seqs in stream for s in seqs]
+        self.groups = [s.leads for s in self.sequences if s.leads is not None]
+
+
 def work_for(requests: list[Request], policy: str, block_size: int) -> Work:
-    """The scheduler's sequences, with the batch planned first under batchllm (as the job does)."""
-    plan = None
-    if policy == "batchllm":
-        prompts = [r.prompt_token_ids for r in requests]
-        plan = make_plan(prompts, [r.params.max_tokens for r in requests], block_size)
-    return build_sequences(requests, policy, block_size, seed=0, plan=plan)
+    return Work(requests, policy, block_size)
 
 
 def drive(prompts, max_tokens, policy, num_blocks, block_size=4, budget=32, seed=0):

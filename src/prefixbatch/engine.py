@@ -4,13 +4,24 @@
 Python API plans, the engine consumes the plan), ``step`` runs one scheduled forward pass and
 returns the requests that finished in it, ``abort`` drops a request, and ``generate`` is a loop
 over ``step``. Every front end (CLI job, Python API, Ray worker, server) drives this loop.
+
+Admission streams: a batch is walked in the plan's order (``scheduling/work.py``) only as far as
+the scheduler's queue needs. Before each step the engine tops the queue up to
+``AdmissionWindow.waiting`` sequences ready to be admitted, holding at most
+``AdmissionWindow.queued`` not yet admitted (those include the members parked behind a level
+whose prefix is not computed yet). A step admits at most ``max_num_batched_tokens`` sequences
+that compute a token, so a window of twice that leaves admission as it would be with the whole
+batch queued; the one difference is that a level starts when its queued members (not all of a
+level larger than the window) fit beside what runs.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from .config import EngineConfig
@@ -23,12 +34,12 @@ from .execution.step_sampler import StepSampler
 from .execution.structured import StructuredOutput
 from .loading.builder import LoadedModel, load_model
 from .loading.limits import EngineLimits
-from .outputs import CompletionOutput, Request, RequestOutput
+from .outputs import CompletionOutput, Request, RequestList, RequestOutput, RequestSource
 from .planning.plan import Plan, make_plan
 from .scheduling.block_manager import BlockManager
 from .scheduling.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .scheduling.sequence import Sequence, Status
-from .scheduling.work import build_sequences
+from .scheduling.work import Admission, WorkStream
 
 
 @dataclass
@@ -38,7 +49,8 @@ class EngineStats:
     requests: int = 0
     prompt_tokens: int = 0
     prefill_tokens_computed: int = 0
-    output_tokens: int = 0
+    output_tokens: int = 0  # of finished requests
+    sampled_tokens: int = 0  # every token sampled so far, finished or not
     preemptions: int = 0
     steps: int = 0
     cache_hit_tokens: int = 0
@@ -57,6 +69,24 @@ class EngineStats:
         group or taken from the prefix cache. Never negative: tokens recomputed after a
         preemption count as computed once more, not as negative savings."""
         return max(0, self.prompt_tokens - self.prefill_tokens_computed)
+
+
+@dataclass
+class AdmissionWindow:
+    """How far ahead of the scheduler a batch is turned into sequences (see the module
+    docstring): ``waiting`` admissible ones, at most ``queued`` in all."""
+
+    waiting: int
+    queued: int
+
+
+@dataclass
+class _Batch:
+    """A batch added and not yet fully handed to the scheduler."""
+
+    ids: np.ndarray  # (n,) request ids by position
+    made: np.ndarray  # (n,) bool: the request's sequences exist
+    items: Iterator[Admission]
 
 
 class LLMEngine:
@@ -104,11 +134,15 @@ class LLMEngine:
             torch_argmax if fused is None else fused.kernels.argmax_rows,
         )
         self.stats = EngineStats()
+        budget = config.max_num_batched_tokens
+        self.admission = AdmissionWindow(waiting=2 * budget, queued=max(8 * budget, 4096))
+        self._batches: list[_Batch] = []  # added, not yet fully admitted
+        self._doomed: set[int] = set()  # aborted before their sequences were made
         self._requests: dict[int, Request] = {}  # unfinished requests by id
         self._sequences: dict[int, list[Sequence]] = {}  # a request's choices by request id
         self._finished: dict[int, list[Sequence]] = {}  # choices that ended, by request id
         self._texts = OutputTexts(self.tokenizer.hf, self._requests)  # incremental detokenizers
-        self._next_group_id = 0
+        self._group_ids = itertools.count()  # unique among the engine's levels
 
     def _grammars(self) -> StructuredOutput:
         return StructuredOutput(self.tokenizer.hf, self.limits.vocab_size, self.eos_ids)
@@ -126,57 +160,89 @@ class LLMEngine:
         return ""
 
     # -- the stepping interface ---------------------------------------------------------------
-    def add_requests(self, requests: Iterable[Request], plan: Plan | None = None) -> None:
-        """Queue a batch. ``request.index`` is the request's id (unique among unfinished ones).
-        Under a planning policy ``plan`` is the batch's plan (``plan`` indices are positions in
-        ``requests``); without one the batch is planned here.
+    def add_requests(
+        self, requests: Iterable[Request] | RequestSource, plan: Plan | None = None
+    ) -> None:
+        """Queue a batch: requests, or a ``RequestSource`` that makes them on demand.
+        ``request.index`` is the request's id (unique among unfinished ones). Under a planning
+        policy ``plan`` is the batch's plan (``plan`` indices are positions in the batch);
+        without one the batch is planned here.
 
-        Raises ValueError for an id already in flight.
-        """
-        requests = list(requests)
-        if not requests:
+        Raises ValueError for an id already in flight or given twice."""
+        source = requests if isinstance(requests, RequestSource) else RequestList(list(requests))
+        if not len(source):
             return
-        clash = next((r.index for r in requests if r.index in self._requests), None)
-        if clash is not None or len({r.index for r in requests}) != len(requests):
-            raise ValueError(f"request id {clash} is already in flight (ids must be unique)")
+        ids = source.request_ids()
+        busy = np.fromiter(self._requests, np.int64, len(self._requests))
+        busy = np.concatenate([busy, *(b.ids[~b.made] for b in self._batches)])
+        clash = ids[np.isin(ids, busy)]
+        if len(clash) or len(np.unique(ids)) != len(ids):
+            first = int(clash[0]) if len(clash) else None
+            raise ValueError(f"request id {first} is already in flight (ids must be unique)")
         if self.config.policy.plans and plan is None:
+            prompts = [source.request(i).prompt_token_ids for i in range(len(source))]
             plan = make_plan(
-                [r.prompt_token_ids for r in requests],
-                [r.params.max_tokens for r in requests],
+                prompts,
+                [source.params(i).max_tokens for i in range(len(source))],
                 self.config.block_size,
             )
-        work = build_sequences(
-            requests,
+        stream = WorkStream(
+            source,
             self.config.policy,
             self.config.block_size,
             self.config.seed,
             plan if self.config.policy.plans else None,
-            first_group_id=self._next_group_id,
+            self._group_ids,
         )
-        self._next_group_id += len(work.groups)
-        self.stats.requests += len(requests)
-        self.stats.prompt_tokens += sum(len(r.prompt_token_ids) for r in requests)
-        self.stats.groups += len(work.groups)
-        for r in requests:
-            self._requests[r.index] = r
-        for seq in work.sequences:
-            if seq.leads is None:
-                self._sequences.setdefault(seq.seq_id, []).append(seq)
-            self.scheduler.add(seq)
+        self._batches.append(_Batch(ids, np.zeros(len(ids), dtype=bool), iter(stream)))
+        self.stats.requests += len(source)
+        self.stats.prompt_tokens += int(source.lengths.sum())
+        self._refill()
+
+    def _refill(self) -> None:
+        """Hand the scheduler the next sequences of the added batches, up to the window."""
+        window, scheduler = self.admission, self.scheduler
+        queued = scheduler.num_queued
+        while self._batches and len(scheduler.waiting) < window.waiting and queued < window.queued:
+            batch = self._batches[0]
+            item = next(batch.items, None)
+            if item is None:
+                self._batches.pop(0)
+                continue
+            position, request, seqs = item
+            if request is not None:
+                batch.made[position] = True
+                self._requests[request.index] = request
+            for seq in seqs:
+                if seq.leads is None:
+                    self._sequences.setdefault(seq.seq_id, []).append(seq)
+                else:
+                    self.stats.groups += 1
+                scheduler.add(seq)
+            queued += len(seqs)
+            if request is not None and request.index in self._doomed:
+                self._doomed.discard(request.index)
+                self.abort(request.index)
 
     def add_request(self, request: Request) -> None:
         """Queue one request (planned on its own)."""
         self.add_requests([request])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self._batches)
 
     def abort(self, request_id: int) -> bool:
         """Drop an unfinished request (all its choices) and free its KV blocks; False if it is
-        not in flight. Its output is never returned."""
+        not in flight. Its output is never returned. A request whose turn has not come yet is
+        dropped when it does."""
         seqs = self._sequences.pop(request_id, None)
         if seqs is None:
-            return False
+            if request_id in self._doomed:
+                return False
+            waiting = any(bool(np.any((b.ids == request_id) & ~b.made)) for b in self._batches)
+            if waiting:
+                self._doomed.add(request_id)
+            return waiting
         for seq in seqs:
             if seq.status is not Status.FINISHED:
                 self.scheduler.abort(seq)
@@ -189,7 +255,10 @@ class LLMEngine:
         """Run one forward step; the outputs of the requests that finished in it.
 
         Raises ``KVBudgetError`` when nothing can be scheduled (the pool holds no request)."""
+        self._refill()
         scheduler = self.scheduler
+        if not scheduler.has_work:  # the rest of the batch was aborted before its turn
+            return []
         computed, preempted = scheduler.prefill_tokens_computed, scheduler.num_preemptions
         hits = self.blocks.cache_hits
         step = scheduler.schedule()
@@ -209,6 +278,7 @@ class LLMEngine:
         finished = scheduler.postprocess(step, tokens)
         finished += self._texts.update(sampling, scheduler.finish)
         self.stats.steps += 1
+        self.stats.sampled_tokens += len(tokens)
         self.stats.prefill_tokens_computed += scheduler.prefill_tokens_computed - computed
         self.stats.preemptions += scheduler.num_preemptions - preempted
         self.stats.cache_hit_tokens += (self.blocks.cache_hits - hits) * self.config.block_size
@@ -229,6 +299,8 @@ class LLMEngine:
         self.add_requests(requests, plan)
         while self.has_unfinished():
             if should_stop is not None and should_stop():
+                self._batches.clear()
+                self._doomed.clear()
                 for request_id in list(self._sequences):
                     self.abort(request_id)
                 return

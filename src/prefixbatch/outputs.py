@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 from .execution.logprobs import TokenLogprob
 from .sampling_params import SamplingParams
@@ -10,11 +14,60 @@ from .sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class Request:
-    """A tokenized request; ``index`` is its position in the caller's input order."""
+    """A tokenized request; ``index`` is its id, unique among the engine's requests (the
+    callers use its position in their input order)."""
 
     index: int
     prompt_token_ids: list[int]
     params: SamplingParams
+
+
+@runtime_checkable
+class RequestSource(Protocol):
+    """A batch whose ``Request`` objects are made on demand, by position ``0..len - 1``: the
+    engine makes each one when the request is about to be scheduled and drops it when it ends,
+    so a batch of millions holds thousands of them at a time (``jobs/batch_store.py``)."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(len,) int64 prompt lengths, by position."""
+        ...
+
+    def request(self, position: int) -> Request: ...
+
+    def params(self, position: int) -> SamplingParams:
+        """The request's parameters, without making the request."""
+        ...
+
+    def request_ids(self) -> np.ndarray:
+        """(len,) int64 ``Request.index`` of every position."""
+        ...
+
+
+@dataclass(frozen=True)
+class RequestList:
+    """A ``RequestSource`` over requests that exist already."""
+
+    requests: Sequence[Request]
+    lengths: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        lengths = np.fromiter((len(r.prompt_token_ids) for r in self.requests), np.int64)
+        object.__setattr__(self, "lengths", lengths)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def request(self, position: int) -> Request:
+        return self.requests[position]
+
+    def params(self, position: int) -> SamplingParams:
+        return self.requests[position].params
+
+    def request_ids(self) -> np.ndarray:
+        return np.fromiter((r.index for r in self.requests), np.int64, len(self.requests))
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
 """Split a planned batch into work units that never split a prefix group, and balance them.
 
-A unit is one top-level group of the plan (with everything nested below it) or one request that
-shares nothing. Its cost is the prefill tokens it computes after sharing plus the decode tokens
-it may produce. A group too big for one worker's share (a system prompt above every request of
-the job) is split into its sub-groups and members: each worker that gets part of it computes its
-prefix once more, the sub-groups stay whole. Units are packed into chunks largest first
-(longest-processing-time first), so that workers can pull chunks as they free up: fast workers
-take more.
+A unit is one top-level group of the plan (with everything nested below it), or a run of
+requests that share nothing (packed in plan order up to a small cost, so a million loose
+requests make a few hundred units, not a million). Its cost is the prefill tokens it computes
+after sharing plus the decode tokens it may produce. A group too big for one worker's share (a
+system prompt above every request of the job) is split into its sub-groups and runs of its
+members: each worker that gets part of it computes its prefix once more, the sub-groups stay
+whole. Units are packed into chunks largest first (longest-processing-time first), so that
+workers can pull chunks as they free up: fast workers take more.
 """
 
 from __future__ import annotations
@@ -15,36 +16,52 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..planning.groups import Group
 from ..planning.plan import Plan, computed_tokens
 
+PIECES = 64  # loose requests are packed into units of about 1/PIECES of a worker's share
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class Unit:
-    requests: tuple[int, ...]
+    requests: np.ndarray  # (k,) int64 request indices of the plan
     cost: float
+
+
+def _runs(members: np.ndarray, costs: np.ndarray, prefix: int, piece: float) -> list[Unit]:
+    """``members`` in order, cut into units of about ``piece`` cost; each unit computes the
+    ``prefix`` tokens above them once more."""
+    if not len(members):
+        return []
+    cut = np.searchsorted(np.cumsum(costs), np.arange(piece, costs.sum(), piece), "right")
+    bounds = [0, *sorted(set(cut.tolist()) - {0, len(members)}), len(members)]
+    return [
+        Unit(members[a:b], prefix + float(costs[a:b].sum())) for a, b in zip(bounds, bounds[1:])
+    ]
 
 
 def plan_units(plan: Plan, workers: int = 1) -> list[Unit]:
     """Units of whole groups, splitting only groups that cost more than one worker's share."""
-
-    def decode(reqs: Sequence[int]) -> int:
-        return sum(plan.max_tokens[m] for m in reqs)
-
-    total = computed_tokens(plan.root, plan.lengths) + decode(range(len(plan.lengths)))
+    total = computed_tokens(plan.root) + int(plan.max_tokens.sum())
     limit = total / workers
-    units = [Unit((m,), plan.lengths[m] + plan.max_tokens[m]) for m in plan.root.members]
+    piece = max(1.0, limit / PIECES)
+
+    def own(g: Group) -> np.ndarray:
+        return (plan.lengths[g.members] - g.prefix_len + plan.max_tokens[g.members]).astype(float)
+
+    units = _runs(plan.root.members, own(plan.root), 0, piece)
     stack: list[tuple[Group, int]] = [(g, 0) for g in plan.root.children]
     while stack:
         g, base = stack.pop()  # base: prefix tokens already computed above g's parent
-        reqs = g.requests()
-        cost = computed_tokens(g, plan.lengths, base) + decode(reqs)
+        cost = computed_tokens(g, base) + g.output_tokens
         if cost <= limit or len(g.children) + len(g.members) < 2:
-            units.append(Unit(tuple(reqs), cost))
+            units.append(Unit(g.requests(), cost))
             continue
         # Too big for one worker: its parts become units, each recomputing g's prefix.
         stack += [(c, base) for c in g.children]
-        units += [Unit((m,), plan.lengths[m] - base + plan.max_tokens[m]) for m in g.members]
+        units += _runs(g.members, own(g), g.prefix_len - base, piece)
     return units
 
 

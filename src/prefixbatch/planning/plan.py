@@ -5,24 +5,30 @@ job, the Python API or the Ray driver) and handed down to the scheduler; a Ray w
 share of the driver's plan (``Plan.subset``). The comparison figures of the plan report (the
 token-level tree, BatchLLM's one-level flattening, an LRU prefix cache in file order) are computed
 only for the report (``report.py``).
+
+Everything per request is an array (lengths, output budgets, the members of each level), so a
+plan of a million requests is a few tens of megabytes and one Python object per level.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .block_hash import chain_hashes
-from .groups import Group, build_levels
-from .prefix_tree import build_tree
+import numpy as np
+
+from .groups import Group, build_levels, make_group
+from .prefix_sort import SortedPrompts, sort_prompts
+from .token_arrays import TokenArrays, as_token_arrays
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
+    """``lengths`` and ``max_tokens``: (requests,) int64, by request index."""
+
     root: Group  # prefix_len 0: its members share nothing, its children are the top levels
-    lengths: tuple[int, ...]
-    max_tokens: tuple[int, ...]
+    lengths: np.ndarray
+    max_tokens: np.ndarray
     prompt_tokens: int
     computed_prefill_tokens: int
 
@@ -30,35 +36,34 @@ class Plan:
     def r_saving(self) -> float:
         return saving(self.computed_prefill_tokens, self.prompt_tokens)
 
-    def subset(self, indices: Sequence[int]) -> Plan:
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Plan:
         """The plan of requests ``indices`` alone, renumbered ``0..len(indices)-1`` in that
         order: every level keeps its prefix; a level left with fewer than two requests hands
         them to its parent level, and a level with nothing of its own and a single sub-level is
         replaced by it (as when planning)."""
-        new = {old: i for i, old in enumerate(indices)}
-        root = _restrict(self.root, new) or Group(0, ())
-        lengths = tuple(self.lengths[i] for i in indices)
-        return Plan(
-            root=root,
-            lengths=lengths,
-            max_tokens=tuple(self.max_tokens[i] for i in indices),
-            prompt_tokens=sum(lengths),
-            computed_prefill_tokens=computed_tokens(root, lengths),
+        idx = np.asarray(indices, dtype=np.int64)
+        new = np.full(len(self.lengths), -1, dtype=np.int64)
+        new[idx] = np.arange(len(idx))
+        lengths, max_tokens = self.lengths[idx], self.max_tokens[idx]
+        root = _restrict(self.root, new, lengths, max_tokens)
+        if root is None:
+            root = make_group(0, np.zeros(0, np.int64), (), lengths, max_tokens)
+        return Plan(root, lengths, max_tokens, int(lengths.sum()), computed_tokens(root))
+
+    def in_order(self, level: Group) -> Iterator[int | Group]:
+        """A level's members (request indices) and sub-levels, highest decode ratio (expected
+        output tokens / prefill tokens computed) first, so that decode-heavy work starts early
+        and overlaps the prefill of what follows; ties keep the level's listing order."""
+        members = level.members
+        base = level.prefix_len
+        ratio = np.concatenate(
+            [
+                self.max_tokens[members] / np.maximum(1, self.lengths[members] - base),
+                [c.output_tokens / max(1, computed_tokens(c, base)) for c in level.children],
+            ]
         )
-
-    def decode_ratio(self, item: int | Group, base: int) -> float:
-        """Expected output tokens / prefill tokens computed, for a request or a level below a
-        prefix of ``base`` tokens."""
-        if isinstance(item, int):
-            return self.max_tokens[item] / max(1, self.lengths[item] - base)
-        out = sum(self.max_tokens[m] for m in item.requests())
-        return out / max(1, computed_tokens(item, self.lengths, base))
-
-    def in_order(self, level: Group) -> list[int | Group]:
-        """A level's members and sub-levels, highest decode ratio first, so that decode-heavy
-        work starts early and overlaps the prefill of what follows."""
-        items: list[int | Group] = [*level.members, *level.children]
-        return sorted(items, key=lambda i: self.decode_ratio(i, level.prefix_len), reverse=True)
+        for k in np.argsort(-ratio, kind="stable").tolist():
+            yield int(members[k]) if k < len(members) else level.children[k - len(members)]
 
     @property
     def shared_groups(self) -> list[Group]:
@@ -70,67 +75,48 @@ def saving(computed: int, total: int) -> float:
     return 1 - computed / total if total else 0.0
 
 
-def computed_tokens(top: Group, lengths: Sequence[int], base: int = 0) -> int:
+def computed_tokens(top: Group, base: int = 0) -> int:
     """Each level's extension once, plus every request's tokens after its level's prefix.
     ``base`` is the prefix length already computed above ``top``."""
-    total = 0
-    for g, parent in top.walk():
-        total += g.prefix_len - (parent.prefix_len if parent else base)
-        total += sum(lengths[m] - g.prefix_len for m in g.members)
-    return total
+    return top.prefix_len - base + top.own_tokens
 
 
-def _restrict(g: Group, new: dict[int, int]) -> Group | None:
-    """``g`` with only the requests in ``new`` (renumbered); None when none is left."""
-    members = [new[m] for m in g.members if m in new]
+def _restrict(
+    g: Group, new: np.ndarray, lengths: np.ndarray, max_tokens: np.ndarray
+) -> Group | None:
+    """``g`` with only the requests ``new`` maps (to their new index); None when none is left."""
+    mapped = new[g.members]
+    members = [mapped[mapped >= 0]]
     children: list[Group] = []
     for c in g.children:
-        sub = _restrict(c, new)
+        sub = _restrict(c, new, lengths, max_tokens)
         if sub is None:
             continue
-        if len(sub.requests()) < 2:  # nothing left to share at this level
-            members += sub.requests()
-        elif not sub.members and len(sub.children) == 1:
+        if sub.size < 2:  # nothing left to share at this level
+            members.append(sub.requests())
+        elif not len(sub.members) and len(sub.children) == 1:
             children.append(sub.children[0])
         else:
             children.append(sub)
-    if not members and not children:
+    kept = np.concatenate(members)
+    if not len(kept) and not children:
         return None
-    return Group(g.prefix_len, tuple(members), tuple(children))
+    return make_group(g.prefix_len, kept, tuple(children), lengths, max_tokens)
 
 
-def make_plan(prompts: Sequence[Sequence[int]], max_tokens: Sequence[int], block_size: int) -> Plan:
-    """Build the radix tree and cut it into nested block-aligned groups."""
-    lengths = [len(p) for p in prompts]
-    if not prompts:
-        return Plan(Group(0, ()), (), (), 0, 0)
-    root = build_levels(build_tree(prompts), block_size)
-    return Plan(
-        root=root,
-        lengths=tuple(lengths),
-        max_tokens=tuple(max_tokens),
-        prompt_tokens=sum(lengths),
-        computed_prefill_tokens=computed_tokens(root, lengths),
-    )
+def make_plan(
+    prompts: TokenArrays | Sequence[Sequence[int]],
+    max_tokens: Sequence[int] | np.ndarray,
+    block_size: int,
+    tree: SortedPrompts | None = None,
+) -> Plan:
+    """Sort the prompts (unless ``tree`` is their ``sort_prompts``), then cut their radix tree
+    into nested block-aligned groups.
 
-
-def lru_prefill_tokens(
-    prompts: Sequence[Sequence[int]], block_size: int, capacity_blocks: int
-) -> int:
-    """Prefill tokens a block-hash prefix cache with LRU eviction computes, requests in file
-    order, one at a time (every request recomputes at least its last token)."""
-    cache: OrderedDict[int, None] = OrderedDict()
-    computed = 0
-    for prompt in prompts:
-        hashes = chain_hashes(prompt, block_size)
-        usable = (len(prompt) - 1) // block_size
-        hits = 0
-        while hits < usable and hashes[hits] in cache:
-            hits += 1
-        computed += len(prompt) - hits * block_size
-        for h in hashes:
-            cache[h] = None
-            cache.move_to_end(h)
-        while len(cache) > capacity_blocks:
-            cache.popitem(last=False)
-    return computed
+    Raises ValueError for a negative token id."""
+    arrays = as_token_arrays(prompts)
+    lengths = arrays.lengths
+    budget = np.asarray(max_tokens, dtype=np.int64).reshape(len(arrays))
+    tree = tree or sort_prompts(arrays)
+    root = build_levels(tree.order, tree.lcp, lengths, budget, block_size)
+    return Plan(root, lengths, budget, int(lengths.sum()), computed_tokens(root))

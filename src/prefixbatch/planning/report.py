@@ -5,13 +5,15 @@ The text form labels every figure with its ``--json`` key, followed by what it m
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
 from typing import Any
 
+import numpy as np
+
 from .one_level import one_level_prefill_tokens
-from .plan import Plan, lru_prefill_tokens, saving
-from .prefix_tree import build_tree, unique_tokens
+from .plan import Plan, saving
+from .prefix_sort import SortedPrompts
+from .token_arrays import TokenArrays
 
 
 def size_bucket(n: int) -> str:
@@ -20,12 +22,67 @@ def size_bucket(n: int) -> str:
     return str(lo) if lo == 1 else f"{lo}-{2 * lo - 1}"
 
 
-def tree_baselines(prompts: Sequence[Sequence[int]], block_size: int) -> tuple[int, int]:
+def unique_tokens(lengths: np.ndarray, tree: SortedPrompts) -> int:
+    """Tokens a multi-level tree computes: every distinct non-empty prefix once (the best any
+    sharing can do): each sorted prompt adds what it does not share with its predecessor."""
+    return int((lengths[tree.order] - tree.lcp).sum())
+
+
+def tree_baselines(lengths: np.ndarray, tree: SortedPrompts, block_size: int) -> tuple[int, int]:
     """Prefill tokens of the two tree baselines the report compares the plan with: the
     token-granularity tree (every radix edge once) and BatchLLM's one-level flattening."""
-    tree = build_tree(prompts)
-    lengths = [len(p) for p in prompts]
-    return unique_tokens(tree), one_level_prefill_tokens(tree, lengths, block_size)
+    one_level = one_level_prefill_tokens(tree.order, tree.lcp, lengths, block_size)
+    return unique_tokens(lengths, tree), one_level
+
+
+def block_prefix_ids(
+    lengths: np.ndarray, tree: SortedPrompts, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, offsets): request ``i``'s full blocks are ``ids[offsets[i]:offsets[i + 1]]``, one
+    int32 per block, equal exactly when the whole prefixes up to the end of those blocks are
+    equal. Block ``j`` of sorted prompts in one run whose neighbour LCPs are all at least
+    ``(j + 1) * block_size`` is one prefix; runs get consecutive ids, depth by depth."""
+    blocks = lengths // block_size
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(blocks, out=offsets[1:])
+    ids = np.empty(int(offsets[-1]), dtype=np.int32)
+    pos = np.arange(len(lengths))  # sorted positions that still have a block at depth j
+    next_id, j = 0, 0
+    while len(pos):
+        pos = pos[blocks[tree.order[pos]] > j]
+        if not len(pos):
+            break
+        gap = np.diff(pos, prepend=-2) != 1  # a position in between ended: a new run
+        starts = gap | (tree.lcp[pos] < (j + 1) * block_size)
+        run = np.cumsum(starts) - 1
+        ids[offsets[tree.order[pos]] + j] = next_id + run
+        next_id += int(run[-1]) + 1
+        j += 1
+    return ids, offsets
+
+
+def lru_prefill_tokens(
+    prompts: TokenArrays, tree: SortedPrompts, block_size: int, capacity_blocks: int
+) -> int:
+    """Prefill tokens a block prefix cache with LRU eviction computes, requests in file order,
+    one at a time (every request recomputes at least its last token)."""
+    lengths = prompts.lengths
+    ids, offsets = block_prefix_ids(lengths, tree, block_size)
+    cache: OrderedDict[int, None] = OrderedDict()
+    computed = 0
+    for i, size in enumerate(lengths.tolist()):
+        blocks = ids[offsets[i] : offsets[i + 1]].tolist()
+        usable = (size - 1) // block_size
+        hits = 0
+        while hits < usable and blocks[hits] in cache:
+            hits += 1
+        computed += size - hits * block_size
+        for b in blocks:
+            cache[b] = None
+            cache.move_to_end(b)
+        while len(cache) > capacity_blocks:
+            cache.popitem(last=False)
+    return computed
 
 
 def count(n: int, noun: str) -> str:
@@ -36,13 +93,17 @@ def count(n: int, noun: str) -> str:
 
 
 def plan_report(
-    plan: Plan, prompts: Sequence[Sequence[int]], block_size: int, lru_capacity_blocks: int
+    plan: Plan,
+    prompts: TokenArrays,
+    tree: SortedPrompts,
+    block_size: int,
+    lru_capacity_blocks: int,
 ) -> dict[str, Any]:
-    """Everything the plan decides, as one JSON-ready dict."""
-    lru = lru_prefill_tokens(prompts, block_size, lru_capacity_blocks)
-    multilevel, one_level = tree_baselines(prompts, block_size) if prompts else (0, 0)
+    """Everything the plan decides, as one JSON-ready dict (``tree``: the prompts' sort)."""
+    lru = lru_prefill_tokens(prompts, tree, block_size, lru_capacity_blocks)
+    multilevel, one_level = tree_baselines(prompts.lengths, tree, block_size)
     top = plan.root.children
-    sizes = Counter(size_bucket(len(g.requests())) for g in top)
+    sizes = Counter(size_bucket(g.size) for g in top)
     depth = {id(plan.root): 0}
     for g, parent in plan.root.walk():
         if parent is not None:

@@ -64,6 +64,11 @@ class Scheduler:
             self.waiting.append(seq)
 
     @property
+    def num_queued(self) -> int:
+        """Sequences added and not running: waiting, or parked behind their level's prefix."""
+        return len(self.waiting) + sum(map(len, self.parked.values()))
+
+    @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.parked)
 

@@ -1,4 +1,4 @@
-"""Turn requests into scheduler sequences in the order a policy wants.
+"""Turn requests into scheduler sequences in the order a policy wants, one request at a time.
 
 ``fcfs`` and ``fcfs-lru``: the requests in input order. ``batchllm``: the plan's nested groups in
 decode-ratio order; every level becomes a leader sequence that computes its prefix (sampling
@@ -6,21 +6,29 @@ nothing itself, or the first token of members whose prompt is exactly the prefix
 its members and sub-levels, which reference it. The plan is made before (by the job, the API or
 the Ray driver), never here.
 
+``WorkStream`` walks that order lazily: the engine takes the next sequences only as the
+scheduler's queue runs low, so a batch of a million requests holds a ``Request`` and its
+``Sequence`` objects only for the few thousand near the front. A level's leader comes before
+its members; the members whose prompt is exactly the prefix come right after it (the leader
+samples their first token when its prefix is done, so they must exist by then).
+
 A request with ``n > 1`` becomes ``n`` choice sequences under every policy. Their prompt is a
 level of its own, cut to whole KV blocks (a block is written by one sequence only): computed
 once by a leader, shared by the choices, freed when the last one ends. Each choice recomputes
 the prompt's last partial block itself (fewer than ``block_size`` tokens); a block-aligned
 prompt is computed exactly once and the choices take their first tokens from its last logits.
 Requests that ask for prompt log-probabilities compute their whole prompt themselves (a shared
-prefix has no logits for them), outside any level.
+prefix has no logits for them), outside any level, after everything else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+import itertools
+from collections.abc import Iterator
 
-from ..outputs import Request
+import numpy as np
+
+from ..outputs import Request, RequestSource
 from ..planning.groups import Group
 from ..planning.plan import Plan
 from .policy import Policy
@@ -28,16 +36,9 @@ from .sequence import PrefixGroup, Sequence
 
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's stream increment (execution/sampler.py)
 
-
-@dataclass
-class Work:
-    sequences: list[Sequence]
-    requests: dict[int, Request]  # seq_id -> request
-    block_size: int
-    seed: int
-    plan: Plan | None = None
-    groups: list[PrefixGroup] = field(default_factory=list)
-    first_group_id: int = 0
+# (position of the request in the source, the request, its sequences); a level's leader comes
+# as (-1, None, [leader]).
+Admission = tuple[int, Request | None, list[Sequence]]
 
 
 def request_seed(request: Request, job_seed: int) -> int:
@@ -55,88 +56,113 @@ def choice_seed(seed: int, choice: int) -> int:
     return seed if choice == 0 else (seed + choice * _GOLDEN_GAMMA) % (1 << 64)
 
 
-def _sequence(r: Request, seed: int, group: PrefixGroup | None, choice: int) -> Sequence:
-    seq = Sequence(
-        r.index,
-        list(r.prompt_token_ids),
-        len(r.prompt_token_ids),
-        r.params,
-        group=group,
-        seed=choice_seed(seed, choice),
-        choice=choice,
-    )
-    if group is not None and seq.num_prompt == len(group.tokens):
-        group.dependents.append(seq)
-    return seq
+class WorkStream:
+    """The sequences of one batch, made on demand; iterate it for ``Admission``s.
 
+    A planning policy needs the batch's ``plan`` (its indices are positions in ``source``);
+    group ids come from ``group_ids`` (shared by an engine's batches: they must be unique
+    among its live levels). Raises ValueError when a planning policy gets no plan or a plan of
+    another batch."""
 
-def _open_level(
-    work: Work, tokens: list[int], remaining: int, parent: PrefixGroup | None, first: Request
-) -> PrefixGroup:
-    """A new level below ``parent`` and its leader sequence (queued now, before its members)."""
-    level = PrefixGroup(work.first_group_id + len(work.groups), tokens, remaining, parent=parent)
-    work.groups.append(level)
-    leader = Sequence(
-        -1 - level.group_id, list(tokens), len(tokens), first.params, group=parent, leads=level
-    )
-    level.leader = leader
-    work.sequences.append(leader)
-    return level
+    def __init__(
+        self,
+        source: RequestSource,
+        policy: Policy | str,
+        block_size: int,
+        seed: int,
+        plan: Plan | None = None,
+        group_ids: Iterator[int] | None = None,
+    ) -> None:
+        self.source, self.block_size, self.seed = source, block_size, seed
+        self.plans = Policy.parse(policy).plans
+        if self.plans and (plan is None or len(plan.lengths) != len(source)):
+            raise ValueError("the batchllm policy needs the plan of exactly these requests")
+        self.plan = plan if self.plans else None
+        self.group_ids = itertools.count() if group_ids is None else group_ids
+        self._items = self._generate()
 
+    def __iter__(self) -> Iterator[Admission]:
+        return self._items
 
-def _add_request(r: Request, group: PrefixGroup | None, work: Work) -> None:
-    """Queue a request's sequences below ``group``, which counts the request once."""
-    n = r.params.n
-    if n > 1:
-        aligned = len(r.prompt_token_ids) // work.block_size * work.block_size
-        above = len(group.tokens) if group is not None else 0
-        if aligned > above and r.params.prompt_logprobs is None:
-            group = _open_level(work, list(r.prompt_token_ids[:aligned]), n, group, r)
-        elif group is not None:
-            group.remaining += n - 1  # the choices are members of the enclosing level
-    seed = request_seed(r, work.seed)
-    work.sequences += [_sequence(r, seed, group, i) for i in range(n)]
+    def _generate(self) -> Iterator[Admission]:
+        n = len(self.source)
+        if self.plan is None:
+            for pos in range(n):
+                yield self._request(pos, None)
+            return
+        scoring = [p for p in range(n) if self.source.params(p).prompt_logprobs is not None]
+        positions = np.arange(n)
+        if scoring:  # outside every level: their prompt's logits are needed
+            positions = np.setdiff1d(positions, scoring)
+            self.plan = self.plan.subset(positions)
+        yield from self._levels(self.plan, positions)
+        for pos in scoring:
+            yield self._request(pos, None)
 
+    def _levels(self, plan: Plan, positions: np.ndarray) -> Iterator[Admission]:
+        """The plan's levels depth first, each level's items in decode-ratio order (a
+        sub-level: its leader, then its contents)."""
+        stack: list[tuple[Iterator[int | Group], PrefixGroup | None, int]] = [
+            (plan.in_order(plan.root), None, 0)
+        ]
+        while stack:
+            items, group, prefix_len = stack[-1]
+            item = next(items, None)
+            if item is None:
+                stack.pop()
+            elif isinstance(item, int):
+                if group is None or plan.lengths[item] != prefix_len:  # not emitted already
+                    yield self._request(int(positions[item]), group)
+            else:
+                first = self.source.request(int(positions[item.first]))
+                tokens = list(first.prompt_token_ids[: item.prefix_len])
+                sub = self._open_level(tokens, len(item.members) + len(item.children), group)
+                yield -1, None, [self._leader(sub, group, first)]
+                exact = item.members[plan.lengths[item.members] == item.prefix_len]
+                for m in exact.tolist():  # the leader samples their first token
+                    yield self._request(int(positions[m]), sub)
+                stack.append((plan.in_order(item), sub, item.prefix_len))
 
-def build_sequences(
-    requests: Seq[Request],
-    policy: Policy,
-    block_size: int,
-    seed: int,
-    plan: Plan | None = None,
-    first_group_id: int = 0,
-) -> Work:
-    """Sequences for ``requests``; a planning policy needs the batch's ``plan`` (its indices
-    are positions in ``requests``). Group ids start at ``first_group_id`` (unique per engine).
+    def _open_level(
+        self, tokens: list[int], remaining: int, parent: PrefixGroup | None
+    ) -> PrefixGroup:
+        return PrefixGroup(next(self.group_ids), tokens, remaining, parent=parent)
 
-    Raises ValueError when a planning policy gets no plan or a plan of another batch."""
-    work = Work([], {r.index: r for r in requests}, block_size, seed, first_group_id=first_group_id)
-    if not Policy.parse(policy).plans:
-        for r in requests:
-            _add_request(r, None, work)
-        return work
-    if plan is None or len(plan.lengths) != len(requests):
-        raise ValueError("the batchllm policy needs the plan of exactly these requests")
-    scoring = [r for r in requests if r.params.prompt_logprobs is not None]
-    if scoring:  # outside every level: their prompt's logits are needed
-        keep = [i for i, r in enumerate(requests) if r.params.prompt_logprobs is None]
-        plan, requests = plan.subset(keep), [requests[i] for i in keep]
-    work.plan = plan
-    _emit(plan.root, None, list(requests), work)
-    for r in scoring:
-        _add_request(r, None, work)
-    return work
+    def _leader(self, level: PrefixGroup, parent: PrefixGroup | None, first: Request) -> Sequence:
+        """The sequence that computes ``level``'s prefix (queued before its members)."""
+        tokens = level.tokens
+        leader = Sequence(
+            -1 - level.group_id, list(tokens), len(tokens), first.params, group=parent, leads=level
+        )
+        level.leader = leader
+        return leader
 
-
-def _emit(level: Group, group: PrefixGroup | None, requests: list[Request], work: Work) -> None:
-    """Queue a level's members and sub-levels in decode-ratio order (a sub-level: its leader,
-    then its contents, so members always follow the leader whose prefix they reference)."""
-    assert work.plan is not None
-    for item in work.plan.in_order(level):
-        if isinstance(item, int):
-            _add_request(requests[item], group, work)
-            continue
-        first = requests[item.requests()[0]]
-        tokens = list(first.prompt_token_ids[: item.prefix_len])
-        sub = _open_level(work, tokens, len(item.members) + len(item.children), group, first)
-        _emit(item, sub, requests, work)
+    def _request(self, pos: int, group: PrefixGroup | None) -> Admission:
+        """A request's sequences below ``group``, which counts the request once."""
+        r = self.source.request(pos)
+        n = r.params.n
+        seqs: list[Sequence] = []
+        if n > 1:
+            aligned = len(r.prompt_token_ids) // self.block_size * self.block_size
+            above = len(group.tokens) if group is not None else 0
+            if aligned > above and r.params.prompt_logprobs is None:
+                level = self._open_level(list(r.prompt_token_ids[:aligned]), n, group)
+                seqs.append(self._leader(level, group, r))
+                group = level
+            elif group is not None:
+                group.remaining += n - 1  # the choices are members of the enclosing level
+        seed = request_seed(r, self.seed)
+        for choice in range(n):
+            seq = Sequence(
+                r.index,
+                list(r.prompt_token_ids),
+                len(r.prompt_token_ids),
+                r.params,
+                group=group,
+                seed=choice_seed(seed, choice),
+                choice=choice,
+            )
+            if group is not None and seq.num_prompt == len(group.tokens):
+                group.dependents.append(seq)
+            seqs.append(seq)
+        return pos, r, seqs

@@ -1,0 +1,121 @@
+"""A batch's prompts as two arrays: every token id in one int32 array, and where each prompt
+starts. A million prompts of 350 tokens take 1.4 GB this way, against about 13 GB as Python
+lists of ints (8 bytes a pointer plus a 28-byte int object per token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Appends go to pages of this many tokens (256 MiB), each its own mapping, so that joining
+# them into one array at the end frees every page as soon as it is copied.
+_PAGE = 1 << 26
+
+
+@dataclass(frozen=True, eq=False)
+class TokenArrays:
+    """Prompt ``i`` is ``ids[offsets[i]:offsets[i + 1]]``.
+
+    ``ids``: (total tokens,) int32; ``offsets``: (prompts + 1,) int64, ``offsets[0] == 0``.
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def from_lists(cls, prompts: Iterable[Sequence[int]]) -> TokenArrays:
+        builder = TokenArraysBuilder()
+        for p in prompts:
+            builder.append(p)
+        return builder.build()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Prompt ``i`` as an int32 view (no copy)."""
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(prompts,) int64 token counts."""
+        return np.diff(self.offsets)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> TokenArrays:
+        """The prompts ``indices``, in that order, as new arrays."""
+        idx = np.asarray(indices, dtype=np.int64)
+        lengths = self.lengths[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # Position of every output token in ``ids``: its prompt's start + its rank within it.
+        starts = np.repeat(self.offsets[:-1][idx] - offsets[:-1], lengths)
+        return TokenArrays(self.ids[starts + np.arange(offsets[-1])], offsets)
+
+
+class TokenArraysBuilder:
+    """Appends prompts one by one or many at a time, then ``build()`` joins them; the joined
+    array is the only full copy held at any moment (pages are freed as they are copied)."""
+
+    def __init__(self) -> None:
+        self._pages: list[np.ndarray] = []
+        self._used = 0  # tokens in the last page
+        self._lengths: list[np.ndarray] = []
+        self._pending: list[int] = []  # lengths not yet moved into an array
+
+    def __len__(self) -> int:
+        return sum(map(len, self._lengths)) + len(self._pending)
+
+    def append(self, prompt: Sequence[int] | np.ndarray) -> None:
+        self._write(np.asarray(prompt, dtype=np.int32))
+        self._pending.append(len(prompt))
+
+    def extend(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Many prompts at once: ``ids`` concatenated, ``lengths`` per prompt."""
+        self._flush_lengths()
+        self._write(np.asarray(ids, dtype=np.int32))
+        self._lengths.append(np.asarray(lengths, dtype=np.int64))
+
+    def _flush_lengths(self) -> None:
+        if self._pending:
+            self._lengths.append(np.asarray(self._pending, dtype=np.int64))
+            self._pending = []
+
+    def _write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if not self._pages or self._used == len(self._pages[-1]):
+                self._pages.append(np.empty(_PAGE, dtype=np.int32))
+                self._used = 0
+            n = min(len(ids), _PAGE - self._used)
+            self._pages[-1][self._used : self._used + n] = ids[:n]
+            self._used += n
+            ids = ids[n:]
+
+    def build(self) -> TokenArrays:
+        """The arrays; the builder is empty afterwards."""
+        self._flush_lengths()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.empty(int(offsets[-1]), dtype=np.int32)
+        at = 0
+        pages, self._pages = self._pages, []
+        while pages:
+            page = pages.pop(0)
+            n = min(len(page), len(ids) - at)
+            ids[at : at + n] = page[:n]
+            at += n
+            del page
+        self._lengths, self._used = [], 0
+        return TokenArrays(ids, offsets)
+
+
+def as_token_arrays(prompts: TokenArrays | Sequence[Sequence[int]]) -> TokenArrays:
+    """``prompts`` as ``TokenArrays`` (lists of token ids are copied once)."""
+    return prompts if isinstance(prompts, TokenArrays) else TokenArrays.from_lists(prompts)
