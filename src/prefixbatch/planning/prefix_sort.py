@@ -32,7 +32,7 @@ def _gather(prompts: TokenArrays, idx: np.ndarray, depth: int, width: int) -> np
     """(len(idx), width) big-endian uint32: tokens ``depth..depth+width-1`` of prompts ``idx``
     as ``id + 1``, 0 past a prompt's end."""
     out = np.zeros((len(idx), width), dtype=">u4")
-    total = prompts.num_tokens
+    total = len(prompts.ids)
     if total < width:
         return _gather_short(prompts, idx, depth, width)
     windows = sliding_window_view(prompts.ids, width)  # (total - width + 1, width), a view
@@ -40,9 +40,9 @@ def _gather(prompts: TokenArrays, idx: np.ndarray, depth: int, width: int) -> np
     for s in range(0, len(idx), _SLICE):
         mem = np.argsort(idx[s : s + _SLICE])  # read in memory order: fewer page walks
         part = idx[s : s + _SLICE][mem]
-        start = prompts.offsets[part] + depth
+        start = prompts.starts[part] + depth
         vals = windows[np.minimum(start, total - width)].astype(np.uint32) + 1
-        vals *= span < (prompts.offsets[part + 1] - start)[:, None]
+        vals *= span < (prompts.ends[part] - start)[:, None]
         late = np.flatnonzero(start > total - width)  # the last prompts' ends: shift
         if len(late):
             vals[late] = _gather_short(prompts, part[late], depth, width)
@@ -78,7 +78,7 @@ def sort_prompts(prompts: TokenArrays) -> SortedPrompts:
 
     Raises ValueError for a negative token id."""
     n = len(prompts)
-    if prompts.num_tokens and int(prompts.ids.min()) < 0:
+    if len(prompts.ids) and int(prompts.ids.min()) < 0:
         raise ValueError("token ids must not be negative")
     lengths = prompts.lengths
     order = np.arange(n, dtype=np.int64)
