@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from prefixbatch.config import EngineConfig
-from prefixbatch.jobs.job import JobOptions, make_executor, read_items, run_batch
+from prefixbatch.jobs.job import JobOptions, make_executor, run_batch
 
 
 def test_stop_then_resume_counts_every_request_once(tmp_path: Path, tiny_models) -> None:  # type: ignore[no-untyped-def]
@@ -29,11 +29,9 @@ def test_stop_then_resume_counts_every_request_once(tmp_path: Path, tiny_models)
     engine = make_executor(
         EngineConfig(model=str(tiny_models["llama"]), device="cpu", block_size=8)
     )
-    items = read_items(inp, 256)
     seen: list[tuple[int, int, int]] = []
     first = run_batch(
         lambda: engine,
-        items,
         opts,
         should_stop=lambda: len(seen) >= 4,
         on_progress=lambda *c: seen.append(c),
@@ -45,7 +43,7 @@ def test_stop_then_resume_counts_every_request_once(tmp_path: Path, tiny_models)
     assert not engine.has_unfinished()  # the stop aborted the rest and freed their blocks
     assert engine.blocks.num_used == 0
     seen.clear()
-    second = run_batch(lambda: engine, items, opts, on_progress=lambda *c: seen.append(c))
+    second = run_batch(lambda: engine, opts, on_progress=lambda *c: seen.append(c))
     assert second.skipped == 3 and second.requests_ok == 5
     assert seen[0] == (3, 1, 9) and seen[-1] == (8, 1, 9)
     ids = [json.loads(x)["custom_id"] for x in opts.output.read_text().splitlines()]

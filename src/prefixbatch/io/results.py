@@ -9,6 +9,10 @@ Resume rule: a request is skipped only when the output holds a *success* record 
 vLLM readers ignore: 16 hex digits of the normalised request, see ``batch_file.request_hash``).
 Error records never make a request skip. When a run completes, ``ResultWriter.finish`` rewrites
 the output atomically to exactly one record per input line, in input order.
+
+At scale neither step holds records as Python objects: an existing output is indexed by one
+16-byte key per success record (``record_key`` of its custom_id and hash), and the final
+rewrite streams the file, copying each kept record by its offset.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..outputs import CompletionOutput, RequestOutput
 from .batch_file import CHAT_URL, BatchRequest, LineError
@@ -111,15 +118,29 @@ def error_record(err: LineError) -> dict[str, Any]:
     }
 
 
-@dataclass
-class Answered:
-    """The success records an existing output file holds: custom_id -> request hash."""
+def record_key(custom_id: str, request_hash: str) -> bytes:
+    """16 bytes (BLAKE2b) naming a request's success record: its custom_id and hash."""
+    return hashlib.blake2b(f"{request_hash}\n{custom_id}".encode(), digest_size=16).digest()
 
-    hashes: dict[str, str] = field(default_factory=dict)
+
+@dataclass(frozen=True)
+class Answered:
+    """The success records an existing output file holds: the sorted, distinct ``record_key``
+    of each ((k,) ``S16``)."""
+
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="S16"))
 
     def covers(self, req: BatchRequest) -> bool:
         """Whether ``req`` (same custom_id, same request) was answered successfully."""
-        return self.hashes.get(req.custom_id) == req.request_hash
+        key = np.frombuffer(record_key(req.custom_id, req.request_hash), "S16")
+        return bool(self.covered(key)[0])
+
+    def covered(self, keys: np.ndarray) -> np.ndarray:
+        """(n,) bool: which of the record keys ``keys`` ((n,) ``S16``) were answered."""
+        if not len(self.keys):
+            return np.zeros(len(keys), dtype=bool)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return self.keys[at] == keys
 
 
 def _success(raw: bytes) -> tuple[str, str] | None:
@@ -136,23 +157,45 @@ def _success(raw: bytes) -> tuple[str, str] | None:
     return None
 
 
-def read_answered(path: Path) -> tuple[Answered, int]:
-    """Parse an output file; returns its success records and the byte length of its complete
-    lines (a trailing partial line from a crash is not counted). Lines that are not records
-    (e.g. of another tool) are kept but answer nothing."""
-    answered = Answered()
-    good = 0
-    if not path.exists():
-        return answered, 0
+def _records(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) of each complete line (a trailing partial line from a crash is left)."""
+    offset = 0
     with open(path, "rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):
                 break
-            good += len(raw)
-            hit = _success(raw)
-            if hit:
-                answered.hashes[hit[0]] = hit[1]
-    return answered, good
+            yield offset, raw
+            offset += len(raw)
+
+
+def _success_keys(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(keys, offsets, lengths) of the file's success records, in file order, and the byte
+    length of its complete lines."""
+    keys, offsets, lengths = bytearray(), array("q"), array("q")
+    good = 0
+    for offset, raw in _records(path):
+        good = offset + len(raw)
+        hit = _success(raw)
+        if hit:
+            keys += record_key(*hit)
+            offsets.append(offset)
+            lengths.append(len(raw))
+    return (
+        np.frombuffer(bytes(keys), dtype="S16"),
+        np.asarray(offsets, dtype=np.int64),
+        np.asarray(lengths, dtype=np.int64),
+        good,
+    )
+
+
+def read_answered(path: Path) -> tuple[Answered, int]:
+    """Index an output file; returns its success records and the byte length of its complete
+    lines (a trailing partial line from a crash is not counted). Lines that are not records
+    (e.g. of another tool) are kept but answer nothing."""
+    if not path.exists():
+        return Answered(), 0
+    keys, _, _, good = _success_keys(path)
+    return Answered(np.unique(keys)), good
 
 
 class ResultWriter:
@@ -180,31 +223,39 @@ class ResultWriter:
         os.fsync(self._file.fileno())
         self._file.close()
 
-    def finish(self, items: list[BatchRequest | LineError], errors: dict[int, LineError]) -> None:
+    def finish(self, lines: np.ndarray, keys: np.ndarray, errors: dict[int, LineError]) -> None:
         """Close, then replace the output with one record per input line, in input order: the
-        success record of each request (``covers`` it: same custom_id and hash), else its
-        error from ``errors`` (by line); superseded records and records of custom_ids no longer
-        in the input are dropped. Atomic: a temporary file in the same folder, fsync, rename."""
+        success record of each request (``lines``: (n,) its input line, ascending; ``keys``:
+        (n,) ``S16`` its ``record_key``), else the error of its line from ``errors``, which
+        also holds the lines that are no request; superseded records and records of custom_ids
+        no longer in the input are dropped. Atomic: a temporary file in the same folder, fsync,
+        rename."""
         self.close()
-        wanted = {i.custom_id: i.request_hash for i in items if isinstance(i, BatchRequest)}
-        where: dict[str, tuple[int, int]] = {}  # custom_id -> (offset, length) of its record
-        offset = 0
-        with open(self.path, "rb") as f:
-            for raw in f:
-                hit = _success(raw)
-                if hit and wanted.get(hit[0]) == hit[1]:
-                    where[hit[0]] = (offset, len(raw))
-                offset += len(raw)
+        found, offsets, lengths, _ = _success_keys(self.path)
+        # The last record of each wanted key (as a resumed run appends a newer one).
+        last = np.argsort(found, kind="stable")
+        found, offsets, lengths = found[last], offsets[last], lengths[last]
+        keep = np.append(found[1:] != found[:-1], True) if len(found) else np.zeros(0, bool)
+        found, offsets, lengths = found[keep], offsets[keep], lengths[keep]
+        at = np.minimum(np.searchsorted(found, keys), max(len(found) - 1, 0))
+        hit = found[at] == keys if len(found) else np.zeros(len(keys), dtype=bool)
+        error_lines = sorted(errors)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(self.path, "rb") as src, open(tmp, "wb") as dst:
-            for item in items:
-                if isinstance(item, BatchRequest) and item.custom_id in where:
-                    start, length = where[item.custom_id]
-                    src.seek(start)
-                    dst.write(src.read(length))
-                elif item.line in errors:
-                    record = error_record(errors[item.line])
-                    dst.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+            e = 0
+            for line, ok, k in zip(lines.tolist(), hit.tolist(), at.tolist()):
+                while e < len(error_lines) and error_lines[e] < line:
+                    dst.write(_error_line(errors[error_lines[e]]))
+                    e += 1
+                error = e < len(error_lines) and error_lines[e] == line
+                e += error
+                if ok:
+                    src.seek(int(offsets[k]))
+                    dst.write(src.read(int(lengths[k])))
+                elif error:
+                    dst.write(_error_line(errors[line]))
+            for line in error_lines[e:]:
+                dst.write(_error_line(errors[line]))
             dst.flush()
             os.fsync(dst.fileno())
         os.replace(tmp, self.path)
@@ -213,3 +264,7 @@ class ResultWriter:
             os.fsync(folder)  # make the rename itself durable
         finally:
             os.close(folder)
+
+
+def _error_line(err: LineError) -> bytes:
+    return (json.dumps(error_record(err), ensure_ascii=False) + "\n").encode()

@@ -3,6 +3,11 @@
 Whole-job problems raise ``JobError`` before any compute; problems of single lines become error
 records while every other request runs. Ctrl-C / SIGTERM raise ``JobInterrupted`` after the
 answers finished so far are on disk. See ``results.py`` for the resume rule.
+
+The batch is read once into a compact store (``ingest.py``: token arrays, not objects), planned
+on its arrays, and streamed into the engine in the plan's order; a ``Request`` exists only while
+it runs. The CLI tokenizes before loading the weights, so a job whose answers are all on disk
+loads nothing but its output's index.
 """
 
 from __future__ import annotations
@@ -14,18 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from ..batch_tokenizer import BatchTokenizer
 from ..config import EngineConfig
 from ..engine import EngineStats, LLMEngine
 from ..errors import InputFileError, JobInterrupted, KVBudgetError
 from ..execution.models.registry import DEFAULT_MODEL_NAME
-from ..io.batch_file import BatchRequest, LineError, read_batch_file
-from ..io.progress import Progress
+from ..io.batch_file import BatchRequest, LineError
+from ..io.progress import PlannedWork, Progress
 from ..io.results import ResultWriter, error_record, success_record
-from ..outputs import Request
-from ..planning.plan import make_plan
+from ..loading.builder import read_model_config
+from ..loading.model_source import resolve_model
+from ..outputs import CompactRequests
+from ..planning.plan import Plan, make_plan
 from ..planning.report import count
 from ..tokenizer import Tokenizer
-from .validate import validate
+from .ingest import ingest
+from .validate import check
 
 if TYPE_CHECKING:
     from ..distributed.ray_executor import RayExecutor
@@ -56,30 +67,22 @@ class JobSummary:
     prefill_tokens_saved: int
     preemptions: int
     wall_s: float
+    compute_s: float = 0.0  # from the first engine step: no reading, loading or planning
 
     def lines(self) -> list[str]:
-        tps = self.output_tokens / self.wall_s if self.wall_s else 0.0
+        tps = self.output_tokens / self.compute_s if self.compute_s else 0.0
         lines = [
             f"requests: {self.requests_ok} ok, {self.requests_failed} failed, "
             f"{self.skipped} already answered",
             f"tokens: {self.prompt_tokens} prompt, {self.output_tokens} output, "
             f"{self.prefill_tokens_saved} prefill tokens saved by sharing",
             f"preemptions: {self.preemptions}",
-            f"wall time: {self.wall_s:.1f}s, {tps:.1f} output tok/s",
+            f"wall time: {self.wall_s:.1f}s, of which computing {self.compute_s:.1f}s: "
+            f"{tps:.1f} output tok/s",
         ]
         if not self.requests_ok and not self.skipped:
             lines.insert(0, "no line of the input is a valid request: see the error records")
         return lines
-
-
-def read_items(path: Path, default_max_tokens: int) -> list[BatchRequest | LineError]:
-    """Every non-blank line of the input; JobError when it is missing or has no line."""
-    if not path.is_file():
-        raise InputFileError(f"input file not found: {path}")
-    items = list(read_batch_file(path, default_max_tokens))
-    if not items:
-        raise InputFileError(f"the input file {path} is empty: it has no request lines")
-    return items
 
 
 def make_executor(
@@ -96,12 +99,17 @@ def make_executor(
 def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
     """Run the batch file ``opts.input`` into ``opts.output``; see the module docstring."""
     start = time.monotonic()
-    if opts.output.resolve() == opts.input.resolve():
+    if opts.input.resolve() == opts.output.resolve():
         raise InputFileError(
             "the output file must not be the input file (-o names where answers go)"
         )
-    items = read_items(opts.input, opts.default_max_tokens)
     config.torch_device  # noqa: B018  an unavailable device fails here, before any message
+
+    def tokenizer() -> BatchTokenizer:
+        source = resolve_model(config.model)
+        read_model_config(source)  # an unsupported model fails here, before any reading
+        log.info("reading and tokenizing %s", opts.input)
+        return BatchTokenizer(Tokenizer(source.path))
 
     def load() -> LLMEngine | RayExecutor:
         log.info("loading the model (%s)", config.model or f"default: {DEFAULT_MODEL_NAME}")
@@ -109,85 +117,95 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
         log.info("model loaded after %.1fs", time.monotonic() - start)
         return engine
 
-    return run_batch(load, items, opts, start=start)
+    return run_batch(load, opts, start=start, tokenizer=tokenizer)
 
 
 def run_batch(
     load: Callable[[], LLMEngine | RayExecutor],
-    items: list[BatchRequest | LineError],
     opts: JobOptions,
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
     start: float | None = None,
+    tokenizer: Callable[[], BatchTokenizer] | None = None,
 ) -> JobSummary:
-    """Answer the batch file's ``items`` into ``opts.output``, resuming it (the CLI's job and
-    the server's batches). ``load()`` gives the executor; it is called only when something is
-    left to answer.
+    """Answer the batch file ``opts.input`` into ``opts.output``, resuming it (the CLI's job
+    and the server's batches). ``load()`` gives the executor; it is called only when something
+    is left to answer. ``tokenizer()`` gives the tokenizer to read the file with (default: the
+    executor's, so ``load()`` comes first).
 
     ``should_stop()`` is checked between engine steps: when it returns True the unfinished
     requests are dropped, the answers so far are on disk, and the call returns (a later call
-    resumes). ``on_progress(completed, failed, total)`` gets counts over
-    all ``items`` (earlier answers included) after the error records and after each answer.
-    Ctrl-C raises ``JobInterrupted`` once the finished answers are flushed.
+    resumes). ``on_progress(completed, failed, total)`` gets counts over all lines (earlier
+    answers included) after the error records and after each answer. Ctrl-C raises
+    ``JobInterrupted`` once the finished answers are flushed. Raises ``InputFileError`` when
+    the input is missing or empty.
     """
     start = time.monotonic() if start is None else start
     writer = ResultWriter(opts.output, resume=not opts.overwrite)
-    requests = [i for i in items if isinstance(i, BatchRequest)]
-    todo = [r for r in requests if not writer.answered.covers(r)]
-    errors = {i.line: i for i in items if isinstance(i, LineError)}
-    skipped = len(requests) - len(todo)
-    if skipped:
-        log.info("%d of %d requests already answered in %s", skipped, len(items), opts.output)
-    stats, answered = EngineStats(), 0
+    engine: LLMEngine | RayExecutor | None = None
+
+    def read_with() -> BatchTokenizer:
+        nonlocal engine
+        if tokenizer is not None:
+            return tokenizer()
+        engine = load()
+        return BatchTokenizer(engine.tokenizer)
+
+    stats, answered, skipped, total, compute_s = EngineStats(), 0, 0, 0, 0.0
+    errors: dict[int, LineError] = {}
     progress: Progress | None = None
-
-    def report() -> None:
-        if on_progress is not None:
-            on_progress(skipped + answered, len(errors), len(items))
-
     try:
-        runnable = []
-        if todo:
-            engine = load()
-            log.info("checking %s", count(len(todo), "request"))
-            checked = validate(engine.tokenizer, engine.limits, todo)
-            if checked.too_big_for_kv and not checked.runnable:
+        batch = ingest(opts.input, opts.default_max_tokens, read_with, writer.answered)
+        store, errors, skipped, total = batch.store, batch.errors, batch.skipped, batch.lines
+        if skipped:
+            log.info("%d of %d requests already answered in %s", skipped, total, opts.output)
+
+        def report() -> None:
+            if on_progress is not None:
+                on_progress(skipped + answered, len(errors), total)
+
+        requests = store.runnable()
+        if len(requests):
+            engine = engine or load()
+            log.info("checking %s", count(len(requests), "request"))
+            checked = check(requests, engine.limits, store.info)
+            if checked.too_big_for_kv and not len(checked.runnable):
                 raise KVBudgetError(
                     f"the KV cache ({engine.limits.num_blocks} blocks) is too small for even one "
                     "request; raise --kv-cache-memory"
                 )
             errors.update((e.line, e) for e in checked.errors)
-            runnable = checked.runnable
+            requests = checked.runnable
         for line in sorted(errors):
             writer.write(error_record(errors[line]))
         report()
-        if runnable:
-            progress = Progress(len(runnable), quiet=opts.quiet, start=start)
-            model_name = engine.model_name
-            batch = [Request(i, ids, req.params) for i, (req, ids) in enumerate(runnable)]
+        if len(requests):
+            assert engine is not None
             plan = None  # only a planning policy reads it (Ray cuts fcfs chunks by its own)
             if engine.config.policy.plans:
-                plan = make_plan(
-                    [ids for _, ids in runnable],
-                    [r.params.max_tokens for r, _ in runnable],
-                    engine.config.block_size,
-                )
+                log.info("planning %s", count(len(requests), "request"))
+                plan = make_plan(requests.prompts, requests.max_tokens(), engine.config.block_size)
+            progress = Progress(
+                len(requests), opts.quiet, start=start, planned=_planned(requests, plan)
+            )
+            model_name = engine.model_name
+            used = [requests.param_sets[i] for i in np.unique(requests.param_ids).tolist()]
             vocab = None
-            if any(
-                r.params.logprobs is not None or r.params.prompt_logprobs is not None for r in batch
-            ):
+            if any(p.logprobs is not None or p.prompt_logprobs is not None for p in used):
                 vocab = engine.tokenizer.token_bytes(engine.limits.vocab_size)
-            for out in engine.generate(batch, plan, should_stop):
-                req, ids = runnable[out.index]
-                echoed = _prompt_text(engine.tokenizer, req, ids) if req.echo else ""
+            computing = time.monotonic()
+            for out in engine.generate(requests, plan, should_stop):
+                req = store.info(out.index)
+                echoed = _prompt_text(engine.tokenizer, req, out.prompt_token_ids)
                 writer.write(success_record(req, out, model_name, vocab, echoed))
                 answered += 1
-                progress.update(1, out.num_output_tokens, engine.status())
+                work = (engine.stats.prefill_tokens_computed, engine.stats.sampled_tokens)
+                progress.update(1, out.num_output_tokens, engine.status(), work)
                 report()
-            stats = engine.stats
-        writer.finish(items, errors)  # also after a stop: the answers so far, tidied
+            stats, compute_s = engine.stats, time.monotonic() - computing
+        writer.finish(store.lines, store.keys, errors)  # also after a stop: the answers so far
     except KeyboardInterrupt:
-        raise JobInterrupted(skipped + answered, len(items)) from None
+        raise JobInterrupted(skipped + answered, total) from None
     finally:
         if progress is not None:
             progress.close()
@@ -201,9 +219,20 @@ def run_batch(
         prefill_tokens_saved=stats.prefill_tokens_saved,
         preemptions=stats.preemptions,
         wall_s=time.monotonic() - start,
+        compute_s=compute_s,
     )
 
 
+def _planned(requests: CompactRequests, plan: Plan | None) -> PlannedWork:
+    """The prefill tokens the run computes and the most output tokens it can sample."""
+    choices = np.array([p.n for p in requests.param_sets], dtype=np.int64)[requests.param_ids]
+    prefill = plan.computed_prefill_tokens if plan is not None else requests.prompts.num_tokens
+    return PlannedWork(prefill, int((requests.max_tokens() * choices).sum()))
+
+
 def _prompt_text(tokenizer: Tokenizer, req: BatchRequest, ids: list[int]) -> str:
-    """The prompt as ``echo`` returns it: the text as sent, or the token ids decoded."""
+    """The prompt as ``echo`` returns it (the text as sent, or the token ids decoded); empty
+    without ``echo``."""
+    if not req.echo:
+        return ""
     return req.prompt if isinstance(req.prompt, str) else tokenizer.hf.decode(ids)

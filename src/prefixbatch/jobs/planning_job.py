@@ -5,17 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..batch_tokenizer import BatchTokenizer
 from ..config import EngineConfig
 from ..execution.kv_cache import kv_pool_blocks
-from ..io.batch_file import BatchRequest
 from ..loading.builder import read_model_config
 from ..loading.limits import EngineLimits
 from ..loading.model_source import resolve_model
 from ..planning.plan import make_plan
+from ..planning.prefix_sort import sort_prompts
 from ..planning.report import format_report, plan_report
 from ..tokenizer import Tokenizer
-from .job import read_items
-from .validate import validate
+from .ingest import ingest
+from .validate import check
 
 
 def plan_job(
@@ -24,16 +25,14 @@ def plan_job(
     """(the report as a JSON-ready dict, the same as text). Lines ``prefixbatch run`` would
     reject (parse errors, token ids outside the vocabulary, too long) are left out and counted
     in ``rejected_lines``."""
-    items = read_items(path, default_max_tokens)
     source = resolve_model(config.model)
     cfg = read_model_config(source)
+    batch = ingest(path, default_max_tokens, lambda: BatchTokenizer(Tokenizer(source.path)))
     blocks, _ = kv_pool_blocks(config, cfg)
     limits = EngineLimits.of(config, cfg, blocks)
-    checked = validate(
-        Tokenizer(source.path), limits, [i for i in items if isinstance(i, BatchRequest)]
-    )
-    prompts = [ids for _, ids in checked.runnable]
-    plan = make_plan(prompts, [r.params.max_tokens for r, _ in checked.runnable], config.block_size)
-    report = plan_report(plan, prompts, config.block_size, max(1, blocks))
-    report["rejected_lines"] = len(items) - len(checked.runnable)
+    requests = check(batch.store.runnable(), limits, batch.store.info).runnable
+    tree = sort_prompts(requests.prompts)
+    plan = make_plan(requests.prompts, requests.max_tokens(), config.block_size, tree)
+    report = plan_report(plan, requests.prompts, tree, config.block_size, max(1, blocks))
+    report["rejected_lines"] = batch.lines - len(requests)
     return report, format_report(report)

@@ -1,74 +1,94 @@
 """Turn parsed requests into token ids and check each against the model before any compute.
 
-Used by ``prefixbatch run`` and ``prefixbatch plan`` alike (so the plan leaves out what the run
-would reject); the Python API checks with the same ``EngineLimits.check``.
+Used by ``prefixbatch run``, ``prefixbatch plan`` and the server alike (so the plan leaves out
+what the run would reject); the Python API checks with the same ``EngineLimits.check``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
+from ..batch_tokenizer import BatchTokenizer
 from ..io.batch_file import CHAT_URL, BatchRequest, LineError
 from ..loading.limits import EngineLimits
-from ..tokenizer import Tokenizer
+from ..outputs import CompactRequests
+
+_INT32_MAX = 2**31 - 1
 
 
-def tokenize(
-    tokenizer: Tokenizer, items: list[BatchRequest]
-) -> tuple[list[tuple[BatchRequest, list[int]]], list[LineError]]:
-    """Token ids per request (chat template for chats); template failures and empty prompts are
-    line errors. Texts are encoded in one batched call."""
-    ok: list[tuple[BatchRequest, list[int]]] = []
-    errors: list[LineError] = []
-    texts: list[tuple[BatchRequest, str, bool]] = []
-    for req in items:
+def tokenize(tokenizer: BatchTokenizer, items: list[BatchRequest]) -> list[np.ndarray | LineError]:
+    """Token ids per request, in order (chat template for chats); template failures and empty
+    prompts are line errors. Texts are encoded in batch calls, each repeated piece once."""
+    out: list[np.ndarray | LineError] = [np.zeros(0, np.int32)] * len(items)
+    chats: list[tuple[int, str]] = []
+    prompts: list[tuple[int, str]] = []
+    for k, req in enumerate(items):
         if isinstance(req.prompt, list):
-            ok.append((req, list(req.prompt)))
-            continue
-        if req.url == CHAT_URL:
+            huge = [t for t in req.prompt if t > _INT32_MAX]  # no vocabulary is that large
+            out[k] = (
+                np.asarray(req.prompt, dtype=np.int32)
+                if not huge
+                else LineError(
+                    req.line,
+                    req.custom_id,
+                    f"line {req.line}: token id {huge[0]} is outside the model's vocabulary",
+                )
+            )
+        elif req.url == CHAT_URL:
             try:
-                text = tokenizer.render_chat(
+                text = tokenizer.tokenizer.render_chat(
                     req.messages or [], req.add_generation_prompt, req.continue_final_message
                 )
             except Exception as e:  # a template may raise anything (jinja, our checks)
-                errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {e}"))
+                out[k] = LineError(req.line, req.custom_id, f"line {req.line}: {e}")
                 continue
-            texts.append((req, text, False))
+            chats.append((k, text))
         else:
-            texts.append((req, req.prompt or "", True))
-    for special in (False, True):
-        batch = [(r, t) for r, t, s in texts if s is special]
-        if batch:
-            ids = tokenizer.encode_batch([t for _, t in batch], add_special_tokens=special)
-            ok += [(r, i) for (r, _), i in zip(batch, ids)]
-    kept = []
-    for req, ids in ok:
-        if not ids:
-            errors.append(
-                LineError(req.line, req.custom_id, f"line {req.line}: the prompt is empty")
-            )
-        else:
-            kept.append((req, ids))
-    return kept, errors
+            prompts.append((k, req.prompt or ""))
+    for texts, encode in ((chats, tokenizer.encode_chats), (prompts, tokenizer.encode_prompts)):
+        for (k, _), ids in zip(texts, encode([t for _, t in texts]) if texts else []):
+            out[k] = ids
+    for k, (req, ids) in enumerate(zip(items, out)):
+        if not isinstance(ids, LineError) and not len(ids):
+            out[k] = LineError(req.line, req.custom_id, f"line {req.line}: the prompt is empty")
+    return out
 
 
 @dataclass(frozen=True)
-class Validated:
-    runnable: list[tuple[BatchRequest, list[int]]]  # with their token ids, in input order
+class Checked:
+    runnable: CompactRequests  # the requests that fit, in input order
     errors: list[LineError]  # one per request that cannot run
     too_big_for_kv: int  # how many of those the KV pool cannot hold
 
 
-def validate(tokenizer: Tokenizer, limits: EngineLimits, items: list[BatchRequest]) -> Validated:
-    """Tokenize and check every request."""
-    tokenized, errors = tokenize(tokenizer, items)
-    runnable = []
+def check(
+    requests: CompactRequests, limits: EngineLimits, origin: Callable[[int], BatchRequest]
+) -> Checked:
+    """Check every request against the model's context, vocabulary and KV pool, and its
+    parameters (once per distinct set). ``origin(request id)`` names a failing request's line
+    and custom_id."""
+    params_problem = [limits.check_params(p) for p in requests.param_sets]
+    keep = np.ones(len(requests), dtype=bool)
+    errors: list[LineError] = []
     too_big = 0
-    for req, ids in sorted(tokenized, key=lambda t: t[0].line):
-        problem = limits.check(ids, req.params.max_tokens) or limits.check_params(req.params)
+    for pos in range(len(requests)):
+        params = requests.params(pos)
+        prompt = requests.prompts[pos]
+        problem = limits.check(prompt, params.max_tokens)
+        problem = problem or params_problem[requests.param_ids[pos]]
         if problem:
+            keep[pos] = False
+            req = origin(int(requests.ids[pos]))
             errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
-            too_big += not limits.fits_kv(len(ids), req.params.max_tokens)
-        else:
-            runnable.append((req, ids))
-    return Validated(runnable, errors, too_big)
+            too_big += not limits.fits_kv(len(prompt), params.max_tokens)
+    if keep.all():
+        return Checked(requests, errors, too_big)
+    kept = np.flatnonzero(keep)
+    sub = CompactRequests(
+        requests.prompts.select(kept), requests.param_sets, requests.param_ids[kept],
+        requests.ids[kept],
+    )  # fmt: skip
+    return Checked(sub, errors, too_big)

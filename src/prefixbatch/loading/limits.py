@@ -35,8 +35,8 @@ class EngineLimits:
         return self.kv_blocks(prompt_len, max_tokens) <= self.num_blocks
 
     def check(self, prompt: Sequence[int], max_tokens: int) -> str | None:
-        """Why a tokenized request cannot run, or None."""
-        if not prompt:
+        """Why a tokenized request cannot run, or None (``prompt``: a list or an array)."""
+        if not len(prompt):
             return "the prompt is empty"
         ids = np.asarray(prompt)
         outside = ids[(ids < 0) | (ids >= self.vocab_size)]

@@ -5,6 +5,7 @@ lists of ints (8 bytes a pointer plus a 28-byte int object per token).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -73,34 +74,20 @@ class TokenArrays:
 
 
 class TokenArraysBuilder:
-    """Appends prompts one by one or many at a time, then ``build()`` joins them; the joined
-    array is the only full copy held at any moment (pages are freed as they are copied)."""
+    """Appends prompts one by one, then ``build()`` joins them; the joined array is the only
+    full copy held at any moment (pages are freed as they are copied)."""
 
     def __init__(self) -> None:
         self._pages: list[np.ndarray] = []
         self._used = 0  # tokens in the last page
-        self._lengths: list[np.ndarray] = []
-        self._pending: list[int] = []  # lengths not yet moved into an array
+        self._lengths = array("q")
 
     def __len__(self) -> int:
-        return sum(map(len, self._lengths)) + len(self._pending)
+        return len(self._lengths)
 
     def append(self, prompt: Sequence[int] | np.ndarray) -> None:
-        self._write(np.asarray(prompt, dtype=np.int32))
-        self._pending.append(len(prompt))
-
-    def extend(self, ids: np.ndarray, lengths: np.ndarray) -> None:
-        """Many prompts at once: ``ids`` concatenated, ``lengths`` per prompt."""
-        self._flush_lengths()
-        self._write(np.asarray(ids, dtype=np.int32))
-        self._lengths.append(np.asarray(lengths, dtype=np.int64))
-
-    def _flush_lengths(self) -> None:
-        if self._pending:
-            self._lengths.append(np.asarray(self._pending, dtype=np.int64))
-            self._pending = []
-
-    def _write(self, ids: np.ndarray) -> None:
+        ids = np.asarray(prompt, dtype=np.int32)
+        self._lengths.append(len(ids))
         while len(ids):
             if not self._pages or self._used == len(self._pages[-1]):
                 self._pages.append(np.empty(_PAGE, dtype=np.int32))
@@ -112,8 +99,7 @@ class TokenArraysBuilder:
 
     def build(self) -> TokenArrays:
         """The arrays; the builder is empty afterwards."""
-        self._flush_lengths()
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        lengths = np.array(self._lengths, dtype=np.int64)
         out = TokenArrays.from_lengths(np.empty(int(lengths.sum()), np.int32), lengths)
         ids, at = out.ids, 0
         pages, self._pages = self._pages, []
@@ -123,7 +109,7 @@ class TokenArraysBuilder:
             ids[at : at + n] = page[:n]
             at += n
             del page
-        self._lengths, self._used = [], 0
+        self._lengths, self._used = array("q"), 0
         return out
 
 

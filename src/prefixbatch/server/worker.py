@@ -18,13 +18,14 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import JobError
-from ..io.batch_file import BatchRequest, LineError
-from ..jobs.job import JobOptions, read_items, run_batch
+from ..io.batch_file import BatchRequest, read_batch_file
+from ..jobs.job import JobOptions, run_batch
 from .objects import FILE_PREFIX, BatchRecord, FileRecord, new_id
 from .storage import Store
 
@@ -92,20 +93,20 @@ class BatchWorker:
         if batch.status == "validating" and _now() > batch.expires_at:
             self.store.update_batch(batch.id, lambda b: {"status": "expired", "expired_at": _now()})
             return
-        items = self._validate(batch)
-        if items is None:
+        lines = self._validate(batch)
+        if lines is None:
             return
         if batch.status == "validating":
             batch = self.store.update_batch(
                 batch.id,
                 lambda b: (
-                    {"status": "in_progress", "in_progress_at": _now(), "total": len(items)}
+                    {"status": "in_progress", "in_progress_at": _now(), "total": lines}
                     if b.status == "validating"
                     else None
                 ),
             )
         if batch.status == "in_progress":
-            self._run(batch, items)
+            self._run(batch)
             if self._shutdown.is_set():
                 return
             batch = self.store.update_batch(
@@ -116,41 +117,38 @@ class BatchWorker:
                     else None
                 ),
             )
-        self._finalize(batch, items)
+        self._finalize(batch, lines)
 
-    def _validate(self, batch: BatchRecord) -> list[BatchRequest | LineError] | None:
-        """The input's items, or None after failing the batch: an input that cannot be read,
-        holds no request, or has requests for another endpoint than the batch's."""
+    def _input(self, batch: BatchRecord) -> Path | None:
         record = self.store.get(FileRecord, batch.input_file_id)
-        if record is None:
+        return None if record is None else self.store.blob_path(record.stored_name)
+
+    def _validate(self, batch: BatchRecord) -> int | None:
+        """The input's line count, or None after failing the batch: an input that cannot be
+        read, holds no request, or has requests for another endpoint than the batch's. One
+        streaming pass: nothing of the file is kept."""
+        path = self._input(batch)
+        if path is None or not path.is_file():
             self._fail(batch.id, _error("missing_file", "the input file was deleted"))
             return None
-        try:
-            items = read_items(
-                self.store.blob_path(record.stored_name), self.opts.default_max_tokens
-            )
-        except JobError as e:
-            self._fail(batch.id, _error("missing_file", str(e)))
-            return None
-        if not items:
+        lines, wrong = 0, []
+        for item in read_batch_file(path, self.opts.default_max_tokens):
+            lines += 1
+            if isinstance(item, BatchRequest) and item.url != batch.endpoint:
+                message = (
+                    f"line {item.line}: a {item.url} request does not belong in a "
+                    f"{batch.endpoint} batch (a batch has one endpoint, as in OpenAI's Batch API)"
+                )
+                wrong.append(_error("invalid_url", message, item.line))
+        if not lines:
             self._fail(batch.id, _error("empty_file", "the input file holds no request"))
             return None
-        wrong = [
-            _error(
-                "invalid_url",
-                f"line {i.line}: a {i.url} request does not belong in a {batch.endpoint} "
-                "batch (a batch has one endpoint, as in OpenAI's Batch API)",
-                i.line,
-            )
-            for i in items
-            if isinstance(i, BatchRequest) and i.url != batch.endpoint
-        ]
         if wrong:
             self._fail(batch.id, *wrong)
             return None
-        return items
+        return lines
 
-    def _run(self, batch: BatchRecord, items: list[BatchRequest | LineError]) -> None:
+    def _run(self, batch: BatchRecord) -> None:
         last = 0.0
 
         def should_stop() -> bool:
@@ -167,56 +165,61 @@ class BatchWorker:
                     batch.id, lambda b: {"completed": completed, "failed": failed, "total": total}
                 )
 
+        path = self._input(batch)
+        if path is None:
+            self._fail(batch.id, _error("missing_file", "the input file was deleted"))
+            return
         opts = JobOptions(
-            input=Path(),  # the items are read already
+            input=path,
             output=self.store.blob_path(batch.records_name),
             default_max_tokens=self.opts.default_max_tokens,
             quiet=True,
         )
         try:
-            run_batch(lambda: self.engine, items, opts, should_stop, on_progress)
+            run_batch(lambda: self.engine, opts, should_stop, on_progress)
         except JobError as e:
             self._fail(batch.id, _error("batch_failed", str(e)))
 
-    def _finalize(self, batch: BatchRecord, items: list[BatchRequest | LineError]) -> None:
-        """Split the record file into the output and error files, in input order, and close
-        the batch: completed (or cancelled when it was cancelling)."""
+    def _finalize(self, batch: BatchRecord, lines: int) -> None:
+        """Split the record file (in input order: the job's last rewrite) into the output and
+        error files, streaming, and close the batch: completed (or cancelled when it was
+        cancelling)."""
         if batch.status not in ("finalizing", "cancelling"):
             return  # failed while running
-        order = {i.custom_id: i.line for i in items if isinstance(i, BatchRequest)}
-        ok: list[tuple[int, bytes]] = []
-        bad: list[tuple[int, bytes]] = []
-        for raw in _complete_lines(self.store.blob_path(batch.records_name)):
-            rec = json.loads(raw)
-            if rec.get("error") is None:
-                ok.append((order.get(rec["custom_id"], 0), raw))
+        outputs = {kind: self.store.new_blob() for kind in ("output", "error")}
+        counts = {"output": 0, "error": 0}
+        sizes = {"output": 0, "error": 0}
+        records = self.store.blob_path(batch.records_name)
+        with open(outputs["output"][1], "wb") as ok, open(outputs["error"][1], "wb") as bad:
+            for raw in _complete_lines(records):
+                kind = "output" if json.loads(raw).get("error") is None else "error"
+                (ok if kind == "output" else bad).write(raw)
+                counts[kind] += 1
+                sizes[kind] += len(raw)
+        files = {}
+        for kind, (name, path) in outputs.items():
+            if counts[kind]:
+                filename = f"{batch.id}_{kind}.jsonl"
+                record = FileRecord(
+                    new_id(FILE_PREFIX), sizes[kind], _now(), filename, "batch_output", name
+                )
+                files[kind] = record
             else:
-                bad.append((rec["error"].get("line") or 0, raw))
-        files = {
-            kind: self._write_file(f"{batch.id}_{kind}.jsonl", lines)
-            for kind, lines in (("output", ok), ("error", bad))
-            if lines
-        }
+                path.unlink()
         done = "cancelled" if batch.status == "cancelling" else "completed"
         self.store.update_batch(
             batch.id,
             lambda b: {
                 "status": done,
                 f"{done}_at": _now(),
-                "completed": len(ok),
-                "failed": len(bad),
-                "total": len(items),
+                "completed": counts["output"],
+                "failed": counts["error"],
+                "total": lines,
                 "output_file_id": files["output"].id if "output" in files else None,
                 "error_file_id": files["error"].id if "error" in files else None,
             },
             new_files=tuple(files.values()),
         )
-
-    def _write_file(self, filename: str, lines: list[tuple[int, bytes]]) -> FileRecord:
-        name, path = self.store.new_blob()
-        data = b"".join(raw for _, raw in sorted(lines, key=lambda x: x[0]))
-        path.write_bytes(data)
-        return FileRecord(new_id(FILE_PREFIX), len(data), _now(), filename, "batch_output", name)
 
     def _fail(self, batch_id: str, *errors: dict[str, Any]) -> None:
         self.store.update_batch(
@@ -224,8 +227,11 @@ class BatchWorker:
         )
 
 
-def _complete_lines(path: Path) -> list[bytes]:
+def _complete_lines(path: Path) -> Iterator[bytes]:
     """The record file's complete lines (a run that stopped has closed it; none if absent)."""
     if not path.exists():
-        return []
-    return [raw for raw in path.read_bytes().splitlines(keepends=True) if raw.endswith(b"\n")]
+        return
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.endswith(b"\n"):
+                yield raw

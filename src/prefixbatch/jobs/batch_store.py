@@ -1,0 +1,99 @@
+"""Every request of a batch file, held compactly while the job runs.
+
+Per request: its line, custom_id (UTF-8 in one byte array), request hash (8 bytes) and record key
+(16 bytes, ``results.record_key``), url and echo flags, and which distinct ``SamplingParams`` it
+uses (each distinct set is kept once); the token ids of the requests to run go into one
+``TokenArrays``. About 60 bytes a request beside its tokens, against kilobytes as parsed
+objects. ``runnable()`` hands the engine the requests to run as a ``CompactRequests`` (a
+``Request`` object is made only when the engine schedules it); ``info()`` rebuilds what an
+output record needs.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import numpy as np
+
+from ..io.batch_file import CHAT_URL, COMPLETIONS_URL, BatchRequest
+from ..io.results import record_key
+from ..outputs import CompactRequests
+from ..planning.token_arrays import TokenArraysBuilder
+from ..sampling_params import SamplingParams
+
+_CHAT, _ECHO = 1, 2
+
+
+class BatchStore:
+    """Append requests in input order with ``add``, then ``freeze`` once."""
+
+    def __init__(self) -> None:
+        self._lines = array("q")
+        self._rows = array("q")  # the request's prompt in ``tokens``, or -1 (not to run)
+        self._flags = array("B")
+        self._param_ids = array("i")
+        self._sets: dict[SamplingParams, int] = {}
+        self._hashes = bytearray()  # 8 bytes each
+        self._keys = bytearray()  # 16 bytes each
+        self._names = bytearray()  # custom_ids, UTF-8
+        self._name_ends = array("q")
+        self._echo: dict[int, str] = {}  # echoed text prompts, by request
+        self._tokens = TokenArraysBuilder()
+        self.frozen = False
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def add(self, req: BatchRequest, ids: np.ndarray | None) -> None:
+        """Record ``req``; ``ids`` are its prompt's token ids when it is to run."""
+        i = len(self._lines)
+        self._lines.append(req.line)
+        if ids is None:
+            self._rows.append(-1)
+        else:
+            self._rows.append(len(self._tokens))
+            self._tokens.append(ids)
+        self._flags.append((_CHAT if req.url == CHAT_URL else 0) | (_ECHO if req.echo else 0))
+        self._param_ids.append(self._sets.setdefault(req.params, len(self._sets)))
+        self._hashes += bytes.fromhex(req.request_hash)
+        self._keys += record_key(req.custom_id, req.request_hash)
+        self._names += req.custom_id.encode()
+        self._name_ends.append(len(self._names))
+        if req.echo and isinstance(req.prompt, str):
+            self._echo[i] = req.prompt
+
+    def freeze(self) -> None:
+        """Turn the appended columns into arrays (no copies of the large ones)."""
+        self.lines = np.frombuffer(self._lines, dtype=np.int64)
+        self.rows = np.frombuffer(self._rows, dtype=np.int64)
+        self.param_ids = np.frombuffer(self._param_ids, dtype=np.int32)
+        self.keys = np.frombuffer(self._keys, dtype="S16")
+        self.prompts = self._tokens.build()
+        self.param_sets = tuple(self._sets)
+        self.frozen = True
+
+    def runnable(self) -> CompactRequests:
+        """The requests with token ids, as the engine takes them: request id = the request's
+        index in the store."""
+        entries = np.flatnonzero(self.rows >= 0)
+        return CompactRequests(
+            self.prompts.select(self.rows[entries]),
+            self.param_sets,
+            self.param_ids[entries],
+            entries,
+        )
+
+    def info(self, i: int) -> BatchRequest:
+        """Request ``i`` as its output record needs it (no messages: they were tokenized)."""
+        start = self._name_ends[i - 1] if i else 0
+        flags = self._flags[i]
+        return BatchRequest(
+            line=self._lines[i],
+            custom_id=self._names[start : self._name_ends[i]].decode(),
+            url=CHAT_URL if flags & _CHAT else COMPLETIONS_URL,
+            messages=None,
+            prompt=self._echo.get(i),
+            params=self.param_sets[self._param_ids[i]],
+            request_hash=self._hashes[8 * i : 8 * i + 8].hex(),
+            echo=bool(flags & _ECHO),
+        )

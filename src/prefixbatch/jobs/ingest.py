@@ -1,0 +1,91 @@
+"""Read a batch file into a ``BatchStore`` in one streaming pass: parse, resume, tokenize.
+
+Lines are parsed in chunks; a chunk's requests that an earlier run answered are recorded and
+not tokenized; the others are rendered and tokenized together (``BatchTokenizer``: each repeated
+piece of text once), and their ids go into the store's token arrays. The parsed objects of a
+chunk are dropped once it is stored, so memory grows by the store's arrays alone. Every line
+that cannot run becomes one ``LineError`` with its line number.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..batch_tokenizer import BatchTokenizer
+from ..errors import InputFileError
+from ..io.batch_file import BatchRequest, LineError, read_batch_file
+from ..io.results import Answered, record_key
+from .batch_store import BatchStore
+from .validate import tokenize
+
+log = logging.getLogger(__name__)
+
+CHUNK_LINES = 4096
+
+
+@dataclass
+class Ingested:
+    """A batch file as the job holds it."""
+
+    store: BatchStore  # every request, in input order; token ids of the ones to run
+    errors: dict[int, LineError] = field(default_factory=dict)  # by line
+    lines: int = 0  # non-blank lines
+    skipped: int = 0  # requests answered by an earlier run
+
+
+def ingest(
+    path: Path,
+    default_max_tokens: int,
+    tokenizer: Callable[[], BatchTokenizer],
+    answered: Answered | None = None,
+    chunk_lines: int = CHUNK_LINES,
+) -> Ingested:
+    """Read ``path``; ``tokenizer()`` is called once, when the first request needs tokens.
+    Raises ``InputFileError`` when the file is missing or has no non-blank line."""
+    if not path.is_file():
+        raise InputFileError(f"input file not found: {path}")
+    answered = answered or Answered()
+    out = Ingested(BatchStore())
+    encoder: BatchTokenizer | None = None
+    chunk: list[BatchRequest] = []
+
+    def flush() -> None:
+        nonlocal encoder
+        keys = np.frombuffer(
+            b"".join(record_key(r.custom_id, r.request_hash) for r in chunk), "S16"
+        )
+        done = answered.covered(keys)
+        todo = [r for r, d in zip(chunk, done.tolist()) if not d]
+        ids: list[np.ndarray | LineError] = []
+        if todo:
+            encoder = encoder or tokenizer()
+            ids = tokenize(encoder, todo)
+        tokens = iter(ids)
+        for req, d in zip(chunk, done.tolist()):
+            got = None if d else next(tokens)
+            if isinstance(got, LineError):
+                out.errors[got.line] = got
+                got = None
+            out.store.add(req, got)
+        out.skipped += int(done.sum())
+        chunk.clear()
+
+    for item in read_batch_file(path, default_max_tokens):
+        out.lines += 1
+        if isinstance(item, LineError):
+            out.errors[item.line] = item
+            continue
+        chunk.append(item)
+        if len(chunk) == chunk_lines:
+            flush()
+    if chunk:
+        flush()
+    if not out.lines:
+        raise InputFileError(f"the input file {path} is empty: it has no request lines")
+    out.store.freeze()
+    return out
