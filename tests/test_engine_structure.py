@@ -17,7 +17,7 @@ from prefixbatch.execution.attention.native import CpuBackend
 from prefixbatch.execution.attention.registry import BackendUnavailableError, select_backend
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
 from prefixbatch.execution.kv_cache import KVCache
-from prefixbatch.outputs import Request
+from prefixbatch.outputs import CompactRequests, Request
 from prefixbatch.planning import plan as plan_module
 from prefixbatch.planning.plan import computed_tokens, make_plan
 
@@ -129,7 +129,8 @@ def test_ray_worker_runs_its_share_of_the_drivers_plan(tiny_models, monkeypatch)
     chunk = [
         Request(j, requests[i].prompt_token_ids, requests[i].params) for j, i in enumerate(share)
     ]
-    outs, stats = worker.generate(chunk, plan.subset(share))
+    batches = list(worker.generate(CompactRequests.of(chunk), plan.subset(share)))
+    outs, stats = [o for b, _ in batches for o in b], batches[-1][1]
     expected = hf_greedy(tiny_models["llama"], [prompts[i] for i in share], [4] * len(share))
     assert [o.output_token_ids for o in sorted(outs, key=lambda o: o.index)] == expected
     assert stats.groups > 0

@@ -1,28 +1,39 @@
 """Run a job on Ray: one engine actor per worker (one GPU each when the cluster has GPUs).
 
 The driver plans the whole batch once, cuts it into chunks of whole prefix groups
-(``sharding``), hands a chunk to each idle actor, and yields outputs as chunks finish; the job
-writes them, so output and crash-safety are those of a single-process run. An actor that dies
-loses only its chunk in flight, which goes back to the queue for the others.
+(``sharding``), and hands each idle actor a chunk as arrays (``CompactRequests.take``: the
+chunk's token ids and its distinct parameter sets, no per-request objects) with its share of
+the plan. An actor streams its answers back as they finish (a Ray streaming generator, a batch
+of outputs at a time) and the driver yields them; the job writes them, so output and
+crash-safety are those of a single-process run. An actor that dies loses only what it had not
+answered of its chunk, which goes back to the queue for the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..config import EngineConfig
 from ..engine import EngineStats, LLMEngine
 from ..errors import RayUnavailableError
 from ..loading.limits import EngineLimits
 from ..loading.model_source import resolve_model
-from ..outputs import Request, RequestOutput
+from ..outputs import CompactRequests, Request, RequestOutput, RequestSource
 from ..planning.plan import Plan, make_plan
 from ..tokenizer import Tokenizer
-from .sharding import Unit, make_chunks, plan_units
+from .sharding import make_chunks, plan_units
+
+# An actor hands back its answers in batches of up to this many, or whatever it has after
+# this many seconds.
+BATCH_OUTPUTS, BATCH_SECONDS = 64, 1.0
 
 
 class EngineWorker:
@@ -39,12 +50,30 @@ class EngineWorker:
         return self.engine.limits, self.engine.model_name
 
     def generate(
-        self, requests: list[Request], plan: Plan | None
-    ) -> tuple[list[RequestOutput], EngineStats]:
+        self, requests: CompactRequests, plan: Plan | None
+    ) -> Iterator[tuple[list[RequestOutput], EngineStats]]:
         """Run a chunk with its share of the driver's plan (None for non-planning policies):
-        workers never plan."""
-        outputs = list(self.engine.generate(requests, plan))
-        return outputs, dataclasses.replace(self.engine.stats)
+        workers never plan. Yields batches of outputs as they finish, each with the chunk's
+        counters so far; the last batch may be empty."""
+        batch: list[RequestOutput] = []
+        last = time.monotonic()
+        for out in self.engine.generate(requests, plan):
+            batch.append(out)
+            if len(batch) >= BATCH_OUTPUTS or time.monotonic() - last >= BATCH_SECONDS:
+                yield batch, dataclasses.replace(self.engine.stats)
+                batch, last = [], time.monotonic()
+        yield batch, dataclasses.replace(self.engine.stats)
+
+
+@dataclass
+class _Chunk:
+    """A chunk in flight: its worker, its positions in the batch, the ids answered so far and
+    the worker's counters for it."""
+
+    worker: int
+    positions: np.ndarray
+    answered: list[int]
+    stats: EngineStats
 
 
 class RayExecutor:
@@ -100,58 +129,76 @@ class RayExecutor:
 
     def generate(
         self,
-        requests: Iterable[Request],
+        requests: Iterable[Request] | RequestSource,
         plan: Plan | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[RequestOutput]:
         """Run a batch on the workers; ``plan`` is the batch's plan (made here when None: the
         chunks are cut along its groups under every policy). ``should_stop()`` is asked before
-        each chunk is handed out: when it says True no more chunks start, and the generator ends
-        after the chunks in flight (their outputs are dropped)."""
-        requests = list(requests)
+        each output: when it says True no more chunks start, and the generator ends (what the
+        chunks in flight still answer is dropped)."""
+        source = _compact(requests)
         self.stats = EngineStats()
-        if not requests:
+        if not len(source):
             return
         if plan is None:
-            plan = make_plan(
-                [r.prompt_token_ids for r in requests],
-                [r.params.max_tokens for r in requests],
-                self.config.block_size,
-            )
+            plan = make_plan(source.prompts, source.max_tokens(), self.config.block_size)
         share_plan = self.config.policy.plans
-        queue: deque[list[Unit]] = deque(
-            make_chunks(
-                plan_units(plan, len(self.actors)), len(self.actors), self.chunks_per_worker
-            )
+        chunks = make_chunks(
+            plan_units(plan, len(self.actors)), len(self.actors), self.chunks_per_worker
         )
+        queue: deque[np.ndarray] = deque(np.concatenate([u.requests for u in c]) for c in chunks)
         idle = [w for w in range(len(self.actors)) if w not in self.failed_workers]
-        inflight: dict[Any, tuple[int, list[Unit]]] = {}
+        inflight: dict[Any, _Chunk] = {}
+        finished = EngineStats()
         ray = self.ray
         while queue or inflight:
             if should_stop is not None and should_stop():
                 return
             while queue and idle:
-                worker, chunk = idle.pop(0), queue.popleft()
-                indices = [i for u in chunk for i in u.requests]
-                share = plan.subset(indices) if share_plan else None
-                ref = self.actors[worker].generate.remote([requests[i] for i in indices], share)
-                inflight[ref] = (worker, chunk)
+                worker, positions = idle.pop(0), queue.popleft()
+                share = plan.subset(positions) if share_plan else None
+                call = self.actors[worker].generate.options(num_returns="streaming")
+                stream = call.remote(source.take(positions), share)
+                inflight[stream] = _Chunk(worker, positions, [], EngineStats())
             if not inflight:
                 raise RayUnavailableError("every engine worker has died; the job cannot finish")
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
-            worker, chunk = inflight.pop(ref)
+            [stream], _ = ray.wait(list(inflight), num_returns=1)
+            chunk = inflight[stream]
             try:
-                outputs, stats = ray.get(ref)
-            except ray.exceptions.RayError:
-                self.failed_workers.append(worker)
-                queue.appendleft(chunk)  # nothing of it was yielded: run it elsewhere
+                outputs, chunk.stats = ray.get(next(stream))
+            except StopIteration:
+                del inflight[stream]
+                finished.add(chunk.stats)
+                self.done[chunk.worker] = self.done.get(chunk.worker, 0) + 1
+                self.assignments.setdefault(chunk.worker, []).append(
+                    tuple(source.ids[chunk.positions].tolist())
+                )
+                idle.append(chunk.worker)
                 continue
-            self.stats.add(stats)
-            self.done[worker] = self.done.get(worker, 0) + 1
-            self.assignments.setdefault(worker, []).extend(u.requests for u in chunk)
-            idle.append(worker)
+            except ray.exceptions.RayError:
+                del inflight[stream]
+                self.failed_workers.append(chunk.worker)
+                left = ~np.isin(source.ids[chunk.positions], chunk.answered)
+                if left.any():  # what it had not answered runs elsewhere
+                    queue.appendleft(chunk.positions[left])
+                continue
+            chunk.answered += [o.index for o in outputs]
+            self.stats = dataclasses.replace(finished)
+            for c in inflight.values():
+                self.stats.add(c.stats)
             yield from outputs
+        self.stats = finished
 
     def shutdown(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
+
+
+def _compact(requests: Iterable[Request] | RequestSource) -> CompactRequests:
+    """The batch as arrays, to cut into chunks."""
+    if isinstance(requests, CompactRequests):
+        return requests
+    if isinstance(requests, RequestSource):
+        return CompactRequests.of([requests.request(i) for i in range(len(requests))])
+    return CompactRequests.of(list(requests))
