@@ -28,7 +28,7 @@ class Work:
             prompts = [r.prompt_token_ids for r in requests]
             self.plan = make_plan(prompts, [r.params.max_tokens for r in requests], block_size)
         stream = WorkStream(RequestList(requests), policy, block_size, seed=0, plan=self.plan)
-        self.sequences: list[Sequence] = [s for _, _, seqs in stream for s in seqs]
+        self.sequences: list[Sequence] = [s for _, seqs in stream for s in seqs]
         self.groups = [s.leads for s in self.sequences if s.leads is not None]
 
 

@@ -209,8 +209,8 @@ class LLMEngine:
             if item is None:
                 self._batches.pop(0)
                 continue
-            position, request, seqs = item
-            if request is not None:
+            requests, seqs = item
+            for position, request in requests:
                 batch.made[position] = True
                 self._requests[request.index] = request
             for seq in seqs:
@@ -220,9 +220,10 @@ class LLMEngine:
                     self.stats.groups += 1
                 scheduler.add(seq)
             queued += len(seqs)
-            if request is not None and request.index in self._doomed:
-                self._doomed.discard(request.index)
-                self.abort(request.index)
+            for _, request in requests:
+                if request.index in self._doomed:
+                    self._doomed.discard(request.index)
+                    self.abort(request.index)
 
     def add_request(self, request: Request) -> None:
         """Queue one request (planned on its own)."""

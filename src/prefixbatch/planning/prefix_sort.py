@@ -10,9 +10,10 @@ The sort is most-significant-chunk-first: each round compares the next chunk of 
 prompts that are still tied (equal so far), each chunk as one byte string (the tie's rank, then
 the tokens as big-endian ``id + 1``, 0 past the end, so a prompt that ends sorts first). A tie
 whose prompts all carry the same chunk stays tied without sorting, and after a round that split
-nothing the chunk doubles (16 tokens up to 64): requests below one long system prompt cost a
-gather and a compare per 64 shared tokens. Memory: a few arrays of prompt count, plus one
-round's chunk of the still-tied prompts.
+nothing the chunk doubles (16 tokens up to 32): requests below one long system prompt cost a
+gather and a compare per 32 shared tokens. Memory: a few arrays of prompt count, plus one
+round's chunk of the still-tied prompts (128 bytes each) and, in a round that sorts, their keys
+once more.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .token_arrays import TokenArrays
 
-CHUNK, WIDE = 16, 64  # tokens compared per round: after a round that split a tie, and at most
+CHUNK, WIDE = 16, 32  # tokens compared per round: after a round that split a tie, and at most
 _SLICE = 1 << 18  # prompts gathered at a time
 
 
@@ -90,33 +91,36 @@ def sort_prompts(prompts: TokenArrays) -> SortedPrompts:
     while len(active) > 1:
         rows = _gather(prompts, order[active], depth, width)
         keys = _as_keys(rows)
-        tie = np.cumsum(starts) - 1  # the tie each active position belongs to
-        first = np.flatnonzero(starts)
-        unsorted = np.zeros(len(first), dtype=bool)
-        unsorted[tie[keys != keys[first[tie]]]] = True
-        sub = np.flatnonzero(unsorted[tie])
-        if len(sub):  # ties whose chunks differ: sort them by (tie, chunk), stably
+        same_tie = ~starts[1:]
+        equal = keys[1:] == keys[:-1]
+        split = same_tie & ~equal
+        resorted = bool(split.any())
+        if resorted:  # ties whose chunks differ: sort them by (tie, chunk), stably
+            tie = np.cumsum(starts) - 1  # the tie each active position belongs to
+            unsorted = np.zeros(int(tie[-1]) + 1, dtype=bool)
+            unsorted[tie[1:][split]] = True
+            sub = np.flatnonzero(unsorted[tie])
             ranked = np.empty((len(sub), width + 1), dtype=">u4")
             ranked[:, 0] = tie[sub]
             ranked[:, 1:] = rows[sub]
             perm = sub[np.argsort(_as_keys(ranked), kind="stable")]
+            del ranked
             order[active[sub]] = order[active[perm]]
             rows[sub] = rows[perm]
+            equal = keys[1:] == keys[:-1]
         # Neighbours in one tie: equal chunks stay tied unless the prompts end in it (equal
         # prompts, LCP = their length); otherwise their LCP ends inside this chunk.
-        same_tie = ~starts[1:]
-        equal = keys[1:] == keys[:-1]
         ended = lengths[order[active[1:]]] - depth < width
         done = same_tie & equal & ended
         lcp[active[1:][done]] = lengths[order[active[1:][done]]]
-        split = np.flatnonzero(same_tie & ~equal)
-        first_diff = (rows[split + 1] != rows[split]).argmax(axis=1)
-        lcp[active[split + 1]] = depth + first_diff
+        cut = np.flatnonzero(same_tie & ~equal)
+        first_diff = (rows[cut + 1] != rows[cut]).argmax(axis=1)
+        lcp[active[cut + 1]] = depth + first_diff
         tied = np.zeros(len(active) + 1, dtype=bool)  # tied[j + 1]: j is tied to j + 1
         tied[1:-1] = same_tie & equal & ~ended
         keep = tied[:-1] | tied[1:]  # tied to a neighbour: still unresolved
         starts = (~tied[:-1])[keep]
         active = active[keep]
         depth += width
-        width = CHUNK if len(sub) else min(2 * width, WIDE)
+        width = CHUNK if resorted else min(2 * width, WIDE)
     return SortedPrompts(order, lcp)

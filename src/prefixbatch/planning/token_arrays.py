@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Appends go to pages of this many tokens (256 MiB), each its own mapping, so that joining
+# Appends go to pages of this many tokens (64 MiB), each its own mapping, so that joining
 # them into one array at the end frees every page as soon as it is copied.
-_PAGE = 1 << 26
+_PAGE = 1 << 24
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,8 +9,8 @@ the Ray driver), never here.
 ``WorkStream`` walks that order lazily: the engine takes the next sequences only as the
 scheduler's queue runs low, so a batch of a million requests holds a ``Request`` and its
 ``Sequence`` objects only for the few thousand near the front. A level's leader comes before
-its members; the members whose prompt is exactly the prefix come right after it (the leader
-samples their first token when its prefix is done, so they must exist by then).
+its members, in one ``Admission`` with the members whose prompt is exactly the prefix (the
+leader samples their first token when its prefix is done, so they must exist by then).
 
 A request with ``n > 1`` becomes ``n`` choice sequences under every policy. Their prompt is a
 level of its own, cut to whole KV blocks (a block is written by one sequence only): computed
@@ -36,9 +36,9 @@ from .sequence import PrefixGroup, Sequence
 
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's stream increment (execution/sampler.py)
 
-# (position of the request in the source, the request, its sequences); a level's leader comes
-# as (-1, None, [leader]).
-Admission = tuple[int, Request | None, list[Sequence]]
+# What the engine adds to the scheduler at once: requests (with their positions in the source)
+# and sequences (a level's leader first, then its requests' sequences).
+Admission = tuple[list[tuple[int, Request]], list[Sequence]]
 
 
 def request_seed(request: Request, job_seed: int) -> int:
@@ -117,10 +117,13 @@ class WorkStream:
                 first = self.source.request(int(positions[item.first]))
                 tokens = list(first.prompt_token_ids[: item.prefix_len])
                 sub = self._open_level(tokens, len(item.members) + len(item.children), group)
-                yield -1, None, [self._leader(sub, group, first)]
+                requests, seqs = [], [self._leader(sub, group, first)]
                 exact = item.members[plan.lengths[item.members] == item.prefix_len]
                 for m in exact.tolist():  # the leader samples their first token
-                    yield self._request(int(positions[m]), sub)
+                    more, choices = self._request(int(positions[m]), sub)
+                    requests += more
+                    seqs += choices
+                yield requests, seqs
                 stack.append((plan.in_order(item), sub, item.prefix_len))
 
     def _open_level(
@@ -165,4 +168,4 @@ class WorkStream:
             if group is not None and seq.num_prompt == len(group.tokens):
                 group.dependents.append(seq)
             seqs.append(seq)
-        return pos, r, seqs
+        return [(pos, r)], seqs
