@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from prefixbatch.io.batch_file import parse_line
 from prefixbatch.io.progress import PlannedWork, Progress, WorkClock
+from prefixbatch.io.results import record_key
 from prefixbatch.jobs.batch_store import BatchStore
 from prefixbatch.jobs.job import JobSummary
 from prefixbatch.outputs import CompactRequests, Request
@@ -61,7 +62,8 @@ def test_the_store_rebuilds_what_a_record_needs():  # type: ignore[no-untyped-de
     parsed = [parse_line(text, i + 1, seen) for i, text in enumerate(lines)]
     store = BatchStore()
     for k, req in enumerate(parsed):
-        store.add(req, None if k == 1 else np.array([5, 6, k], np.int32))  # b: answered
+        key = record_key(req.custom_id, req.request_hash)
+        store.add(req, key, None if k == 1 else np.array([5, 6, k], np.int32))  # b: answered
     store.freeze()
     for k, req in enumerate(parsed):
         info = store.info(k)

@@ -1,7 +1,7 @@
 """Every request of a batch file, held compactly while the job runs.
 
 Per request: its line, custom_id (UTF-8 in one byte array), request hash (8 bytes) and record key
-(16 bytes, ``results.record_key``), url and echo flags, and which distinct ``SamplingParams`` it
+(16 bytes, ``io.results.record_key``), url and echo flags, and which distinct ``SamplingParams`` it
 uses (each distinct set is kept once); the token ids of the requests to run go into one
 ``TokenArrays``. About 60 bytes a request beside its tokens, against kilobytes as parsed
 objects. ``runnable()`` hands the engine the requests to run as a ``CompactRequests`` (a
@@ -16,7 +16,6 @@ from array import array
 import numpy as np
 
 from ..io.batch_file import CHAT_URL, COMPLETIONS_URL, BatchRequest
-from ..io.results import record_key
 from ..outputs import CompactRequests
 from ..planning.token_arrays import TokenArraysBuilder
 from ..sampling_params import SamplingParams
@@ -44,8 +43,9 @@ class BatchStore:
     def __len__(self) -> int:
         return len(self._lines)
 
-    def add(self, req: BatchRequest, ids: np.ndarray | None) -> None:
-        """Record ``req``; ``ids`` are its prompt's token ids when it is to run."""
+    def add(self, req: BatchRequest, key: bytes, ids: np.ndarray | None) -> None:
+        """Record ``req`` (``key``: its ``record_key``); ``ids`` are its prompt's token ids
+        when it is to run."""
         i = len(self._lines)
         self._lines.append(req.line)
         if ids is None:
@@ -56,7 +56,7 @@ class BatchStore:
         self._flags.append((_CHAT if req.url == CHAT_URL else 0) | (_ECHO if req.echo else 0))
         self._param_ids.append(self._sets.setdefault(req.params, len(self._sets)))
         self._hashes += bytes.fromhex(req.request_hash)
-        self._keys += record_key(req.custom_id, req.request_hash)
+        self._keys += key
         self._names += req.custom_id.encode()
         self._name_ends.append(len(self._names))
         if req.echo and isinstance(req.prompt, str):

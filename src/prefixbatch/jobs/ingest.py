@@ -56,22 +56,20 @@ def ingest(
 
     def flush() -> None:
         nonlocal encoder
-        keys = np.frombuffer(
-            b"".join(record_key(r.custom_id, r.request_hash) for r in chunk), "S16"
-        )
-        done = answered.covered(keys)
+        keys = [record_key(r.custom_id, r.request_hash) for r in chunk]
+        done = answered.covered(np.frombuffer(b"".join(keys), "S16"))
         todo = [r for r, d in zip(chunk, done.tolist()) if not d]
         ids: list[np.ndarray | LineError] = []
         if todo:
             encoder = encoder or tokenizer()
             ids = tokenize(encoder, todo)
         tokens = iter(ids)
-        for req, d in zip(chunk, done.tolist()):
+        for req, key, d in zip(chunk, keys, done.tolist()):
             got = None if d else next(tokens)
             if isinstance(got, LineError):
                 out.errors[got.line] = got
                 got = None
-            out.store.add(req, got)
+            out.store.add(req, key, got)
         out.skipped += int(done.sum())
         chunk.clear()
 

@@ -68,25 +68,46 @@ def check(
     requests: CompactRequests, limits: EngineLimits, origin: Callable[[int], BatchRequest]
 ) -> Checked:
     """Check every request against the model's context, vocabulary and KV pool, and its
-    parameters (once per distinct set). ``origin(request id)`` names a failing request's line
-    and custom_id."""
-    params_problem = [limits.check_params(p) for p in requests.param_sets]
-    keep = np.ones(len(requests), dtype=bool)
+    parameters. ``origin(request id)`` names a failing request's line and custom_id.
+
+    ``EngineLimits.check`` decides; it runs once per distinct (length, max_tokens) pair on a
+    stand-in prompt of valid ids, once per parameter set, and on the real prompt only for the
+    requests something flags (a token outside the vocabulary found in one pass over all ids)."""
+    if not len(requests):
+        return Checked(requests, [], 0)
+    lengths, budgets = requests.lengths, requests.max_tokens()
+    pairs, pair_of = np.unique(np.stack([lengths, budgets]), axis=1, return_inverse=True)
+    pair_bad = np.array(
+        [limits.check(np.zeros(n, np.int32), int(m)) is not None for n, m in pairs.T.tolist()]
+    )
+    set_problem = [limits.check_params(p) for p in requests.param_sets]
+    flagged = (
+        pair_bad[pair_of.ravel()]
+        | np.array([p is not None for p in set_problem])[requests.param_ids]
+    )
+    ids = requests.prompts.ids
+    outside = np.flatnonzero((ids < 0) | (ids >= limits.vocab_size))
+    if len(outside):  # the prompts that hold those positions
+        starts = requests.prompts.starts
+        by_start = np.argsort(starts)
+        at = by_start[np.maximum(np.searchsorted(starts[by_start], outside, "right") - 1, 0)]
+        flagged[at[outside < requests.prompts.ends[at]]] = True
     errors: list[LineError] = []
     too_big = 0
-    for pos in range(len(requests)):
+    for pos in np.flatnonzero(flagged).tolist():
         params = requests.params(pos)
         prompt = requests.prompts[pos]
         problem = limits.check(prompt, params.max_tokens)
-        problem = problem or params_problem[requests.param_ids[pos]]
+        problem = problem or set_problem[requests.param_ids[pos]]
         if problem:
-            keep[pos] = False
             req = origin(int(requests.ids[pos]))
             errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
             too_big += not limits.fits_kv(len(prompt), params.max_tokens)
-    if keep.all():
+        else:
+            flagged[pos] = False
+    if not flagged.any():
         return Checked(requests, errors, too_big)
-    kept = np.flatnonzero(keep)
+    kept = np.flatnonzero(~flagged)
     sub = CompactRequests(
         requests.prompts.select(kept), requests.param_sets, requests.param_ids[kept],
         requests.ids[kept],
