@@ -13,7 +13,7 @@ import heapq
 
 import numpy as np
 from common import machine, table, timed
-from plan_scale import prompts
+from plan_scale import docs
 
 from prefixbatch.distributed.sharding import lpt_assign, make_chunks, plan_units
 from prefixbatch.planning.plan import make_plan
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50_000)
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    batch = prompts(args.prompts, 1000, docs=3000)
+    batch = docs(args.prompts, np.random.default_rng(0), count=3000)
     rng = np.random.default_rng(1)
     max_tokens = rng.choice([16, 64, 512], size=len(batch)).tolist()
     plan, secs = timed(lambda: make_plan(batch, max_tokens, 16))

@@ -26,6 +26,7 @@ from .validate import tokenize
 log = logging.getLogger(__name__)
 
 CHUNK_LINES = 4096
+LOG_EVERY = 100_000  # lines between progress messages while reading
 
 
 @dataclass
@@ -75,6 +76,8 @@ def ingest(
 
     for item in read_batch_file(path, default_max_tokens):
         out.lines += 1
+        if out.lines % LOG_EVERY == 0:
+            log.info("read %d lines", out.lines)
         if isinstance(item, LineError):
             out.errors[item.line] = item
             continue

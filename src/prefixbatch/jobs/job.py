@@ -157,6 +157,7 @@ def run_batch(
     try:
         batch = ingest(opts.input, opts.default_max_tokens, read_with, writer.answered)
         store, errors, skipped, total = batch.store, batch.errors, batch.skipped, batch.lines
+        log.info("read %d lines after %.1fs", total, time.monotonic() - start)
         if skipped:
             log.info("%d of %d requests already answered in %s", skipped, total, opts.output)
 
@@ -205,6 +206,8 @@ def run_batch(
             stats, compute_s = engine.stats, time.monotonic() - computing
         writer.finish(store.lines, store.keys, errors)  # also after a stop: the answers so far
     except KeyboardInterrupt:
+        if not total:  # still reading: nothing to resume yet
+            raise
         raise JobInterrupted(skipped + answered, total) from None
     finally:
         if progress is not None:
