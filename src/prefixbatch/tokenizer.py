@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .optional import require
+
 # OpenAI's newer name for the system message; templates only know "system".
 ROLE_ALIASES = {"developer": "system"}
+# What needs xgrammar here (``token_bytes``); batch files refuse such lines when it is missing.
+TOKEN_BYTES_FEATURE = "log-probabilities in batch output (each token's exact bytes)"
 
 
 def message_text(content: Any) -> str:
@@ -44,10 +48,10 @@ class Tokenizer:
     def token_bytes(self, vocab_size: int) -> list[bytes]:
         """Each token id's exact bytes, ``vocab_size`` of them (ids the tokenizer does not
         know: empty), for log-probability records. Byte-level and sentencepiece vocabularies
-        are decoded by xgrammar's tokenizer analysis; built once, on first use."""
+        are decoded by xgrammar's tokenizer analysis; built once, on first use. Raises
+        ``MissingDependencyError`` without xgrammar (batch files refuse such lines first)."""
         if self._token_bytes is None:
-            import xgrammar as xgr
-
+            xgr = require("xgrammar", TOKEN_BYTES_FEATURE)
             info = xgr.TokenizerInfo.from_huggingface(self.hf, vocab_size=vocab_size)
             self._token_bytes = list(info.decoded_vocab)
         vocab = self._token_bytes

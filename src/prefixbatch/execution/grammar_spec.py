@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
+from ..optional import missing
+
 GrammarKind = Literal["json_object", "json_schema", "regex", "choice"]
+GRAMMAR_FEATURE = "structured output (response_format, guided_choice, guided_regex)"
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ class GrammarSpec:
         raise ValueError(f"unsupported response_format type {kind!r}")
 
     def check(self) -> None:
-        """Raise ValueError when the schema or regex cannot be compiled, before any compute
-        (a parse without the tokenizer, about a millisecond, cached by spec)."""
+        """Raise ValueError when the schema or regex cannot be compiled, or xgrammar (which
+        compiles it) is not installed, before any compute (a parse without the tokenizer,
+        about a millisecond, cached by spec)."""
         problem = _problem(self)
         if problem:
             raise ValueError(problem)
@@ -65,6 +69,9 @@ class GrammarSpec:
 
 @lru_cache(maxsize=1024)
 def _problem(spec: GrammarSpec) -> str | None:
+    absent = missing("xgrammar", GRAMMAR_FEATURE)
+    if absent:
+        return absent
     import xgrammar as xgr
 
     try:

@@ -25,9 +25,13 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-import xgrammar as xgr
 
-from .grammar_spec import GrammarSpec
+from ..optional import require
+from .grammar_spec import GRAMMAR_FEATURE, GrammarSpec
+
+# Optional: a machine without xgrammar runs everything but structured requests, which are
+# refused line by line before any compute (``GrammarSpec.check``).
+xgr = require("xgrammar", GRAMMAR_FEATURE)
 
 
 def _choice_grammar(choices: list[str]) -> str:

@@ -20,8 +20,9 @@ from typing import Any
 
 from ..errors import RequestError
 from ..execution.grammar_spec import GrammarSpec
+from ..optional import missing
 from ..sampling_params import SamplingParams
-from ..tokenizer import message_text
+from ..tokenizer import TOKEN_BYTES_FEATURE, message_text
 from .body_fields import field_problem
 
 CHAT_URL = "/v1/chat/completions"
@@ -347,6 +348,10 @@ def _features(body: dict[str, Any], chat: bool) -> dict[str, Any]:
     if repetition <= 0:
         raise _Invalid(f"'repetition_penalty' must be > 0, got {repetition:g}")
     logprobs, prompt_logprobs = _logprobs(body, chat)
+    if logprobs is not None or prompt_logprobs is not None:
+        absent = missing("xgrammar", TOKEN_BYTES_FEATURE)
+        if absent:
+            raise _Invalid(absent)
     choice = body.get("guided_choice")
     regex = body.get("guided_regex")
     if regex is not None and not isinstance(regex, str):
