@@ -2,8 +2,9 @@
 
 The core (``import prefixbatch``, a job of requests that ask for no optional feature) needs only
 torch, transformers (which brings numpy, safetensors and tokenizers) and, on CUDA, triton.
-Everything else is imported where it is used, through ``require``, so a machine without it runs
-every other request and says which package a feature needs:
+Everything else is imported where it is used (through ``require``; Ray by the executor, with
+its own ``RayUnavailableError``), so a machine without it runs every other request and says
+which package a feature needs:
 
 | module | pip package | used by |
 |---|---|---|

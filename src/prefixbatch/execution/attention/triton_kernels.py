@@ -281,7 +281,8 @@ def merge_splits_kernel(
 ):  # fmt: skip
     """Row ``program_id(0)``, the ``G`` query heads of KV head ``program_id(1)``: the
     log-sum-exp merge of its ``num_splits`` partials (fp32, (splits, T, H[, D])) into the
-    output (a row no split saw, a padding row, gets 0)."""
+    output. Padding rows of a CUDA-graph bucket have no partials (no tile writes them): their
+    output is undefined, as it is without splits."""
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)
     heads = tl.program_id(1) * G + g
