@@ -119,23 +119,28 @@ def kernel_tests(sizes: Sizes, rec: Recorder) -> None:
         output, status = done.stdout + done.stderr, f"exit {done.returncode}"
     except subprocess.TimeoutExpired as e:
         output, status = _text(e.stdout) + _text(e.stderr), f"stopped after {limit:.0f} s"
-    outcomes: dict[str, list[str]] = {}
-    for line in output.splitlines():
-        found = re.search(r"\b(PASSED|FAILED|ERROR|SKIPPED)\b", line)
-        test = re.search(r"(tests/\S+::\S+)", line)
-        if found and test:
-            outcomes.setdefault(found.group(1), []).append(test.group(1))
+    outcomes = pytest_outcomes(output)
     print("\n".join(output.splitlines()[-30:]), flush=True)
     rec.record({
         "check": "kernel tests",
         "pytest": status,
-        "passed": len(outcomes.get("PASSED", [])),
-        "failed": len(outcomes.get("FAILED", [])),
-        "errors": len(outcomes.get("ERROR", [])),
-        "skipped": len(outcomes.get("SKIPPED", [])),
-        "failures": (outcomes.get("FAILED", []) + outcomes.get("ERROR", []))[:12],
+        **{k.lower(): len(outcomes.get(k, ())) for k in ("PASSED", "FAILED", "SKIPPED")},
+        "errors": len(outcomes.get("ERROR", ())),
+        "failures": sorted(outcomes.get("FAILED", set()) | outcomes.get("ERROR", set()))[:12],
         "seconds": round(time.perf_counter() - start, 1),
     })  # fmt: skip
+
+
+def pytest_outcomes(output: str) -> dict[str, set[str]]:
+    """Test ids by outcome (PASSED, FAILED, ERROR, SKIPPED) in ``pytest -v`` output, with or
+    without xdist; a test the summary repeats counts once."""
+    outcomes: dict[str, set[str]] = {}
+    for line in output.splitlines():
+        found = re.search(r"\b(PASSED|FAILED|ERROR|SKIPPED)\b", line)
+        test = re.search(r"(tests/\S+::\S+)", line)
+        if found and test:
+            outcomes.setdefault(found.group(1), set()).add(test.group(1))
+    return outcomes
 
 
 def _text(data: bytes | str | None) -> str:
@@ -217,8 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     unknown = [n for n in names if n not in by_name]
     if unknown:
         parser.error(f"unknown stages {unknown}; stages: {', '.join(by_name)}")
-    if sizes.device == "cuda" and not args.in_process:
-        print(f"GPU check: rows go to {out}", flush=True)
+    print(f"GPU check: rows go to {out}", flush=True)
     limits = {k: float(v) for k, v in (kv.split("=") for kv in args.limits.split(",") if kv)}
     out.parent.mkdir(parents=True, exist_ok=True)
     already = out.stat().st_size if out.exists() else 0

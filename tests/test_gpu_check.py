@@ -81,3 +81,20 @@ def test_each_stage_runs_in_a_child_with_its_time_limit(
     assert stages["parity"]["status"] == "timed out after 1 s"
     assert [r["check"] for r in rows if r.get("stage") == "versions"] == ["versions"]
     assert not [r for r in rows if r.get("stage") == "parity"]
+
+
+def test_kernel_test_outcomes_are_read_from_pytest_output(gpu_check: ModuleType) -> None:
+    output = """
+tests/test_a.py::test_x[cpu] PASSED                                      [ 10%]
+[gw1] [ 20%] FAILED tests/test_a.py::test_y[cuda]
+[gw0] [ 30%] SKIPPED tests/test_a.py::test_z[cpu]
+tests/test_b.py::test_w ERROR
+=========================== short test summary info ============================
+FAILED tests/test_a.py::test_y[cuda] - AssertionError: bf16: 3.1e-02
+"""
+    assert gpu_check.pytest_outcomes(output) == {
+        "PASSED": {"tests/test_a.py::test_x[cpu]"},
+        "FAILED": {"tests/test_a.py::test_y[cuda]"},
+        "SKIPPED": {"tests/test_a.py::test_z[cpu]"},
+        "ERROR": {"tests/test_b.py::test_w"},
+    }
