@@ -16,7 +16,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from prefixbatch.execution.attention.kv_splits import KVSplits, choose_splits, splits_for  # noqa: E402
+from prefixbatch.execution.attention.kv_splits import (  # noqa: E402
+    KVSplits,
+    busy_tiles,
+    choose_splits,
+    splits_for,
+)
 from prefixbatch.execution.attention.shared_prefix import attend_lse  # noqa: E402
 from prefixbatch.execution.attention.step import AttentionStep, PrefixLevel, SeqStep  # noqa: E402
 from prefixbatch.execution.attention.triton_backend import (  # noqa: E402
@@ -245,18 +250,46 @@ def test_split_kv_matches_reference(prefix: int, own: int, device: str) -> None:
 
 def test_split_counts() -> None:
     """Splits are powers of two up to 16 that bring a grid to the target, none for a full
-    grid, no work, or no target (the CPU); padded sizes (a CUDA-graph bucket) count the rows."""
+    grid, no work, or no target (the CPU). Padded metadata (a CUDA-graph bucket) counts the
+    tiles its rows can fill, not its padding."""
     assert [splits_for(p, 264) for p in (64, 66, 132, 200, 264, 1000, 0)] == [
         8, 4, 2, 2, 1, 1, 1,
     ]  # fmt: skip
     assert splits_for(1, 264) == 16 and splits_for(64, 0) == 1
     # 8 levels x 16 rows, 16 rows per prefix tile, 8 KV heads: 64 programs -> 8 parts; 128
     # own tiles x 8 heads fill the device.
-    assert choose_splits(8, 128, 128, 16, 8, 264) == KVSplits(8, 1)
-    # The same step padded to its bucket (576 prefix tiles, 128 own tiles): the same splits.
-    assert choose_splits(576, 128, 128, 16, 8, 264) == KVSplits(8, 1)
-    assert choose_splits(0, 4, 4, 16, 8, 264) == KVSplits(1, 16)  # 4 rows, no levels
-    assert choose_splits(8, 128, 128, 16, 8, 0) == KVSplits(1, 1)
+    assert choose_splits(8, 128, 8, 264) == KVSplits(8, 1)
+    assert choose_splits(0, 4, 8, 264) == KVSplits(1, 16)  # 4 rows, no levels
+    assert choose_splits(8, 128, 8, 0) == KVSplits(1, 1)
+    # The step padded to its bucket: 576 prefix tiles, 128 own tiles, the same busy ones.
+    assert busy_tiles(576, 128, 16, padded=True) == 8 and busy_tiles(8, 128, 16, False) == 8
+    assert busy_tiles(128, 128, 1, padded=True) == 128
+    assert busy_tiles(384, 128, 16, padded=False) == 384  # unpadded: every tile is work
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_prefix_tiles_beyond_the_programs(device: str) -> None:
+    """Padded metadata whose real prefix tiles outnumber the programs launched for it (nested
+    levels: 1 program for 4 rows, 3 levels): each program takes tiles until the padding."""
+    rng = random.Random(9)
+    maker = StepMaker(rng, 16, 64)
+    chain = [maker.blocks(1) for _ in range(3)]
+    for _ in range(4):
+        maker.seq([b for blocks in chain for b in blocks], own_before=3, q_len=1)
+    maker.levels = [
+        PrefixLevel(16 * d, 16 * d + 16, tuple(chain[d]), 0, 4, 0, 4, d) for d in range(3)
+    ]
+    step = maker.step()
+    shape = MetadataShape(
+        rows=4, seqs=4, max_blocks=8, levels=12, max_level_blocks=1, max_depth=3,
+        own_tiles=4, prefix_tiles=14, partials=12,
+    )  # fmt: skip
+    meta = TritonMetadata.build(step, torch.device(device), 4, shape)
+    assert meta.padded and busy_tiles(14, 4, meta.prefix_rows, True) == 1
+    q, k_pool, v_pool, scale = random_inputs(rng, step, device, 4, 32)
+    got = triton_attention(q, k_pool, v_pool, meta, scale, KVSplits(2, 1))
+    err = max_rel_error(got, reference(q, k_pool, v_pool, step, scale))
+    assert err < 1e-5, f"max relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

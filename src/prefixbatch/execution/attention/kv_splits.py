@@ -42,17 +42,19 @@ def splits_for(programs: int, target: int, max_splits: int = MAX_SPLITS) -> int:
     return n
 
 
-def choose_splits(
-    prefix_tiles: int, own_tiles: int, rows: int, prefix_rows: int, kv_heads: int, target: int
-) -> KVSplits:
-    """Splits of a step whose grids are ``prefix_tiles`` / ``own_tiles`` x ``kv_heads`` programs
-    over ``rows`` query rows (``prefix_rows`` per prefix tile), aiming at ``target`` programs
-    (e.g. twice the SMs; 0 never splits). Padded metadata (a CUDA-graph bucket) has more tiles
-    than work: the rows bound the tiles that do any (one own tile per row at most, and about
-    ``rows / prefix_rows`` prefix tiles)."""
-    busy_prefix = min(prefix_tiles, -(-rows // max(1, prefix_rows)))
-    busy_own = min(own_tiles, rows)
+def busy_tiles(tiles: int, rows: int, rows_per_tile: int, padded: bool) -> int:
+    """Tiles of a work list that hold work: all of them, unless the list is padded to a
+    CUDA-graph bucket (fixed sizes; the step's own count lives on the device), then at most
+    one per ``rows_per_tile`` of the ``rows`` (one per tile-full of each level's rows: more
+    only when levels nest or split their rows unevenly)."""
+    return min(tiles, -(-rows // max(1, rows_per_tile))) if padded else tiles
+
+
+def choose_splits(prefix_busy: int, own_busy: int, kv_heads: int, target: int) -> KVSplits:
+    """Splits of a step whose grids are ``prefix_busy`` / ``own_busy`` busy tiles x
+    ``kv_heads`` programs (``busy_tiles``), aiming at ``target`` programs (e.g. twice the
+    SMs; 0 never splits)."""
     return KVSplits(
-        prefix=splits_for(busy_prefix * kv_heads, target) if prefix_tiles else 1,
-        own=splits_for(busy_own * kv_heads, target),
+        prefix=splits_for(prefix_busy * kv_heads, target),
+        own=splits_for(own_busy * kv_heads, target),
     )

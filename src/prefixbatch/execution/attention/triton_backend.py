@@ -14,7 +14,7 @@ import torch
 
 from ..kv_cache import KVCache
 from .backend import AttentionBackend
-from .kv_splits import KVSplits, choose_splits
+from .kv_splits import KVSplits, busy_tiles, choose_splits
 from .step import AttentionStep, SeqStep
 from .triton_metadata import PREFIX_TILE_M, MetadataShape, TritonMetadata
 
@@ -84,11 +84,10 @@ class TritonBackend(AttentionBackend):
     def splits(self, metadata: TritonMetadata) -> KVSplits:
         """How the step's KV is split: a function of sizes only, so a CUDA-graph bucket (fixed
         padded sizes) always gets the same splits."""
+        rows, padded = metadata.num_rows, metadata.padded
         return choose_splits(
-            metadata.prefix_tile_level.numel(),
-            metadata.own_tile_seq.numel(),
-            metadata.num_rows,
-            metadata.prefix_rows,
+            busy_tiles(metadata.prefix_tile_level.numel(), rows, metadata.prefix_rows, padded),
+            busy_tiles(metadata.own_tile_seq.numel(), rows, 1, padded),
             self.kv_heads,
             self.target_programs,
         )

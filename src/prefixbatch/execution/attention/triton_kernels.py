@@ -112,6 +112,19 @@ def _finish(m_i, l_i, acc):
 
 
 @triton.jit
+def _store_partial(
+    o_ptr, lse_ptr, out, lse, rows, heads, ok, d,
+    stride_s, stride_t, stride_h, stride_ls, stride_lt,
+):  # fmt: skip
+    """Store a tile's normalised partial (``out`` (M, D), ``lse`` (M,)) at split
+    ``program_id(2)``, int64 ``rows`` of fp32 buffers (splits, rows, H, D) and (splits, rows, H)."""
+    split = tl.program_id(2).to(tl.int64)
+    at = split * stride_s + rows * stride_t
+    tl.store(o_ptr + at[:, None] + heads[:, None] * stride_h + d[None, :], out, mask=ok[:, None])
+    tl.store(lse_ptr + split * stride_ls + rows * stride_lt + heads, lse, mask=ok)
+
+
+@triton.jit
 def _split_range(lo, hi, BLOCK_N: tl.constexpr):
     """This program's part ``[start, end)`` of ``[lo, hi)``: split ``program_id(2)`` of
     ``num_programs(2)``, each a whole number of ``BLOCK_N`` tiles (later parts may be empty)."""
@@ -129,7 +142,7 @@ _METADATA_PTRS = (
 )  # fmt: skip
 # Integer arguments that change from step to step (see the module docstring).
 _PER_STEP_INTS = (
-    "stride_lvl_blocks", "stride_table", "stride_seq_levels",
+    "num_tiles", "stride_lvl_blocks", "stride_table", "stride_seq_levels",
     "stride_ps", "stride_ls", "stride_os", "stride_ols", "prefix_splits", "num_splits",
 )  # fmt: skip
 
@@ -144,25 +157,20 @@ def _jit(fn):  # type: ignore[no-untyped-def]
     )
 
 
-@_jit
-def prefix_level_kernel(
-    q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr,
-    tile_level_ptr, tile_row0_ptr,
-    lvl_row_start_ptr, lvl_row_end_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
+@triton.jit
+def _level_tile(
+    q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
+    lvl, row0, row_start, row_end,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
     qk_scale,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
+    """One tile of level ``lvl`` (rows from ``row0``), KV head ``program_id(1)``, its part
+    ``program_id(2)`` of the level's KV: the partial output and log-sum-exp of its rows."""
     kvh = tl.program_id(1)
-    lvl = tl.load(tile_level_ptr + tile)
-    row0 = tl.load(tile_row0_ptr + tile)
-    row_start = tl.load(lvl_row_start_ptr + lvl)
-    row_end = tl.load(lvl_row_end_ptr + lvl)
     length = tl.load(lvl_len_ptr + lvl)
-
     rows, heads, row_ok = _packed_rows(row0, row_end, kvh, G, ROWS, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     q = _load_q(q_ptr, rows, heads, row_ok, stride_qt, stride_qh, d)
@@ -180,14 +188,41 @@ def prefix_level_kernel(
 
     out, lse = _finish(m_i, l_i, acc)  # lse: natural log, like torch.logsumexp
     out_row = (tl.load(lvl_out_ptr + lvl) + rows - row_start).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
-    tl.store(
-        po_ptr + split * stride_ps + out_row[:, None] * stride_pt + heads[:, None] * stride_ph
-        + d[None, :],
-        out,
-        mask=row_ok[:, None],
-    )  # fmt: skip
-    tl.store(plse_ptr + split * stride_ls + out_row * stride_lt + heads, lse, mask=row_ok)
+    _store_partial(po_ptr, plse_ptr, out, lse, out_row, heads, row_ok, d,
+                   stride_ps, stride_pt, stride_ph, stride_ls, stride_lt)  # fmt: skip
+
+
+@_jit
+def prefix_level_kernel(
+    q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr,
+    tile_level_ptr, tile_row0_ptr, num_tiles,
+    lvl_row_start_ptr, lvl_row_end_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+    stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
+    qk_scale,
+    G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program ``(p, kvh, split)`` takes tiles ``p, p + num_programs(0), ...`` of the
+    ``num_tiles`` until the list ends or reaches its padding (tiles of the null level, which
+    has no rows; padding comes last): a CUDA-graph bucket's padded list then costs the programs
+    its work needs, not one per padded tile."""
+    tile = tl.program_id(0)
+    while tile < num_tiles:
+        lvl = tl.load(tile_level_ptr + tile)
+        row_start = tl.load(lvl_row_start_ptr + lvl)
+        row_end = tl.load(lvl_row_end_ptr + lvl)
+        if row_end > row_start:
+            _level_tile(
+                q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
+                lvl, tl.load(tile_row0_ptr + tile), row_start, row_end,
+                stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
+                qk_scale, G, ROWS, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_SIZE, PRECISION,
+            )  # fmt: skip
+            tile += tl.num_programs(0)
+        else:
+            tile = num_tiles
 
 
 @_jit
@@ -257,14 +292,8 @@ def own_kv_kernel(
 
     out, lse = _finish(m_i, l_i, acc)
     if SPLIT:  # laid out like the level partials: (splits, T, H, D) and (splits, T, H)
-        split64 = split.to(tl.int64)
-        tl.store(
-            so_ptr + split64 * stride_os + rows[:, None] * stride_pt + heads[:, None] * stride_ph
-            + d[None, :],
-            out,
-            mask=row_ok[:, None],
-        )  # fmt: skip
-        tl.store(slse_ptr + split64 * stride_ols + rows * stride_lt + heads, lse, mask=row_ok)
+        _store_partial(so_ptr, slse_ptr, out, lse, rows, heads, row_ok, d,
+                       stride_os, stride_pt, stride_ph, stride_ols, stride_lt)  # fmt: skip
     else:
         tl.store(
             o_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -275,18 +304,18 @@ def own_kv_kernel(
 
 @_jit
 def merge_splits_kernel(
-    so_ptr, slse_ptr, o_ptr,
+    so_ptr, slse_ptr, o_ptr, slot_ptr,
     stride_os, stride_st, stride_sh, stride_ols, stride_lt, stride_ot, stride_oh, num_splits,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """Row ``program_id(0)``, the ``G`` query heads of KV head ``program_id(1)``: the
     log-sum-exp merge of its ``num_splits`` partials (fp32, (splits, T, H[, D])) into the
-    output. Padding rows of a CUDA-graph bucket have no partials (no tile writes them): their
-    output is undefined, as it is without splits."""
+    output. A padding row of a CUDA-graph bucket (KV slot -1) has no partials and is skipped:
+    its output is undefined, as it is without splits."""
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)
     heads = tl.program_id(1) * G + g
-    ok = g < G
+    ok = (g < G) & (tl.full([BLOCK_G], 0, tl.int32) + tl.load(slot_ptr + t) >= 0)
     d = tl.arange(0, HEAD_DIM)
     m_i = tl.full([BLOCK_G], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)

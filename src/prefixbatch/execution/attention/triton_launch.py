@@ -12,7 +12,7 @@ import torch
 import triton
 
 from . import triton_kernels as kernels
-from .kv_splits import NO_SPLITS, KVSplits
+from .kv_splits import NO_SPLITS, KVSplits, busy_tiles
 from .triton_metadata import TritonMetadata
 
 
@@ -50,6 +50,8 @@ def prefix_partials(
     tiles: q (T, H, D), pools (slots, KVH, D) -> o (splits, num_partials, H, D) fp32 and lse
     (splits, num_partials, H) fp32 (natural log; -1e30 for a part past the level's end). The
     partials of level ``i`` are rows ``[level_out[i], level_out[i] + row_end - row_start)``.
+    Padded metadata (a CUDA-graph bucket) launches programs for the tiles its rows can fill,
+    each taking further tiles until the padding (``busy_tiles``).
 
     Raises ValueError on shapes the kernels do not take (see ``_check``)."""
     h, kvh, dim = _check(q, k_pool, v_pool)
@@ -59,9 +61,10 @@ def prefix_partials(
     if tiles == 0:
         return o, lse
     g = h // kvh
-    kernels.prefix_level_kernel[(tiles, kvh, splits)](
+    programs = busy_tiles(tiles, meta.num_rows, meta.prefix_rows, meta.padded)
+    kernels.prefix_level_kernel[(programs, kvh, splits)](
         q, k_pool, v_pool, o, lse,
-        meta.prefix_tile_level, meta.prefix_tile_row0,
+        meta.prefix_tile_level, meta.prefix_tile_row0, tiles,
         meta.level_row_start, meta.level_row_end, meta.level_length, meta.level_out,
         meta.level_blocks,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
@@ -119,7 +122,7 @@ def triton_attention(
     )  # fmt: skip
     if split_own:
         kernels.merge_splits_kernel[(q.shape[0], kvh)](
-            so, slse, out,
+            so, slse, out, meta.slot_mapping,
             so.stride(0), so.stride(1), so.stride(2), slse.stride(0), slse.stride(1),
             out.stride(0), out.stride(1), splits.own,
             G=g, BLOCK_G=triton.next_power_of_2(g), HEAD_DIM=dim,
