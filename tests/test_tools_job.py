@@ -240,3 +240,27 @@ def test_server_batches_carry_tools(models, tmp_path):  # type: ignore[no-untype
 
 def records_of(text: str) -> dict[str, dict[str, Any]]:
     return {r["custom_id"]: r for r in map(json.loads, text.splitlines())}
+
+
+def test_plan_and_serve_take_the_chat_options(models, tmp_path, monkeypatch, capsys):  # type: ignore[no-untyped-def]
+    import prefixbatch.server
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in LINES))
+    template = tmp_path / "qwen3.jinja"
+    template.write_text(FAMILIES["qwen3"].chat_template())
+    model = ["--model", str(models["deepseek_r1"])]  # its own template reads no tools
+    assert main(["plan", str(inp), *model, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rejected_lines"] == 6
+    assert main(["plan", str(inp), *model, "--json", "--chat-template", str(template)]) == 0
+    assert json.loads(capsys.readouterr().out)["rejected_lines"] == 0
+    seen = []
+    monkeypatch.setattr(prefixbatch.server, "serve", lambda config, opts: seen.append(opts))
+    args = ["--chat-template", str(template), "--tool-call-parser", "hermes"]
+    assert main(["serve", *model, *args, "--reasoning-parser", "none"]) == 0
+    (chat,) = (opts.chat for opts in seen)
+    assert chat.chat_template == template.read_text()
+    assert (chat.tool_call_parser, chat.reasoning_parser) == ("hermes", "none")
+    with pytest.raises(SystemExit):
+        main(["run", str(inp), "-o", str(tmp_path / "o"), "--chat-template", str(tmp_path / "no")])
+    assert "cannot read the chat template" in capsys.readouterr().err
