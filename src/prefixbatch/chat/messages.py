@@ -13,27 +13,15 @@ are dropped. Whether the template can render tool calls is checked when it rende
 
 from __future__ import annotations
 
+import inspect
 import json
+from functools import lru_cache
 from typing import Any
 
 from ..tokenizer import message_text
 
 # Keys a message keeps, and the type each must have (content is checked on its own).
 _STRING_FIELDS = ("name", "tool_call_id", "reasoning_content", "reasoning")
-# apply_chat_template's own arguments: a template kwarg cannot replace them.
-RESERVED_TEMPLATE_KWARGS = frozenset(
-    {
-        "messages",
-        "conversation",
-        "tools",
-        "documents",
-        "add_generation_prompt",
-        "continue_final_message",
-        "chat_template",
-        "tokenize",
-        "return_dict",
-    }
-)
 
 
 def _shown(value: Any) -> str:
@@ -101,6 +89,17 @@ def check_messages(value: Any) -> list[dict[str, Any]]:
     return out
 
 
+@lru_cache(maxsize=1)
+def reserved_template_kwargs() -> frozenset[str]:
+    """The names a template kwarg may not take: ``apply_chat_template``'s own arguments and
+    the ``messages`` variable it sets (read from transformers' signature)."""
+    from transformers import PreTrainedTokenizerBase
+
+    params = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
+    named = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD and n != "self"}
+    return frozenset(named | {"messages"})
+
+
 def check_template_kwargs(value: Any) -> dict[str, Any]:
     """``chat_template_kwargs`` (vLLM's field: extra variables for the chat template, such as
     Qwen3's ``enable_thinking``). Raises ValueError for a value that is not an object or that
@@ -109,7 +108,7 @@ def check_template_kwargs(value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise ValueError(f"'chat_template_kwargs' must be an object, got {_shown(value)}")
-    clash = sorted(RESERVED_TEMPLATE_KWARGS & value.keys())
+    clash = sorted(reserved_template_kwargs() & value.keys())
     if clash:
         raise ValueError(
             f"'chat_template_kwargs' cannot set {_shown(clash[0])}: it is a request field or "
