@@ -110,3 +110,26 @@ def test_tools_and_tool_histories_on_the_default_model(tmp_path):  # type: ignor
         assert choice["message"]["content"] is None
         if x["body"]["tool_choice"] == named:
             assert calls[0]["function"]["name"] == "get_weather"
+
+
+def test_the_tool_template_renders_plain_chats_as_the_model_does():
+    """Without tools the shipped template writes what SmolLM2's own template writes, so a job
+    run with it answers its plain chats unchanged."""
+    from prefixbatch.loading.model_source import resolve_model
+    from prefixbatch.tokenizer import Tokenizer
+
+    tok = Tokenizer(resolve_model(None).path)
+    template = TEMPLATE.read_text()
+    chats = [
+        [{"role": "user", "content": "Hi"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"},
+        ],
+    ]
+    for chat in chats:
+        for prompt in (True, False):
+            own = tok.render_chat(chat, prompt)
+            assert tok.render_chat(chat, prompt, chat_template=template) == own
