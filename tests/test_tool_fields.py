@@ -93,7 +93,7 @@ def test_tools_and_choices_parse(tmp_path):  # type: ignore[no-untyped-def]
         ({"tools": [TOOL], "parallel_tool_calls": "yes"}, "'parallel_tool_calls' must be"),
         ({"chat_template_kwargs": [1]}, "'chat_template_kwargs' must be an object"),
         ({"chat_template_kwargs": {"tools": []}}, "'chat_template_kwargs' cannot set \"tools\""),
-        ({"chat_template_kwargs": {"padding": True}}, "cannot set \"padding\""),
+        ({"chat_template_kwargs": {"padding": True}}, 'cannot set "padding"'),
         ({"functions": [{"name": "f"}]}, "'functions' is not supported yet"),
         (
             {"messages": [{"role": "user", "content": None}]},

@@ -100,7 +100,10 @@ class ChatSetup:
 
     def check(self, chat: ChatRequest) -> None:
         """Raise ValueError when the template cannot render the request's tools or tool calls,
-        or its tool calls could not be parsed from the answer."""
+        or its tool calls could not be parsed from the answer (a model without a template is
+        ``render_chat``'s error)."""
+        if self.template is None:
+            return
         if chat.tools is not None and not self.support.tools:
             raise ValueError(
                 f"the chat template cannot render 'tools' (it never reads them); {TEMPLATE_HINT}"
