@@ -1,7 +1,7 @@
 """The core runs with torch and transformers alone: in a subprocess where every optional package
 is unimportable (as on a machine that never installed them), a greedy job runs, a structured or
-log-probability line gets its own error naming xgrammar, and ``serve``, ``--workers`` and a
-``.gguf`` model stop with a one-line error naming their package."""
+log-probability line (and a forced tool call's grammar) gets its own error naming xgrammar, and
+``serve``, ``--workers`` and a ``.gguf`` model stop with a one-line error naming their package."""
 
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ try:
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, structured=GrammarSpec("json_object")))
 except ValueError as e:
     results["api_structured"] = str(e)
+from prefixbatch.execution.tool_grammar import CallSyntax, tool_call_grammar
+
+try:  # a forced tool call's grammar
+    tool_call_grammar(CallSyntax("<tool_call>", "", "</tool_call>", ""), (("f", "{}"),), False)
+except ValueError as e:
+    results["tool_grammar"] = str(e)
 results["loaded"] = sorted(m for m in sys.modules if sys.modules[m] is not None
                            and m.split(".")[0] in BLOCKED)
 print(json.dumps(results))
@@ -97,6 +103,7 @@ def test_job_runs_without_optional_packages(tmp_path: Path, tiny_models) -> None
     assert "structured output" in records["json"]["error"]["message"]
     assert "log-probabilities" in records["logprobs"]["error"]["message"]
     assert "xgrammar" in results["api_structured"]
+    assert "needs the xgrammar package" in results["tool_grammar"]
 
     for case, package in (("serve", "fastapi"), ("workers", "ray"), ("gguf", "gguf")):
         rc, err = results[case]

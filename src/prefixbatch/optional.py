@@ -8,7 +8,7 @@ which package a feature needs:
 
 | module | pip package | used by |
 |---|---|---|
-| ``xgrammar`` | xgrammar | structured output; token bytes of log-probability records |
+| ``xgrammar`` | xgrammar | structured output, forced tool calls; log-probability token bytes |
 | ``gguf`` | gguf | reading a ``.gguf`` model |
 | ``fastapi``, ``uvicorn``, ``python_multipart`` | fastapi, uvicorn, python-multipart | ``serve`` |
 | ``ray`` | ray (``prefixbatch[ray]``) | ``--workers`` / ``--ray-address`` |
