@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,7 +32,6 @@ from .execution.attention.backend import AttentionBackend
 from .execution.model_runner import ModelRunner
 from .execution.sampler import torch_argmax
 from .execution.step_sampler import StepSampler
-from .execution.structured import StructuredOutput
 from .loading.builder import LoadedModel, load_model
 from .loading.limits import EngineLimits
 from .outputs import CompletionOutput, Request, RequestList, RequestOutput, RequestSource
@@ -40,6 +40,9 @@ from .scheduling.block_manager import BlockManager
 from .scheduling.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .scheduling.sequence import Sequence, Status
 from .scheduling.work import Admission, WorkStream
+
+if TYPE_CHECKING:
+    from .execution.structured import StructuredOutput
 
 
 @dataclass
@@ -145,6 +148,9 @@ class LLMEngine:
         self._group_ids = itertools.count()  # unique among the engine's levels
 
     def _grammars(self) -> StructuredOutput:
+        # Imported on first use: xgrammar is optional (requests that need it were refused).
+        from .execution.structured import StructuredOutput
+
         return StructuredOutput(self.tokenizer.hf, self.limits.vocab_size, self.eos_ids)
 
     @property

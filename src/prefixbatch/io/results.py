@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..chat.reply import assistant_message
 from ..outputs import CompletionOutput, RequestOutput
 from .batch_file import CHAT_URL, BatchRequest, LineError
 from .logprobs_format import chat_logprobs, completion_logprobs, prompt_logprobs_list
@@ -93,7 +94,11 @@ def _choice(
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": c.index, "logprobs": None, "finish_reason": c.finish_reason}
     if req.url == CHAT_URL:
-        choice["message"] = {"role": "assistant", "content": c.text}
+        key = f"{req.custom_id}:{c.index}"
+        message, choice["finish_reason"] = assistant_message(
+            c.text, c.finish_reason, req.reply, key
+        )
+        choice["message"] = message.to_openai()
         if c.logprobs is not None and vocab is not None:
             choice["logprobs"] = chat_logprobs(c.logprobs, vocab)
         return choice

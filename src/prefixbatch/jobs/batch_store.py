@@ -1,12 +1,12 @@
 """Every request of a batch file, held compactly while the job runs.
 
 Per request: its line, custom_id (UTF-8 in one byte array), request hash (8 bytes) and record key
-(16 bytes, ``io.results.record_key``), url and echo flags, and which distinct ``SamplingParams`` it
-uses (each distinct set is kept once); the token ids of the requests to run go into one
-``TokenArrays``. About 60 bytes a request beside its tokens, against kilobytes as parsed
-objects. ``runnable()`` hands the engine the requests to run as a ``CompactRequests`` (a
-``Request`` object is made only when the engine schedules it); ``info()`` rebuilds what an
-output record needs.
+(16 bytes, ``io.results.record_key``), url and echo flags, and which distinct ``SamplingParams``
+and chat ``ReplyFormat`` it uses (each distinct one is kept once); the token ids of the requests
+to run go into one ``TokenArrays``. About 60 bytes a request beside its tokens, against
+kilobytes as parsed objects. ``runnable()`` hands the engine the requests to run as a
+``CompactRequests`` (a ``Request`` object is made only when the engine schedules it);
+``info()`` rebuilds what an output record needs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from array import array
 
 import numpy as np
 
+from ..chat.render import ReplyFormat
 from ..io.batch_file import CHAT_URL, COMPLETIONS_URL, BatchRequest
 from ..outputs import CompactRequests
 from ..planning.token_arrays import TokenArraysBuilder
@@ -32,6 +33,8 @@ class BatchStore:
         self._flags = array("B")
         self._param_ids = array("i")
         self._sets: dict[SamplingParams, int] = {}
+        self._reply_ids = array("i")  # -1: none
+        self._replies: dict[ReplyFormat, int] = {}
         self._hashes = bytearray()  # 8 bytes each
         self._keys = bytearray()  # 16 bytes each
         self._names = bytearray()  # custom_ids, UTF-8
@@ -55,6 +58,8 @@ class BatchStore:
             self._tokens.append(ids)
         self._flags.append((_CHAT if req.url == CHAT_URL else 0) | (_ECHO if req.echo else 0))
         self._param_ids.append(self._sets.setdefault(req.params, len(self._sets)))
+        reply = -1 if req.reply is None else self._replies.setdefault(req.reply, len(self._replies))
+        self._reply_ids.append(reply)
         self._hashes += bytes.fromhex(req.request_hash)
         self._keys += key
         self._names += req.custom_id.encode()
@@ -70,6 +75,7 @@ class BatchStore:
         self.keys = np.frombuffer(self._keys, dtype="S16")
         self.prompts = self._tokens.build()
         self.param_sets = tuple(self._sets)
+        self.replies = tuple(self._replies)
         self.frozen = True
 
     def runnable(self) -> CompactRequests:
@@ -96,4 +102,5 @@ class BatchStore:
             params=self.param_sets[self._param_ids[i]],
             request_hash=self._hashes[8 * i : 8 * i + 8].hex(),
             echo=bool(flags & _ECHO),
+            reply=self.replies[self._reply_ids[i]] if self._reply_ids[i] >= 0 else None,
         )

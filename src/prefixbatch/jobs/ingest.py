@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..batch_tokenizer import BatchTokenizer
+from ..chat.render import ChatOptions, ChatSetup
 from ..errors import InputFileError
 from ..io.batch_file import BatchRequest, LineError, read_batch_file
 from ..io.results import Answered, record_key
@@ -44,15 +45,17 @@ def ingest(
     default_max_tokens: int,
     tokenizer: Callable[[], BatchTokenizer],
     answered: Answered | None = None,
+    chat: ChatOptions | None = None,
     chunk_lines: int = CHUNK_LINES,
 ) -> Ingested:
-    """Read ``path``; ``tokenizer()`` is called once, when the first request needs tokens.
-    Raises ``InputFileError`` when the file is missing or has no non-blank line."""
+    """Read ``path``; ``tokenizer()`` is called once, when the first request needs tokens;
+    chats are rendered under ``chat`` (template and parsers). Raises ``InputFileError`` when
+    the file is missing or has no non-blank line."""
     if not path.is_file():
         raise InputFileError(f"input file not found: {path}")
     answered = answered or Answered()
     out = Ingested(BatchStore())
-    encoder: BatchTokenizer | None = None
+    encoder: tuple[BatchTokenizer, ChatSetup] | None = None
     chunk: list[BatchRequest] = []
 
     def flush() -> None:
@@ -60,17 +63,22 @@ def ingest(
         keys = [record_key(r.custom_id, r.request_hash) for r in chunk]
         done = answered.covered(np.frombuffer(b"".join(keys), "S16"))
         todo = [r for r, d in zip(chunk, done.tolist()) if not d]
-        ids: list[np.ndarray | LineError] = []
+        tokenized: list[tuple[BatchRequest, np.ndarray] | LineError] = []
         if todo:
-            encoder = encoder or tokenizer()
-            ids = tokenize(encoder, todo)
-        tokens = iter(ids)
+            if encoder is None:
+                fast = tokenizer()
+                encoder = fast, ChatSetup(fast.tokenizer, chat)
+            tokenized = tokenize(*encoder, todo)
+        results = iter(tokenized)
         for req, key, d in zip(chunk, keys, done.tolist()):
-            got = None if d else next(tokens)
+            got = None if d else next(results)
             if isinstance(got, LineError):
                 out.errors[got.line] = got
-                got = None
-            out.store.add(req, key, got)
+                out.store.add(req, key, None)
+            elif got is None:
+                out.store.add(req, key, None)
+            else:  # the request as rendered (its params, its reply format)
+                out.store.add(got[0], key, got[1])
         out.skipped += int(done.sum())
         chunk.clear()
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..batch_tokenizer import BatchTokenizer
+from ..chat.render import ChatOptions
 from ..config import EngineConfig
 from ..engine import EngineStats, LLMEngine
 from ..errors import InputFileError, JobInterrupted, KVBudgetError
@@ -53,6 +54,7 @@ class JobOptions:
     quiet: bool = False
     workers: int = 1  # > 1, or a ray_address: engine actors on Ray
     ray_address: str | None = None
+    chat: ChatOptions = ChatOptions()  # chat template and tool-call / reasoning parsers
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ def run_batch(
     errors: dict[int, LineError] = {}
     progress: Progress | None = None
     try:
-        batch = ingest(opts.input, opts.default_max_tokens, read_with, writer.answered)
+        batch = ingest(opts.input, opts.default_max_tokens, read_with, writer.answered, opts.chat)
         store, errors, skipped, total = batch.store, batch.errors, batch.skipped, batch.lines
         log.info("read %d lines after %.1fs", total, time.monotonic() - start)
         if skipped:

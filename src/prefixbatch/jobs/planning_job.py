@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..batch_tokenizer import BatchTokenizer
+from ..chat.render import ChatOptions
 from ..config import EngineConfig
 from ..execution.kv_cache import kv_pool_blocks
 from ..loading.builder import read_model_config
@@ -20,14 +21,16 @@ from .validate import check
 
 
 def plan_job(
-    config: EngineConfig, path: Path, default_max_tokens: int
+    config: EngineConfig, path: Path, default_max_tokens: int, chat: ChatOptions | None = None
 ) -> tuple[dict[str, Any], str]:
     """(the report as a JSON-ready dict, the same as text). Lines ``prefixbatch run`` would
     reject (parse errors, token ids outside the vocabulary, too long) are left out and counted
-    in ``rejected_lines``."""
+    in ``rejected_lines``. ``chat``: the chat template and parsers ``run`` would use."""
     source = resolve_model(config.model)
     cfg = read_model_config(source)
-    batch = ingest(path, default_max_tokens, lambda: BatchTokenizer(Tokenizer(source.path)))
+    batch = ingest(
+        path, default_max_tokens, lambda: BatchTokenizer(Tokenizer(source.path)), chat=chat
+    )
     blocks, _ = kv_pool_blocks(config, cfg)
     limits = EngineLimits.of(config, cfg, blocks)
     requests = check(batch.store.runnable(), limits, batch.store.info).runnable

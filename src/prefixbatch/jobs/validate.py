@@ -7,11 +7,12 @@ what the run would reject); the Python API checks with the same ``EngineLimits.c
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..batch_tokenizer import BatchTokenizer
+from ..chat.render import ChatSetup
 from ..io.batch_file import CHAT_URL, BatchRequest, LineError
 from ..loading.limits import EngineLimits
 from ..outputs import CompactRequests
@@ -19,40 +20,44 @@ from ..outputs import CompactRequests
 _INT32_MAX = 2**31 - 1
 
 
-def tokenize(tokenizer: BatchTokenizer, items: list[BatchRequest]) -> list[np.ndarray | LineError]:
-    """Token ids per request, in order (chat template for chats); template failures and empty
-    prompts are line errors. Texts are encoded in batch calls, each repeated piece once."""
-    out: list[np.ndarray | LineError] = [np.zeros(0, np.int32)] * len(items)
+def tokenize(
+    tokenizer: BatchTokenizer, chat: ChatSetup, items: list[BatchRequest]
+) -> list[tuple[BatchRequest, np.ndarray] | LineError]:
+    """Token ids per request, in order (chat template for chats, under ``chat``'s template and
+    parsers: a chat request comes back with the params and reply format its rendering
+    decided); template failures and empty prompts are line errors. Texts are encoded in batch
+    calls, each repeated piece once."""
+    out: list[tuple[BatchRequest, np.ndarray] | LineError] = []
     chats: list[tuple[int, str]] = []
     prompts: list[tuple[int, str]] = []
-    for k, req in enumerate(items):
+    for req in items:
+        k = len(out)
         if isinstance(req.prompt, list):
             huge = [t for t in req.prompt if t > _INT32_MAX]  # no vocabulary is that large
-            out[k] = (
-                np.asarray(req.prompt, dtype=np.int32)
-                if not huge
-                else LineError(
-                    req.line,
-                    req.custom_id,
-                    f"line {req.line}: token id {huge[0]} is outside the model's vocabulary",
-                )
-            )
-        elif req.url == CHAT_URL:
+            if huge:
+                problem = f"token id {huge[0]} is outside the model's vocabulary"
+                out.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
+            else:
+                out.append((req, np.asarray(req.prompt, dtype=np.int32)))
+            continue
+        if req.url == CHAT_URL:
             try:
-                text = tokenizer.tokenizer.render_chat(
-                    req.messages or [], req.add_generation_prompt, req.continue_final_message
-                )
+                rendered = chat.render(req.chat(), req.params)
             except Exception as e:  # a template may raise anything (jinja, our checks)
-                out[k] = LineError(req.line, req.custom_id, f"line {req.line}: {e}")
+                out.append(LineError(req.line, req.custom_id, f"line {req.line}: {e}"))
                 continue
-            chats.append((k, text))
+            req = replace(req, params=rendered.params, reply=rendered.reply)
+            chats.append((k, rendered.text))
         else:
             prompts.append((k, req.prompt or ""))
+        out.append((req, np.zeros(0, np.int32)))
     for texts, encode in ((chats, tokenizer.encode_chats), (prompts, tokenizer.encode_prompts)):
         for (k, _), ids in zip(texts, encode([t for _, t in texts]) if texts else []):
-            out[k] = ids
-    for k, (req, ids) in enumerate(zip(items, out)):
-        if not isinstance(ids, LineError) and not len(ids):
+            req = out[k][0]  # type: ignore[index]
+            out[k] = (req, ids)
+    for k, item in enumerate(out):
+        if not isinstance(item, LineError) and not len(item[1]):
+            req = item[0]
             out[k] = LineError(req.line, req.custom_id, f"line {req.line}: the prompt is empty")
     return out
 
