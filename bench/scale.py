@@ -10,7 +10,8 @@ command on a small batch (``--baseline-lines``), so imports and the model do not
 
 The peer measured in the same run is the tokenizer alone: read the file, render every chat
 through the template and batch-encode the texts (the Rust tokenizer on every core, batches of
-4,096 texts), which is what any planner has to do at least once.
+4,096 texts), which is what any planner has to do at least once. Every wall time is the whole
+process's, start-up included (Python, imports, loading the tokenizer).
 
     python bench/scale.py --lines 100000 [--run-answers 16] [--kv-cache-memory 4GiB]
     python bench/scale.py --lines 1000000 --no-run      # the plan target (1M lines)
@@ -64,12 +65,11 @@ def write_batch(path: Path, lines: int, seed: int = 0, max_tokens: int = 16) -> 
 
 
 def tokenizer_alone(path: Path, model: str | None) -> None:
-    """The peer: read, render and batch-encode every chat; prints tokens and seconds."""
+    """The peer: read, render and batch-encode every chat; prints the prompt tokens."""
     from prefixbatch.loading.model_source import resolve_model
     from prefixbatch.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(resolve_model(model).path)
-    start = time.perf_counter()
     tokens, texts = 0, []
     with open(path, "rb") as f:
         for raw in f:
@@ -79,7 +79,7 @@ def tokenizer_alone(path: Path, model: str | None) -> None:
                 texts = []
     if texts:
         tokens += sum(map(len, tokenizer.hf(texts, add_special_tokens=False)["input_ids"]))
-    print(json.dumps({"prompt_tokens": tokens, "seconds": time.perf_counter() - start}))
+    print(json.dumps({"prompt_tokens": tokens}))
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def measure_tokenizer(path: Path, model: str | None, src: str | None) -> Measure
     cmd += ["--model", model] if model else []
     m = _peak_of_child(cmd, _env(src))
     res = json.loads(m.out)
-    return Measured(res["seconds"], m.peak_gib, res["prompt_tokens"], m.out)
+    return Measured(m.seconds, m.peak_gib, res["prompt_tokens"], m.out)
 
 
 def _vm_hwm_gib(pid: int) -> float:
