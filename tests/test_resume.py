@@ -102,6 +102,8 @@ def test_job_messages(tmp_path, tiny_models, capsys, lines, code, message):  # t
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and "loading the model" not in err
     assert inp.read_text() == original
+    if code == 2 and lines is not None:
+        assert not out.exists()  # a job that stops before any record leaves no empty output
     if code == 0:
         assert [r["error"]["line"] for r in records(out)] == [1, 2]
 

@@ -25,7 +25,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -204,25 +204,33 @@ def read_answered(path: Path) -> tuple[Answered, int]:
 
 
 class ResultWriter:
-    """Appends records to the output file, one flushed line each; ``finish`` rewrites it."""
+    """Appends records to the output file, one flushed line each; ``finish`` rewrites it. The
+    file is opened (created, or emptied without ``resume``) at the first write, so a job that
+    stops before any record leaves no empty output behind."""
 
     def __init__(self, path: Path, resume: bool) -> None:
-        self.path = path
+        self.path, self.resume = path, resume
         self.answered = Answered()
         if resume:
             self.answered, good = read_answered(path)
             if path.exists() and path.stat().st_size != good:
                 with open(path, "r+b") as f:
                     f.truncate(good)  # drop the partial line a crash left
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a" if resume else "w", encoding="utf-8")
+        self._file: TextIO | None = None
+
+    def _open(self) -> TextIO:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a" if self.resume else "w", encoding="utf-8")
+        return self._file
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        file = self._open()
+        file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        file.flush()
 
     def close(self) -> None:
-        if self._file.closed:
+        if self._file is None or self._file.closed:
             return
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -235,6 +243,7 @@ class ResultWriter:
         also holds the lines that are no request; superseded records and records of custom_ids
         no longer in the input are dropped. Atomic: a temporary file in the same folder, fsync,
         rename."""
+        self._open()
         self.close()
         found, offsets, lengths, _ = _success_keys(self.path)
         # The last record of each wanted key (as a resumed run appends a newer one).
