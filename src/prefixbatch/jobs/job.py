@@ -36,6 +36,7 @@ from ..outputs import CompactRequests
 from ..planning.plan import Plan, make_plan
 from ..planning.report import count
 from ..tokenizer import Tokenizer
+from .batch_store import BatchStore
 from .ingest import ingest
 from .validate import check
 
@@ -119,7 +120,7 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
         log.info("model loaded after %.1fs", time.monotonic() - start)
         return engine
 
-    return run_batch(load, opts, start=start, tokenizer=tokenizer)
+    return run_batch(load, opts, start=start, tokenizer=tokenizer, config=config)
 
 
 def run_batch(
@@ -129,11 +130,14 @@ def run_batch(
     on_progress: Callable[[int, int, int], None] | None = None,
     start: float | None = None,
     tokenizer: Callable[[], BatchTokenizer] | None = None,
+    config: EngineConfig | None = None,
 ) -> JobSummary:
     """Answer the batch file ``opts.input`` into ``opts.output``, resuming it (the CLI's job
     and the server's batches). ``load()`` gives the executor; it is called only when something
     is left to answer. ``tokenizer()`` gives the tokenizer to read the file with (default: the
-    executor's, so ``load()`` comes first).
+    executor's, so ``load()`` comes first). ``config``: the executor's configuration when it is
+    known before loading; the batch is then planned before the model and its KV pool take
+    their memory.
 
     ``should_stop()`` is checked between engine steps: when it returns True the unfinished
     requests are dropped, the answers so far are on disk, and the call returns (a later call
@@ -167,27 +171,19 @@ def run_batch(
             if on_progress is not None:
                 on_progress(skipped + answered, len(errors), total)
 
-        requests = store.runnable()
+        requests, plan = store.runnable(), None
         if len(requests):
+            if config is None:
+                engine = engine or load()
+                config = engine.config
+            plan = _plan(requests, config)
             engine = engine or load()
-            log.info("checking %s", count(len(requests), "request"))
-            checked = check(requests, engine.limits, store.info)
-            if checked.too_big_for_kv and not len(checked.runnable):
-                raise KVBudgetError(
-                    f"the KV cache ({engine.limits.num_blocks} blocks) is too small for even one "
-                    "request; raise --kv-cache-memory"
-                )
-            errors.update((e.line, e) for e in checked.errors)
-            requests = checked.runnable
+            requests, plan = _check(requests, plan, engine, store, errors)
         for line in sorted(errors):
             writer.write(error_record(errors[line]))
         report()
         if len(requests):
             assert engine is not None
-            plan = None  # only a planning policy reads it (Ray cuts fcfs chunks by its own)
-            if engine.config.policy.plans:
-                log.info("planning %s", count(len(requests), "request"))
-                plan = make_plan(requests.prompts, requests.max_tokens(), engine.config.block_size)
             progress = Progress(
                 len(requests), opts.quiet, start=start, planned=_planned(requests, plan)
             )
@@ -226,6 +222,36 @@ def run_batch(
         wall_s=time.monotonic() - start,
         compute_s=compute_s,
     )
+
+
+def _plan(requests: CompactRequests, config: EngineConfig) -> Plan | None:
+    """The batch's plan under a planning policy (Ray cuts other policies' chunks by its own)."""
+    if not config.policy.plans:
+        return None
+    log.info("planning %s", count(len(requests), "request"))
+    return make_plan(requests.prompts, requests.max_tokens(), config.block_size)
+
+
+def _check(
+    requests: CompactRequests,
+    plan: Plan | None,
+    engine: LLMEngine | RayExecutor,
+    store: BatchStore,
+    errors: dict[int, LineError],
+) -> tuple[CompactRequests, Plan | None]:
+    """The requests that fit the engine, with their share of ``plan``; the others' errors go
+    into ``errors``. Raises ``KVBudgetError`` when the KV pool holds none of them."""
+    log.info("checking %s", count(len(requests), "request"))
+    checked = check(requests, engine.limits, store.info)
+    if checked.too_big_for_kv and not len(checked.runnable):
+        raise KVBudgetError(
+            f"the KV cache ({engine.limits.num_blocks} blocks) is too small for even one "
+            "request; raise --kv-cache-memory"
+        )
+    errors.update((e.line, e) for e in checked.errors)
+    if plan is not None and checked.kept is not None:
+        plan = plan.subset(checked.kept)
+    return checked.runnable, plan
 
 
 def _planned(requests: CompactRequests, plan: Plan | None) -> PlannedWork:

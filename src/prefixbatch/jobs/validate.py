@@ -67,6 +67,7 @@ class Checked:
     runnable: CompactRequests  # the requests that fit, in input order
     errors: list[LineError]  # one per request that cannot run
     too_big_for_kv: int  # how many of those the KV pool cannot hold
+    kept: np.ndarray | None = None  # the positions of ``runnable`` in the requests (None: all)
 
 
 def check(
@@ -117,4 +118,4 @@ def check(
         requests.prompts.select(kept), requests.param_sets, requests.param_ids[kept],
         requests.ids[kept],
     )  # fmt: skip
-    return Checked(sub, errors, too_big)
+    return Checked(sub, errors, too_big, kept)
