@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rec.record({"check": "job model", "parameters": params, "backend": note})
     warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     generate(engine, [[5, 6, 7, 8]] * 2, warm)  # CUDA context, cuBLAS handles
-    timer = StepTimer(engine.loaded.model, engine.loaded.cache.k.device)
+    timer = StepTimer(engine.worker.model, engine.worker.device)
     small, large = sizes.groups
     for policy in ("batchllm", "fcfs-lru"):
         rec.attempt(policy, lambda p=policy: run_ours(engine, timer, p, small, sizes, params))

@@ -410,10 +410,10 @@ def test_engine_with_the_triton_backend_matches_transformers(tiny_models, graphs
         max_cuda_graph_batch=4,  # decode steps of 5+ rows run eagerly
     )
     assert isinstance(llm.engine.backend, TritonBackend)
-    assert (llm.engine.loaded.graphs is not None) == graphs
+    assert (llm.engine.worker.graphs is not None) == graphs
     replays = []
     if graphs:
-        runner = llm.engine.loaded.graphs
+        runner = llm.engine.worker.graphs
         run = runner.run
         runner.run = lambda *a: replays.append(a[0].shape[0]) or run(*a)  # type: ignore[method-assign]
     outs = llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0))

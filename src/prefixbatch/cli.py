@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import EngineConfig, parse_memory
 from .execution.attention.registry import backend_names
-from .scheduling.policy import Policy
+from .policy import Policy
 
 EXIT_JOB_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a job stopped by Ctrl-C

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
-from .grammar_spec import GrammarSpec
+from ..grammar_spec import GrammarSpec
 
 
 def _choice_grammar(choices: list[str]) -> str:

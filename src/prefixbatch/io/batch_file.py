@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RequestError
-from ..execution.grammar_spec import GrammarSpec
+from ..grammar_spec import GrammarSpec
 from ..sampling_params import SamplingParams
 from ..tokenizer import message_text
 from .body_fields import field_problem

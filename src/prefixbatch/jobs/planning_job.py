@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EngineConfig
-from ..execution.kv_cache import kv_pool_blocks
+from ..execution.kv_memory import kv_pool_blocks
 from ..io.batch_file import BatchRequest
-from ..loading.builder import read_model_config
 from ..loading.limits import EngineLimits
+from ..loading.model_config import read_model_config
 from ..loading.model_source import resolve_model
 from ..planning.plan import make_plan
 from ..planning.report import format_report, plan_report
