@@ -13,12 +13,13 @@ ROOT = Path(prefixbatch.__file__).parent
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS: list[set[str]] = [
-    # shared data types and errors
-    {"errors", "paths", "policy", "config", "grammar_spec", "sampling_params", "outputs"},
+    # shared data types, errors and helpers every layer may use
+    {"errors", "paths", "optional", "logs", "policy", "config"}
+    | {"grammar_spec", "sampling_params", "outputs"},
     {"planning"},
     {"scheduling"},
     {"execution"},
-    {"tokenizer", "loading"},
+    {"tokenizer", "batch_tokenizer", "chat", "loading"},
     {"detokenizer", "io"},
     {"engine"},
     {"llm", "distributed"},
