@@ -24,12 +24,12 @@ import numpy as np
 from common import machine
 
 from prefixbatch.distributed.sharding import make_chunks, plan_units
-from prefixbatch.outputs import CompactRequests
 from prefixbatch.planning.plan import make_plan
 from prefixbatch.planning.prefix_sort import sort_prompts
 from prefixbatch.planning.report import tree_baselines
 from prefixbatch.planning.token_arrays import TokenArrays
 from prefixbatch.sampling_params import SamplingParams
+from prefixbatch.scheduling.request_source import CompactRequests
 
 
 def chat(n: int, rng: np.random.Generator) -> TokenArrays:

@@ -16,10 +16,11 @@ from prefixbatch.io.progress import PlannedWork, Progress, WorkClock
 from prefixbatch.io.results import record_key
 from prefixbatch.jobs.batch_store import BatchStore
 from prefixbatch.jobs.job import JobSummary
-from prefixbatch.outputs import CompactRequests, Request
+from prefixbatch.outputs import Request
 from prefixbatch.planning import token_arrays
 from prefixbatch.planning.token_arrays import TokenArrays
 from prefixbatch.sampling_params import SamplingParams
+from prefixbatch.scheduling.request_source import CompactRequests
 
 prompts = st.lists(st.lists(st.integers(0, 2**31 - 1), max_size=20), max_size=30)
 

@@ -17,9 +17,10 @@ from prefixbatch.execution.attention.native import CpuBackend
 from prefixbatch.execution.attention.registry import BackendUnavailableError, select_backend
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
 from prefixbatch.execution.kv_cache import KVCache
-from prefixbatch.outputs import CompactRequests, Request
+from prefixbatch.outputs import Request
 from prefixbatch.planning import plan as plan_module
 from prefixbatch.planning.plan import computed_tokens, make_plan
+from prefixbatch.scheduling.request_source import CompactRequests
 
 
 def _config(path, **kw) -> EngineConfig:  # type: ignore[no-untyped-def]

@@ -12,19 +12,19 @@ import sys
 
 from prefixbatch.io.batch_file import COMPLETIONS_URL, request_hash
 
+# VmHWM, not ru_maxrss: after fork and exec, Linux's ru_maxrss still counts the parent's.
 GROWTH = """
-import json, resource, sys
+import json
 from pathlib import Path
 
-def rss():
+def rss(field):
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
 
 {setup}
-before = rss()
+before = rss("VmRSS")
 {work}
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({{"growth": peak - before, "result": result}}))
+print(json.dumps({{"growth": rss("VmHWM") - before, "result": result}}))
 """
 
 

@@ -7,10 +7,11 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefixbatch.outputs import Request, RequestList
+from prefixbatch.outputs import Request
 from prefixbatch.planning.plan import make_plan
 from prefixbatch.sampling_params import SamplingParams
 from prefixbatch.scheduling.block_manager import BlockManager
+from prefixbatch.scheduling.request_source import RequestList
 from prefixbatch.scheduling.scheduler import Scheduler, SchedulerConfig
 from prefixbatch.scheduling.sequence import Sequence, Status
 from prefixbatch.scheduling.work import WorkStream

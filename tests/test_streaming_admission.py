@@ -12,10 +12,11 @@ import pytest
 from conftest import VOCAB
 from prefixbatch.config import EngineConfig
 from prefixbatch.engine import AdmissionWindow, LLMEngine
-from prefixbatch.outputs import CompactRequests, Request
+from prefixbatch.outputs import Request
 from prefixbatch.planning.groups import Group
 from prefixbatch.planning.plan import Plan, make_plan
 from prefixbatch.sampling_params import SamplingParams
+from prefixbatch.scheduling.request_source import CompactRequests
 
 BLOCK = 8
 

@@ -26,8 +26,9 @@ from ..engine import EngineStats, LLMEngine
 from ..errors import RayUnavailableError
 from ..loading.limits import EngineLimits
 from ..loading.model_source import resolve_model
-from ..outputs import CompactRequests, Request, RequestOutput, RequestSource
+from ..outputs import Request, RequestOutput
 from ..planning.plan import Plan, make_plan
+from ..scheduling.request_source import CompactRequests, RequestSource
 from ..tokenizer import Tokenizer
 from .sharding import make_chunks, plan_units
 

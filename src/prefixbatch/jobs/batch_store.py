@@ -17,9 +17,9 @@ import numpy as np
 
 from ..chat.render import ReplyFormat
 from ..io.batch_file import CHAT_URL, COMPLETIONS_URL, BatchRequest
-from ..outputs import CompactRequests
 from ..planning.token_arrays import TokenArraysBuilder
 from ..sampling_params import SamplingParams
+from ..scheduling.request_source import CompactRequests
 
 _CHAT, _ECHO = 1, 2
 

@@ -26,15 +26,14 @@ from ..chat.render import ChatOptions
 from ..config import EngineConfig
 from ..engine import EngineStats, LLMEngine
 from ..errors import InputFileError, JobInterrupted, KVBudgetError
-from ..execution.models.registry import DEFAULT_MODEL_NAME
 from ..io.batch_file import BatchRequest, LineError
 from ..io.progress import PlannedWork, Progress
 from ..io.results import ResultWriter, error_record, success_record
-from ..loading.builder import read_model_config
-from ..loading.model_source import resolve_model
-from ..outputs import CompactRequests
+from ..loading.model_config import read_model_config
+from ..loading.model_source import DEFAULT_MODEL_NAME, resolve_model
 from ..planning.plan import Plan, make_plan
 from ..planning.report import count
+from ..scheduling.request_source import CompactRequests
 from ..tokenizer import Tokenizer
 from .batch_store import BatchStore
 from .ingest import ingest

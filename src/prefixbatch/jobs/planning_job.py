@@ -8,9 +8,9 @@ from typing import Any
 from ..batch_tokenizer import BatchTokenizer
 from ..chat.render import ChatOptions
 from ..config import EngineConfig
-from ..execution.kv_cache import kv_pool_blocks
-from ..loading.builder import read_model_config
+from ..execution.kv_memory import kv_pool_blocks
 from ..loading.limits import EngineLimits
+from ..loading.model_config import read_model_config
 from ..loading.model_source import resolve_model
 from ..planning.plan import make_plan
 from ..planning.prefix_sort import sort_prompts

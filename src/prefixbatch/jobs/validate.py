@@ -15,7 +15,7 @@ from ..batch_tokenizer import BatchTokenizer
 from ..chat.render import ChatSetup
 from ..io.batch_file import CHAT_URL, BatchRequest, LineError
 from ..loading.limits import EngineLimits
-from ..outputs import CompactRequests
+from ..scheduling.request_source import CompactRequests
 
 _INT32_MAX = 2**31 - 1
 
