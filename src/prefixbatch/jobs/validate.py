@@ -18,6 +18,7 @@ from ..loading.limits import EngineLimits
 from ..scheduling.request_source import CompactRequests
 
 _INT32_MAX = 2**31 - 1
+_SLICE = 1 << 24  # token ids compared at a time (no temporary as large as the batch)
 
 
 def tokenize(
@@ -91,8 +92,14 @@ def check(
         pair_bad[pair_of.ravel()]
         | np.array([p is not None for p in set_problem])[requests.param_ids]
     )
-    ids = requests.prompts.ids
-    outside = np.flatnonzero((ids < 0) | (ids >= limits.vocab_size))
+    ids = requests.prompts.ids.view(np.uint32)  # a negative id reads as a huge one
+    outside = np.concatenate(
+        [
+            np.flatnonzero(ids[s : s + _SLICE] >= limits.vocab_size) + s
+            for s in range(0, len(ids), _SLICE)
+        ]
+        or [np.zeros(0, np.int64)]
+    )
     if len(outside):  # the prompts that hold those positions
         starts = requests.prompts.starts
         by_start = np.argsort(starts)
