@@ -11,11 +11,12 @@ import pytest
 
 from conftest import VOCAB
 from prefixbatch.config import EngineConfig
-from prefixbatch.engine import AdmissionWindow, LLMEngine
+from prefixbatch.engine import LLMEngine
 from prefixbatch.outputs import Request
 from prefixbatch.planning.groups import Group
 from prefixbatch.planning.plan import Plan, make_plan
 from prefixbatch.sampling_params import SamplingParams
+from prefixbatch.scheduling.admission import AdmissionWindow
 from prefixbatch.scheduling.request_source import CompactRequests
 
 BLOCK = 8

@@ -5,14 +5,8 @@ Python API plans, the engine consumes the plan), ``step`` runs one scheduled for
 returns the requests that finished in it, ``abort`` drops a request, and ``generate`` is a loop
 over ``step``. Every front end (CLI job, Python API, Ray worker, server) drives this loop.
 
-Admission streams: a batch is walked in the plan's order (``scheduling/work.py``) only as far as
-the scheduler's queue needs. Before each step the engine tops the queue up to
-``AdmissionWindow.waiting`` sequences ready to be admitted, holding at most
-``AdmissionWindow.queued`` not yet admitted (those include the members parked behind a level
-whose prefix is not computed yet). A step admits at most ``max_num_batched_tokens`` sequences
-that compute a token, so a window of twice that leaves admission as it would be with the whole
-batch queued; the one difference is that a level starts when its queued members (not all of a
-level larger than the window) fit beside what runs.
+Admission streams: a batch becomes ``Request`` and ``Sequence`` objects only as the scheduler's
+queue needs them (``scheduling/admission.py``).
 """
 
 from __future__ import annotations
@@ -34,11 +28,12 @@ from .loading.builder import LoadedModel, load_model
 from .loading.limits import EngineLimits
 from .outputs import CompletionOutput, Request, RequestOutput
 from .planning.plan import Plan, make_plan
+from .scheduling.admission import AdmissionWindow, PendingBatches
 from .scheduling.block_manager import BlockManager
 from .scheduling.request_source import RequestList, RequestSource
 from .scheduling.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .scheduling.sequence import Sequence, Status
-from .scheduling.work import Admission, WorkStream
+from .scheduling.work import WorkStream
 
 if TYPE_CHECKING:
     from .execution.structured import StructuredOutput
@@ -71,24 +66,6 @@ class EngineStats:
         group or taken from the prefix cache. Never negative: tokens recomputed after a
         preemption count as computed once more, not as negative savings."""
         return max(0, self.prompt_tokens - self.prefill_tokens_computed)
-
-
-@dataclass
-class AdmissionWindow:
-    """How far ahead of the scheduler a batch is turned into sequences (see the module
-    docstring): ``waiting`` admissible ones, at most ``queued`` in all."""
-
-    waiting: int
-    queued: int
-
-
-@dataclass
-class _Batch:
-    """A batch added and not yet fully handed to the scheduler."""
-
-    ids: np.ndarray  # (n,) request ids by position
-    made: np.ndarray  # (n,) bool: the request's sequences exist
-    items: Iterator[Admission]
 
 
 class LLMEngine:
@@ -127,9 +104,8 @@ class LLMEngine:
             self.limits.vocab_size, self.eos_ids, self._grammars, self.worker.argmax
         )
         self.stats = EngineStats()
-        budget = config.max_num_batched_tokens
-        self.admission = AdmissionWindow(waiting=2 * budget, queued=max(8 * budget, 4096))
-        self._batches: list[_Batch] = []  # added, not yet fully admitted
+        self.admission = AdmissionWindow.for_budget(config.max_num_batched_tokens)
+        self._pending = PendingBatches()  # added, not yet fully admitted
         self._doomed: set[int] = set()  # aborted before their sequences were made
         self._requests: dict[int, Request] = {}  # unfinished requests by id
         self._sequences: dict[int, list[Sequence]] = {}  # a request's choices by request id
@@ -170,7 +146,7 @@ class LLMEngine:
             return
         ids = source.request_ids()
         busy = np.fromiter(self._requests, np.int64, len(self._requests))
-        busy = np.concatenate([busy, *(b.ids[~b.made] for b in self._batches)])
+        busy = np.concatenate([busy, self._pending.waiting_ids()])
         clash = ids[np.isin(ids, busy)]
         if len(clash) or len(np.unique(ids)) != len(ids):
             first = int(clash[0]) if len(clash) else None
@@ -190,32 +166,22 @@ class LLMEngine:
             plan if self.config.policy.plans else None,
             self._group_ids,
         )
-        self._batches.append(_Batch(ids, np.zeros(len(ids), dtype=bool), iter(stream)))
+        self._pending.add(ids, iter(stream))
         self.stats.requests += len(source)
         self.stats.prompt_tokens += int(source.lengths.sum())
         self._refill()
 
     def _refill(self) -> None:
         """Hand the scheduler the next sequences of the added batches, up to the window."""
-        window, scheduler = self.admission, self.scheduler
-        queued = scheduler.num_queued
-        while self._batches and len(scheduler.waiting) < window.waiting and queued < window.queued:
-            batch = self._batches[0]
-            item = next(batch.items, None)
-            if item is None:
-                self._batches.pop(0)
-                continue
-            requests, seqs = item
-            for position, request in requests:
-                batch.made[position] = True
+        for requests, seqs in self._pending.take(self.scheduler, self.admission):
+            for _, request in requests:
                 self._requests[request.index] = request
             for seq in seqs:
                 if seq.leads is None:
                     self._sequences.setdefault(seq.seq_id, []).append(seq)
                 else:
                     self.stats.groups += 1
-                scheduler.add(seq)
-            queued += len(seqs)
+                self.scheduler.add(seq)
             for _, request in requests:
                 if request.index in self._doomed:
                     self._doomed.discard(request.index)
@@ -226,7 +192,7 @@ class LLMEngine:
         self.add_requests([request])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work or bool(self._batches)
+        return self.scheduler.has_work or bool(self._pending)
 
     def abort(self, request_id: int) -> bool:
         """Drop an unfinished request (all its choices) and free its KV blocks; False if it is
@@ -236,7 +202,7 @@ class LLMEngine:
         if seqs is None:
             if request_id in self._doomed:
                 return False
-            waiting = any(bool(np.any((b.ids == request_id) & ~b.made)) for b in self._batches)
+            waiting = self._pending.holds(request_id)
             if waiting:
                 self._doomed.add(request_id)
             return waiting
@@ -296,7 +262,7 @@ class LLMEngine:
         self.add_requests(requests, plan)
         while self.has_unfinished():
             if should_stop is not None and should_stop():
-                self._batches.clear()
+                self._pending.clear()
                 self._doomed.clear()
                 for request_id in list(self._sequences):
                     self.abort(request_id)

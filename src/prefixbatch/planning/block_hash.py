@@ -2,8 +2,8 @@
 
 Block ``i``'s hash covers blocks ``0..i`` (each hash is chained to its predecessor), so equal
 hashes mean equal whole prefixes up to a hash collision; a cache that finds a block by hash
-compares the block's tokens before reusing it. Shared by the block manager's cache (fcfs-lru)
-and the planner's simulation of it.
+compares the block's tokens before reusing it. Used by the block manager's cache (fcfs-lru);
+the plan report's simulation of that cache names blocks exactly instead (``report.py``).
 """
 
 from __future__ import annotations
