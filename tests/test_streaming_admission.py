@@ -1,13 +1,17 @@
 """Streaming admission: a batch handed to the engine as arrays (``CompactRequests``) becomes
 ``Request`` and ``Sequence`` objects only as the scheduler's queue needs them. Every request is
 answered exactly once with the tokens the whole batch queued at once gives, the groups start in
-the plan's order, and the engine holds a window of requests, not the batch."""
+the plan's order, and the engine holds a window of requests, not the batch; without a model,
+the same for random batches, windows, KV pools and token budgets."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import VOCAB
 from prefixbatch.config import EngineConfig
@@ -16,8 +20,11 @@ from prefixbatch.outputs import Request
 from prefixbatch.planning.groups import Group
 from prefixbatch.planning.plan import Plan, make_plan
 from prefixbatch.sampling_params import SamplingParams
-from prefixbatch.scheduling.admission import AdmissionWindow
-from prefixbatch.scheduling.request_source import CompactRequests
+from prefixbatch.scheduling.admission import AdmissionWindow, PendingBatches
+from prefixbatch.scheduling.block_manager import BlockManager
+from prefixbatch.scheduling.request_source import CompactRequests, RequestList
+from prefixbatch.scheduling.scheduler import Scheduler, SchedulerConfig
+from prefixbatch.scheduling.work import WorkStream
 
 BLOCK = 8
 
@@ -71,8 +78,8 @@ def run(engine: LLMEngine, requests: list[Request], plan: Plan, window: Admissio
         held = max(held, len(engine._requests))
         step = schedule()
         for seq in step.seqs:
-            if seq.leads is not None and id(seq.leads) not in seen:
-                seen.add(id(seq.leads))
+            if seq.leads is not None and seq.leads.group_id not in seen:
+                seen.add(seq.leads.group_id)
                 started.append(tuple(seq.leads.tokens))
         return step
 
@@ -142,3 +149,86 @@ def test_aborting_a_request_before_its_turn(engine):  # type: ignore[no-untyped-
         outs += [o.index for o in engine.step()]
     assert sorted(outs) == [i for i in range(20) if i != late[0]]
     assert engine.blocks.num_used == 0
+
+
+def _nested_batch(rng: random.Random, groups: int, docs: int, members: int) -> list[list[int]]:
+    out = []
+    for _ in range(groups):
+        system = [rng.randrange(3, 60) for _ in range(2 * BLOCK)]
+        for _ in range(docs):
+            doc = system + [rng.randrange(3, 60) for _ in range(BLOCK)]
+            out += [
+                doc + [rng.randrange(3, 60) for _ in range(rng.randrange(0, 5))]
+                for _ in range(members)
+            ]
+    out += [
+        [rng.randrange(3, 60) for _ in range(rng.randrange(1, 9))]
+        for _ in range(rng.randrange(0, 4))
+    ]
+    rng.shuffle(out)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4)),
+    window=st.tuples(st.integers(1, 6), st.integers(1, 12)),
+    num_blocks=st.integers(24, 80),
+    budget=st.integers(8, 64),
+)
+def test_any_window_answers_each_request_once_and_keeps_the_groups_order(  # type: ignore[no-untyped-def]
+    seed, shape, window, num_blocks, budget
+):
+    """Without a model: the scheduler fed through the admission window, fake tokens. Every
+    request finishes once, with its max_tokens; every level's sub-levels (and the top levels)
+    start in the plan's order, whatever the window."""
+    rng = random.Random(seed)
+    prompts = _nested_batch(rng, *shape)
+    requests = [
+        Request(i, p, SamplingParams(max_tokens=1 + i % 4, temperature=0, ignore_eos=True))
+        for i, p in enumerate(prompts)
+    ]
+    plan = make_plan(prompts, [r.params.max_tokens for r in requests], BLOCK)
+    pending = PendingBatches()
+    pending.add(
+        np.arange(len(requests)),
+        iter(WorkStream(RequestList(requests), "batchllm", BLOCK, 0, plan)),
+    )
+    blocks = BlockManager(num_blocks, BLOCK)
+    sched = Scheduler(SchedulerConfig(budget, None, 10_000), blocks, (0,))
+    admitted = AdmissionWindow(*window)
+    started: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (parent prefix, prefix)
+    seen: set[int] = set()
+    finished: list[int] = []
+    while True:
+        for _, seqs in pending.take(sched, admitted):
+            for s in seqs:
+                sched.add(s)
+        if not sched.has_work:
+            break
+        step = sched.schedule()
+        assert step.seqs, "no progress"
+        for s in step.seqs:
+            if s.leads is not None and s.leads.group_id not in seen:
+                seen.add(s.leads.group_id)
+                parent = tuple(s.leads.parent.tokens) if s.leads.parent else ()
+                started.append((parent, tuple(s.leads.tokens)))
+        finished += [
+            s.seq_id for s in sched.postprocess(step, [rng.randrange(1, 60) for _ in step.samples])
+        ]
+        sched.check_integrity()
+    assert sorted(finished) == list(range(len(requests)))  # each once
+    assert blocks.num_used == 0
+    expected: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def walk(level: Group, prefix: tuple[int, ...]) -> None:
+        for item in plan.in_order(level):
+            if isinstance(item, Group):
+                mine = tuple(prompts[item.first][: item.prefix_len])
+                expected.append((prefix, mine))
+                walk(item, mine)
+
+    walk(plan.root, ())
+    for parent in {p for p, _ in expected}:
+        assert [c for p, c in started if p == parent] == [c for p, c in expected if p == parent]
