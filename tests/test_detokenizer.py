@@ -18,6 +18,7 @@ from prefixbatch.detokenizer import (
     find_stop_string,
 )
 from prefixbatch.execution.penalties import LogitsProcessing
+from prefixbatch.execution.row_faults import Faults
 from prefixbatch.outputs import Request
 from prefixbatch.sampling_params import SamplingParams
 
@@ -131,13 +132,14 @@ def test_a_stop_string_on_the_last_allowed_token_finishes_with_stop(words):  # t
     texts = OutputTexts(words, {0: Request(0, prompt, params), 1: Request(1, prompt, params)})
     finished: list[object] = []
     a, b = seq(0, [*prompt, 10], params), seq(1, [*prompt, 20], params)
-    assert texts.update([a, b], lambda s, r: finished.append((s, r))) == []
+    faults: Faults[object] = Faults()
+    assert texts.update([a, b], lambda s, r: finished.append((s, r)), faults) == []
     a.tokens.append(11)
     a.finish_reason = "length"  # the scheduler ended it on max_tokens with the same token
     b.tokens.append(11)  # running: the stop string ends it through finish()
-    ended = texts.update([a, b], lambda s, r: finished.append((s.seq_id, r)))
+    ended = texts.update([a, b], lambda s, r: finished.append((s.seq_id, r)), faults)
     assert a.finish_reason == "stop" and texts.pop(a) == " w10 "  # type: ignore[arg-type]
-    assert ended == [b] and finished == [(1, "stop")]
+    assert ended == [b] and finished == [(1, "stop")] and not faults.errors
 
 
 def test_min_tokens_masks_eos_and_stop_ids():  # type: ignore[no-untyped-def]

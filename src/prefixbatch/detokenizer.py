@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any
 
+from .execution.row_faults import Faults
 from .outputs import Request
 from .sampling_params import SamplingParams
 from .scheduling.sequence import Sequence as SchedSequence
@@ -123,29 +124,36 @@ class OutputTexts:
         self.texts: dict[SchedSequence, OutputText] = {}
 
     def update(
-        self, sampled: list[SchedSequence], finish: Callable[[SchedSequence, str], None]
+        self,
+        sampled: list[SchedSequence],
+        finish: Callable[[SchedSequence, str], None],
+        faults: Faults[SchedSequence],
     ) -> list[SchedSequence]:
         """Call after the scheduler appended a token to each of ``sampled`` (and finished those
         that hit EOS, a stop token or a length limit). A stop string ends a running sequence
         through ``finish(seq, "stop")`` (those are returned) and turns a ``"length"`` finish on
-        the same token into ``"stop"``."""
+        the same token into ``"stop"``. A sequence whose text cannot be built is recorded in
+        ``faults`` and left as it is."""
         ended = []
         for seq in sampled:
-            text = self.texts.get(seq)
-            if text is None:
-                request = self.requests[seq.seq_id]
-                text = OutputText(
-                    self.hf, request.prompt_token_ids, request.params, self.special_ids
-                )
-                self.texts[seq] = text
-            if not text.append(seq.tokens[-1], stop_token=seq.finish_reason == "stop"):
-                continue
-            if seq.finish_reason is None:
-                finish(seq, "stop")
+            if faults.guard("detokenizing", seq, self._append, seq, finish):
                 ended.append(seq)
-            else:
-                seq.finish_reason = "stop"
         return ended
+
+    def _append(self, seq: SchedSequence, finish: Callable[[SchedSequence, str], None]) -> bool:
+        """Add ``seq``'s newest token to its text; True when a stop string ended it here."""
+        text = self.texts.get(seq)
+        if text is None:
+            request = self.requests[seq.seq_id]
+            text = OutputText(self.hf, request.prompt_token_ids, request.params, self.special_ids)
+            self.texts[seq] = text
+        if not text.append(seq.tokens[-1], stop_token=seq.finish_reason == "stop"):
+            return False
+        if seq.finish_reason is not None:
+            seq.finish_reason = "stop"
+            return False
+        finish(seq, "stop")
+        return True
 
     def pop(self, seq: SchedSequence) -> str:
         """The finished sequence's text (empty when it sampled no token)."""

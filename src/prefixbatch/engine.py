@@ -8,6 +8,7 @@ over ``step``. Every front end (CLI job, Python API, Ray worker, server) drives 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 
@@ -18,6 +19,7 @@ from .detokenizer import OutputTexts
 from .errors import KVBudgetError
 from .execution.attention.backend import AttentionBackend
 from .execution.model_runner import ModelRunner
+from .execution.row_faults import Faults
 from .execution.sampler import torch_argmax
 from .execution.step_sampler import StepSampler
 from .execution.structured import StructuredOutput
@@ -29,6 +31,8 @@ from .scheduling.block_manager import BlockManager
 from .scheduling.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .scheduling.sequence import Sequence, Status
 from .scheduling.work import build_sequences
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -188,7 +192,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one forward step; the outputs of the requests that finished in it.
 
-        Raises ``KVBudgetError`` when nothing can be scheduled (the pool holds no request)."""
+        A request whose own work fails during the step (its grammar, penalties, sampling,
+        log-probabilities, prompt scoring, text) ends with ``RequestOutput.error`` and its
+        blocks are freed; the others go on. Raises ``KVBudgetError`` when nothing can be
+        scheduled (the pool holds no request); a fault that is not one request's (the forward
+        pass, memory, the device) propagates."""
         scheduler = self.scheduler
         computed, preempted = scheduler.prefill_tokens_computed, scheduler.num_preemptions
         hits = self.blocks.cache_hits
@@ -198,21 +206,63 @@ class LLMEngine:
                 "the KV cache is too small to make progress; raise --kv-cache-memory"
             )
         sampling = [receiver for _, receiver in step.samples]
-        pending = self.sampler.prepare(sampling)  # grammar masks fill during the forward pass
+        rows: Faults[int] = Faults()  # by row of ``sampling``
+        faults: Faults[Sequence] = Faults()  # by sequence
+        pending = self.sampler.prepare(sampling, rows)  # grammar masks fill during the forward
         scoring = [i for i, s in enumerate(step.seqs) if _scores_prompt(s)]
         with torch.inference_mode():  # the runner's logits are inference tensors
             logits = self.runner.execute(step, scoring)
             if scoring:
-                self._score_prompts(step, scoring, logits[len(sampling) :])
+                self._score_prompts(step, scoring, logits[len(sampling) :], faults)
                 logits = logits[: len(sampling)]
-            tokens = self.sampler.sample(logits, sampling, pending)
-        finished = scheduler.postprocess(step, tokens)
-        finished += self._texts.update(sampling, scheduler.finish)
+            tokens = self.sampler.sample(logits, sampling, pending, rows)
+        for row, message in rows.errors.items():
+            faults.fail(sampling[row], message)
+        outputs = self._fail(faults)
+        finished = scheduler.postprocess(step, tokens)  # skips the requests that failed
+        finished += self._end_grammars(sampling)
+        live = [s for s in sampling if s.finish_reason != "abort"]
+        finished += self._texts.update(live, scheduler.finish, faults)
+        outputs += self._fail(faults)
         self.stats.steps += 1
         self.stats.prefill_tokens_computed += scheduler.prefill_tokens_computed - computed
         self.stats.preemptions += scheduler.num_preemptions - preempted
         self.stats.cache_hit_tokens += (self.blocks.cache_hits - hits) * self.config.block_size
-        return [out for seq in finished if (out := self._output(seq)) is not None]
+        for seq in finished:
+            if seq.seq_id in self._requests:  # not failed since it finished
+                out = faults.guard("output", seq, self._output, seq)
+                if out is not None:
+                    outputs.append(out)
+        return outputs + self._fail(faults)
+
+    def _end_grammars(self, sampled: list[Sequence]) -> list[Sequence]:
+        """Finish the structured sequences whose grammar accepted a stop token this step, also
+        under ``ignore_eos`` (nothing can follow a complete grammar)."""
+        ended = []
+        for seq in sampled:
+            if (
+                seq.params.structured is not None
+                and seq.status is not Status.FINISHED
+                and self.sampler.grammar_ended(seq)
+            ):
+                self.scheduler.finish(seq, "stop")
+                ended.append(seq)
+        return ended
+
+    def _fail(self, faults: Faults[Sequence]) -> list[RequestOutput]:
+        """End the requests of ``faults``' sequences not ended yet (every choice, its blocks
+        freed); their outputs carry the error. Fault entries are consumed."""
+        outputs = []
+        for seq, message in faults.errors.items():
+            request = self._requests.get(seq.seq_id)
+            if request is None or not self.abort(seq.seq_id):
+                continue
+            log.warning("request %d failed: %s", request.index, message)
+            outputs.append(
+                RequestOutput(request.index, request.prompt_token_ids, [], error=message)
+            )
+        faults.errors.clear()
+        return outputs
 
     def generate(
         self,
@@ -222,37 +272,48 @@ class LLMEngine:
     ) -> Iterator[RequestOutput]:
         """Run a batch to completion, yielding each output as soon as it finishes; ``stats``
         then holds this batch's counters. ``should_stop()`` is asked before every step: when it
-        says True the unfinished requests are aborted and the generator ends."""
+        says True the unfinished requests are aborted and the generator ends. However the
+        generator ends (done, stopped, closed early, or an exception), the engine is idle
+        afterwards: what is unfinished is aborted and its blocks freed."""
         if self.has_unfinished():
             raise RuntimeError("generate needs an idle engine; drive step() instead")
         self.stats = EngineStats()
         self.add_requests(requests, plan)
-        while self.has_unfinished():
-            if should_stop is not None and should_stop():
-                for request_id in list(self._sequences):
-                    self.abort(request_id)
-                return
-            yield from self.step()
+        try:
+            while self.has_unfinished():
+                if should_stop is not None and should_stop():
+                    return
+                yield from self.step()
+        finally:
+            for request_id in list(self._sequences):
+                self.abort(request_id)
 
-    def _score_prompts(self, step: ScheduledStep, scoring: list[int], logits: torch.Tensor) -> None:
+    def _score_prompts(
+        self,
+        step: ScheduledStep,
+        scoring: list[int],
+        logits: torch.Tensor,
+        faults: Faults[Sequence],
+    ) -> None:
         """Hand each scoring sequence the logits of its chunk (rows in ``scoring`` order)."""
         row = 0
         for i in scoring:
             seq, n = step.seqs[i], step.num_tokens[i]
-            self.sampler.score_prompt(seq, seq.computed, logits[row : row + n])
+            chunk = logits[row : row + n]
+            faults.guard(
+                "prompt logprobs", seq, self.sampler.score_prompt, seq, seq.computed, chunk
+            )
             row += n
 
     # -- outputs ------------------------------------------------------------------------------
     def _output(self, seq: Sequence) -> RequestOutput | None:
-        """Record a finished choice; the request's output once all its choices have ended."""
-        self.stats.output_tokens += seq.num_output
+        """Record a finished choice; the request's output once all its choices have ended (the
+        request is forgotten only once its output is built)."""
         done = self._finished.setdefault(seq.seq_id, [])
         done.append(seq)
         request = self._requests[seq.seq_id]
         if len(done) < request.params.n:
             return None
-        del self._requests[seq.seq_id], self._finished[seq.seq_id]
-        self._sequences.pop(seq.seq_id, None)
         done.sort(key=lambda s: s.choice)
         wants = request.params.logprobs is not None
         choices = [
@@ -266,13 +327,17 @@ class LLMEngine:
             for s in done
         ]
         scored = request.params.prompt_logprobs is not None
-        return RequestOutput(
+        out = RequestOutput(
             request.index,
             request.prompt_token_ids,
             choices,
             sum(s.preemptions for s in done),
             self.sampler.prompt_logprobs(done[0]) if scored else None,
         )
+        del self._requests[seq.seq_id], self._finished[seq.seq_id]
+        self._sequences.pop(seq.seq_id, None)
+        self.stats.output_tokens += out.num_output_tokens
+        return out
 
 
 def _scores_prompt(seq: Sequence) -> bool:

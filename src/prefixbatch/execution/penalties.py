@@ -3,7 +3,8 @@
 Semantics follow vLLM (``vllm/v1/sample``), in its order:
 
 1. ``min_tokens``: while a request has fewer than ``min_tokens`` output tokens, its stop tokens
-   (EOS unless ``ignore_eos``, plus ``stop_token_ids``) get ``-inf``.
+   (EOS unless ``ignore_eos``, plus ``stop_token_ids``) get ``-inf``; not on a row whose
+   grammar is complete (it allows nothing but a stop token, which then ends the request).
 2. ``logit_bias`` (OpenAI): ``logits[token] += bias`` (OpenAI accepts -100..100).
 3. ``repetition_penalty`` (vLLM, after CTRL): every token seen in the prompt or the output so far
    has its logit divided by the penalty when positive, multiplied when negative.
@@ -21,7 +22,7 @@ per row on the device) and written back, so a step where nobody uses them pays n
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,10 +102,13 @@ class LogitsProcessing:
         eos_ids: Sequence[int],
         vocab_size: int,
         device: torch.device,
+        grammar_done: Collection[int] = (),
     ) -> LogitsProcessing | None:
         """Tensors for one step: ``params``, ``prompts`` and ``outputs`` (tokens so far) are per
-        row of the step's logits; ``eos_ids`` are the model's EOS tokens. None when no row uses
-        any of it. Token ids outside ``vocab_size`` in ``logit_bias`` raise ValueError."""
+        row of the step's logits; ``eos_ids`` are the model's EOS tokens; ``grammar_done``: rows
+        whose grammar allows only a stop token (``min_tokens`` does not hold them back). None
+        when no row uses any of it. Token ids outside ``vocab_size`` in ``logit_bias`` raise
+        ValueError."""
         rows = [i for i, p in enumerate(params) if uses_logits_processing(p)]
         if not rows:
             return None
@@ -113,7 +117,7 @@ class LogitsProcessing:
         banned = [
             (r, t)
             for r, p in enumerate(ps)
-            if len(outs[r]) < p.min_tokens
+            if len(outs[r]) < p.min_tokens and rows[r] not in grammar_done
             for t in {*(() if p.ignore_eos else eos_ids), *p.stop_token_ids}
             if t < vocab_size
         ]

@@ -8,6 +8,12 @@ Per step, only for the rows that ask for it:
    penalties and biases (``penalties.py``), then the grammar masks, samples (``sampler.py``),
    records log-probabilities of the chosen tokens from the raw logits, and advances the matchers.
 
+Each stage is isolated per row (``row_faults.py``): a row whose grammar, penalties, sampling or
+log-probabilities raise is recorded as that request's error and the other rows go on. A grammar
+that is complete (it allows nothing but a stop token) ends its request: ``min_tokens`` does not
+mask the stop token there, and ``grammar_ended`` tells the engine to finish the request even
+under ``ignore_eos``. A row whose every logit is -inf is never sampled: it is an error.
+
 A step where nobody uses these features is the plain sampler plus a few list comprehensions; a
 step with a few structured rows masks those rows only.
 """
@@ -26,9 +32,15 @@ import xgrammar as xgr
 
 from ..sampling_params import SamplingParams
 from .logprobs import TokenLogprob, compute_logprobs, prompt_logprobs
-from .penalties import LogitsProcessing
+from .penalties import LogitsProcessing, uses_logits_processing
+from .row_faults import Faults, is_request_fault
 from .sampler import SamplingTensors, sample, torch_argmax
 from .structured import StructuredOutput
+
+NO_TOKEN = (
+    "sampling: no token is allowed (every logit is -inf): the request's grammar, min_tokens "
+    "and stop tokens exclude every token of the vocabulary"
+)
 
 
 class SampledSequence(Protocol):
@@ -103,14 +115,19 @@ class StepSampler:
         entries = scored.entries([k] * int(scored.token_ids.shape[0]))
         done += entries[len(done) - start :]
 
-    def prepare(self, seqs: Seq[SampledSequence]) -> PendingMasks | None:
-        """Start the grammar masks of this step's structured rows; None when there are none.
-        Raises ValueError when a request's grammar does not compile."""
-        rows = [i for i, s in enumerate(seqs) if s.params.structured is not None]
-        if not rows:
+    def prepare(self, seqs: Seq[SampledSequence], faults: Faults[int]) -> PendingMasks | None:
+        """Start the grammar masks of this step's structured rows; None when there are none. A
+        row whose grammar cannot be set up is recorded in ``faults`` (by row)."""
+        matchers = {}
+        for i, seq in enumerate(seqs):
+            if seq.params.structured is not None:
+                matcher = faults.guard("grammar", i, self._matcher, seq)
+                if matcher is not None:
+                    matchers[i] = matcher
+        if not matchers:
             return None
-        matchers = [self._matcher(seqs[i]) for i in rows]
-        return PendingMasks(rows, matchers, self.structured.fill_async(matchers, rows, len(seqs)))
+        rows, live = list(matchers), list(matchers.values())
+        return PendingMasks(rows, live, self.structured.fill_async(live, rows, len(seqs)))
 
     def _matcher(self, seq: SampledSequence) -> xgr.GrammarMatcher:
         matcher = self._matchers.get(seq)
@@ -120,37 +137,162 @@ class StepSampler:
             self._matchers[seq] = matcher
         return matcher
 
+    def grammar_ended(self, seq: SampledSequence) -> bool:
+        """Whether ``seq``'s grammar has accepted a stop token: the request must end there,
+        whatever ``ignore_eos`` and ``min_tokens`` say (nothing can follow a complete grammar)."""
+        matcher = self._matchers.get(seq)
+        return matcher is not None and matcher.is_terminated()
+
     def sample(
-        self, logits: torch.Tensor, seqs: Seq[SampledSequence], pending: PendingMasks | None
+        self,
+        logits: torch.Tensor,
+        seqs: Seq[SampledSequence],
+        pending: PendingMasks | None,
+        faults: Faults[int],
     ) -> list[int]:
-        """Next token of each row of ``logits`` (S, vocab) fp32 (modified in place)."""
+        """Next token of each row of ``logits`` (S, vocab) fp32 (modified in place). A row that
+        fails at any stage (or has no allowed token: every logit -inf) is recorded in
+        ``faults`` and gets token -1; the other rows are not affected by it."""
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         raw = logits[want] if want else None  # advanced indexing copies: the raw logits stay
-        processing = LogitsProcessing.build(
-            [s.params for s in seqs],
-            [s.tokens[: s.num_prompt] for s in seqs],
-            [s.output_tokens for s in seqs],
-            self.eos_ids,
-            self.vocab_size,
-            logits.device,
-        )
-        if processing is not None:
-            processing.apply(logits)
-        if pending is not None:
-            self.structured.apply(logits, pending.rows, pending.bitmask.result())
-        tensors = SamplingTensors.build(
-            [s.params for s in seqs],
-            [s.seed for s in seqs],
-            [s.num_output for s in seqs],
-            logits.device,
-        )
-        chosen = sample(logits, tensors, self.argmax_rows)
-        if raw is not None:
-            tops = [seqs[i].params.logprobs or 0 for i in want]
-            entries = compute_logprobs(raw, chosen[want], max(tops)).entries(tops)
-            for i, entry in zip(want, entries):
-                self._logprobs.setdefault(seqs[i], []).append(entry)
+        bitmask = self._bitmask(pending, faults, len(seqs)) if pending is not None else None
+        self._penalize(logits, seqs, pending, bitmask, faults)
+        if pending is not None and bitmask is not None:
+            masked = faults.live(pending.rows)
+            faults.isolate(
+                "grammar mask",
+                masked,
+                lambda: self.structured.apply(logits, masked, bitmask),
+                lambda i: self.structured.apply(logits, [i], bitmask),
+            )
+        chosen = self._draw(logits, seqs, faults)
         tokens = chosen.tolist()
+        for i, token in enumerate(tokens):
+            if token < 0:
+                faults.fail(i, NO_TOKEN)
+        if raw is not None:
+            self._record_logprobs(raw, want, chosen, seqs, faults)
         if pending is not None:
-            self.structured.accept(pending.matchers, [tokens[i] for i in pending.rows])
-        return tokens
+            self._accept(pending, tokens, faults)
+        return [-1 if i in faults else t for i, t in enumerate(tokens)]
+
+    def _bitmask(self, pending: PendingMasks, faults: Faults[int], batch: int) -> torch.Tensor:
+        """The masks filled during the forward pass; when that fill raised, each row is filled
+        on its own and the rows that raise again are recorded."""
+        try:
+            return pending.bitmask.result()
+        except Exception as exc:
+            if not is_request_fault(exc):
+                raise
+        bitmask = self.structured.allocate(batch)
+        for i, matcher in zip(pending.rows, pending.matchers):
+            faults.guard("grammar mask", i, self.structured.fill, [matcher], [i], bitmask)
+        return bitmask
+
+    def _penalize(
+        self,
+        logits: torch.Tensor,
+        seqs: Seq[SampledSequence],
+        pending: PendingMasks | None,
+        bitmask: torch.Tensor | None,
+        faults: Faults[int],
+    ) -> None:
+        """Penalties, biases, min_p and min_tokens (``penalties.py``) on the rows using them."""
+        rows = [i for i, s in enumerate(seqs) if uses_logits_processing(s.params)]
+        if not rows:
+            return
+        done: set[int] = set()  # structured rows held back by min_tokens whose grammar is complete
+        if pending is not None and bitmask is not None:
+            held = [
+                i
+                for i in faults.live(pending.rows)
+                if seqs[i].num_output < seqs[i].params.min_tokens
+            ]
+            if held:
+                complete = self.structured.only_stop_allowed(bitmask, held)
+                done = {i for i, c in zip(held, complete) if c}
+
+        def build(part: Seq[int]) -> LogitsProcessing | None:
+            return LogitsProcessing.build(
+                [seqs[i].params for i in part],
+                [seqs[i].tokens[: seqs[i].num_prompt] for i in part],
+                [seqs[i].output_tokens for i in part],
+                self.eos_ids,
+                self.vocab_size,
+                logits.device,
+                [j for j, i in enumerate(part) if i in done],
+            )
+
+        def batch() -> None:
+            processing = build(range(len(seqs)))
+            if processing is not None:
+                processing.apply(logits)
+
+        def one(i: int) -> None:
+            processing = build([i])
+            if processing is not None:
+                processing.apply(logits[i : i + 1])  # a view: written in place
+
+        faults.isolate("penalties", rows, batch, one)
+
+    def _draw(
+        self, logits: torch.Tensor, seqs: Seq[SampledSequence], faults: Faults[int]
+    ) -> torch.Tensor:
+        """(S,) int64 sampled tokens; -1 on rows that failed or whose every logit is -inf."""
+        chosen = torch.full((len(seqs),), -1, dtype=torch.long, device=logits.device)
+
+        def draw(part: Seq[int], rows: torch.Tensor) -> torch.Tensor:
+            tensors = SamplingTensors.build(
+                [seqs[i].params for i in part],
+                [seqs[i].seed for i in part],
+                [seqs[i].num_output for i in part],
+                logits.device,
+            )
+            return sample(rows, tensors, self.argmax_rows)
+
+        def batch() -> None:
+            chosen.copy_(draw(range(len(seqs)), logits))
+
+        def one(i: int) -> None:
+            chosen[i] = draw([i], logits[i : i + 1])[0]
+
+        faults.isolate("sampling", range(len(seqs)), batch, one)
+        # A row whose every logit is -inf was not sampled from anything: never emit its pick.
+        picked = logits.gather(1, chosen.clamp(min=0).unsqueeze(1)).squeeze(1)
+        return torch.where(picked == float("-inf"), -1, chosen)
+
+    def _record_logprobs(
+        self,
+        raw: torch.Tensor,
+        want: list[int],
+        chosen: torch.Tensor,
+        seqs: Seq[SampledSequence],
+        faults: Faults[int],
+    ) -> None:
+        """Append the chosen tokens' raw log-probabilities (``raw``: the rows ``want``)."""
+        at = {i: j for j, i in enumerate(want)}
+
+        def record(part: list[int]) -> None:
+            index = torch.tensor([at[i] for i in part], device=raw.device)
+            tops = [seqs[i].params.logprobs or 0 for i in part]
+            tokens = chosen[part].clamp(min=0)
+            entries = compute_logprobs(raw[index], tokens, max(tops)).entries(tops)
+            for i, entry in zip(part, entries):  # written only once all are computed
+                self._logprobs.setdefault(seqs[i], []).append(entry)
+
+        live = faults.live(want)
+        faults.isolate("logprobs", live, lambda: record(live), lambda i: record([i]))
+
+    def _accept(self, pending: PendingMasks, tokens: list[int], faults: Faults[int]) -> None:
+        """Advance the live structured rows' matchers by their tokens; a token the grammar
+        rejects is that row's error."""
+        matcher = dict(zip(pending.rows, pending.matchers))
+
+        def accept(part: list[int]) -> None:
+            accepted = self.structured.accept([matcher[i] for i in part], [tokens[i] for i in part])
+            for i, ok in zip(part, accepted):
+                if not ok:
+                    faults.fail(i, f"grammar: the grammar rejected token {tokens[i]}")
+
+        live = faults.live(pending.rows)
+        faults.isolate("grammar", live, lambda: accept(live), lambda i: accept([i]))

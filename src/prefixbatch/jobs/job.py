@@ -1,8 +1,11 @@
 """A batch job: batch file in, answers out, every request answered exactly once.
 
 Whole-job problems raise ``JobError`` before any compute; problems of single lines become error
-records while every other request runs. Ctrl-C / SIGTERM raise ``JobInterrupted`` after the
-answers finished so far are on disk. See ``results.py`` for the resume rule.
+records while every other request runs, and so does a request that fails while it is served
+(code ``server_error``, the engine's message). A fault that is not one request's (the model's
+forward pass, memory, the device) stops the job with every finished answer on disk. Ctrl-C /
+SIGTERM raise ``JobInterrupted`` after the answers finished so far are on disk. See
+``results.py`` for the resume rule.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +24,7 @@ from ..errors import InputFileError, JobInterrupted, KVBudgetError
 from ..execution.models.registry import DEFAULT_MODEL_NAME
 from ..io.batch_file import BatchRequest, LineError, read_batch_file
 from ..io.progress import Progress
-from ..io.results import ResultWriter, error_record, success_record
+from ..io.results import SERVER_ERROR, ResultWriter, error_record, success_record
 from ..outputs import Request
 from ..planning.plan import make_plan
 from ..planning.report import count
@@ -177,13 +181,22 @@ def run_batch(
                 r.params.logprobs is not None or r.params.prompt_logprobs is not None for r in batch
             ):
                 vocab = engine.tokenizer.token_bytes(engine.limits.vocab_size)
-            for out in engine.generate(batch, plan, should_stop):
-                req, ids = runnable[out.index]
-                echoed = _prompt_text(engine.tokenizer, req, ids) if req.echo else ""
-                writer.write(success_record(req, out, model_name, vocab, echoed))
-                answered += 1
-                progress.update(1, out.num_output_tokens, engine.status())
-                report()
+            # closing(): however the loop ends, the engine aborts what is unfinished (idle)
+            with closing(engine.generate(batch, plan, should_stop)) as outputs:
+                for out in outputs:
+                    req, ids = runnable[out.index]
+                    if out.error is not None:  # this request failed while it was served
+                        failed = LineError(
+                            req.line, req.custom_id, f"line {req.line}: {out.error}", SERVER_ERROR
+                        )
+                        errors[req.line] = failed
+                        writer.write(error_record(failed))
+                    else:
+                        echoed = _prompt_text(engine.tokenizer, req, ids) if req.echo else ""
+                        writer.write(success_record(req, out, model_name, vocab, echoed))
+                        answered += 1
+                    progress.update(1, out.num_output_tokens, engine.status())
+                    report()
             stats = engine.stats
         writer.finish(items, errors)  # also after a stop: the answers so far, tidied
     except KeyboardInterrupt:

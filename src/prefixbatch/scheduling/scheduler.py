@@ -191,8 +191,12 @@ class Scheduler:
 
     # -- after the forward pass ---------------------------------------------------------------
     def postprocess(self, step: ScheduledStep, sampled: list[int]) -> list[Sequence]:
-        """Advance computed counts, hand out sampled tokens, finish sequences; return finished."""
+        """Advance computed counts, hand out sampled tokens, finish sequences; return finished.
+        Sequences aborted since ``schedule`` (a request that failed during the step, and a
+        leader whose every member did) are skipped: their blocks are already free."""
         for seq, n in zip(step.seqs, step.num_tokens):
+            if seq.status is Status.FINISHED:
+                continue
             self.prefill_tokens_computed += max(
                 0, min(seq.computed + n, seq.num_prompt) - seq.computed
             )
@@ -202,6 +206,8 @@ class Scheduler:
                 self._prefix_ready(seq)
         finished = []
         for (_, seq), token in zip(step.samples, sampled):
+            if seq.status is Status.FINISHED:
+                continue
             seq.tokens.append(token)
             reason = self._stop_reason(seq)
             if reason:
