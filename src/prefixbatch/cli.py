@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         "planned as a whole.",
         formatter_class=fmt,
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (localhost only)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on: 127.0.0.1 accepts connections from this machine only, "
+        "0.0.0.0 from every network interface (then set --api-key)",
+    )
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument(
         "--data-dir",

@@ -87,7 +87,7 @@ def _choice(
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": c.index, "logprobs": None, "finish_reason": c.finish_reason}
     if req.url == CHAT_URL:
-        choice["message"] = {"role": "assistant", "content": c.text}
+        choice["message"] = {"role": "assistant", "content": c.text, "refusal": None}
         if c.logprobs is not None and vocab is not None:
             choice["logprobs"] = chat_logprobs(c.logprobs, vocab)
         return choice
