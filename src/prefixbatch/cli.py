@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from .config import EngineConfig, parse_memory
 from .execution.attention.registry import backend_names
+from .logs import log_to_stderr
 from .scheduling.policy import Policy
 
 EXIT_JOB_ERROR = 2
@@ -192,28 +194,19 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def _log_to_stderr(quiet: bool) -> None:
-    """The package's progress messages (loading, converting, compiling, checking) on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[prefixbatch] %(message)s"))
-    logger = logging.getLogger("prefixbatch")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    logger.propagate = False
-
-
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     from .errors import JobError, JobInterrupted
 
     if getattr(args, "resume", False) and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-    _log_to_stderr(quiet=getattr(args, "quiet", False))
+    log_to_stderr(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly as on Ctrl-C
@@ -228,11 +221,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefixbatch: error: {e}", file=sys.stderr)
         return EXIT_JOB_ERROR
     except JobInterrupted as e:
-        print(f"prefixbatch: {e}", file=sys.stderr)
+        print(f"prefixbatch: {e}; {resume_hint(argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("prefixbatch: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def resume_hint(argv: list[str]) -> str:
+    """How to resume an interrupted ``run`` given its arguments: the same command, or, when it
+    said ``--overwrite`` (which would throw the answers away again), that command without it."""
+    if "--overwrite" not in argv:
+        return "run the same command again to resume"
+    command = shlex.join(["prefixbatch", *(a for a in argv if a != "--overwrite")])
+    return f"to resume, run it again without --overwrite: {command}"
 
 
 def _run(args: argparse.Namespace, config: EngineConfig) -> int:

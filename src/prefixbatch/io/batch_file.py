@@ -41,6 +41,7 @@ class BatchRequest:
     add_generation_prompt: bool = True  # chat: end the prompt with a new assistant turn
     continue_final_message: bool = False  # chat: the answer continues the last message
     echo: bool = False  # completions: the text starts with the prompt
+    max_tokens_given: bool = False  # the body sets max_tokens (or max_completion_tokens)
 
 
 @dataclass(frozen=True)
@@ -167,13 +168,16 @@ def _request(
     if problem:
         raise _Invalid(problem)
     params = _params(body, default_max_tokens, url == CHAT_URL)
+    given = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
     digest = request_hash(
         url, {k: v for k, v in body.items() if k not in not_fields}, params.max_tokens
     )
     if url == COMPLETIONS_URL:
         prompt = _prompt(body.get("prompt"))
         echo = _flag(body, "echo", False)
-        return BatchRequest(number, custom_id, url, None, prompt, params, digest, echo=echo)
+        return BatchRequest(
+            number, custom_id, url, None, prompt, params, digest, echo=echo, max_tokens_given=given
+        )
     add_generation_prompt = _flag(body, "add_generation_prompt", True)
     continue_final_message = _flag(body, "continue_final_message", False)
     messages = _messages(body.get("messages"))
@@ -187,6 +191,7 @@ def _request(
         digest,
         add_generation_prompt,
         continue_final_message,
+        max_tokens_given=given,
     )
 
 

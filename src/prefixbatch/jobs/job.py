@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from ..distributed.ray_executor import RayExecutor
 
 log = logging.getLogger(__name__)
+
+LISTED = 10  # failed lines named in a summary before the rest are counted
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,14 @@ class JobSummary:
     prefill_tokens_saved: int
     preemptions: int
     wall_s: float
+    failures: tuple[str, ...] = ()  # the first LISTED error messages, in line order
 
     def lines(self) -> list[str]:
         tps = self.output_tokens / self.wall_s if self.wall_s else 0.0
         lines = [
             f"requests: {self.requests_ok} ok, {self.requests_failed} failed, "
             f"{self.skipped} already answered",
+            *listed("failed", self.failures, self.requests_failed),
             f"tokens: {self.prompt_tokens} prompt, {self.output_tokens} output, "
             f"{self.prefill_tokens_saved} prefill tokens saved by sharing",
             f"preemptions: {self.preemptions}",
@@ -74,6 +78,15 @@ class JobSummary:
         if not self.requests_ok and not self.skipped:
             lines.insert(0, "no line of the input is a valid request: see the error records")
         return lines
+
+
+def listed(label: str, messages: Sequence[str], total: int) -> list[str]:
+    """``label: message`` lines for the first ``LISTED`` of ``messages`` (each names its line
+    and reason), then how many more there are of ``total``."""
+    lines = [f"{label}: {m}" for m in messages[:LISTED]]
+    if total > len(lines):
+        lines.append(f"{label}: ... and {total - len(lines)} more (each has an error record)")
+    return lines
 
 
 def read_items(path: Path, default_max_tokens: int) -> list[BatchRequest | LineError]:
@@ -214,6 +227,7 @@ def run_batch(
         prefill_tokens_saved=stats.prefill_tokens_saved,
         preemptions=stats.preemptions,
         wall_s=time.monotonic() - start,
+        failures=tuple(errors[line].message for line in sorted(errors)[:LISTED]),
     )
 
 
