@@ -247,3 +247,85 @@ def test_a_generator_closed_early_leaves_the_engine_idle(llm):  # type: ignore[n
     assert llm.engine.has_unfinished()
     gen.close()
     assert_idle(llm)
+
+
+def test_isolate_reruns_row_by_row_only_when_the_batch_fails():  # type: ignore[no-untyped-def]
+    faults: Faults[int] = Faults()
+    calls: list[object] = []
+
+    def one(k: int) -> None:
+        calls.append(k)
+        if k == 2:
+            raise KeyError(k)
+
+    faults.isolate("stage", [0, 1, 2], lambda: calls.append("batch"), one)
+    assert calls == ["batch"] and not faults.errors
+    faults.fail(0, "earlier")
+    faults.isolate("stage", [0, 1, 2, 3], lambda: 1 / 0, one)  # 0 failed before: not rerun
+    assert calls[1:] == [1, 2, 3] and faults.errors == {0: "earlier", 2: "stage: KeyError: 2"}
+    # One live row and a batch that fails because of a row that failed before: it reruns.
+    faults.isolate("next", [0, 1], lambda: 1 / 0, lambda k: None)
+    assert 1 not in faults
+    for shared in (MemoryError, torch.OutOfMemoryError):
+        with pytest.raises(shared):
+            faults.isolate("stage", [1], lambda e=shared: (_ for _ in ()).throw(e()), one)
+
+
+def test_through_the_cli_job(tmp_path, tiny_models, monkeypatch, capsys):  # type: ignore[no-untyped-def]
+    import json
+
+    from test_job import chat_line, records, write_jsonl
+
+    from prefixbatch.cli import main
+
+    lines = [chat_line(i, max_tokens=1 + i) for i in range(5)]  # finishing step by step
+    lines[2]["body"]["max_tokens"] = 7  # the chosen line: its text fails
+    inp, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    args = [
+        "run",
+        str(inp),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_models["llama"]),
+        "--device",
+        "cpu",
+    ]
+    with monkeypatch.context() as mp:
+        inject_detokenizer(mp)
+        assert main([*args, "--block-size", "8", "--kv-cache-memory", "16MiB"]) == 0
+    err = capsys.readouterr().err
+    assert "requests: 4 ok, 1 failed" in err and "Traceback" not in err
+    recs = {r["custom_id"]: r for r in records(out)}
+    assert recs["chat-2"]["error"] == {
+        "code": "server_error",
+        "message": "line 3: detokenizing: RuntimeError: injected fault",
+        "line": 3,
+    }
+    assert all(recs[f"chat-{i}"]["error"] is None for i in (0, 1, 3, 4))
+    # A forward fault stops the job with what finished written; the next run completes it.
+    runner_execute = _fail_forward_after(monkeypatch, steps=4)
+    with pytest.raises(RuntimeError, match="the device fell over"):
+        main([*args, "--overwrite", "--block-size", "8", "--kv-cache-memory", "16MiB"])
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    monkeypatch.undo()
+    assert runner_execute["n"] == 5 and 1 <= len(written) < 5
+    assert all(r["error"] is None for r in written)
+    assert main([*args, "--block-size", "8", "--kv-cache-memory", "16MiB"]) == 0
+    assert all(r["error"] is None for r in records(out)) and len(records(out)) == 5
+
+
+def _fail_forward_after(mp: pytest.MonkeyPatch, steps: int) -> dict[str, int]:
+    from prefixbatch.execution.model_runner import ModelRunner
+
+    calls = {"n": 0}
+    original = ModelRunner.execute
+
+    def execute(self: ModelRunner, *args: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise RuntimeError("the device fell over")
+        return original(self, *args)
+
+    mp.setattr(ModelRunner, "execute", execute)
+    return calls

@@ -220,9 +220,11 @@ class LLMEngine:
             faults.fail(sampling[row], message)
         outputs = self._fail(faults)
         finished = scheduler.postprocess(step, tokens)  # skips the requests that failed
-        finished += self._end_grammars(sampling)
-        live = [s for s in sampling if s.finish_reason != "abort"]
-        finished += self._texts.update(live, scheduler.finish, faults)
+        if pending is not None:  # structured rows: a complete grammar ends its request
+            finished += self._end_grammars(sampling)
+        if outputs:
+            sampling = [s for s in sampling if s.finish_reason != "abort"]
+        finished += self._texts.update(sampling, scheduler.finish, faults)
         outputs += self._fail(faults)
         self.stats.steps += 1
         self.stats.prefill_tokens_computed += scheduler.prefill_tokens_computed - computed

@@ -76,9 +76,9 @@ class Faults(Generic[K]):
         batch: Callable[[], None],
         one: Callable[[K], None],
     ) -> None:
-        """Run ``batch()`` for the live ``keys``; when it raises a request fault, run
-        ``one(key)`` for each of them instead, recording the keys that raise on their own.
-        Shared faults propagate."""
+        """Run ``batch()`` for the live ``keys`` (it may cover keys that failed before, too);
+        when it raises a request fault, run ``one(key)`` for each live key instead, recording
+        the keys that raise on their own. Shared faults propagate."""
         live = self.live(keys)
         if not live:
             return
@@ -88,8 +88,5 @@ class Faults(Generic[K]):
         except Exception as exc:
             if not is_request_fault(exc):
                 raise
-            if len(live) == 1:
-                self.fail(live[0], describe(stage, exc))
-                return
         for key in live:
             self.guard(stage, key, one, key)

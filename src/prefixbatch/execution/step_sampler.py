@@ -167,14 +167,17 @@ class StepSampler:
             )
         chosen = self._draw(logits, seqs, faults)
         tokens = chosen.tolist()
-        for i, token in enumerate(tokens):
-            if token < 0:
-                faults.fail(i, NO_TOKEN)
+        if -1 in tokens:
+            for i, token in enumerate(tokens):
+                if token < 0:
+                    faults.fail(i, NO_TOKEN)
         if raw is not None:
             self._record_logprobs(raw, want, chosen, seqs, faults)
         if pending is not None:
             self._accept(pending, tokens, faults)
-        return [-1 if i in faults else t for i, t in enumerate(tokens)]
+        if faults.errors:
+            return [-1 if i in faults else t for i, t in enumerate(tokens)]
+        return tokens
 
     def _bitmask(self, pending: PendingMasks, faults: Faults[int], batch: int) -> torch.Tensor:
         """The masks filled during the forward pass; when that fill raised, each row is filled
@@ -239,7 +242,7 @@ class StepSampler:
         self, logits: torch.Tensor, seqs: Seq[SampledSequence], faults: Faults[int]
     ) -> torch.Tensor:
         """(S,) int64 sampled tokens; -1 on rows that failed or whose every logit is -inf."""
-        chosen = torch.full((len(seqs),), -1, dtype=torch.long, device=logits.device)
+        drawn: list[torch.Tensor] = []
 
         def draw(part: Seq[int], rows: torch.Tensor) -> torch.Tensor:
             tensors = SamplingTensors.build(
@@ -250,13 +253,16 @@ class StepSampler:
             )
             return sample(rows, tensors, self.argmax_rows)
 
-        def batch() -> None:
-            chosen.copy_(draw(range(len(seqs)), logits))
-
         def one(i: int) -> None:
-            chosen[i] = draw([i], logits[i : i + 1])[0]
+            if not drawn:
+                drawn.append(torch.full((len(seqs),), -1, dtype=torch.long, device=logits.device))
+            drawn[0][i] = draw([i], logits[i : i + 1])[0]
 
-        faults.isolate("sampling", range(len(seqs)), batch, one)
+        batch = range(len(seqs))
+        faults.isolate("sampling", batch, lambda: drawn.append(draw(batch, logits)), one)
+        if not drawn:  # every row had failed before
+            return torch.full((len(seqs),), -1, dtype=torch.long, device=logits.device)
+        chosen = drawn[0]
         # A row whose every logit is -inf was not sampled from anything: never emit its pick.
         picked = logits.gather(1, chosen.clamp(min=0).unsqueeze(1)).squeeze(1)
         return torch.where(picked == float("-inf"), -1, chosen)
