@@ -291,7 +291,8 @@ class StepSampler:
 
     def _accept(self, pending: PendingMasks, tokens: list[int], faults: Faults[int]) -> None:
         """Advance the live structured rows' matchers by their tokens; a token the grammar
-        rejects is that row's error."""
+        rejects is that row's error. (xgrammar's batched accept raises only before accepting
+        anything, on a size mismatch, so a rerun row by row never accepts a token twice.)"""
         matcher = dict(zip(pending.rows, pending.matchers))
 
         def accept(part: list[int]) -> None:
