@@ -231,8 +231,8 @@ def test_mutated_lines_yield_one_result_each(tmp_path, base, key, value, in_body
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "auto"),
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
         ("stream", True),
         ("best_of", 3),
         ("suffix", "x"),

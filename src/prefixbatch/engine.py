@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,7 +23,6 @@ from .execution.model_runner import ModelRunner
 from .execution.row_faults import Faults
 from .execution.sampler import torch_argmax
 from .execution.step_sampler import StepSampler
-from .execution.structured import StructuredOutput
 from .loading.builder import LoadedModel, load_model
 from .loading.limits import EngineLimits
 from .outputs import CompletionOutput, Request, RequestOutput
@@ -33,6 +33,9 @@ from .scheduling.sequence import Sequence, Status
 from .scheduling.work import build_sequences
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from .execution.structured import StructuredOutput
 
 
 @dataclass
@@ -115,6 +118,9 @@ class LLMEngine:
         self._next_group_id = 0
 
     def _grammars(self) -> StructuredOutput:
+        # Imported on first use: xgrammar is optional (requests that need it were refused).
+        from .execution.structured import StructuredOutput
+
         return StructuredOutput(self.tokenizer.hf, self.limits.vocab_size, self.eos_ids)
 
     @property

@@ -24,18 +24,21 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from weakref import WeakKeyDictionary
 
 import torch
-import xgrammar as xgr
 
 from ..sampling_params import SamplingParams
 from .logprobs import TokenLogprob, compute_logprobs, prompt_logprobs
 from .penalties import LogitsProcessing, uses_logits_processing
 from .row_faults import Faults, is_request_fault
 from .sampler import SamplingTensors, sample, torch_argmax
-from .structured import StructuredOutput
+
+if TYPE_CHECKING:  # xgrammar is optional: imported by structured.py, built on first use
+    import xgrammar as xgr
+
+    from .structured import StructuredOutput
 
 NO_TOKEN = (
     "sampling: no token is allowed (every logit is -inf): the request's grammar, min_tokens "

@@ -28,6 +28,7 @@ from ..execution.models.registry import (
     DEFAULT_MODEL_PACKAGE,
     family_for_gguf,
 )
+from ..optional import require
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def convert_gguf(path: Path) -> Path:
     out = gguf_cache_dir(path)
     if (out / "done").exists():
         return out
+    require("gguf", "reading a .gguf model")  # transformers' GGUF reader needs it too
     log.info("converting %s to fp32 safetensors in %s (once, kept for later runs)", path.name, out)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
