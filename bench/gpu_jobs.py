@@ -246,7 +246,7 @@ def run_ours(
     engine = LLMEngine(replace(loaded_engine.config, policy=policy), loaded_engine.loaded)
     prompts = job_prompts(sizes, groups, engine.loaded.model_config.vocab_size)
     sp = SamplingParams(max_tokens=sizes.output_len, temperature=0, ignore_eos=True)
-    timer = DecodeTimer(engine.runner, engine.loaded.cache.k.device)
+    timer = DecodeTimer(engine.runner, engine.worker.device)
     compiles = triton_compiles()
     outs, wall = timed(lambda: generate(engine, prompts, sp))
     flops = useful_flops(params, sizes, groups)
@@ -282,7 +282,7 @@ def jobs(sizes: Sizes, rec: Recorder) -> None:
         "non_embedding_params": params,
         "backend": type(engine.backend).__name__,
         "load_s": round(time.perf_counter() - start, 1),
-        "cuda_graphs": engine.loaded.graphs is not None,
+        "cuda_graphs": engine.worker.graphs is not None,
         "triton_compiles": triton_compiles(),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
     })  # fmt: skip

@@ -346,7 +346,7 @@ def test_a_latin1_line_says_what_is_wrong(tmp_path):  # type: ignore[no-untyped-
 
 
 def test_feature_fields_parse(tmp_path):  # type: ignore[no-untyped-def]
-    from prefixbatch.execution.grammar_spec import GrammarSpec
+    from prefixbatch.grammar_spec import GrammarSpec
 
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     chat = _with(

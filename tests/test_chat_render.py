@@ -15,7 +15,7 @@ from conftest import save_tokenizer
 from prefixbatch.chat.messages import check_messages
 from prefixbatch.chat.render import ChatOptions, ChatRequest, ChatSetup
 from prefixbatch.chat.tools import parse_tools
-from prefixbatch.execution.grammar_spec import GrammarSpec
+from prefixbatch.grammar_spec import GrammarSpec
 from prefixbatch.io.batch_file import BatchRequest, LineError, read_batch_file
 from prefixbatch.jobs.validate import tokenize
 from prefixbatch.planning.plan import make_plan

@@ -17,12 +17,12 @@ from conftest import shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.detokenizer import OutputText
 from prefixbatch.execution import step_sampler
-from prefixbatch.execution.grammar_spec import GrammarSpec
 from prefixbatch.execution.penalties import LogitsProcessing
 from prefixbatch.execution.row_faults import Faults
 from prefixbatch.execution.sampler import SamplingTensors
 from prefixbatch.execution.step_sampler import NO_TOKEN, StepSampler
 from prefixbatch.execution.structured import StructuredOutput
+from prefixbatch.grammar_spec import GrammarSpec
 from prefixbatch.outputs import RequestOutput
 
 CHOSEN = 3  # the request the injected faults pick

@@ -20,7 +20,7 @@ import torch
 from prefixbatch import SamplingParams
 from prefixbatch.cli import main
 from prefixbatch.execution import step_sampler
-from prefixbatch.execution.grammar_spec import GrammarSpec
+from prefixbatch.grammar_spec import GrammarSpec
 
 CASE = Path(__file__).parent / "data" / "grammar_complete_vs_min_tokens.jsonl"
 

@@ -42,7 +42,7 @@ for case, argv in {
 os.environ.pop("PREFIXBATCH_CACHE")
 
 from prefixbatch import LLM, SamplingParams
-from prefixbatch.execution.grammar_spec import GrammarSpec
+from prefixbatch.grammar_spec import GrammarSpec
 
 llm = LLM(model, device="cpu", kv_cache_memory=16 * 2**20)
 greedy = SamplingParams(max_tokens=3, temperature=0)

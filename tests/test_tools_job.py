@@ -17,7 +17,7 @@ from prefixbatch import LLM, SamplingParams
 from prefixbatch.chat.reasoning import THINK
 from prefixbatch.cli import main
 from prefixbatch.config import EngineConfig
-from prefixbatch.execution.grammar_spec import GrammarSpec
+from prefixbatch.grammar_spec import GrammarSpec
 
 TIME = {"type": "function", "function": {"name": "get_time"}}
 OPENAI = json.loads((Path(__file__).parent / "data/openai_openapi_subset.json").read_text())

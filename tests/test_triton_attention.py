@@ -516,7 +516,7 @@ def test_engine_with_the_triton_backend_matches_transformers(tiny_models, graphs
     )
     backend = llm.engine.backend
     assert isinstance(backend, TritonBackend)
-    assert (llm.engine.loaded.graphs is not None) == graphs
+    assert (llm.engine.worker.graphs is not None) == graphs
     chosen = []
     if split:
         backend.target_programs = 8
@@ -524,7 +524,7 @@ def test_engine_with_the_triton_backend_matches_transformers(tiny_models, graphs
         backend.splits = lambda meta: chosen.append(choose(meta)) or chosen[-1]  # type: ignore[method-assign]
     replays = []
     if graphs:
-        runner = llm.engine.loaded.graphs
+        runner = llm.engine.worker.graphs
         run = runner.run
         runner.run = lambda *a: replays.append(a[0].shape[0]) or run(*a)  # type: ignore[method-assign]
     outs = llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0))

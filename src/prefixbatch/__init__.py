@@ -1,6 +1,6 @@
 """prefixbatch: offline LLM batch inference with global prefix sharing."""
 
-from .execution.grammar_spec import GrammarSpec
+from .grammar_spec import GrammarSpec
 from .llm import LLM
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams

@@ -19,7 +19,7 @@ from .chat.tool_parsers import TOOL_CALL_PARSERS
 from .config import EngineConfig, parse_memory
 from .execution.attention.registry import backend_names
 from .logs import log_to_stderr
-from .scheduling.policy import Policy
+from .policy import Policy
 
 EXIT_JOB_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a job stopped by Ctrl-C

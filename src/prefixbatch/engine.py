@@ -19,9 +19,7 @@ from .config import EngineConfig
 from .detokenizer import OutputTexts
 from .errors import KVBudgetError
 from .execution.attention.backend import AttentionBackend
-from .execution.model_runner import ModelRunner
 from .execution.row_faults import Faults
-from .execution.sampler import torch_argmax
 from .execution.step_sampler import StepSampler
 from .loading.builder import LoadedModel, load_model
 from .loading.limits import EngineLimits
@@ -92,23 +90,14 @@ class LLMEngine:
             self.blocks,
             self.eos_ids,
         )
-        self.runner = ModelRunner(
-            self.loaded.model,
-            self.loaded.backend,
-            config.block_size,
-            self.loaded.cache.k.device,
-            share_prefix_attention=config.policy.plans,
-            min_shared=config.cascade_min_prefix,
-            graphs=self.loaded.graphs,
+        self.worker = self.loaded.worker
+        self.runner = self.worker.runner(
+            share_prefix_attention=config.policy.plans, min_shared=config.cascade_min_prefix
         )
         # Penalties, grammar masks, sampling, log-probabilities; the grammar engine is built
         # only when a request asks for structured output.
-        fused = self.loaded.model.fused
         self.sampler = StepSampler(
-            self.limits.vocab_size,
-            self.eos_ids,
-            self._grammars,
-            torch_argmax if fused is None else fused.kernels.argmax_rows,
+            self.limits.vocab_size, self.eos_ids, self._grammars, self.worker.argmax
         )
         self.stats = EngineStats()
         self._requests: dict[int, Request] = {}  # unfinished requests by id
@@ -125,11 +114,11 @@ class LLMEngine:
 
     @property
     def backend(self) -> AttentionBackend:
-        return self.loaded.backend
+        return self.worker.backend
 
     @property
     def kv_bytes(self) -> int:
-        return self.loaded.kv_bytes
+        return self.worker.kv_bytes
 
     def status(self) -> str:
         """A short note for progress lines (nothing for a single engine)."""

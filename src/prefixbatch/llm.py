@@ -21,8 +21,8 @@ from .chat.reply import assistant_message
 from .chat.tools import parse_tools
 from .config import EngineConfig
 from .engine import LLMEngine
-from .execution.models.registry import DEFAULT_MODEL_NAME
 from .io.progress import Progress
+from .loading.model_source import DEFAULT_MODEL_NAME
 from .logs import log_to_stderr_unless_configured
 from .outputs import CompletionOutput, Request, RequestOutput
 from .planning.plan import make_plan

@@ -5,8 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .execution.logprobs import TokenLogprob
 from .sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position: the chosen token, its log-probability and the ``k`` most likely tokens,
+    most likely first (``top`` holds ``(token_id, logprob)`` pairs); computed by
+    ``execution/logprobs.py``."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from ..scheduling.sequence import Sequence as SchedSequence
 from .attention.backend import AttentionBackend, to_device
 from .attention.step import AttentionStep, PrefixLevel, SeqStep
 from .cuda_graphs import DecodeGraphRunner, bucket_for
-from .models.decoder import DecoderModel
+from .models.family import Forward
 
 
 @dataclass
@@ -55,7 +55,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: DecoderModel,
+        model: Forward,
         backend: AttentionBackend,
         block_size: int,
         device: torch.device,

@@ -29,8 +29,9 @@ from weakref import WeakKeyDictionary
 
 import torch
 
+from ..outputs import TokenLogprob
 from ..sampling_params import SamplingParams
-from .logprobs import TokenLogprob, compute_logprobs, prompt_logprobs
+from .logprobs import compute_logprobs, prompt_logprobs
 from .penalties import LogitsProcessing, uses_logits_processing
 from .row_faults import Faults, is_request_fault
 from .sampler import SamplingTensors, sample, torch_argmax

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from ..grammar_spec import GRAMMAR_FEATURE, GrammarSpec
 from ..optional import require
-from .grammar_spec import GRAMMAR_FEATURE, GrammarSpec
 
 # Optional: a machine without xgrammar runs everything but structured requests, which are
 # refused line by line before any compute (``GrammarSpec.check``).

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from ..grammar_spec import GRAMMAR_FEATURE, GrammarSpec, compile_error
 from ..optional import missing
-from .grammar_spec import GRAMMAR_FEATURE, GrammarSpec, compile_error
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ..chat.messages import check_messages, check_template_kwargs
 from ..chat.render import ChatRequest, ReplyFormat
 from ..chat.tools import ToolRequest, parse_tools
 from ..errors import RequestError
-from ..execution.grammar_spec import GrammarSpec
+from ..grammar_spec import GrammarSpec
 from ..optional import missing
 from ..sampling_params import SamplingParams
 from ..tokenizer import TOKEN_BYTES_FEATURE

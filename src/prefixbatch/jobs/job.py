@@ -22,10 +22,10 @@ from ..chat.render import ChatOptions
 from ..config import EngineConfig
 from ..engine import EngineStats, LLMEngine
 from ..errors import InputFileError, JobInterrupted, KVBudgetError
-from ..execution.models.registry import DEFAULT_MODEL_NAME
 from ..io.batch_file import BatchRequest, LineError, read_batch_file
 from ..io.progress import Progress
 from ..io.results import SERVER_ERROR, ResultWriter, error_record, success_record
+from ..loading.model_source import DEFAULT_MODEL_NAME
 from ..outputs import Request
 from ..planning.plan import make_plan
 from ..planning.report import count

@@ -7,10 +7,10 @@ from typing import Any
 
 from ..chat.render import ChatOptions
 from ..config import EngineConfig
-from ..execution.kv_cache import kv_pool_blocks
+from ..execution.kv_memory import kv_pool_blocks
 from ..io.batch_file import BatchRequest, LineError
-from ..loading.builder import read_model_config
 from ..loading.limits import EngineLimits
+from ..loading.model_config import read_model_config
 from ..loading.model_source import resolve_model
 from ..planning.plan import make_plan
 from ..planning.report import format_report, plan_report

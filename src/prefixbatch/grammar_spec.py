@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from ..optional import missing
+from .optional import missing
 
 GrammarKind = Literal["json_object", "json_schema", "regex", "choice", "structural_tag"]
 GRAMMAR_FEATURE = "structured output (response_format, guided_choice, guided_regex, tools)"
