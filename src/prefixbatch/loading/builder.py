@@ -105,7 +105,7 @@ def largest_step(
             cfg.num_layers, blocks, bs, cfg.num_kv_heads, cfg.head_dim, config.torch_dtype, device
         )
         backend = select_backend(backend_name, cache, cfg.num_heads, cfg.head_dim**-0.5)
-        step = AttentionStep((SeqStep(0, tokens, tokens, tuple(range(blocks))),), (), tokens, bs)
+        step = AttentionStep.of([SeqStep(0, tokens, tokens, tuple(range(blocks)))], block_size=bs)
         rows = min(tokens, config.max_num_seqs)
         logits = model(
             torch.zeros(tokens, dtype=torch.long, device=device),
