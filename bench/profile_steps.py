@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.execution.attention.native import CpuBackend
+from prefixbatch.execution.models.fused_forward import FusedForward
 from prefixbatch.outputs import Request
 from prefixbatch.planning.plan import make_plan
 
@@ -107,10 +108,10 @@ def main() -> None:
     print(f"machine: {machine()}")
     llm = LLM(kv_cache_memory=args.kv_cache_memory)
     engine = llm.engine
-    model = engine.loaded.model
-    if model.fused is not None:
-        named = NamedKernels(model.fused.kernels)
-        model.use_fused_kernels(named)  # type: ignore[arg-type]
+    worker = engine.worker
+    if isinstance(worker.forward, FusedForward):
+        named = NamedKernels(worker.forward.kernels)
+        engine.runner.model = FusedForward(worker.model, named)  # type: ignore[arg-type]
         engine.sampler.argmax_rows = named.argmax_rows  # the greedy argmax: "sampling"
     if isinstance(engine.backend, CpuBackend):
         engine.backend.kernels = NamedKernels(engine.backend.kernels)

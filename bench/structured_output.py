@@ -24,7 +24,7 @@ import jsonschema
 from common import machine, table, timed
 
 from prefixbatch import LLM, SamplingParams
-from prefixbatch.execution.grammar_spec import GrammarSpec
+from prefixbatch.grammar_spec import GrammarSpec
 
 SCHEMA = {
     "type": "object",

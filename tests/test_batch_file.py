@@ -231,8 +231,8 @@ def test_mutated_lines_yield_one_result_each(tmp_path, base, key, value, in_body
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "auto"),
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
         ("stream", True),
         ("best_of", 3),
         ("suffix", "x"),
@@ -346,7 +346,7 @@ def test_a_latin1_line_says_what_is_wrong(tmp_path):  # type: ignore[no-untyped-
 
 
 def test_feature_fields_parse(tmp_path):  # type: ignore[no-untyped-def]
-    from prefixbatch.execution.grammar_spec import GrammarSpec
+    from prefixbatch.grammar_spec import GrammarSpec
 
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     chat = _with(

@@ -233,3 +233,28 @@ def test_two_workers_carry_n_and_logprobs(ray_cluster, tiny_models):  # type: ig
         assert all(len(o.outputs) == 2 and o.outputs[1].logprobs for o in outs if o.index % 3 == 0)
     finally:
         executor.shutdown()
+
+
+def test_two_workers_carry_tool_calls(ray_cluster, tiny_models, tmp_path):  # type: ignore[no-untyped-def]
+    """Forced tool calls on Ray: the driver renders and parses, the grammar travels in the
+    params; the records equal a single process's."""
+    import json
+
+    from chat_formats import chat_model
+    from test_tools_job import ENGINE, LINES, records
+
+    from prefixbatch.cli import main
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in LINES[:4]))
+    model = chat_model(tiny_models["qwen3"], "qwen3", tmp_path / "model")
+    base = ["run", str(inp), "--model", str(model), *ENGINE]
+    assert main([*base, "-o", str(tmp_path / "single.jsonl")]) == 0
+    assert main([*base, "-o", str(tmp_path / "ray.jsonl"), "--workers", "2"]) == 0
+
+    def choices(path):  # type: ignore[no-untyped-def]
+        return {c: r["response"]["body"]["choices"] for c, r in records(path).items()}
+
+    ray_choices = choices(tmp_path / "ray.jsonl")
+    assert ray_choices == choices(tmp_path / "single.jsonl")
+    assert all("tool_calls" in ray_choices[c][0]["message"] for c in ("named", "single"))

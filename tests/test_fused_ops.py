@@ -11,6 +11,7 @@ from prefixbatch import LLM, SamplingParams
 from prefixbatch.config import RopeConfig
 from prefixbatch.execution.fused_ops import FusedKernels, fused_kernels
 from prefixbatch.execution.layers import RotaryEmbedding, apply_rope, rms_norm, silu_and_mul
+from prefixbatch.execution.models.fused_forward import FusedForward
 from prefixbatch.execution.sampler import torch_argmax
 
 ROWS = [0, 1, 7, 64, 300]
@@ -148,10 +149,10 @@ def test_engine_fuses_only_on_the_cpu_fast_path(tiny_models):  # type: ignore[no
 
     def fused(**kwargs) -> bool:  # type: ignore[no-untyped-def]
         llm = LLM(path, device="cpu", kv_cache_memory=2**20, **kwargs)
-        model = llm.engine.loaded.model
+        fast = isinstance(llm.engine.worker.forward, FusedForward)
         fast_argmax = llm.engine.sampler.argmax_rows is not torch_argmax
-        assert fast_argmax == (model.fused is not None)
-        return model.fused is not None
+        assert fast_argmax == fast
+        return fast
 
     assert fused()  # kernels="auto", fp32
     assert not fused(kernels="torch")
@@ -163,7 +164,7 @@ def test_engine_keeps_pytorch_ops_when_the_kernels_cannot_build(tiny_models):  #
     prompts = shared_prefix_prompts(6, seed=4)
     with pytest.warns(UserWarning, match="element-wise kernels could not be built"):
         llm = LLM(str(tiny_models["qwen3"]), device="cpu", block_size=8, kv_cache_memory=8 * 2**20)
-    assert llm.engine.loaded.model.fused is None
+    assert not isinstance(llm.engine.worker.forward, FusedForward)
     outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     assert [o.output_token_ids for o in outs] == hf_greedy(tiny_models["qwen3"], prompts, [6] * 6)
 
@@ -179,22 +180,18 @@ def test_fused_forward_matches_the_modules_forward(tiny_models, family):  # type
         kv_cache_memory=8 * 2**20,
         max_num_batched_tokens=48,
     )
-    model = llm.engine.loaded.model
-    fused = model.fused
-    assert fused is not None
+    model, fused = llm.engine.worker.model, llm.engine.worker.forward
+    assert isinstance(fused, FusedForward)
     step_rows: list[tuple[int, int]] = []  # (rows, rows that sample) of each step
 
-    def compare(_, args):  # type: ignore[no-untyped-def]
+    def compare(*args):  # type: ignore[no-untyped-def]
+        expected = model(*args)
         got = fused(*args)
-        model.fused = None
-        try:
-            expected = model.forward(*args)
-        finally:
-            model.fused = fused
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         step_rows.append((len(args[0]), len(args[4])))
+        return got
 
-    model.register_forward_pre_hook(compare)
+    llm.engine.runner.model = compare  # every step runs both forwards
     llm.generate(shared_prefix_prompts(8, seed=3), SamplingParams(max_tokens=5, temperature=0))
     assert any(rows > sampled for rows, sampled in step_rows)  # prefill rows
     assert any(rows == sampled > 1 for rows, sampled in step_rows)  # decode-only steps

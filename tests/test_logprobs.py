@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from prefixbatch.execution.logprobs import TokenLogprob, compute_logprobs, prompt_logprobs
+from prefixbatch.execution.logprobs import compute_logprobs, prompt_logprobs
+from prefixbatch.outputs import TokenLogprob
 
 
 def test_chosen_and_top_k_match_per_row_log_softmax():

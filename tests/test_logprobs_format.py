@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from prefixbatch.execution.logprobs import TokenLogprob
 from prefixbatch.io.logprobs_format import chat_logprobs, completion_logprobs
+from prefixbatch.outputs import TokenLogprob
 
 # id -> bytes: plain ASCII, a leading space, the two halves of "é" (0xC3 0xA9), a whole "é"
 VOCAB = [b"Hi", b" there", b"\xc3", b"\xa9", "é".encode()]

@@ -33,5 +33,5 @@ def test_engine_packs_only_with_fast_kernels(tiny_models):  # type: ignore[no-un
 
     fast = LLM(str(tiny_models["qwen2"]), device="cpu", kv_cache_memory=2**20)
     plain = LLM(str(tiny_models["qwen2"]), device="cpu", kv_cache_memory=2**20, kernels="torch")
-    assert fast.engine.loaded.model.layers[0].mlp.down_proj.packed is not None
-    assert plain.engine.loaded.model.layers[0].mlp.down_proj.packed is None
+    assert fast.engine.worker.model.layers[0].mlp.down_proj.packed is not None
+    assert plain.engine.worker.model.layers[0].mlp.down_proj.packed is None

@@ -7,6 +7,7 @@ import pytest
 from conftest import hf_greedy, shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.execution.attention.native import CpuBackend
+from prefixbatch.execution.models.fused_forward import FusedForward
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 
@@ -44,7 +45,7 @@ def test_greedy_matches_transformers(tiny_models, family, mode):  # type: ignore
     # CI has a compiler: the default runs the compiled kernels, "torch" the PyTorch paths.
     fast = MODES[mode].get("kernels", "auto") == "auto"
     assert isinstance(llm.engine.backend, CpuBackend) == fast
-    assert (llm.engine.loaded.model.fused is not None) == fast
+    assert isinstance(llm.engine.worker.forward, FusedForward) == fast
     if MODES[mode]["policy"] == "batchllm":
         assert llm.engine.stats.groups > 0  # the shared prefixes were actually shared
 

@@ -170,7 +170,7 @@ def test_params_with_every_field_survive_pickling():
     """Ray workers receive SamplingParams by pickle."""
     import pickle
 
-    from prefixbatch.execution.grammar_spec import GrammarSpec
+    from prefixbatch.grammar_spec import GrammarSpec
 
     p = SamplingParams(
         n=3,

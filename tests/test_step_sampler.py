@@ -11,10 +11,10 @@ import jsonschema
 import pytest
 import torch
 
-from prefixbatch.execution.grammar_spec import GrammarSpec
 from prefixbatch.execution.sampler import SamplingTensors, sample
 from prefixbatch.execution.step_sampler import StepSampler
 from prefixbatch.execution.structured import StructuredOutput
+from prefixbatch.grammar_spec import GrammarSpec
 from prefixbatch.sampling_params import SamplingParams
 from prefixbatch.scheduling.sequence import Sequence
 

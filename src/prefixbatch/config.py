@@ -1,16 +1,18 @@
-"""Engine and model configuration: frozen, normalised once, read everywhere."""
+"""Engine and model configuration: frozen, normalised once, read everywhere.
+
+``ModelConfig`` is what the model code reads of a checkpoint's config; ``loading/model_config.py``
+normalises a Hugging Face config into it (and each family adds its own fields).
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from .errors import ConfigError, DeviceUnavailableError, UnsupportedModelError
-from .execution.models.registry import family_for
-from .scheduling.policy import Policy
+from .errors import ConfigError, DeviceUnavailableError
+from .policy import Policy
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,9 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A Hugging Face config normalised into the fields the model code reads."""
+    """A Hugging Face config normalised into the fields every family's model code reads
+    (``architecture`` is the family's name); a family may extend it with fields of its own
+    (``execution/models/family.py``)."""
 
     architecture: str
     vocab_size: int
@@ -41,63 +45,8 @@ class ModelConfig:
     rope: RopeConfig
     max_position: int
     tie_word_embeddings: bool
-    qkv_bias: bool
-    qk_norm: bool
+    attention_bias: bool  # Hugging Face's ``attention_bias``; what it biases is the family's
     eos_token_ids: tuple[int, ...]
-
-    @classmethod
-    def from_hf(cls, hf: Any) -> ModelConfig:
-        """Normalise a ``transformers.PretrainedConfig``; raise for unsupported architectures."""
-        family = family_for(
-            list(getattr(hf, "architectures", None) or []), getattr(hf, "model_type", "?")
-        )
-        heads = hf.num_attention_heads
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-        eos = hf.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        max_pos = hf.max_position_embeddings
-        window = getattr(hf, "sliding_window", None)
-        if family.sliding_window_caps_context and window:
-            # Sliding-window attention equals full attention inside the window; we stay inside it.
-            max_pos = min(max_pos, window)
-        return cls(
-            architecture=family.name,
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.hidden_size,
-            intermediate_size=hf.intermediate_size,
-            num_layers=hf.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            rms_norm_eps=hf.rms_norm_eps,
-            rope=_rope_config(hf),
-            max_position=max_pos,
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            qkv_bias=family.qkv_bias or bool(getattr(hf, "attention_bias", False)),
-            qk_norm=family.qk_norm,
-            eos_token_ids=eos_ids,
-        )
-
-
-def _rope_config(hf: Any) -> RopeConfig:
-    # transformers 5 keeps everything in rope_parameters; 4.x uses rope_theta + rope_scaling.
-    params = dict(getattr(hf, "rope_parameters", None) or {})
-    scaling = dict(getattr(hf, "rope_scaling", None) or {})
-    params = {**scaling, **params}
-    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope_type not in ("default", "llama3"):
-        raise UnsupportedModelError(f"unsupported rope scaling {rope_type!r}; supported: llama3")
-    if rope_type == "default":
-        return RopeConfig(theta=float(theta))
-    return RopeConfig(
-        theta=float(theta),
-        rope_type="llama3",
-        factor=float(params["factor"]),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position=int(params.get("original_max_position_embeddings", 8192)),
-    )
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -164,6 +113,11 @@ class EngineConfig:
             raise ConfigError(f"unknown kernels {self.kernels!r}; use auto or torch")
         if self.block_size < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("block_size and max_num_batched_tokens must be positive")
+
+    def context_len(self, model: ModelConfig) -> int:
+        """The longest sequence (prompt and output) the engine runs: ``max_model_len`` capped
+        by the model's positions."""
+        return min(self.max_model_len or model.max_position, model.max_position)
 
     @property
     def torch_device(self) -> torch.device:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,10 +18,7 @@ from .config import EngineConfig
 from .detokenizer import OutputTexts
 from .errors import KVBudgetError
 from .execution.attention.backend import AttentionBackend
-from .execution.model_runner import ModelRunner
-from .execution.sampler import torch_argmax
 from .execution.step_sampler import SampledTokens, StepSampler
-from .execution.structured import StructuredOutput
 from .loading.builder import LoadedModel, load_model
 from .loading.limits import EngineLimits
 from .outputs import CompletionOutput, Request, RequestOutput
@@ -29,6 +27,9 @@ from .scheduling.block_manager import BlockManager
 from .scheduling.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .scheduling.sequence import Sequence, Status
 from .scheduling.work import build_sequences
+
+if TYPE_CHECKING:
+    from .execution.structured import StructuredOutput
 
 
 @dataclass
@@ -85,24 +86,18 @@ class LLMEngine:
             self.blocks,
             self.eos_ids,
         )
-        self.runner = ModelRunner(
-            self.loaded.model,
-            self.loaded.backend,
-            config.block_size,
-            self.loaded.cache.k.device,
-            share_prefix_attention=config.policy.plans,
-            min_shared=config.cascade_min_prefix,
-            graphs=self.loaded.graphs,
+        self.worker = self.loaded.worker
+        self.runner = self.worker.runner(
+            share_prefix_attention=config.policy.plans, min_shared=config.cascade_min_prefix
         )
         # Penalties, grammar masks, sampling, log-probabilities; the grammar engine is built
         # only when a request asks for structured output.
-        fused = self.loaded.model.fused
         self.sampler = StepSampler(
             self.limits.vocab_size,
             self.eos_ids,
             self._grammars,
-            torch_argmax if fused is None else fused.kernels.argmax_rows,
-            self.loaded.cache.k.device,
+            self.worker.argmax,
+            self.worker.device,
         )
         self.stats = EngineStats()
         self._requests: dict[int, Request] = {}  # unfinished requests by id
@@ -110,22 +105,24 @@ class LLMEngine:
         self._finished: dict[int, list[Sequence]] = {}  # choices that ended, by request id
         self._texts = OutputTexts(self.tokenizer.hf)  # incremental detokenizers
         self._next_group_id = 0
-        device = self.loaded.cache.k.device
         overlap = config.overlap_schedule
-        self.overlap = device.type == "cuda" if overlap is None else overlap
+        self.overlap = self.worker.device.type == "cuda" if overlap is None else overlap
         self._inflight: _InFlight | None = None  # a launched step whose tokens are not taken in
         self._scoring = 0  # unfinished requests that ask for prompt log-probabilities
 
     def _grammars(self) -> StructuredOutput:
+        # Imported on first use: xgrammar is optional (requests that need it were refused).
+        from .execution.structured import StructuredOutput
+
         return StructuredOutput(self.tokenizer.hf, self.limits.vocab_size, self.eos_ids)
 
     @property
     def backend(self) -> AttentionBackend:
-        return self.loaded.backend
+        return self.worker.backend
 
     @property
     def kv_bytes(self) -> int:
-        return self.loaded.kv_bytes
+        return self.worker.kv_bytes
 
     def status(self) -> str:
         """A short note for progress lines (nothing for a single engine)."""

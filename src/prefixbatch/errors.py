@@ -42,6 +42,11 @@ class InputFileError(JobError):
     """The batch input file is missing, unreadable, or the same file as the output."""
 
 
+class MissingDependencyError(JobError):
+    """An optional package that a feature needs is not installed (the message names it and the
+    command that installs it)."""
+
+
 class RayUnavailableError(JobError):
     """Ray is not installed, no worker could be started, or every worker died."""
 

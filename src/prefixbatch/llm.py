@@ -6,9 +6,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from .chat.messages import check_messages, check_template_kwargs
+from .chat.render import ChatOptions, ChatRequest, ChatSetup, RenderedChat
+from .chat.reply import assistant_message
+from .chat.tools import parse_tools
 from .config import EngineConfig
 from .engine import LLMEngine
-from .outputs import Request, RequestOutput
+from .outputs import CompletionOutput, Request, RequestOutput
 from .planning.plan import make_plan
 from .sampling_params import SamplingParams
 
@@ -52,19 +56,61 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+        tool_call_parser: str = "auto",
+        reasoning_parser: str = "auto",
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or several, through the chat template.
-        ``developer`` messages are system messages; content may be a list of text parts.
+        ``developer`` messages are system messages; content may be a list of text parts;
+        histories may hold assistant ``tool_calls`` and ``tool`` results.
         ``continue_final_message=True, add_generation_prompt=False`` makes the answer continue
-        a final assistant message (vLLM's ``LLM.chat`` options). Raises ValueError as
-        ``generate`` does, or when the template cannot render a conversation."""
+        a final assistant message (vLLM's ``LLM.chat`` options).
+
+        ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are OpenAI's (``"required"`` or a
+        named function constrains the answer to valid calls), ``chat_template_kwargs`` extra
+        template variables (e.g. ``{"enable_thinking": False}``), ``chat_template`` a template's
+        text used instead of the model's; the parsers are ``"auto"`` (from the template),
+        ``"none"`` or a name (``chat.tool_parsers``, ``chat.reasoning``). Each choice's
+        ``message`` holds the answer split into content, ``reasoning_content`` and
+        ``tool_calls`` (its ``finish_reason`` is ``"tool_calls"`` when it called a tool).
+
+        Raises ValueError as ``generate`` does, for bad tools or messages, or when the template
+        cannot render a conversation (or its tools)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
-        options = dict(
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
+        setup = ChatSetup(
+            self.tokenizer, ChatOptions(chat_template, tool_call_parser, reasoning_parser)
         )
-        return self._run([self.tokenizer.encode_chat(c, **options) for c in conversations], params)
+        tool_request = parse_tools(tools, tool_choice, parallel_tool_calls)
+        kwargs = check_template_kwargs(chat_template_kwargs)
+        rendered = []
+        for i, (conversation, sp) in enumerate(
+            zip(conversations, _params_list(params, len(conversations)))
+        ):
+            try:
+                request = ChatRequest(
+                    check_messages(conversation),
+                    tool_request,
+                    kwargs,
+                    add_generation_prompt,
+                    continue_final_message,
+                )
+                rendered.append(setup.render(request, sp))
+            except ValueError as e:
+                raise ValueError(f"conversation {i}: {e}") from e
+        outs = self._run(
+            [self.tokenizer.encode_text(r.text) for r in rendered], [r.params for r in rendered]
+        )
+        return [
+            replace(
+                out, outputs=[_with_message(out.index, c, rendered[out.index]) for c in out.outputs]
+            )
+            for out in outs
+        ]
 
     def _run(
         self, ids: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None
@@ -72,13 +118,7 @@ class LLM:
         """Raises ValueError when ``params`` is a list of another length than the prompts, or
         a prompt cannot run (token ids outside the vocabulary, too long, a logit_bias token
         outside it, a grammar that does not compile)."""
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(ids)
-        if len(params) != len(ids):
-            raise ValueError(
-                f"{len(ids)} prompts and {len(params)} SamplingParams: give one SamplingParams "
-                "for all prompts or one per prompt"
-            )
+        params = _params_list(params, len(ids))
         for i, (p, sp) in enumerate(zip(ids, params)):
             limits = self.engine.limits
             problem = limits.check(p, sp.max_tokens) or limits.check_params(sp)
@@ -95,3 +135,25 @@ class LLM:
         unchanged. The two share the model's KV pool: run one at a time."""
         config = replace(self.engine.config, policy=policy)
         return LLM._from_engine(LLMEngine(config, self.engine.loaded))
+
+
+def _params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    """One SamplingParams per prompt. Raises ValueError for a list of another length."""
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * n
+    if len(params) != n:
+        raise ValueError(
+            f"{n} prompts and {len(params)} SamplingParams: give one SamplingParams "
+            "for all prompts or one per prompt"
+        )
+    return list(params)
+
+
+def _with_message(index: int, choice: CompletionOutput, rendered: RenderedChat) -> CompletionOutput:
+    """A chat choice with its assistant message (content, reasoning, tool calls)."""
+    message, finish = assistant_message(
+        choice.text, choice.finish_reason, rendered.reply, f"{index}:{choice.index}"
+    )
+    return replace(choice, message=message, finish_reason=finish)

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from .execution.logprobs import TokenLogprob
 from .sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position: the chosen token, its log-probability and the ``k`` most likely tokens,
+    most likely first (``top`` holds ``(token_id, logprob)`` pairs); computed by
+    ``execution/logprobs.py``."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -18,15 +29,56 @@ class Request:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call in an answer: OpenAI's ``message.tool_calls[i]`` (``arguments``: JSON
+    text of an object)."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass(frozen=True)
+class AssistantMessage:
+    """A chat answer as OpenAI's assistant message: ``content`` (the text outside the tool
+    calls and the thought; None when there is none), vLLM's ``reasoning_content`` (the
+    thought), ``tool_calls``."""
+
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+
+    def to_openai(self) -> dict[str, Any]:
+        """The ``message`` object of a chat completion choice (``reasoning_content`` and
+        ``tool_calls`` only when there are some, as OpenAI leaves ``tool_calls`` out)."""
+        out: dict[str, Any] = {"role": "assistant", "content": self.content, "refusal": None}
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+        return out
+
+
+@dataclass(frozen=True)
 class CompletionOutput:
     """One choice of a request (``SamplingParams.n`` of them). ``logprobs``: one entry per
-    output token when the request asked for them, else None."""
+    output token when the request asked for them, else None. ``message``: a chat answer split
+    into content, reasoning and tool calls (``LLM.chat`` sets it; ``finish_reason`` is then
+    ``"tool_calls"`` when the answer called tools)."""
 
     index: int
     token_ids: list[int]
     text: str
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
+    message: AssistantMessage | None = None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .execution.grammar_spec import GrammarSpec
+from .grammar_spec import GrammarSpec
 
 
 @dataclass(frozen=True)

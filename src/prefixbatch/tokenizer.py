@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .optional import require
+
 # OpenAI's newer name for the system message; templates only know "system".
 ROLE_ALIASES = {"developer": "system"}
+# What needs xgrammar here (``token_bytes``); batch files refuse such lines when it is missing.
+TOKEN_BYTES_FEATURE = "log-probabilities in batch output (each token's exact bytes)"
 
 
 def message_text(content: Any) -> str:
@@ -25,9 +29,14 @@ def message_text(content: Any) -> str:
 
 
 def normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them: ``developer`` -> ``system``, content a string."""
+    """Messages as chat templates expect them: ``developer`` -> ``system``, content a string
+    (an assistant turn's null content, beside its ``tool_calls``, is ``""``)."""
     return [
-        {**m, "role": ROLE_ALIASES.get(m["role"], m["role"]), "content": message_text(m["content"])}
+        {
+            **m,
+            "role": ROLE_ALIASES.get(m["role"], m["role"]),
+            "content": "" if m.get("content") is None else message_text(m["content"]),
+        }
         for m in messages
     ]
 
@@ -44,10 +53,10 @@ class Tokenizer:
     def token_bytes(self, vocab_size: int) -> list[bytes]:
         """Each token id's exact bytes, ``vocab_size`` of them (ids the tokenizer does not
         know: empty), for log-probability records. Byte-level and sentencepiece vocabularies
-        are decoded by xgrammar's tokenizer analysis; built once, on first use."""
+        are decoded by xgrammar's tokenizer analysis; built once, on first use. Raises
+        ``MissingDependencyError`` without xgrammar (batch files refuse such lines first)."""
         if self._token_bytes is None:
-            import xgrammar as xgr
-
+            xgr = require("xgrammar", TOKEN_BYTES_FEATURE)
             info = xgr.TokenizerInfo.from_huggingface(self.hf, vocab_size=vocab_size)
             self._token_bytes = list(info.decoded_vocab)
         vocab = self._token_bytes
@@ -65,13 +74,19 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **template_kwargs: Any,
     ) -> str:
         """The chat template's text for a conversation. By default it ends with the start of a
         new assistant turn; ``continue_final_message`` (with ``add_generation_prompt=False``)
         leaves the final assistant message open so the answer continues it (vLLM's chat
-        extensions, passed to transformers' ``apply_chat_template``). Raises ValueError for
-        a model without a template or both options set."""
-        if not self.hf.chat_template:
+        extensions, passed to transformers' ``apply_chat_template``). ``tools`` (OpenAI's
+        function tools), ``chat_template`` (a template's text, instead of the model's) and
+        ``template_kwargs`` (extra template variables, e.g. ``enable_thinking``) go to
+        ``apply_chat_template`` as they are. Raises ValueError for a model without a template
+        or both options set."""
+        if not (chat_template or self.hf.chat_template):
             raise ValueError("this model has no chat template; use /v1/completions with a prompt")
         if add_generation_prompt and continue_final_message:
             raise ValueError(
@@ -83,16 +98,21 @@ class Tokenizer:
             raise ValueError("continue_final_message needs a final assistant message")
         return self.hf.apply_chat_template(
             messages,
+            tools=tools,
+            chat_template=chat_template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            **template_kwargs,
         )
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a rendered chat (it already holds the special tokens it needs)."""
+        return list(self.hf.encode(text, add_special_tokens=False))
 
     def encode_chat(self, messages: list[dict[str, Any]], **template_options: bool) -> list[int]:
         """Token ids of ``render_chat(messages, **template_options)``."""
-        # The rendered template already holds the special tokens (BOS, role markers).
-        text = self.render_chat(messages, **template_options)
-        return list(self.hf.encode(text, add_special_tokens=False))
+        return self.encode_text(self.render_chat(messages, **template_options))
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         """Many texts in one call (the Rust tokenizer runs them in parallel)."""

@@ -1,7 +1,9 @@
-"""Size the KV pool on a CUDA device from a profiling run, like vLLM's
-``gpu_memory_utilization`` (vLLM docs, "Engine arguments"; ``Worker.determine_available_memory``).
+"""How many blocks the KV pool gets: a byte budget, or on a CUDA device a profiling run.
 
-The engine may use ``utilization`` of the device's total memory. After the weights are loaded,
+With ``kv_cache_memory`` set, or on the CPU, the pool is a byte budget (``kv_pool_blocks``: the
+CPU default is a share of available memory). On CUDA without a budget it is sized like vLLM's
+``gpu_memory_utilization`` (vLLM docs, "Engine arguments"; ``Worker.determine_available_memory``):
+the engine may use ``utilization`` of the device's total memory. After the weights are loaded,
 one forward at the largest step the scheduler can make (``max_num_batched_tokens`` tokens, and
 sampling for as many rows as a step can sample) is run with the allocator's peak counter reset.
 The KV pool gets what is left of the budget after that peak (weights + activations, as seen by
@@ -16,7 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import EngineConfig, ModelConfig
 from ..errors import KVBudgetError
+from .kv_cache import KVCache
+
+# The CPU pool is zeroed up front (see KVCache), so its default size is capped.
+CPU_DEFAULT_CAP = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -80,3 +87,42 @@ def gpu_kv_blocks(
     return kv_blocks_from_profile(
         profile_memory(run_largest_step, device), utilization, bytes_per_block
     )
+
+
+def available_memory() -> int:
+    """Bytes of memory available on the host (MemAvailable from /proc/meminfo; 4 GiB when it
+    cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def kv_pool_blocks(config: EngineConfig, cfg: ModelConfig) -> tuple[int, int]:
+    """(blocks in the KV pool, bytes per block): ``kv_cache_memory`` bytes, or a
+    ``kv_cache_fraction`` of free memory (on the CPU at most ``CPU_DEFAULT_CAP``). On CUDA without
+    a budget this is an estimate from free memory (the plan report); the worker sizes its pool
+    with a profiling forward instead (``gpu_kv_blocks``).
+
+    Raises ``KVBudgetError`` when the budget holds no block at all.
+    """
+    per_block = KVCache.bytes_per_block(
+        cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, config.torch_dtype
+    )
+    budget = config.kv_cache_memory
+    if budget is None and config.torch_device.type == "cuda":
+        budget = int(
+            torch.cuda.mem_get_info(config.torch_device)[0] * config.gpu_memory_utilization
+        )
+    elif budget is None:
+        budget = min(int(available_memory() * config.kv_cache_fraction), CPU_DEFAULT_CAP)
+    if budget < per_block:
+        raise KVBudgetError(
+            f"a KV budget of {budget} bytes holds no KV block ({per_block} bytes each); "
+            "raise --kv-cache-memory"
+        )
+    return budget // per_block, per_block

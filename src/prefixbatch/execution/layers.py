@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import RopeConfig
-from .packed_linear import Linear
+from .packed_linear import Linear, MergedLinear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -95,7 +95,7 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False)
+        self.gate_up_proj = MergedLinear(hidden, (intermediate, intermediate), bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,17 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..outputs import TokenLogprob
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap on top_logprobs (chat) and logprobs (completions: 5)
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One position: the chosen token, its log-probability and the ``k`` most likely tokens,
-    most likely first (``top`` holds ``(token_id, logprob)`` pairs)."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

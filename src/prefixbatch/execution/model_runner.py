@@ -25,7 +25,7 @@ from .attention.backend import AttentionBackend
 from .attention.step import AttentionStep, PrefixLevel
 from .block_tables import BlockTables
 from .cuda_graphs import DecodeGraphRunner, bucket_for
-from .models.decoder import DecoderModel
+from .models.family import Forward
 from .upload import Staged, upload
 
 _NO_LEVEL = 1 << 62  # sort key of sequences that read no prefix level: after all the others
@@ -62,7 +62,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: DecoderModel,
+        model: Forward,
         backend: AttentionBackend,
         block_size: int,
         device: torch.device,

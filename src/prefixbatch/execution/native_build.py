@@ -26,7 +26,7 @@ from types import ModuleType
 
 import torch
 
-from ..loading.model_source import cache_root
+from ..paths import cache_root
 
 # -ffast-math lets the compiler vectorise exp and the reductions; the kernels keep every value
 # finite for it. -march=native: the build is keyed by this machine's CPU flags below.

@@ -3,13 +3,18 @@
 ``F.linear`` on the CPU goes to MKL, which on this project's AMD machines runs at under half of
 what the cores can do; oneDNN with the weight pre-packed into its blocked layout ran every
 projection of SmolLM2 2.1-2.9x faster (1 to 1024 rows). Results equal ``F.linear``'s up to fp32
-summation order. The engine packs after loading weights; ``kernels="torch"`` keeps plain
+summation order. The worker packs after loading weights; ``kernels="torch"`` keeps plain
 ``nn.Linear`` behaviour (the reference).
+
+``MergedLinear`` computes several projections of one input as one matmul (q/k/v, gate/up); its
+``weight_loader`` puts each checkpoint tensor into its rows (the ``weight_loader`` pattern of vLLM
+and nano-vllm: the layer that owns a parameter knows how a checkpoint tensor maps into it, which is
+also where a tensor-parallel shard would be cut).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -63,3 +68,31 @@ class Linear(nn.Linear):
         if self.packed is None:
             return nn.functional.linear, self.weight, self.bias
         return packed_linear, self.packed, self.bias
+
+
+class MergedLinear(Linear):
+    """Projections of one input stacked into one weight: output rows ``[0, sizes[0])`` are the
+    first projection, the next ``sizes[1]`` rows the second, and so on."""
+
+    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool) -> None:
+        super().__init__(in_features, sum(output_sizes), bias=bias)
+        self.output_sizes = tuple(output_sizes)
+
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
+        """Copy a checkpoint tensor into ``param`` (this layer's weight or bias): projection
+        ``shard``'s rows, or the whole parameter for ``shard=None`` (a checkpoint that stores
+        the merged projection). Raises ValueError when the shapes differ."""
+        rows = param.data
+        if shard is not None:
+            start = sum(self.output_sizes[:shard])
+            rows = rows[start : start + self.output_sizes[shard]]
+        if rows.shape != tensor.shape:
+            raise ValueError(f"shape {tuple(tensor.shape)} where {tuple(rows.shape)} is expected")
+        rows.copy_(tensor)
+
+
+def pack_linears(module: nn.Module) -> None:
+    """Pack every ``Linear`` under ``module`` for oneDNN (CPU, fp32; after loading)."""
+    for layer in module.modules():
+        if isinstance(layer, Linear):
+            layer.pack()

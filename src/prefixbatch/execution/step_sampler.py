@@ -24,19 +24,23 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
-import xgrammar as xgr
 
+from ..outputs import TokenLogprob
 from ..sampling_params import SamplingParams
-from .logprobs import LogprobTensors, TokenLogprob, compute_logprobs, prompt_logprobs
+from .logprobs import LogprobTensors, compute_logprobs, prompt_logprobs
 from .penalties import LogitsProcessing, PenaltyState, uses_logits_processing
 from .sampler import SamplingTensors, sample, torch_argmax
-from .structured import StructuredOutput
 from .upload import Staged, upload
+
+if TYPE_CHECKING:  # xgrammar is optional: imported by structured.py, built on first use
+    import xgrammar as xgr
+
+    from .structured import StructuredOutput
 
 
 class SampledSequence(Protocol):

@@ -13,7 +13,8 @@ their text, so 1,000 requests with one schema compile it once.
 Supported (OpenAI ``response_format`` and vLLM's guided extensions):
 ``{"type": "json_object"}`` (any JSON object, not any JSON value),
 ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``, ``guided_regex``
-and ``guided_choice`` (one of a list of strings).
+and ``guided_choice`` (one of a list of strings); and the tool calls that ``tool_choice``
+``"required"`` or a named function asks for (an xgrammar structural tag, ``tool_grammar.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-import xgrammar as xgr
 
-from .grammar_spec import GrammarSpec
+from ..grammar_spec import GRAMMAR_FEATURE, GrammarSpec
+from ..optional import require
+
+# Optional: a machine without xgrammar runs everything but structured requests, which are
+# refused line by line before any compute (``GrammarSpec.check``).
+xgr = require("xgrammar", GRAMMAR_FEATURE)
 
 
 def _choice_grammar(choices: list[str]) -> str:
@@ -69,6 +74,8 @@ class StructuredOutput:
                 return self._compiler.compile_json_schema(schema, any_whitespace=False)
             if spec.kind == "regex":
                 return self._compiler.compile_regex(spec.source)
+            if spec.kind == "structural_tag":
+                return self._compiler.compile_structural_tag(spec.source)
             return self._compiler.compile_grammar(_choice_grammar(json.loads(spec.source)))
         except (RuntimeError, ValueError) as e:  # xgrammar reports bad input as either
             raise ValueError(f"cannot compile {spec.kind}: {e}") from e

@@ -14,14 +14,18 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..chat.messages import check_messages, check_template_kwargs
+from ..chat.render import ChatRequest, ReplyFormat
+from ..chat.tools import ToolRequest, parse_tools
 from ..errors import RequestError
-from ..execution.grammar_spec import GrammarSpec
+from ..grammar_spec import GrammarSpec
+from ..optional import missing
 from ..sampling_params import SamplingParams
-from ..tokenizer import message_text
+from ..tokenizer import TOKEN_BYTES_FEATURE
 from .body_fields import field_problem
 
 CHAT_URL = "/v1/chat/completions"
@@ -40,6 +44,19 @@ class BatchRequest:
     add_generation_prompt: bool = True  # chat: end the prompt with a new assistant turn
     continue_final_message: bool = False  # chat: the answer continues the last message
     echo: bool = False  # completions: the text starts with the prompt
+    tools: ToolRequest | None = None  # chat: tools, tool_choice, parallel_tool_calls
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+    reply: ReplyFormat | None = None  # chat: how the answer is parsed (set when rendered)
+
+    def chat(self) -> ChatRequest:
+        """What this chat request asks of the chat template."""
+        return ChatRequest(
+            self.messages or [],
+            self.tools,
+            self.template_kwargs,
+            self.add_generation_prompt,
+            self.continue_final_message,
+        )
 
 
 @dataclass(frozen=True)
@@ -172,7 +189,14 @@ def _request(
         return BatchRequest(number, custom_id, url, None, prompt, params, digest, echo=echo)
     add_generation_prompt = _flag(body, "add_generation_prompt", True)
     continue_final_message = _flag(body, "continue_final_message", False)
-    messages = _messages(body.get("messages"))
+    try:
+        messages = check_messages(body.get("messages"))
+        tools = parse_tools(
+            body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+        )
+        template_kwargs = check_template_kwargs(body.get("chat_template_kwargs"))
+    except ValueError as e:
+        raise _Invalid(str(e)) from e
     return BatchRequest(
         number,
         custom_id,
@@ -183,24 +207,9 @@ def _request(
         digest,
         add_generation_prompt,
         continue_final_message,
+        tools=tools,
+        template_kwargs=template_kwargs,
     )
-
-
-def _messages(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not value:
-        raise _Invalid("'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _Invalid(f"messages[{i}] must be an object with a string 'role'")
-        try:
-            content = message_text(m.get("content"))
-        except ValueError as e:
-            raise _Invalid(f"messages[{i}].content: {e}") from e
-        out.append({"role": m["role"], "content": content})
-    if not any(m["content"].strip() for m in out):
-        raise _Invalid("the prompt is empty: every message has empty content")
-    return out
 
 
 def _prompt(value: Any) -> str | list[int]:
@@ -347,6 +356,10 @@ def _features(body: dict[str, Any], chat: bool) -> dict[str, Any]:
     if repetition <= 0:
         raise _Invalid(f"'repetition_penalty' must be > 0, got {repetition:g}")
     logprobs, prompt_logprobs = _logprobs(body, chat)
+    if logprobs is not None or prompt_logprobs is not None:
+        absent = missing("xgrammar", TOKEN_BYTES_FEATURE)
+        if absent:
+            raise _Invalid(absent)
     choice = body.get("guided_choice")
     regex = body.get("guided_regex")
     if regex is not None and not isinstance(regex, str):

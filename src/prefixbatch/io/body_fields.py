@@ -3,7 +3,7 @@
 OpenAI rejects a request with a field it does not know; so do we, per line, naming the field,
 so that nobody believes an option was applied when it was not. A field listed in
 ``UNSUPPORTED`` is accepted only with a value that asks for nothing (``"stream": false``,
-``"best_of": 1``, ``"tools": []``).
+``"best_of": 1``, ``"functions": []``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,16 @@ HONOURED = frozenset(
     }
 )
 CHAT_ONLY = frozenset(
-    {"messages", "continue_final_message", "add_generation_prompt", "top_logprobs"}
+    {
+        "messages",
+        "continue_final_message",
+        "add_generation_prompt",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "chat_template_kwargs",
+    }
 )
 COMPLETIONS_ONLY = frozenset({"prompt", "echo"})
 # Harmless metadata: accepted and not used (the output's "model" is the model that ran).
@@ -50,9 +59,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "stream": (False,),
     "stream_options": (),
     "suffix": ("",),
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (),
     "functions": ([],),
     "function_call": ("none",),
     "use_beam_search": (False,),

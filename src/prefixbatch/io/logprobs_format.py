@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..execution.logprobs import TokenLogprob
+from ..outputs import TokenLogprob
 
 
 def _text(token_bytes: bytes) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..chat.reply import assistant_message
 from ..outputs import CompletionOutput, RequestOutput
 from .batch_file import CHAT_URL, BatchRequest, LineError
 from .logprobs_format import chat_logprobs, completion_logprobs, prompt_logprobs_list
@@ -86,7 +87,11 @@ def _choice(
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": c.index, "logprobs": None, "finish_reason": c.finish_reason}
     if req.url == CHAT_URL:
-        choice["message"] = {"role": "assistant", "content": c.text}
+        key = f"{req.custom_id}:{c.index}"
+        message, choice["finish_reason"] = assistant_message(
+            c.text, c.finish_reason, req.reply, key
+        )
+        choice["message"] = message.to_openai()
         if c.logprobs is not None and vocab is not None:
             choice["logprobs"] = chat_logprobs(c.logprobs, vocab)
         return choice

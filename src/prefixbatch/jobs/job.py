@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..chat.render import ChatOptions
 from ..config import EngineConfig
 from ..engine import EngineStats, LLMEngine
 from ..errors import InputFileError, JobInterrupted, KVBudgetError
-from ..execution.models.registry import DEFAULT_MODEL_NAME
 from ..io.batch_file import BatchRequest, LineError, read_batch_file
 from ..io.progress import Progress
 from ..io.results import ResultWriter, error_record, success_record
+from ..loading.model_source import DEFAULT_MODEL_NAME
 from ..outputs import Request
 from ..planning.plan import make_plan
 from ..planning.report import count
@@ -42,6 +43,7 @@ class JobOptions:
     quiet: bool = False
     workers: int = 1  # > 1, or a ray_address: engine actors on Ray
     ray_address: str | None = None
+    chat: ChatOptions = ChatOptions()  # chat template and tool-call / reasoning parsers
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def run_batch(
         if todo:
             engine = load()
             log.info("checking %s", count(len(todo), "request"))
-            checked = validate(engine.tokenizer, engine.limits, todo)
+            checked = validate(engine.tokenizer, engine.limits, todo, opts.chat)
             if checked.too_big_for_kv and not checked.runnable:
                 raise KVBudgetError(
                     f"the KV cache ({engine.limits.num_blocks} blocks) is too small for even one "

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..chat.render import ChatOptions
 from ..config import EngineConfig
-from ..execution.kv_cache import kv_pool_blocks
+from ..execution.kv_memory import kv_pool_blocks
 from ..io.batch_file import BatchRequest
-from ..loading.builder import read_model_config
 from ..loading.limits import EngineLimits
+from ..loading.model_config import read_model_config
 from ..loading.model_source import resolve_model
 from ..planning.plan import make_plan
 from ..planning.report import format_report, plan_report
@@ -19,18 +20,18 @@ from .validate import validate
 
 
 def plan_job(
-    config: EngineConfig, path: Path, default_max_tokens: int
+    config: EngineConfig, path: Path, default_max_tokens: int, chat: ChatOptions | None = None
 ) -> tuple[dict[str, Any], str]:
     """(the report as a JSON-ready dict, the same as text). Lines ``prefixbatch run`` would
     reject (parse errors, token ids outside the vocabulary, too long) are left out and counted
-    in ``rejected_lines``."""
+    in ``rejected_lines``. ``chat``: the chat template and parsers ``run`` would use."""
     items = read_items(path, default_max_tokens)
     source = resolve_model(config.model)
     cfg = read_model_config(source)
     blocks, _ = kv_pool_blocks(config, cfg)
     limits = EngineLimits.of(config, cfg, blocks)
     checked = validate(
-        Tokenizer(source.path), limits, [i for i in items if isinstance(i, BatchRequest)]
+        Tokenizer(source.path), limits, [i for i in items if isinstance(i, BatchRequest)], chat
     )
     prompts = [ids for _, ids in checked.runnable]
     plan = make_plan(prompts, [r.params.max_tokens for r, _ in checked.runnable], config.block_size)

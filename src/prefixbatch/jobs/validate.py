@@ -6,34 +6,37 @@ would reject); the Python API checks with the same ``EngineLimits.check``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from ..chat.render import ChatOptions, ChatSetup
 from ..io.batch_file import CHAT_URL, BatchRequest, LineError
 from ..loading.limits import EngineLimits
 from ..tokenizer import Tokenizer
 
 
 def tokenize(
-    tokenizer: Tokenizer, items: list[BatchRequest]
+    tokenizer: Tokenizer, items: list[BatchRequest], chat: ChatOptions | None = None
 ) -> tuple[list[tuple[BatchRequest, list[int]]], list[LineError]]:
-    """Token ids per request (chat template for chats); template failures and empty prompts are
-    line errors. Texts are encoded in one batched call."""
+    """Token ids per request (chat template for chats, under ``chat``'s template and parsers:
+    a chat request comes back with the params and reply format its rendering decided);
+    template failures and empty prompts are line errors. Texts are encoded in one batched
+    call."""
     ok: list[tuple[BatchRequest, list[int]]] = []
     errors: list[LineError] = []
     texts: list[tuple[BatchRequest, str, bool]] = []
+    setup = ChatSetup(tokenizer, chat)
     for req in items:
         if isinstance(req.prompt, list):
             ok.append((req, list(req.prompt)))
             continue
         if req.url == CHAT_URL:
             try:
-                text = tokenizer.render_chat(
-                    req.messages or [], req.add_generation_prompt, req.continue_final_message
-                )
+                rendered = setup.render(req.chat(), req.params)
             except Exception as e:  # a template may raise anything (jinja, our checks)
                 errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {e}"))
                 continue
-            texts.append((req, text, False))
+            req = replace(req, params=rendered.params, reply=rendered.reply)
+            texts.append((req, rendered.text, False))
         else:
             texts.append((req, req.prompt or "", True))
     for special in (False, True):
@@ -59,9 +62,14 @@ class Validated:
     too_big_for_kv: int  # how many of those the KV pool cannot hold
 
 
-def validate(tokenizer: Tokenizer, limits: EngineLimits, items: list[BatchRequest]) -> Validated:
-    """Tokenize and check every request."""
-    tokenized, errors = tokenize(tokenizer, items)
+def validate(
+    tokenizer: Tokenizer,
+    limits: EngineLimits,
+    items: list[BatchRequest],
+    chat: ChatOptions | None = None,
+) -> Validated:
+    """Tokenize (see ``tokenize``) and check every request."""
+    tokenized, errors = tokenize(tokenizer, items, chat)
     runnable = []
     too_big = 0
     for req, ids in sorted(tokenized, key=lambda t: t[0].line):

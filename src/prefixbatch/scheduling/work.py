@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ..outputs import Request
 from ..planning.groups import Group
 from ..planning.plan import Plan
-from .policy import Policy
+from ..policy import Policy
 from .sequence import PrefixGroup, Sequence
 
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's stream increment (execution/sampler.py)

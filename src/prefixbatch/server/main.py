@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..chat.render import ChatOptions
 from ..config import EngineConfig
 from ..jobs.job import make_executor
 from .app import AppConfig, create_app
@@ -22,6 +23,7 @@ class ServeOptions:
     default_max_tokens: int = 256
     workers: int = 1  # > 1, or a ray_address: engine actors on Ray
     ray_address: str | None = None
+    chat: ChatOptions = ChatOptions()  # chat template and tool-call / reasoning parsers
 
 
 def serve(config: EngineConfig, opts: ServeOptions) -> None:
@@ -32,7 +34,7 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
     engine = make_executor(config, opts.workers, opts.ray_address)
     opts.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(opts.data_dir)
-    worker = BatchWorker(store, engine, WorkerOptions(opts.default_max_tokens))
+    worker = BatchWorker(store, engine, WorkerOptions(opts.default_max_tokens, chat=opts.chat))
     app = create_app(
         store, worker, AppConfig(engine.model_name, opts.api_key, opts.max_upload_bytes)
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..chat.render import ChatOptions
 from ..errors import JobError
 from ..io.batch_file import BatchRequest, LineError
 from ..jobs.job import JobOptions, read_items, run_batch
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 class WorkerOptions:
     default_max_tokens: int = 256  # for requests that set no max_tokens
     progress_interval_s: float = 0.25  # request_counts are written at most this often
+    chat: ChatOptions = ChatOptions()  # chat template and tool-call / reasoning parsers
 
 
 def _now() -> int:
@@ -172,6 +174,7 @@ class BatchWorker:
             output=self.store.blob_path(batch.records_name),
             default_max_tokens=self.opts.default_max_tokens,
             quiet=True,
+            chat=self.opts.chat,
         )
         try:
             run_batch(lambda: self.engine, items, opts, should_stop, on_progress)

@@ -15,6 +15,7 @@ import torch
 from ..kv_cache import KVCache
 from ..upload import Staged
 from .backend import AttentionBackend
+from .kv_splits import KVSplits, busy_tiles, choose_splits
 from .step import AttentionStep, SeqStep
 from .triton_metadata import PREFIX_TILE_M, MetadataShape, TritonMetadata
 
@@ -29,9 +30,19 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def target_programs(device: torch.device) -> int:
+    """Programs a decode launch should reach before its KV is split: two per SM on CUDA (one
+    program per SM leaves each SM one warp group to hide memory latency with); 0 on the CPU
+    (the interpreter runs programs one by one: splitting only adds work)."""
+    if device.type != "cuda":
+        return 0
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 class TritonBackend(AttentionBackend):
     """Writes a step's new K/V into the paged cache and computes attention for every row, the
-    rows below prefix levels reading each level once per tile of rows (see ``triton_kernels``).
+    rows below prefix levels reading each level once per tile of rows (see ``triton_kernels``,
+    launched by ``triton_launch``).
 
     ``forward`` gets q (T, H, D), k and v (T, KVH, D) for the flattened step and returns
     (T, H, D) in q's dtype: an exact softmax over each row's whole context (levels, then its own
@@ -42,11 +53,15 @@ class TritonBackend(AttentionBackend):
 
     def __init__(self, cache: KVCache, num_heads: int, scale: float) -> None:
         # Imported here so that this module, and triton_available, load without triton.
-        from . import triton_kernels
+        from . import triton_launch
 
         super().__init__(cache, num_heads, scale)
-        self._kernels = triton_kernels
+        self._kernels = triton_launch
         self.group_size = num_heads // cache.k.shape[2]  # query heads per KV head
+        self.kv_heads = cache.k.shape[2]
+        # Split-KV when a step's grid would underfill the device (kv_splits.py); tests raise it
+        # to split on the CPU.
+        self.target_programs = target_programs(cache.k.device)
 
     def stage(
         self, step: AttentionStep, shape: MetadataShape | None = None
@@ -70,7 +85,19 @@ class TritonBackend(AttentionBackend):
         """Attention of layer ``layer`` for the step ``metadata`` was prepared for."""
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
         self._kernels.write_kv(k, v, k_pool, v_pool, metadata.slot_mapping)
-        return self._kernels.triton_attention(q, k_pool, v_pool, metadata, self.scale)
+        splits = self.splits(metadata)
+        return self._kernels.triton_attention(q, k_pool, v_pool, metadata, self.scale, splits)
+
+    def splits(self, metadata: TritonMetadata) -> KVSplits:
+        """How the step's KV is split: a function of sizes only, so a CUDA-graph bucket (fixed
+        padded sizes) always gets the same splits."""
+        rows, padded = metadata.num_rows, metadata.padded
+        return choose_splits(
+            busy_tiles(metadata.prefix_tile_level.numel(), rows, metadata.prefix_rows, padded),
+            busy_tiles(metadata.own_tile_seq.numel(), rows, 1, padded),
+            self.kv_heads,
+            self.target_programs,
+        )
 
     # -- CUDA-graph hooks (execution/cuda_graphs.GraphMetadataHooks) --------------------------
     def set_graph_limits(self, max_blocks_per_seq: int, max_depth: int = 4) -> None:

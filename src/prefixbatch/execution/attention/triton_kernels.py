@@ -1,16 +1,20 @@
 """Triton attention over the paged KV cache: shared prefix levels read once per tile of the rows
-below them, then every row's own KV, in two launches per layer for any mixed step.
+below them, then every row's own KV, in two launches per layer for any mixed step (three when a
+small step's own KV is split).
 
-1. ``_prefix_level_kernel`` (grid: prefix tiles x KV heads): the stacked query rows of one level
-   (GQA heads packed into M) attend non-causally to the level's KV, which each program reads
-   once; it writes a partial output and log-sum-exp per (row, head) at the level's slot of the
-   partial buffer (Hydragen; FlashInfer's ``MultiLevelCascadeAttentionWrapper`` computes one
-   such partial per level).
-2. ``_own_kv_kernel`` (grid: own tiles x KV heads, prefill chunks and decode rows in one launch):
-   each tile first merges the partials of the row's levels, depth 0 first, into its
-   online-softmax state (the log-sum-exp merge of FlashInfer's ``merge_state``), then runs the
-   causal online softmax over ``[shared_len, context_len)`` with the offset
-   ``context_len - q_len``, so no separate merge launch is needed.
+1. ``prefix_level_kernel`` (grid: prefix tiles x KV heads x prefix splits): the stacked query
+   rows of one level (GQA heads packed into M) attend non-causally to the level's KV (or one
+   part of it), which each program reads once; it writes a partial output and log-sum-exp per
+   (split, row, head) at the level's slot of the partial buffer (Hydragen; FlashInfer's
+   ``MultiLevelCascadeAttentionWrapper`` computes one such partial per level).
+2. ``own_kv_kernel`` (grid: own tiles x KV heads x own splits, prefill chunks and decode rows in
+   one launch): each tile first merges the partials of the row's levels, depth 0 first, into
+   its online-softmax state (the log-sum-exp merge of FlashInfer's ``merge_state``), then runs
+   the causal online softmax over ``[shared_len, context_len)`` (or its part of it) with the
+   offset ``context_len - q_len``, so no separate merge launch is needed for the levels.
+3. ``merge_splits_kernel`` (grid: rows x KV heads), only when the own KV is split: merges each
+   row's per-split partials into the output (SGLang's decode reduce, vLLM's
+   ``reduce_segments``). When to split is ``kv_splits.py``'s choice.
 
 The loops follow Triton's fused-attention tutorial: scores in base 2 (``scale * log2(e)``, then
 ``exp2``), fp32 accumulation, one rescale of the accumulator per KV tile. Keys are gathered per
@@ -18,18 +22,23 @@ position through the sequence's own block table, which starts at its ``shared_le
 ``table[p // block_size - shared_len // block_size] * block_size + p % block_size``), so tiles
 need not align with blocks. fp32 inputs use IEEE dot products (not TF32), so they match
 the PyTorch reference to ~1e-6.
+
+No argument whose value changes between steps selects a compiled variant: Triton specialises
+integers on ``== 1`` and divisibility by 16 and pointers on 16-byte alignment, and the block
+table and level table widths (their row strides), the partial buffers' split strides, the split
+counts, and the metadata arrays (views at any offset of one buffer) all change with the step.
+They are excluded (``do_not_specialize``, ``do_not_specialize_on_alignment``), so a job compiles
+each kernel once per dtype and head layout (and the own-KV kernel once more with its KV split).
+``triton_launch.py`` launches them.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .triton_metadata import TritonMetadata
-
 # Globals read inside kernels must be constexpr for the compiler (the interpreter does not care).
-_LOG2E = tl.constexpr(1.4426950408889634)
+LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: no inf - inf NaN
 BLOCK_N = 32  # KV positions per inner-loop tile; untuned
@@ -82,61 +91,158 @@ def _softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION: tl.constex
 
 
 @triton.jit
-def _prefix_level_kernel(
-    q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr,
-    tile_level_ptr, tile_row0_ptr,
-    lvl_row_start_ptr, lvl_row_end_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
+def _merge_partial(m_i, l_i, acc, o_p, lse):
+    """Merge a normalised partial (``o_p`` (M, D), natural-log ``lse`` (M,)) into an online
+    softmax state (base-2 max, denominator, unnormalised output): a normalised partial is the
+    state (max = lse, sum = 1, acc = o). An empty partial has lse = -1e30 and weighs nothing."""
+    lse2 = lse * LOG2E
+    m_new = tl.maximum(m_i, lse2)
+    alpha = tl.exp2(m_i - m_new)
+    beta = tl.exp2(lse2 - m_new)
+    return m_new, l_i * alpha + beta, acc * alpha[:, None] + o_p * beta[:, None]
+
+
+@triton.jit
+def _finish(m_i, l_i, acc):
+    """Normalised output and natural-log log-sum-exp of a state; (0, -1e30) where it saw no
+    key (an empty split, a padding row)."""
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, _NEG)
+    return acc / l_safe[:, None], lse
+
+
+@triton.jit
+def _store_partial(
+    o_ptr, lse_ptr, out, lse, rows, heads, ok, d,
+    stride_s, stride_t, stride_h, stride_ls, stride_lt,
+):  # fmt: skip
+    """Store a tile's normalised partial (``out`` (M, D), ``lse`` (M,)) at split
+    ``program_id(2)``, int64 ``rows`` of fp32 buffers (splits, rows, H, D) and (splits, rows, H)."""
+    split = tl.program_id(2).to(tl.int64)
+    at = split * stride_s + rows * stride_t
+    tl.store(o_ptr + at[:, None] + heads[:, None] * stride_h + d[None, :], out, mask=ok[:, None])
+    tl.store(lse_ptr + split * stride_ls + rows * stride_lt + heads, lse, mask=ok)
+
+
+@triton.jit
+def _split_range(lo, hi, BLOCK_N: tl.constexpr):
+    """This program's part ``[start, end)`` of ``[lo, hi)``: split ``program_id(2)`` of
+    ``num_programs(2)``, each a whole number of ``BLOCK_N`` tiles (later parts may be empty)."""
+    parts = tl.num_programs(2)
+    chunk = tl.cdiv(tl.cdiv(hi - lo, parts), BLOCK_N) * BLOCK_N
+    start = lo + tl.program_id(2) * chunk
+    return start, tl.minimum(start + chunk, hi)
+
+
+_METADATA_PTRS = (
+    "tile_level_ptr", "tile_row0_ptr", "tile_seq_ptr", "tile_q0_ptr",
+    "lvl_row_start_ptr", "lvl_row_end_ptr", "lvl_len_ptr", "lvl_out_ptr", "lvl_blocks_ptr",
+    "seq_q_start_ptr", "seq_q_len_ptr", "seq_ctx_ptr", "seq_shared_ptr", "seq_num_levels_ptr",
+    "block_table_ptr", "seq_levels_ptr", "slot_ptr",
+)  # fmt: skip
+# Integer arguments that change from step to step (see the module docstring).
+_PER_STEP_INTS = (
+    "num_tiles", "stride_lvl_blocks", "stride_table", "stride_seq_levels",
+    "stride_ps", "stride_ls", "stride_os", "stride_ols", "prefix_splits", "num_splits",
+)  # fmt: skip
+
+
+def _jit(fn):  # type: ignore[no-untyped-def]
+    """``triton.jit`` with the per-step arguments of ``fn`` excluded from specialisation."""
+    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    return triton.jit(
+        fn,
+        do_not_specialize=[a for a in names if a in _PER_STEP_INTS],
+        do_not_specialize_on_alignment=[a for a in names if a in _METADATA_PTRS],
+    )
+
+
+@triton.jit
+def _level_tile(
+    q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
+    lvl, row0, row_start, row_end,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-    stride_pt, stride_ph, stride_lt, stride_lvl_blocks,
+    stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
     qk_scale,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
+    """One tile of level ``lvl`` (rows from ``row0``), KV head ``program_id(1)``, its part
+    ``program_id(2)`` of the level's KV: the partial output and log-sum-exp of its rows."""
     kvh = tl.program_id(1)
-    lvl = tl.load(tile_level_ptr + tile)
-    row0 = tl.load(tile_row0_ptr + tile)
-    row_start = tl.load(lvl_row_start_ptr + lvl)
-    row_end = tl.load(lvl_row_end_ptr + lvl)
     length = tl.load(lvl_len_ptr + lvl)
-
     rows, heads, row_ok = _packed_rows(row0, row_end, kvh, G, ROWS, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     q = _load_q(q_ptr, rows, heads, row_ok, stride_qt, stride_qh, d)
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(0, length, BLOCK_N):  # the level's KV: read once for every row of the tile
+    start, end = _split_range(0, length, BLOCK_N)
+    for n0 in range(start, end, BLOCK_N):  # the level's KV: read once for every row of the tile
         pos = n0 + tl.arange(0, BLOCK_N)
-        ok = pos < length
+        ok = pos < end
         blk = tl.load(lvl_blocks_ptr + lvl * stride_lvl_blocks + pos // BLOCK_SIZE, mask=ok)
         slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         k, v = _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, stride_vh, d)
         m_i, l_i, acc = _softmax_step(q, k, v, ok[None, :], m_i, l_i, acc, qk_scale, PRECISION)
 
-    l_safe = tl.where(row_ok, l_i, 1.0)
+    out, lse = _finish(m_i, l_i, acc)  # lse: natural log, like torch.logsumexp
     out_row = (tl.load(lvl_out_ptr + lvl) + rows - row_start).to(tl.int64)
-    tl.store(
-        po_ptr + out_row[:, None] * stride_pt + heads[:, None] * stride_ph + d[None, :],
-        acc / l_safe[:, None],
-        mask=row_ok[:, None],
-    )
-    lse = (m_i + tl.log2(l_safe)) * _LN2  # natural log, like torch.logsumexp
-    tl.store(plse_ptr + out_row * stride_lt + heads, lse, mask=row_ok)
+    _store_partial(po_ptr, plse_ptr, out, lse, out_row, heads, row_ok, d,
+                   stride_ps, stride_pt, stride_ph, stride_ls, stride_lt)  # fmt: skip
 
 
-@triton.jit
-def _own_kv_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr,
-    tile_seq_ptr, tile_q0_ptr,
-    seq_q_start_ptr, seq_q_len_ptr, seq_ctx_ptr, seq_shared_ptr, seq_num_levels_ptr,
-    block_table_ptr, seq_levels_ptr, lvl_row_start_ptr, lvl_out_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_vs, stride_vh,
-    stride_pt, stride_ph, stride_lt, stride_table, stride_seq_levels,
+@_jit
+def prefix_level_kernel(
+    q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr,
+    tile_level_ptr, tile_row0_ptr, num_tiles,
+    lvl_row_start_ptr, lvl_row_end_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+    stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
     qk_scale,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Program ``(p, kvh, split)`` takes tiles ``p, p + num_programs(0), ...`` of the
+    ``num_tiles`` until the list ends or reaches its padding (tiles of the null level, which
+    has no rows; padding comes last): a CUDA-graph bucket's padded list then costs the programs
+    its work needs, not one per padded tile."""
+    tile = tl.program_id(0)
+    while tile < num_tiles:
+        lvl = tl.load(tile_level_ptr + tile)
+        row_start = tl.load(lvl_row_start_ptr + lvl)
+        row_end = tl.load(lvl_row_end_ptr + lvl)
+        if row_end > row_start:
+            _level_tile(
+                q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
+                lvl, tl.load(tile_row0_ptr + tile), row_start, row_end,
+                stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
+                qk_scale, G, ROWS, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_SIZE, PRECISION,
+            )  # fmt: skip
+            tile += tl.num_programs(0)
+        else:
+            tile = num_tiles
+
+
+@_jit
+def own_kv_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr, so_ptr, slse_ptr,
+    tile_seq_ptr, tile_q0_ptr,
+    seq_q_start_ptr, seq_q_len_ptr, seq_ctx_ptr, seq_shared_ptr, seq_num_levels_ptr,
+    block_table_ptr, seq_levels_ptr, lvl_row_start_ptr, lvl_out_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_vs, stride_vh,
+    stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_table, stride_seq_levels,
+    stride_os, stride_ols, prefix_splits,
+    qk_scale,
+    G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+):  # fmt: skip
+    """With ``SPLIT``, program ``(tile, kvh, s)`` writes the normalised partial of its part of
+    the own KV (split 0 also merges the levels) to ``so``/``slse``, fp32 buffers laid out like
+    the level partials ``po``/``plse`` (splits, T, H[, D]); without, the output to ``o``."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
@@ -155,28 +261,29 @@ def _own_kv_kernel(
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # A normalised partial (o, lse) over some keys is the state (max=lse, sum=1, acc=o).
-    for depth in range(0, num_levels):
+    # The levels' partials (each level's KV parts, in order): merged once, by split 0.
+    split = tl.program_id(2)
+    for depth in range(0, tl.where(split == 0, num_levels, 0)):
         lvl = tl.load(seq_levels_ptr + seq * stride_seq_levels + depth)
         p_row = (tl.load(lvl_out_ptr + lvl) + q_start + r - tl.load(lvl_row_start_ptr + lvl)).to(
             tl.int64
         )
-        o_p = tl.load(
-            po_ptr + p_row[:, None] * stride_pt + heads[:, None] * stride_ph + d[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        )
-        lse = tl.load(plse_ptr + p_row * stride_lt + heads, mask=row_ok, other=_NEG) * _LOG2E
-        m_new = tl.maximum(m_i, lse)
-        alpha = tl.exp2(m_i - m_new)
-        beta = tl.exp2(lse - m_new)
-        l_i = l_i * alpha + beta
-        acc = acc * alpha[:, None] + o_p * beta[:, None]
-        m_i = m_new
+        po_part, plse_part = po_ptr, plse_ptr  # split 0's partials, then the next split's
+        for _ in range(0, prefix_splits):
+            o_p = tl.load(
+                po_part + p_row[:, None] * stride_pt + heads[:, None] * stride_ph + d[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
+            )
+            lse = tl.load(plse_part + p_row * stride_lt + heads, mask=row_ok, other=_NEG)
+            po_part += stride_ps
+            plse_part += stride_ls
+            m_i, l_i, acc = _merge_partial(m_i, l_i, acc, o_p, lse)
 
-    end = ctx - q_len + tl.minimum(q0 + ROWS, q_len)  # one past the tile's last query position
+    last = ctx - q_len + tl.minimum(q0 + ROWS, q_len)  # one past the tile's last query position
+    start, end = _split_range(shared, last, BLOCK_N)
     table = block_table_ptr + seq * stride_table - shared // BLOCK_SIZE  # own blocks from shared
-    for n0 in range(shared, end, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         ok = pos < end
         blk = tl.load(table + pos // BLOCK_SIZE, mask=ok)
@@ -185,17 +292,54 @@ def _own_kv_kernel(
         valid = ok[None, :] & (pos[None, :] <= q_pos[:, None])
         m_i, l_i, acc = _softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION)
 
-    l_safe = tl.where(row_ok, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out, lse = _finish(m_i, l_i, acc)
+    if SPLIT:  # laid out like the level partials: (splits, T, H, D) and (splits, T, H)
+        _store_partial(so_ptr, slse_ptr, out, lse, rows, heads, row_ok, d,
+                       stride_os, stride_pt, stride_ph, stride_ols, stride_lt)  # fmt: skip
+    else:
+        tl.store(
+            o_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+
+
+@_jit
+def merge_splits_kernel(
+    so_ptr, slse_ptr, o_ptr, slot_ptr,
+    stride_os, stride_st, stride_sh, stride_ols, stride_lt, stride_ot, stride_oh, num_splits,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """Row ``program_id(0)``, the ``G`` query heads of KV head ``program_id(1)``: the
+    log-sum-exp merge of its ``num_splits`` partials (fp32, (splits, T, H[, D])) into the
+    output. A padding row of a CUDA-graph bucket (KV slot -1) has no partials and is skipped:
+    its output is undefined, as it is without splits."""
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    heads = tl.program_id(1) * G + g
+    ok = (g < G) & (tl.full([BLOCK_G], 0, tl.int32) + tl.load(slot_ptr + t) >= 0)
+    d = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([BLOCK_G], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    so_part = so_ptr + t * stride_st + heads[:, None] * stride_sh + d[None, :]
+    slse_part = slse_ptr + t * stride_lt + heads
+    for _ in range(0, num_splits):
+        o_p = tl.load(so_part, mask=ok[:, None], other=0.0)
+        lse = tl.load(slse_part, mask=ok, other=_NEG)
+        m_i, l_i, acc = _merge_partial(m_i, l_i, acc, o_p, lse)
+        so_part += stride_os
+        slse_part += stride_ols
+    out, _ = _finish(m_i, l_i, acc)
     tl.store(
-        o_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        o_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
         out.to(o_ptr.dtype.element_ty),
-        mask=row_ok[:, None],
+        mask=ok[:, None],
     )
 
 
-@triton.jit
-def _store_kv_kernel(
+@_jit
+def store_kv_kernel(
     k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_ptr,
     stride_kt, stride_vt, stride_ks, stride_vs,
     ROW: tl.constexpr, BLOCK: tl.constexpr,
@@ -208,121 +352,3 @@ def _store_kv_kernel(
     v = tl.load(v_ptr + t * stride_vt + i, mask=ok)
     tl.store(k_pool_ptr + slot * stride_ks + i, k, mask=ok)
     tl.store(v_pool_ptr + slot * stride_vs + i, v, mask=ok)
-
-
-def _tile_m(rows: int, group: int) -> int:
-    """BLOCK_M for ``rows`` query rows of ``group`` packed heads (tl.dot needs M >= 16)."""
-    return max(16, triton.next_power_of_2(rows * group))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 dots
-
-
-def _check(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> tuple[int, int, int]:
-    """(H, KVH, D) after checking the layouts the kernels assume."""
-    _, h, dim = q.shape
-    kvh = k_pool.shape[1]
-    if h % kvh or k_pool.shape != v_pool.shape or k_pool.shape[2] != dim:
-        raise ValueError(f"q {tuple(q.shape)} does not fit the pools {tuple(k_pool.shape)}")
-    if dim < 16 or dim & (dim - 1):
-        raise ValueError(f"head_dim {dim} must be a power of two >= 16")
-    if q.stride(2) != 1 or k_pool.stride(2) != 1 or v_pool.stride(2) != 1:
-        raise ValueError("head_dim must be the contiguous dimension")
-    return h, kvh, dim
-
-
-def prefix_partials(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    meta: TritonMetadata,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every level's rows against the level's KV: q (T, H, D), pools (slots, KVH, D) ->
-    o (num_partials, H, D) fp32 and lse (num_partials, H) fp32 (natural log). The partials of
-    level ``i`` are rows ``[level_out[i], level_out[i] + row_end - row_start)``.
-
-    Raises ValueError on shapes the kernels do not take (see ``_check``)."""
-    h, kvh, dim = _check(q, k_pool, v_pool)
-    o = torch.empty(meta.num_partials, h, dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(meta.num_partials, h, dtype=torch.float32, device=q.device)
-    tiles = meta.prefix_tile_level.numel()
-    if tiles == 0:
-        return o, lse
-    g = h // kvh
-    _prefix_level_kernel[(tiles, kvh)](
-        q, k_pool, v_pool, o, lse,
-        meta.prefix_tile_level, meta.prefix_tile_row0,
-        meta.level_row_start, meta.level_row_end, meta.level_length, meta.level_out,
-        meta.level_blocks,
-        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
-        v_pool.stride(0), v_pool.stride(1),
-        o.stride(0), o.stride(1), lse.stride(0), meta.level_blocks.stride(0),
-        scale * _LOG2E.value,
-        G=g, ROWS=meta.prefix_rows, BLOCK_M=_tile_m(meta.prefix_rows, g), BLOCK_N=BLOCK_N,
-        HEAD_DIM=dim, BLOCK_SIZE=meta.block_size, PRECISION=_precision(q.dtype),
-    )  # fmt: skip
-    return o, lse
-
-
-def triton_attention(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    meta: TritonMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """Attention of every row of the step: q (T, H, D) fp32/fp16/bf16, one layer's pools
-    (slots, KVH, D) already holding the step's new K/V -> (T, H, D) in q's dtype.
-
-    Two launches whatever the step holds: the prefix levels (skipped when there are none), then
-    the own-KV kernel that merges them. Raises ValueError on shapes the kernels do not take."""
-    h, kvh, dim = _check(q, k_pool, v_pool)
-    po, plse = prefix_partials(q, k_pool, v_pool, meta, scale)
-    out = torch.empty_like(q)
-    tiles = meta.own_tile_seq.numel()
-    if tiles == 0:
-        return out
-    g = h // kvh
-    _own_kv_kernel[(tiles, kvh)](
-        q, k_pool, v_pool, out, po, plse,
-        meta.own_tile_seq, meta.own_tile_q0,
-        meta.q_start, meta.q_len, meta.context_len, meta.shared_len, meta.num_levels,
-        meta.block_table, meta.seq_levels, meta.level_row_start, meta.level_out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-        po.stride(0), po.stride(1), plse.stride(0),
-        meta.block_table.stride(0), meta.seq_levels.stride(0),
-        scale * _LOG2E.value,
-        G=g, ROWS=meta.own_rows, BLOCK_M=_tile_m(meta.own_rows, g), BLOCK_N=BLOCK_N,
-        HEAD_DIM=dim, BLOCK_SIZE=meta.block_size, PRECISION=_precision(q.dtype),
-    )  # fmt: skip
-    return out
-
-
-def write_kv(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Store new k, v (T, KVH, D) at ``slot_mapping`` (T,) int32 of the pools (slots, KVH, D);
-    a slot of -1 is skipped (padding rows). One launch for K and V."""
-    t, kvh, dim = k.shape
-    if t == 0:
-        return
-    if k_pool.stride(1) != dim or k_pool.stride(2) != 1 or v_pool.stride() != k_pool.stride():
-        raise ValueError("each slot of the pools must be one contiguous (KVH, D) run")
-    # Each token's (KVH, D) must be one run; a row stride (e.g. a view of fused QKV) is fine.
-    if k.stride(1) != dim or k.stride(2) != 1:
-        k = k.contiguous()
-    if v.stride(1) != dim or v.stride(2) != 1:
-        v = v.contiguous()
-    row = kvh * dim
-    _store_kv_kernel[(t,)](
-        k, v, k_pool, v_pool, slot_mapping,
-        k.stride(0), v.stride(0), k_pool.stride(0), v_pool.stride(0),
-        ROW=row, BLOCK=triton.next_power_of_2(row),
-    )  # fmt: skip

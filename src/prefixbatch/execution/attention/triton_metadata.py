@@ -94,6 +94,7 @@ class TritonMetadata:
     own_rows: int  # query rows per own tile
     prefix_rows: int  # query rows per prefix tile
     num_partials: int  # rows of the prefix partial buffer (sum of the levels' row counts)
+    padded: bool = False  # built with a ``MetadataShape`` (padding tiles after the real ones)
 
     @classmethod
     def stage(
@@ -151,6 +152,7 @@ class TritonMetadata:
                 own_rows=own_rows,
                 prefix_rows=prefix_rows,
                 num_partials=num_partials,
+                padded=shape is not None,
             )
 
         return Staged({"triton": flat}, build)

@@ -1,12 +1,16 @@
-"""One decoder implementation for the Llama family: Llama 2/3, Mistral, Qwen2 (qkv bias) and
-Qwen3 (q/k RMSNorm). Differences are flags on ``ModelConfig``, not separate classes.
+"""The Llama-style decoder the Llama, Mistral, Qwen2 and Qwen3 families share: pre-norm layers
+of grouped-query attention with rotary embeddings and a SwiGLU MLP. What differs between them
+(biases, per-head q/k norms) is ``AttentionOptions``, set by each family's file.
 
 Every forward works on a flattened batch: all scheduled tokens of all sequences concatenated,
 no padding. Attention goes through an ``AttentionBackend`` that owns the paged KV cache layout.
+The modules' forward is the plain PyTorch reference; the CPU fast path (``fused_forward.py``)
+runs the same weights through the fused kernels.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,23 +18,34 @@ from torch import nn
 
 from ...config import ModelConfig
 from ..attention.backend import AttentionBackend
-from ..fused_ops import FusedKernels
-from ..layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
-from ..packed_linear import Linear
-from .fused_forward import FusedForward
+from ..layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, rope_inv_freq
+from ..packed_linear import Linear, MergedLinear
+from .family import CausalLM
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """``qkv_bias``: biases on the q, k and v projections; ``o_bias``: on the output projection;
+    ``qk_norm``: an RMSNorm over each head of q and k before rope (Qwen3)."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, options: AttentionOptions) -> None:
         super().__init__()
         self.layer = layer
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        sizes = (self.q_size, self.kv_size, self.kv_size)
+        self.qkv_proj = MergedLinear(cfg.hidden_size, sizes, bias=options.qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=options.o_bias)
+        norm = options.qk_norm
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if norm else None
 
     def forward(
         self,
@@ -53,10 +68,10 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, options: AttentionOptions) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, options)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -82,17 +97,12 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class DecoderModel(nn.Module):
+class DecoderModel(CausalLM):
     """Token ids (T,) and positions (T,) -> logits (S, vocab) fp32 for the rows in
-    ``logits_rows``; ``meta`` is the attention backend's metadata for the step.
+    ``logits_rows``; ``meta`` is the attention backend's metadata for the step."""
 
-    The modules' forward is the plain PyTorch reference; with ``fused`` set (the CPU fast path,
-    ``use_fused_kernels``) the model runs ``fused_forward.py`` instead."""
-
-    fused: FusedForward | None = None
-
-    # checkpoint sub-name -> (our parameter sub-name, shard index) for fused projections
-    FUSED = {
+    # Checkpoints store q/k/v and gate/up apart; the model computes each group as one matmul.
+    packed_modules = {
         "self_attn.q_proj": ("self_attn.qkv_proj", 0),
         "self_attn.k_proj": ("self_attn.qkv_proj", 1),
         "self_attn.v_proj": ("self_attn.qkv_proj", 2),
@@ -100,11 +110,10 @@ class DecoderModel(nn.Module):
         "mlp.up_proj": ("mlp.gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, options: AttentionOptions) -> None:
+        super().__init__(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, options) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -118,8 +127,6 @@ class DecoderModel(nn.Module):
         meta: Any,
         logits_rows: torch.Tensor,
     ) -> torch.Tensor:
-        if self.fused is not None:
-            return self.fused(input_ids, positions, backend, meta, logits_rows)
         x = self.embed_tokens(input_ids)  # (T, hidden)
         rope = self.rotary.cos_sin(positions, x.dtype)
         residual = None
@@ -130,44 +137,11 @@ class DecoderModel(nn.Module):
         x, _ = self.norm.add_forward(x[logits_rows], residual[logits_rows])
         return self.lm_head(x).float()  # (S, vocab)
 
-    def load_weights(self, weights) -> None:  # type: ignore[no-untyped-def]
-        """Copy ``(checkpoint name, tensor)`` pairs in, fusing q/k/v and gate/up on the way."""
-        params = dict(self.named_parameters())
-        cfg = self.cfg
-        qkv = [
-            cfg.num_heads * cfg.head_dim,
-            cfg.num_kv_heads * cfg.head_dim,
-            cfg.num_kv_heads * cfg.head_dim,
-        ]
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            name = name.removeprefix("model.")
-            if "rotary_emb" in name:
-                continue
-            target, shard = name, None
-            for sub, (fused, index) in self.FUSED.items():
-                if f".{sub}." in name:
-                    target, shard = name.replace(sub, fused), index
-            if target not in params:
-                raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
-            param = params[target]
-            if shard is None:
-                param.data.copy_(tensor)
-            else:
-                sizes = qkv if "qkv" in target else [cfg.intermediate_size] * 2
-                start = sum(sizes[:shard])
-                param.data[start : start + sizes[shard]].copy_(tensor)
-            loaded.add(f"{target}:{shard}")
-        if cfg.tie_word_embeddings or "lm_head.weight:None" not in loaded:
+    def finish_loading(self, loaded: set[str]) -> None:
+        """Tie the output projection to the embeddings when the config says so or the
+        checkpoint has no ``lm_head``; rebuild the fp32 rotary frequencies on the device (a
+        buffer, not in the checkpoint)."""
+        if self.cfg.tie_word_embeddings or "lm_head.weight" not in loaded:
             self.lm_head.weight = self.embed_tokens.weight
-
-    def use_fused_kernels(self, kernels: FusedKernels) -> None:
-        """Run the CPU fast path (``fused_forward.py``) with ``kernels`` (CPU, fp32; after
-        loading and packing the weights)."""
-        self.fused = FusedForward(self, kernels)
-
-    def pack_linears(self) -> None:
-        """Switch every projection to oneDNN-packed weights (CPU, fp32; after loading)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack()
+        device = self.embed_tokens.weight.device
+        self.rotary.inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim).to(device)

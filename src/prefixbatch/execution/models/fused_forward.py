@@ -1,5 +1,6 @@
 """The CPU fast path's forward: a ``DecoderModel``'s layers as one flat loop over their weights,
-through the fused element-wise kernels (``fused_ops.py``) and the packed projections.
+through the fused element-wise kernels (``fused_ops.py``) and the packed projections. The worker
+runs it in place of the model's forward for the families that register it (``fast_forward``).
 
 The modules' own forward (``decoder.py``, ``layers.py``) is the plain PyTorch reference and what
 the GPU runs. On the CPU a decode step is about a dozen small calls per layer, and the module
@@ -12,7 +13,7 @@ in the same order (tested against it, and the engine against transformers).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,9 +21,7 @@ from torch import nn
 from ..attention.backend import AttentionBackend
 from ..fused_ops import FusedKernels
 from ..packed_linear import Projection
-
-if TYPE_CHECKING:
-    from .decoder import DecoderModel
+from .decoder import DecoderModel
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,7 @@ class FusedForward:
             mlp.down_proj.projection(),
         )
 
+    @torch.inference_mode()
     def __call__(
         self,
         input_ids: torch.Tensor,

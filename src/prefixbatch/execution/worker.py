@@ -1,0 +1,171 @@
+"""The execution side's owner of one device: the model's weights, the KV cache, the attention
+backend, the decode CUDA graphs and the fast-path choices, all settled once at start.
+
+``Worker(config, model_config, weights)`` builds the checkpoint's family model in the target
+dtype on the device and loads the weights (``models/loader.py``); on the CPU in fp32 it packs
+the projections for oneDNN and builds the fused kernels (the family's fast forward and the
+compiled greedy argmax); it sizes the KV pool (a byte budget, or on CUDA a profiling forward at
+the largest step, ``kv_memory.py``), allocates it, picks the attention backend
+(``attention/registry.py``) and captures the decode graphs (``cuda_graphs.py``). Engines get a
+``ModelRunner`` and the argmax from it and never reach into the model. One worker may serve
+several engines (the same weights under different policies), one at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..config import EngineConfig, ModelConfig
+from ..sampling_params import SamplingParams
+from .attention.backend import AttentionBackend
+from .attention.registry import select_backend
+from .attention.step import AttentionStep, SeqStep
+from .cuda_graphs import DecodeGraphRunner, GraphMetadataHooks
+from .fused_ops import FusedKernels, fused_kernels
+from .host_memory import keep_freed_memory
+from .kv_cache import KVCache
+from .kv_memory import gpu_kv_blocks, kv_pool_blocks
+from .model_runner import ModelRunner
+from .models.family import Forward
+from .models.loader import Weights, build_model
+from .models.registry import family_named
+from .packed_linear import onednn_available, pack_linears
+from .sampler import SamplingTensors, sample, torch_argmax
+
+
+class Worker:
+    """One model on one device, ready to run steps.
+
+    ``forward`` is what steps run: the CPU fast path's forward (``fused_forward.py``) where it
+    applies, else the model's own (the plain PyTorch reference). ``argmax`` is the greedy
+    sampler's row argmax (the compiled one with the CPU fast paths). ``graphs`` replays decode
+    steps (None when off or the backend has no graph hooks).
+
+    Raises ``JobError`` subclasses: a checkpoint that does not fit the model, an attention
+    backend that cannot run here, a KV budget of no block.
+    """
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: Weights) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = config.torch_device
+        family = family_named(model_config.architecture)
+        self.model = build_model(family, model_config, weights, self.device, config.torch_dtype)
+        kernels = self._cpu_fast_paths()
+        self.forward: Forward = self.model
+        if kernels is not None and family.fast_forward is not None:
+            self.forward = family.fast_forward(self.model, kernels)
+        self.argmax: Callable[[torch.Tensor], torch.Tensor] = (
+            torch_argmax if kernels is None else kernels.argmax_rows
+        )
+        backend_name = "torch" if config.kernels == "torch" else config.attention_backend
+        self.num_blocks = self._kv_blocks(backend_name)
+        self.cache = self._cache(self.num_blocks)
+        # Built here, not per job: on the CPU this may compile the decode kernel (once per machine).
+        self.backend = self._backend(backend_name, self.cache)
+        self.graphs = self._decode_graphs()
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the KV pool (K and V)."""
+        return 2 * self.cache.k.numel() * self.cache.k.element_size()
+
+    def runner(self, share_prefix_attention: bool, min_shared: int | None) -> ModelRunner:
+        """A runner of steps on this worker's model, backend and graphs (its options as
+        ``ModelRunner`` documents them)."""
+        return ModelRunner(
+            self.forward,
+            self.backend,
+            self.config.block_size,
+            self.device,
+            share_prefix_attention=share_prefix_attention,
+            min_shared=min_shared,
+            graphs=self.graphs,
+        )
+
+    def _cpu_fast_paths(self) -> FusedKernels | None:
+        """The fused CPU kernels when the fast paths apply (``kernels="auto"`` on the CPU in
+        fp32), after keeping freed host memory and packing the projections for oneDNN; None
+        elsewhere or when the kernels cannot be built (a warning says why)."""
+        config = self.config
+        cpu_fp32 = self.device.type == "cpu" and config.torch_dtype == torch.float32
+        if config.kernels != "auto" or not cpu_fp32:
+            return None
+        keep_freed_memory()
+        if onednn_available():
+            pack_linears(self.model)
+        return fused_kernels()
+
+    def _cache(self, num_blocks: int) -> KVCache:
+        cfg, config = self.model_config, self.config
+        return KVCache(
+            cfg.num_layers,
+            num_blocks,
+            config.block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            config.torch_dtype,
+            self.device,
+        )
+
+    def _backend(self, name: str, cache: KVCache) -> AttentionBackend:
+        cfg = self.model_config
+        return select_backend(name, cache, cfg.num_heads, cfg.head_dim**-0.5)
+
+    def _kv_blocks(self, backend_name: str) -> int:
+        """Blocks of the KV pool: ``kv_cache_memory`` (or the CPU default) as a byte budget;
+        on CUDA without one, what a profiling forward at the largest step leaves."""
+        config, cfg = self.config, self.model_config
+        if self.device.type != "cuda" or config.kv_cache_memory is not None:
+            return kv_pool_blocks(config, cfg)[0]
+        per_block = KVCache.bytes_per_block(
+            cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, config.torch_dtype
+        )
+        return gpu_kv_blocks(
+            lambda: self._largest_step(backend_name),
+            self.device,
+            per_block,
+            config.gpu_memory_utilization,
+        )
+
+    def _largest_step(self, backend_name: str) -> torch.Tensor:
+        """One forward of the largest step the scheduler makes (``max_num_batched_tokens``
+        prefill tokens) sampling ``max_num_seqs`` rows, through a throwaway cache just big
+        enough: run before the KV pool exists, it shows the weights' and activations' peak."""
+        tokens, bs = self.config.max_num_batched_tokens, self.config.block_size
+        blocks = -(-tokens // bs)
+        backend = self._backend(backend_name, self._cache(blocks))
+        step = AttentionStep.of([SeqStep(0, tokens, tokens, tuple(range(blocks)))], block_size=bs)
+        rows = min(tokens, self.config.max_num_seqs)
+        device = self.device
+        logits = self.forward(
+            torch.zeros(tokens, dtype=torch.long, device=device),
+            torch.arange(tokens, device=device),
+            backend,
+            backend.prepare(step),
+            torch.arange(tokens - rows, tokens, device=device),
+        )
+        params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9)] * rows
+        return sample(logits, SamplingTensors.build(params, [0] * rows, [0] * rows, device))
+
+    def _decode_graphs(self) -> DecodeGraphRunner | None:
+        """The decode-step graph runner when ``cuda_graphs`` is on and the backend has the
+        graph hooks; captured here on CUDA (before any request holds a block). Elsewhere the
+        same padded buffers run eagerly (how the tests check the hooks without a GPU)."""
+        config, backend = self.config, self.backend
+        if not config.cuda_graphs or not isinstance(backend, GraphMetadataHooks):
+            return None
+        max_blocks = -(-config.context_len(self.model_config) // config.block_size)
+        backend.set_graph_limits(max_blocks)  # type: ignore[attr-defined]
+        forward = self.forward
+
+        def decode(ids: torch.Tensor, pos: torch.Tensor, meta: object) -> torch.Tensor:
+            rows = torch.arange(ids.shape[0], device=ids.device)
+            return forward(ids, pos, backend, meta, rows)
+
+        graphs = DecodeGraphRunner(decode, backend, config.max_cuda_graph_batch, self.device)
+        if graphs.use_graphs:
+            graphs.capture()
+        return graphs

@@ -1,0 +1,80 @@
+"""Read a checkpoint's config.json and normalise it into ``ModelConfig``, once.
+
+The common fields are read here the way transformers' configs spell them in versions 4 and 5
+(``rope_parameters`` or ``rope_theta`` with ``rope_scaling``, one EOS id or a list, a missing
+``head_dim`` or ``num_key_value_heads``); the checkpoint's family (``execution/models``) then
+reads its own fields (``ModelFamily.read_config``). Model code never reads the Hugging Face
+config itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ModelConfig, RopeConfig
+from ..errors import ModelNotFoundError, UnsupportedModelError
+from ..execution.models.registry import family_for
+from .model_source import ModelSource
+
+
+def read_model_config(source: ModelSource) -> ModelConfig:
+    """The checkpoint's normalised config; raises ``UnsupportedModelError``, or
+    ``ModelNotFoundError`` when transformers cannot read it."""
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(str(source.path))
+    except (OSError, ValueError) as e:  # transformers' errors for a missing or broken config
+        raise ModelNotFoundError(f"cannot read the model config in {source.path}: {e}") from e
+    return normalise(hf)
+
+
+def normalise(hf: Any) -> ModelConfig:
+    """A ``transformers.PretrainedConfig`` as its family's ``ModelConfig``; raises
+    ``UnsupportedModelError`` for an architecture or rope scaling the engine does not run."""
+    family = family_for(
+        list(getattr(hf, "architectures", None) or []), getattr(hf, "model_type", "?")
+    )
+    heads = hf.num_attention_heads
+    eos = hf.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    common = ModelConfig(
+        architecture=family.name,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+        rms_norm_eps=hf.rms_norm_eps,
+        rope=rope_config(hf),
+        max_position=hf.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        attention_bias=bool(getattr(hf, "attention_bias", False)),
+        eos_token_ids=eos_ids,
+    )
+    return family.read_config(common, hf)
+
+
+def rope_config(hf: Any) -> RopeConfig:
+    """The rotary embedding's parameters; raises ``UnsupportedModelError`` for a scaling other
+    than none or ``llama3``."""
+    # transformers 5 keeps everything in rope_parameters; 4.x uses rope_theta + rope_scaling.
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    scaling = dict(getattr(hf, "rope_scaling", None) or {})
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in ("default", "llama3"):
+        raise UnsupportedModelError(f"unsupported rope scaling {rope_type!r}; supported: llama3")
+    if rope_type == "default":
+        return RopeConfig(theta=float(theta))
+    return RopeConfig(
+        theta=float(theta),
+        rope_type="llama3",
+        factor=float(params["factor"]),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+    )
