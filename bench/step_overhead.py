@@ -37,14 +37,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from common import machine, table
 
 from prefixbatch import SamplingParams
-from prefixbatch.config import EngineConfig
+from prefixbatch.config import EngineConfig, ModelConfig
 from prefixbatch.engine import LLMEngine
 from prefixbatch.execution import step_sampler
 from prefixbatch.execution.attention.backend import AttentionBackend
@@ -52,10 +51,13 @@ from prefixbatch.execution.attention.step import AttentionStep
 from prefixbatch.execution.attention.triton_metadata import TritonMetadata
 from prefixbatch.execution.fused_ops import fused_kernels
 from prefixbatch.execution.kv_cache import KVCache
+from prefixbatch.execution.model_runner import ModelRunner
 from prefixbatch.execution.penalties import LogitsProcessing, PenaltyState
+from prefixbatch.execution.sampler import torch_argmax
 from prefixbatch.execution.upload import Staged
-from prefixbatch.loading.builder import LoadedModel, read_model_config
+from prefixbatch.loading.builder import LoadedModel
 from prefixbatch.loading.limits import EngineLimits
+from prefixbatch.loading.model_config import read_model_config
 from prefixbatch.loading.model_source import model_name, resolve_model
 from prefixbatch.outputs import Request
 from prefixbatch.planning.plan import make_plan
@@ -83,8 +85,6 @@ class StubModel:
         self.buffer = torch.randn(max_rows + self.window, vocab)
         self.buffer[:, list(eos_ids)] = float("-inf")
         self.calls = 0
-        kernels = fused_kernels()  # the compiled row argmax (torch's CPU argmax is a slow loop)
-        self.fused = None if kernels is None else SimpleNamespace(kernels=kernels)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: Any,
                  meta: Any, logits_rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
@@ -142,24 +142,41 @@ class Job:
         return SamplingParams(max_tokens=max_tokens, temperature=0)
 
 
+class StubWorker:
+    """What an engine reads from its worker, with the stub model and a metadata-only backend
+    over a KV pool of 1 element per slot (nothing is read or written)."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, rows: int, eos: tuple[int, ...]):
+        self.device = torch.device("cpu")
+        self.num_blocks = num_blocks
+        cache = KVCache(1, num_blocks, 16, 1, 1, torch.float32, self.device)
+        self.backend = TritonMetadataOnly(cache, GQA_GROUP, 1.0)
+        self.model = StubModel(cfg.vocab_size, rows, eos)
+        kernels = fused_kernels()  # the compiled row argmax (torch's CPU argmax is a slow loop)
+        self.argmax = torch_argmax if kernels is None else kernels.argmax_rows
+        self.kv_bytes = 0
+
+    def runner(self, share_prefix_attention: bool, min_shared: int | None) -> ModelRunner:
+        return ModelRunner(
+            self.model, self.backend, 16, self.device, share_prefix_attention, min_shared
+        )
+
+
 def stub_engine(job: Job, batched_tokens: int, max_tokens: int) -> LLMEngine:
     """An engine on SmolLM2's tokenizer and config with the stub forward and a KV pool sized for
-    every request's prompt and output (the pool's tensors are 1 element per slot: nothing is
-    read or written)."""
+    every request's prompt and output."""
     source = resolve_model(None)
     prompt = (job.prefix + job.suffix) * job.scale
     cfg = replace(read_model_config(source), max_position=prompt + max_tokens + 64)
-    bs = 16
-    num_blocks = job.rows * -(-(prompt + max_tokens) // bs) + 64
+    num_blocks = job.rows * -(-(prompt + max_tokens) // 16) + 64
     config = EngineConfig(
         device="cpu",
-        block_size=bs,
+        block_size=16,
         policy=job.policy,
         max_num_batched_tokens=batched_tokens,
         max_num_seqs=job.rows,
         cuda_graphs=False,
     )
-    cache = KVCache(1, num_blocks, bs, 1, 1, torch.float32, torch.device("cpu"))
     tokenizer = Tokenizer(source.path)
     eos = tuple(dict.fromkeys([*cfg.eos_token_ids, tokenizer.eos_token_id]))
     loaded = LoadedModel(
@@ -167,9 +184,7 @@ def stub_engine(job: Job, batched_tokens: int, max_tokens: int) -> LLMEngine:
         source=source,
         model_config=cfg,
         tokenizer=tokenizer,
-        model=StubModel(cfg.vocab_size, job.rows, eos),  # type: ignore[arg-type]
-        cache=cache,
-        backend=TritonMetadataOnly(cache, GQA_GROUP, 1.0),
+        worker=StubWorker(cfg, num_blocks, job.rows, eos),  # type: ignore[arg-type]
         limits=EngineLimits.of(config, cfg, num_blocks),
         eos_ids=eos,
         name=model_name(None),

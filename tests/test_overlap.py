@@ -14,7 +14,7 @@ import pytest
 from conftest import VOCAB, shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.engine import LLMEngine
-from prefixbatch.execution.grammar_spec import GrammarSpec
+from prefixbatch.grammar_spec import GrammarSpec
 from prefixbatch.outputs import Request, RequestOutput
 
 
