@@ -97,15 +97,39 @@ def inject_accept(mp: pytest.MonkeyPatch) -> None:
 
 
 def inject_penalties(mp: pytest.MonkeyPatch) -> None:
-    marked = lambda cls, params, *a, **k: any(p.presence_penalty == 0.25 for p in params)  # noqa: E731
-    build = LogitsProcessing.build.__func__  # type: ignore[attr-defined]
-    mp.setattr(LogitsProcessing, "build", classmethod(raise_if(marked, build)))
+    """At staging, on the host (``prepare``)."""
+    marked = lambda cls, seqs, state, eos, rows: any(  # noqa: E731
+        seqs[i].params.presence_penalty == 0.25 for i in rows
+    )
+    stage = LogitsProcessing.stage.__func__  # type: ignore[attr-defined]
+    mp.setattr(LogitsProcessing, "stage", classmethod(raise_if(marked, stage)))
+
+
+def inject_penalties_apply(mp: pytest.MonkeyPatch) -> None:
+    """On the device (``sample_async``): rerun row by row, each row staged alone."""
+
+    def marked(self: LogitsProcessing, logits: torch.Tensor) -> bool:
+        return self.presence is not None and bool((self.presence == 0.25).any())
+
+    mp.setattr(LogitsProcessing, "apply", raise_if(marked, LogitsProcessing.apply))
 
 
 def inject_sampling(mp: pytest.MonkeyPatch) -> None:
-    marked = lambda cls, params, seeds, *a: 13 in seeds  # noqa: E731
-    build = SamplingTensors.build.__func__  # type: ignore[attr-defined]
-    mp.setattr(SamplingTensors, "build", classmethod(raise_if(marked, build)))
+    """At staging, on the host."""
+    marked = lambda cls, rows, params, seeds, index: 13 in seeds  # noqa: E731
+    stage = SamplingTensors.stage.__func__  # type: ignore[attr-defined]
+    mp.setattr(SamplingTensors, "stage", classmethod(raise_if(marked, stage)))
+
+
+def inject_sampling_device(mp: pytest.MonkeyPatch) -> None:
+    """On the device: the draw of a row sampled at temperature 0.91."""
+
+    def marked(logits: torch.Tensor, tensors: SamplingTensors | None, *args: Any) -> bool:
+        return tensors is not None and bool(
+            torch.isclose(tensors.temperature, torch.tensor(0.91)).any()
+        )
+
+    mp.setattr(step_sampler, "sample", raise_if(marked, step_sampler.sample))
 
 
 def inject_logprobs(mp: pytest.MonkeyPatch) -> None:
@@ -141,7 +165,13 @@ STAGES = [  # (stage named in the error, the chosen request's params, the inject
     ("grammar mask", replace(greedy, structured=CHOSEN_REGEX), inject_fill),
     ("grammar", replace(greedy, structured=CHOSEN_REGEX), inject_accept),
     ("penalties", replace(greedy, presence_penalty=0.25), inject_penalties),
+    ("penalties", replace(greedy, presence_penalty=0.25), inject_penalties_apply),
     ("sampling", SamplingParams(max_tokens=6, temperature=0.9, seed=13, n=2), inject_sampling),
+    (
+        "sampling",
+        SamplingParams(max_tokens=6, temperature=0.91, seed=2, n=2),
+        inject_sampling_device,
+    ),
     ("logprobs", replace(greedy, logprobs=7), inject_logprobs),
     ("prompt logprobs", replace(greedy, prompt_logprobs=4), inject_prompt_logprobs),
     ("detokenizing", replace(greedy, max_tokens=7), inject_detokenizer),
@@ -198,15 +228,20 @@ def test_a_grammar_the_vocabulary_cannot_spell_is_an_error_not_token_0(llm):  # 
 
 
 def test_no_all_minus_inf_row_is_sampled():  # type: ignore[no-untyped-def]
-    seqs = [step_sampler_seq(SamplingParams(temperature=t, seed=1)) for t in (0, 0.7, 0, 1.0)]
+    # Rows 1 and 2 are masked (min_tokens holds EOS back), and every logit there is -inf.
+    params = [
+        SamplingParams(temperature=t, seed=1, min_tokens=m)
+        for t, m in zip((0, 0.7, 0, 1.0), (0, 2, 2, 0))
+    ]
+    seqs = [step_sampler_seq(p) for p in params]
     logits = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
     logits[1] = float("-inf")
     logits[2] = float("-inf")
     expected = logits[[0, 3]].clone()
-    faults: Faults[int] = Faults()
     sampler = StepSampler(32, (2,), lambda: pytest.fail("no grammar"))  # type: ignore[arg-type,return-value]
-    tokens = sampler.sample(logits, seqs, None, faults)
-    assert tokens[1] == tokens[2] == -1 and faults.errors == {1: NO_TOKEN, 2: NO_TOKEN}
+    plan = sampler.prepare(seqs)
+    tokens = sampler.sample(logits, plan)
+    assert tokens[1] == tokens[2] == -1 and plan.faults.errors == {1: NO_TOKEN, 2: NO_TOKEN}
     assert tokens[0] == int(expected[0].argmax()) and 0 <= tokens[3] < 32
 
 

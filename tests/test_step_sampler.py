@@ -11,7 +11,6 @@ import jsonschema
 import pytest
 import torch
 
-from prefixbatch.execution.row_faults import Faults
 from prefixbatch.execution.sampler import SamplingTensors, sample
 from prefixbatch.execution.step_sampler import StepSampler
 from prefixbatch.execution.structured import StructuredOutput
@@ -39,10 +38,9 @@ def test_plain_rows_sample_like_the_bare_sampler():
         SamplingTensors.build([s.params for s in seqs], list(range(6)), [0] * 6, logits.device),
     ).tolist()
     sampler = StepSampler(VOCAB, (2,), no_grammar)
-    faults: Faults[int] = Faults()
-    assert sampler.prepare(seqs, faults) is None
-    assert sampler.sample(logits, seqs, None, faults) == expected
-    assert not faults.errors
+    plan = sampler.prepare(seqs)
+    assert plan.masks is None and plan.processing is None
+    assert sampler.sample(logits, plan) == expected
 
 
 def test_logprobs_are_raw_while_penalties_steer_sampling():
@@ -52,7 +50,7 @@ def test_logprobs_are_raw_while_penalties_steer_sampling():
     logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(1))
     raw = torch.log_softmax(logits, -1)
     sampler = StepSampler(VOCAB, (2,), no_grammar)
-    tokens = sampler.sample(logits.clone(), seqs, None, Faults())
+    tokens = sampler.sample(logits.clone(), sampler.prepare(seqs))
     assert tokens[0] == 9  # the bias decides the pick
     (entry,) = sampler.logprobs(seqs[0])
     assert entry.token_id == 9
@@ -87,10 +85,8 @@ def test_structured_rows_mixed_with_free_rows():
         live = [s for s in seqs if not (s.output_tokens and s.output_tokens[-1] == eos)]
         if not any(s.params.structured for s in live):
             break
-        faults: Faults[int] = Faults()
-        pending = sampler.prepare(live, faults)
-        tokens = sampler.sample(torch.randn(len(live), vocab, generator=gen), live, pending, faults)
-        assert not faults.errors
+        plan = sampler.prepare(live)
+        tokens = sampler.sample(torch.randn(len(live), vocab, generator=gen), plan)
         for s, t in zip(live, tokens):
             s.tokens.append(t)
     for s in (seqs[0], seqs[2]):
