@@ -14,6 +14,7 @@ several engines (the same weights under different policies), one at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -49,7 +50,9 @@ class Worker:
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: Weights) -> None:
         self.config = config
-        self.model_config = model_config
+        # the rope as this engine's context runs it (LongRoPE: one factor set for every sequence)
+        rope = model_config.rope.at_context(config.context_len(model_config))
+        self.model_config = model_config = replace(model_config, rope=rope)
         self.device = config.torch_device
         family = family_named(model_config.architecture)
         self.model = build_model(family, model_config, weights, self.device, config.torch_dtype)

@@ -9,6 +9,7 @@ config itself.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..config import ModelConfig, RopeConfig
@@ -59,22 +60,56 @@ def normalise(hf: Any) -> ModelConfig:
 
 def rope_config(hf: Any) -> RopeConfig:
     """The rotary embedding's parameters; raises ``UnsupportedModelError`` for a scaling other
-    than none or ``llama3``."""
+    than none, ``llama3`` or ``longrope`` (``su`` in early Phi-3 configs)."""
     # transformers 5 keeps everything in rope_parameters; 4.x uses rope_theta + rope_scaling.
     params = dict(getattr(hf, "rope_parameters", None) or {})
     scaling = dict(getattr(hf, "rope_scaling", None) or {})
     params = {**scaling, **params}
-    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    theta = float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope_type not in ("default", "llama3"):
-        raise UnsupportedModelError(f"unsupported rope scaling {rope_type!r}; supported: llama3")
+    rope_type = {"su": "longrope"}.get(rope_type, rope_type)
+    partial = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
+    partial = float(partial or 1.0)
+    if rope_type not in ("default", "llama3", "longrope"):
+        raise UnsupportedModelError(
+            f"unsupported rope scaling {rope_type!r}; supported: llama3, longrope"
+        )
     if rope_type == "default":
-        return RopeConfig(theta=float(theta))
+        return RopeConfig(theta=theta, partial_rotary_factor=partial)
+    if rope_type == "longrope":
+        return longrope_config(hf, params, theta, partial)
     return RopeConfig(
-        theta=float(theta),
+        theta=theta,
         rope_type="llama3",
         factor=float(params["factor"]),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+        partial_rotary_factor=partial,
+    )
+
+
+def longrope_config(hf: Any, params: dict[str, Any], theta: float, partial: float) -> RopeConfig:
+    """LongRoPE as transformers' ``_compute_longrope_parameters`` reads it: the scale
+    ``factor`` defaults to max_position_embeddings / original_max_position_embeddings (Phi-3
+    configs give no factor) and the attention factor to sqrt(1 + ln(factor) / ln(original))."""
+    original = int(  # Phi-3 configs keep it beside the rope parameters; that one wins
+        getattr(hf, "original_max_position_embeddings", None)
+        or params.get("original_max_position_embeddings")
+        or hf.max_position_embeddings
+    )
+    factor = params.get("factor")
+    factor = hf.max_position_embeddings / original if factor is None else float(factor)
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeConfig(
+        theta=theta,
+        rope_type="longrope",
+        factor=factor,
+        original_max_position=original,
+        partial_rotary_factor=partial,
+        attention_factor=float(attention),
+        short_factor=tuple(float(f) for f in params["short_factor"]),
+        long_factor=tuple(float(f) for f in params["long_factor"]),
     )
