@@ -80,9 +80,10 @@ def tiny_config(family: str):  # type: ignore[no-untyped-def]
 
 def phi3_config(family: str, common: dict):  # type: ignore[no-untyped-def]
     """``phi3``: Phi-4-mini's shape (LongRoPE, 3/4 of each 16-dim head rotated, tied
-    embeddings), whose context is within ``original_max_position_embeddings`` (its short
-    factors run); ``phi3-long``: Phi-3-mini-128k's (LongRoPE past 32 positions, whole heads);
-    ``phi3-4k``: Phi-3-mini-4k's (no scaling, a sliding window shorter than the context)."""
+    embeddings), its context all within ``original_max_position_embeddings`` (the short factors
+    run, unscaled); ``phi3-long``: Phi-3-mini-128k's (LongRoPE past 32 of 1024 positions: an
+    attention factor of sqrt(2); whole heads); ``phi3-4k``: Phi-3-mini-4k's (no scaling, a
+    sliding window shorter than the context)."""
     from transformers import Phi3Config
 
     common = {**common, "pad_token_id": 0}
@@ -91,16 +92,15 @@ def phi3_config(family: str, common: dict):  # type: ignore[no-untyped-def]
     rng = random.Random(family)
     if family == "phi3":
         common = {**common, "tie_word_embeddings": True, "original_max_position_embeddings": 1024}
-        partial, factor = 0.75, {"factor": 4.0}
+        partial = 0.75
     else:
         common = {**common, "original_max_position_embeddings": 32}
-        partial, factor = 1.0, {}
+        partial = 1.0
     rotary_half = int(16 * partial) // 2
     rope = {
         "rope_type": "longrope",
         "short_factor": [rng.uniform(1.0, 1.5) for _ in range(rotary_half)],
         "long_factor": [rng.uniform(1.0, 8.0) for _ in range(rotary_half)],
-        **factor,
     }
     return Phi3Config(**common, partial_rotary_factor=partial, rope_scaling=rope)
 

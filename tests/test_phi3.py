@@ -5,11 +5,14 @@ directories and from GGUF files written the way llama.cpp's converter writes the
 
 from __future__ import annotations
 
+import functools
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +24,8 @@ from prefixbatch.execution.attention.triton_backend import TritonBackend, triton
 from prefixbatch.execution.fused_ops import fused_kernels
 from prefixbatch.execution.layers import RotaryEmbedding, apply_rope, rope_inv_freq
 from prefixbatch.execution.models.fused_forward import FusedForward
-from prefixbatch.loading.model_config import normalise, rope_config
+from prefixbatch.loading.model_config import normalise, read_model_config, rope_config
+from prefixbatch.loading.model_source import ModelSource
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +33,16 @@ def phi_models(tiny_models, tmp_path_factory) -> dict[str, Path]:  # type: ignor
     root = tmp_path_factory.mktemp("phi3")
     shapes = ("phi3-long", "phi3-4k")
     return {"phi3": tiny_models["phi3"], **{f: make_tiny_model(root / f, f) for f in shapes}}
+
+
+@functools.cache
+def _expected(path: Path, prompts: tuple[tuple[int, ...], ...], max_tokens: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    """transformers' greedy output, computed once for the tests that share it."""
+    return hf_greedy(path, [list(p) for p in prompts], list(max_tokens))
+
+
+def expected_greedy(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    return _expected(path, tuple(map(tuple, prompts)), tuple(max_tokens))
 
 
 def checkpoint_config(shape: str):  # type: ignore[no-untyped-def]
@@ -109,7 +123,15 @@ def test_phi3_configs_read_their_variants():
     assert rope_config(early).long_factor == (2.0,) * 4
     capped = normalise(checkpoint_config("phi3-4k"))  # Phi-3-mini-4k: window 2047 of 4096
     assert (capped.max_position, capped.rope.rope_type) == (48, "default")
-    assert normalise(checkpoint_config("phi3-long")).rope.original_max_position == 32
+    long = normalise(checkpoint_config("phi3-long")).rope
+    assert (long.original_max_position, long.attention_factor) == (32, pytest.approx(2**0.5))
+    # A config that gives the scale factor: transformers' attention factor follows it.
+    given = SimpleNamespace(
+        rope_parameters={**early.rope_scaling, "factor": 4.0, "type": "longrope"},
+        max_position_embeddings=1024,
+        original_max_position_embeddings=1024,
+    )
+    assert rope_config(given).attention_factor == math.sqrt(1 + math.log(4) / math.log(1024))
     assert rope_config(SimpleNamespace(rope_theta=1.0)).at_context(10**6).long_context is False
 
 
@@ -160,7 +182,7 @@ def test_phi4_mini_shape_matches_transformers_with_nested_prefixes_and_n(phi_mod
     prompts = nested_prompts(rng, system=16, doc=16, docs=2, per_doc=2, vocab=(3, VOCAB))
     prompts += [[rng.randrange(3, VOCAB) for _ in range(11)]]  # shares nothing
     max_tokens = [3 + i % 4 for i in range(len(prompts))]
-    expected = hf_greedy(phi_models["phi3"], prompts, max_tokens)
+    expected = expected_greedy(phi_models["phi3"], prompts, max_tokens)
     llm = LLM(
         str(phi_models["phi3"]),
         device="cpu",
@@ -184,7 +206,7 @@ def test_phi4_mini_shape_matches_transformers_with_nested_prefixes_and_n(phi_mod
 def test_phi3_matches_transformers_under_preemption(phi_models, kernels):  # type: ignore[no-untyped-def]
     prompts = [p for p in nested_prompts(random.Random(5), 16, 8, 3, 3, (3, VOCAB))]
     max_tokens = [20] * len(prompts)
-    expected = hf_greedy(phi_models["phi3"], prompts, max_tokens)
+    expected = expected_greedy(phi_models["phi3"], prompts, max_tokens)
     per_block = 2 * 3 * 8 * 2 * 16 * 4  # K and V, 3 layers, 8 tokens, 2 KV heads of 16 fp32
     llm = LLM(
         str(phi_models["phi3"]),
@@ -216,7 +238,7 @@ def test_longrope_runs_the_long_factors_past_the_original_context(phi_models, ke
     path = phi_models["phi3-long"]
     prompts = _long_prompts(8, seed=6)
     max_tokens = [6] * len(prompts)
-    expected = hf_greedy(path, prompts, max_tokens)
+    expected = expected_greedy(path, prompts, max_tokens)
     llm = LLM(str(path), device="cpu", block_size=8, kv_cache_memory=4 * 2**20, kernels=kernels)
     assert llm.engine.worker.model_config.rope.long_context
     assert [o.output_token_ids for o in _greedy(llm, prompts, max_tokens)] == expected
@@ -231,7 +253,7 @@ def test_longrope_runs_the_short_factors_within_the_original_context(phi_models,
     rng = random.Random(7)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(4, 24))] for _ in range(8)]
     max_tokens = [32 - len(p) for p in prompts]  # to the end of the context
-    expected = hf_greedy(path, prompts, max_tokens)
+    expected = expected_greedy(path, prompts, max_tokens)
     llm = LLM(
         str(path),
         device="cpu",
@@ -249,9 +271,9 @@ def test_a_window_shorter_than_the_context_caps_it(phi_models):  # type: ignore[
     the 48-token window, inside which transformers' sliding-window mask hides nothing."""
     path = phi_models["phi3-4k"]
     rng = random.Random(8)
-    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(5, 40))] for _ in range(6)]
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(24, 40))] for _ in range(5)]
     max_tokens = [48 - len(p) for p in prompts]
-    expected = hf_greedy(path, prompts, max_tokens)
+    expected = expected_greedy(path, prompts, max_tokens)
     llm = LLM(str(path), device="cpu", block_size=8, kv_cache_memory=4 * 2**20)
     assert llm.engine.limits.max_model_len == 48
     assert isinstance(llm.engine.backend, CpuBackend)
@@ -260,3 +282,119 @@ def test_a_window_shorter_than_the_context_caps_it(phi_models):  # type: ignore[
     assert {o.finish_reason for o in outs} <= {"length", "stop"}
     with pytest.raises(ValueError, match="context is 48 tokens"):
         _greedy(llm, [[5] * 48], [1])
+
+
+def write_phi3_gguf(hf_dir: Path, path: Path) -> None:
+    """A GGUF file of a Phi-3 checkpoint as llama.cpp's converter writes one
+    (``convert_hf_to_gguf.py``, ``Phi3MiniModel``): fused attn_qkv and ffn_up tensors (gate and
+    up), the rotated dimensions as ``rope.dimension_count``, LongRoPE's factors as tensors with
+    the original context and the attention factor it derives from max / original positions,
+    ``sliding_window`` 0 for none, no ``output`` tensor when the embeddings are tied; fp32."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    rope = config.rope_parameters
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_name("tiny-phi3")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    rotated = int(rope["partial_rotary_factor"] * config.hidden_size) // config.num_attention_heads
+    writer.add_rope_dimension_count(rotated)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_sliding_window(config.sliding_window or 0)
+    if "long_factor" in rope:
+        scale = config.max_position_embeddings / config.original_max_position_embeddings
+        attention = math.sqrt(
+            1 + math.log(scale) / math.log(config.original_max_position_embeddings)
+        )
+        writer.add_rope_scaling_attn_factors(attention if scale > 1 else 1.0)
+        for kind in ("long", "short"):
+            factors = np.array(rope[f"{kind}_factor"], dtype=np.float32)
+            writer.add_tensor(f"rope_factors_{kind}.weight", factors)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(3, VOCAB))])
+    writer.add_token_scores([0.0] * 3 + [-float(i) for i in range(3, VOCAB)])
+    writer.add_token_types([2, 3, 3] + [1] * (VOCAB - 3))  # unknown, control, normal
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, config.num_hidden_layers)
+    for name, tensor in load_file(str(hf_dir / "model.safetensors")).items():
+        gguf_name = names.get_name(name, try_suffixes=(".weight",))
+        assert gguf_name is not None, name
+        writer.add_tensor(gguf_name, tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("shape", ["phi3", "phi3-long", "phi3-4k"])
+def test_a_gguf_file_runs_as_its_checkpoint(phi_models, tmp_path, monkeypatch, shape):  # type: ignore[no-untyped-def]
+    """What transformers' GGUF reader leaves out of a phi3 file (LongRoPE, the rotated share of
+    each head, the window) is read from the file: the converted model runs token-identical to
+    the Hugging Face checkpoint it was written from (transformers' own GGUF loading of it
+    would not: it runs unscaled rope over whole heads)."""
+    pytest.importorskip("gguf")
+    from prefixbatch.loading import model_source
+
+    monkeypatch.setattr(model_source, "cache_root", lambda: tmp_path / "cache")
+    gguf_path = tmp_path / f"{shape}.gguf"
+    write_phi3_gguf(phi_models[shape], gguf_path)
+    converted = model_source.resolve_model(str(gguf_path)).path
+    assert converted.parent.parent == tmp_path / "cache"
+    cfg = read_model_config(ModelSource(converted))
+    hf_cfg = normalise(checkpoint_config(shape))
+    rope, hf_rope = cfg.rope, hf_cfg.rope  # the file keeps the factors in fp32, as torch uses them
+    for long in (False, True):
+        assert torch.equal(
+            rope_inv_freq(replace(rope, long_context=long), 16),
+            rope_inv_freq(replace(hf_rope, long_context=long), 16),
+        )
+    assert (rope.rope_type, rope.partial_rotary_factor, rope.original_max_position) == (
+        hf_rope.rope_type,
+        hf_rope.partial_rotary_factor,
+        hf_rope.original_max_position,
+    )
+    assert rope.attention_factor == pytest.approx(hf_rope.attention_factor)
+    assert (cfg.tie_word_embeddings, cfg.max_position) == (
+        hf_cfg.tie_word_embeddings,
+        hf_cfg.max_position,  # 48 for phi3-4k: its window
+    )
+    prompts = (
+        _long_prompts(4, seed=9)
+        if shape == "phi3-long"
+        else nested_prompts(random.Random(9), 8, 8, 2, 2, (3, VOCAB))
+    )
+    max_tokens = [5] * len(prompts)
+    llm = LLM(str(gguf_path), device="cpu", block_size=8, kv_cache_memory=4 * 2**20)
+    outs = _greedy(llm, prompts, max_tokens)
+    assert [o.output_token_ids for o in outs] == hf_greedy(phi_models[shape], prompts, max_tokens)
+
+
+def test_generation_config_eos_ids_end_a_turn(phi_models, tmp_path):  # type: ignore[no-untyped-def]
+    """Phi-3's turns end with ``<|end|>``, named only in generation_config.json (config.json
+    names ``<|endoftext|>``): the engine stops there, as transformers' generate does."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    path = tmp_path / "phi3"
+    shutil.copytree(phi_models["phi3"], path)
+    prompt = [7, 8, 9, 10, 11]
+    free_run = expected_greedy(phi_models["phi3"], [prompt], [8])[0]
+    end = next(t for i, t in enumerate(free_run) if i >= 2 and t not in free_run[:i])
+    GenerationConfig(eos_token_id=[2, end], bos_token_id=1).save_pretrained(str(path))
+    assert read_model_config(ModelSource(path)).eos_token_ids == (2, end)
+    llm = LLM(str(path), device="cpu", kv_cache_memory=4 * 2**20)
+    out = _greedy(llm, [prompt], [8])[0]
+    assert out.output_token_ids == free_run[: free_run.index(end) + 1]
+    assert out.finish_reason == "stop"

@@ -1,9 +1,10 @@
 """The execution side's owner of one device: the model's weights, the KV cache, the attention
 backend, the decode CUDA graphs and the fast-path choices, all settled once at start.
 
-``Worker(config, model_config, weights)`` builds the checkpoint's family model in the target
-dtype on the device and loads the weights (``models/loader.py``); on the CPU in fp32 it packs
-the projections for oneDNN and builds the fused kernels (the family's fast forward and the
+``Worker(config, model_config, weights)`` settles the rotary embedding for the engine's context
+(LongRoPE's factor set, ``RopeConfig.at_context``), builds the checkpoint's family model in the
+target dtype on the device and loads the weights (``models/loader.py``); on the CPU in fp32 it
+packs the projections for oneDNN and builds the fused kernels (the family's fast forward and the
 compiled greedy argmax); it sizes the KV pool (a byte budget, or on CUDA a profiling forward at
 the largest step, ``kv_memory.py``), allocates it, picks the attention backend
 (``attention/registry.py``) and captures the decode graphs (``cuda_graphs.py``). Engines get a

@@ -3,13 +3,15 @@
 The common fields are read here the way transformers' configs spell them in versions 4 and 5
 (``rope_parameters`` or ``rope_theta`` with ``rope_scaling``, one EOS id or a list, a missing
 ``head_dim`` or ``num_key_value_heads``); the checkpoint's family (``execution/models``) then
-reads its own fields (``ModelFamily.read_config``). Model code never reads the Hugging Face
-config itself.
+reads its own fields (``ModelFamily.read_config``). The end-of-sequence ids add those of
+generation_config.json. Model code never reads the Hugging Face config itself.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, RopeConfig
@@ -27,7 +29,26 @@ def read_model_config(source: ModelSource) -> ModelConfig:
         hf = AutoConfig.from_pretrained(str(source.path))
     except (OSError, ValueError) as e:  # transformers' errors for a missing or broken config
         raise ModelNotFoundError(f"cannot read the model config in {source.path}: {e}") from e
-    return normalise(hf)
+    config = normalise(hf)
+    eos = dict.fromkeys((*config.eos_token_ids, *generation_eos_ids(source.path)))
+    return replace(config, eos_token_ids=tuple(eos))
+
+
+def generation_eos_ids(path: Path) -> tuple[int, ...]:
+    """The ``eos_token_id`` of the checkpoint's generation_config.json, where transformers'
+    ``generate`` (and vLLM) take the ids that end a turn when config.json names only the end
+    of text: Phi-3's ``<|end|>``, Phi-4-mini's 200020. () without the file."""
+    from transformers import GenerationConfig
+
+    try:
+        return token_ids(GenerationConfig.from_pretrained(str(path)).eos_token_id)
+    except (OSError, ValueError):  # no generation_config.json, or one transformers rejects
+        return ()
+
+
+def token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    """An EOS field as configs spell it (one id, a list or none) as a tuple."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (() if value is None else (value,))
 
 
 def normalise(hf: Any) -> ModelConfig:
@@ -37,8 +58,6 @@ def normalise(hf: Any) -> ModelConfig:
         list(getattr(hf, "architectures", None) or []), getattr(hf, "model_type", "?")
     )
     heads = hf.num_attention_heads
-    eos = hf.eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     common = ModelConfig(
         architecture=family.name,
         vocab_size=hf.vocab_size,
@@ -53,7 +72,7 @@ def normalise(hf: Any) -> ModelConfig:
         max_position=hf.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         attention_bias=bool(getattr(hf, "attention_bias", False)),
-        eos_token_ids=eos_ids,
+        eos_token_ids=token_ids(hf.eos_token_id),
     )
     return family.read_config(common, hf)
 
