@@ -125,6 +125,10 @@ class EngineConfig:
     # the graph hooks (Triton); captured once at load, per batch-size bucket.
     cuda_graphs: bool = True
     max_cuda_graph_batch: int = 256
+    # Overlap scheduling: the host schedules and prepares step N+1 while the device runs step N
+    # (the tokens N+1 needs from N are read on the device). None: on CUDA only; on the CPU the
+    # host and the "device" are the same cores, so nothing would overlap.
+    overlap_schedule: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))

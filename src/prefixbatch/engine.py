@@ -18,7 +18,7 @@ from .config import EngineConfig
 from .detokenizer import OutputTexts
 from .errors import KVBudgetError
 from .execution.attention.backend import AttentionBackend
-from .execution.step_sampler import StepSampler
+from .execution.step_sampler import SampledTokens, StepSampler
 from .loading.builder import LoadedModel, load_model
 from .loading.limits import EngineLimits
 from .outputs import CompletionOutput, Request, RequestOutput
@@ -93,14 +93,22 @@ class LLMEngine:
         # Penalties, grammar masks, sampling, log-probabilities; the grammar engine is built
         # only when a request asks for structured output.
         self.sampler = StepSampler(
-            self.limits.vocab_size, self.eos_ids, self._grammars, self.worker.argmax
+            self.limits.vocab_size,
+            self.eos_ids,
+            self._grammars,
+            self.worker.argmax,
+            self.worker.device,
         )
         self.stats = EngineStats()
         self._requests: dict[int, Request] = {}  # unfinished requests by id
         self._sequences: dict[int, list[Sequence]] = {}  # a request's choices by request id
         self._finished: dict[int, list[Sequence]] = {}  # choices that ended, by request id
-        self._texts = OutputTexts(self.tokenizer.hf, self._requests)  # incremental detokenizers
+        self._texts = OutputTexts(self.tokenizer.hf)  # incremental detokenizers
         self._next_group_id = 0
+        overlap = config.overlap_schedule
+        self.overlap = self.worker.device.type == "cuda" if overlap is None else overlap
+        self._inflight: _InFlight | None = None  # a launched step whose tokens are not taken in
+        self._scoring = 0  # unfinished requests that ask for prompt log-probabilities
 
     def _grammars(self) -> StructuredOutput:
         # Imported on first use: xgrammar is optional (requests that need it were refused).
@@ -154,6 +162,7 @@ class LLMEngine:
         self.stats.groups += len(work.groups)
         for r in requests:
             self._requests[r.index] = r
+        self._scoring += sum(r.params.prompt_logprobs is not None for r in requests)
         for seq in work.sequences:
             if seq.leads is None:
                 self._sequences.setdefault(seq.seq_id, []).append(seq)
@@ -164,7 +173,7 @@ class LLMEngine:
         self.add_requests([request])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None
 
     def abort(self, request_id: int) -> bool:
         """Drop an unfinished request (all its choices) and free its KV blocks; False if it is
@@ -175,39 +184,74 @@ class LLMEngine:
         for seq in seqs:
             if seq.status is not Status.FINISHED:
                 self.scheduler.abort(seq)
-            self._texts.pop(seq)
+            self._texts.discard(seq)
         self._finished.pop(request_id, None)
-        del self._requests[request_id]
+        self._scoring -= self._requests.pop(request_id).params.prompt_logprobs is not None
         return True
 
     def step(self) -> list[RequestOutput]:
         """Run one forward step; the outputs of the requests that finished in it.
 
+        With overlap scheduling (``EngineConfig.overlap_schedule``, on by default on CUDA) the
+        step is launched first and the previous step's tokens are taken in while it runs
+        (SGLang's overlap scheduler): the outputs are those the previous step finished, and a
+        request that ended there computed one more token in this step, which is dropped.
+
         Raises ``KVBudgetError`` when nothing can be scheduled (the pool holds no request)."""
         scheduler = self.scheduler
         computed, preempted = scheduler.prefill_tokens_computed, scheduler.num_preemptions
         hits = self.blocks.cache_hits
+        previous, self._inflight = self._inflight, None
+        finished: list[Sequence] = []
+        drained = False
+        if previous is not None and previous.sampled.plan.masks is not None:
+            # Its structured requests' next grammar masks are filled from its tokens.
+            finished += self._complete(previous)
+            previous, drained = None, True
         step = scheduler.schedule()
-        if not step.seqs:
+        launched = None
+        if step.seqs:
+            launched = self._launch(step, previous)
+        elif previous is None and not drained:
             raise KVBudgetError(
                 "the KV cache is too small to make progress; raise --kv-cache-memory"
             )
-        sampling = [receiver for _, receiver in step.samples]
-        pending = self.sampler.prepare(sampling)  # grammar masks fill during the forward pass
-        scoring = [i for i, s in enumerate(step.seqs) if _scores_prompt(s)]
-        with torch.inference_mode():  # the runner's logits are inference tensors
-            logits = self.runner.execute(step, scoring)
-            if scoring:
-                self._score_prompts(step, scoring, logits[len(sampling) :])
-                logits = logits[: len(sampling)]
-            tokens = self.sampler.sample(logits, sampling, pending)
-        finished = scheduler.postprocess(step, tokens)
-        finished += self._texts.update(sampling, scheduler.finish)
-        self.stats.steps += 1
+        if previous is not None:
+            finished += self._complete(previous)
+        if launched is not None and self.overlap:
+            self._inflight = launched
+        elif launched is not None:
+            finished += self._complete(launched)
+        self.stats.steps += launched is not None
         self.stats.prefill_tokens_computed += scheduler.prefill_tokens_computed - computed
         self.stats.preemptions += scheduler.num_preemptions - preempted
         self.stats.cache_hit_tokens += (self.blocks.cache_hits - hits) * self.config.block_size
         return [out for seq in finished if (out := self._output(seq)) is not None]
+
+    def _launch(self, step: ScheduledStep, previous: _InFlight | None) -> _InFlight:
+        """Run a scheduled step up to its sampled tokens on the device (the previous step's
+        tokens, when not taken in yet, are read there) and advance the scheduler."""
+        sampling = [receiver for _, receiver in step.samples]
+        plan = self.sampler.prepare(sampling)  # grammar masks fill during the forward pass
+        scoring = []
+        if self._scoring:  # some request in flight asks for prompt log-probabilities
+            scoring = [i for i, s in enumerate(step.seqs) if _scores_prompt(s)]
+        before = None if previous is None else previous.sampled.tokens
+        with torch.inference_mode():  # the runner's logits are inference tensors
+            logits, tensors = self.runner.execute(step, scoring, plan.arrays, before)
+            if scoring:
+                self._score_prompts(step, scoring, logits[len(sampling) :])
+                logits = logits[: len(sampling)]
+            sampled = self.sampler.sample_async(logits, plan, tensors)
+        self.scheduler.advance(step)
+        return _InFlight(step, sampled)
+
+    def _complete(self, launched: _InFlight) -> list[Sequence]:
+        """Take a launched step's tokens in: stop checks, stop strings; the finished."""
+        tokens = self.sampler.collect(launched.sampled)
+        finished, resolved = self.scheduler.resolve(launched.step, tokens)
+        finished += self._texts.update(resolved, self.scheduler.finish)
+        return finished
 
     def generate(
         self,
@@ -226,6 +270,7 @@ class LLMEngine:
             if should_stop is not None and should_stop():
                 for request_id in list(self._sequences):
                     self.abort(request_id)
+                self._inflight = None  # every request of the step in flight is aborted
                 return
             yield from self.step()
 
@@ -247,6 +292,7 @@ class LLMEngine:
         if len(done) < request.params.n:
             return None
         del self._requests[seq.seq_id], self._finished[seq.seq_id]
+        self._scoring -= request.params.prompt_logprobs is not None
         self._sequences.pop(seq.seq_id, None)
         done.sort(key=lambda s: s.choice)
         wants = request.params.logprobs is not None
@@ -268,6 +314,14 @@ class LLMEngine:
             sum(s.preemptions for s in done),
             self.sampler.prompt_logprobs(done[0]) if scored else None,
         )
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A launched step whose tokens are not taken in yet."""
+
+    step: ScheduledStep
+    sampled: SampledTokens
 
 
 def _scores_prompt(seq: Sequence) -> bool:

@@ -141,7 +141,7 @@ class Worker:
         tokens, bs = self.config.max_num_batched_tokens, self.config.block_size
         blocks = -(-tokens // bs)
         backend = self._backend(backend_name, self._cache(blocks))
-        step = AttentionStep((SeqStep(0, tokens, tokens, tuple(range(blocks))),), (), tokens, bs)
+        step = AttentionStep.of([SeqStep(0, tokens, tokens, tuple(range(blocks)))], block_size=bs)
         rows = min(tokens, self.config.max_num_seqs)
         device = self.device
         logits = self.forward(
