@@ -55,7 +55,8 @@ class Progress:
     ``start`` (``time.monotonic()``, default now) is the job's start: the elapsed clock counts
     from it, as the summary's wall time does; rates and the ETA count from the first compute
     (this object's creation), so model loading does not skew them. ``planned``: the run's work,
-    for the ETA (without it the ETA scales the compute time by the requests left)."""
+    for the ETA (without it the ETA scales the compute time by the requests left). Nothing is
+    shown before the work has run ``after_s`` seconds, so a short call stays silent."""
 
     def __init__(
         self,
@@ -65,8 +66,10 @@ class Progress:
         interval: float = 10.0,
         start: float | None = None,
         planned: PlannedWork | None = None,
+        after_s: float = 0.0,
     ) -> None:
         self.total, self.quiet, self.interval, self.planned = total, quiet, interval, planned
+        self.after_s = after_s
         self.stream = stream or sys.stderr
         self.done = self.tokens = 0
         self.compute_start = self._last = time.monotonic()
@@ -82,6 +85,7 @@ class Progress:
                 unit="req",
                 file=self.stream,
                 dynamic_ncols=True,
+                delay=after_s,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
             )
             self._bar.start_t -= self.compute_start - self.start  # the job's clock (wall time)
@@ -125,6 +129,8 @@ class Progress:
             self._bar.update(requests)
             postfix = f"{self.tokens_per_s:.1f} tok/s, eta {eta:.0f}s {note}".rstrip()
             self._bar.set_postfix_str(postfix)
+            return
+        if now - self.compute_start < self.after_s:
             return
         if now - self._last >= self.interval or self.done == self.total:
             self._last = now

@@ -1,12 +1,12 @@
 """Every request of a batch file, held compactly while the job runs.
 
 Per request: its line, custom_id (UTF-8 in one byte array), request hash (8 bytes) and record key
-(16 bytes, ``io.results.record_key``), url and echo flags, and which distinct ``SamplingParams``
-and chat ``ReplyFormat`` it uses (each distinct one is kept once); the token ids of the requests
-to run go into one ``TokenArrays``. About 60 bytes a request beside its tokens, against
-kilobytes as parsed objects. ``runnable()`` hands the engine the requests to run as a
-``CompactRequests`` (a ``Request`` object is made only when the engine schedules it);
-``info()`` rebuilds what an output record needs.
+(16 bytes, ``io.results.record_key``), its url, echo and max-tokens-given flags, and which
+distinct ``SamplingParams`` and chat ``ReplyFormat`` it uses (each distinct one is kept once);
+the token ids of the requests to run go into one ``TokenArrays``. About 60 bytes a request
+beside its tokens, against kilobytes as parsed objects. ``runnable()`` hands the engine the
+requests to run as a ``CompactRequests`` (a ``Request`` object is made only when the engine
+schedules it); ``info()`` rebuilds what an output record needs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..planning.token_arrays import TokenArraysBuilder
 from ..sampling_params import SamplingParams
 from ..scheduling.request_source import CompactRequests
 
-_CHAT, _ECHO = 1, 2
+_CHAT, _ECHO, _GIVEN = 1, 2, 4  # flags: chat url, echo, max_tokens set in the body
 
 
 class BatchStore:
@@ -56,7 +56,11 @@ class BatchStore:
         else:
             self._rows.append(len(self._tokens))
             self._tokens.append(ids)
-        self._flags.append((_CHAT if req.url == CHAT_URL else 0) | (_ECHO if req.echo else 0))
+        self._flags.append(
+            (_CHAT if req.url == CHAT_URL else 0)
+            | (_ECHO if req.echo else 0)
+            | (_GIVEN if req.max_tokens_given else 0)
+        )
         self._param_ids.append(self._sets.setdefault(req.params, len(self._sets)))
         reply = -1 if req.reply is None else self._replies.setdefault(req.reply, len(self._replies))
         self._reply_ids.append(reply)
@@ -73,6 +77,7 @@ class BatchStore:
         self.rows = np.frombuffer(self._rows, dtype=np.int64)
         self.param_ids = np.frombuffer(self._param_ids, dtype=np.int32)
         self.keys = np.frombuffer(self._keys, dtype="S16")
+        self.explicit = np.frombuffer(self._flags, dtype=np.uint8) & _GIVEN > 0
         self.prompts = self._tokens.build()
         self.param_sets = tuple(self._sets)
         self.replies = tuple(self._replies)
@@ -102,5 +107,6 @@ class BatchStore:
             params=self.param_sets[self._param_ids[i]],
             request_hash=self._hashes[8 * i : 8 * i + 8].hex(),
             echo=bool(flags & _ECHO),
+            max_tokens_given=bool(flags & _GIVEN),
             reply=self.replies[self._reply_ids[i]] if self._reply_ids[i] >= 0 else None,
         )

@@ -1,8 +1,11 @@
 """A batch job: batch file in, answers out, every request answered exactly once.
 
 Whole-job problems raise ``JobError`` before any compute; problems of single lines become error
-records while every other request runs. Ctrl-C / SIGTERM raise ``JobInterrupted`` after the
-answers finished so far are on disk. See ``results.py`` for the resume rule.
+records while every other request runs, and so does a request that fails while it is served
+(code ``server_error``, the engine's message). A fault that is not one request's (the model's
+forward pass, memory, the device) stops the job with every finished answer on disk. Ctrl-C /
+SIGTERM raise ``JobInterrupted`` after the answers finished so far are on disk. See
+``results.py`` for the resume rule.
 
 The batch is read once into a compact store (``ingest.py``: token arrays, not objects), planned
 on its arrays, and streamed into the engine in the plan's order; a ``Request`` exists only while
@@ -14,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +32,7 @@ from ..engine import EngineStats, LLMEngine
 from ..errors import InputFileError, JobInterrupted, KVBudgetError
 from ..io.batch_file import BatchRequest, LineError
 from ..io.progress import PlannedWork, Progress
-from ..io.results import ResultWriter, error_record, success_record
+from ..io.results import SERVER_ERROR, ResultWriter, error_record, success_record
 from ..loading.model_config import read_model_config
 from ..loading.model_source import DEFAULT_MODEL_NAME, resolve_model
 from ..planning.plan import Plan, make_plan
@@ -43,6 +47,8 @@ if TYPE_CHECKING:
     from ..distributed.ray_executor import RayExecutor
 
 log = logging.getLogger(__name__)
+
+LISTED = 10  # failed lines named in a summary before the rest are counted
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,14 @@ class JobSummary:
     preemptions: int
     wall_s: float
     compute_s: float = 0.0  # from the first engine step: no reading, loading or planning
+    failures: tuple[str, ...] = ()  # the first LISTED error messages, in line order
 
     def lines(self) -> list[str]:
         tps = self.output_tokens / self.compute_s if self.compute_s else 0.0
         lines = [
             f"requests: {self.requests_ok} ok, {self.requests_failed} failed, "
             f"{self.skipped} already answered",
+            *listed("failed", self.failures, self.requests_failed),
             f"tokens: {self.prompt_tokens} prompt, {self.output_tokens} output, "
             f"{self.prefill_tokens_saved} prefill tokens saved by sharing",
             f"preemptions: {self.preemptions}",
@@ -85,6 +93,15 @@ class JobSummary:
         if not self.requests_ok and not self.skipped:
             lines.insert(0, "no line of the input is a valid request: see the error records")
         return lines
+
+
+def listed(label: str, messages: Sequence[str], total: int) -> list[str]:
+    """``label: message`` lines for the first ``LISTED`` of ``messages`` (each names its line
+    and reason), then how many more there are of ``total``."""
+    lines = [f"{label}: {m}" for m in messages[:LISTED]]
+    if total > len(lines):
+        lines.append(f"{label}: ... and {total - len(lines)} more (each has an error record)")
+    return lines
 
 
 def make_executor(
@@ -192,14 +209,22 @@ def run_batch(
             if any(p.logprobs is not None or p.prompt_logprobs is not None for p in used):
                 vocab = engine.tokenizer.token_bytes(engine.limits.vocab_size)
             computing = time.monotonic()
-            for out in engine.generate(requests, plan, should_stop):
-                req = store.info(out.index)
-                echoed = _prompt_text(engine.tokenizer, req, out.prompt_token_ids)
-                writer.write(success_record(req, out, model_name, vocab, echoed))
-                answered += 1
-                work = (engine.stats.prefill_tokens_computed, engine.stats.sampled_tokens)
-                progress.update(1, out.num_output_tokens, engine.status(), work)
-                report()
+            # closing(): however the loop ends, the engine aborts what is unfinished (idle)
+            with closing(engine.generate(requests, plan, should_stop)) as outputs:
+                for out in outputs:
+                    req = store.info(out.index)
+                    if out.error is not None:  # this request failed while it was served
+                        message = f"line {req.line}: {out.error}"
+                        failed = LineError(req.line, req.custom_id, message, SERVER_ERROR)
+                        errors[req.line] = failed
+                        writer.write(error_record(failed))
+                    else:
+                        echoed = _prompt_text(engine.tokenizer, req, out.prompt_token_ids)
+                        writer.write(success_record(req, out, model_name, vocab, echoed))
+                        answered += 1
+                    work = (engine.stats.prefill_tokens_computed, engine.stats.sampled_tokens)
+                    progress.update(1, out.num_output_tokens, engine.status(), work)
+                    report()
             stats, compute_s = engine.stats, time.monotonic() - computing
         writer.finish(store.lines, store.keys, errors)  # also after a stop: the answers so far
     except KeyboardInterrupt:
@@ -220,6 +245,7 @@ def run_batch(
         preemptions=stats.preemptions,
         wall_s=time.monotonic() - start,
         compute_s=compute_s,
+        failures=tuple(errors[line].message for line in sorted(errors)[:LISTED]),
     )
 
 
@@ -241,7 +267,7 @@ def _check(
     """The requests that fit the engine, with their share of ``plan``; the others' errors go
     into ``errors``. Raises ``KVBudgetError`` when the KV pool holds none of them."""
     log.info("checking %s", count(len(requests), "request"))
-    checked = check(requests, engine.limits, store.info)
+    checked = check(requests, engine.limits, store.info, store.explicit[requests.ids])
     if checked.too_big_for_kv and not len(checked.runnable):
         raise KVBudgetError(
             f"the KV cache ({engine.limits.num_blocks} blocks) is too small for even one "

@@ -17,6 +17,7 @@ from ..planning.prefix_sort import sort_prompts
 from ..planning.report import format_report, plan_report
 from ..tokenizer import Tokenizer
 from .ingest import ingest
+from .job import listed
 from .validate import check
 
 
@@ -24,8 +25,10 @@ def plan_job(
     config: EngineConfig, path: Path, default_max_tokens: int, chat: ChatOptions | None = None
 ) -> tuple[dict[str, Any], str]:
     """(the report as a JSON-ready dict, the same as text). Lines ``prefixbatch run`` would
-    reject (parse errors, token ids outside the vocabulary, too long) are left out and counted
-    in ``rejected_lines``. ``chat``: the chat template and parsers ``run`` would use."""
+    reject (parse errors, token ids outside the vocabulary, too long) are left out, counted in
+    ``rejected_lines`` and listed in ``rejected`` (``{"line", "message"}`` each, in line order;
+    the text names the first ``LISTED``, then counts the rest). ``chat``: the chat template and
+    parsers ``run`` would use."""
     source = resolve_model(config.model)
     cfg = read_model_config(source)
     batch = ingest(
@@ -33,9 +36,17 @@ def plan_job(
     )
     blocks, _ = kv_pool_blocks(config, cfg)
     limits = EngineLimits.of(config, cfg, blocks)
-    requests = check(batch.store.runnable(), limits, batch.store.info).runnable
+    runnable = batch.store.runnable()
+    checked = check(runnable, limits, batch.store.info, batch.store.explicit[runnable.ids])
+    requests = checked.runnable
     tree = sort_prompts(requests.prompts)
     plan = make_plan(requests.prompts, requests.max_tokens(), config.block_size, tree)
     report = plan_report(plan, requests.prompts, tree, config.block_size, max(1, blocks))
-    report["rejected_lines"] = batch.lines - len(requests)
-    return report, format_report(report)
+    rejected = sorted([*batch.errors.values(), *checked.errors], key=lambda e: e.line)
+    report["rejected_lines"] = len(rejected)
+    report["rejected"] = [{"line": e.line, "message": e.message} for e in rejected]
+    text = [
+        format_report(report),
+        *listed("rejected", [e.message for e in rejected], len(rejected)),
+    ]
+    return report, "\n".join(text)

