@@ -1,6 +1,10 @@
-"""GPU KV pool sizing: the arithmetic on the CPU, the profiling on CUDA when present."""
+"""KV pools: GPU sizing (the arithmetic on the CPU, the profiling on CUDA when present) and the
+CPU pool's lazily committed zero pages."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +54,28 @@ def test_profiling_counts_the_largest_step():
         lambda: torch.empty(2 * GIB, dtype=torch.uint8, device=device), device, per_block, 0.5
     )
     assert idle - busy in (32, 33)
+
+
+def _resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        line = next(row for row in status if row.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux /proc")
+def test_cpu_pool_is_zero_and_resident_only_where_written() -> None:
+    """A 1 GiB CPU pool reads as zeros and takes memory only for the blocks written; a forked
+    child's writes stay in the child (private mapping)."""
+    before = _resident_mib()
+    cache = KVCache(4, 4096, 16, 8, 64, torch.float16, torch.device("cpu"))  # 2 x 512 MiB
+    assert _resident_mib() - before < 64
+    assert cache.k.shape == (4, 4096 * 16, 8, 64) and cache.k.dtype == torch.float16
+    cache.k[:, :16] = 1.0  # one block of every layer
+    assert float(cache.k[:, 16:].abs().max()) == 0.0 and float(cache.v.abs().max()) == 0.0
+    assert _resident_mib() - before < 64
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only writes and exits
+        cache.v[0, 0, 0, 0] = 7.0  # one element: no OpenMP region after fork
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert float(cache.v.abs().max()) == 0.0

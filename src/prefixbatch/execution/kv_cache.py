@@ -8,6 +8,9 @@ whom; this module only holds the tensors (``kv_memory.py`` sizes them).
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 
@@ -25,10 +28,8 @@ class KVCache:
         device: torch.device,
     ) -> None:
         shape = (layers, num_blocks * block_size, kv_heads, head_dim)
-        # Zeroed: a padded decode reads the unwritten tail of a sequence's last block (masked
-        # out, but uninitialised memory could hold NaN, and 0 * NaN poisons the softmax sum).
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, slots, KVH, D)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = zeroed_pool(shape, dtype, device)  # (L, slots, KVH, D)
+        self.v = zeroed_pool(shape, dtype, device)
         self.block_size = block_size
         self.num_blocks = num_blocks
 
@@ -37,3 +38,18 @@ class KVCache:
         layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> int:
         return 2 * layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled pool. Zeroed because a padded decode reads the unwritten tail of a
+    sequence's last block (masked out, but uninitialised memory could hold NaN, and 0 * NaN
+    poisons the softmax sum). On the CPU the pool is a private anonymous mapping: the kernel
+    hands out zero pages as they are first written, so a job's resident memory grows with the
+    KV it really holds, not with the budget (a 4 GiB default pool costs nothing until used)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:  # mmap cannot map nothing
+        return torch.zeros(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor keeps the mapping
