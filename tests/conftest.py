@@ -138,6 +138,34 @@ def nested_prompts(
     ]
 
 
+def dense_attention(q, k_pool, v_pool, step, scale, attn=None):  # type: ignore[no-untyped-def]
+    """Every sequence's whole context gathered by its block table, causal softmax with the offset
+    ``context_len - q_len``, in float64 -> (T, H, D) float64; with ``attn`` (a
+    ``LayerAttention``), only each query's last ``attn.window`` positions and soft-capped
+    scores. Ignores the levels: the plain definition every attention path is checked against."""
+    window = attn.window if attn is not None else None
+    softcap = attn.softcap if attn is not None else None
+    out = torch.empty(q.shape, dtype=torch.float64)
+    g = q.shape[1] // k_pool.shape[1]
+    bs = step.block_size
+    for s in step.seqs:
+        pos = torch.arange(s.context_len)
+        slots = torch.tensor(s.block_table)[pos // bs] * bs + pos % bs
+        k = k_pool.double().cpu()[slots].repeat_interleave(g, 1)  # (L, H, D)
+        v = v_pool.double().cpu()[slots].repeat_interleave(g, 1)
+        qs = q.double().cpu()[s.q_start : s.q_start + s.q_len]  # (n, H, D)
+        scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        q_pos = torch.arange(s.q_len)[:, None] + s.context_len - s.q_len
+        hidden = pos[None, :] > q_pos
+        if window is not None:
+            hidden |= pos[None, :] <= q_pos - window
+        scores = scores.masked_fill(hidden, float("-inf"))
+        out[s.q_start : s.q_start + s.q_len] = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
+    return out
+
+
 def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
     """Hugging Face transformers' greedy continuation of each prompt, one at a time (no padding),
     stopping at EOS like the engine."""

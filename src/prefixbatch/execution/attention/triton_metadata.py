@@ -26,14 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backend import padded_rows
+from .backend import padded_rows, query_positions
 from .step import AttentionStep
 
 # Packed (query row x GQA head) rows a tile aims for; untuned starting points.
 OWN_TILE_M = 32
 PREFIX_TILE_M = 64
 _SEQ_KEYS = ("q_start", "q_len", "context_len", "shared_len", "num_levels")
-_LEVEL_KEYS = ("level_row_start", "level_row_end", "level_length")
+_LEVEL_KEYS = ("level_row_start", "level_row_end", "level_length", "level_start")
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,9 @@ class TritonMetadata:
     own KV starts), ``num_levels`` (prefix levels above it, depths ``0..num_levels - 1``).
     ``block_table`` (S, max_blocks) is padded with 0; ``seq_levels`` (S, max(1, max_depth)) holds
     the level id at each depth (-1 past ``num_levels``). ``slot_mapping`` (T,) is the KV slot of
-    each new token. Per level, shape (L,): ``level_row_start``, ``level_row_end``,
-    ``level_length`` (positions, whole blocks), ``level_out``
+    each new token, ``row_position`` (T,) its position. Per level, shape (L,):
+    ``level_row_start``, ``level_row_end``, ``level_length`` (positions, whole blocks),
+    ``level_start`` (the position of its first), ``level_out``
     (first row of the level's partials in the (num_partials, H, D) buffer); ``level_blocks``
     (L, max_level_blocks) padded with 0. Work lists: ``own_tile_seq``, ``own_tile_q0`` (NT,);
     ``prefix_tile_level``, ``prefix_tile_row0`` (NP,).
@@ -75,9 +76,11 @@ class TritonMetadata:
     block_table: torch.Tensor
     seq_levels: torch.Tensor
     slot_mapping: torch.Tensor
+    row_position: torch.Tensor
     level_row_start: torch.Tensor
     level_row_end: torch.Tensor
     level_length: torch.Tensor
+    level_start: torch.Tensor
     level_out: torch.Tensor
     level_blocks: torch.Tensor
     own_tile_seq: torch.Tensor
@@ -124,13 +127,15 @@ class TritonMetadata:
         table = padded_rows([s.block_table for s in seqs], np.int32)
         own_rows = max(1, OWN_TILE_M // group_size)
         prefix_rows = max(1, PREFIX_TILE_M // group_size)
+        seq, pos = query_positions(step)
         arrays = {
             "q_start": q_start,
             "q_len": q_len,
             "context_len": ctx,
             "shared_len": shared,
             "block_table": table,
-            "slot_mapping": _slot_mapping(q_len, ctx, table, bs),
+            "slot_mapping": (table[seq, pos // bs] * bs + pos % bs).astype(np.int32),
+            "row_position": pos.astype(np.int32),
             **_level_arrays(step, q_start, q_len, shared),
             **_tiles("own_tile_seq", "own_tile_q0", q_len, own_rows, np.zeros_like(q_len)),
         }
@@ -169,19 +174,6 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return (np.cumsum(x) - x).astype(np.int32)
 
 
-def _slot_mapping(
-    q_len: np.ndarray, ctx: np.ndarray, table: np.ndarray, block_size: int
-) -> np.ndarray:
-    """(T,) KV slot of each new token: sequence i writes positions [ctx_i - q_len_i, ctx_i)."""
-    seq = np.repeat(np.arange(len(q_len)), q_len)
-    pos = (
-        np.repeat(ctx - q_len, q_len)
-        + np.arange(len(seq))
-        - np.repeat(_exclusive_cumsum(q_len), q_len)
-    )
-    return (table[seq, pos // block_size] * block_size + pos % block_size).astype(np.int32)
-
-
 def _level_arrays(
     step: AttentionStep, q_start: np.ndarray, q_len: np.ndarray, shared: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -208,7 +200,7 @@ def _level_arrays(
     depth_ok = (seq_levels >= 0) == (np.arange(seq_levels.shape[1]) < num_levels[:, None])
     if (covered != shared).any() or not depth_ok.all():
         raise ValueError("levels must cover [0, shared_len) of each sequence, depths 0..n-1")
-    columns = [(lvl.row_start, lvl.row_end, lvl.end - lvl.start) for lvl in levels]
+    columns = [(lvl.row_start, lvl.row_end, lvl.end - lvl.start, lvl.start) for lvl in levels]
     per_level = np.array(columns, dtype=np.int32).reshape(len(levels), len(_LEVEL_KEYS))
     row_start, row_end = per_level[:, 0], per_level[:, 1]
     return {
@@ -248,6 +240,7 @@ def _pad(arrays: dict[str, np.ndarray], shape: MetadataShape) -> dict[str, np.nd
     }
     exact: dict[str, tuple[tuple[int, ...], int]] = {
         "slot_mapping": ((shape.rows,), -1),
+        "row_position": ((shape.rows,), 0),
         "own_tile_seq": ((shape.own_tiles,), shape.seqs),
         "own_tile_q0": ((shape.own_tiles,), 0),
         "prefix_tile_level": ((shape.prefix_tiles,), shape.levels),
