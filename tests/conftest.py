@@ -38,7 +38,14 @@ def save_tokenizer(path: Path) -> None:
 
 
 def tiny_config(family: str):  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=VOCAB,
@@ -73,6 +80,28 @@ def tiny_config(family: str):  # type: ignore[no-untyped-def]
         return Qwen2Config(**common)
     if family == "qwen3":
         return Qwen3Config(**common, head_dim=32)
+    if family == "gemma2":  # windows of 12 (inside blocks of 8), soft-caps that bend
+        return Gemma2Config(
+            **common,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=12,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        )
+    if family == "gemma3":  # a global layer between sliding ones, linear rope scaling
+        return Gemma3TextConfig(
+            **{**common, "tie_word_embeddings": True},
+            head_dim=32,
+            query_pre_attn_scalar=48,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            final_logit_softcapping=4.0,
+        )
     raise ValueError(family)
 
 
@@ -81,6 +110,10 @@ def make_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family))
+    if family.startswith("gemma"):  # (1 + w) norms start at w = 0: random w tests them
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                torch.nn.init.normal_(p, std=0.3)
     model.save_pretrained(str(path))
     save_tokenizer(path)
     return path
@@ -104,7 +137,8 @@ def kernels_cannot_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Ite
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {
-        f: make_tiny_model(root / f, f) for f in ("llama", "llama3", "mistral", "qwen2", "qwen3")
+        f: make_tiny_model(root / f, f)
+        for f in ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
     }
 
 

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .errors import ConfigError, DeviceUnavailableError
+from .errors import ConfigError, DeviceUnavailableError, UnsupportedModelError
 from .policy import Policy
 
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (``rope_type`` is ``default`` or ``llama3``)."""
+    """Rotary embedding parameters (``rope_type`` is ``default``, ``linear``: positions divided
+    by ``factor``, or ``llama3``)."""
 
     theta: float
     rope_type: str = "default"
@@ -25,6 +27,30 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, Any], theta: float = 10000.0) -> RopeConfig:
+        """A rope parameter dict as transformers writes it (``rope_type`` or ``type``, its
+        ``factor`` ...; ``rope_theta``, else ``theta``); raises ``UnsupportedModelError`` for a
+        scaling other than none, ``linear`` or ``llama3``."""
+        theta = float(params.get("rope_theta", theta))
+        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        if rope_type not in ("default", "linear", "llama3"):
+            raise UnsupportedModelError(
+                f"unsupported rope scaling {rope_type!r}; supported: linear, llama3"
+            )
+        if rope_type == "default":
+            return cls(theta=theta)
+        if rope_type == "linear":
+            return cls(theta=theta, rope_type="linear", factor=float(params["factor"]))
+        return cls(
+            theta=theta,
+            rope_type="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+        )
 
 
 @dataclass(frozen=True)
@@ -47,6 +73,12 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool  # Hugging Face's ``attention_bias``; what it biases is the family's
     eos_token_ids: tuple[int, ...]
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q . k before the softmax: 1 / sqrt(head_dim), unless the family's
+        config sets another (Gemma's ``query_pre_attn_scalar``)."""
+        return self.head_dim**-0.5
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
