@@ -309,3 +309,80 @@ def test_the_embedding_scale_rounds_to_the_weights_dtype(tiny_models):  # type: 
     model.finish_loading(set())
     assert model.embed_scale.dtype == torch.bfloat16
     assert model.embed_scale.item() == torch.tensor(96**0.5, dtype=torch.bfloat16).item() != 96**0.5
+
+
+def write_gguf(hf_dir: Path, out: Path, arch: str) -> Path:
+    """The tiny checkpoint as llama.cpp's converter writes it: ``gguf``'s tensor names for
+    ``arch``, norm weights stored as 1 + w, fp32 tensors, the word-level vocabulary as a
+    sentencepiece one (what transformers' GGUF reader builds Gemma's tokenizer from); no
+    ``lm_head`` (llama.cpp ties Gemma's output to the embeddings)."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    tensors = load_file(str(next(hf_dir.glob("*.safetensors"))))
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_sliding_window(config["sliding_window"])
+    writer.add_rope_freq_base(10000.0)
+    tokens = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(3, VOCAB))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * VOCAB)
+    writer.add_token_types([2, 3, 3, *([1] * (VOCAB - 3))])  # unknown, control, normal
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(EOS)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
+    for name, tensor in tensors.items():
+        base, suffix = name.rsplit(".", 1)
+        if names.get_name(base) is None:  # lm_head: Gemma files tie it to the embeddings
+            continue
+        data = tensor.float().numpy() + (1.0 if name.endswith("norm.weight") else 0.0)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_files_match_transformers_reading_them(tiny_models, family, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """A Gemma GGUF file converted once (llama.cpp's names and its + 1 on norms undone) gives
+    transformers' greedy tokens for the same file. transformers' GGUF reader fills what the file
+    does not say with its defaults (soft-caps 50 and 30 for Gemma 2, query_pre_attn_scalar 256):
+    both sides read the config through it."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from prefixbatch.loading import model_source
+
+    monkeypatch.setattr(model_source, "cache_root", lambda: tmp_path / "cache")
+    path = write_gguf(tiny_models[family], tmp_path / f"{family}.gguf", family)
+    llm = LLM(str(path), device="cpu", block_size=8, kv_cache_memory=8 * 2**20)
+    assert llm.engine.worker.model_config.architecture == family
+    prompts = PROMPTS[:8]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32
+    )
+    hf.eval()
+    for prompt, out in zip(prompts, outs):
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            gen = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                eos_token_id=EOS, pad_token_id=EOS,
+            )  # fmt: skip
+        assert out.output_token_ids == gen[0, len(prompt) :].tolist()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelNotFoundError
+from ..execution.models.family import ModelFamily
 from ..execution.models.registry import family_for_gguf
 from ..optional import require
 from ..paths import cache_root
@@ -120,10 +121,12 @@ def convert_gguf(path: Path) -> Path:
     # Drop the quantization marker: the cache holds plain fp32 weights.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.architectures = [family_for_gguf(config.model_type).architectures[0]]
+    family = family_for_gguf(config.model_type)
+    config.architectures = [family.architectures[0]]
     config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    tensors = dict(_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads))
+    heads = (config.num_attention_heads, config.num_key_value_heads)
+    tensors = dict(_gguf_tensors(path, *heads, family))
     save_file(tensors, str(out / "model.safetensors"))
     (out / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
     (out / "done").touch()
@@ -150,21 +153,29 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(
+    path: Path, heads: int, kv_heads: int, family: ModelFamily
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The file's tensors under Hugging Face names, dequantised to fp32: llama.cpp's names
+    (with the family's own, ``ModelFamily.gguf_layer_names``), its norm shift undone, and
+    Llama's and Mistral's q/k rows back in the rotate-half order."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
     llama_like = str(reader.fields["general.architecture"].contents()) in ("llama", "mistral")
+    layer_names = {**_GGUF_LAYER_NAMES, **family.gguf_layer_names}
     for tensor in reader.tensors:
         name = _GGUF_NAMES.get(tensor.name)
         if name is None:
             _, layer, kind, suffix = tensor.name.split(".", 3)
-            name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
+            name = f"model.layers.{layer}.{layer_names[kind]}.{suffix}"
         # ggml shapes are (cols, rows); dequantize returns numpy rows x cols.
         shape = tuple(int(d) for d in reversed(tensor.shape))
         data = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         weight = torch.from_numpy(data.reshape(shape).copy())
+        if family.gguf_norm_shift and name.endswith("norm.weight"):
+            weight -= family.gguf_norm_shift
         if llama_like and name.endswith(("q_proj.weight", "k_proj.weight")):
             # llama.cpp interleaves the rotary halves of q/k; undo it for the HF layout.
             n = heads if "q_proj" in name else kv_heads

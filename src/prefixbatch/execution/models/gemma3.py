@@ -19,7 +19,7 @@ from typing import Any
 
 from ...config import ModelConfig, RopeConfig
 from .family import ModelFamily
-from .gemma import GemmaConfig, GemmaModel, gemma_fields
+from .gemma import GGUF_LAYER_NAMES, GemmaConfig, GemmaModel, gemma_fields
 from .gemma_fused_forward import GemmaFusedForward
 
 MULTIMODAL = "Gemma3ForConditionalGeneration"
@@ -84,4 +84,6 @@ FAMILY = ModelFamily(
     Gemma3Model,
     read_config=read_config,
     fast_forward=GemmaFusedForward,
+    gguf_layer_names=GGUF_LAYER_NAMES,
+    gguf_norm_shift=1.0,
 )
