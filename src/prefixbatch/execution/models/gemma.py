@@ -156,7 +156,10 @@ class GemmaModel(CausalLM):
 
     def ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[Rope, Rope]:
         """(global layers' cos, sin; sliding layers' cos, sin) for positions (T,)."""
-        return self.rotary.cos_sin(positions, dtype), self.local_rotary.cos_sin(positions, dtype)
+        rope = self.rotary.cos_sin(positions, dtype)
+        if self.cfg.local_rope is None:  # Gemma 2: one rope for every layer
+            return rope, rope
+        return rope, self.local_rotary.cos_sin(positions, dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final hidden states (S, hidden), normed -> fp32 logits (S, vocab), soft-capped."""
