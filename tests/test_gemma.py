@@ -42,8 +42,8 @@ def run(path: Path, prompts, max_tokens, **options):  # type: ignore[no-untyped-
     llm = LLM(str(path), device="cpu", block_size=8, cascade_min_prefix=0, **options)
     backend = llm.engine.backend
     steps: list[AttentionStep] = []
-    prepare = backend.prepare
-    backend.prepare = lambda step, *a: steps.append(step) or prepare(step, *a)  # type: ignore[method-assign]
+    stage = backend.stage
+    backend.stage = lambda step, *a: steps.append(step) or stage(step, *a)  # type: ignore[method-assign]
     params = [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens]
     outs = llm.generate(prompts, params)
     return llm, [o.output_token_ids for o in outs], steps
@@ -172,7 +172,7 @@ def test_logits_match_transformers_and_the_fast_path_the_modules(tiny_models, fa
     worker = llm.engine.worker
     assert isinstance(worker.forward, GemmaFusedForward)
     backend = worker.backend
-    step = AttentionStep((SeqStep(0, 40, 40, tuple(range(5))),), (), 40, 8)
+    step = AttentionStep.of((SeqStep(0, 40, 40, tuple(range(5))),), block_size=8)
     ids, positions, rows = torch.tensor(prompt), torch.arange(40), torch.arange(40)
     plain = worker.model(ids, positions, backend, backend.prepare(step), rows)
     fast = worker.forward(ids, positions, backend, backend.prepare(step), rows)

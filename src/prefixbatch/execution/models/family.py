@@ -12,7 +12,7 @@ rope and norm variants) are read by its ``read_config``, which may return a subc
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -81,12 +81,7 @@ class ModelFamily:
     entries it reads, its ``model_type`` (what transformers reads a GGUF file's config as),
     the model class, ``read_config`` (the common config and the Hugging Face config -> the
     family's config) and, optionally, the CPU fast path's forward (``fused_forward.py``),
-    built from the loaded model and the fused kernels.
-
-    Reading a GGUF file (llama.cpp's tensor names, ``loading/model_source.py``):
-    ``gguf_layer_names`` maps the per-layer names (``blk.N.<name>``) that mean another module
-    in this family than in Llama, and ``gguf_norm_shift`` is what llama.cpp's converter added
-    to the family's norm weights (Gemma: 1, its norms scale by 1 + w)."""
+    built from the loaded model and the fused kernels."""
 
     name: str
     architectures: tuple[str, ...]
@@ -94,5 +89,3 @@ class ModelFamily:
     model: Callable[[ModelConfig], CausalLM]
     read_config: Callable[[ModelConfig, Any], ModelConfig] = keep_config
     fast_forward: Callable[[Any, FusedKernels], Forward] | None = None
-    gguf_layer_names: Mapping[str, str] = field(default_factory=dict)
-    gguf_norm_shift: float = 0.0

@@ -61,14 +61,6 @@ class GemmaConfig(ModelConfig):
         return LayerAttention(self.layer_windows[layer], self.attn_softcap)
 
 
-# llama.cpp's names of the Gemma norms (its Llama names: ffn_norm is the pre-MLP norm)
-GGUF_LAYER_NAMES = {
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-
-
 def gemma_fields(hf: Any, sliding_pattern: int) -> dict[str, Any]:
     """The Gemma fields common to Gemma 2 and 3 from a Hugging Face config (its text config):
     the layer windows from ``layer_types`` (transformers 5) or, in older configs, every

@@ -9,7 +9,7 @@ from typing import Any
 
 from ...config import ModelConfig
 from .family import ModelFamily
-from .gemma import GGUF_LAYER_NAMES, GemmaConfig, GemmaModel, gemma_fields
+from .gemma import GemmaConfig, GemmaModel, gemma_fields
 from .gemma_fused_forward import GemmaFusedForward
 
 
@@ -30,6 +30,4 @@ FAMILY = ModelFamily(
     GemmaModel,
     read_config=read_config,
     fast_forward=GemmaFusedForward,
-    gguf_layer_names=GGUF_LAYER_NAMES,
-    gguf_norm_shift=1.0,
 )

@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from ...config import ModelConfig, RopeConfig
+from ...errors import UnsupportedModelError
 from .family import ModelFamily
-from .gemma import GGUF_LAYER_NAMES, GemmaConfig, GemmaModel, gemma_fields
+from .gemma import GemmaConfig, GemmaModel, gemma_fields
 from .gemma_fused_forward import GemmaFusedForward
 
 MULTIMODAL = "Gemma3ForConditionalGeneration"
@@ -33,19 +34,30 @@ _VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "visi
 _VISION_PREFIXES += ("multi_modal_projector.",)
 
 
+def rope_of(params: dict[str, Any], theta: float) -> RopeConfig:
+    """One layer type's rope parameters (``rope_theta``, else ``theta``; ``rope_type`` or
+    ``type``): none or ``linear`` scaling, the two Gemma 3 uses. Raises
+    ``UnsupportedModelError`` for another."""
+    theta = float(params.get("rope_theta", theta))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type == "default":
+        return RopeConfig(theta)
+    if rope_type == "linear":
+        return RopeConfig(theta, "linear", factor=float(params["factor"]))
+    raise UnsupportedModelError(f"Gemma 3 with rope scaling {rope_type!r}: not supported")
+
+
 def ropes(text: Any) -> tuple[RopeConfig, RopeConfig]:
     """(global layers' rope, sliding layers' rope) of a Gemma 3 text config: transformers 5
     keeps one parameter dict per layer type in ``rope_parameters``; 4.x has ``rope_theta`` and
     ``rope_scaling`` (global) and ``rope_local_base_freq``."""
     params = getattr(text, "rope_parameters", None) or {}
     if "full_attention" in params:
-        local = params.get("sliding_attention") or {"rope_theta": 10000.0}
-        return RopeConfig.from_parameters(params["full_attention"]), RopeConfig.from_parameters(
-            local
-        )
+        local = params.get("sliding_attention") or {}
+        return rope_of(params["full_attention"], 1e6), rope_of(local, 10000.0)
     scaling = dict(getattr(text, "rope_scaling", None) or {})
-    global_rope = RopeConfig.from_parameters(scaling, getattr(text, "rope_theta", 1e6))
-    return global_rope, RopeConfig(theta=float(getattr(text, "rope_local_base_freq", 10000.0)))
+    local = float(getattr(text, "rope_local_base_freq", 10000.0))
+    return rope_of(scaling, getattr(text, "rope_theta", 1e6)), RopeConfig(local)
 
 
 def read_config(config: ModelConfig, hf: Any) -> GemmaConfig:
@@ -84,6 +96,4 @@ FAMILY = ModelFamily(
     Gemma3Model,
     read_config=read_config,
     fast_forward=GemmaFusedForward,
-    gguf_layer_names=GGUF_LAYER_NAMES,
-    gguf_norm_shift=1.0,
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ...errors import UnsupportedModelError
-from . import gemma2, gemma3, llama, mistral, qwen2, qwen3
+from . import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
 from .family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -18,6 +18,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     mistral.FAMILY,
     qwen2.FAMILY,
     qwen3.FAMILY,
+    phi3.FAMILY,
     gemma2.FAMILY,
     gemma3.FAMILY,
 )
