@@ -26,7 +26,12 @@ import logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 from prefixbatch.execution import native_build
-native_build.PROGRESS_EVERY_S = 0.5
+native_build.PROGRESS_EVERY_S = 0.2
+# A tiny module can compile faster than any progress interval: hold each build 1 s so the
+# progress line of a running build is always due.
+import time, torch.utils.cpp_extension as cpp_extension
+load = cpp_extension.load
+cpp_extension.load = lambda *args, **kwargs: (time.sleep(1.0), load(*args, **kwargs))[1]
 module = native_build.build_extension((Path(sys.argv[1]),), "the tiny module")
 print("built" if module is not None else "fallback")
 """
