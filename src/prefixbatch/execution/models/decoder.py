@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...config import ModelConfig
-from ..attention.backend import AttentionBackend
+from ..attention.backend import FULL_ATTENTION, AttentionBackend, LayerAttention
 from ..layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, rope_inv_freq
 from ..packed_linear import Linear, MergedLinear
 from .family import CausalLM
@@ -26,26 +26,38 @@ from .family import CausalLM
 @dataclass(frozen=True)
 class AttentionOptions:
     """``qkv_bias``: biases on the q, k and v projections; ``o_bias``: on the output projection;
-    ``qk_norm``: an RMSNorm over each head of q and k before rope (Qwen3)."""
+    ``qk_norm``: an RMSNorm over each head of q and k before rope (Qwen3, Gemma 3), of class
+    ``norm`` (``GemmaRMSNorm`` for Gemma)."""
 
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
+    norm: type[RMSNorm] = RMSNorm
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, options: AttentionOptions) -> None:
+    """Grouped-query attention of layer ``layer``; ``attn`` is what the backend adds to causal
+    attention for this layer (its sliding window and soft-cap)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        options: AttentionOptions,
+        attn: LayerAttention = FULL_ATTENTION,
+    ) -> None:
         super().__init__()
         self.layer = layer
+        self.attn = attn
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
         sizes = (self.q_size, self.kv_size, self.kv_size)
         self.qkv_proj = MergedLinear(cfg.hidden_size, sizes, bias=options.qkv_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=options.o_bias)
-        norm = options.qk_norm
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if norm else None
+        norm = options.norm if options.qk_norm else None
+        self.q_norm = norm(self.head_dim, cfg.rms_norm_eps) if norm else None
+        self.k_norm = norm(self.head_dim, cfg.rms_norm_eps) if norm else None
 
     def forward(
         self,
@@ -63,7 +75,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = backend.forward(self.layer, q, k, v, meta)  # (T, H, D)
+        out = backend.forward(self.layer, q, k, v, meta, self.attn)  # (T, H, D)
         return self.o_proj(out.reshape(t, self.q_size))
 
 

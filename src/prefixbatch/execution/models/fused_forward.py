@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention.backend import AttentionBackend
+from ..attention.backend import AttentionBackend, LayerAttention
 from ..fused_ops import FusedKernels
 from ..layers import rotary_dim
 from ..packed_linear import Projection
@@ -27,9 +27,11 @@ from .decoder import DecoderModel
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One decoder layer as the loop reads it."""
+    """One decoder layer as the loop reads it (norm weights as the kernels take them:
+    ``RMSNorm.kernel_weight``)."""
 
     index: int  # the layer's index in the KV cache
+    attn: LayerAttention  # the layer's sliding window and soft-cap
     input_norm: torch.Tensor  # (hidden,)
     qkv: Projection  # hidden -> (H + 2 KVH) * D
     q_norm: torch.Tensor | None  # (D,) per-head RMSNorm weights (Qwen3), else None
@@ -54,22 +56,62 @@ class FusedForward:
         rotary = rotary_dim(model.cfg.rope, self.head_dim)
         self.rotary_dim = rotary if rotary < self.head_dim else None
         self.eps = model.cfg.rms_norm_eps
+        self.activation = kernels.silu_and_mul  # the MLP's gate
         self.layers = tuple(self._weights(layer) for layer in model.layers)
+        self.final_norm = model.norm.kernel_weight()
 
     @staticmethod
     def _weights(layer: nn.Module) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
         return LayerWeights(
             attn.layer,
-            layer.input_layernorm.weight,
+            attn.attn,
+            layer.input_layernorm.kernel_weight(),
             attn.qkv_proj.projection(),
-            None if attn.q_norm is None else attn.q_norm.weight,
-            None if attn.k_norm is None else attn.k_norm.weight,
+            None if attn.q_norm is None else attn.q_norm.kernel_weight(),
+            None if attn.k_norm is None else attn.k_norm.kernel_weight(),
             attn.o_proj.projection(),
-            layer.post_attention_layernorm.weight,
+            layer.post_attention_layernorm.kernel_weight(),
             mlp.gate_up_proj.projection(),
             mlp.down_proj.projection(),
         )
+
+    def attention(
+        self,
+        w: LayerWeights,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        backend: AttentionBackend,
+        meta: Any,
+    ) -> torch.Tensor:
+        """A layer's attention block: x (T, hidden), normed -> the output projection's
+        (T, hidden), as ``decoder.Attention`` computes it."""
+        kernels, eps = self.kernels, self.eps
+        t, heads, kv_heads, dim = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        linear, weight, bias = w.qkv
+        q, k, v = linear(x, weight, bias).split_with_sizes(self.qkv_sizes, dim=-1)
+        q = q.view(t, heads, dim)  # strided views into the qkv output
+        k = k.view(t, kv_heads, dim)
+        v = v.view(t, kv_heads, dim)
+        if w.q_norm is not None and w.k_norm is not None:
+            kernels.rms_norm_(q, w.q_norm, eps)
+            kernels.rms_norm_(k, w.k_norm, eps)
+        if self.rotary_dim is None:
+            kernels.rotary_embedding_(q, k, cos, sin)
+        else:
+            rot = self.rotary_dim
+            kernels.rotary_embedding_(q[..., :rot], k[..., :rot], cos, sin)
+        out = backend.forward(w.index, q, k, v, meta, w.attn)  # (T, H, D)
+        linear, weight, bias = w.o
+        return linear(out.reshape(t, heads * dim), weight, bias)
+
+    def mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """A layer's gated MLP: x (T, hidden), normed -> (T, hidden)."""
+        linear, weight, bias = w.gate_up
+        act = self.activation(linear(x, weight, bias))
+        linear, weight, bias = w.down
+        return linear(act, weight, bias)
 
     @torch.inference_mode()
     def __call__(
@@ -82,34 +124,15 @@ class FusedForward:
     ) -> torch.Tensor:
         """input_ids, positions (T,), T >= 1 -> logits (S, vocab) of the rows ``logits_rows``."""
         model, kernels, eps = self.model, self.kernels, self.eps
-        t, heads, kv_heads, dim = input_ids.shape[0], self.heads, self.kv_heads, self.head_dim
         residual = model.embed_tokens(input_ids)  # (T, hidden)
         cos, sin = model.rotary.cos_sin(positions, residual.dtype)
         x = kernels.rms_norm(residual, self.layers[0].input_norm, eps)
         for i, w in enumerate(self.layers):
             if i:  # the residual stream is x + residual (see DecoderLayer)
                 kernels.fused_add_rms_norm_(x, residual, w.input_norm, eps)
-            linear, weight, bias = w.qkv
-            q, k, v = linear(x, weight, bias).split_with_sizes(self.qkv_sizes, dim=-1)
-            q = q.view(t, heads, dim)  # strided views into the qkv output
-            k = k.view(t, kv_heads, dim)
-            v = v.view(t, kv_heads, dim)
-            if w.q_norm is not None and w.k_norm is not None:
-                kernels.rms_norm_(q, w.q_norm, eps)
-                kernels.rms_norm_(k, w.k_norm, eps)
-            if self.rotary_dim is None:
-                kernels.rotary_embedding_(q, k, cos, sin)
-            else:
-                rot = self.rotary_dim
-                kernels.rotary_embedding_(q[..., :rot], k[..., :rot], cos, sin)
-            out = backend.forward(w.index, q, k, v, meta)  # (T, H, D)
-            linear, weight, bias = w.o
-            x = linear(out.reshape(t, heads * dim), weight, bias)
+            x = self.attention(w, x, cos, sin, backend, meta)
             kernels.fused_add_rms_norm_(x, residual, w.post_norm, eps)
-            linear, weight, bias = w.gate_up
-            act = kernels.silu_and_mul(linear(x, weight, bias))
-            linear, weight, bias = w.down
-            x = linear(act, weight, bias)
+            x = self.mlp(w, x)
         x, residual = x[logits_rows], residual[logits_rows]  # only rows that sample: (S, hidden)
-        kernels.fused_add_rms_norm_(x, residual, model.norm.weight, eps)
+        kernels.fused_add_rms_norm_(x, residual, self.final_norm, eps)
         return model.lm_head(x)  # (S, vocab)
