@@ -25,7 +25,7 @@ class KVCache:
         kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
-        device: torch.device,
+        device: torch.device | str,
     ) -> None:
         shape = (layers, num_blocks * block_size, kv_heads, head_dim)
         self.k = zeroed_pool(shape, dtype, device)  # (L, slots, KVH, D)
@@ -40,13 +40,15 @@ class KVCache:
         return 2 * layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
-def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def zeroed_pool(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
     """A zero-filled pool. Zeroed because a padded decode reads the unwritten tail of a
     sequence's last block (masked out, but uninitialised memory could hold NaN, and 0 * NaN
     poisons the softmax sum). On the CPU the pool is a private anonymous mapping: the kernel
     hands out zero pages as they are first written, so a job's resident memory grows with the
     KV it really holds, not with the budget (a 4 GiB default pool costs nothing until used)."""
-    if device.type != "cpu":
+    if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:  # mmap cannot map nothing
