@@ -12,6 +12,7 @@ in the same order (tested against it, and the engine against transformers).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,17 +32,19 @@ class LayerWeights:
     index: int  # the layer's index in the KV cache
     input_norm: torch.Tensor  # (hidden,)
     qkv: Projection  # hidden -> (H + 2 KVH) * D
-    q_norm: torch.Tensor | None  # (D,) per-head RMSNorm weights (Qwen3), else None
+    # RMSNorm weights of q and k: (D,) per head (Qwen3), (H * D,) over all heads (OLMoE), or None
+    q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
+    clip_qkv: float | None  # q, k, v clamped to [-clip, clip] after the norms (OLMoE)
     o: Projection  # H * D -> hidden
     post_norm: torch.Tensor  # (hidden,)
-    gate_up: Projection  # hidden -> 2 * intermediate
-    down: Projection  # intermediate -> hidden
+    mlp: Callable[[torch.Tensor], torch.Tensor]  # (T, hidden) -> (T, hidden), in its fused form
 
 
 class FusedForward:
     """``DecoderModel.forward`` for fp32 on the CPU with ``kernels``. Built after the weights are
-    loaded (and packed): it keeps references to them."""
+    loaded (and packed): it keeps references to them. Each layer's MLP runs in the form its
+    module gives for the fast path (``fused(kernels)``: dense or mixture-of-experts)."""
 
     def __init__(self, model: DecoderModel, kernels: FusedKernels) -> None:
         self.model = model
@@ -52,19 +55,18 @@ class FusedForward:
         self.eps = model.cfg.rms_norm_eps
         self.layers = tuple(self._weights(layer) for layer in model.layers)
 
-    @staticmethod
-    def _weights(layer: nn.Module) -> LayerWeights:
-        attn, mlp = layer.self_attn, layer.mlp
+    def _weights(self, layer: nn.Module) -> LayerWeights:
+        attn = layer.self_attn
         return LayerWeights(
             attn.layer,
             layer.input_layernorm.weight,
             attn.qkv_proj.projection(),
             None if attn.q_norm is None else attn.q_norm.weight,
             None if attn.k_norm is None else attn.k_norm.weight,
+            attn.clip_qkv,
             attn.o_proj.projection(),
             layer.post_attention_layernorm.weight,
-            mlp.gate_up_proj.projection(),
-            mlp.down_proj.projection(),
+            layer.mlp.fused(self.kernels),
         )
 
     @torch.inference_mode()
@@ -86,22 +88,22 @@ class FusedForward:
             if i:  # the residual stream is x + residual (see DecoderLayer)
                 kernels.fused_add_rms_norm_(x, residual, w.input_norm, eps)
             linear, weight, bias = w.qkv
-            q, k, v = linear(x, weight, bias).split_with_sizes(self.qkv_sizes, dim=-1)
+            qkv = linear(x, weight, bias)
+            q, k, v = qkv.split_with_sizes(self.qkv_sizes, dim=-1)
+            if w.q_norm is not None and w.k_norm is not None:  # (T, H, D) or (T, 1, H * D) views
+                kernels.rms_norm_(q.view(t, -1, w.q_norm.shape[0]), w.q_norm, eps)
+                kernels.rms_norm_(k.view(t, -1, w.k_norm.shape[0]), w.k_norm, eps)
+            if w.clip_qkv is not None:
+                qkv.clamp_(-w.clip_qkv, w.clip_qkv)
             q = q.view(t, heads, dim)  # strided views into the qkv output
             k = k.view(t, kv_heads, dim)
             v = v.view(t, kv_heads, dim)
-            if w.q_norm is not None and w.k_norm is not None:
-                kernels.rms_norm_(q, w.q_norm, eps)
-                kernels.rms_norm_(k, w.k_norm, eps)
             kernels.rotary_embedding_(q, k, cos, sin)
             out = backend.forward(w.index, q, k, v, meta)  # (T, H, D)
             linear, weight, bias = w.o
             x = linear(out.reshape(t, heads * dim), weight, bias)
             kernels.fused_add_rms_norm_(x, residual, w.post_norm, eps)
-            linear, weight, bias = w.gate_up
-            act = kernels.silu_and_mul(linear(x, weight, bias))
-            linear, weight, bias = w.down
-            x = linear(act, weight, bias)
+            x = w.mlp(x)
         x, residual = x[logits_rows], residual[logits_rows]  # only rows that sample: (S, hidden)
         kernels.fused_add_rms_norm_(x, residual, model.norm.weight, eps)
         return model.lm_head(x)  # (S, vocab)

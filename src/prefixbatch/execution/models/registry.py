@@ -10,10 +10,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ...errors import UnsupportedModelError
-from . import llama, mistral, qwen2, qwen3
+from . import llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe
 from .family import ModelFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (
+    llama.FAMILY,
+    mistral.FAMILY,
+    qwen2.FAMILY,
+    qwen3.FAMILY,
+    # mixture-of-experts
+    qwen2_moe.FAMILY,
+    qwen3_moe.FAMILY,
+    mixtral.FAMILY,
+    olmoe.FAMILY,
+)
 _BY_ARCH = {arch: f for f in FAMILIES for arch in f.architectures}
 _BY_NAME = {f.name: f for f in FAMILIES}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
