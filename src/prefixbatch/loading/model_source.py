@@ -16,11 +16,12 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import ModelNotFoundError
+from ..errors import ModelNotFoundError, UnsupportedModelError
 from ..execution.models.registry import family_for_gguf
 from ..optional import require
 from ..paths import cache_root
@@ -115,7 +116,11 @@ def convert_gguf(path: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ValueError as e:  # transformers' "GGUF model with architecture ... not supported"
+        raise UnsupportedModelError(f"{path.name}: {e}") from e
+    _read_expert_sizes(path, config)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     # Drop the quantization marker: the cache holds plain fp32 weights.
     if hasattr(config, "quantization_config"):
@@ -128,6 +133,34 @@ def convert_gguf(path: Path) -> Path:
     (out / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
     (out / "done").touch()
     return out
+
+
+def _read_expert_sizes(path: Path, config: Any) -> None:
+    """The expert fields transformers' GGUF reader leaves at its defaults, read from the
+    file: ``moe_intermediate_size`` (``{arch}.expert_feed_forward_length``) and Qwen2-MoE's
+    ``shared_expert_intermediate_size`` (``{arch}.expert_shared_feed_forward_length``), as
+    llama.cpp writes them. Raises ``UnsupportedModelError`` for a ``llama`` file with experts
+    (llama.cpp writes Mixtral so; transformers reads it as a dense Llama)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    arch = str(fields["general.architecture"].contents())
+
+    def read(key: str) -> Any:
+        field = fields.get(f"{arch}.{key}")
+        return None if field is None else field.contents()
+
+    if arch == "llama" and (read("expert_count") or 0) > 0:
+        raise UnsupportedModelError(
+            f"{path.name}: a llama GGUF file with experts (Mixtral) is not supported; "
+            "use its Hugging Face checkpoint"
+        )
+    for key, attribute in (
+        ("expert_feed_forward_length", "moe_intermediate_size"),
+        ("expert_shared_feed_forward_length", "shared_expert_intermediate_size"),
+    ):
+        if read(key) is not None and hasattr(config, attribute):
+            setattr(config, attribute, int(read(key)))
 
 
 _GGUF_NAMES = {
@@ -147,7 +180,16 @@ _GGUF_LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    # mixture-of-experts: the router, and Qwen2-MoE's shared expert and its gate
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# The experts' projections, stacked (E, out, in) in the file: one tensor per expert here.
+_GGUF_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj"}
+_GGUF_EXPERT_NAMES |= {"ffn_down_exps": "down_proj"}
 
 
 def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -157,14 +199,21 @@ def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, 
     reader = GGUFReader(str(path))
     llama_like = str(reader.fields["general.architecture"].contents()) in ("llama", "mistral")
     for tensor in reader.tensors:
-        name = _GGUF_NAMES.get(tensor.name)
-        if name is None:
-            _, layer, kind, suffix = tensor.name.split(".", 3)
-            name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
         # ggml shapes are (cols, rows); dequantize returns numpy rows x cols.
         shape = tuple(int(d) for d in reversed(tensor.shape))
         data = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         weight = torch.from_numpy(data.reshape(shape).copy())
+        name = _GGUF_NAMES.get(tensor.name)
+        if name is None:
+            _, layer, kind, suffix = tensor.name.split(".", 3)
+            if kind in _GGUF_EXPERT_NAMES:
+                prefix = f"model.layers.{layer}.mlp.experts"
+                for e, expert in enumerate(weight):  # (E, out, in) -> one (out, in) each
+                    yield f"{prefix}.{e}.{_GGUF_EXPERT_NAMES[kind]}.{suffix}", expert
+                continue
+            name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
+            if kind == "ffn_gate_inp_shexp":
+                weight = weight.reshape(1, -1)  # (hidden,) in the file, a (1, hidden) projection
         if llama_like and name.endswith(("q_proj.weight", "k_proj.weight")):
             # llama.cpp interleaves the rotary halves of q/k; undo it for the HF layout.
             n = heads if "q_proj" in name else kv_heads

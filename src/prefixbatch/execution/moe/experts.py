@@ -52,7 +52,7 @@ def grouped_gemms(
     slice (one host read of the counts), ``act`` (SiLU-and-mul, (N, 2I) -> (N, I)) runs once
     over all rows, and the rows are weighted and summed back into their tokens."""
     order, counts = sort_by_expert(ids, up.shape[0])
-    rows = x[order // ids.shape[1]]  # (N, H), grouped by expert
+    rows = x.index_select(0, order // ids.shape[1])  # (N, H), grouped by expert
     slices = expert_slices(counts)
     gate_up = rows.new_empty(rows.shape[0], up.shape[2])
     for e, (start, end) in slices:

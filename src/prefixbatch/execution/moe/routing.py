@@ -57,8 +57,10 @@ def combine(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> t
     """The experts' outputs back at their tokens, weighted and summed: rows (T * top_k, H) in
     ``order`` (``sort_by_expert``), weights (T, top_k) -> (T, H) in ``rows``' dtype."""
     t, top_k = weights.shape
-    by_pair = torch.empty_like(rows)
-    by_pair[order] = rows  # row of pair p = token * top_k + slot
+    inverse = torch.empty_like(order).scatter_(
+        0, order, torch.arange(order.numel(), device=order.device)
+    )
+    by_pair = rows.index_select(0, inverse)  # row of pair p = token * top_k + slot
     return weighted_sum(by_pair.view(t, top_k, -1), weights)
 
 
