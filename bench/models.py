@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,10 +185,15 @@ def main() -> None:
                 row["transformers s"] = f"{hf_secs:.1f} ({best})"
                 row["vs transformers"] = f"{hf_secs / made / (secs / tokens):.2f}x"
             if args.vllm_python:
-                up, vllm_secs = run_vllm(args.vllm_python, path, w, llm.engine.kv_bytes)
-                made = len(w.prompts) * w.max_tokens
-                row["vLLM s"] = f"{vllm_secs:.1f} (start-up {up:.0f})"
-                row["vs vLLM"] = f"{vllm_secs / made / (secs / tokens):.2f}x"
+                try:
+                    up, vllm_secs = run_vllm(args.vllm_python, path, w, llm.engine.kv_bytes)
+                except subprocess.CalledProcessError as e:  # vLLM's CPU backend may not run it
+                    last = (e.stderr or "").strip().splitlines()[-1:] or ["no output"]
+                    row["vLLM s"], row["vs vLLM"] = f"failed: {last[0][:120]}", "-"
+                else:
+                    made = len(w.prompts) * w.max_tokens
+                    row["vLLM s"] = f"{vllm_secs:.1f} (start-up {up:.0f})"
+                    row["vs vLLM"] = f"{vllm_secs / made / (secs / tokens):.2f}x"
             rows.append(row)
             print(json.dumps(row), flush=True)
     if job.peer is not None and not args.no_peer:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from prefixbatch.execution.attention.triton_backend import triton_available
 from prefixbatch.execution.layers import silu_and_mul
 from prefixbatch.execution.moe.cpu_experts import CpuExperts
-from prefixbatch.execution.moe.experts import Experts, grouped_experts
+from prefixbatch.execution.moe.experts import Experts, gemm_per_expert, grouped_experts
 from prefixbatch.execution.moe.routing import align_blocks, select_experts, sort_by_expert
 
 HIDDEN, INTERMEDIATE = 48, 40  # not multiples of the Triton tiles
@@ -59,7 +59,9 @@ def run(kernel: str, experts: Experts, x, weights, ids):  # type: ignore[no-unty
             return grouped_experts(experts, x, weights, ids)
         if kernel == "cpu":  # it repacks (and drops) the weights of the experts it is given
             packed = copy.deepcopy(experts)
-            return CpuExperts(packed, silu_and_mul)(packed, x, weights, ids)
+            cpu = CpuExperts(packed, silu_and_mul)
+            assert cpu.gemm is not gemm_per_expert  # CI has a compiler: the one-region GEMM
+            return cpu(packed, x, weights, ids)
         if kernel == "triton-fp32":
             return triton_kernel()(experts, x, weights, ids)
         half = copy.deepcopy(experts).half()
@@ -126,6 +128,35 @@ def test_kernels_match_the_per_token_definition(kernel, case):  # type: ignore[n
     fp16 = kernel == "triton-fp16"
     tol = {"atol": 2e-2, "rtol": 2e-2} if fp16 else {"atol": 2e-5, "rtol": 1e-5}
     torch.testing.assert_close(got.float(), want, **tol)
+
+
+def test_cpu_experts_without_a_compiler_use_the_per_expert_loop(kernels_cannot_build):  # type: ignore[no-untyped-def]
+    logits, top_k, num, renormalize = routing_case("expert-without-tokens")
+    experts = make_experts(num)
+    x = torch.randn(logits.shape[0], HIDDEN)
+    weights, ids = select_experts(logits, top_k, renormalize)
+    want = per_token(experts, x, weights, ids)
+    with pytest.warns(UserWarning, match="grouped GEMM of the CPU experts could not be built"):
+        cpu = CpuExperts(experts, silu_and_mul)
+    assert cpu.gemm is gemm_per_expert
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu(experts, x, weights, ids), want, atol=2e-5, rtol=1e-5)
+
+
+def test_native_grouped_gemm_tiles_long_slices():  # type: ignore[no-untyped-def]
+    """Slices longer than a tile (64 rows) and empty ones, against one torch.mm per slice."""
+    from prefixbatch.execution.moe.cpu_experts import native_grouped_gemm
+
+    gemm = native_grouped_gemm()
+    assert gemm is not None
+    counts = torch.tensor([0, 150, 1, 0, 64, 65], dtype=torch.int64)
+    rows, weights = torch.randn(int(counts.sum()), 24), torch.randn(6, 24, 40)
+    out, want = torch.empty(rows.shape[0], 40), torch.empty(rows.shape[0], 40)
+    gemm(out, rows, weights, counts)
+    gemm_per_expert(want, rows, weights, counts)
+    torch.testing.assert_close(out, want)
+    with pytest.raises(RuntimeError, match="counts must sum to the rows"):
+        gemm(out, rows, weights, counts + 1)
 
 
 @settings(max_examples=60, deadline=None)

@@ -23,6 +23,9 @@ from .routing import combine, sort_by_expert
 
 # SiLU-and-mul: (N, 2 * I), gate then up -> (N, I)
 Activation = Callable[[torch.Tensor], torch.Tensor]
+# (out (N, O), rows (N, K) sorted by expert, weights (E, K, O), rows per expert (E,) int64):
+# fills out with each expert's slice of rows times its weight
+GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 # (experts, x (T, H), routing weights (T, top_k) fp32, expert ids (T, top_k) int64) -> (T, H)
 ExpertsKernel = Callable[["Experts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,9 +36,22 @@ PROJECTIONS = {"gate": ("gate_up_proj", 0), "up": ("gate_up_proj", 1), "down": (
 def grouped_experts(
     experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
-    """The reference kernel: ``grouped_gemms`` over the stacked weights as stored."""
+    """The reference kernel: ``grouped_gemms`` over the stacked weights as stored, one
+    PyTorch GEMM per expert."""
     up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
-    return grouped_gemms(x, weights, ids, up, down, silu_and_mul)
+    return grouped_gemms(x, weights, ids, up, down, silu_and_mul, gemm_per_expert)
+
+
+def gemm_per_expert(
+    out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor
+) -> None:
+    """out (N, O) = each expert's slice of rows (N, K) times its weights[e] (E, K, O), the
+    slices in expert order, counts (E,) rows each: one ``torch.mm`` per expert with rows (one
+    read of the counts to the host). A ``GroupedGemm``."""
+    ends = counts.cumsum(0).tolist()
+    for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+        if end > start:
+            torch.mm(rows[start:end], weights[e], out=out[start:end])
 
 
 def grouped_gemms(
@@ -45,31 +61,22 @@ def grouped_gemms(
     up: torch.Tensor,
     down: torch.Tensor,
     act: Activation,
+    gemm: GroupedGemm,
 ) -> torch.Tensor:
     """x (T, H) through the experts ``up`` (E, H, 2 * I) and ``down`` (E, I, H) (the stacked
     weights transposed, as views or copies) -> (T, H). The T * top_k (token, expert) rows are
-    sorted by expert and gathered; each expert with rows runs one GEMM per projection over its
-    slice (one host read of the counts), ``act`` (SiLU-and-mul, (N, 2I) -> (N, I)) runs once
-    over all rows, and the rows are weighted and summed back into their tokens."""
+    sorted by expert and gathered; ``gemm`` runs each expert's slice through its projection
+    (one GEMM per expert with rows, or tiles of them), ``act`` (SiLU-and-mul, (N, 2I) ->
+    (N, I)) runs once over all rows, and the rows are weighted and summed back into their
+    tokens."""
     order, counts = sort_by_expert(ids, up.shape[0])
     rows = x.index_select(0, order // ids.shape[1])  # (N, H), grouped by expert
-    slices = expert_slices(counts)
     gate_up = rows.new_empty(rows.shape[0], up.shape[2])
-    for e, (start, end) in slices:
-        torch.mm(rows[start:end], up[e], out=gate_up[start:end])
+    gemm(gate_up, rows, up, counts)
     hidden = act(gate_up)  # (N, I)
     out = torch.empty_like(rows)
-    for e, (start, end) in slices:
-        torch.mm(hidden[start:end], down[e], out=out[start:end])
+    gemm(out, hidden, down, counts)
     return combine(out, order, weights)
-
-
-def expert_slices(counts: torch.Tensor) -> list[tuple[int, tuple[int, int]]]:
-    """counts (E,) -> (expert, (start, end)) of each expert with rows, in sorted-row order
-    (one read of the counts to the host)."""
-    ends = counts.cumsum(0).tolist()
-    starts = [0, *ends[:-1]]
-    return [(e, (s, t)) for e, (s, t) in enumerate(zip(starts, ends)) if t > s]
 
 
 class Experts(nn.Module):
