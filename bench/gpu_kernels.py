@@ -92,19 +92,19 @@ def decode_step(ws: Workspace, levels: int) -> AttentionStep:
             seqs.append(SeqStep(len(seqs), 1, s.prefix_len + s.own_len, table, s.prefix_len))
         lvls.append(PrefixLevel(0, s.prefix_len, prefix, first, len(seqs) - first, first,
                                 len(seqs), 0))  # fmt: skip
-    return AttentionStep(tuple(seqs), tuple(lvls), len(seqs), s.block_size)
+    return AttentionStep.of(seqs, lvls, len(seqs), s.block_size)
 
 
 def read_whole(step: AttentionStep) -> AttentionStep:
     """The same rows reading their whole context (the same blocks), no levels: fcfs-lru's."""
     seqs = tuple(replace(seq, shared_len=0) for seq in step.seqs)
-    return AttentionStep(seqs, (), step.num_rows, step.block_size)
+    return AttentionStep.of(seqs, (), step.num_rows, step.block_size)
 
 
 def prefill_step(ws: Workspace) -> AttentionStep:
     n_seqs, tokens = ws.shapes.prefill
     seqs = tuple(SeqStep(i * tokens, tokens, tokens, ws.blocks(tokens)) for i in range(n_seqs))
-    return AttentionStep(seqs, (), n_seqs * tokens, ws.shapes.block_size)
+    return AttentionStep.of(seqs, (), n_seqs * tokens, ws.shapes.block_size)
 
 
 def pool_blocks(s: KernelShapes) -> int:

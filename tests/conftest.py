@@ -73,6 +73,8 @@ def tiny_config(family: str):  # type: ignore[no-untyped-def]
         return Qwen2Config(**common)
     if family == "qwen3":
         return Qwen3Config(**common, head_dim=32)
+    if family.startswith("phi3"):
+        return phi3_config(family, common)
     if family in MOE_FAMILIES:
         return tiny_moe_config(family, common)
     raise ValueError(family)
@@ -104,6 +106,33 @@ def tiny_moe_config(family: str, common: dict):  # type: ignore[no-untyped-def,t
         return OlmoeConfig(**{**common, "intermediate_size": 32}, num_experts=8,
                            num_experts_per_tok=2, clip_qkv=1.0, pad_token_id=0)  # fmt: skip
     raise ValueError(family)
+
+
+def phi3_config(family: str, common: dict):  # type: ignore[no-untyped-def]
+    """``phi3``: Phi-4-mini's shape (LongRoPE, 3/4 of each 16-dim head rotated, tied
+    embeddings), its context all within ``original_max_position_embeddings`` (the short factors
+    run, unscaled); ``phi3-long``: Phi-3-mini-128k's (LongRoPE past 32 of 1024 positions: an
+    attention factor of sqrt(2); whole heads); ``phi3-4k``: Phi-3-mini-4k's (no scaling, a
+    sliding window shorter than the context)."""
+    from transformers import Phi3Config
+
+    common = {**common, "pad_token_id": 0}
+    if family == "phi3-4k":
+        return Phi3Config(**common, sliding_window=48)
+    rng = random.Random(family)
+    if family == "phi3":
+        common = {**common, "tie_word_embeddings": True, "original_max_position_embeddings": 1024}
+        partial = 0.75
+    else:
+        common = {**common, "original_max_position_embeddings": 32}
+        partial = 1.0
+    rotary_half = int(16 * partial) // 2
+    rope = {
+        "rope_type": "longrope",
+        "short_factor": [rng.uniform(1.0, 1.5) for _ in range(rotary_half)],
+        "long_factor": [rng.uniform(1.0, 8.0) for _ in range(rotary_half)],
+    }
+    return Phi3Config(**common, partial_rotary_factor=partial, rope_scaling=rope)
 
 
 def make_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
@@ -140,7 +169,8 @@ def moe_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {
-        f: make_tiny_model(root / f, f) for f in ("llama", "llama3", "mistral", "qwen2", "qwen3")
+        f: make_tiny_model(root / f, f)
+        for f in ("llama", "llama3", "mistral", "qwen2", "qwen3", "phi3")
     }
 
 

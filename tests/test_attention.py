@@ -73,8 +73,10 @@ def random_step(rng: random.Random, num_blocks: int):  # type: ignore[no-untyped
             group=g,
             block_table=table,
             computed=shared + own - n,
+            batch_index=i,
         )
         step.add(seq, n)
+        step.admitted.append(seq)
     return step
 
 
@@ -112,8 +114,10 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
     cpu = torch.device("cpu")
     plain = ModelRunner(None, reference, BS, cpu)  # type: ignore[arg-type]
     shared = ModelRunner(None, fast, BS, cpu, True, min_shared=1)  # type: ignore[arg-type]
-    attn_plain, _, last_plain = plain.describe(step)
-    attn_shared, _, last_shared = shared.describe(step)
+    # Every sequence samples its last row: logits_rows are the last rows in scheduled order.
+    plain_in, shared_in = plain.inputs(step), shared.inputs(step)
+    attn_plain, last_plain = plain_in.attn, plain_in.logits_rows.tolist()
+    attn_shared, last_shared = shared_in.attn, shared_in.logits_rows.tolist()
     assert bool(attn_shared.levels) == (fast.shares_prefix and any(s.group for s in step.seqs))
     meta_plain, meta_shared = reference.prepare(attn_plain), fast.prepare(attn_shared)
     # Row r of the scheduled order sits at rows_plain[r] and rows_shared[r] (the shared runner

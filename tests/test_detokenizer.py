@@ -17,9 +17,10 @@ from prefixbatch.detokenizer import (
     OutputTexts,
     find_stop_string,
 )
-from prefixbatch.execution.penalties import LogitsProcessing
-from prefixbatch.outputs import Request
+from prefixbatch.execution.penalties import LogitsProcessing, PenaltyState
+from prefixbatch.execution.row_faults import Faults
 from prefixbatch.sampling_params import SamplingParams
+from prefixbatch.scheduling.sequence import Sequence
 
 TEXT = "héllo wörld café naïve 🙂 日本語 the cat sat"
 
@@ -115,29 +116,64 @@ class _Seq(SimpleNamespace):
     __hash__ = object.__hash__  # keyed by identity, as scheduler sequences are
 
 
-def seq(seq_id: int, tokens: list[int], params: SamplingParams, reason: str | None = None):  # type: ignore[no-untyped-def]
+def seq(seq_id: int, tokens: list[int], params: SamplingParams, num_prompt: int):  # type: ignore[no-untyped-def]
     return _Seq(
-        seq_id=seq_id,
-        tokens=tokens,
-        params=params,
-        finish_reason=reason,
-        num_output=len(tokens) - 1,
+        seq_id=seq_id, tokens=tokens, params=params, finish_reason=None, num_prompt=num_prompt
     )
 
 
 def test_a_stop_string_on_the_last_allowed_token_finishes_with_stop(words):  # type: ignore[no-untyped-def]
     prompt = words.encode("w5")
+    n = len(prompt)
     params = SamplingParams(max_tokens=2, stop=["w11"])
-    texts = OutputTexts(words, {0: Request(0, prompt, params), 1: Request(1, prompt, params)})
+    texts = OutputTexts(words)
     finished: list[object] = []
-    a, b = seq(0, [*prompt, 10], params), seq(1, [*prompt, 20], params)
-    assert texts.update([a, b], lambda s, r: finished.append((s, r))) == []
+    a, b = seq(0, [*prompt, 10], params, n), seq(1, [*prompt, 20], params, n)
+    faults: Faults[object] = Faults()
+    assert texts.update([(a, n), (b, n)], lambda s, r, at: finished.append((s, r)), faults) == []
     a.tokens.append(11)
     a.finish_reason = "length"  # the scheduler ended it on max_tokens with the same token
     b.tokens.append(11)  # running: the stop string ends it through finish()
-    ended = texts.update([a, b], lambda s, r: finished.append((s.seq_id, r)))
+    record = lambda s, r, at: finished.append((s, r, at))  # noqa: E731
+    ended = texts.update([(a, n + 1), (b, n + 1)], record, faults)
     assert a.finish_reason == "stop" and texts.pop(a) == " w10 "  # type: ignore[arg-type]
-    assert ended == [b] and finished == [(1, "stop")]
+    assert ended == [b] and finished == [(b, "stop", n + 1)] and not faults.errors
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    chars=st.lists(st.sampled_from(list(TEXT)), min_size=0, max_size=12),
+    specials=st.lists(st.booleans(), max_size=12),
+    ended_by_stop_token=st.booleans(),
+    skip=st.booleans(),
+    include=st.booleans(),
+)
+def test_outputs_without_stop_strings_are_decoded_when_they_finish(
+    bpe, chars, specials, ended_by_stop_token, skip, include
+):  # type: ignore[no-untyped-def]
+    """An output without stop strings is decoded only when it finishes (``pop``), into the
+    text the step-by-step decode gives, also with special tokens inside it and a stop token
+    at its end."""
+    eos = bpe.eos_token_id
+    output = bpe.encode("".join(chars))
+    output = [
+        t
+        for i, t in enumerate(output)
+        for t in ([eos, t] if i < len(specials) and specials[i] else [t])
+    ]
+    if ended_by_stop_token:
+        output.append(eos)
+    prompt = bpe.encode("the cat")
+    params = SamplingParams(skip_special_tokens=skip, include_stop_str_in_output=include)
+    texts = OutputTexts(bpe)
+    s = seq(0, [*prompt], params, len(prompt))
+    for token in output:  # the steps: the text is not touched
+        s.tokens.append(token)
+        assert texts.update([(s, len(s.tokens) - 1)], lambda *a: None, Faults()) == []
+        assert not texts.texts
+    s.finish_reason = "stop" if ended_by_stop_token else "length"
+    expected = out_text(bpe, params, prompt, output, ended_by_stop_token)[0]
+    assert texts.pop(s) == expected  # type: ignore[arg-type]
 
 
 def test_min_tokens_masks_eos_and_stop_ids():  # type: ignore[no-untyped-def]
@@ -146,9 +182,9 @@ def test_min_tokens_masks_eos_and_stop_ids():  # type: ignore[no-untyped-def]
     p = SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=(5,))
     no_eos = SamplingParams(max_tokens=5, min_tokens=2, ignore_eos=True)
     outputs = [[3], [3, 4, 6], [3]]  # 1, 3 and 1 output tokens
-    processing = LogitsProcessing.build(
-        [p, p, no_eos], [[1]] * 3, outputs, eos_ids=(2, 99), vocab_size=8, device=logits.device
-    )
+    seqs = [Sequence(0, [1, *out], 1, q) for q, out in zip([p, p, no_eos], outputs)]
+    state = PenaltyState(8, logits.device)
+    processing = LogitsProcessing.build(seqs, state, eos_ids=(2, 99), device=logits.device)
     assert processing is not None
     processing.apply(logits)
     assert torch.isinf(logits[0]).nonzero().flatten().tolist() == [2, 5]

@@ -169,7 +169,7 @@ def test_engine_keeps_pytorch_ops_when_the_kernels_cannot_build(tiny_models):  #
     assert [o.output_token_ids for o in outs] == hf_greedy(tiny_models["qwen3"], prompts, [6] * 6)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
 def test_fused_forward_matches_the_modules_forward(tiny_models, family):  # type: ignore[no-untyped-def]
     """The CPU fast path's flat loop (``fused_forward.py``) against the modules' plain forward,
     on every step of a job: prefill chunks, decode rows and steps mixing both."""

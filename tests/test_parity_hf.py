@@ -9,7 +9,7 @@ from prefixbatch import LLM, SamplingParams
 from prefixbatch.execution.attention.native import CpuBackend
 from prefixbatch.execution.models.fused_forward import FusedForward
 
-FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3"]
 
 
 def _run(path, prompts, max_tokens, **kwargs):  # type: ignore[no-untyped-def]

@@ -10,8 +10,9 @@ from collections import Counter
 import pytest
 import torch
 
-from prefixbatch.execution.penalties import LogitsProcessing, uses_logits_processing
+from prefixbatch.execution.penalties import LogitsProcessing, PenaltyState, uses_logits_processing
 from prefixbatch.sampling_params import SamplingParams
+from prefixbatch.scheduling.sequence import Sequence
 
 VOCAB = 12
 EOS = (2,)
@@ -19,6 +20,17 @@ EOS = (2,)
 
 def Params(**kwargs) -> SamplingParams:  # noqa: N802 (reads like the class it builds)
     return SamplingParams(max_tokens=16, **kwargs)
+
+
+def processing(
+    params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]]
+) -> LogitsProcessing | None:
+    """The step's processing for rows with these prompts and outputs so far (their penalty
+    state made from scratch)."""
+    seqs = [Sequence(0, pr + out, len(pr), p) for p, pr, out in zip(params, prompts, outputs)]
+    return LogitsProcessing.build(
+        seqs, PenaltyState(VOCAB, torch.device("cpu")), EOS, torch.device("cpu")
+    )
 
 
 def reference_row(
@@ -53,7 +65,7 @@ def test_hand_made_row():
         logit_bias={5: 1.0},
         min_tokens=3,
     )
-    proc = LogitsProcessing.build([p], [[0]], [[1, 1, 4]], EOS, VOCAB, torch.device("cpu"))
+    proc = processing([p], [[0]], [[1, 1, 4]])
     assert proc is not None
     proc.apply(logits)
     # token 0: in the prompt -> 2.0 / 2 = 1.0
@@ -67,7 +79,7 @@ def test_hand_made_row():
 def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     logits = torch.zeros(2, VOCAB)
     ps = [Params(min_tokens=2, stop_token_ids=(7,)), Params(min_tokens=2, ignore_eos=True)]
-    proc = LogitsProcessing.build(ps, [[], []], [[3], []], EOS, VOCAB, torch.device("cpu"))
+    proc = processing(ps, [[], []], [[3], []])
     assert proc is not None
     proc.apply(logits)
     assert torch.isinf(logits[0]).nonzero().flatten().tolist() == [2, 7]
@@ -78,15 +90,13 @@ def test_min_p_keeps_tokens_within_ratio_after_temperature():
     # probabilities at T=1: exp(0) : exp(-1) : exp(-3) -> ratios 1, 0.37, 0.05
     logits = torch.tensor([[0.0, -1.0, -3.0] + [-50.0] * (VOCAB - 3)])
     ps = [Params(min_p=0.1)]
-    proc = LogitsProcessing.build(ps, [[]], [[]], EOS, VOCAB, torch.device("cpu"))
+    proc = processing(ps, [[]], [[]])
     assert proc is not None
     proc.apply(logits)
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [0, 1]
     # At T=2 the ratio of token 2 is exp(-1.5) = 0.22 >= 0.1: it stays.
     logits = torch.tensor([[0.0, -1.0, -3.0] + [-50.0] * (VOCAB - 3)])
-    proc = LogitsProcessing.build(
-        [Params(min_p=0.1, temperature=2.0)], [[]], [[]], EOS, VOCAB, torch.device("cpu")
-    )
+    proc = processing([Params(min_p=0.1, temperature=2.0)], [[]], [[]])
     assert proc is not None
     proc.apply(logits)
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [0, 1, 2]
@@ -120,7 +130,7 @@ def test_batched_matches_reference_on_random_rows(seed: int):
     expected = [
         reference_row(logits[i].tolist(), params[i], prompts[i], outputs[i]) for i in range(rows)
     ]
-    proc = LogitsProcessing.build(params, prompts, outputs, EOS, VOCAB, torch.device("cpu"))
+    proc = processing(params, prompts, outputs)
     assert proc is not None
     proc.apply(logits)
     torch.testing.assert_close(logits, torch.tensor(expected), rtol=1e-5, atol=1e-5)
@@ -131,14 +141,12 @@ def test_batched_matches_reference_on_random_rows(seed: int):
 
 def test_nothing_to_do_builds_nothing():
     ps = [Params(temperature=0.0, min_p=0.5), Params()]  # min_p does not change greedy picks
-    assert LogitsProcessing.build(ps, [[], []], [[], []], EOS, VOCAB, torch.device("cpu")) is None
+    assert processing(ps, [[], []], [[], []]) is None
 
 
 def test_logit_bias_outside_vocab_is_refused():
     with pytest.raises(ValueError, match="logit_bias"):
-        LogitsProcessing.build(
-            [Params(logit_bias={VOCAB: 1.0})], [[]], [[]], EOS, VOCAB, torch.device("cpu")
-        )
+        processing([Params(logit_bias={VOCAB: 1.0})], [[]], [[]])
 
 
 def test_sampling_params_normalise_and_check_the_new_fields():

@@ -141,3 +141,37 @@ def test_a_queued_batch_past_its_window_expires_at_dequeue(tmp_path: Path) -> No
     assert done is not None and done.status == "expired" and done.expired_at is not None
     assert json.dumps(done.to_openai())  # JSON-serialisable as is
     assert done.to_openai()["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_database_stops_serve_with_one_line(tmp_path, capsys, damage):  # type: ignore[no-untyped-def]
+    from prefixbatch.cli import main
+
+    data = tmp_path / "data"
+    db = data / "server.sqlite3"
+    if damage == "garbage":
+        data.mkdir()
+        db.write_bytes(b"this is not a database" * 100)
+    else:
+        store = Store(data)
+        for _ in range(40):
+            make_file(store)
+        store.close()
+        db.write_bytes(db.read_bytes()[: db.stat().st_size // 2] + b"\0" * 4096)
+    # No model is loaded: the store is opened first (a missing model would be another error).
+    code = main(["serve", "--data-dir", str(data), "--model", str(tmp_path / "no-model")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("prefixbatch: error: the server's database") and "damaged" in err[0]
+
+
+def test_orphan_blobs_are_removed_and_named_ones_kept(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    record = make_file(store)
+    batch = make_batch(store, record.id)
+    store.blob_path(batch.records_name).write_text("")  # a batch's record file is named too
+    _, partial = store.new_blob()
+    partial.write_text('{"custom_id": "half')
+    assert store.remove_orphan_blobs() == 1 and not partial.exists()
+    assert store.blob_path(record.stored_name).exists()
+    assert store.blob_path(batch.records_name).exists()

@@ -38,8 +38,9 @@ def test_plain_rows_sample_like_the_bare_sampler():
         SamplingTensors.build([s.params for s in seqs], list(range(6)), [0] * 6, logits.device),
     ).tolist()
     sampler = StepSampler(VOCAB, (2,), no_grammar)
-    assert sampler.prepare(seqs) is None
-    assert sampler.sample(logits, seqs, None) == expected
+    plan = sampler.prepare(seqs)
+    assert plan.masks is None and plan.processing is None
+    assert sampler.sample(logits, plan) == expected
 
 
 def test_logprobs_are_raw_while_penalties_steer_sampling():
@@ -49,7 +50,7 @@ def test_logprobs_are_raw_while_penalties_steer_sampling():
     logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(1))
     raw = torch.log_softmax(logits, -1)
     sampler = StepSampler(VOCAB, (2,), no_grammar)
-    tokens = sampler.sample(logits.clone(), seqs, None)
+    tokens = sampler.sample(logits.clone(), sampler.prepare(seqs))
     assert tokens[0] == 9  # the bias decides the pick
     (entry,) = sampler.logprobs(seqs[0])
     assert entry.token_id == 9
@@ -84,8 +85,8 @@ def test_structured_rows_mixed_with_free_rows():
         live = [s for s in seqs if not (s.output_tokens and s.output_tokens[-1] == eos)]
         if not any(s.params.structured for s in live):
             break
-        pending = sampler.prepare(live)
-        tokens = sampler.sample(torch.randn(len(live), vocab, generator=gen), live, pending)
+        plan = sampler.prepare(live)
+        tokens = sampler.sample(torch.randn(len(live), vocab, generator=gen), plan)
         for s, t in zip(live, tokens):
             s.tokens.append(t)
     for s in (seqs[0], seqs[2]):

@@ -97,7 +97,7 @@ def test_choice_and_regex(structured):
 def test_json_object_starts_with_a_brace(structured):
     so, tok = structured
     spec = GrammarSpec.from_request({"type": "json_object"})
-    bitmask = so.fill([so.matcher(spec)], [0], 1)
+    bitmask = so.fill([so.matcher(spec)], [0], so.allocate(1))
     logits = torch.zeros(1, so.vocab_size)
     so.apply(logits, [0], bitmask)
     allowed = torch.isfinite(logits[0]).nonzero().flatten().tolist()

@@ -107,7 +107,7 @@ def walk(structured: StructuredOutput, spec, rng: random.Random, limit: int = 40
     ids: list[int] = []
     shifts = torch.arange(32, dtype=torch.int32)
     for _ in range(limit):
-        words = structured.fill([matcher], [0], 1)[0]
+        words = structured.fill([matcher], [0], structured.allocate(1))[0]
         bits = ((words.unsqueeze(-1) >> shifts) & 1).flatten()[: structured.vocab_size]
         token = rng.choice(bits.nonzero().flatten().tolist())
         assert matcher.accept_token(token)

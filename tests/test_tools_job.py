@@ -20,9 +20,7 @@ from prefixbatch.config import EngineConfig
 from prefixbatch.grammar_spec import GrammarSpec
 
 TIME = {"type": "function", "function": {"name": "get_time"}}
-OPENAI = json.loads(
-    (Path(__file__).parent / "openai_schemas/chat_completion_response.json").read_text()
-)
+OPENAI = json.loads((Path(__file__).parent / "data/openai_openapi_subset.json").read_text())
 RESPONSE = {**OPENAI, "$ref": "#/components/schemas/CreateChatCompletionResponse"}
 ENGINE = ["--device", "cpu", "--block-size", "8", "--kv-cache-memory", "16MiB", "--quiet"]
 

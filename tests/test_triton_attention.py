@@ -105,7 +105,7 @@ class StepMaker:
         )
 
     def step(self) -> AttentionStep:
-        return AttentionStep(tuple(self.seqs), tuple(self.levels), self.rows, self.bs)
+        return AttentionStep.of(self.seqs, self.levels, self.rows, self.bs)
 
 
 def random_step(rng: random.Random, block_size: int, max_depth: int = 3) -> AttentionStep:
@@ -356,7 +356,7 @@ def test_metadata_layout() -> None:
     """Tiles, partial offsets and slots of a small hand-made step (two sequences under one
     level, GQA 4 -> 8 rows per own tile, 16 per prefix tile)."""
     table = (5, 9, 2)
-    step = AttentionStep(
+    step = AttentionStep.of(
         seqs=(
             SeqStep(0, 20, 40, table, shared_len=16),
             SeqStep(20, 1, 17, (5, 7), shared_len=16),
@@ -375,19 +375,19 @@ def test_metadata_layout() -> None:
     # Positions 20..39 of sequence 0, then position 16 of sequence 1.
     expected = [9 * 16 + p - 16 for p in range(20, 32)] + [2 * 16 + p - 32 for p in range(32, 40)]
     assert meta.slot_mapping.tolist() == expected + [7 * 16]
-    assert meta.block_table.tolist() == [[5, 9, 2], [5, 7, 0]]
+    assert meta.block_table.tolist() == [[9, 2], [7, 0]]  # own blocks, after the shared one
 
 
 def test_metadata_rejects_inconsistent_steps() -> None:
     seq = SeqStep(0, 4, 36, (1, 2, 3), shared_len=16)
     level = PrefixLevel(0, 16, (1,), 0, 1, 0, 4, 0)
-    good = AttentionStep((seq,), (level,), 4, 16)
+    good = AttentionStep.of((seq,), (level,), 4, 16)
     TritonMetadata.build(good, torch.device("cpu"))
     bad = [
         replace(good, levels=()),  # shared positions no level covers
         replace(good, levels=(replace(level, depth=1),)),  # depth 1 without depth 0
         replace(good, levels=(replace(level, row_end=3),)),  # rows disagree with the sequence
-        replace(good, seqs=(replace(seq, block_table=(1, 2)),)),  # table shorter than context
+        AttentionStep.of((replace(seq, block_table=(1, 2)),), (level,), 4, 16),  # short table
         replace(good, num_rows=5),
     ]
     for step in bad:

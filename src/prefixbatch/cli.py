@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from .chat.render import ChatOptions
 from .chat.tool_parsers import TOOL_CALL_PARSERS
 from .config import EngineConfig, parse_memory
 from .execution.attention.registry import backend_names
+from .logs import log_to_stderr
 from .policy import Policy
 
 EXIT_JOB_ERROR = 2
@@ -145,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         "planned as a whole.",
         formatter_class=fmt,
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (localhost only)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on: 127.0.0.1 accepts connections from this machine only, "
+        "0.0.0.0 from every network interface (then set --api-key)",
+    )
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument(
         "--data-dir",
@@ -225,28 +232,19 @@ def chat_options(args: argparse.Namespace) -> ChatOptions:
     return ChatOptions(args.chat_template, args.tool_call_parser, args.reasoning_parser)
 
 
-def _log_to_stderr(quiet: bool) -> None:
-    """The package's progress messages (loading, converting, compiling, checking) on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[prefixbatch] %(message)s"))
-    logger = logging.getLogger("prefixbatch")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    logger.propagate = False
-
-
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     from .errors import JobError, JobInterrupted
 
     if getattr(args, "resume", False) and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-    _log_to_stderr(quiet=getattr(args, "quiet", False))
+    log_to_stderr(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly as on Ctrl-C
@@ -261,11 +259,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefixbatch: error: {e}", file=sys.stderr)
         return EXIT_JOB_ERROR
     except JobInterrupted as e:
-        print(f"prefixbatch: {e}", file=sys.stderr)
+        print(f"prefixbatch: {e}; {resume_hint(argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("prefixbatch: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def resume_hint(argv: list[str]) -> str:
+    """How to resume an interrupted ``run`` given its arguments: the same command, or, when it
+    said ``--overwrite`` (which would throw the answers away again), that command without it."""
+    if "--overwrite" not in argv:
+        return "run the same command again to resume"
+    command = shlex.join(["prefixbatch", *(a for a in argv if a != "--overwrite")])
+    return f"to resume, run it again without --overwrite: {command}"
 
 
 def _run(args: argparse.Namespace, config: EngineConfig) -> int:

@@ -7,7 +7,7 @@ normalises a Hugging Face config into it (and each family adds its own fields).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,7 +17,15 @@ from .policy import Policy
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (``rope_type`` is ``default`` or ``llama3``)."""
+    """Rotary embedding parameters (``rope_type`` is ``default``, ``llama3`` or ``longrope``).
+
+    ``partial_rotary_factor``: the share of each head that is rotated (its first
+    ``int(head_dim * factor)`` dimensions; Phi-4-mini: 0.75). ``attention_factor`` scales cos
+    and sin (so q.k by its square; LongRoPE's sqrt(1 + ln(s) / ln(original)), as transformers
+    computes it). LongRoPE (Ding et al., 2024; Phi-3) divides each inverse frequency by its
+    ``short_factor`` for contexts up to ``original_max_position`` and by its ``long_factor``
+    beyond; ``long_context`` says which set this engine runs (``at_context``).
+    """
 
     theta: float
     rope_type: str = "default"
@@ -25,6 +33,21 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    partial_rotary_factor: float = 1.0
+    attention_factor: float = 1.0
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    long_context: bool = False
+
+    def at_context(self, context_len: int) -> RopeConfig:
+        """The rope an engine of sequences of up to ``context_len`` positions runs: LongRoPE's
+        long factors for every sequence when ``context_len`` exceeds ``original_max_position``,
+        else its short ones (vLLM's choice). One set for all keeps every cached key, and every
+        shared prefix, valid for every sequence; transformers instead switches a sequence to
+        the long factors once it passes ``original_max_position`` and recomputes its cache."""
+        if self.rope_type != "longrope":
+            return self
+        return replace(self, long_context=context_len > self.original_max_position)
 
 
 @dataclass(frozen=True)
@@ -102,6 +125,10 @@ class EngineConfig:
     # the graph hooks (Triton); captured once at load, per batch-size bucket.
     cuda_graphs: bool = True
     max_cuda_graph_batch: int = 256
+    # Overlap scheduling: the host schedules and prepares step N+1 while the device runs step N
+    # (the tokens N+1 needs from N are read on the device). None: on CUDA only; on the CPU the
+    # host and the "device" are the same cores, so nothing would overlap.
+    overlap_schedule: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))

@@ -13,14 +13,18 @@ unless ``include_stop_str_in_output``; stop strings are not checked before ``min
 tokens (``execution/penalties.py`` keeps EOS and ``stop_token_ids`` from being sampled before
 then).
 A stop string found on the last allowed token still makes ``finish_reason`` ``"stop"``.
+
+Only outputs with stop strings are decoded step by step (their stop checks need the text); the
+text of every other output is built when it finishes (``OutputTexts.pop``), by the same
+incremental decode over its tokens, so a step's host work does not grow with its rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from typing import Any
 
-from .outputs import Request
+from .execution.row_faults import Faults
 from .sampling_params import SamplingParams
 from .scheduling.sequence import Sequence as SchedSequence
 
@@ -29,31 +33,50 @@ from .scheduling.sequence import Sequence as SchedSequence
 PROMPT_CONTEXT_TOKENS = 5
 
 
+class TokenStrings(dict[int, str]):
+    """A tokenizer's token strings by id, looked up once each (``convert_ids_to_tokens`` one id
+    at a time: with a list, transformers' ``skip_special_tokens`` rebuilds the special-id set on
+    every call, about 10 us)."""
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        super().__init__()
+        self.hf = hf_tokenizer
+
+    def __missing__(self, token_id: int) -> str:
+        self[token_id] = token = self.hf.convert_ids_to_tokens(token_id)
+        return token
+
+
 class IncrementalDetokenizer:
     """Decodes one token at a time; ``hf_tokenizer`` is a transformers tokenizer. Tokens in
     ``skip_ids`` are left out of the text (the tokenizer's special tokens for
-    ``skip_special_tokens``, as transformers' ``convert_ids_to_tokens`` skips them)."""
+    ``skip_special_tokens``, as transformers' ``convert_ids_to_tokens`` skips them).
+    ``strings``: the tokenizer's token strings, shared by the detokenizers of one engine."""
 
-    def __init__(self, hf_tokenizer: Any, prompt_ids: Sequence[int], skip_ids: Set[int]) -> None:
-        self.hf = hf_tokenizer
+    def __init__(
+        self,
+        hf_tokenizer: Any,
+        prompt_ids: Sequence[int],
+        skip_ids: Set[int],
+        strings: TokenStrings | None = None,
+    ) -> None:
+        self.to_string = hf_tokenizer.convert_tokens_to_string
         self.skip_ids = skip_ids
+        self.strings = strings if strings is not None else TokenStrings(hf_tokenizer)
         # Two more tokens than the window in case some are special and skipped.
         self.tokens: list[str] = self._tokens(prompt_ids[-PROMPT_CONTEXT_TOKENS - 2 :])
         self.read_offset = len(self.tokens)
         self.prefix_offset = max(self.read_offset - PROMPT_CONTEXT_TOKENS, 0)
 
     def _tokens(self, ids: Sequence[int]) -> list[str]:
-        # One id at a time: transformers' skip_special_tokens rebuilds the special-id set on
-        # every call (about 10 us, a few percent of a small model's decode step).
-        return [self.hf.convert_ids_to_tokens(i) for i in ids if i not in self.skip_ids]
+        return [self.strings[i] for i in ids if i not in self.skip_ids]
 
     def decode_next(self, token_id: int) -> str:
         """The new complete text that ``token_id`` adds ("" while a character is incomplete)."""
-        self.tokens += self._tokens([token_id])
-        emitted = self.hf.convert_tokens_to_string(
-            self.tokens[self.prefix_offset : self.read_offset]
-        )
-        text = self.hf.convert_tokens_to_string(self.tokens[self.prefix_offset :])
+        if token_id not in self.skip_ids:
+            self.tokens.append(self.strings[token_id])
+        emitted = self.to_string(self.tokens[self.prefix_offset : self.read_offset])
+        text = self.to_string(self.tokens[self.prefix_offset :])
         if len(text) <= len(emitted) or text.endswith("\ufffd"):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
@@ -83,11 +106,11 @@ class OutputText:
         prompt_ids: Sequence[int],
         params: SamplingParams,
         special_ids: Set[int],
+        strings: TokenStrings | None = None,
     ) -> None:
         self.params = params
-        self.detokenizer = IncrementalDetokenizer(
-            hf_tokenizer, prompt_ids, special_ids if params.skip_special_tokens else frozenset()
-        )
+        skip = special_ids if params.skip_special_tokens else frozenset()
+        self.detokenizer = IncrementalDetokenizer(hf_tokenizer, prompt_ids, skip, strings)
         self.text = ""
         self.num_tokens = 0
 
@@ -113,41 +136,66 @@ class OutputText:
 
 
 class OutputTexts:
-    """The ``OutputText`` of every sequence (each choice of a request) of one ``generate``
-    call; ``requests`` maps a sequence's ``seq_id`` to its request."""
+    """The ``OutputText`` of every sequence (each choice of a request) of one engine."""
 
-    def __init__(self, hf_tokenizer: Any, requests: Mapping[int, Request]) -> None:
+    def __init__(self, hf_tokenizer: Any) -> None:
         self.hf = hf_tokenizer
         self.special_ids = frozenset(hf_tokenizer.all_special_ids)
-        self.requests = requests
+        self.strings = TokenStrings(hf_tokenizer)
         self.texts: dict[SchedSequence, OutputText] = {}
 
+    def _new(self, seq: SchedSequence) -> OutputText:
+        n = seq.num_prompt  # the detokenizer reads the prompt's last few tokens only
+        prompt = seq.tokens[max(0, n - PROMPT_CONTEXT_TOKENS - 2) : n]
+        return OutputText(self.hf, prompt, seq.params, self.special_ids, self.strings)
+
     def update(
-        self, sampled: list[SchedSequence], finish: Callable[[SchedSequence, str], None]
+        self,
+        resolved: list[tuple[SchedSequence, int]],
+        finish: Callable[[SchedSequence, str, int], None],
+        faults: Faults[SchedSequence],
     ) -> list[SchedSequence]:
-        """Call after the scheduler appended a token to each of ``sampled`` (and finished those
-        that hit EOS, a stop token or a length limit). A stop string ends a running sequence
-        through ``finish(seq, "stop")`` (those are returned) and turns a ``"length"`` finish on
-        the same token into ``"stop"``."""
+        """Call after the scheduler wrote each sequence's new token at its index in
+        ``resolved`` (and finished those that hit EOS, a stop token or a length limit). Only
+        sequences with stop strings are decoded here: a stop string ends a running sequence
+        through ``finish(seq, "stop", index)`` (those are returned) and turns a ``"length"``
+        finish on the same token into ``"stop"``. A sequence whose text cannot be built is
+        recorded in ``faults`` and left as it is."""
         ended = []
-        for seq in sampled:
-            text = self.texts.get(seq)
-            if text is None:
-                request = self.requests[seq.seq_id]
-                text = OutputText(
-                    self.hf, request.prompt_token_ids, request.params, self.special_ids
-                )
-                self.texts[seq] = text
-            if not text.append(seq.tokens[-1], stop_token=seq.finish_reason == "stop"):
-                continue
-            if seq.finish_reason is None:
-                finish(seq, "stop")
+        for seq, at in resolved:
+            if not seq.params.stop:
+                continue  # decoded when it finishes (``pop``): nothing reads its text before
+            if faults.guard("detokenizing", seq, self._append, seq, at, finish):
                 ended.append(seq)
-            else:
-                seq.finish_reason = "stop"
         return ended
 
+    def _append(
+        self, seq: SchedSequence, at: int, finish: Callable[[SchedSequence, str, int], None]
+    ) -> bool:
+        """Decode ``seq``'s token at ``at``; True when a stop string ended it there."""
+        text = self.texts.get(seq)
+        if text is None:
+            text = self.texts[seq] = self._new(seq)
+        if not text.append(seq.tokens[at], stop_token=seq.finish_reason == "stop"):
+            return False
+        if seq.finish_reason is not None:
+            seq.finish_reason = "stop"
+            return False
+        finish(seq, "stop", at)
+        return True
+
     def pop(self, seq: SchedSequence) -> str:
-        """The finished sequence's text (empty when it sampled no token)."""
+        """The finished sequence's text (empty when it sampled no token): the tokens not
+        decoded yet are decoded now, the last one as a stop token when it ended the output."""
         text = self.texts.pop(seq, None)
-        return text.text if text else ""
+        if text is None:
+            text = self._new(seq)
+        outputs = seq.tokens[seq.num_prompt :]
+        last = len(outputs) - 1
+        for k in range(text.num_tokens, len(outputs)):
+            text.append(outputs[k], stop_token=k == last and seq.finish_reason == "stop")
+        return text.text
+
+    def discard(self, seq: SchedSequence) -> None:
+        """Forget an aborted sequence's text."""
+        self.texts.pop(seq, None)

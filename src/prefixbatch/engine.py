@@ -8,6 +8,7 @@ over ``step``. Every front end (CLI job, Python API, Ray worker, server) drives 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
@@ -18,7 +19,8 @@ from .config import EngineConfig
 from .detokenizer import OutputTexts
 from .errors import KVBudgetError
 from .execution.attention.backend import AttentionBackend
-from .execution.step_sampler import StepSampler
+from .execution.row_faults import Faults
+from .execution.step_sampler import SampledTokens, StepSampler
 from .loading.builder import LoadedModel, load_model
 from .loading.limits import EngineLimits
 from .outputs import CompletionOutput, Request, RequestOutput
@@ -30,6 +32,8 @@ from .scheduling.work import build_sequences
 
 if TYPE_CHECKING:
     from .execution.structured import StructuredOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,14 +97,22 @@ class LLMEngine:
         # Penalties, grammar masks, sampling, log-probabilities; the grammar engine is built
         # only when a request asks for structured output.
         self.sampler = StepSampler(
-            self.limits.vocab_size, self.eos_ids, self._grammars, self.worker.argmax
+            self.limits.vocab_size,
+            self.eos_ids,
+            self._grammars,
+            self.worker.argmax,
+            self.worker.device,
         )
         self.stats = EngineStats()
         self._requests: dict[int, Request] = {}  # unfinished requests by id
         self._sequences: dict[int, list[Sequence]] = {}  # a request's choices by request id
         self._finished: dict[int, list[Sequence]] = {}  # choices that ended, by request id
-        self._texts = OutputTexts(self.tokenizer.hf, self._requests)  # incremental detokenizers
+        self._texts = OutputTexts(self.tokenizer.hf)  # incremental detokenizers
         self._next_group_id = 0
+        overlap = config.overlap_schedule
+        self.overlap = self.worker.device.type == "cuda" if overlap is None else overlap
+        self._inflight: _InFlight | None = None  # a launched step whose tokens are not taken in
+        self._scoring = 0  # unfinished requests that ask for prompt log-probabilities
 
     def _grammars(self) -> StructuredOutput:
         # Imported on first use: xgrammar is optional (requests that need it were refused).
@@ -154,6 +166,7 @@ class LLMEngine:
         self.stats.groups += len(work.groups)
         for r in requests:
             self._requests[r.index] = r
+        self._scoring += sum(r.params.prompt_logprobs is not None for r in requests)
         for seq in work.sequences:
             if seq.leads is None:
                 self._sequences.setdefault(seq.seq_id, []).append(seq)
@@ -164,7 +177,7 @@ class LLMEngine:
         self.add_requests([request])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None
 
     def abort(self, request_id: int) -> bool:
         """Drop an unfinished request (all its choices) and free its KV blocks; False if it is
@@ -175,39 +188,124 @@ class LLMEngine:
         for seq in seqs:
             if seq.status is not Status.FINISHED:
                 self.scheduler.abort(seq)
-            self._texts.pop(seq)
+            self._texts.discard(seq)
         self._finished.pop(request_id, None)
-        del self._requests[request_id]
+        self._scoring -= self._requests.pop(request_id).params.prompt_logprobs is not None
         return True
 
     def step(self) -> list[RequestOutput]:
         """Run one forward step; the outputs of the requests that finished in it.
 
-        Raises ``KVBudgetError`` when nothing can be scheduled (the pool holds no request)."""
+        With overlap scheduling (``EngineConfig.overlap_schedule``, on by default on CUDA) the
+        step is launched first and the previous step's tokens are taken in while it runs
+        (SGLang's overlap scheduler): the outputs are those the previous step finished, and a
+        request that ended there computed one more token in this step, which is dropped.
+
+        A request whose own work fails (its grammar, penalties, sampling, log-probabilities,
+        prompt scoring, text) ends with ``RequestOutput.error`` and its blocks are freed; the
+        others go on. Raises ``KVBudgetError`` when nothing can be scheduled (the pool holds no
+        request); a fault that is not one request's (the forward pass, memory, the device)
+        propagates."""
         scheduler = self.scheduler
         computed, preempted = scheduler.prefill_tokens_computed, scheduler.num_preemptions
         hits = self.blocks.cache_hits
+        previous, self._inflight = self._inflight, None
+        finished: list[Sequence] = []
+        failed: list[RequestOutput] = []
+        drained = False
+        if previous is not None and previous.sampled.plan.masks is not None:
+            # Its structured requests' next grammar masks are filled from its tokens.
+            finished += self._complete(previous, failed)
+            previous, drained = None, True
         step = scheduler.schedule()
-        if not step.seqs:
+        launched = None
+        if step.seqs:
+            launched = self._launch(step, previous)
+        elif previous is None and not drained:
             raise KVBudgetError(
                 "the KV cache is too small to make progress; raise --kv-cache-memory"
             )
-        sampling = [receiver for _, receiver in step.samples]
-        pending = self.sampler.prepare(sampling)  # grammar masks fill during the forward pass
-        scoring = [i for i, s in enumerate(step.seqs) if _scores_prompt(s)]
-        with torch.inference_mode():  # the runner's logits are inference tensors
-            logits = self.runner.execute(step, scoring)
-            if scoring:
-                self._score_prompts(step, scoring, logits[len(sampling) :])
-                logits = logits[: len(sampling)]
-            tokens = self.sampler.sample(logits, sampling, pending)
-        finished = scheduler.postprocess(step, tokens)
-        finished += self._texts.update(sampling, scheduler.finish)
-        self.stats.steps += 1
+        if previous is not None:
+            finished += self._complete(previous, failed)
+        if launched is not None and self.overlap:
+            self._inflight = launched
+        elif launched is not None:
+            finished += self._complete(launched, failed)
+        self.stats.steps += launched is not None
         self.stats.prefill_tokens_computed += scheduler.prefill_tokens_computed - computed
         self.stats.preemptions += scheduler.num_preemptions - preempted
         self.stats.cache_hit_tokens += (self.blocks.cache_hits - hits) * self.config.block_size
-        return [out for seq in finished if (out := self._output(seq)) is not None]
+        faults: Faults[Sequence] = Faults()
+        outputs = []
+        for seq in finished:
+            if seq.seq_id in self._requests:  # not failed since it finished
+                out = faults.guard("output", seq, self._output, seq, faults)
+                if out is not None:
+                    outputs.append(out)
+        return failed + outputs + self._fail(faults)
+
+    def _launch(self, step: ScheduledStep, previous: _InFlight | None) -> _InFlight:
+        """Run a scheduled step up to its sampled tokens on the device (the previous step's
+        tokens, when not taken in yet, are read there) and advance the scheduler."""
+        sampling = [receiver for _, receiver in step.samples]
+        plan = self.sampler.prepare(sampling)  # grammar masks fill during the forward pass
+        scoring = []
+        if self._scoring:  # some request in flight asks for prompt log-probabilities
+            scoring = [i for i, s in enumerate(step.seqs) if _scores_prompt(s)]
+        before = None if previous is None else previous.sampled.tokens
+        faults: Faults[Sequence] = Faults()
+        with torch.inference_mode():  # the runner's logits are inference tensors
+            logits, tensors = self.runner.execute(step, scoring, plan.arrays, before)
+            if scoring:
+                self._score_prompts(step, scoring, logits[len(sampling) :], faults)
+                logits = logits[: len(sampling)]
+            sampled = self.sampler.sample_async(logits, plan, tensors)
+        self.scheduler.advance(step)
+        return _InFlight(step, sampled, faults)
+
+    def _complete(self, launched: _InFlight, failed: list[RequestOutput]) -> list[Sequence]:
+        """Take a launched step's tokens in: stop checks, stop strings; the finished. The
+        requests that failed in the step end first (their outputs go to ``failed``)."""
+        tokens = self.sampler.collect(launched.sampled)
+        faults, plan = launched.faults, launched.sampled.plan
+        for row, message in plan.faults.errors.items():
+            faults.fail(plan.seqs[row], message)
+        failed += self._fail(faults)  # before the stop checks: those skip aborted sequences
+        finished, resolved = self.scheduler.resolve(launched.step, tokens)
+        if plan.masks is not None:  # a complete grammar ends its request
+            finished += self._end_grammars(resolved)
+        finished += self._texts.update(resolved, self.scheduler.finish, faults)
+        failed += self._fail(faults)
+        return finished
+
+    def _end_grammars(self, resolved: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """Finish the structured sequences whose grammar accepted a stop token, also under
+        ``ignore_eos`` (nothing can follow a complete grammar)."""
+        ended = []
+        for seq, at in resolved:
+            if (
+                seq.params.structured is not None
+                and seq.status is not Status.FINISHED
+                and self.sampler.grammar_ended(seq)
+            ):
+                self.scheduler.finish(seq, "stop", at)
+                ended.append(seq)
+        return ended
+
+    def _fail(self, faults: Faults[Sequence]) -> list[RequestOutput]:
+        """End the requests of ``faults``' sequences not ended yet (every choice, its blocks
+        freed); their outputs carry the error. Fault entries are consumed."""
+        outputs = []
+        for seq, message in faults.errors.items():
+            request = self._requests.get(seq.seq_id)
+            if request is None or not self.abort(seq.seq_id):
+                continue
+            log.warning("request %d failed: %s", request.index, message)
+            outputs.append(
+                RequestOutput(request.index, request.prompt_token_ids, [], error=message)
+            )
+        faults.errors.clear()
+        return outputs
 
     def generate(
         self,
@@ -217,57 +315,87 @@ class LLMEngine:
     ) -> Iterator[RequestOutput]:
         """Run a batch to completion, yielding each output as soon as it finishes; ``stats``
         then holds this batch's counters. ``should_stop()`` is asked before every step: when it
-        says True the unfinished requests are aborted and the generator ends."""
+        says True the unfinished requests are aborted and the generator ends. However the
+        generator ends (done, stopped, closed early, or an exception), the engine is idle
+        afterwards: what is unfinished is aborted and its blocks freed."""
         if self.has_unfinished():
             raise RuntimeError("generate needs an idle engine; drive step() instead")
         self.stats = EngineStats()
         self.add_requests(requests, plan)
-        while self.has_unfinished():
-            if should_stop is not None and should_stop():
-                for request_id in list(self._sequences):
-                    self.abort(request_id)
-                return
-            yield from self.step()
+        try:
+            while self.has_unfinished():
+                if should_stop is not None and should_stop():
+                    return
+                yield from self.step()
+        finally:
+            for request_id in list(self._sequences):
+                self.abort(request_id)
+            self._inflight = None  # every request of the step in flight is aborted
 
-    def _score_prompts(self, step: ScheduledStep, scoring: list[int], logits: torch.Tensor) -> None:
+    def _score_prompts(
+        self,
+        step: ScheduledStep,
+        scoring: list[int],
+        logits: torch.Tensor,
+        faults: Faults[Sequence],
+    ) -> None:
         """Hand each scoring sequence the logits of its chunk (rows in ``scoring`` order)."""
         row = 0
         for i in scoring:
             seq, n = step.seqs[i], step.num_tokens[i]
-            self.sampler.score_prompt(seq, seq.computed, logits[row : row + n])
+            chunk = logits[row : row + n]
+            faults.guard(
+                "prompt logprobs", seq, self.sampler.score_prompt, seq, seq.computed, chunk
+            )
             row += n
 
     # -- outputs ------------------------------------------------------------------------------
-    def _output(self, seq: Sequence) -> RequestOutput | None:
-        """Record a finished choice; the request's output once all its choices have ended."""
-        self.stats.output_tokens += seq.num_output
+    def _output(self, seq: Sequence, faults: Faults[Sequence]) -> RequestOutput | None:
+        """Record a finished choice; the request's output once all its choices have ended (the
+        request is forgotten only once its output is built; a text that cannot be decoded is
+        recorded in ``faults``)."""
         done = self._finished.setdefault(seq.seq_id, [])
         done.append(seq)
         request = self._requests[seq.seq_id]
         if len(done) < request.params.n:
             return None
-        del self._requests[seq.seq_id], self._finished[seq.seq_id]
-        self._sequences.pop(seq.seq_id, None)
         done.sort(key=lambda s: s.choice)
+        texts = [faults.guard("detokenizing", s, self._texts.pop, s) for s in done]
+        if any(s in faults for s in done):
+            return None
         wants = request.params.logprobs is not None
         choices = [
             CompletionOutput(
                 s.choice,
                 s.output_tokens,
-                self._texts.pop(s),
+                text or "",
                 s.finish_reason or "stop",
                 self.sampler.logprobs(s) if wants else None,
             )
-            for s in done
+            for s, text in zip(done, texts)
         ]
         scored = request.params.prompt_logprobs is not None
-        return RequestOutput(
+        out = RequestOutput(
             request.index,
             request.prompt_token_ids,
             choices,
             sum(s.preemptions for s in done),
             self.sampler.prompt_logprobs(done[0]) if scored else None,
         )
+        del self._requests[seq.seq_id], self._finished[seq.seq_id]
+        self._scoring -= request.params.prompt_logprobs is not None
+        self._sequences.pop(seq.seq_id, None)
+        self.stats.output_tokens += out.num_output_tokens
+        return out
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A launched step whose tokens are not taken in yet."""
+
+    step: ScheduledStep
+    sampled: SampledTokens
+    faults: Faults[Sequence]  # the step's requests that failed before its tokens were taken in
 
 
 def _scores_prompt(seq: Sequence) -> bool:

@@ -52,13 +52,11 @@ class RayUnavailableError(JobError):
 
 
 class JobInterrupted(PrefixbatchError):
-    """Ctrl-C or SIGTERM: what is answered is on disk; running the same command resumes."""
+    """Ctrl-C or SIGTERM: what is answered is on disk; running the job again (without
+    ``--overwrite``) resumes. The CLI adds that hint to the message."""
 
     def __init__(self, answered: int, total: int) -> None:
-        super().__init__(
-            f"interrupted: {answered} of {total} requests answered; "
-            "run the same command again to resume"
-        )
+        super().__init__(f"interrupted: {answered} of {total} requests answered")
 
 
 class RequestError(PrefixbatchError):

@@ -57,7 +57,7 @@ class GrammarSpec:
             if not isinstance(schema, dict):
                 raise ValueError("response_format json_schema needs json_schema.schema (object)")
             return cls("json_schema", json.dumps(schema))
-        raise ValueError(f"unsupported response_format type {kind!r}")
+        raise ValueError(f"unsupported response_format type {json.dumps(kind)}")
 
     def check(self) -> None:
         """Raise ValueError when the schema or regex cannot be compiled, or xgrammar (which

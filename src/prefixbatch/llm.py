@@ -1,8 +1,17 @@
-"""The Python API: ``LLM(model=...).generate(prompts, SamplingParams(...))`` and ``LLM.chat``."""
+"""The Python API: ``LLM(model=...).generate(prompts, SamplingParams(...))`` and ``LLM.chat``.
+
+Like the CLI, it logs what takes time (loading, conversion, kernel builds) to stderr unless the
+application set up logging itself (``logs.py``), and shows progress for calls that run longer
+than a second (a bar on a terminal, a line every 10 s otherwise; ``use_tqdm=False`` turns it
+off, as in vLLM's ``LLM.generate``).
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import replace
 from typing import Any
 
@@ -12,11 +21,17 @@ from .chat.reply import assistant_message
 from .chat.tools import parse_tools
 from .config import EngineConfig
 from .engine import LLMEngine
+from .io.progress import Progress
+from .loading.model_source import DEFAULT_MODEL_NAME
+from .logs import log_to_stderr_unless_configured
 from .outputs import CompletionOutput, Request, RequestOutput
 from .planning.plan import make_plan
 from .sampling_params import SamplingParams
 
 Prompt = str | list[int]
+PROGRESS_AFTER_S = 1.0  # a call shows progress once it has run this long
+
+log = logging.getLogger(__name__)
 
 
 class LLM:
@@ -26,9 +41,13 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         from .config import parse_memory
 
+        log_to_stderr_unless_configured()
         if isinstance(kwargs.get("kv_cache_memory"), str):
             kwargs["kv_cache_memory"] = parse_memory(kwargs["kv_cache_memory"])
+        start = time.monotonic()
+        log.info("loading the model (%s)", model or f"default: {DEFAULT_MODEL_NAME}")
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        log.info("model loaded after %.1fs", time.monotonic() - start)
         self.tokenizer = self.engine.tokenizer
 
     @classmethod
@@ -41,14 +60,19 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Outputs in prompt order. A prompt is text or a list of token ids; ``params`` is one
         SamplingParams for all or one per prompt. Raises ValueError for a params list of another
-        length or a prompt that cannot run (token ids outside the vocabulary, too long)."""
+        length or a prompt that cannot run (token ids outside the vocabulary, too long). A
+        request that fails while it runs comes back with ``RequestOutput.error`` set; the others
+        are not affected. ``prompt + max_tokens`` beyond the model's context is cut there
+        (``finish_reason`` ``"length"``), as vLLM's ``LLM`` does. ``use_tqdm``: show progress
+        once the call has run a second."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         ids = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
-        return self._run(ids, params)
+        return self._run(ids, params, use_tqdm)
 
     def chat(
         self,
@@ -63,6 +87,7 @@ class LLM:
         chat_template: str | None = None,
         tool_call_parser: str = "auto",
         reasoning_parser: str = "auto",
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or several, through the chat template.
         ``developer`` messages are system messages; content may be a list of text parts;
@@ -79,7 +104,7 @@ class LLM:
         ``tool_calls`` (its ``finish_reason`` is ``"tool_calls"`` when it called a tool).
 
         Raises ValueError as ``generate`` does, for bad tools or messages, or when the template
-        cannot render a conversation (or its tools)."""
+        cannot render a conversation (or its tools). ``use_tqdm`` as in ``generate``."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
         setup = ChatSetup(
@@ -103,7 +128,9 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"conversation {i}: {e}") from e
         outs = self._run(
-            [self.tokenizer.encode_text(r.text) for r in rendered], [r.params for r in rendered]
+            [self.tokenizer.encode_text(r.text) for r in rendered],
+            [r.params for r in rendered],
+            use_tqdm,
         )
         return [
             replace(
@@ -113,7 +140,10 @@ class LLM:
         ]
 
     def _run(
-        self, ids: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None
+        self,
+        ids: list[list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool,
     ) -> list[RequestOutput]:
         """Raises ValueError when ``params`` is a list of another length than the prompts, or
         a prompt cannot run (token ids outside the vocabulary, too long, a logit_bias token
@@ -128,7 +158,14 @@ class LLM:
         plan = None
         if self.engine.config.policy.plans:  # the API plans the batch; the engine consumes it
             plan = make_plan(ids, [sp.max_tokens for sp in params], self.engine.config.block_size)
-        return sorted(self.engine.generate(requests, plan), key=lambda o: o.index)
+        progress = Progress(len(requests), quiet=not use_tqdm, after_s=PROGRESS_AFTER_S)
+        outputs = []
+        with closing(self.engine.generate(requests, plan)) as finished:
+            for out in finished:
+                outputs.append(out)
+                progress.update(1, out.num_output_tokens)
+        progress.close()
+        return sorted(outputs, key=lambda o: o.index)
 
     def with_policy(self, policy: str) -> LLM:
         """A new ``LLM`` on the same loaded model under another scheduling policy; this one is

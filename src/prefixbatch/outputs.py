@@ -85,13 +85,19 @@ class CompletionOutput:
 class RequestOutput:
     """A finished request: its ``outputs`` (choices, in choice order) and, when asked for, the
     prompt's log-probabilities (``prompt_logprobs[0]`` scores prompt token 1: token 0 has
-    none). ``text``, ``output_token_ids`` and ``finish_reason`` are choice 0's."""
+    none). ``text``, ``output_token_ids`` and ``finish_reason`` are choice 0's.
+
+    A request that failed while it was served (an exception in its grammar, penalties,
+    sampling, log-probabilities or text; see ``execution/row_faults.py``) has ``error`` set to
+    what went wrong and no ``outputs``: its ``text`` is empty and its ``finish_reason`` is
+    ``"error"``. The other requests of its batch are not affected."""
 
     index: int
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     preemptions: int = 0
     prompt_logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -104,12 +110,12 @@ class RequestOutput:
 
     @property
     def text(self) -> str:
-        return self.outputs[0].text
+        return self.outputs[0].text if self.outputs else ""
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.outputs[0].token_ids
+        return self.outputs[0].token_ids if self.outputs else []
 
     @property
     def finish_reason(self) -> str:
-        return self.outputs[0].finish_reason
+        return self.outputs[0].finish_reason if self.outputs else "error"

@@ -19,6 +19,7 @@ from typing import Generic, Protocol, TypeVar, runtime_checkable
 import torch
 
 from .attention.step import AttentionStep
+from .upload import Staged
 
 M = TypeVar("M")
 
@@ -40,13 +41,14 @@ class GraphMetadataHooks(Protocol[M]):
         run the forward on it (rows that attend one position and write KV to a scratch slot)."""
         ...
 
-    def prepare_graph(self, step: AttentionStep, bucket: int) -> M:
-        """A decode step's metadata laid out for ``bucket`` rows (what ``fill`` copies in);
-        raises ValueError when the step does not fit the bucket (it then runs eagerly)."""
+    def stage_graph(self, step: AttentionStep, bucket: int) -> Staged[M]:
+        """A decode step's metadata laid out for ``bucket`` rows (what ``fill`` copies in), as
+        host arrays the runner uploads with the step's inputs; raises ValueError when the step
+        does not fit the bucket (it then runs eagerly)."""
         ...
 
     def fill(self, static: M, meta: M, num_rows: int) -> None:
-        """Copy a decode step's metadata (``num_rows`` rows, from ``prepare_graph``) into
+        """Copy a decode step's metadata (``num_rows`` rows, from ``stage_graph``) into
         ``static`` in place (``Tensor.copy_``; never rebind a tensor: the graph reads fixed
         addresses). Rows ``[num_rows, bucket)`` are padding: they must read valid KV and write
         their KV where no sequence reads, and nothing they produce is used."""

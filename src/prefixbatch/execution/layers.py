@@ -49,9 +49,21 @@ class RMSNorm(nn.Module):
         return rms_norm(residual, self.weight, self.eps), residual
 
 
+def rotary_dim(rope: RopeConfig, head_dim: int) -> int:
+    """The rotated dimensions of each head: all of them, or ``partial_rotary_factor`` of them."""
+    return int(head_dim * rope.partial_rotary_factor)
+
+
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies (head_dim / 2,), with llama3 scaling when configured."""
-    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """Inverse frequencies (rotary_dim / 2,), with llama3 or LongRoPE scaling when configured
+    (computed as transformers' ``_compute_llama3_parameters`` and
+    ``_compute_longrope_parameters`` do)."""
+    dim = rotary_dim(rope, head_dim)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if rope.rope_type == "longrope":
+        factors = rope.long_factor if rope.long_context else rope.short_factor
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * rope.theta**exponents)
+    inv = 1.0 / (rope.theta**exponents)
     if rope.rope_type != "llama3":
         return inv
     low_wavelen = rope.original_max_position / rope.low_freq_factor
@@ -72,21 +84,26 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, rope: RopeConfig, head_dim: int) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
+        self.attention_factor = rope.attention_factor
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) -> cos, sin (T, head_dim/2) contiguous, shared by every layer of a
-        step."""
+        """positions (T,) -> cos, sin (T, rotary_dim/2) contiguous, times the attention factor,
+        shared by every layer of a step."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+        scale = self.attention_factor
+        return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, head_dim) rotated by per-token cos, sin (T, head_dim/2) -> a new tensor."""
+    """x (T, heads, head_dim) rotated by per-token cos, sin (T, rotary_dim/2) -> a new tensor:
+    the first rotary_dim dimensions of each head rotate in halves, the rest pass through
+    (partial rotary, as transformers' ``apply_rotary_pos_emb``)."""
     cos, sin = cos[:, None, :], sin[:, None, :]
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,10 @@
 
 The only place where bookkeeping becomes tensors: token ids, positions and the rows that sample
 are built here; the step is described to the attention backend in device-neutral terms
-(``AttentionStep``) and the backend builds its own metadata.
+(``AttentionStep``) and the backend builds its own metadata. Host work per step is a few list
+comprehensions over the step's sequences and array operations: the block tables persist across
+steps (``BlockTables``), each prefix level's block ids are made once per group, and everything
+the device needs travels in one upload (``backend.upload``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
@@ -17,22 +21,14 @@ import torch
 from ..scheduling.scheduler import ScheduledStep
 from ..scheduling.sequence import PrefixGroup
 from ..scheduling.sequence import Sequence as SchedSequence
-from .attention.backend import AttentionBackend, to_device
-from .attention.step import AttentionStep, PrefixLevel, SeqStep
+from .attention.backend import AttentionBackend
+from .attention.step import AttentionStep, PrefixLevel
+from .block_tables import BlockTables
 from .cuda_graphs import DecodeGraphRunner, bucket_for
 from .models.family import Forward
+from .upload import Staged, upload
 
-
-@dataclass
-class _LevelRows:
-    """The contiguous sequences (and rows) of a step below one prefix group."""
-
-    group: PrefixGroup
-    first_seq: int
-    row_start: int
-    depth: int
-    last_seq: int = 0
-    row_end: int = 0
+_NO_LEVEL = 1 << 62  # sort key of sequences that read no prefix level: after all the others
 
 
 def group_depth(group: PrefixGroup) -> int:
@@ -41,6 +37,17 @@ def group_depth(group: PrefixGroup) -> int:
     while group.parent is not None:
         group, depth = group.parent, depth + 1
     return depth
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """A step on the host: the attention step, ``input_ids`` and ``positions`` (T,) int64 in
+    row order, and ``logits_rows`` (R,) int64, the rows whose logits the step returns."""
+
+    attn: AttentionStep
+    input_ids: np.ndarray
+    positions: np.ndarray
+    logits_rows: np.ndarray
 
 
 class ModelRunner:
@@ -70,111 +77,166 @@ class ModelRunner:
         self.device = device
         self.share_prefix_attention = share_prefix_attention and backend.shares_prefix
         self.min_shared = max(1, backend.min_shared_prefix if min_shared is None else min_shared)
+        self.tables = BlockTables()
+        self._level_blocks: WeakKeyDictionary[PrefixGroup, np.ndarray] = WeakKeyDictionary()
 
-    def _reads_levels(self, seq: SchedSequence) -> bool:
-        return self.share_prefix_attention and seq.shared_len >= self.min_shared
-
-    def _order(self, step: ScheduledStep) -> list[int]:
-        """Sequences that read prefix levels first, depth-first by their groups (so that the
-        rows below every level are contiguous), then the others in scheduled order."""
-
-        def chain(seq: SchedSequence) -> tuple[int, ...]:
-            ids, group = [], seq.group
-            while group is not None:
-                ids.append(group.group_id)
-                group = group.parent
-            return tuple(reversed(ids))
-
-        keys = [(0, chain(s)) if self._reads_levels(s) else (1, ()) for s in step.seqs]
-        return sorted(range(len(step.seqs)), key=lambda i: keys[i])
-
-    def describe(self, step: ScheduledStep) -> tuple[AttentionStep, list[int], list[int]]:
-        """The step for the backend, the new token ids in row order, and the row of each
-        scheduled sequence's last token (indexed like ``step.seqs``)."""
-        seqs: list[SeqStep] = []
-        ids: list[int] = []
-        last_row = [0] * len(step.seqs)
-        open_levels: dict[int, _LevelRows] = {}  # id(group) -> the rows below it so far
-        row = 0
-        for i in self._order(step):
-            seq, n = step.seqs[i], step.num_tokens[i]
-            start, end = seq.computed, seq.computed + n
-            ids += seq.tokens[start:end]
-            shared = seq.shared_len if self._reads_levels(seq) else 0
-            group = seq.group if shared else None
-            depth = 0 if group is None else group_depth(group)
-            while group is not None:  # every level above the sequence, innermost first
-                lvl = open_levels.setdefault(id(group), _LevelRows(group, len(seqs), row, depth))
-                lvl.last_seq, lvl.row_end = len(seqs), row + n
-                group, depth = group.parent, depth - 1
-            seqs.append(SeqStep(row, n, end, tuple(seq.block_table), shared))
-            last_row[i] = row + n - 1
-            row += n
-        levels = [self._level(lvl) for lvl in open_levels.values()]
-        return AttentionStep(tuple(seqs), tuple(levels), row, self.block_size), ids, last_row
-
-    def _level(self, rows: _LevelRows) -> PrefixLevel:
-        g = rows.group
-        start = len(g.parent.tokens) if g.parent else 0
-        end = len(g.tokens)
-        bs = self.block_size
-        return PrefixLevel(
-            start,
-            end,
-            tuple(g.blocks[start // bs : end // bs]),
-            rows.first_seq,
-            rows.last_seq - rows.first_seq + 1,
-            rows.row_start,
-            rows.row_end,
-            rows.depth,
-        )
-
-    def inputs(
-        self, step: ScheduledStep, every_row: Sequence[int] = ()
-    ) -> tuple[AttentionStep, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(attention step, input_ids (T,), positions (T,), logits_rows) of a step, the
-        tensors on the device in one copy. ``logits_rows`` holds the row of each entry of
-        ``step.samples``, then every row of the sequences ``every_row`` (indices into
-        ``step.seqs``, in that order: prompt scoring)."""
-        attn, ids, last_row = self.describe(step)
-        positions = np.concatenate(
-            [np.arange(s.context_len - s.q_len, s.context_len) for s in attn.seqs]
-        )
-        sample_rows = [last_row[i] for i, _ in step.samples]
+    def inputs(self, step: ScheduledStep, every_row: Sequence[int] = ()) -> StepInputs:
+        """The step on the host. Sequences that read prefix levels come first, depth-first by
+        their groups (group ids are given in depth-first order, so sorting by the innermost
+        group's id makes the rows below every level contiguous), then the others in scheduled
+        order. ``logits_rows`` holds the row of each entry of ``step.samples``, then every row
+        of the sequences ``every_row`` (indices into ``step.seqs``, in that order: prompt
+        scoring)."""
+        seqs = step.seqs
+        self.tables.update(seqs, step.admitted, self._shared_blocks)
+        n = np.array(step.num_tokens, dtype=np.int64)
+        groups = self._level_groups(seqs)
+        if groups is not None:
+            keys = np.array([_NO_LEVEL if g is None else g.group_id for g in groups], np.int64)
+            order = np.argsort(keys, kind="stable")
+            ordered = [seqs[i] for i in order.tolist()]
+            groups = [groups[i] for i in order.tolist()]
+            keys = keys[order]
+        else:
+            order = np.arange(len(seqs))
+            ordered = seqs
+        q_len = n[order]
+        start = np.array([s.computed for s in ordered], dtype=np.int64)
+        context = start + q_len
+        q_start = np.cumsum(q_len) - q_len
+        num_rows = int(q_len.sum())
+        rows = np.array([s.batch_index for s in ordered], dtype=np.int64)
+        assert rows.min(initial=0) >= 0, "a scheduled sequence is not running"
+        if groups is None:
+            shared = np.zeros(len(seqs), dtype=np.int64)
+            levels: tuple[PrefixLevel, ...] = ()
+        else:
+            shared = np.array([0 if g is None else len(g.tokens) for g in groups], np.int64)
+            levels = self._levels(groups, keys, q_start, q_len)
+        attn = AttentionStep(
+            q_start, q_len, context, shared, self.tables.table, rows, levels, num_rows,
+            self.block_size,
+        )  # fmt: skip
+        if num_rows == len(seqs):  # a decode step: one new token per sequence
+            ids = [s.tokens[s.computed] for s in ordered]
+        else:
+            ids = []
+            for s, k in zip(ordered, q_len.tolist()):
+                ids += s.tokens[s.computed : s.computed + k]
+        positions = np.arange(num_rows, dtype=np.int64) - np.repeat(q_start - start, q_len)
+        last_row = np.empty(len(seqs), dtype=np.int64)
+        last_row[order] = q_start + q_len - 1
+        logits_rows = [last_row[[i for i, _ in step.samples]]]
         for i in every_row:
-            n = step.num_tokens[i]
-            sample_rows += range(last_row[i] - n + 1, last_row[i] + 1)
-        t = to_device(
-            {
-                "ids": np.array(ids, dtype=np.int64),
-                "positions": positions.astype(np.int64),
-                "logits_rows": np.array(sample_rows, dtype=np.int64),
-            },
-            self.device,
+            logits_rows.append(np.arange(last_row[i] - n[i] + 1, last_row[i] + 1))
+        return StepInputs(
+            attn, np.array(ids, dtype=np.int64), positions, np.concatenate(logits_rows)
         )
-        return attn, t["ids"], t["positions"], t["logits_rows"]
 
-    def execute(self, step: ScheduledStep, every_row: Sequence[int] = ()) -> torch.Tensor:
+    def _shared_blocks(self, seq: SchedSequence) -> int:
+        """Blocks of the prefix ``seq`` reads through levels (0 when it reads none)."""
+        g = seq.group
+        if not self.share_prefix_attention or g is None or len(g.tokens) < self.min_shared:
+            return 0
+        return len(g.tokens) // self.block_size
+
+    def _level_groups(self, seqs: Sequence[Any]) -> list[PrefixGroup | None] | None:
+        """The innermost group of each sequence that reads prefix levels (None for the others),
+        or None when no sequence of the step does."""
+        if not self.share_prefix_attention:
+            return None
+        m = self.min_shared
+        groups = [g if (g := s.group) is not None and len(g.tokens) >= m else None for s in seqs]
+        return groups if any(g is not None for g in groups) else None
+
+    def _levels(
+        self,
+        groups: list[PrefixGroup | None],
+        keys: np.ndarray,
+        q_start: np.ndarray,
+        q_len: np.ndarray,
+    ) -> tuple[PrefixLevel, ...]:
+        """The prefix levels above the sequences (in step order: ``groups`` their innermost
+        groups, ``keys`` those groups' ids, sorted): one per group with a sequence below it,
+        innermost first along each sequence's chain, as the sequences are met. Python work per
+        run of sequences in one innermost group, not per sequence."""
+        readers = int(np.searchsorted(keys, _NO_LEVEL))
+        firsts = np.flatnonzero(np.diff(keys[:readers], prepend=-1))
+        lasts = np.append(firsts[1:], readers) - 1
+        spans: dict[int, list[Any]] = {}  # id(group) -> [group, first, last, depth]
+        for first, last in zip(firsts.tolist(), lasts.tolist()):
+            group = groups[first]
+            depth = group_depth(group)  # type: ignore[arg-type]
+            while group is not None:
+                span = spans.setdefault(id(group), [group, first, last, depth])
+                span[2] = last
+                group, depth = group.parent, depth - 1
+        bs = self.block_size
+        q_end = q_start + q_len
+        levels = []
+        for group, first, last, depth in spans.values():
+            begin = len(group.parent.tokens) if group.parent else 0
+            blocks = self._level_blocks.get(group)
+            if blocks is None:
+                blocks = np.array(group.blocks[begin // bs : len(group.tokens) // bs], np.int32)
+                self._level_blocks[group] = blocks
+            levels.append(
+                PrefixLevel(
+                    begin,
+                    len(group.tokens),
+                    blocks,
+                    first,
+                    last - first + 1,
+                    int(q_start[first]),
+                    int(q_end[last]),
+                    depth,
+                )
+            )
+        return tuple(levels)
+
+    def execute(
+        self,
+        step: ScheduledStep,
+        every_row: Sequence[int] = (),
+        extra: dict[str, np.ndarray] | None = None,
+        previous_tokens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run one step; returns fp32 logits (S, vocab), one row per entry of ``step.samples``,
         followed by the logits of every new token of the sequences ``every_row`` (indices into
-        ``step.seqs``). A decode step that fits a captured batch-size bucket replays its CUDA
-        graph."""
-        attn, input_ids, positions, logits_rows = self.inputs(step, every_row)
-        graph_meta = self._graph_metadata(attn)
-        if graph_meta is not None:
+        ``step.seqs``), and the ``extra`` host arrays (the sampler's) on the device: they travel
+        in the step's one upload. A token not known on the host yet (``-1 - j``: the previous
+        step's ``j``-th sample, see ``Scheduler.advance``) is taken from ``previous_tokens``
+        (that step's sampled tokens, on the device). A decode step that fits a captured
+        batch-size bucket replays its CUDA graph."""
+        inputs = self.inputs(step, every_row)
+        staged, graph = self._staged(inputs.attn)
+        arrays = {"ids": inputs.input_ids, "positions": inputs.positions}
+        arrays["logits_rows"] = inputs.logits_rows
+        arrays |= {f"attn.{k}": a for k, a in staged.arrays.items()}
+        arrays |= {f"extra.{k}": a for k, a in (extra or {}).items()}
+        t = upload(arrays, self.device)
+        meta = staged.build({k[5:]: v for k, v in t.items() if k.startswith("attn.")})
+        extras = {k[6:]: v for k, v in t.items() if k.startswith("extra.")}
+        ids = t["ids"]
+        if len(inputs.input_ids) and inputs.input_ids.min() < 0:
+            assert previous_tokens is not None, "a token placeholder without the previous step"
+            earlier = previous_tokens.index_select(0, (-1 - ids).clamp_(min=0))
+            ids = torch.where(ids < 0, earlier, ids)
+        if graph:
             assert self.graphs is not None
-            return self.graphs.run(input_ids, positions, graph_meta)[logits_rows]
-        meta = self.backend.prepare(attn)
-        return self.model(input_ids, positions, self.backend, meta, logits_rows)
+            logits = self.graphs.run(ids, t["positions"], meta)[t["logits_rows"]]
+        else:
+            logits = self.model(ids, t["positions"], self.backend, meta, t["logits_rows"])
+        return logits, extras
 
-    def _graph_metadata(self, attn: AttentionStep) -> Any | None:
-        """The step's metadata padded to its bucket when it is a decode step the graphs take."""
-        if self.graphs is None or any(s.q_len != 1 for s in attn.seqs):
-            return None
-        bucket = bucket_for(attn.num_rows, self.graphs.buckets)
-        if bucket is None:
-            return None
-        try:
-            return self.graphs.hooks.prepare_graph(attn, bucket)
-        except ValueError:  # deeper nesting or more levels than the bucket holds: eager
-            return None
+    def _staged(self, attn: AttentionStep) -> tuple[Staged[Any], bool]:
+        """The step's metadata (padded to its bucket when it is a decode step the graphs
+        take), and whether it runs through a graph."""
+        if self.graphs is not None and (attn.q_len == 1).all():
+            bucket = bucket_for(attn.num_rows, self.graphs.buckets)
+            if bucket is not None:
+                try:
+                    return self.graphs.hooks.stage_graph(attn, bucket), True
+                except ValueError:  # deeper nesting or more levels than the bucket holds
+                    pass
+        return self.backend.stage(attn), False

@@ -15,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..sampling_params import SamplingParams
+from .upload import Staged, upload
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's stream increment (odd, 2^64 / golden ratio)
@@ -61,22 +63,55 @@ def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SamplingTensors:
-    """One step's sampling parameters, one row per sampled sequence, on the logits' device.
+    """One step's sampled rows (the rows that are not greedy), on the logits' device.
 
-    ``temperature`` (S,) fp32 is 1 on greedy rows (unused there); ``top_k`` (S,) int64 is 0
-    where the filter is off; ``top_p`` (S,) fp32 is 1 there; ``keys`` (S,) int64 from
-    ``row_keys``. The flags say whether any row needs that part, so an all-greedy step is one
-    argmax and a step without filters skips the sort.
+    ``rows`` (R,) int64 are their indices into the step's logits; per row, ``temperature``
+    (R,) fp32, ``top_k`` (R,) int64 (0 where the filter is off), ``top_p`` (R,) fp32 (1 there)
+    and ``keys`` (R,) int64 from ``row_keys``. The flags say whether any row needs that filter,
+    so a step without filters skips the sort. A step whose rows are all greedy has none: it is
+    one argmax.
     """
 
-    greedy: torch.Tensor  # (S,) bool
+    rows: torch.Tensor
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
     keys: torch.Tensor
-    all_greedy: bool
     any_top_k: bool
     any_top_p: bool
+
+    @classmethod
+    def stage(
+        cls,
+        rows: Sequence[int],
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        output_index: Sequence[int],
+    ) -> Staged[SamplingTensors] | None:
+        """Host arrays of the sampled rows ``rows`` (indices into the step's logits), with, per
+        sampled row, its ``params``, its request's seed (any int, taken mod 2^64) and the index
+        of the output token it draws (0 for a request's first); None when no row samples. Work
+        is per sampled row only."""
+        if not rows:
+            return None
+        top_k = [max(p.top_k, 0) for p in params]
+        top_p = [p.top_p for p in params]
+        seed_t = torch.tensor([as_int64(s) for s in seeds], dtype=torch.int64)
+        index_t = torch.tensor(list(output_index), dtype=torch.int64)
+        arrays = {
+            "rows": np.array(rows, dtype=np.int64),
+            "temperature": np.array([p.temperature for p in params], dtype=np.float32),
+            "top_k": np.array(top_k, dtype=np.int64),
+            "top_p": np.array(top_p, dtype=np.float32),
+            "keys": row_keys(seed_t, index_t).numpy(),
+        }
+        any_top_k, any_top_p = any(k > 0 for k in top_k), any(p < 1.0 for p in top_p)
+
+        def build(t: dict[str, torch.Tensor]) -> SamplingTensors:
+            keys = ("rows", "temperature", "top_k", "top_p", "keys")
+            return cls(*(t[k] for k in keys), any_top_k, any_top_p)
+
+        return Staged(arrays, build)
 
     @classmethod
     def build(
@@ -85,26 +120,17 @@ class SamplingTensors:
         seeds: Sequence[int],
         output_index: Sequence[int],
         device: torch.device,
-    ) -> SamplingTensors:
-        """Rows for ``params[i]``, drawing the ``output_index[i]``-th token (0 for a request's
-        first output token) of a request seeded with ``seeds[i]`` (any int, taken mod 2^64)."""
-        greedy = [p.greedy for p in params]
-        top_k = [0 if g else max(p.top_k, 0) for p, g in zip(params, greedy)]
-        top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
-        seed_t = torch.tensor([as_int64(s) for s in seeds], dtype=torch.int64)
-        index_t = torch.tensor(list(output_index), dtype=torch.int64)
-        return cls(
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            temperature=torch.tensor(
-                [1.0 if g else p.temperature for p, g in zip(params, greedy)], device=device
-            ),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
-            top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
-            keys=row_keys(seed_t, index_t).to(device),
-            all_greedy=all(greedy),
-            any_top_k=any(k > 0 for k in top_k),
-            any_top_p=any(p < 1.0 for p in top_p),
+    ) -> SamplingTensors | None:
+        """The non-greedy rows of a step (``params``, ``seeds``, ``output_index`` per row of
+        its logits) on ``device``; None when every row is greedy."""
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        staged = cls.stage(
+            rows,
+            [params[i] for i in rows],
+            [seeds[i] for i in rows],
+            [output_index[i] for i in rows],
         )
+        return None if staged is None else staged.build(upload(staged.arrays, device))
 
 
 def filter_logits(
@@ -138,18 +164,19 @@ def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def sample(
     logits: torch.Tensor,
-    tensors: SamplingTensors,
+    tensors: SamplingTensors | None,
     argmax_rows: Callable[[torch.Tensor], torch.Tensor] = torch_argmax,
 ) -> torch.Tensor:
     """logits (S, vocab) fp32 -> (S,) int64 token ids on the logits' device (the caller makes one
-    ``.tolist()`` per step). Greedy rows take ``argmax_rows`` of the raw logits (a compiled
-    kernel on the CPU fast path, ``torch_argmax`` otherwise)."""
+    copy to the host per step). Greedy rows take ``argmax_rows`` of the raw logits (a compiled
+    kernel on the CPU fast path, ``torch_argmax`` otherwise); the sampled rows ``tensors.rows``
+    (None: none) draw by the exponential race, computed for those rows only."""
     argmax = argmax_rows(logits)
-    if tensors.all_greedy:
+    if tensors is None:
         return argmax
-    scaled = logits / tensors.temperature[:, None]
+    scaled = logits.index_select(0, tensors.rows) / tensors.temperature[:, None]
     if tensors.any_top_k or tensors.any_top_p:
         scaled = filter_logits(scaled, tensors.top_k, tensors.top_p, tensors.any_top_p)
     noise = exponential_noise(tensors.keys, logits.shape[-1])
     drawn = (scaled - noise.log()).argmax(dim=-1)
-    return torch.where(tensors.greedy, argmax, drawn)
+    return argmax.index_copy(0, tensors.rows, drawn)

@@ -40,6 +40,15 @@ def _choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+def _bitmask_of(tokens: Sequence[int], vocab_size: int) -> torch.Tensor:
+    """(ceil(vocab / 32),) int32 words with the bits of ``tokens`` set (xgrammar's layout)."""
+    words = (vocab_size + 31) // 32
+    bits = torch.zeros(words * 32, dtype=torch.int64)
+    bits[list(tokens)] = 1
+    packed = (bits.view(words, 32) << torch.arange(32)).sum(dim=1)  # (words,) in [0, 2^32)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
 class StructuredOutput:
     """Grammars for one tokenizer and model vocabulary; masks and advances a step's rows.
 
@@ -63,6 +72,9 @@ class StructuredOutput:
         self._batch = xgr.BatchGrammarMatcher(max_threads=threads)
         self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
         self.compile = lru_cache(maxsize=256)(self._compile)
+        self._non_stop_bits = _bitmask_of(
+            [t for t in range(vocab_size) if t not in set(stop_token_ids)], vocab_size
+        )
 
     def _compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         """Raises ValueError for a schema, regex or choice list xgrammar cannot compile."""
@@ -88,21 +100,32 @@ class StructuredOutput:
         """Each token id's exact bytes (byte-level and sentencepiece vocabularies decoded)."""
         return list(self.info.decoded_vocab)
 
+    def allocate(self, batch: int) -> torch.Tensor:
+        """An all-allowed bitmask for ``batch`` rows: (batch, ceil(vocab / 32)) int32 on the
+        CPU, bit ``t % 32`` of word ``t // 32`` set when token ``t`` is allowed."""
+        return xgr.allocate_token_bitmask(batch, self.vocab_size)
+
     def fill(
-        self, matchers: Sequence[xgr.GrammarMatcher], rows: Sequence[int], batch: int
+        self, matchers: Sequence[xgr.GrammarMatcher], rows: Sequence[int], bitmask: torch.Tensor
     ) -> torch.Tensor:
-        """The allowed-token bitmask of each matcher's next token, in row ``rows[i]`` for
-        ``matchers[i]``: (batch, ceil(vocab / 32)) int32 on the CPU, bit ``t % 32`` of word
-        ``t // 32`` set when token ``t`` is allowed (other rows: everything allowed)."""
-        bitmask = xgr.allocate_token_bitmask(batch, self.vocab_size)
+        """Write the allowed-token mask of each matcher's next token into ``bitmask`` (from
+        ``allocate``) row ``rows[i]`` for ``matchers[i]``; other rows are left as they are.
+        Raises RuntimeError for a matcher that has already accepted its stop token."""
         self._batch.batch_fill_next_token_bitmask(list(matchers), bitmask, indices=list(rows))
         return bitmask
 
     def fill_async(
         self, matchers: Sequence[xgr.GrammarMatcher], rows: Sequence[int], batch: int
     ) -> Future[torch.Tensor]:
-        """``fill`` on a worker thread, to overlap with the forward pass."""
-        return self._filler.submit(self.fill, list(matchers), list(rows), batch)
+        """``fill`` into a fresh bitmask of ``batch`` rows on a worker thread, to overlap with
+        the forward pass."""
+        return self._filler.submit(self.fill, list(matchers), list(rows), self.allocate(batch))
+
+    def only_stop_allowed(self, bitmask: torch.Tensor, rows: Sequence[int]) -> list[bool]:
+        """For each of ``rows`` of a filled ``bitmask``: whether its grammar allows nothing but
+        a stop token (the grammar is complete and cannot continue)."""
+        others = bitmask[list(rows)] & self._non_stop_bits  # (R, words)
+        return (others == 0).all(dim=1).tolist()
 
     def apply(self, logits: torch.Tensor, rows: Sequence[int], bitmask: torch.Tensor) -> None:
         """Set the tokens ``bitmask`` (from ``fill``) disallows to -inf in ``logits``

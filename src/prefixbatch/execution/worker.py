@@ -1,11 +1,12 @@
 """The execution side's owner of one device: the model's weights, the KV cache, the attention
 backend, the decode CUDA graphs and the fast-path choices, all settled once at start.
 
-``Worker(config, model_config, weights)`` builds the checkpoint's family model in the target
-dtype on the device and loads the weights (``models/loader.py``); on the CPU in fp32 it packs
-the projections for oneDNN and builds the fused kernels (the family's fast forward and the
+``Worker(config, model_config, weights)`` settles the rotary embedding for the engine's context
+(LongRoPE's factor set, ``RopeConfig.at_context``), builds the checkpoint's family model in the
+target dtype on the device and loads the weights (``models/loader.py``); on the CPU in fp32 it
+packs the projections for oneDNN and builds the fused kernels (the family's fast forward and the
 compiled greedy argmax); it picks how a mixture-of-experts model computes its experts
-(``moe/experts.py``); it sizes the KV pool (a byte budget, or on CUDA a profiling forward at
+(``moe/kernel_choice.py``); it sizes the KV pool (a byte budget, or on CUDA a profiling forward at
 the largest step, ``kv_memory.py``), allocates it, picks the attention backend
 (``attention/registry.py``) and captures the decode graphs (``cuda_graphs.py``). Engines get a
 ``ModelRunner`` and the argmax from it and never reach into the model. One worker may serve
@@ -15,6 +16,7 @@ several engines (the same weights under different policies), one at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -32,7 +34,7 @@ from .model_runner import ModelRunner
 from .models.family import Forward
 from .models.loader import Weights, build_model
 from .models.registry import family_named
-from .moe.experts import use_experts_kernel
+from .moe.kernel_choice import use_experts_kernel
 from .packed_linear import onednn_available, pack_linears
 from .sampler import SamplingTensors, sample, torch_argmax
 
@@ -51,7 +53,9 @@ class Worker:
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: Weights) -> None:
         self.config = config
-        self.model_config = model_config
+        # the rope as this engine's context runs it (LongRoPE: one factor set for every sequence)
+        rope = model_config.rope.at_context(config.context_len(model_config))
+        self.model_config = model_config = replace(model_config, rope=rope)
         self.device = config.torch_device
         family = family_named(model_config.architecture)
         self.model = build_model(family, model_config, weights, self.device, config.torch_dtype)
@@ -103,7 +107,7 @@ class Worker:
         return fused_kernels()
 
     def _experts_kernel(self, cpu_fast: bool) -> str:
-        """How a mixture-of-experts model computes its experts (``moe/experts.py``): the fused
+        """How a mixture-of-experts model computes its experts (``moe/kernel_choice.py``): the fused
         Triton kernel on CUDA (and on the CPU when the Triton attention backend is asked for:
         the interpreter), the CPU fast path with the other CPU fast paths, else the reference."""
         from .attention.triton_backend import triton_available
@@ -155,7 +159,7 @@ class Worker:
         tokens, bs = self.config.max_num_batched_tokens, self.config.block_size
         blocks = -(-tokens // bs)
         backend = self._backend(backend_name, self._cache(blocks))
-        step = AttentionStep((SeqStep(0, tokens, tokens, tuple(range(blocks))),), (), tokens, bs)
+        step = AttentionStep.of([SeqStep(0, tokens, tokens, tuple(range(blocks)))], block_size=bs)
         rows = min(tokens, self.config.max_num_seqs)
         device = self.device
         logits = self.forward(

@@ -27,6 +27,7 @@ from ..optional import missing
 from ..sampling_params import SamplingParams
 from ..tokenizer import TOKEN_BYTES_FEATURE
 from .body_fields import field_problem
+from .json_text import json_text
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -44,6 +45,7 @@ class BatchRequest:
     add_generation_prompt: bool = True  # chat: end the prompt with a new assistant turn
     continue_final_message: bool = False  # chat: the answer continues the last message
     echo: bool = False  # completions: the text starts with the prompt
+    max_tokens_given: bool = False  # the body sets max_tokens (or max_completion_tokens)
     tools: ToolRequest | None = None  # chat: tools, tool_choice, parallel_tool_calls
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
     reply: ReplyFormat | None = None  # chat: how the answer is parsed (set when rendered)
@@ -80,8 +82,9 @@ def request_hash(url: str, body: dict[str, Any], max_tokens: int) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str | LineError]]:
-    """(line number, text or the reason it cannot be read)."""
+def decoded_lines(path: Path) -> Iterator[tuple[int, str | LineError]]:
+    """(line number, text or the reason it cannot be read) of every line of ``path``, blank
+    ones included, decoded as the module docstring says."""
     with open(path, "rb") as f:
         head = f.read(2)
         f.seek(0)
@@ -115,7 +118,7 @@ def read_batch_file(
 ) -> Iterator[BatchRequest | LineError]:
     """Parse ``path`` line by line; a line that cannot be read is an error for that line only."""
     seen: set[str] = set()
-    for number, text in _lines(path):
+    for number, text in decoded_lines(path):
         if isinstance(text, LineError):
             yield text
         elif text.strip():
@@ -148,10 +151,12 @@ def parse_line(
         return LineError(
             number,
             custom_id,
-            f"line {number}: 'custom_id' must be a non-empty string, got {custom_id!r}",
+            f"line {number}: 'custom_id' must be a non-empty string, got {json_text(custom_id)}",
         )
     if custom_id in seen:
-        return LineError(number, custom_id, f"line {number}: duplicate custom_id {custom_id!r}")
+        return LineError(
+            number, custom_id, f"line {number}: duplicate custom_id {json_text(custom_id)}"
+        )
     seen.add(custom_id)
     try:
         return _request(obj, number, custom_id, default_max_tokens)
@@ -165,10 +170,10 @@ def _request(
     if "body" in obj or "url" in obj:
         method = obj.get("method", "POST")
         if method != "POST":
-            raise _Invalid(f"'method' must be POST, got {method!r}")
+            raise _Invalid(f"'method' must be POST, got {json_text(method)}")
         url = obj.get("url")
         if url not in (CHAT_URL, COMPLETIONS_URL):
-            raise _Invalid(f"unsupported url {url!r}; use {CHAT_URL} or {COMPLETIONS_URL}")
+            raise _Invalid(f"unsupported url {json_text(url)}; use {CHAT_URL} or {COMPLETIONS_URL}")
         body = obj.get("body")
         if not isinstance(body, dict):
             raise _Invalid("'body' must be a JSON object")
@@ -180,13 +185,16 @@ def _request(
     if problem:
         raise _Invalid(problem)
     params = _params(body, default_max_tokens, url == CHAT_URL)
+    given = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
     digest = request_hash(
         url, {k: v for k, v in body.items() if k not in not_fields}, params.max_tokens
     )
     if url == COMPLETIONS_URL:
         prompt = _prompt(body.get("prompt"))
         echo = _flag(body, "echo", False)
-        return BatchRequest(number, custom_id, url, None, prompt, params, digest, echo=echo)
+        return BatchRequest(
+            number, custom_id, url, None, prompt, params, digest, echo=echo, max_tokens_given=given
+        )
     add_generation_prompt = _flag(body, "add_generation_prompt", True)
     continue_final_message = _flag(body, "continue_final_message", False)
     try:
@@ -207,6 +215,7 @@ def _request(
         digest,
         add_generation_prompt,
         continue_final_message,
+        max_tokens_given=given,
         tools=tools,
         template_kwargs=template_kwargs,
     )
@@ -233,7 +242,7 @@ def _number(body: dict[str, Any], key: str, default: float) -> float:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _Invalid(f"'{key}' must be a number, got {value!r}")
+        raise _Invalid(f"'{key}' must be a number, got {json_text(value)}")
     return float(value)
 
 
@@ -242,14 +251,14 @@ def _integer(body: dict[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"'{key}' must be an integer, got {value!r}")
+        raise _Invalid(f"'{key}' must be an integer, got {json_text(value)}")
     return value
 
 
 def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
     value = body.get(key, default)
     if not isinstance(value, bool):
-        raise _Invalid(f"'{key}' must be true or false, got {value!r}")
+        raise _Invalid(f"'{key}' must be true or false, got {json_text(value)}")
     return value
 
 
@@ -339,9 +348,11 @@ def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
     bias = {}
     for key, v in value.items():
         if not str(key).isdigit():
-            raise _Invalid(f"'logit_bias' keys must be token ids, got {key!r}")
+            raise _Invalid(f"'logit_bias' keys must be token ids, got {json_text(key)}")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise _Invalid(f"'logit_bias' values must be numbers in [-100, 100], got {v!r}")
+            raise _Invalid(
+                f"'logit_bias' values must be numbers in [-100, 100], got {json_text(v)}"
+            )
         bias[int(key)] = float(v)
     return bias
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .json_text import json_text
+
 # Fields the engine applies (see the README's field tables).
 HONOURED = frozenset(
     {
@@ -84,7 +86,9 @@ def field_problem(body: dict[str, Any], chat: bool, ignore: frozenset[str]) -> s
         if key in UNSUPPORTED:
             if _asks_nothing(value, UNSUPPORTED[key]):
                 continue
-            return f"'{key}' is not supported yet (got {value!r}); remove it from the request"
+            return (
+                f"'{key}' is not supported yet (got {json_text(value)}); remove it from the request"
+            )
         if key in CHAT_ONLY | COMPLETIONS_ONLY:
             where = "/v1/chat/completions" if key in CHAT_ONLY else "/v1/completions"
             return f"'{key}' is only valid for {where}"

@@ -12,7 +12,8 @@ class Progress:
 
     ``start`` (``time.monotonic()``, default now) is the job's start: the elapsed clock counts
     from it, as the summary's wall time does; rates and the ETA count from the first compute
-    (this object's creation), so model loading does not skew them."""
+    (this object's creation), so model loading does not skew them. Nothing is shown before the
+    work has run ``after_s`` seconds, so a short call stays silent."""
 
     def __init__(
         self,
@@ -21,8 +22,9 @@ class Progress:
         stream: TextIO | None = None,
         interval: float = 10.0,
         start: float | None = None,
+        after_s: float = 0.0,
     ) -> None:
-        self.total, self.quiet, self.interval = total, quiet, interval
+        self.total, self.quiet, self.interval, self.after_s = total, quiet, interval, after_s
         self.stream = stream or sys.stderr
         self.done = self.tokens = 0
         self.compute_start = self._last = time.monotonic()
@@ -31,7 +33,9 @@ class Progress:
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="req", file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total, unit="req", file=self.stream, dynamic_ncols=True, delay=after_s
+            )
             self._bar.start_t -= self.compute_start - self.start  # the job's clock (wall time)
 
     @property
@@ -49,6 +53,8 @@ class Progress:
             self._bar.set_postfix_str(f"{self.tokens_per_s:.1f} tok/s {note}".rstrip())
             return
         now = time.monotonic()
+        if now - self.compute_start < self.after_s:
+            return
         if now - self._last >= self.interval or self.done == self.total:
             self._last = now
             elapsed = now - self.start

@@ -28,6 +28,7 @@ from .batch_file import CHAT_URL, BatchRequest, LineError
 from .logprobs_format import chat_logprobs, completion_logprobs, prompt_logprobs_list
 
 HASH_FIELD = "request_hash"
+SERVER_ERROR = "server_error"  # the code of a request that failed while it was served
 
 
 def _id(prefix: str, custom_id: str) -> str:

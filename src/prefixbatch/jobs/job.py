@@ -1,15 +1,19 @@
 """A batch job: batch file in, answers out, every request answered exactly once.
 
 Whole-job problems raise ``JobError`` before any compute; problems of single lines become error
-records while every other request runs. Ctrl-C / SIGTERM raise ``JobInterrupted`` after the
-answers finished so far are on disk. See ``results.py`` for the resume rule.
+records while every other request runs, and so does a request that fails while it is served
+(code ``server_error``, the engine's message). A fault that is not one request's (the model's
+forward pass, memory, the device) stops the job with every finished answer on disk. Ctrl-C /
+SIGTERM raise ``JobInterrupted`` after the answers finished so far are on disk. See
+``results.py`` for the resume rule.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +24,7 @@ from ..engine import EngineStats, LLMEngine
 from ..errors import InputFileError, JobInterrupted, KVBudgetError
 from ..io.batch_file import BatchRequest, LineError, read_batch_file
 from ..io.progress import Progress
-from ..io.results import ResultWriter, error_record, success_record
+from ..io.results import SERVER_ERROR, ResultWriter, error_record, success_record
 from ..loading.model_source import DEFAULT_MODEL_NAME
 from ..outputs import Request
 from ..planning.plan import make_plan
@@ -32,6 +36,8 @@ if TYPE_CHECKING:
     from ..distributed.ray_executor import RayExecutor
 
 log = logging.getLogger(__name__)
+
+LISTED = 10  # failed lines named in a summary before the rest are counted
 
 
 @dataclass(frozen=True)
@@ -58,12 +64,14 @@ class JobSummary:
     prefill_tokens_saved: int
     preemptions: int
     wall_s: float
+    failures: tuple[str, ...] = ()  # the first LISTED error messages, in line order
 
     def lines(self) -> list[str]:
         tps = self.output_tokens / self.wall_s if self.wall_s else 0.0
         lines = [
             f"requests: {self.requests_ok} ok, {self.requests_failed} failed, "
             f"{self.skipped} already answered",
+            *listed("failed", self.failures, self.requests_failed),
             f"tokens: {self.prompt_tokens} prompt, {self.output_tokens} output, "
             f"{self.prefill_tokens_saved} prefill tokens saved by sharing",
             f"preemptions: {self.preemptions}",
@@ -72,6 +80,15 @@ class JobSummary:
         if not self.requests_ok and not self.skipped:
             lines.insert(0, "no line of the input is a valid request: see the error records")
         return lines
+
+
+def listed(label: str, messages: Sequence[str], total: int) -> list[str]:
+    """``label: message`` lines for the first ``LISTED`` of ``messages`` (each names its line
+    and reason), then how many more there are of ``total``."""
+    lines = [f"{label}: {m}" for m in messages[:LISTED]]
+    if total > len(lines):
+        lines.append(f"{label}: ... and {total - len(lines)} more (each has an error record)")
+    return lines
 
 
 def read_items(path: Path, default_max_tokens: int) -> list[BatchRequest | LineError]:
@@ -179,13 +196,22 @@ def run_batch(
                 r.params.logprobs is not None or r.params.prompt_logprobs is not None for r in batch
             ):
                 vocab = engine.tokenizer.token_bytes(engine.limits.vocab_size)
-            for out in engine.generate(batch, plan, should_stop):
-                req, ids = runnable[out.index]
-                echoed = _prompt_text(engine.tokenizer, req, ids) if req.echo else ""
-                writer.write(success_record(req, out, model_name, vocab, echoed))
-                answered += 1
-                progress.update(1, out.num_output_tokens, engine.status())
-                report()
+            # closing(): however the loop ends, the engine aborts what is unfinished (idle)
+            with closing(engine.generate(batch, plan, should_stop)) as outputs:
+                for out in outputs:
+                    req, ids = runnable[out.index]
+                    if out.error is not None:  # this request failed while it was served
+                        failed = LineError(
+                            req.line, req.custom_id, f"line {req.line}: {out.error}", SERVER_ERROR
+                        )
+                        errors[req.line] = failed
+                        writer.write(error_record(failed))
+                    else:
+                        echoed = _prompt_text(engine.tokenizer, req, ids) if req.echo else ""
+                        writer.write(success_record(req, out, model_name, vocab, echoed))
+                        answered += 1
+                    progress.update(1, out.num_output_tokens, engine.status())
+                    report()
             stats = engine.stats
         writer.finish(items, errors)  # also after a stop: the answers so far, tidied
     except KeyboardInterrupt:
@@ -203,6 +229,7 @@ def run_batch(
         prefill_tokens_saved=stats.prefill_tokens_saved,
         preemptions=stats.preemptions,
         wall_s=time.monotonic() - start,
+        failures=tuple(errors[line].message for line in sorted(errors)[:LISTED]),
     )
 
 

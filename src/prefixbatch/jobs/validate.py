@@ -74,6 +74,8 @@ def validate(
     too_big = 0
     for req, ids in sorted(tokenized, key=lambda t: t[0].line):
         problem = limits.check(ids, req.params.max_tokens) or limits.check_params(req.params)
+        if problem is None and req.max_tokens_given:
+            problem = limits.check_context(len(ids), req.params.max_tokens)
         if problem:
             errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
             too_big += not limits.fits_kv(len(ids), req.params.max_tokens)

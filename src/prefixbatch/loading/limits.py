@@ -57,6 +57,18 @@ class EngineLimits:
             )
         return None
 
+    def check_context(self, prompt_len: int, max_tokens: int) -> str | None:
+        """Why a request whose ``max_tokens`` was asked for explicitly cannot run: the prompt
+        and that many tokens must fit the model's context, as vLLM's OpenAI server requires (a
+        default ``max_tokens`` is cut at the context instead). None when it fits."""
+        if prompt_len + max_tokens <= self.max_model_len:
+            return None
+        return (
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+            f"context is {self.max_model_len} tokens and the prompt has {prompt_len} "
+            f"({max_tokens} > {self.max_model_len} - {prompt_len}); lower max_tokens"
+        )
+
     def check_params(self, params: SamplingParams) -> str | None:
         """Why a request's sampling parameters cannot run on this model, or None: token ids
         outside the vocabulary, a grammar that does not compile."""

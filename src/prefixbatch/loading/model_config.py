@@ -3,12 +3,15 @@
 The common fields are read here the way transformers' configs spell them in versions 4 and 5
 (``rope_parameters`` or ``rope_theta`` with ``rope_scaling``, one EOS id or a list, a missing
 ``head_dim`` or ``num_key_value_heads``); the checkpoint's family (``execution/models``) then
-reads its own fields (``ModelFamily.read_config``). Model code never reads the Hugging Face
-config itself.
+reads its own fields (``ModelFamily.read_config``). The end-of-sequence ids add those of
+generation_config.json. Model code never reads the Hugging Face config itself.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, RopeConfig
@@ -26,7 +29,26 @@ def read_model_config(source: ModelSource) -> ModelConfig:
         hf = AutoConfig.from_pretrained(str(source.path))
     except (OSError, ValueError) as e:  # transformers' errors for a missing or broken config
         raise ModelNotFoundError(f"cannot read the model config in {source.path}: {e}") from e
-    return normalise(hf)
+    config = normalise(hf)
+    eos = dict.fromkeys((*config.eos_token_ids, *generation_eos_ids(source.path)))
+    return replace(config, eos_token_ids=tuple(eos))
+
+
+def generation_eos_ids(path: Path) -> tuple[int, ...]:
+    """The ``eos_token_id`` of the checkpoint's generation_config.json, where transformers'
+    ``generate`` (and vLLM) take the ids that end a turn when config.json names only the end
+    of text: Phi-3's ``<|end|>``, Phi-4-mini's 200020. () without the file."""
+    from transformers import GenerationConfig
+
+    try:
+        return token_ids(GenerationConfig.from_pretrained(str(path)).eos_token_id)
+    except (OSError, ValueError):  # no generation_config.json, or one transformers rejects
+        return ()
+
+
+def token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    """An EOS field as configs spell it (one id, a list or none) as a tuple."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (() if value is None else (value,))
 
 
 def normalise(hf: Any) -> ModelConfig:
@@ -36,8 +58,6 @@ def normalise(hf: Any) -> ModelConfig:
         list(getattr(hf, "architectures", None) or []), getattr(hf, "model_type", "?")
     )
     heads = hf.num_attention_heads
-    eos = hf.eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     common = ModelConfig(
         architecture=family.name,
         vocab_size=hf.vocab_size,
@@ -52,29 +72,63 @@ def normalise(hf: Any) -> ModelConfig:
         max_position=hf.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         attention_bias=bool(getattr(hf, "attention_bias", False)),
-        eos_token_ids=eos_ids,
+        eos_token_ids=token_ids(hf.eos_token_id),
     )
     return family.read_config(common, hf)
 
 
 def rope_config(hf: Any) -> RopeConfig:
     """The rotary embedding's parameters; raises ``UnsupportedModelError`` for a scaling other
-    than none or ``llama3``."""
+    than none, ``llama3`` or ``longrope`` (``su`` in early Phi-3 configs)."""
     # transformers 5 keeps everything in rope_parameters; 4.x uses rope_theta + rope_scaling.
     params = dict(getattr(hf, "rope_parameters", None) or {})
     scaling = dict(getattr(hf, "rope_scaling", None) or {})
     params = {**scaling, **params}
-    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    theta = float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope_type not in ("default", "llama3"):
-        raise UnsupportedModelError(f"unsupported rope scaling {rope_type!r}; supported: llama3")
+    rope_type = {"su": "longrope"}.get(rope_type, rope_type)
+    partial = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
+    partial = float(partial or 1.0)
+    if rope_type not in ("default", "llama3", "longrope"):
+        raise UnsupportedModelError(
+            f"unsupported rope scaling {rope_type!r}; supported: llama3, longrope"
+        )
     if rope_type == "default":
-        return RopeConfig(theta=float(theta))
+        return RopeConfig(theta=theta, partial_rotary_factor=partial)
+    if rope_type == "longrope":
+        return longrope_config(hf, params, theta, partial)
     return RopeConfig(
-        theta=float(theta),
+        theta=theta,
         rope_type="llama3",
         factor=float(params["factor"]),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+        partial_rotary_factor=partial,
+    )
+
+
+def longrope_config(hf: Any, params: dict[str, Any], theta: float, partial: float) -> RopeConfig:
+    """LongRoPE as transformers' ``_compute_longrope_parameters`` reads it: the scale
+    ``factor`` defaults to max_position_embeddings / original_max_position_embeddings (Phi-3
+    configs give no factor) and the attention factor to sqrt(1 + ln(factor) / ln(original))."""
+    original = int(  # Phi-3 configs keep it beside the rope parameters; that one wins
+        getattr(hf, "original_max_position_embeddings", None)
+        or params.get("original_max_position_embeddings")
+        or hf.max_position_embeddings
+    )
+    factor = params.get("factor")
+    factor = hf.max_position_embeddings / original if factor is None else float(factor)
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeConfig(
+        theta=theta,
+        rope_type="longrope",
+        factor=factor,
+        original_max_position=original,
+        partial_rotary_factor=partial,
+        attention_factor=float(attention),
+        short_factor=tuple(float(f) for f in params["short_factor"]),
+        long_factor=tuple(float(f) for f in params["long_factor"]),
     )

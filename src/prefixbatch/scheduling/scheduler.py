@@ -33,11 +33,17 @@ class ScheduledStep:
     # (index into seqs whose last row's logits are sampled, sequence that receives the token):
     # a request samples for itself; a leader samples for the members whose prompt it completes.
     samples: list[tuple[int, Sequence]] = field(default_factory=list)
+    # Sequences that got their ``batch_index`` in this step (admitted, or admitted again after
+    # a preemption): the runner writes their rows of its persistent state from scratch.
+    admitted: list[Sequence] = field(default_factory=list)
+    # Where each sample's token goes in its receiver's tokens (``Scheduler.advance``).
+    token_index: list[int] = field(default_factory=list)
 
     def add(self, seq: Sequence, n: int) -> None:
         if seq.computed + n == len(seq.tokens):
-            receivers = seq.leads.dependents if seq.leads else [seq]
-            self.samples += [(len(self.seqs), r) for r in receivers]
+            receivers = seq.leads.dependents if seq.leads else (seq,)
+            i = len(self.seqs)
+            self.samples += [(i, r) for r in receivers]
         self.seqs.append(seq)
         self.num_tokens.append(n)
 
@@ -55,7 +61,10 @@ class Scheduler:
         self.groups: list[PrefixGroup] = []  # levels whose prefix blocks are alive
         self.num_preemptions = 0
         self.prefill_tokens_computed = 0
-        self._finished_lengths: list[int] = []
+        self._finished = 0  # requests finished, and their output tokens in all
+        self._finished_total = 0
+        self._free_indices: list[int] = []  # batch indices given back, reused first
+        self._num_indices = 0
 
     def add(self, seq: Sequence) -> None:
         if seq.group is not None and not seq.group.ready:
@@ -72,24 +81,35 @@ class Scheduler:
         """Pick this step's sequences and token counts, allocating the blocks they need."""
         budget = self.config.max_num_batched_tokens
         step = ScheduledStep()
+        seqs, num_tokens, samples = step.seqs, step.num_tokens, step.samples
+        bs = self.blocks.block_size
         preempted = False
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             # A decode token costs KV memory only; prefill chunks also spend the token budget.
-            n = 1 if seq.pending == 1 else min(seq.pending, budget)
+            pending = len(seq.tokens) - seq.computed
+            if pending == 1 and seq.computed < len(seq.block_table) * bs and not seq.leads:
+                samples.append((len(seqs), seq))  # a decode row with room in its last block
+                seqs.append(seq)
+                num_tokens.append(1)
+                continue
+            n = 1 if pending == 1 else min(pending, budget)
             if n == 0:
                 continue
-            while not self._grow(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            if seq.status is Status.RUNNING:
-                step.add(seq, n)
-                budget -= n if seq.pending > 1 else 0
-        if not preempted:
+            if seq.computed + n > len(seq.block_table) * bs:
+                while not self._grow(seq, n):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                if seq.status is not Status.RUNNING:
+                    continue
+            step.add(seq, n)
+            if pending > 1:
+                budget -= n
+        if not preempted and self.waiting:
             self._admit(step, budget)
         return step
 
@@ -119,10 +139,26 @@ class Scheduler:
                 seq.block_table = hits
                 seq.computed = computed
             seq.block_table += self.blocks.allocate(need, seq.last_block)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+            self._start(seq)
             step.add(seq, n)
+            step.admitted.append(seq)
             budget -= n
+
+    def _start(self, seq: Sequence) -> None:
+        """``seq`` joins the running sequences, with a batch index."""
+        seq.status = Status.RUNNING
+        seq.batch_index = self._free_indices.pop() if self._free_indices else self._new_index()
+        self.running.append(seq)
+
+    def _new_index(self) -> int:
+        self._num_indices += 1
+        return self._num_indices - 1
+
+    def _stop(self, seq: Sequence) -> None:
+        """``seq`` leaves the running sequences; its batch index goes back."""
+        self.running.remove(seq)
+        self._free_indices.append(seq.batch_index)
+        seq.batch_index = -1
 
     def _grow(self, seq: Sequence, n: int) -> bool:
         need = self.blocks.blocks_for(seq.computed + n) - len(seq.block_table)
@@ -133,7 +169,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's own blocks; it is recomputed when admitted again."""
-        self.running.remove(seq)
+        self._stop(seq)
         self.blocks.release(seq.own_blocks)
         seq.reset_to_prefix()
         seq.status = Status.WAITING
@@ -144,20 +180,24 @@ class Scheduler:
     def _expected_output(self, seq: Sequence) -> int:
         """Predicted final output length (after Past-Future, LightLLM): ``max_tokens`` when EOS
         is ignored, else the mean output of the requests finished so far (capped)."""
-        if seq.params.ignore_eos or not self._finished_lengths:
+        if seq.params.ignore_eos or not self._finished:
             return seq.params.max_tokens if seq.params.ignore_eos else 0
-        mean = sum(self._finished_lengths) / len(self._finished_lengths)
+        mean = self._finished_total / self._finished
         return min(seq.params.max_tokens, int(mean) + 1)
 
     def _reserved_blocks(self) -> int:
         """Blocks the running sequences are predicted to still need for their outputs; keeps
         admission from overcommitting memory and causing preemption storms."""
-        total = 0
+        total, bs = 0, self.blocks.block_size
+        finished = self._finished
+        mean = int(self._finished_total / finished) + 1 if finished else 0
         for s in self.running:
             if s.leads:
                 continue
-            future = len(s.tokens) + max(0, self._expected_output(s) - s.num_output)
-            total += max(0, self.blocks.blocks_for(future) - len(s.block_table))
+            p = s.params
+            expected = p.max_tokens if p.ignore_eos else min(p.max_tokens, mean)
+            future = len(s.tokens) + max(0, expected - (len(s.tokens) - s.num_prompt))
+            total += max(0, -(-future // bs) - len(s.block_table))
         return total
 
     def _group_footprint(self, leader: Sequence) -> int:
@@ -184,40 +224,89 @@ class Scheduler:
         return self.blocks.cached_prefix(seq.tokens, seq.block_hashes, usable)
 
     def _extend_hashes(self, seq: Sequence) -> None:
+        """Hash the full blocks of the sequence's known tokens not hashed yet."""
         parent = seq.block_hashes[-1] if seq.block_hashes else None
+        tokens = seq.tokens[: _known(seq.tokens)]
         seq.block_hashes += chain_hashes(
-            seq.tokens, self.blocks.block_size, len(seq.block_hashes), parent
+            tokens, self.blocks.block_size, len(seq.block_hashes), parent
         )
 
     # -- after the forward pass ---------------------------------------------------------------
     def postprocess(self, step: ScheduledStep, sampled: list[int]) -> list[Sequence]:
-        """Advance computed counts, hand out sampled tokens, finish sequences; return finished."""
+        """``advance`` then ``resolve``: the step's tokens are known; return the finished."""
+        self.advance(step)
+        return self.resolve(step, sampled)[0]
+
+    def advance(self, step: ScheduledStep) -> None:
+        """The step is running: advance computed counts, make levels whose prefix it completes
+        ready, and give each receiver a placeholder for its token (``-1 - j`` for the step's
+        ``j``-th sample), so the next step can be scheduled before the tokens are known (the
+        runner takes such a token from the device). ``resolve`` writes the tokens. Sequences
+        that finished since the step was scheduled (the previous step's tokens ended them) are
+        left as they are."""
         for seq, n in zip(step.seqs, step.num_tokens):
-            self.prefill_tokens_computed += max(
-                0, min(seq.computed + n, seq.num_prompt) - seq.computed
-            )
+            if seq.status is Status.FINISHED:
+                continue
+            if seq.computed < seq.num_prompt:
+                self.prefill_tokens_computed += min(seq.computed + n, seq.num_prompt) - seq.computed
             seq.computed += n
-            self._register_blocks(seq)
+            if self.blocks.enable_prefix_cache:
+                self._register_blocks(seq)
             if seq.leads and seq.computed == len(seq.tokens):
                 self._prefix_ready(seq)
-        finished = []
-        for (_, seq), token in zip(step.samples, sampled):
-            seq.tokens.append(token)
-            reason = self._stop_reason(seq)
-            if reason:
-                self.finish(seq, reason)
-                finished.append(seq)
-        return finished
+        at = step.token_index
+        for j, (_, seq) in enumerate(step.samples):
+            if seq.status is Status.FINISHED:
+                at.append(-1)  # ``resolve`` skips it
+                continue
+            at.append(len(seq.tokens))
+            seq.tokens.append(-1 - j)
+
+    def resolve(
+        self, step: ScheduledStep, sampled: list[int]
+    ) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
+        """Write an advanced step's sampled tokens over their placeholders and finish the
+        sequences they end (a sequence that ended or was aborted since gets nothing; one that
+        ends here drops what a later step computed after it). Returns the finished, and each
+        sequence that got its token with the token's index."""
+        finished, resolved = [], []
+        cache, eos, max_len = (
+            self.blocks.enable_prefix_cache,
+            self.eos_ids,
+            self.config.max_model_len,
+        )
+        for (_, seq), token, at in zip(step.samples, sampled, step.token_index):
+            if seq.status is Status.FINISHED:
+                continue
+            seq.tokens[at] = token
+            resolved.append((seq, at))
+            if cache:
+                self._register_blocks(seq)
+            p = seq.params
+            if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
+                reason = "stop"
+            elif at + 1 - seq.num_prompt >= p.max_tokens or at + 1 >= max_len:
+                reason = "length"
+            else:
+                continue
+            self.finish(seq, reason, at)
+            finished.append(seq)
+        return finished, resolved
 
     def _register_blocks(self, seq: Sequence) -> None:
-        if not self.blocks.enable_prefix_cache:
+        """Enter the sequence's newly filled, computed blocks into the prefix cache: each block
+        is hashed and registered once, when it fills and its tokens are known, not on every
+        step."""
+        full = min(seq.computed, _known(seq.tokens)) // self.blocks.block_size
+        if full <= seq.registered:
             return
         self._extend_hashes(seq)
-        full = min(seq.computed // self.blocks.block_size, len(seq.block_hashes))
         bs = self.blocks.block_size
-        for i in range(full):
+        full = min(full, len(seq.block_hashes))
+        for i in range(seq.registered, full):
             tokens = seq.tokens[i * bs : (i + 1) * bs]
             self.blocks.register(seq.block_table[i], seq.block_hashes[i], tokens)
+        seq.registered = max(seq.registered, full)
 
     def _prefix_ready(self, leader: Sequence) -> None:
         """The leader's blocks become its level's prefix; the level holds the references."""
@@ -227,25 +316,20 @@ class Scheduler:
         group.ready = True
         self.groups.append(group)
         self.waiting.extendleft(reversed(self.parked.pop(id(group), [])))
+        self._stop(leader)
         leader.status = Status.FINISHED
-        self.running.remove(leader)
 
-    def _stop_reason(self, seq: Sequence) -> str | None:
-        last = seq.tokens[-1]
-        if not seq.params.ignore_eos and last in self.eos_ids:
-            return "stop"
-        if last in seq.params.stop_token_ids:
-            return "stop"
-        if seq.num_output >= seq.params.max_tokens or len(seq.tokens) >= self.config.max_model_len:
-            return "length"
-        return None
-
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str, last: int | None = None) -> None:
         """End a request (also called by the engine for stop strings) and free its blocks; a
-        level whose last member finished frees its own blocks and counts itself off its parent."""
+        level whose last member finished frees its own blocks and counts itself off its parent.
+        ``last``: the index of its last token (what a later step scheduled after it is
+        dropped; None: the tokens as they are)."""
+        if last is not None:
+            del seq.tokens[last + 1 :]
         seq.finish_reason = reason
         self._drop(seq)
-        self._finished_lengths.append(seq.num_output)
+        self._finished += 1
+        self._finished_total += seq.num_output
         self._count_off(seq.group)
 
     def abort(self, seq: Sequence) -> None:
@@ -259,7 +343,7 @@ class Scheduler:
 
     def _drop(self, seq: Sequence) -> None:
         if seq.status is Status.RUNNING:
-            self.running.remove(seq)
+            self._stop(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)  # e.g. a dependent that finished on its first token
         elif seq.group is not None and seq in self.parked.get(id(seq.group), []):
@@ -290,3 +374,11 @@ class Scheduler:
         holders = [s.own_blocks for s in (*self.running, *self.waiting)]
         holders += [g.own_blocks for g in self.groups]
         self.blocks.check_integrity(holders)
+
+
+def _known(tokens: list[int]) -> int:
+    """How many leading tokens are known: placeholders (negative) are only ever at the end."""
+    k = len(tokens)
+    while k and tokens[k - 1] < 0:
+        k -= 1
+    return k

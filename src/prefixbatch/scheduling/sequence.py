@@ -48,7 +48,9 @@ class Sequence:
 
     ``tokens`` are prompt + generated tokens; ``computed`` of them have KV in the cache. A
     sequence in a ``group`` starts with the group's prefix tokens, its ``block_table`` starts with
-    the group's blocks, and preemption frees only the blocks after them.
+    the group's blocks, and preemption frees only the blocks after them. While running it holds
+    ``batch_index``: its row in the model runner's persistent per-sequence state (block tables),
+    given by the scheduler at admission and taken back when it stops running.
     """
 
     seq_id: int
@@ -64,8 +66,11 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     preemptions: int = 0
-    # Block hashes of this sequence's full blocks (fcfs-lru's automatic prefix cache).
+    batch_index: int = -1
+    # Block hashes of this sequence's full blocks (fcfs-lru's automatic prefix cache), and how
+    # many blocks of its table are registered in the cache (each block is registered once).
     block_hashes: list[int] = field(default_factory=list)
+    registered: int = 0
 
     @property
     def num_output(self) -> int:
@@ -100,3 +105,4 @@ class Sequence:
         """Forget everything after the group's prefix (before admission or after preemption)."""
         self.block_table = list(self.group.blocks) if self.group else []
         self.computed = self.shared_len
+        self.registered = 0

@@ -1,14 +1,17 @@
 """The HTTP routes: OpenAI's Files and Batches API (and ``/v1/models``, ``/health``) on FastAPI.
 
 Request and response shapes follow the OpenAI API reference as the official ``openai`` Python
-client sends and parses them (``openai/resources/files.py``, ``openai/resources/batches.py``).
-Every error is OpenAI-shaped (``errors.APIError``), including bad parameters (400, where FastAPI
-would answer 422), unknown routes (404) and a missing or wrong API key (401).
+client sends and parses them (``openai/resources/files.py``, ``openai/resources/batches.py``),
+and are tested against the schemas of OpenAI's published OpenAPI description
+(``tests/data/openai_openapi_subset.json``). Every error is OpenAI-shaped (``errors.APIError``),
+including bad parameters (400, where FastAPI would answer 422), unknown routes (404), a missing
+or wrong API key (401, checked before anything else: ``envelope.py``), a full disk (507) and
+anything unexpected (500).
 """
 
 from __future__ import annotations
 
-import secrets
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
@@ -25,6 +28,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from ..io.batch_file import CHAT_URL, COMPLETIONS_URL
+from ..io.json_text import json_text
+from .envelope import OpenAIEnvelope
 from .errors import APIError, bad_request, not_found
 from .objects import (
     ACTIVE,
@@ -43,6 +48,7 @@ from .storage import FileInUse, Store, UnknownCursor
 from .uploads import BadUpload, check_jsonl
 from .worker import BatchWorker
 
+log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 
 
@@ -69,42 +75,30 @@ def create_app(store: Store, worker: BatchWorker, config: AppConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        removed = store.remove_orphan_blobs()
+        if removed:
+            log.info("removed %d partial files left by an earlier server", removed)
         worker.start()
         yield
         await run_in_threadpool(worker.stop)
 
     app = FastAPI(title="prefixbatch", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(OpenAIEnvelope, api_key=config.api_key)
     started = int(time.time())
     _install_error_handlers(app)
-
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, key = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            key.strip().encode(), config.api_key.encode()
-        ):
-            raise APIError(
-                401,
-                "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
-
-    auth = [Depends(authorize)]
 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     def models() -> dict[str, Any]:
         model = {"id": config.model_name, "object": "model", "created": started}
         return list_object([model | {"owned_by": "prefixbatch"}], has_more=False)
 
     # files
 
-    @app.post("/v1/files", dependencies=auth)
+    @app.post("/v1/files")
     async def upload_file(request: Request) -> dict[str, Any]:
         size = request.headers.get("content-length")
         if size is None or not size.isdigit():
@@ -117,26 +111,28 @@ def create_app(store: Store, worker: BatchWorker, config: AppConfig) -> FastAPI:
                 raise bad_request("missing the 'file' part", param="file")
             if purpose != "batch":
                 raise bad_request(
-                    f"purpose must be 'batch', got {purpose!r}",
+                    f'purpose must be "batch", got {json_text(purpose)}',
                     param="purpose",
                     code="invalid_value",
                 )
             name, path = store.new_blob()
-            try:
+            filename = upload.filename or "upload.jsonl"
+            try:  # whatever fails (a bad file, a full disk), no partial file stays behind
                 written = await _save(upload, path, config.max_upload_bytes)
                 await run_in_threadpool(check_jsonl, path)
+                record = FileRecord(
+                    new_id(FILE_PREFIX), written, int(time.time()), filename, "batch", name
+                )
+                store.add(record)
             except BadUpload as e:
                 path.unlink(missing_ok=True)
                 raise bad_request(f"the file is not JSONL: {e}", param="file") from None
-            except APIError:
+            except BaseException:
                 path.unlink(missing_ok=True)
                 raise
-            filename = upload.filename or "upload.jsonl"
-        record = FileRecord(new_id(FILE_PREFIX), written, int(time.time()), filename, "batch", name)
-        store.add(record)
         return record.to_openai()
 
-    @app.get("/v1/files", dependencies=auth)
+    @app.get("/v1/files")
     def list_files(
         after: str | None = None,
         limit: int = Query(10_000, ge=1, le=10_000),
@@ -146,18 +142,23 @@ def create_app(store: Store, worker: BatchWorker, config: AppConfig) -> FastAPI:
         match = {"purpose": purpose} if purpose else None
         return _page(store, FileRecord, after, limit, order == "desc", match)
 
-    @app.get("/v1/files/{file_id}", dependencies=auth)
+    @app.get("/v1/files/{file_id}")
     def get_file(file_id: str) -> dict[str, Any]:
         return _file(store, file_id).to_openai()
 
-    @app.get("/v1/files/{file_id}/content", dependencies=auth)
+    @app.get("/v1/files/{file_id}/content")
     def file_content(file_id: str) -> FileResponse:
-        record = _file(store, file_id)
-        return FileResponse(
-            store.blob_path(record.stored_name), media_type="application/octet-stream"
-        )
+        path = store.blob_path(_file(store, file_id).stored_name)
+        if not path.is_file():
+            raise APIError(
+                500,
+                f"the content of {file_id} is missing from the server's data dir",
+                code="file_content_missing",
+                type="server_error",
+            )
+        return FileResponse(path, media_type="application/octet-stream")
 
-    @app.delete("/v1/files/{file_id}", dependencies=auth)
+    @app.delete("/v1/files/{file_id}")
     def delete_file(file_id: str) -> dict[str, Any]:
         _file(store, file_id)
         try:
@@ -171,11 +172,11 @@ def create_app(store: Store, worker: BatchWorker, config: AppConfig) -> FastAPI:
 
     # batches
 
-    @app.post("/v1/batches", dependencies=auth)
+    @app.post("/v1/batches")
     def create_batch(body: CreateBatch) -> dict[str, Any]:
         if body.endpoint not in (CHAT_URL, COMPLETIONS_URL):
             raise bad_request(
-                f"endpoint must be {CHAT_URL} or {COMPLETIONS_URL}, got {body.endpoint!r}",
+                f"endpoint must be {CHAT_URL} or {COMPLETIONS_URL}, got {json_text(body.endpoint)}",
                 param="endpoint",
                 code="invalid_value",
             )
@@ -190,7 +191,7 @@ def create_app(store: Store, worker: BatchWorker, config: AppConfig) -> FastAPI:
         source = _file(store, body.input_file_id, param="input_file_id")
         if source.purpose != "batch":
             raise bad_request(
-                f"the input file's purpose is {source.purpose!r}, not 'batch'",
+                f'the input file\'s purpose is {json_text(source.purpose)}, not "batch"',
                 param="input_file_id",
             )
         now = int(time.time())
@@ -209,17 +210,17 @@ def create_app(store: Store, worker: BatchWorker, config: AppConfig) -> FastAPI:
         worker.notify()
         return batch.to_openai()
 
-    @app.get("/v1/batches", dependencies=auth)
+    @app.get("/v1/batches")
     def list_batches(
         after: str | None = None, limit: int = Query(20, ge=1, le=100)
     ) -> dict[str, Any]:
         return _page(store, BatchRecord, after, limit, newest_first=True)
 
-    @app.get("/v1/batches/{batch_id}", dependencies=auth)
+    @app.get("/v1/batches/{batch_id}")
     def get_batch(batch_id: str) -> dict[str, Any]:
         return _batch(store, batch_id).to_openai()
 
-    @app.post("/v1/batches/{batch_id}/cancel", dependencies=auth)
+    @app.post("/v1/batches/{batch_id}/cancel")
     def cancel_batch(batch_id: str) -> dict[str, Any]:
         current = _batch(store, batch_id)
         if current.status not in ACTIVE:

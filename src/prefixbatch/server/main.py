@@ -27,18 +27,19 @@ class ServeOptions:
 
 
 def serve(config: EngineConfig, opts: ServeOptions) -> None:
-    """Load the executor (raises ``JobError`` when it cannot), then serve until interrupted.
-    Batches left unfinished by an earlier server on the same data dir resume first."""
+    """Open the data dir, load the executor (raises ``JobError`` when either cannot be), then
+    serve until interrupted. Batches left unfinished by an earlier server on the same data dir
+    resume first."""
     import uvicorn
 
-    engine = make_executor(config, opts.workers, opts.ray_address)
     opts.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(opts.data_dir)
-    worker = BatchWorker(store, engine, WorkerOptions(opts.default_max_tokens, chat=opts.chat))
-    app = create_app(
-        store, worker, AppConfig(engine.model_name, opts.api_key, opts.max_upload_bytes)
-    )
+    store = Store(opts.data_dir)  # a damaged database stops here, before the model loads
     try:
+        engine = make_executor(config, opts.workers, opts.ray_address)
+        worker = BatchWorker(store, engine, WorkerOptions(opts.default_max_tokens, chat=opts.chat))
+        app = create_app(
+            store, worker, AppConfig(engine.model_name, opts.api_key, opts.max_upload_bytes)
+        )
         uvicorn.run(app, host=opts.host, port=opts.port, log_level="info")
     finally:
         store.close()

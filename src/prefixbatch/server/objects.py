@@ -98,6 +98,8 @@ class BatchRecord:
     expired_at: int | None = None
     cancelling_at: int | None = None
     cancelled_at: int | None = None
+    # Token usage of the answered requests, OpenAI's shape: set when the batch is finalized.
+    usage: dict[str, Any] | None = None
 
     def to_openai(self) -> dict[str, Any]:
         """The OpenAI Batch object."""
@@ -126,6 +128,7 @@ class BatchRecord:
                 "completed": self.completed,
                 "failed": self.failed,
             },
+            "usage": self.usage,
             "metadata": self.metadata,
         }
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..errors import JobError
 from .objects import ACTIVE, BatchRecord, FileRecord, new_stored_name
 
 T = TypeVar("T", FileRecord, BatchRecord)
@@ -32,6 +33,11 @@ CREATE TABLE IF NOT EXISTS batches (
 _TABLES: dict[type, str] = {FileRecord: "files", BatchRecord: "batches"}
 
 
+class StoreError(JobError):
+    """The data dir's database cannot be opened (a corrupt or foreign file): the server does
+    not start."""
+
+
 class UnknownCursor(LookupError):
     """A list's ``after`` names no object of that list."""
 
@@ -40,15 +46,26 @@ class Store:
     """File and batch records (SQLite) and blobs (files under ``data_dir/blobs``)."""
 
     def __init__(self, data_dir: Path) -> None:
+        """Raises ``StoreError`` when the database is not a readable SQLite file (checked with
+        ``PRAGMA quick_check``, which reads every page once)."""
         self.blob_dir = data_dir / "blobs"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            data_dir / "server.sqlite3", check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a killed process
-        self._db.executescript(_SCHEMA)
+        path = data_dir / "server.sqlite3"
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a killed process
+            (check,) = self._db.execute("PRAGMA quick_check").fetchone()
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise StoreError(
+                f"the server's database {path} is damaged ({e}); move it away to start with "
+                "an empty data dir, or restore it from a backup"
+            ) from None
 
     def close(self) -> None:
         with self._lock:
@@ -60,6 +77,18 @@ class Store:
         """A fresh stored name and its (not yet existing) path."""
         name = new_stored_name()
         return name, self.blob_path(name)
+
+    def remove_orphan_blobs(self) -> int:
+        """Delete the blobs no record names (an upload or an output file that a crash left
+        half written); returns how many. Call at start-up, before anything writes blobs."""
+        with self._lock:
+            files = self._db.execute("SELECT json_extract(data, '$.stored_name') FROM files")
+            batches = self._db.execute("SELECT json_extract(data, '$.records_name') FROM batches")
+            named = {row[0] for row in [*files.fetchall(), *batches.fetchall()]}
+        orphans = [p for p in self.blob_dir.iterdir() if p.name not in named]
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        return len(orphans)
 
     def blob_path(self, stored_name: str) -> Path:
         if not _STORED_NAME.fullmatch(stored_name):

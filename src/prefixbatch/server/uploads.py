@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io.batch_file import json_problem
+from ..io.batch_file import LineError, decoded_lines, json_problem
 
 
 class BadUpload(ValueError):
@@ -19,26 +19,23 @@ class BadUpload(ValueError):
 
 
 def check_jsonl(path: Path) -> int:
-    """Raise ``BadUpload`` unless every non-blank line of ``path`` is a JSON object (UTF-8);
-    returns the number of such lines, which must be at least one."""
+    """Raise ``BadUpload`` unless every non-blank line of ``path`` is a JSON object; returns
+    the number of such lines, which must be at least one. The file is decoded as ``prefixbatch
+    run`` decodes it (UTF-8 with or without a byte-order mark, or UTF-16 with one; CRLF line
+    ends and blank lines are fine), so the server takes every file the CLI takes."""
     count = 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BadUpload(f"line {number}: not valid UTF-8 ({e.reason})") from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise BadUpload(f"line {number}: {json_problem(e)}") from None
-            if not isinstance(obj, dict):
-                raise BadUpload(
-                    f"line {number}: expected a JSON object, got {type(obj).__name__}"
-                ) from None
-            count += 1
+    for number, text in decoded_lines(path):
+        if isinstance(text, LineError):
+            raise BadUpload(text.message)
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise BadUpload(f"line {number}: {json_problem(e)}") from None
+        if not isinstance(obj, dict):
+            raise BadUpload(f"line {number}: expected a JSON object, got {type(obj).__name__}")
+        count += 1
     if not count:
         raise BadUpload("the file holds no JSON lines")
     return count

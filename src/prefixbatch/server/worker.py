@@ -7,9 +7,10 @@ error file (errors), as OpenAI splits them. After a crash, whatever was unfinish
 again in order, and a batch that was running resumes from its record file.
 
 Lifecycle (OpenAI's statuses): validating (queued; checked at dequeue) -> in_progress ->
-finalizing -> completed; failed (the input cannot run at all); expired (still queued when its
-completion window passed); cancelling (asked to stop; the run stops after the next output) ->
-cancelled, keeping what finished.
+finalizing -> completed (with the token ``usage`` of the answered requests; OpenAI's
+``cached_tokens`` is not tracked per request and reads 0); failed (the input cannot run at
+all); expired (still queued when its completion window passed); cancelling (asked to stop; the
+run stops after the next output) -> cancelled, keeping what finished.
 """
 
 from __future__ import annotations
@@ -189,12 +190,20 @@ class BatchWorker:
         order = {i.custom_id: i.line for i in items if isinstance(i, BatchRequest)}
         ok: list[tuple[int, bytes]] = []
         bad: list[tuple[int, bytes]] = []
+        prompt_tokens = completion_tokens = 0
         for raw in _complete_lines(self.store.blob_path(batch.records_name)):
             rec = json.loads(raw)
             if rec.get("error") is None:
                 ok.append((order.get(rec["custom_id"], 0), raw))
+                usage = rec["response"]["body"]["usage"]
+                prompt_tokens += usage["prompt_tokens"]
+                completion_tokens += usage["completion_tokens"]
             else:
-                bad.append((rec["error"].get("line") or 0, raw))
+                line = rec["error"].get("line") or 0
+                if not isinstance(rec.get("custom_id"), str):  # OpenAI's custom_id is a string
+                    rec["custom_id"] = _string_id(rec.get("custom_id"), line)
+                    raw = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
+                bad.append((line, raw))
         files = {
             kind: self._write_file(f"{batch.id}_{kind}.jsonl", lines)
             for kind, lines in (("output", ok), ("error", bad))
@@ -211,6 +220,13 @@ class BatchWorker:
                 "total": len(items),
                 "output_file_id": files["output"].id if "output" in files else None,
                 "error_file_id": files["error"].id if "error" in files else None,
+                "usage": {
+                    "input_tokens": prompt_tokens,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": completion_tokens,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
             },
             new_files=tuple(files.values()),
         )
@@ -225,6 +241,12 @@ class BatchWorker:
         self.store.update_batch(
             batch_id, lambda b: {"status": "failed", "failed_at": _now(), "errors": list(errors)}
         )
+
+
+def _string_id(custom_id: Any, line: int) -> str:
+    """An error line's ``custom_id`` as a string: the JSON text of a value that is not one
+    (``5`` -> ``"5"``), ``line-N`` when the line had none."""
+    return f"line-{line}" if custom_id is None else json.dumps(custom_id, ensure_ascii=False)
 
 
 def _complete_lines(path: Path) -> list[bytes]:

@@ -1,8 +1,9 @@
 """The attention backend interface, and the index arithmetic every paged backend shares.
 
 A backend receives the step in device-neutral terms (``AttentionStep``), turns it once per step
-into its own metadata (``prepare``), and then, for every layer, writes the step's new K/V into the
-paged cache and computes attention for every row (``forward``). Backends are chosen through
+into its own metadata (``stage``: host arrays built with array operations, then the metadata from
+their device copies; ``prepare`` does both), and then, for every layer, writes the step's new K/V
+into the paged cache and computes attention for every row (``forward``). Backends are chosen through
 ``registry.py``; the plain PyTorch ``ReferenceBackend`` is the contract every fast path is tested
 against.
 """
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from ..kv_cache import KVCache
-from .step import AttentionStep, SeqStep
+from ..upload import Staged, upload
+from .step import AttentionStep
 
 
 class AttentionBackend(ABC):
@@ -46,8 +48,14 @@ class AttentionBackend(ABC):
         self.scale = scale
 
     @abstractmethod
+    def stage(self, step: AttentionStep) -> Staged[Any]:
+        """The host arrays of one step's metadata and how to build it from their device copies
+        (built once per step, read by every layer)."""
+
     def prepare(self, step: AttentionStep) -> Any:
-        """The backend's metadata for one step (built once, read by every layer)."""
+        """The backend's metadata for one step, its arrays copied to the cache's device."""
+        staged = self.stage(step)
+        return staged.build(upload(staged.arrays, self.cache.k.device))
 
     @abstractmethod
     def forward(
@@ -61,52 +69,53 @@ class AttentionBackend(ABC):
 
 
 def padded_rows(rows: Sequence[Sequence[int]], dtype: type = np.int64) -> np.ndarray:
-    """Ragged int lists -> (len(rows), max(1, longest)) array of ``dtype``, padded with 0."""
+    """Ragged int rows (lists or arrays) -> (len(rows), max(1, longest)) array of ``dtype``,
+    padded with 0. One assignment per row: for a few rows (prefix levels), not per sequence."""
     out = np.zeros((len(rows), max([1, *map(len, rows)])), dtype=dtype)
     for i, xs in enumerate(rows):
         out[i, : len(xs)] = xs
     return out
 
 
-def block_table_array(seqs: Sequence[SeqStep]) -> np.ndarray:
-    """(S, max blocks) int64 block tables, padded with 0."""
-    return padded_rows([s.block_table for s in seqs])
-
-
 def query_positions(step: AttentionStep) -> tuple[np.ndarray, np.ndarray]:
     """(sequence index, position) of every row of the step, each (T,) int64."""
-    q_len = np.array([s.q_len for s in step.seqs], dtype=np.int64)
-    seq_of_row = np.repeat(np.arange(len(step.seqs)), q_len)
-    first = np.array([s.context_len - s.q_len for s in step.seqs], dtype=np.int64)
-    row_start = np.cumsum(q_len) - q_len
-    positions = np.arange(step.num_rows, dtype=np.int64) - row_start[seq_of_row] + first[seq_of_row]
-    return seq_of_row, positions
+    seq_of_row = np.repeat(np.arange(step.num_seqs), step.q_len)
+    offset = step.q_start - (step.context_len - step.q_len)  # row - position, per sequence
+    return seq_of_row, np.arange(step.num_rows, dtype=np.int64) - offset[seq_of_row]
 
 
-def slots_of(tables: np.ndarray, seq: np.ndarray, pos: np.ndarray, block_size: int) -> np.ndarray:
-    """Cache slots of positions ``pos`` of sequences ``seq`` (row indices into ``tables``)."""
-    return tables[seq, pos // block_size] * block_size + pos % block_size
+def own_slots(step: AttentionStep, i: int) -> np.ndarray:
+    """(context_len - shared_len,) int64 cache slots of the positions sequence ``i`` attends
+    itself, ``[shared_len, context_len)``."""
+    bs = step.block_size
+    pos = np.arange(step.shared_len[i], step.context_len[i])
+    own = step.own_tables(np.array([i]))[0]
+    return own[pos // bs - step.shared_len[i] // bs].astype(np.int64) * bs + pos % bs
 
 
-def slot_mapping(step: AttentionStep, tables: np.ndarray) -> np.ndarray:
-    """(T,) slot where each row's new K/V is written."""
+def slot_mapping(step: AttentionStep, own: np.ndarray | None = None) -> np.ndarray:
+    """(T,) int64 slot where each row's new K/V is written (new tokens follow ``shared_len``,
+    so a sequence's own blocks hold them; ``own``: ``step.own_tables()`` when made already)."""
     seq, pos = query_positions(step)
-    return slots_of(tables, seq, pos, step.block_size)
+    bs = step.block_size
+    col = pos // bs - step.shared_len[seq] // bs
+    own = step.own_tables() if own is None else own
+    return own[seq, col].astype(np.int64) * bs + pos % bs
 
 
-def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Int64 index arrays as tensors on ``device``, copied in ONE transfer: concatenated into a
-    pinned host buffer, copied non-blocking, split into views (on the CPU: no copy at all)."""
-    if device.type == "cpu":
-        return {k: torch.from_numpy(a) for k, a in arrays.items()}
-    flat = np.concatenate([a.reshape(-1) for a in arrays.values()]) if arrays else np.zeros(0)
-    host = torch.from_numpy(flat.astype(np.int64, copy=False)).pin_memory()
-    dev = host.to(device, non_blocking=True)
-    out, start = {}, 0
-    for k, a in arrays.items():
-        view = dev[start : start + a.size].view(a.shape)
-        out[k] = view.bool() if a.dtype == np.bool_ else view
-        start += a.size
+def decode_batch(step: AttentionStep, which: np.ndarray, mask: bool) -> dict[str, np.ndarray]:
+    """Index arrays of the decode rows ``which`` (sequences with one query row) reading their
+    own positions ``[shared_len, context_len)``: rows, block_ids, lengths and, with ``mask``,
+    the (B, 1, 1, NB * block_size) mask of the positions attended."""
+    out = {
+        "rows": step.q_start[which],
+        "block_ids": step.own_tables(which, pad_first=True).astype(np.int64),
+        "lengths": step.context_len[which] - step.shared_len[which],
+    }
+    if mask:
+        width = out["block_ids"].shape[1] * step.block_size
+        attended = np.arange(width)[None, :] < out["lengths"][:, None]
+        out["mask"] = attended[:, None, None, :]
     return out
 
 
@@ -135,25 +144,6 @@ class DecodeBatch:
     block_ids: torch.Tensor  # (B, NB) blocks of each sequence, padded with its first block
     lengths: torch.Tensor  # (B,) positions attended, from the first of its blocks
     mask: torch.Tensor | None = None  # (B, 1, 1, NB * block_size) True where attended
-
-
-def decode_batch(
-    rows: list[int], tables: list[Sequence[int]], lengths: list[int], block_size: int, mask: bool
-) -> dict[str, np.ndarray]:
-    """Index arrays of a decode batch (rows, block_ids, lengths and, with ``mask``, the mask):
-    sequence i attends ``lengths[i]`` positions held in blocks ``tables[i]``; tables are padded
-    with their own first block (padding reads written KV, masked out anyway)."""
-    widest = max(len(t) for t in tables)
-    ids = np.array([list(t) + [t[0]] * (widest - len(t)) for t in tables], dtype=np.int64)
-    out = {
-        "rows": np.array(rows, dtype=np.int64),
-        "block_ids": ids,
-        "lengths": np.array(lengths, dtype=np.int64),
-    }
-    if mask:
-        attended = np.arange(widest * block_size)[None, :] < out["lengths"][:, None]
-        out["mask"] = attended[:, None, None, :]
-    return out
 
 
 def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
@@ -24,13 +23,12 @@ import torch
 
 from ..kv_cache import KVCache
 from ..native_build import build_extension
+from ..upload import Staged
 from .backend import (
     AttentionBackend,
     DecodeBatch,
-    block_table_array,
     padded_rows,
     slot_mapping,
-    to_device,
 )
 from .reference import ContextPlan
 from .step import AttentionStep
@@ -148,28 +146,29 @@ class CpuMetadata:
     levels: DecodeLevels | None
 
 
-def decode_levels(step: AttentionStep, decode: Sequence[int]) -> DecodeLevels | None:
-    """The step's levels as read by its decode rows ``decode`` (indices into ``step.seqs``, in
-    decode-batch order); None when no level has one."""
-    decode_row = {i: j for j, i in enumerate(decode)}
-    tables: list[tuple[int, ...]] = []
-    lengths, row_ptr, rows = [], [0], []
+def decode_levels(step: AttentionStep, decode: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays of ``DecodeLevels`` (keys ``l_`` + field) for the step's levels as read by
+    its decode rows ``decode`` (indices into the step's sequences, in decode-batch order):
+    nothing when no level has one."""
+    batch_row = np.full(step.num_seqs, -1, dtype=np.int64)
+    batch_row[decode] = np.arange(len(decode))
+    tables, lengths, row_ptr, rows = [], [], [0], []
     for lvl in step.levels:
-        below = range(lvl.first_seq, lvl.first_seq + lvl.num_seqs)
-        read_by = [decode_row[i] for i in below if i in decode_row]
-        if read_by:
+        below = batch_row[lvl.first_seq : lvl.first_seq + lvl.num_seqs]
+        read_by = below[below >= 0]
+        if len(read_by):
             tables.append(lvl.block_ids)
             lengths.append(lvl.end - lvl.start)
-            rows += read_by
-            row_ptr.append(len(rows))
+            rows.append(read_by)
+            row_ptr.append(row_ptr[-1] + len(read_by))
     if not tables:
-        return None
-    return DecodeLevels(
-        torch.from_numpy(padded_rows(tables)),
-        torch.tensor(lengths, dtype=torch.int64),
-        torch.tensor(row_ptr, dtype=torch.int64),
-        torch.tensor(rows, dtype=torch.int64),
-    )
+        return {}
+    return {
+        "l_block_ids": padded_rows(tables),
+        "l_lengths": np.array(lengths, dtype=np.int64),
+        "l_row_ptr": np.array(row_ptr, dtype=np.int64),
+        "l_rows": np.concatenate(rows),
+    }
 
 
 class CpuBackend(AttentionBackend):
@@ -193,23 +192,31 @@ class CpuBackend(AttentionBackend):
         super().__init__(cache, num_heads, scale)
         self.kernels = kernels
 
-    def prepare(self, step: AttentionStep) -> CpuMetadata:
-        tables = block_table_array(step.seqs)
-        arrays = {"slots": slot_mapping(step, tables)}
-        prefill = [i for i, s in enumerate(step.seqs) if s.q_len > 1]
-        decode = [i for i, s in enumerate(step.seqs) if s.q_len == 1]
-        if prefill:
-            seqs = [step.seqs[i] for i in prefill]
-            arrays["p_tables"] = tables[prefill]
+    def stage(self, step: AttentionStep) -> Staged[CpuMetadata]:
+        arrays = {"slots": slot_mapping(step)}
+        single = step.q_len == 1
+        prefill, decode = np.flatnonzero(~single), np.flatnonzero(single)
+        if len(prefill):
+            # A chunk attends its whole context, shared prefix included (see the class).
+            arrays["p_tables"] = step.full_tables(prefill).astype(np.int64)
             for key in ("q_start", "q_len", "context_len"):
-                arrays[f"p_{key}"] = np.array([getattr(s, key) for s in seqs], dtype=np.int64)
-        plan = ContextPlan.build(step, tables, decode, False, arrays)  # own blocks of each row
-        t = to_device(arrays, self.cache.k.device)
-        batch = None
-        if prefill:
-            batch = PrefillBatch(t["p_tables"], t["p_q_start"], t["p_q_len"], t["p_context_len"])
-        levels = decode_levels(step, decode) if step.levels else None
-        return CpuMetadata(t["slots"], batch, plan.tensors(t)[1], levels)
+                arrays[f"p_{key}"] = getattr(step, key)[prefill]
+        plan = ContextPlan.build(step, decode, False, arrays)  # own blocks of each row
+        if step.levels:
+            arrays |= decode_levels(step, decode)
+
+        def build(t: dict[str, torch.Tensor]) -> CpuMetadata:
+            batch = None
+            if len(prefill):
+                batch = PrefillBatch(
+                    t["p_tables"], t["p_q_start"], t["p_q_len"], t["p_context_len"]
+                )
+            levels = None
+            if "l_rows" in t:
+                levels = DecodeLevels(t["l_block_ids"], t["l_lengths"], t["l_row_ptr"], t["l_rows"])
+            return CpuMetadata(t["slots"], batch, plan.tensors(t)[1], levels)
+
+        return Staged(arrays, build)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         self.kernels.write_kv(self.cache.k[layer], self.cache.v[layer], slots, k, v)

@@ -12,18 +12,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..upload import Staged
 from .backend import (
     AttentionBackend,
     DecodeBatch,
     PrefillSlice,
-    block_table_array,
     decode_batch,
     decode_kv,
+    own_slots,
     slot_mapping,
-    slots_of,
-    to_device,
 )
-from .step import AttentionStep, SeqStep
+from .step import AttentionStep
 
 
 @dataclass(frozen=True)
@@ -39,51 +38,42 @@ class TorchMetadata:
 class ContextPlan:
     """Host-side index arrays for sequences that attend to their own positions
     ``[shared_len, context_len)``: one prefill slice per chunk, one decode batch. Arrays are
-    keyed with ``tag`` so several plans travel to the device in one copy (``to_device``)."""
+    keyed with ``tag`` so several plans travel to the device in one copy (``upload``)."""
 
     tag: str
-    prefill_seqs: tuple[SeqStep, ...]
+    prefill_rows: tuple[tuple[int, int], ...]  # (q_start, q_len) of each prefill chunk
     has_decode: bool
 
     @classmethod
     def build(
         cls,
         step: AttentionStep,
-        tables: np.ndarray,
-        which: Sequence[int],
+        which: np.ndarray,
         mask: bool,
         arrays: dict[str, np.ndarray],
         tag: str = "",
     ) -> ContextPlan:
-        """Add the index arrays of sequences ``which`` to ``arrays``."""
-        bs = step.block_size
-        prefill_seqs, dec_rows, dec_tables, dec_lengths = [], [], [], []
-        for i in which:
-            s = step.seqs[i]
-            first = s.shared_len // bs  # the shared part is whole blocks
-            if s.q_len == 1:
-                dec_rows.append(s.q_start)
-                dec_tables.append(s.block_table[first:])
-                dec_lengths.append(s.context_len - s.shared_len)
-            else:
-                pos = np.arange(s.shared_len, s.context_len)
-                arrays[f"{tag}p{len(prefill_seqs)}"] = slots_of(
-                    tables, np.full_like(pos, i), pos, bs
-                )
-                prefill_seqs.append(s)
-        if dec_rows:
-            batch = decode_batch(dec_rows, dec_tables, dec_lengths, bs, mask)
+        """Add the index arrays of sequences ``which`` (int indices into the step) to
+        ``arrays``: the decode rows' with array operations, one slot array per prefill chunk."""
+        single = step.q_len[which] == 1
+        decode, prefill = which[single], which[~single]
+        prefill_rows = []
+        for j, i in enumerate(prefill.tolist()):
+            arrays[f"{tag}p{j}"] = own_slots(step, i)
+            prefill_rows.append((int(step.q_start[i]), int(step.q_len[i])))
+        if len(decode):
+            batch = decode_batch(step, decode, mask)
             arrays.update({f"{tag}d_{k}": a for k, a in batch.items()})
-        return cls(tag, tuple(prefill_seqs), bool(dec_rows))
+        return cls(tag, tuple(prefill_rows), bool(len(decode)))
 
     def tensors(
         self, t: dict[str, torch.Tensor]
     ) -> tuple[tuple[PrefillSlice, ...], DecodeBatch | None]:
-        """The prefill slices and decode batch, from the device tensors of ``to_device``."""
+        """The prefill slices and decode batch, from the device tensors of ``upload``."""
         tag = self.tag
         prefills = tuple(
-            PrefillSlice(s.q_start, s.q_len, t[f"{tag}p{j}"])
-            for j, s in enumerate(self.prefill_seqs)
+            PrefillSlice(start, n, t[f"{tag}p{j}"])
+            for j, (start, n) in enumerate(self.prefill_rows)
         )
         decode = None
         if self.has_decode:
@@ -140,12 +130,10 @@ def attend_decode(
 class ReferenceBackend(AttentionBackend):
     """Plain attention: every sequence reads its whole context, prefix included."""
 
-    def prepare(self, step: AttentionStep) -> TorchMetadata:
-        tables = block_table_array(step.seqs)
-        arrays = {"slots": slot_mapping(step, tables)}
-        plan = ContextPlan.build(step, tables, range(len(step.seqs)), True, arrays)
-        t = to_device(arrays, self.cache.k.device)
-        return TorchMetadata(t["slots"], *plan.tensors(t))
+    def stage(self, step: AttentionStep) -> Staged[TorchMetadata]:
+        arrays = {"slots": slot_mapping(step)}
+        plan = ContextPlan.build(step, np.arange(step.num_seqs), True, arrays)
+        return Staged(arrays, lambda t: TorchMetadata(t["slots"], *plan.tensors(t)))
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TorchMetadata

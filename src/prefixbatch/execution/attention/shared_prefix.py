@@ -13,13 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..upload import Staged
 from .backend import (
     DecodeBatch,
     PrefillSlice,
-    block_table_array,
     decode_kv,
     slot_mapping,
-    to_device,
 )
 from .reference import ContextPlan, ReferenceBackend, causal_mask
 from .step import AttentionStep
@@ -109,25 +108,26 @@ class SharedPrefixBackend(ReferenceBackend):
 
     shares_prefix = True
 
-    def prepare(self, step: AttentionStep) -> SharedPrefixMetadata:
-        tables = block_table_array(step.seqs)
+    def stage(self, step: AttentionStep) -> Staged[SharedPrefixMetadata]:
         bs = step.block_size
-        arrays = {"slots": slot_mapping(step, tables)}
+        arrays = {"slots": slot_mapping(step)}
         for i, lvl in enumerate(step.levels):
-            blocks = np.array(lvl.block_ids, dtype=np.int64)
+            blocks = np.asarray(lvl.block_ids, dtype=np.int64)
             arrays[f"seg{i}"] = (blocks[:, None] * bs + np.arange(bs)[None, :]).reshape(-1)
             arrays[f"rows{i}"] = np.arange(lvl.row_start, lvl.row_end, dtype=np.int64)
-        plain = [i for i, s in enumerate(step.seqs) if s.shared_len == 0]
-        members = [i for i, s in enumerate(step.seqs) if s.shared_len > 0]
-        plain_plan = ContextPlan.build(step, tables, plain, True, arrays)
-        member_plan = ContextPlan.build(step, tables, members, True, arrays, tag="m")
-        t = to_device(arrays, self.cache.k.device)
-        segments = tuple(
-            PrefixSegment(t[f"seg{i}"], t[f"rows{i}"]) for i in range(len(step.levels))
-        )
-        return SharedPrefixMetadata(
-            t["slots"], *plain_plan.tensors(t), segments, *member_plan.tensors(t)
-        )
+        plain = np.flatnonzero(step.shared_len == 0)
+        members = np.flatnonzero(step.shared_len > 0)
+        plain_plan = ContextPlan.build(step, plain, True, arrays)
+        member_plan = ContextPlan.build(step, members, True, arrays, tag="m")
+        levels = len(step.levels)
+
+        def build(t: dict[str, torch.Tensor]) -> SharedPrefixMetadata:
+            segments = tuple(PrefixSegment(t[f"seg{i}"], t[f"rows{i}"]) for i in range(levels))
+            return SharedPrefixMetadata(
+                t["slots"], *plain_plan.tensors(t), segments, *member_plan.tensors(t)
+            )
+
+        return Staged(arrays, build)
 
     def forward(
         self,

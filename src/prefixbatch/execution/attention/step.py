@@ -2,17 +2,25 @@
 
 The model runner describes every scheduled sequence by its query rows, its block table and how
 many positions it attends; sequences below shared prefix levels also name those levels. Each
-backend turns this description into its own metadata (``AttentionBackend.prepare``), so no
+backend turns this description into its own metadata (``AttentionBackend.stage``), so no
 backend-specific field is built for backends that do not read it.
 
-Rows are the flattened step: all new tokens of all sequences, concatenated in ``seqs`` order.
+Rows are the flattened step: all new tokens of all sequences, concatenated in sequence order.
 The runner orders sequences so that the sequences below any prefix level are contiguous
 (depth-first over the prefix groups): a level then covers one range of rows.
+
+The per-sequence fields are arrays (one entry per sequence), so that backends build their
+metadata with array operations; ``SeqStep`` is one sequence's view of them, for code that walks
+sequences one at a time (the reference paths, tests).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class PrefixLevel:
 
     start: int
     end: int
-    block_ids: tuple[int, ...]
+    block_ids: Sequence[int]  # a tuple, or an int array the runner keeps per prefix group
     first_seq: int
     num_seqs: int
     row_start: int
@@ -50,19 +58,115 @@ class PrefixLevel:
     depth: int  # 0 for a top-level prefix, 1 below it, ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AttentionStep:
     """Every sequence of one forward step and the prefix levels they share.
 
-    ``levels`` is empty when the policy or backend reads every sequence as a whole. Each row of a
-    sequence with ``shared_len > 0`` is covered by exactly the levels whose row range holds it,
-    and those levels tile ``[0, shared_len)``.
+    Per sequence, shape (S,) int64: ``q_start``, ``q_len``, ``context_len``, ``shared_len``
+    (``SeqStep`` says what they mean). A sequence's own blocks (those of positions
+    ``[shared_len, context_len)``, which it attends itself) are row ``table_rows[i]`` of
+    ``tables`` (R, W) int32, padded with 0 (the model runner keeps the rows of all running
+    sequences in one array across steps and hands it over as it is, valid for this step).
+    Backends gather what they read: ``own_tables``, or ``full_tables`` (the prefix's blocks
+    from the levels, then the own ones). ``levels`` is empty when the policy or backend reads
+    every sequence as a whole. Each row of a sequence with ``shared_len > 0`` is covered by
+    exactly the levels whose row range holds it, and those levels tile ``[0, shared_len)``.
     """
 
-    seqs: tuple[SeqStep, ...]
+    q_start: np.ndarray
+    q_len: np.ndarray
+    context_len: np.ndarray
+    shared_len: np.ndarray
+    tables: np.ndarray
+    table_rows: np.ndarray
     levels: tuple[PrefixLevel, ...]
     num_rows: int
     block_size: int
+
+    @classmethod
+    def of(
+        cls,
+        seqs: Sequence[SeqStep],
+        levels: Sequence[PrefixLevel] = (),
+        num_rows: int | None = None,
+        block_size: int = 16,
+    ) -> AttentionStep:
+        """A step from per-sequence records (``num_rows`` defaults to the sum of ``q_len``)."""
+
+        def column(key: str) -> np.ndarray:
+            return np.array([getattr(s, key) for s in seqs], dtype=np.int64)
+
+        own = [s.block_table[s.shared_len // block_size :] for s in seqs]
+        tables = np.zeros((len(seqs), max([1, *map(len, own)])), dtype=np.int32)
+        for i, blocks in enumerate(own):
+            tables[i, : len(blocks)] = blocks
+        q_len = column("q_len")
+        return cls(
+            column("q_start"),
+            q_len,
+            column("context_len"),
+            column("shared_len"),
+            tables,
+            np.arange(len(seqs)),
+            tuple(levels),
+            int(q_len.sum()) if num_rows is None else num_rows,
+            block_size,
+        )
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.q_len)
+
+    def own_tables(self, which: np.ndarray | None = None, pad_first: bool = False) -> np.ndarray:
+        """(B, NB) int32 blocks of sequences ``which`` (default: all) from their
+        ``shared_len`` on: column ``j`` of row ``b`` holds positions ``shared_len + j *
+        block_size ..``. Padded with 0, or with the row's first own block (``pad_first``: a
+        padded read then reads written K/V, masked out anyway). One gather of contiguous rows,
+        whatever the sequences' prefixes."""
+        which = np.arange(self.num_seqs) if which is None else which
+        bs = self.block_size
+        count = -(-self.context_len[which] // bs) - self.shared_len[which] // bs  # >= 1
+        own = self.tables[self.table_rows[which], : max(1, int(count.max(initial=1)))]
+        if not pad_first:
+            return own
+        return np.where(np.arange(own.shape[1])[None, :] < count[:, None], own, own[:, :1])
+
+    def full_tables(self, which: np.ndarray | None = None) -> np.ndarray:
+        """(B, NB) int32 block tables of sequences ``which`` (default: all) from position 0:
+        the blocks of the levels above each one (depth first), then its own; padded with 0.
+        Python work per sequence: for a step's few prefill chunks, or tests."""
+        which = np.arange(self.num_seqs) if which is None else which
+        own = self.own_tables(which)
+        rows = []
+        for row, i in enumerate(which.tolist()):
+            above = sorted(
+                (lvl for lvl in self.levels if lvl.first_seq <= i < lvl.first_seq + lvl.num_seqs),
+                key=lambda lvl: lvl.depth,
+            )
+            rows.append([int(x) for lvl in above for x in lvl.block_ids] + own[row].tolist())
+        width = int(-(-self.context_len[which].max(initial=1) // self.block_size))
+        out = np.zeros((len(rows), max(1, width)), dtype=np.int32)
+        for row, blocks in enumerate(rows):
+            out[row, : min(width, len(blocks))] = blocks[:width]
+        return out
+
+    @cached_property
+    def seqs(self) -> tuple[SeqStep, ...]:
+        """Each sequence as a ``SeqStep`` (its table cut to the blocks its context needs)."""
+        bs = self.block_size
+        tables = self.full_tables()
+        return tuple(
+            SeqStep(
+                int(start),
+                int(n),
+                int(ctx),
+                tuple(tables[i, : -(-int(ctx) // bs)].tolist()),
+                int(shared),
+            )
+            for i, (start, n, ctx, shared) in enumerate(
+                zip(self.q_start, self.q_len, self.context_len, self.shared_len)
+            )
+        )
 
     @property
     def max_depth(self) -> int:

@@ -13,6 +13,7 @@ import os
 import torch
 
 from ..kv_cache import KVCache
+from ..upload import Staged
 from .backend import AttentionBackend
 from .kv_splits import KVSplits, busy_tiles, choose_splits
 from .step import AttentionStep, SeqStep
@@ -62,9 +63,15 @@ class TritonBackend(AttentionBackend):
         # to split on the CPU.
         self.target_programs = target_programs(cache.k.device)
 
+    def stage(
+        self, step: AttentionStep, shape: MetadataShape | None = None
+    ) -> Staged[TritonMetadata]:
+        """The step's metadata as one host array (``TritonMetadata.stage``); padded to
+        ``shape`` for a CUDA-graph bucket."""
+        return TritonMetadata.stage(step, self.group_size, shape)
+
     def prepare(self, step: AttentionStep, shape: MetadataShape | None = None) -> TritonMetadata:
-        """The step's metadata, on the cache's device (one host-to-device copy); padded to
-        ``shape`` for a CUDA-graph bucket (see ``TritonMetadata.build``)."""
+        """``stage``'s metadata on the cache's device (one host-to-device copy)."""
         return TritonMetadata.build(step, self.cache.k.device, self.group_size, shape)
 
     def forward(
@@ -116,20 +123,21 @@ class TritonBackend(AttentionBackend):
             partials=partials,
         )
 
-    def prepare_graph(self, step: AttentionStep, bucket: int) -> TritonMetadata:
+    def stage_graph(self, step: AttentionStep, bucket: int) -> Staged[TritonMetadata]:
         """A decode step's metadata padded to ``bucket`` (raises ValueError when it does not
         fit the bucket's shape)."""
-        return self.prepare(step, self.graph_shape(bucket))
+        return self.stage(step, self.graph_shape(bucket))
 
     def graph_buffers(self, bucket: int) -> TritonMetadata:
         """Static metadata of a ``bucket``-row decode step, valid as allocated: every row is a
         sequence attending one position of block 0 (used only to capture, before any request
         holds a block)."""
-        seqs = tuple(SeqStep(i, 1, 1, (0,)) for i in range(bucket))
-        return self.prepare_graph(AttentionStep(seqs, (), bucket, self.cache.block_size), bucket)
+        seqs = [SeqStep(i, 1, 1, (0,)) for i in range(bucket)]
+        step = AttentionStep.of(seqs, block_size=self.cache.block_size)
+        return self.prepare(step, self.graph_shape(bucket))
 
     def fill(self, static: TritonMetadata, meta: TritonMetadata, num_rows: int) -> None:
-        """Copy a step's bucket-padded metadata (``prepare_graph``) into the static buffers: its
+        """Copy a step's bucket-padded metadata (``stage_graph``) into the static buffers: its
         padding rows write no KV and its padding tiles do no work."""
         del num_rows  # the padding is already in ``meta``
         static.update_from(meta)

@@ -18,8 +18,9 @@ small step's own KV is split).
 
 The loops follow Triton's fused-attention tutorial: scores in base 2 (``scale * log2(e)``, then
 ``exp2``), fp32 accumulation, one rescale of the accumulator per KV tile. Keys are gathered per
-position through the block table (slot ``table[p // block_size] * block_size + p % block_size``),
-so tiles need not align with blocks. fp32 inputs use IEEE dot products (not TF32), so they match
+position through the sequence's own block table, which starts at its ``shared_len`` (slot
+``table[p // block_size - shared_len // block_size] * block_size + p % block_size``), so tiles
+need not align with blocks. fp32 inputs use IEEE dot products (not TF32), so they match
 the PyTorch reference to ~1e-6.
 
 No argument whose value changes between steps selects a compiled variant: Triton specialises
@@ -281,10 +282,11 @@ def own_kv_kernel(
 
     last = ctx - q_len + tl.minimum(q0 + ROWS, q_len)  # one past the tile's last query position
     start, end = _split_range(shared, last, BLOCK_N)
+    table = block_table_ptr + seq * stride_table - shared // BLOCK_SIZE  # own blocks from shared
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         ok = pos < end
-        blk = tl.load(block_table_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=ok)
+        blk = tl.load(table + pos // BLOCK_SIZE, mask=ok)
         slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         k, v = _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, stride_vh, d)
         valid = ok[None, :] & (pos[None, :] <= q_pos[:, None])

@@ -1,9 +1,10 @@
 """What the Triton attention kernels read for one step, built once from an ``AttentionStep``.
 
-Every array is made with numpy on the host, packed into one int32 buffer and copied to the
-device in one transfer (pinned and ``non_blocking`` on CUDA, after nano-vllm's
-``prepare_prefill``/``prepare_decode``); the fields are views of that buffer. The kernels are
-launched over two work lists built here, so no program searches for its sequence or level:
+Every array is made with numpy array operations on the host (no loop over sequences), packed
+into one int32 array that travels to the device with the rest of the step's inputs (one pinned
+buffer, one ``non_blocking`` copy on CUDA: ``execution/upload.py``); the fields are views of it.
+The kernels are launched over two work lists built here, so no program searches for its sequence
+or level:
 
 - prefix tiles: ``(level, first row)`` pairs, one per ``prefix_rows`` query rows of a level, so a
   level's KV is read once per tile of the rows below it (Hydragen, BatchLLM);
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backend import padded_rows
+from ..upload import Staged, upload
+from .backend import padded_rows, slot_mapping
 from .step import AttentionStep
 
 # Packed (query row x GQA head) rows a tile aims for; untuned starting points.
@@ -58,7 +60,9 @@ class TritonMetadata:
 
     Per sequence, shape (S,): ``q_start``, ``q_len``, ``context_len``, ``shared_len`` (where its
     own KV starts), ``num_levels`` (prefix levels above it, depths ``0..num_levels - 1``).
-    ``block_table`` (S, max_blocks) is padded with 0; ``seq_levels`` (S, max(1, max_depth)) holds
+    ``block_table`` (S, max_blocks) holds each sequence's own blocks, from position
+    ``shared_len`` on (column ``j``: positions ``shared_len + j * block_size ..``), padded with
+    0; ``seq_levels`` (S, max(1, max_depth)) holds
     the level id at each depth (-1 past ``num_levels``). ``slot_mapping`` (T,) is the KV slot of
     each new token. Per level, shape (L,): ``level_row_start``, ``level_row_end``,
     ``level_length`` (positions, whole blocks), ``level_out``
@@ -93,35 +97,30 @@ class TritonMetadata:
     padded: bool = False  # built with a ``MetadataShape`` (padding tiles after the real ones)
 
     @classmethod
-    def build(
-        cls,
-        step: AttentionStep,
-        device: torch.device,
-        group_size: int = 1,
-        shape: MetadataShape | None = None,
-    ) -> TritonMetadata:
-        """Lay out ``step`` for the kernels. ``group_size`` (query heads per KV head) only sizes
-        the tiles; any value gives correct results. With ``shape``, every array is padded to it
-        (padding rows write no KV, padding tiles do no work; q must then have ``shape.rows``
-        rows, and the output rows past ``step.num_rows`` are undefined).
+    def stage(
+        cls, step: AttentionStep, group_size: int = 1, shape: MetadataShape | None = None
+    ) -> Staged[TritonMetadata]:
+        """Lay out ``step`` for the kernels: every array built with array operations (no loop
+        over sequences) and packed into one int32 host array, and how to make the metadata from
+        its device copy. ``group_size`` (query heads per KV head) only sizes the tiles; any
+        value gives correct results. With ``shape``, every array is padded to it (padding rows
+        write no KV, padding tiles do no work; q must then have ``shape.rows`` rows, and the
+        output rows past ``step.num_rows`` are undefined).
 
         Raises ValueError when the rows do not tile ``[0, num_rows)`` in sequence order, a
         sequence's levels do not cover ``[0, shared_len)`` with depths ``0..n-1``, or the step
         does not fit ``shape``.
         """
-        seqs = step.seqs
         bs = step.block_size
-        q_start = np.array([s.q_start for s in seqs], dtype=np.int32)
-        q_len = np.array([s.q_len for s in seqs], dtype=np.int32)
-        ctx = np.array([s.context_len for s in seqs], dtype=np.int32)
-        shared = np.array([s.shared_len for s in seqs], dtype=np.int32)
+        q_start, q_len = step.q_start.astype(np.int32), step.q_len.astype(np.int32)
+        ctx, shared = step.context_len.astype(np.int32), step.shared_len.astype(np.int32)
         if (q_start != _exclusive_cumsum(q_len)).any() or q_len.sum() != step.num_rows:
             raise ValueError("sequence rows must tile [0, num_rows) in order")
         if (q_len < 1).any() or (ctx - q_len < shared).any() or (shared % bs).any():
             raise ValueError("each sequence needs q_len >= 1 and new tokens after shared_len")
-        if any(len(s.block_table) * bs < s.context_len for s in seqs):
+        if (step.tables.shape[1] * bs < ctx - shared).any():
             raise ValueError("a block table is shorter than its context")
-        table = padded_rows([s.block_table for s in seqs], np.int32)
+        table = step.own_tables()  # positions below shared_len are read through the levels
         own_rows = max(1, OWN_TILE_M // group_size)
         prefix_rows = max(1, PREFIX_TILE_M // group_size)
         arrays = {
@@ -130,7 +129,7 @@ class TritonMetadata:
             "context_len": ctx,
             "shared_len": shared,
             "block_table": table,
-            "slot_mapping": _slot_mapping(q_len, ctx, table, bs),
+            "slot_mapping": slot_mapping(step, table).astype(np.int32),
             **_level_arrays(step, q_start, q_len, shared),
             **_tiles("own_tile_seq", "own_tile_q0", q_len, own_rows, np.zeros_like(q_len)),
         }
@@ -142,15 +141,33 @@ class TritonMetadata:
             if num_partials > shape.partials:
                 raise ValueError(f"{num_partials} partial rows do not fit {shape}")
             arrays, num_rows, num_partials = _pad(arrays, shape), shape.rows, shape.partials
-        return cls(
-            **_upload(arrays, device),
-            num_rows=num_rows,
-            block_size=bs,
-            own_rows=own_rows,
-            prefix_rows=prefix_rows,
-            num_partials=num_partials,
-            padded=shape is not None,
-        )
+        layout = [(key, a.shape) for key, a in arrays.items()]
+        flat = np.concatenate([a.ravel() for a in arrays.values()]).astype(np.int32, copy=False)
+
+        def build(t: dict[str, torch.Tensor]) -> TritonMetadata:
+            return cls(
+                **_views(t["triton"], layout),
+                num_rows=num_rows,
+                block_size=bs,
+                own_rows=own_rows,
+                prefix_rows=prefix_rows,
+                num_partials=num_partials,
+                padded=shape is not None,
+            )
+
+        return Staged({"triton": flat}, build)
+
+    @classmethod
+    def build(
+        cls,
+        step: AttentionStep,
+        device: torch.device,
+        group_size: int = 1,
+        shape: MetadataShape | None = None,
+    ) -> TritonMetadata:
+        """``stage``'s metadata on ``device`` (one host-to-device copy)."""
+        staged = cls.stage(step, group_size, shape)
+        return staged.build(upload(staged.arrays, device))
 
     def update_from(self, other: TritonMetadata) -> None:
         """Copy ``other`` (built with the same ``shape`` and ``group_size``) into this
@@ -169,52 +186,49 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return (np.cumsum(x) - x).astype(np.int32)
 
 
-def _slot_mapping(
-    q_len: np.ndarray, ctx: np.ndarray, table: np.ndarray, block_size: int
-) -> np.ndarray:
-    """(T,) KV slot of each new token: sequence i writes positions [ctx_i - q_len_i, ctx_i)."""
-    seq = np.repeat(np.arange(len(q_len)), q_len)
-    pos = (
-        np.repeat(ctx - q_len, q_len)
-        + np.arange(len(seq))
-        - np.repeat(_exclusive_cumsum(q_len), q_len)
-    )
-    return (table[seq, pos // block_size] * block_size + pos % block_size).astype(np.int32)
-
-
 def _level_arrays(
     step: AttentionStep, q_start: np.ndarray, q_len: np.ndarray, shared: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Per-level arrays, ``seq_levels``/``num_levels``, and the checks that levels tile each
-    sequence's shared positions."""
+    sequence's shared positions (array operations over the levels' sequences)."""
     levels = step.levels
-    num_seqs = len(step.seqs)
+    num_seqs = step.num_seqs
+    fields = ("first_seq", "num_seqs", "row_start", "row_end", "start", "end", "depth")
+    per = np.array([[getattr(lvl, f) for f in fields] for lvl in levels], dtype=np.int64)
+    first, count, row_start, row_end, start, end, depth = per.reshape(-1, len(fields)).T
+    last = first + count
+    if (count < 1).any() or (last > num_seqs).any():
+        raise ValueError("a level's sequences are out of range")
+    blocks = np.array([len(lvl.block_ids) for lvl in levels], dtype=np.int64)
+    if len(levels) and (
+        (q_start[first] != row_start).any()
+        or (q_start[last - 1] + q_len[last - 1] != row_end).any()
+        or (blocks * step.block_size != end - start).any()
+    ):
+        raise ValueError("a level's rows or blocks disagree with its sequences")
+    # One entry per (level, sequence below it).
+    seq = (
+        np.repeat(first, count)
+        + np.arange(count.sum())
+        - np.repeat(_exclusive_cumsum(count), count)
+    )
+    level_of = np.repeat(np.arange(len(levels)), count)
     seq_levels = np.full((num_seqs, max(1, step.max_depth)), -1, dtype=np.int32)
-    covered = np.zeros(num_seqs, dtype=np.int64)
-    for i, lvl in enumerate(levels):
-        first, last = lvl.first_seq, lvl.first_seq + lvl.num_seqs
-        if lvl.num_seqs < 1 or last > num_seqs:
-            raise ValueError(f"level {i}: sequences [{first}, {last}) out of range")
-        rows = (q_start[first], q_start[last - 1] + q_len[last - 1])
-        if rows != (lvl.row_start, lvl.row_end) or len(lvl.block_ids) * step.block_size != (
-            lvl.end - lvl.start
-        ):
-            raise ValueError(f"level {i}: rows or blocks disagree with its sequences")
-        if (seq_levels[first:last, lvl.depth] != -1).any():
-            raise ValueError(f"level {i}: two levels at depth {lvl.depth} over one sequence")
-        seq_levels[first:last, lvl.depth] = i
-        covered[first:last] += lvl.end - lvl.start
+    flat = seq * seq_levels.shape[1] + np.repeat(depth, count)
+    if np.bincount(flat, minlength=seq_levels.size).max(initial=0) > 1:
+        raise ValueError("two levels at one depth over one sequence")
+    seq_levels.ravel()[flat] = level_of
+    covered = np.bincount(seq, weights=np.repeat(end - start, count), minlength=num_seqs)
     num_levels = (seq_levels >= 0).sum(1).astype(np.int32)
     depth_ok = (seq_levels >= 0) == (np.arange(seq_levels.shape[1]) < num_levels[:, None])
     if (covered != shared).any() or not depth_ok.all():
         raise ValueError("levels must cover [0, shared_len) of each sequence, depths 0..n-1")
-    columns = [(lvl.row_start, lvl.row_end, lvl.end - lvl.start) for lvl in levels]
-    per_level = np.array(columns, dtype=np.int32).reshape(len(levels), len(_LEVEL_KEYS))
-    row_start, row_end = per_level[:, 0], per_level[:, 1]
     return {
         "num_levels": num_levels,
         "seq_levels": seq_levels,
-        **{key: per_level[:, i].copy() for i, key in enumerate(_LEVEL_KEYS)},
+        "level_row_start": row_start.astype(np.int32),
+        "level_row_end": row_end.astype(np.int32),
+        "level_length": (end - start).astype(np.int32),
         "level_out": _exclusive_cumsum(row_end - row_start),
         "level_blocks": padded_rows([lvl.block_ids for lvl in levels], np.int32),
     }
@@ -264,15 +278,14 @@ def _pad(arrays: dict[str, np.ndarray], shape: MetadataShape) -> dict[str, np.nd
     return out
 
 
-def _upload(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """One host buffer, one copy to ``device``; returns views with the arrays' shapes."""
-    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays.values()]).astype(np.int32))
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    else:
-        flat = flat.to(device)
+def _views(
+    flat: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]]
+) -> dict[str, torch.Tensor]:
+    """The fields of the packed buffer ``flat`` (int32, on the device) as views with their
+    shapes, plus ``flat`` itself."""
     out, offset = {"flat": flat}, 0
-    for key, a in arrays.items():
-        out[key] = flat[offset : offset + a.size].view(a.shape)
-        offset += a.size
+    for key, shape in layout:
+        size = int(np.prod(shape))
+        out[key] = flat[offset : offset + size].view(shape)
+        offset += size
     return out

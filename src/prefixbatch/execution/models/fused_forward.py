@@ -21,6 +21,7 @@ from torch import nn
 
 from ..attention.backend import AttentionBackend
 from ..fused_ops import FusedKernels
+from ..layers import rotary_dim
 from ..packed_linear import Projection
 from .decoder import DecoderModel
 
@@ -52,6 +53,9 @@ class FusedForward:
         first = model.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = first.heads, first.kv_heads, first.head_dim
         self.qkv_sizes = [first.q_size, first.kv_size, first.kv_size]
+        # partial rotary (Phi-4-mini): the kernel rotates views of each head's first dimensions
+        rotary = rotary_dim(model.cfg.rope, self.head_dim)
+        self.rotary_dim = rotary if rotary < self.head_dim else None
         self.eps = model.cfg.rms_norm_eps
         self.layers = tuple(self._weights(layer) for layer in model.layers)
 
@@ -98,7 +102,11 @@ class FusedForward:
             q = q.view(t, heads, dim)  # strided views into the qkv output
             k = k.view(t, kv_heads, dim)
             v = v.view(t, kv_heads, dim)
-            kernels.rotary_embedding_(q, k, cos, sin)
+            if self.rotary_dim is None:
+                kernels.rotary_embedding_(q, k, cos, sin)
+            else:
+                rot = self.rotary_dim
+                kernels.rotary_embedding_(q[..., :rot], k[..., :rot], cos, sin)
             out = backend.forward(w.index, q, k, v, meta)  # (T, H, D)
             linear, weight, bias = w.o
             x = linear(out.reshape(t, heads * dim), weight, bias)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ...errors import UnsupportedModelError
-from . import llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe
+from . import llama, mistral, mixtral, olmoe, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe
 from .family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -18,6 +18,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     mistral.FAMILY,
     qwen2.FAMILY,
     qwen3.FAMILY,
+    phi3.FAMILY,
     # mixture-of-experts
     qwen2_moe.FAMILY,
     qwen3_moe.FAMILY,

@@ -5,7 +5,7 @@ stacked, ``gate_up_proj`` (E, 2 * I, H) (gate rows, then up rows) and ``down_pro
 Checkpoints store one tensor per expert and projection (``experts.{e}.gate_proj.weight``, or
 Mixtral's ``w1``/``w3``/``w2``) or, when saved by transformers 5 with
 ``save_original_format=False``, the stacked tensors; ``Experts.weight_loader`` takes both. How
-the experts are computed is the ``ExpertsKernel`` the worker picks (``use_experts_kernel``):
+the experts are computed is the ``ExpertsKernel`` the worker picks (``kernel_choice.py``):
 the plain PyTorch reference here (tokens sorted by expert, one GEMM per active expert and
 projection), the CPU fast path (``cpu_experts.py``) or the fused Triton kernel
 (``triton_experts.py``); all are tested against the reference.
@@ -122,26 +122,3 @@ class Experts(nn.Module):
         if rows.shape != tensor.shape:
             raise ValueError(f"shape {tuple(tensor.shape)} where {tuple(rows.shape)} is expected")
         rows.copy_(tensor)
-
-
-def use_experts_kernel(model: nn.Module, kernel: str, act: Activation | None = None) -> None:
-    """Compute every ``Experts`` of ``model`` with ``kernel``: ``torch`` (the reference),
-    ``cpu`` (the CPU fast path, fp32, after loading: it repacks the weights, and runs ``act``,
-    the fused SiLU-and-mul, where given) or ``triton`` (the fused kernel: CUDA, or the CPU
-    under ``TRITON_INTERPRET=1``; needs triton). A model without experts is left as it is.
-    Raises ValueError for another name."""
-    if kernel not in ("torch", "cpu", "triton"):
-        raise ValueError(f"unknown experts kernel {kernel!r}; use torch, cpu or triton")
-    for module in model.modules():
-        if not isinstance(module, Experts):
-            continue
-        if kernel == "torch":
-            module.kernel = grouped_experts
-        elif kernel == "cpu":
-            from .cpu_experts import CpuExperts
-
-            module.kernel = CpuExperts(module, act or silu_and_mul)
-        else:
-            from .triton_experts import triton_experts
-
-            module.kernel = triton_experts
