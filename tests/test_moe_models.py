@@ -3,8 +3,8 @@ engine against transformers' greedy output, token for token in fp32, on every CP
 plain PyTorch reference (experts by grouped GEMMs, cascade attention on every group), the CPU
 fast path (compiled attention, fused forward, repacked experts) and the Triton kernels under
 the interpreter (attention and the fused experts kernel). Every run shares nested prefixes and
-asks for two choices of some requests; the PyTorch and CPU runs also preempt under a tiny KV
-budget (the interpreter's run is kept short: it is slow)."""
+asks for two choices of some requests, and preempts under a tiny KV budget (the
+interpreter's run is kept short: it is slow)."""
 
 from __future__ import annotations
 
@@ -42,13 +42,14 @@ MODES = {
 @cache
 def workload(short: bool) -> tuple[list[list[int]], list[SamplingParams]]:
     """A system prompt > 2 documents > questions, and prompts that share nothing; every third
-    request asks for 2 choices. ``short``: 3 tokens of output, else 12 to 16."""
+    request asks for 2 choices. ``short``: 5 tokens of output (the 21-token prompts grow into a
+    fourth block of 8), else 12 to 16."""
     rng = random.Random(7)
     size = 8 if short else 16
     prompts = nested_prompts(rng, size, size, docs=2, per_doc=2, vocab=(3, 500))
     prompts += [[rng.randrange(3, 500) for _ in range(n)] for n in ((9,) if short else (9, 21))]
     params = [
-        SamplingParams(max_tokens=3 if short else 12 + i % 5, temperature=0, n=1 + (i % 3 == 0))
+        SamplingParams(max_tokens=5 if short else 12 + i % 5, temperature=0, n=1 + (i % 3 == 0))
         for i in range(len(prompts))
     ]
     return prompts, params
@@ -82,8 +83,8 @@ def test_greedy_matches_transformers(moe_models, expected, family, mode):  # typ
         str(moe_models[family]),
         device="cpu",
         block_size=8,
-        # 16 blocks: a few sequences at a time, so decode growth preempts
-        kv_cache_memory=kv_bytes(family, 64 if short else 16),
+        # a few sequences at a time, so decode growth preempts
+        kv_cache_memory=kv_bytes(family, 6 if short else 16),
         max_num_batched_tokens=48,
         **MODES[mode],
     )
@@ -92,7 +93,7 @@ def test_greedy_matches_transformers(moe_models, expected, family, mode):  # typ
         assert [c.token_ids for c in out.outputs] == [want] * p.n
     stats = llm.engine.stats
     assert stats.groups >= 3  # the system prompt and both documents were shared levels
-    assert short or stats.preemptions > 0
+    assert stats.preemptions > 0
     worker = llm.engine.worker
     experts = next(m for m in worker.model.modules() if isinstance(m, SparseMoeBlock)).experts
     if mode == "torch":
