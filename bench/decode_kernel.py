@@ -15,7 +15,8 @@ than the last-level cache, on the same threads (bytes read / seconds).
 
 ``--baseline`` builds another version of ``paged_decode.cpp`` (e.g. the previous commit's, copied
 outside the repository) under its own name and times both, repetitions interleaved so that
-other load on the machine falls on both alike; medians are reported.
+other load on the machine falls on both alike; medians are reported. The baseline must take the
+kernels' present arguments (since the sliding window: ``window`` and ``softcap`` last, 0 here).
 
 The level cases are the decode steps of ``bench/workloads.py``'s shared-prefix jobs: each row's
 own part (its question) goes through ``paged_decode`` either way; "row by row" reads each row's
@@ -38,6 +39,8 @@ from common import machine, table
 
 from prefixbatch.execution.attention.native import SOURCES, DecodeKernels
 from prefixbatch.execution.native_build import build_extension
+
+NONE = torch.zeros(0, dtype=torch.int64)  # level starts and row positions, read with a window
 
 BLOCK = 16
 KV_HEADS, GROUP, DIM = 3, 3, 64  # SmolLM2-135M: 9 query heads over 3 KV heads, head_dim 64
@@ -221,7 +224,9 @@ def main() -> None:
             for label, fn in kernels.items():
                 start = time.perf_counter()
                 for k_pool, v_pool in pools:
-                    fn.paged_decode(q, k_pool, v_pool, case.tables, lengths, BLOCK, DIM**-0.5)
+                    fn.paged_decode(
+                        q, k_pool, v_pool, case.tables, lengths, BLOCK, DIM**-0.5, 0, 0.0
+                    )
                 if rep:  # the first repetition warms up
                     times[label].append((time.perf_counter() - start) / LAYERS)
         unique = case.unique_tokens * KV_HEADS * DIM * 4 * 2
@@ -241,12 +246,14 @@ def main() -> None:
 
         def row_by_row(lc: LevelCase = lc, q: torch.Tensor = q) -> None:
             for k_pool, v_pool in pools:
-                k.paged_decode(q, k_pool, v_pool, *lc.full, BLOCK, scale)
+                k.paged_decode(q, k_pool, v_pool, *lc.full, BLOCK, scale, 0, 0.0)
 
         def levels(lc: LevelCase = lc, q: torch.Tensor = q) -> None:
             for k_pool, v_pool in pools:
-                out, lse = k.paged_decode(q, k_pool, v_pool, *lc.own, BLOCK, scale)
-                k.attend_prefix_levels(q, k_pool, v_pool, out, lse, *lc.levels, BLOCK, scale)
+                out, lse = k.paged_decode(q, k_pool, v_pool, *lc.own, BLOCK, scale, 0, 0.0)
+                k.attend_prefix_levels(
+                    q, k_pool, v_pool, out, lse, *lc.levels, BLOCK, scale, NONE, NONE, 0, 0.0
+                )
 
         plain, shared = (median_ms(f, args.reps) / LAYERS for f in (row_by_row, levels))
         rows.append(

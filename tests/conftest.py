@@ -38,7 +38,14 @@ def save_tokenizer(path: Path) -> None:
 
 
 def tiny_config(family: str):  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=VOCAB,
@@ -75,6 +82,28 @@ def tiny_config(family: str):  # type: ignore[no-untyped-def]
         return Qwen3Config(**common, head_dim=32)
     if family.startswith("phi3"):
         return phi3_config(family, common)
+    if family == "gemma2":  # windows of 12 (inside blocks of 8), soft-caps that bend
+        return Gemma2Config(
+            **common,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=12,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        )
+    if family == "gemma3":  # a global layer between sliding ones, linear rope scaling
+        return Gemma3TextConfig(
+            **{**common, "tie_word_embeddings": True},
+            head_dim=32,
+            query_pre_attn_scalar=48,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            final_logit_softcapping=4.0,
+        )
     if family in MOE_FAMILIES:
         return tiny_moe_config(family, common)
     raise ValueError(family)
@@ -140,6 +169,10 @@ def make_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family))
+    if family.startswith("gemma"):  # (1 + w) norms start at w = 0: random w tests them
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                torch.nn.init.normal_(p, std=0.3)
     model.save_pretrained(str(path))
     save_tokenizer(path)
     return path
@@ -170,7 +203,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {
         f: make_tiny_model(root / f, f)
-        for f in ("llama", "llama3", "mistral", "qwen2", "qwen3", "phi3")
+        for f in ("llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
     }
 
 
@@ -202,6 +235,34 @@ def nested_prompts(
     return [
         head + d + [rng.randrange(lo, hi) for _ in range(5)] for d in bodies for _ in range(per_doc)
     ]
+
+
+def dense_attention(q, k_pool, v_pool, step, scale, attn=None):  # type: ignore[no-untyped-def]
+    """Every sequence's whole context gathered by its block table, causal softmax with the offset
+    ``context_len - q_len``, in float64 -> (T, H, D) float64; with ``attn`` (a
+    ``LayerAttention``), only each query's last ``attn.window`` positions and soft-capped
+    scores. Ignores the levels: the plain definition every attention path is checked against."""
+    window = attn.window if attn is not None else None
+    softcap = attn.softcap if attn is not None else None
+    out = torch.empty(q.shape, dtype=torch.float64)
+    g = q.shape[1] // k_pool.shape[1]
+    bs = step.block_size
+    for s in step.seqs:
+        pos = torch.arange(s.context_len)
+        slots = torch.tensor(s.block_table)[pos // bs] * bs + pos % bs
+        k = k_pool.double().cpu()[slots].repeat_interleave(g, 1)  # (L, H, D)
+        v = v_pool.double().cpu()[slots].repeat_interleave(g, 1)
+        qs = q.double().cpu()[s.q_start : s.q_start + s.q_len]  # (n, H, D)
+        scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        q_pos = torch.arange(s.q_len)[:, None] + s.context_len - s.q_len
+        hidden = pos[None, :] > q_pos
+        if window is not None:
+            hidden |= pos[None, :] <= q_pos - window
+        scores = scores.masked_fill(hidden, float("-inf"))
+        out[s.q_start : s.q_start + s.q_len] = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
+    return out
 
 
 def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:

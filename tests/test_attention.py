@@ -12,20 +12,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hf_greedy, shared_prefix_prompts
+from conftest import dense_attention, hf_greedy, shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.execution import native_build
-from prefixbatch.execution.attention.backend import DecodeBatch, PrefillSlice
+from prefixbatch.execution.attention.backend import (
+    FULL_ATTENTION,
+    DecodeBatch,
+    LayerAttention,
+    PrefillSlice,
+)
 from prefixbatch.execution.attention.native import (
     SOURCES,
     CpuBackend,
     DecodeKernels,
     decode_kernels,
+    kernel_options,
 )
 from prefixbatch.execution.attention.reference import (
     ReferenceBackend,
     attend_decode,
     attend_slice,
+    soft_cap,
 )
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
 from prefixbatch.execution.kv_cache import KVCache
@@ -92,9 +99,28 @@ def kernels() -> DecodeKernels:
     return k
 
 
+# Gemma-like layers: windows shorter than most prefix levels (1-130 blocks of 16), as long as
+# some, longer than all; scores soft-capped with and without a window.
+LAYERS = {
+    "global": FULL_ATTENTION,
+    "window-9": LayerAttention(window=9),
+    "window-48": LayerAttention(window=48),
+    "window-5000": LayerAttention(window=5000),
+    "softcap": LayerAttention(softcap=2.0),
+    "window-20-softcap": LayerAttention(window=20, softcap=5.0),
+}
+
+
+STEPS = [(seed, "global") for seed in range(16)]
+STEPS += [(seed, layer) for layer in LAYERS if layer != "global" for seed in range(4)]
+
+
 @pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
-@pytest.mark.parametrize("seed", range(16))
-def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("seed", "layer"), STEPS)
+def test_shared_prefix_matches_reference(seed, layer, native):  # type: ignore[no-untyped-def]
+    """Random steps below nested prefix levels, each row's attention as the reference computes
+    it over its whole context (sliding windows and soft-caps included)."""
+    attn = LAYERS[layer]
     rng = random.Random(seed)
     torch.manual_seed(seed)
     kv_heads = rng.choice([1, 2, 4])
@@ -132,12 +158,32 @@ def test_shared_prefix_matches_reference(seed, native):  # type: ignore[no-untyp
     )
     q, k, v = (torch.empty_like(x) for x in (q_s, k_s, v_s))
     q[rows_plain], k[rows_plain], v[rows_plain] = q_s, k_s, v_s
-    expected = reference.forward(0, q, k, v, meta_plain)[rows_plain]
+    expected = reference.forward(0, q, k, v, meta_plain, attn)[rows_plain]
     q[rows_shared], k[rows_shared], v[rows_shared] = q_s, k_s, v_s
-    got = fast.forward(0, q, k, v, meta_shared)[rows_shared]
+    got = fast.forward(0, q, k, v, meta_shared, attn)[rows_shared]
     assert torch.isfinite(got).all()
     rel = (got - expected).abs().max() / expected.abs().max()
     assert rel < (KERNEL_RTOL if native else TORCH_RTOL), f"max relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_reference_backend_matches_the_dense_definition(layer: str) -> None:
+    """The plain PyTorch path (SDPA, or the explicit softmax for soft-caps) on a random step
+    against attention written out per sequence in float64."""
+    rng = random.Random((3, 7, 9, 17, 29, 18)[list(LAYERS).index(layer)])  # steps of < 3.4k tokens
+    torch.manual_seed(1)
+    cache = KVCache(1, 2048, BS, 2, 32, torch.float32, torch.device("cpu"))
+    cache.k.normal_()
+    cache.v.normal_()
+    reference = ReferenceBackend(cache, 6, 32**-0.5)
+    runner = ModelRunner(None, reference, BS, torch.device("cpu"))  # type: ignore[arg-type]
+    step = runner.inputs(random_step(rng, 2048)).attn
+    meta = reference.prepare(step)
+    q = torch.randn(step.num_rows, 6, 32)
+    k, v = cache.k[0][meta.slot_mapping], cache.v[0][meta.slot_mapping]  # rewrites what is there
+    got = reference.forward(0, q, k, v, meta, LAYERS[layer])
+    expected = dense_attention(q, cache.k[0], cache.v[0], step, reference.scale, LAYERS[layer])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def padded(tables: list[list[int]]) -> torch.Tensor:
@@ -159,8 +205,23 @@ def random_pools(
     return k_pool, v_pool, free
 
 
+def scores_lse(
+    q: torch.Tensor, keys: torch.Tensor, scale: float, attn: LayerAttention
+) -> torch.Tensor:
+    """The log-sum-exp of one decode row's scores, q (H, D) against its context's keys (n, H, D)
+    (its query at the last position), computed directly: the window keeps the last keys."""
+    scores = soft_cap(torch.einsum("hd,nhd->hn", q, keys) * scale, attn.softcap)
+    return scores[:, -(attn.window or len(keys)) :].logsumexp(-1)
+
+
 def check_kernel(
-    k: DecodeKernels, rng: random.Random, kv_heads: int, group: int, dim: int, lengths: list[int]
+    k: DecodeKernels,
+    rng: random.Random,
+    kv_heads: int,
+    group: int,
+    dim: int,
+    lengths: list[int],
+    attn: LayerAttention = FULL_ATTENTION,
 ) -> None:
     """``k.paged_decode`` against the plain PyTorch path on rows with these lengths, over blocks
     scattered in the pool, the rows sharing their first blocks at random; the log-sum-exp too."""
@@ -175,15 +236,16 @@ def check_kernel(
     batch = DecodeBatch(torch.arange(len(lengths)), ids, lens, mask)
     q = torch.randn(len(lengths), heads + 2, dim)[:, :heads]  # rows strided, as from qkv
     scale = dim**-0.5
-    expected = attend_decode(q, k_pool, v_pool, batch, scale, BS)
-    out, lse = k.paged_decode(q, k_pool, v_pool, ids, lens, BS, scale)
+    expected = attend_decode(q, k_pool, v_pool, batch, scale, BS, attn)
+    out, lse = k.paged_decode(q, k_pool, v_pool, ids, lens, BS, scale, *kernel_options(attn))
     rel = (out - expected).abs().max() / expected.abs().max()
     assert rel < KERNEL_RTOL, f"max relative error {rel:.2e}"
     for b, n in enumerate(lengths):  # lse of row b, head h: logsumexp of its scores
         keys = k_pool.view(-1, BS, kv_heads, dim)[ids[b]].reshape(-1, kv_heads, dim)[:n]
         keys = keys.repeat_interleave(group, dim=1)  # (n, H, D)
-        scores = torch.einsum("hd,nhd->hn", q[b], keys) * scale
-        torch.testing.assert_close(lse[b], scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            lse[b], scores_lse(q[b], keys, scale, attn), rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -195,6 +257,26 @@ def test_native_decode_kernel_matches_plain_attention(seed: int) -> None:
     lengths = [rng.choice([1, 5, 16, 17, 200, 1100]) for _ in range(rng.randrange(1, 20))]
     kv_heads, group = rng.choice([1, 2, 3, 4]), rng.choice([1, 2, 3, 4, 8])
     check_kernel(kernels(), rng, kv_heads, group, rng.choice([8, 16, 24, 64, 80, 128]), lengths)
+
+
+@pytest.mark.parametrize("layer", [n for n in LAYERS if n != "global"])
+@pytest.mark.parametrize("seed", range(4))
+def test_native_decode_kernel_with_windows_and_softcaps(seed: int, layer: str) -> None:
+    """Rows shorter than the window, as long, and far longer (a window starting inside a block,
+    on its edge, blocks skipped); with a single thread long rows are split into pieces, the
+    first starting at the window."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    attn = LAYERS[layer]
+    window = attn.window or 1
+    lengths = [1, window, window + 1, window + 16, 17, 200, 1100, rng.choice([5, 3001])]
+    before = torch.get_num_threads()
+    torch.set_num_threads(rng.choice([1, before]))
+    try:
+        dim = rng.choice([24, 64, 128])
+        check_kernel(kernels(), rng, rng.choice([1, 2]), rng.choice([1, 3, 8]), dim, lengths, attn)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -216,7 +298,13 @@ def test_native_decode_kernel_splits_long_contexts(seed: int, threads: int) -> N
 
 
 def check_levels(
-    k: DecodeKernels, rng: random.Random, kv_heads: int, group: int, dim: int, block_size: int
+    k: DecodeKernels,
+    rng: random.Random,
+    kv_heads: int,
+    group: int,
+    dim: int,
+    block_size: int,
+    attn: LayerAttention = FULL_ATTENTION,
 ) -> None:
     """``paged_decode`` over rows' own blocks, then ``attend_prefix_levels`` over the nested
     prefix levels above them, against the plain PyTorch path over their whole contexts; the
@@ -250,24 +338,27 @@ def check_levels(
     ids, lens = padded(full_tables), torch.tensor(full_lengths)
     mask = (torch.arange(ids.shape[1] * block_size)[None, :] < lens[:, None])[:, None, None, :]
     batch = DecodeBatch(torch.arange(len(lens)), ids, lens, mask)
-    expected = attend_decode(q, k_pool, v_pool, batch, scale, block_size)
+    expected = attend_decode(q, k_pool, v_pool, batch, scale, block_size, attn)
+    options = kernel_options(attn)
     out, lse = k.paged_decode(
-        q, k_pool, v_pool, padded(own_tables), torch.tensor(own_lengths), block_size, scale
-    )
+        q, k_pool, v_pool, padded(own_tables), torch.tensor(own_lengths), block_size, scale,
+        *options,
+    )  # fmt: skip
     rows = [[r for r, levels in enumerate(below) if lvl in levels] for lvl in range(len(blocks))]
+    starts = [sum(len(blocks[a]) for a in chain(lvl)[:-1]) for lvl in range(len(blocks))]
     k.attend_prefix_levels(
         q, k_pool, v_pool, out, lse, padded(blocks),
         torch.tensor([len(b) * block_size for b in blocks]),
         torch.tensor([0, *itertools.accumulate(map(len, rows))]),
         torch.tensor([r for level_rows in rows for r in level_rows], dtype=torch.int64),
-        block_size, scale,
+        block_size, scale, torch.tensor(starts) * block_size, lens - 1, *options,
     )  # fmt: skip
     rel = (out - expected).abs().max() / expected.abs().max()
     assert rel < KERNEL_RTOL, f"max relative error {rel:.2e}"
     for b, n in enumerate(full_lengths):
         keys = k_pool.view(-1, block_size, kv_heads, dim)[ids[b]].reshape(-1, kv_heads, dim)[:n]
-        scores = torch.einsum("hd,nhd->hn", q[b], keys.repeat_interleave(group, dim=1)) * scale
-        torch.testing.assert_close(lse[b], scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+        expected_lse = scores_lse(q[b], keys.repeat_interleave(group, dim=1), scale, attn)
+        torch.testing.assert_close(lse[b], expected_lse, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -281,8 +372,26 @@ def test_prefix_levels_kernel_matches_plain_attention(seed: int) -> None:
     check_levels(kernels(), rng, kv_heads, group, dim, block_size)
 
 
+@pytest.mark.parametrize("layer", [n for n in LAYERS if n != "global"])
+@pytest.mark.parametrize("seed", range(4))
+def test_prefix_levels_kernel_with_windows_and_softcaps(seed: int, layer: str) -> None:
+    """Levels wholly before a row's window (read by no lane: they add nothing), partly inside
+    (masked lane by lane), wholly inside."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    kv_heads, group = rng.choice([1, 2]), rng.choice([1, 3, 8])
+    dim, block_size = rng.choice([24, 64, 128]), rng.choice([8, 16])
+    check_levels(kernels(), rng, kv_heads, group, dim, block_size, LAYERS[layer])
+
+
 def check_prefill(
-    k: DecodeKernels, rng: random.Random, kv_heads: int, group: int, dim: int, block_size: int
+    k: DecodeKernels,
+    rng: random.Random,
+    kv_heads: int,
+    group: int,
+    dim: int,
+    block_size: int,
+    attn: LayerAttention = FULL_ATTENTION,
 ) -> None:
     """``prefill_attention`` on several chunks at once (a first chunk, chunks after earlier
     context, one token past a long context) against SDPA per chunk over gathered K/V; q is a
@@ -307,7 +416,7 @@ def check_prefill(
         torch.tensor([c[0] for c in chunks]),
         torch.tensor([c[1] for c in chunks]),
         torch.tensor([c[2] for c in chunks]),
-        block_size, dim**-0.5,
+        block_size, dim**-0.5, *kernel_options(attn),
     )  # fmt: skip
     assert (out[0] == 5.0).all()
     for start, q_len, context, table in chunks:
@@ -315,7 +424,7 @@ def check_prefill(
                               for p in range(context)])  # fmt: skip
         expected = attend_slice(
             q[start : start + q_len], k_pool, v_pool,
-            PrefillSlice(start, q_len, slots), dim**-0.5,
+            PrefillSlice(start, q_len, slots), dim**-0.5, attn,
         )  # fmt: skip
         got = out[start : start + q_len]
         rel = (got - expected).abs().max() / expected.abs().max()
@@ -329,6 +438,18 @@ def test_prefill_kernel_matches_plain_attention(seed: int) -> None:
     kv_heads, group = rng.choice([1, 2, 3]), rng.choice([1, 3, 4, 8])
     dim, block_size = rng.choice([8, 24, 64, 80, 128]), rng.choice([8, 16, 32])
     check_prefill(kernels(), rng, kv_heads, group, dim, block_size)
+
+
+@pytest.mark.parametrize("layer", [n for n in LAYERS if n != "global"])
+@pytest.mark.parametrize("seed", range(4))
+def test_prefill_kernel_with_windows_and_softcaps(seed: int, layer: str) -> None:
+    """Chunks whose lanes' windows begin in different tiles (masked), before the chunk's first
+    query (tiles skipped), or before position 0 (a window longer than the context)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    kv_heads, group = rng.choice([1, 2]), rng.choice([1, 3, 8])
+    dim, block_size = rng.choice([24, 64, 128]), rng.choice([8, 16])
+    check_prefill(kernels(), rng, kv_heads, group, dim, block_size, LAYERS[layer])
 
 
 @pytest.mark.parametrize("rows", [1, 7, 600])
@@ -363,9 +484,10 @@ def test_native_decode_kernel_without_avx512(monkeypatch: pytest.MonkeyPatch) ->
         rng = random.Random(0)
         torch.manual_seed(0)
         for dim, lengths in [(64, [1, 17, 330, 3001]), (80, [5, 16, 200]), (24, [1, 40])]:
-            check_kernel(built, rng, 3, 3, dim, lengths)
-            check_levels(built, rng, 3, 3, dim, 16)
-            check_prefill(built, rng, 3, 3, dim, 16)
+            for attn in (FULL_ATTENTION, LAYERS["window-20-softcap"]):
+                check_kernel(built, rng, 3, 3, dim, lengths, attn)
+                check_levels(built, rng, 3, 3, dim, 16, attn)
+                check_prefill(built, rng, 3, 3, dim, 16, attn)
     finally:
         native_build.build_extension.cache_clear()
 

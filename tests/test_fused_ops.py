@@ -10,7 +10,14 @@ from conftest import hf_greedy, shared_prefix_prompts
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.config import RopeConfig
 from prefixbatch.execution.fused_ops import FusedKernels, fused_kernels
-from prefixbatch.execution.layers import RotaryEmbedding, apply_rope, rms_norm, silu_and_mul
+from prefixbatch.execution.layers import (
+    GemmaRMSNorm,
+    RotaryEmbedding,
+    apply_rope,
+    gelu_tanh_and_mul,
+    rms_norm,
+    silu_and_mul,
+)
 from prefixbatch.execution.models.fused_forward import FusedForward
 from prefixbatch.execution.sampler import torch_argmax
 
@@ -84,6 +91,33 @@ def test_silu_and_mul_matches_pytorch(kernels, t, intermediate, scale):  # type:
     got = kernels.silu_and_mul(gate_up)
     assert got.shape == (t, intermediate)
     torch.testing.assert_close(got, silu_and_mul(gate_up), **TOL)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("intermediate", [128, 1536])
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # 40: tanh saturated on both sides
+def test_gelu_tanh_and_mul_matches_pytorch(kernels, t, intermediate, scale):  # type: ignore[no-untyped-def]
+    torch.manual_seed(t + intermediate)
+    gate_up = scale * torch.randn(t, 2 * intermediate)
+    got = kernels.gelu_tanh_and_mul(gate_up)
+    assert got.shape == (t, intermediate)
+    # PyTorch's 0.5 g (1 + tanh(z)) cancels where tanh(z) is near -1 (g about -3): its error
+    # there is ~1e-7 of the gate's scale; the kernel's g * sigmoid(2z) does not cancel.
+    torch.testing.assert_close(got, gelu_tanh_and_mul(gate_up), rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_gemma_norms_run_on_the_kernels_with_their_one_plus_w_weight(kernels):  # type: ignore[no-untyped-def]
+    """``GemmaRMSNorm.kernel_weight`` (1 + w) makes the kernels compute Gemma's norm, on rows
+    and on heads in place."""
+    torch.manual_seed(3)
+    norm = GemmaRMSNorm(64, 1e-6)
+    torch.nn.init.normal_(norm.weight, std=0.5)
+    x = 3 * torch.randn(7, 64)
+    torch.testing.assert_close(kernels.rms_norm(x, norm.kernel_weight(), 1e-6), norm(x), **TOL)
+    qkv, q, _ = qkv_views(7, 4, 2, 64)
+    expected = norm(q)
+    kernels.rms_norm_(q, norm.kernel_weight(), 1e-6)
+    torch.testing.assert_close(q, expected, **TOL)
 
 
 @pytest.mark.parametrize("t", ROWS)

@@ -16,13 +16,15 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import dense_attention  # noqa: E402
+from prefixbatch.execution.attention.backend import LayerAttention  # noqa: E402
 from prefixbatch.execution.attention.kv_splits import (  # noqa: E402
     KVSplits,
     busy_tiles,
     choose_splits,
     splits_for,
 )
-from prefixbatch.execution.attention.shared_prefix import attend_lse  # noqa: E402
+from prefixbatch.execution.attention.reference import attend_lse  # noqa: E402
 from prefixbatch.execution.attention.step import AttentionStep, PrefixLevel, SeqStep  # noqa: E402
 from prefixbatch.execution.attention.triton_backend import (  # noqa: E402
     TritonBackend,
@@ -119,27 +121,6 @@ def random_step(rng: random.Random, block_size: int, max_depth: int = 3) -> Atte
     return maker.step()
 
 
-def reference(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, step: AttentionStep, scale: float
-) -> torch.Tensor:
-    """Every sequence's whole context gathered by its block table, causal softmax with the offset
-    ``context_len - q_len``, in float64 -> (T, H, D) float64. Ignores the levels."""
-    out = torch.empty(q.shape, dtype=torch.float64)
-    g = q.shape[1] // k_pool.shape[1]
-    bs = step.block_size
-    for s in step.seqs:
-        pos = torch.arange(s.context_len)
-        slots = torch.tensor(s.block_table)[pos // bs] * bs + pos % bs
-        k = k_pool.double().cpu()[slots].repeat_interleave(g, 1)  # (L, H, D)
-        v = v_pool.double().cpu()[slots].repeat_interleave(g, 1)
-        qs = q.double().cpu()[s.q_start : s.q_start + s.q_len]  # (n, H, D)
-        scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale
-        q_pos = torch.arange(s.q_len)[:, None] + s.context_len - s.q_len
-        scores = scores.masked_fill(pos[None, :] > q_pos, float("-inf"))
-        out[s.q_start : s.q_start + s.q_len] = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
-    return out
-
-
 def random_inputs(
     rng: random.Random, step: AttentionStep, device: str, group: int, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -177,7 +158,7 @@ def test_mixed_step_matches_reference(seed: int, device: str) -> None:
         meta = TritonMetadata.build(step, torch.device(device), q.shape[1] // k_pool.shape[1])
         got = triton_attention(q_d, k_d, v_d, meta, scale)
         assert got.dtype == dtype and got.shape == q.shape
-        expected_by_dtype[dtype] = reference(q_d, k_d, v_d, step, scale)
+        expected_by_dtype[dtype] = dense_attention(q_d, k_d, v_d, step, scale)
         err = max_rel_error(got, expected_by_dtype[dtype])
         assert err < TOLERANCE[dtype], f"{dtype}: max relative error {err:.2e}"
 
@@ -212,6 +193,59 @@ def test_prefix_partials_are_each_levels_attention(seed: int, device: str) -> No
         at += n
 
 
+# Gemma-like layers: windows shorter than most levels (1-3 blocks each, up to 3 deep), about
+# one level long, longer than any context; soft-capped scores with and without a window.
+LAYERS = {
+    "window-5": LayerAttention(window=5),
+    "window-16": LayerAttention(window=16),
+    "window-37-softcap": LayerAttention(window=37, softcap=4.0),
+    "window-4096": LayerAttention(window=4096),
+    "softcap": LayerAttention(softcap=1.5),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layer", LAYERS)
+def test_windows_and_softcaps_match_reference(layer: str, device: str) -> None:
+    """Random mixed steps under nested levels with a layer's sliding window and soft-cap, whole
+    and with the KV split (parts that start inside and before a window)."""
+    seed = list(LAYERS).index(layer) % 2
+    rng = random.Random(200 + seed)
+    torch.manual_seed(seed)
+    step = random_step(rng, (16, 32)[seed])
+    q, k_pool, v_pool, scale = random_inputs(rng, step, device, (4, 1)[seed], 32)
+    meta = TritonMetadata.build(step, torch.device(device), q.shape[1] // k_pool.shape[1])
+    attn = LAYERS[layer]
+    expected = dense_attention(q, k_pool, v_pool, step, scale, attn)
+    for splits in (KVSplits(), KVSplits(3, 2)):
+        got = triton_attention(q, k_pool, v_pool, meta, scale, splits, attn)
+        err = max_rel_error(got, expected)
+        assert err < 1e-5, f"{splits}: max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_level_before_every_window_adds_an_empty_partial(device: str) -> None:
+    """A decode row 40 positions past a 2-block level with a window of 20: the level's partial
+    for that row has no key (lse -1e30, weighing nothing); a row inside the window reads it."""
+    rng = random.Random(5)
+    maker = StepMaker(rng, 16, 64)
+    level = maker.blocks(2)
+    maker.seq(level, own_before=40, q_len=1)  # at position 72: sees 53..72
+    maker.seq(level, own_before=0, q_len=1)  # at position 32: sees 13..32
+    maker.levels = [PrefixLevel(0, 32, tuple(level), 0, 2, 0, 2, 0)]
+    step = maker.step()
+    q, k_pool, v_pool, scale = random_inputs(rng, step, device, 2, 32)
+    meta = TritonMetadata.build(step, torch.device(device), 2)
+    attn = LayerAttention(window=20)
+    _, lse = prefix_partials(q, k_pool, v_pool, meta, scale, 1, attn)
+    assert (lse[0, 0] == -1e30).all() and (lse[0, 1] > -1e29).all()
+    err = max_rel_error(
+        triton_attention(q, k_pool, v_pool, meta, scale, attn=attn),
+        dense_attention(q, k_pool, v_pool, step, scale, attn),
+    )
+    assert err < 1e-5, f"max relative error {err:.2e}"
+
+
 def long_decode_step(rng: random.Random, bs: int) -> AttentionStep:
     """What split-KV is for: decode rows below a 2-deep chain of long levels (6 and 3 blocks)
     and rows read whole, with long own KV (up to 200 positions), plus one prefill chunk."""
@@ -244,7 +278,7 @@ def test_split_kv_matches_reference(prefix: int, own: int, device: str) -> None:
     for dtype in dtypes_for(device):
         q_d, k_d, v_d = q.to(dtype), k_pool.to(dtype), v_pool.to(dtype)
         got = triton_attention(q_d, k_d, v_d, meta, scale, KVSplits(prefix, own))
-        err = max_rel_error(got, reference(q_d, k_d, v_d, step, scale))
+        err = max_rel_error(got, dense_attention(q_d, k_d, v_d, step, scale))
         assert got.dtype == dtype and err < TOLERANCE[dtype], f"{dtype}: {err:.2e}"
 
 
@@ -288,7 +322,7 @@ def test_padded_prefix_tiles_beyond_the_programs(device: str) -> None:
     assert meta.padded and busy_tiles(14, 4, meta.prefix_rows, True) == 1
     q, k_pool, v_pool, scale = random_inputs(rng, step, device, 4, 32)
     got = triton_attention(q, k_pool, v_pool, meta, scale, KVSplits(2, 1))
-    err = max_rel_error(got, reference(q, k_pool, v_pool, step, scale))
+    err = max_rel_error(got, dense_attention(q, k_pool, v_pool, step, scale))
     assert err < 1e-5, f"max relative error {err:.2e}"
 
 
@@ -322,7 +356,7 @@ def test_edge_shapes(device: str) -> None:
     v_pool = torch.randn_like(k_pool)
     meta = TritonMetadata.build(step, torch.device(device), 8)
     got = triton_attention(q, k_pool, v_pool, meta, 0.125)
-    err = max_rel_error(got, reference(q, k_pool, v_pool, step, 0.125))
+    err = max_rel_error(got, dense_attention(q, k_pool, v_pool, step, 0.125))
     assert err < 1e-5, f"max relative error {err:.2e}"
 
 
@@ -348,7 +382,7 @@ def test_backend_writes_kv_then_attends(device: str) -> None:
     assert torch.equal(cache.k[1, slots], k) and torch.equal(cache.v[1, slots], v)
     before_k[1, slots], before_v[1, slots] = k, v
     assert torch.equal(cache.k, before_k) and torch.equal(cache.v, before_v)
-    err = max_rel_error(got, reference(q, cache.k[1], cache.v[1], step, backend.scale))
+    err = max_rel_error(got, dense_attention(q, cache.k[1], cache.v[1], step, backend.scale))
     assert err < 1e-5, f"max relative error {err:.2e}"
 
 
@@ -413,16 +447,20 @@ def signature(fn, constexprs):
         else "*bf16" if a in data
         else "*fp32" if a in ("po_ptr", "plse_ptr", "so_ptr", "slse_ptr")
         else "*i32" if a.endswith("_ptr")
-        else "fp32" if a == "qk_scale"
+        else "fp32" if a in ("qk_scale", "cap_scale")
         else "i32"
         for a in fn.arg_names
     }
 
 tiles = dict(BLOCK_N=tk.BLOCK_N, HEAD_DIM=128, BLOCK_SIZE=16, PRECISION="tf32")
+plain = dict(SOFTCAP=False, SLIDING=False)
+gemma = dict(SOFTCAP=True, SLIDING=True)
 for fn, constexprs in (
-    (tk.prefix_level_kernel, dict(G=4, ROWS=16, BLOCK_M=64, **tiles)),
-    (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=False, **tiles)),
-    (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=True, **tiles)),
+    (tk.prefix_level_kernel, dict(G=4, ROWS=16, BLOCK_M=64, **tiles, **plain)),
+    (tk.prefix_level_kernel, dict(G=4, ROWS=16, BLOCK_M=64, **tiles, **gemma)),
+    (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=False, **tiles, **plain)),
+    (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=True, **tiles, **plain)),
+    (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=True, **tiles, **gemma)),
     (tk.merge_splits_kernel, dict(G=4, BLOCK_G=4, HEAD_DIM=128)),
     (tk.store_kv_kernel, dict(ROW=1024, BLOCK=1024)),
 ):

@@ -17,7 +17,8 @@ from .policy import Policy
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (``rope_type`` is ``default``, ``llama3`` or ``longrope``).
+    """Rotary embedding parameters (``rope_type`` is ``default``, ``linear``: positions divided
+    by ``factor`` (Gemma 3's global layers), ``llama3`` or ``longrope``).
 
     ``partial_rotary_factor``: the share of each head that is rotated (its first
     ``int(head_dim * factor)`` dimensions; Phi-4-mini: 0.75). ``attention_factor`` scales cos
@@ -70,6 +71,12 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool  # Hugging Face's ``attention_bias``; what it biases is the family's
     eos_token_ids: tuple[int, ...]
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q . k before the softmax: 1 / sqrt(head_dim), unless the family's
+        config sets another (Gemma's ``query_pre_attn_scalar``)."""
+        return self.head_dim**-0.5
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}

@@ -3,7 +3,8 @@ first use like vLLM's CPU ``_C`` ops.
 
 Eager PyTorch runs a layer's norms, residual adds, rope and SiLU-and-mul as a dozen small ops,
 each a pass over memory and a dispatch; the kernels do each in one pass, in place where they can
-(rope rotates q and k inside the fused qkv output). fp32 only; the engine switches them on with
+(rope rotates q and k inside the fused qkv output). SiLU- and GELU-and-mul gate the MLP of the
+Llama-style families and of Gemma. fp32 only; the engine switches them on with
 the other CPU fast paths (``kernels="auto"``, CPU, fp32). The plain PyTorch path in ``layers.py``
 is the reference they are tested against; without a C++ compiler the engine keeps it. The same
 module holds the greedy sampler's row argmax (torch's CPU argmax is a scalar loop: about 4 ms
@@ -41,6 +42,11 @@ class FusedKernels(Protocol):
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up (T, 2I) contiguous -> silu(gate) * up (T, I)."""
+        ...
+
+    def gelu_tanh_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up (T, 2I) contiguous -> gelu(gate) * up (T, I), gelu's tanh approximation
+        (Gemma's GeGLU)."""
         ...
 
     def rotary_embedding_(

@@ -134,7 +134,7 @@ class Worker:
 
     def _backend(self, name: str, cache: KVCache) -> AttentionBackend:
         cfg = self.model_config
-        return select_backend(name, cache, cfg.num_heads, cfg.head_dim**-0.5)
+        return select_backend(name, cache, cfg.num_heads, cfg.attention_scale)
 
     def _kv_blocks(self, backend_name: str) -> int:
         """Blocks of the KV pool: ``kv_cache_memory`` (or the CPU default) as a byte budget;

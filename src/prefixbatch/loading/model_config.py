@@ -53,33 +53,37 @@ def token_ids(value: int | list[int] | None) -> tuple[int, ...]:
 
 def normalise(hf: Any) -> ModelConfig:
     """A ``transformers.PretrainedConfig`` as its family's ``ModelConfig``; raises
-    ``UnsupportedModelError`` for an architecture or rope scaling the engine does not run."""
+    ``UnsupportedModelError`` for an architecture or rope scaling the engine does not run.
+    A multimodal checkpoint's decoder is read from its text config (``get_text_config``), the
+    part the engine runs; its EOS ids from the top level where it sets them."""
     family = family_for(
         list(getattr(hf, "architectures", None) or []), getattr(hf, "model_type", "?")
     )
-    heads = hf.num_attention_heads
+    text = hf.get_text_config()
+    heads = text.num_attention_heads
+    eos = getattr(hf, "eos_token_id", None)
     common = ModelConfig(
         architecture=family.name,
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_layers=hf.num_hidden_layers,
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_layers=text.num_hidden_layers,
         num_heads=heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
-        rms_norm_eps=hf.rms_norm_eps,
-        rope=rope_config(hf),
-        max_position=hf.max_position_embeddings,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        rms_norm_eps=text.rms_norm_eps,
+        rope=rope_config(text),
+        max_position=text.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        attention_bias=bool(getattr(hf, "attention_bias", False)),
-        eos_token_ids=token_ids(hf.eos_token_id),
+        attention_bias=bool(getattr(text, "attention_bias", False)),
+        eos_token_ids=token_ids(eos if eos is not None else getattr(text, "eos_token_id", None)),
     )
     return family.read_config(common, hf)
 
 
 def rope_config(hf: Any) -> RopeConfig:
     """The rotary embedding's parameters; raises ``UnsupportedModelError`` for a scaling other
-    than none, ``llama3`` or ``longrope`` (``su`` in early Phi-3 configs)."""
+    than none, ``linear``, ``llama3`` or ``longrope`` (``su`` in early Phi-3 configs)."""
     # transformers 5 keeps everything in rope_parameters; 4.x uses rope_theta + rope_scaling.
     params = dict(getattr(hf, "rope_parameters", None) or {})
     scaling = dict(getattr(hf, "rope_scaling", None) or {})
@@ -89,12 +93,13 @@ def rope_config(hf: Any) -> RopeConfig:
     rope_type = {"su": "longrope"}.get(rope_type, rope_type)
     partial = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
     partial = float(partial or 1.0)
-    if rope_type not in ("default", "llama3", "longrope"):
+    if rope_type not in ("default", "linear", "llama3", "longrope"):
         raise UnsupportedModelError(
-            f"unsupported rope scaling {rope_type!r}; supported: llama3, longrope"
+            f"unsupported rope scaling {rope_type!r}; supported: linear, llama3, longrope"
         )
-    if rope_type == "default":
-        return RopeConfig(theta=theta, partial_rotary_factor=partial)
+    if rope_type in ("default", "linear"):
+        factor = float(params.get("factor", 1.0))
+        return RopeConfig(theta, rope_type, factor=factor, partial_rotary_factor=partial)
     if rope_type == "longrope":
         return longrope_config(hf, params, theta, partial)
     return RopeConfig(

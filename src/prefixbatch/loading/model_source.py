@@ -161,8 +161,21 @@ _GGUF_LAYER_NAMES = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
-# Where an architecture's file means something else by a name: Phi-3's ffn_up is gate and up.
-_GGUF_ARCH_LAYER_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}
+# Where an architecture's file means something else by a name: Phi-3's ffn_up is gate and up;
+# Gemma's norms around attention and MLP (its ffn_norm is the pre-MLP one).
+_GEMMA_LAYER_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GGUF_ARCH_LAYER_NAMES = {
+    "phi3": {"ffn_up": "mlp.gate_up_proj"},
+    "gemma2": _GEMMA_LAYER_NAMES,
+    "gemma3": _GEMMA_LAYER_NAMES,
+}
+# What llama.cpp's converter adds to an architecture's norm weights (Gemma's norms scale by
+# 1 + w; its files store 1 + w), subtracted again here.
+_GGUF_NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}
 # The experts' projections, stacked (E, out, in) in the file: one tensor per expert here.
 _GGUF_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj"}
 _GGUF_EXPERT_NAMES |= {"ffn_down_exps": "down_proj"}
@@ -194,6 +207,8 @@ def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, 
             name = f"model.layers.{layer}.{layer_names[kind]}.{suffix}"
             if kind == "ffn_gate_inp_shexp":
                 weight = weight.reshape(1, -1)  # (hidden,) in the file, a (1, hidden) projection
+        if name.endswith("norm.weight") and arch in _GGUF_NORM_SHIFT:
+            weight -= _GGUF_NORM_SHIFT[arch]
         if llama_like and name.endswith(("q_proj.weight", "k_proj.weight")):
             # llama.cpp interleaves the rotary halves of q/k; undo it for the HF layout.
             n = heads if "q_proj" in name else kv_heads

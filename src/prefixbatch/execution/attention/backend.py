@@ -23,13 +23,39 @@ from ..upload import Staged, upload
 from .step import AttentionStep
 
 
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one layer's attention adds to causal softmax attention; every backend applies it.
+
+    ``window`` (None: global attention): a query at position ``p`` attends only to keys at
+    positions ``(p - window, p]`` (sliding-window attention: Mistral, Gemma 2/3; Hugging Face's
+    mask ``kv_idx > q_idx - sliding_window``). ``softcap`` (None: off): each scaled score ``s``
+    becomes ``softcap * tanh(s / softcap)`` before the softmax (Gemma 2's
+    ``attn_logit_softcapping``). Raises ValueError for a window below 1 or a cap not above 0.
+    """
+
+    window: int | None = None
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"a sliding window of {self.window} positions")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"a soft-cap of {self.softcap}")
+
+
+FULL_ATTENTION = LayerAttention()
+
+
 class AttentionBackend(ABC):
     """Writes a step's new K/V into the paged cache and computes attention for every row.
 
     Contract: ``forward`` gets q (T, H, D), k and v (T, KVH, D) for the flattened step and returns
     (T, H, D): for each row, exact softmax attention over the positions its sequence attends
-    (causal), whatever way the backend splits the work (prefix levels read once per group and
-    merged by log-sum-exp, or the whole context per row).
+    (causal, within the layer's window, scores soft-capped: ``LayerAttention``), whatever way the
+    backend splits the work (prefix levels read once per group and merged by log-sum-exp, or the
+    whole context per row). A sliding layer reads only the window of a shared prefix: a level
+    wholly before a row's window adds nothing to that row.
 
     ``shares_prefix``: whether the backend reads prefix levels once for all rows below them (the
     runner then describes the step's levels for sequences whose shared prefix has at least
@@ -59,7 +85,13 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: Any,
+        attn: LayerAttention = FULL_ATTENTION,
     ) -> torch.Tensor: ...
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

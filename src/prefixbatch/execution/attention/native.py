@@ -7,9 +7,10 @@ The attention kernels read K/V straight from the paged pool, with no gathered co
 reads each shared prefix level once for all the decode rows below it and merges it into their
 results by log-sum-exp (cascade attention, after BatchLLM, Hydragen and FlashInfer).
 ``prefill_attention`` attends prefill chunks causally over their sequences. ``write_kv`` stores
-a step's new K/V rows. The build (``native_build.py``) happens once per machine and source
-version; without a C++ compiler, or with ``kernels="torch"``, the engine keeps the plain PyTorch
-path.
+a step's new K/V rows. Each attention kernel takes the layer's sliding window (reading only the
+blocks inside it) and soft-cap (``LayerAttention``). The build (``native_build.py``) happens
+once per machine and source version; without a C++ compiler, or with ``kernels="torch"``, the
+engine keeps the plain PyTorch path.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from ..kv_cache import KVCache
 from ..native_build import build_extension
 from ..upload import Staged
 from .backend import (
+    FULL_ATTENTION,
     AttentionBackend,
     DecodeBatch,
+    LayerAttention,
     padded_rows,
     slot_mapping,
 )
@@ -52,10 +55,14 @@ class DecodeKernels(Protocol):
         lengths: torch.Tensor,
         block_size: int,
         scale: float,
+        window: int,
+        softcap: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, H, D) against the first ``lengths[b]`` positions held in blocks
         ``block_tables[b]`` (B, NB) int64 of the pools (slots, KVH, D) -> out (B, H, D) and the
-        log-sum-exp of the scores, lse (B, H). fp32; q may be a row-strided view."""
+        log-sum-exp of the scores, lse (B, H). fp32; q may be a row-strided view. ``window``
+        > 0: only each row's last ``window`` positions; ``softcap`` > 0: soft-capped scores
+        (``LayerAttention``; 0 is off for both)."""
         ...
 
     def attend_prefix_levels(
@@ -71,9 +78,15 @@ class DecodeKernels(Protocol):
         level_rows: torch.Tensor,
         block_size: int,
         scale: float,
+        level_starts: torch.Tensor,
+        positions: torch.Tensor,
+        window: int,
+        softcap: float,
     ) -> None:
         """Merges prefix levels (``DecodeLevels``' fields, in order) into ``out`` and ``lse``
-        (``paged_decode``'s, over the rows' own blocks), in place."""
+        (``paged_decode``'s, over the rows' own blocks), in place. With ``window`` > 0 a row
+        at position ``positions[b]`` reads only the level positions after
+        ``positions[b] - window`` (a level starts at ``level_starts[l]``)."""
         ...
 
     def prefill_attention(
@@ -88,10 +101,13 @@ class DecodeKernels(Protocol):
         context_len: torch.Tensor,
         block_size: int,
         scale: float,
+        window: int,
+        softcap: float,
     ) -> None:
         """Fills ``out`` (T, H, D) contiguous at each chunk's rows ``[q_start[s], + q_len[s])``:
         their causal attention over positions ``[0, context_len[s])`` held in
-        ``block_tables[s]`` (S, NB). q (T, H, D) may be a row-strided view."""
+        ``block_tables[s]`` (S, NB), each query's last ``window`` only for ``window`` > 0.
+        q (T, H, D) may be a row-strided view."""
         ...
 
     def write_kv(
@@ -127,13 +143,16 @@ class PrefillBatch:
 @dataclass(frozen=True)
 class DecodeLevels:
     """Shared prefix levels read by the rows of a decode batch besides their own blocks: level
-    ``l`` holds ``lengths[l]`` positions (whole blocks) in ``block_ids[l]`` and is read by the
-    batch's rows ``rows[row_ptr[l]:row_ptr[l + 1]]`` (indices into the batch, not the step)."""
+    ``l`` holds ``lengths[l]`` positions (whole blocks) from position ``starts[l]`` in
+    ``block_ids[l]`` and is read by the batch's rows ``rows[row_ptr[l]:row_ptr[l + 1]]``
+    (indices into the batch, not the step), whose query positions are ``positions``."""
 
     block_ids: torch.Tensor  # (L, NBL) padded with 0
     lengths: torch.Tensor  # (L,)
     row_ptr: torch.Tensor  # (L + 1,)
     rows: torch.Tensor  # (R,)
+    starts: torch.Tensor  # (L,)
+    positions: torch.Tensor  # (B,) query position of each row of the decode batch
 
 
 @dataclass(frozen=True)
@@ -152,13 +171,14 @@ def decode_levels(step: AttentionStep, decode: np.ndarray) -> dict[str, np.ndarr
     nothing when no level has one."""
     batch_row = np.full(step.num_seqs, -1, dtype=np.int64)
     batch_row[decode] = np.arange(len(decode))
-    tables, lengths, row_ptr, rows = [], [], [0], []
+    tables, lengths, starts, row_ptr, rows = [], [], [], [0], []
     for lvl in step.levels:
         below = batch_row[lvl.first_seq : lvl.first_seq + lvl.num_seqs]
         read_by = below[below >= 0]
         if len(read_by):
             tables.append(lvl.block_ids)
             lengths.append(lvl.end - lvl.start)
+            starts.append(lvl.start)
             rows.append(read_by)
             row_ptr.append(row_ptr[-1] + len(read_by))
     if not tables:
@@ -168,6 +188,8 @@ def decode_levels(step: AttentionStep, decode: np.ndarray) -> dict[str, np.ndarr
         "l_lengths": np.array(lengths, dtype=np.int64),
         "l_row_ptr": np.array(row_ptr, dtype=np.int64),
         "l_rows": np.concatenate(rows),
+        "l_starts": np.array(starts, dtype=np.int64),
+        "l_positions": step.context_len[decode] - 1,
     }
 
 
@@ -213,7 +235,11 @@ class CpuBackend(AttentionBackend):
                 )
             levels = None
             if "l_rows" in t:
-                levels = DecodeLevels(t["l_block_ids"], t["l_lengths"], t["l_row_ptr"], t["l_rows"])
+                levels = DecodeLevels(
+                    *(t[f"l_{key}"] for key in ("block_ids", "lengths", "row_ptr", "rows")),
+                    t["l_starts"],
+                    t["l_positions"],
+                )
             return CpuMetadata(t["slots"], batch, plan.tensors(t)[1], levels)
 
         return Staged(arrays, build)
@@ -222,23 +248,29 @@ class CpuBackend(AttentionBackend):
         self.kernels.write_kv(self.cache.k[layer], self.cache.v[layer], slots, k, v)
 
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: CpuMetadata
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: CpuMetadata,
+        attn: LayerAttention = FULL_ATTENTION,
     ) -> torch.Tensor:
         self.write_kv(layer, k, v, meta.slot_mapping)
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
         d = meta.decode
         if meta.prefill is None and d is not None:
             # Every row is a decode row, in row order: no gather of the queries, no scatter.
-            return self.decode(q, k_pool, v_pool, d, meta.levels)
+            return self.decode(q, k_pool, v_pool, d, meta.levels, attn)
         out = q.new_empty(q.shape)
         if meta.prefill is not None:
             p = meta.prefill
             self.kernels.prefill_attention(
                 q, k_pool, v_pool, out, p.block_ids, p.q_start, p.q_len, p.context_len,
-                self.cache.block_size, self.scale,
+                self.cache.block_size, self.scale, *kernel_options(attn),
             )  # fmt: skip
         if d is not None:
-            out[d.rows] = self.decode(q[d.rows], k_pool, v_pool, d, meta.levels)
+            out[d.rows] = self.decode(q[d.rows], k_pool, v_pool, d, meta.levels, attn)
         return out
 
     def decode(
@@ -248,14 +280,22 @@ class CpuBackend(AttentionBackend):
         v_pool: torch.Tensor,
         d: DecodeBatch,
         levels: DecodeLevels | None,
+        attn: LayerAttention,
     ) -> torch.Tensor:
         """The decode rows' queries q (B, H, D), rows possibly strided -> their attention
         (B, H, D) contiguous."""
-        bs, scale = self.cache.block_size, self.scale
-        out, lse = self.kernels.paged_decode(q, k_pool, v_pool, d.block_ids, d.lengths, bs, scale)
+        bs, scale, options = self.cache.block_size, self.scale, kernel_options(attn)
+        out, lse = self.kernels.paged_decode(
+            q, k_pool, v_pool, d.block_ids, d.lengths, bs, scale, *options
+        )
         if levels is not None:
             self.kernels.attend_prefix_levels(
                 q, k_pool, v_pool, out, lse, levels.block_ids, levels.lengths, levels.row_ptr,
-                levels.rows, bs, scale,
+                levels.rows, bs, scale, levels.starts, levels.positions, *options,
             )  # fmt: skip
         return out
+
+
+def kernel_options(attn: LayerAttention) -> tuple[int, float]:
+    """A layer's window and soft-cap as the kernels take them: (window, softcap), 0 for off."""
+    return attn.window or 0, attn.softcap or 0.0

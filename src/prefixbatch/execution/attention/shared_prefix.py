@@ -3,7 +3,8 @@
 For each prefix segment in a step, the stacked queries of every sequence below it attend to the
 segment's KV in one matrix product, so a prefix is read once per step instead of once per
 member. Each member then attends causally to its own KV, and all partial results merge through
-their log-sum-exp. Rows outside groups go through the reference path.
+their log-sum-exp. Rows outside groups go through the reference path. In a sliding-window layer
+a segment is read only by the rows whose window reaches into it, masked to the window.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import torch
 
 from ..upload import Staged
 from .backend import (
+    FULL_ATTENTION,
     DecodeBatch,
+    LayerAttention,
     PrefillSlice,
-    decode_kv,
+    query_positions,
     slot_mapping,
 )
-from .reference import ContextPlan, ReferenceBackend, causal_mask
+from .reference import ContextPlan, ReferenceBackend, attend_lse, attend_lse_decode, causal_mask
 from .step import AttentionStep
 
 # Query rows per prefix matmul: bounds the (KVH, rows * G, P) score tensor on long prefixes.
@@ -33,6 +36,7 @@ class PrefixSegment:
 
     slots: torch.Tensor  # (P,) the level's own positions (after its parent level's)
     rows: torch.Tensor  # (Q,) query rows of every sequence below this level
+    start: int  # the position of its first slot
 
 
 @dataclass(frozen=True)
@@ -41,54 +45,12 @@ class SharedPrefixMetadata:
     (read once for all their rows) plus each sequence's own part."""
 
     slot_mapping: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,) each row's query position
     prefills: tuple[PrefillSlice, ...]
     decode: DecodeBatch | None
     segments: tuple[PrefixSegment, ...]
     members: tuple[PrefillSlice, ...]  # own part of member prefill chunks
     member_decode: DecodeBatch | None  # own part of members with one query row
-
-
-def attend_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (n, H, D) against k, v (L, KVH, D) -> out (n, H, D), lse (n, H), both fp32.
-
-    GQA: the G query heads of a KV head are packed into the rows, so k/v are never expanded.
-    ``mask`` (n, L) marks attended positions (None: all).
-    """
-    n, h, d = q.shape
-    kvh = k.shape[1]
-    g = h // kvh
-    qg = q.float().view(n, kvh, g, d).permute(1, 0, 2, 3).reshape(kvh, n * g, d)
-    scores = torch.bmm(qg, k.float().permute(1, 2, 0)) * scale  # (KVH, n*G, L)
-    if mask is not None:
-        scores = scores.view(kvh, n, g, -1).masked_fill(~mask[None, :, None, :], float("-inf"))
-        scores = scores.view(kvh, n * g, -1)
-    lse = torch.logsumexp(scores, dim=-1)  # (KVH, n*G)
-    out = torch.bmm(torch.exp(scores - lse[..., None]), v.float().transpose(0, 1))  # (KVH, n*G, D)
-    out = out.view(kvh, n, g, d).permute(1, 0, 2, 3).reshape(n, h, d)
-    return out, lse.view(kvh, n, g).permute(1, 0, 2).reshape(n, h)
-
-
-def attend_lse_decode(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    d: DecodeBatch,
-    scale: float,
-    block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query row per sequence, q (B, H, D), against padded own KV -> (B, H, D), (B, H)."""
-    b, h, dim = q.shape
-    kvh = k_pool.shape[1]
-    k, v = decode_kv(k_pool, v_pool, d, block_size)  # (B, KVH, Lmax, D)
-    k, v = k.float(), v.float()
-    scores = torch.matmul(q.float().view(b, kvh, h // kvh, dim), k.transpose(-1, -2)) * scale
-    # scores: (B, KVH, G, Lmax)
-    scores = scores.masked_fill(~d.mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (B, KVH, G)
-    out = torch.matmul(torch.exp(scores - lse[..., None]), v)  # (B, KVH, G, D)
-    return out.reshape(b, h, dim), lse.reshape(b, h)
 
 
 def merge(
@@ -110,7 +72,7 @@ class SharedPrefixBackend(ReferenceBackend):
 
     def stage(self, step: AttentionStep) -> Staged[SharedPrefixMetadata]:
         bs = step.block_size
-        arrays = {"slots": slot_mapping(step)}
+        arrays = {"slots": slot_mapping(step), "positions": query_positions(step)[1]}
         for i, lvl in enumerate(step.levels):
             blocks = np.asarray(lvl.block_ids, dtype=np.int64)
             arrays[f"seg{i}"] = (blocks[:, None] * bs + np.arange(bs)[None, :]).reshape(-1)
@@ -119,13 +81,14 @@ class SharedPrefixBackend(ReferenceBackend):
         members = np.flatnonzero(step.shared_len > 0)
         plain_plan = ContextPlan.build(step, plain, True, arrays)
         member_plan = ContextPlan.build(step, members, True, arrays, tag="m")
-        levels = len(step.levels)
+        starts = [lvl.start for lvl in step.levels]
 
         def build(t: dict[str, torch.Tensor]) -> SharedPrefixMetadata:
-            segments = tuple(PrefixSegment(t[f"seg{i}"], t[f"rows{i}"]) for i in range(levels))
-            return SharedPrefixMetadata(
-                t["slots"], *plain_plan.tensors(t), segments, *member_plan.tensors(t)
+            segments = tuple(
+                PrefixSegment(t[f"seg{i}"], t[f"rows{i}"], start) for i, start in enumerate(starts)
             )
+            plain, members = plain_plan.tensors(t), member_plan.tensors(t)
+            return SharedPrefixMetadata(t["slots"], t["positions"], *plain, segments, *members)
 
         return Staged(arrays, build)
 
@@ -136,9 +99,10 @@ class SharedPrefixBackend(ReferenceBackend):
         k: torch.Tensor,
         v: torch.Tensor,
         meta: SharedPrefixMetadata,
+        attn: LayerAttention = FULL_ATTENTION,
     ) -> torch.Tensor:
         self.write_kv(layer, k, v, meta.slot_mapping)
-        out = self.attend(layer, q, meta.prefills, meta.decode, torch.empty_like(q))
+        out = self.attend(layer, q, meta.prefills, meta.decode, torch.empty_like(q), attn)
         if not meta.segments:
             return out
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
@@ -148,25 +112,41 @@ class SharedPrefixBackend(ReferenceBackend):
         for seg in meta.segments:
             pk = k_pool.index_select(0, seg.slots)  # (P, KVH, D): read once for all rows below
             pv = v_pool.index_select(0, seg.slots)
-            for i in range(0, len(seg.rows), _PREFIX_ROWS):
-                rows = seg.rows[i : i + _PREFIX_ROWS]
-                o, lse = attend_lse(q.index_select(0, rows), pk, pv, None, self.scale)
+            seg_rows, mask = self.segment_rows(seg, meta.positions, attn.window)
+            for i in range(0, len(seg_rows), _PREFIX_ROWS):
+                rows = seg_rows[i : i + _PREFIX_ROWS]
+                part = None if mask is None else mask[i : i + _PREFIX_ROWS]
+                o, lse = attend_lse(q.index_select(0, rows), pk, pv, part, self.scale, attn.softcap)
                 acc_o[rows], acc_lse[rows] = merge(acc_o[rows], acc_lse[rows], o, lse)
         for m in meta.members:
             rows = slice(m.q_start, m.q_start + m.q_len)
-            mask = causal_mask(m.q_len, len(m.kv_slots), q.device)
+            mask = causal_mask(m.q_len, len(m.kv_slots), q.device, attn.window)
             o, lse = attend_lse(
                 q[rows],
                 k_pool.index_select(0, m.kv_slots),
                 v_pool.index_select(0, m.kv_slots),
                 mask,
                 self.scale,
+                attn.softcap,
             )
             out[rows] = merge(acc_o[rows], acc_lse[rows], o, lse)[0].to(out.dtype)
         if meta.member_decode is not None:
             rows = meta.member_decode.rows
             o, lse = attend_lse_decode(
-                q[rows], k_pool, v_pool, meta.member_decode, self.scale, self.cache.block_size
+                q[rows], k_pool, v_pool, meta.member_decode, self.scale, self.cache.block_size, attn
             )
             out[rows] = merge(acc_o[rows], acc_lse[rows], o, lse)[0].to(out.dtype)
         return out
+
+    @staticmethod
+    def segment_rows(
+        seg: PrefixSegment, positions: torch.Tensor, window: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows that read a segment and their mask (Q', P) over its positions (None: all):
+        with a window, only the rows whose window ``(p - window, p]`` reaches into it."""
+        if window is None:
+            return seg.rows, None
+        first = positions[seg.rows] - window + 1  # each row's first visible position
+        keys = seg.start + torch.arange(len(seg.slots), device=positions.device)
+        reached = first <= seg.start + len(seg.slots) - 1
+        return seg.rows[reached], keys[None, :] >= first[reached, None]

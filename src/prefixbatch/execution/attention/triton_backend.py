@@ -14,7 +14,7 @@ import torch
 
 from ..kv_cache import KVCache
 from ..upload import Staged
-from .backend import AttentionBackend
+from .backend import FULL_ATTENTION, AttentionBackend, LayerAttention
 from .kv_splits import KVSplits, busy_tiles, choose_splits
 from .step import AttentionStep, SeqStep
 from .triton_metadata import PREFIX_TILE_M, MetadataShape, TritonMetadata
@@ -81,12 +81,13 @@ class TritonBackend(AttentionBackend):
         k: torch.Tensor,
         v: torch.Tensor,
         metadata: TritonMetadata,
+        attn: LayerAttention = FULL_ATTENTION,
     ) -> torch.Tensor:
         """Attention of layer ``layer`` for the step ``metadata`` was prepared for."""
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
         self._kernels.write_kv(k, v, k_pool, v_pool, metadata.slot_mapping)
         splits = self.splits(metadata)
-        return self._kernels.triton_attention(q, k_pool, v_pool, metadata, self.scale, splits)
+        return self._kernels.triton_attention(q, k_pool, v_pool, metadata, self.scale, splits, attn)
 
     def splits(self, metadata: TritonMetadata) -> KVSplits:
         """How the step's KV is split: a function of sizes only, so a CUDA-graph bucket (fixed

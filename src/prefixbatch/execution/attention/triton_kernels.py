@@ -17,8 +17,12 @@ small step's own KV is split).
    ``reduce_segments``). When to split is ``kv_splits.py``'s choice.
 
 The loops follow Triton's fused-attention tutorial: scores in base 2 (``scale * log2(e)``, then
-``exp2``), fp32 accumulation, one rescale of the accumulator per KV tile. Keys are gathered per
-position through the sequence's own block table, which starts at its ``shared_len`` (slot
+``exp2``), fp32 accumulation, one rescale of the accumulator per KV tile. Two compile-time
+switches add a layer's ``LayerAttention``: ``SOFTCAP`` caps the scores (``softcap * tanh(s /
+softcap)``, Gemma 2) and ``SLIDING`` keeps each query's last ``window`` positions: a tile starts
+its KV loop at its first query's window and masks per row, so a prefix level wholly before every
+row's window reads nothing and adds an empty partial. Keys are gathered per position through
+the sequence's own block table, which starts at its ``shared_len`` (slot
 ``table[p // block_size - shared_len // block_size] * block_size + p % block_size``), so tiles
 need not align with blocks. fp32 inputs use IEEE dot products (not TF32), so they match
 the PyTorch reference to ~1e-6.
@@ -77,10 +81,26 @@ def _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, strid
 
 
 @triton.jit
-def _softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
-    """One online-softmax update with a KV tile; ``valid`` (M, N) masks the scores. Returns the
-    new running max (base 2), denominator and unnormalised output, all fp32."""
+def _tanh(x):
+    """tanh from exp2 (the interpreter and every GPU have it): sign(x) (1 - e) / (1 + e) with
+    e = exp(-2 |x|), which never overflows."""
+    e = tl.exp2(tl.abs(x) * -2.0 * LOG2E)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _softmax_step(
+    q, k, v, valid, m_i, l_i, acc, qk_scale, cap_scale,
+    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax update with a KV tile; ``valid`` (M, N) masks the scores. Scores are
+    ``dot * qk_scale`` (base 2), or with ``SOFTCAP`` ``tanh(dot * qk_scale) * cap_scale``
+    (``qk_scale`` = scale / softcap, ``cap_scale`` = softcap * log2(e)). Returns the new
+    running max (base 2), denominator and unnormalised output, all fp32."""
     s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    if SOFTCAP:
+        s = _tanh(s) * cap_scale
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
@@ -139,12 +159,13 @@ _METADATA_PTRS = (
     "tile_level_ptr", "tile_row0_ptr", "tile_seq_ptr", "tile_q0_ptr",
     "lvl_row_start_ptr", "lvl_row_end_ptr", "lvl_len_ptr", "lvl_out_ptr", "lvl_blocks_ptr",
     "seq_q_start_ptr", "seq_q_len_ptr", "seq_ctx_ptr", "seq_shared_ptr", "seq_num_levels_ptr",
-    "block_table_ptr", "seq_levels_ptr", "slot_ptr",
+    "block_table_ptr", "seq_levels_ptr", "slot_ptr", "row_pos_ptr", "lvl_start_ptr",
 )  # fmt: skip
-# Integer arguments that change from step to step (see the module docstring).
+# Integer arguments that change from step to step (see the module docstring), or from layer to
+# layer (the window).
 _PER_STEP_INTS = (
     "num_tiles", "stride_lvl_blocks", "stride_table", "stride_seq_levels",
-    "stride_ps", "stride_ls", "stride_os", "stride_ols", "prefix_splits", "num_splits",
+    "stride_ps", "stride_ls", "stride_os", "stride_ols", "prefix_splits", "num_splits", "window",
 )  # fmt: skip
 
 
@@ -161,15 +182,19 @@ def _jit(fn):  # type: ignore[no-untyped-def]
 @triton.jit
 def _level_tile(
     q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
+    row_pos_ptr, lvl_start_ptr,
     lvl, row0, row_start, row_end,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
-    qk_scale,
+    qk_scale, cap_scale, window,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
 ):  # fmt: skip
     """One tile of level ``lvl`` (rows from ``row0``), KV head ``program_id(1)``, its part
-    ``program_id(2)`` of the level's KV: the partial output and log-sum-exp of its rows."""
+    ``program_id(2)`` of the level's KV: the partial output and log-sum-exp of its rows. With
+    ``SLIDING`` a row at position ``p`` reads the level's positions after ``p - window`` only,
+    and the tile's loop starts where its first row's window does."""
     kvh = tl.program_id(1)
     length = tl.load(lvl_len_ptr + lvl)
     rows, heads, row_ok = _packed_rows(row0, row_end, kvh, G, ROWS, BLOCK_M)
@@ -178,14 +203,24 @@ def _level_tile(
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    start, end = _split_range(0, length, BLOCK_N)
+    lo = 0
+    if SLIDING:  # level-relative position of each row's first visible key
+        seen = tl.load(row_pos_ptr + rows, mask=row_ok, other=2**30) - window + 1
+        seen -= tl.load(lvl_start_ptr + lvl)
+        lo = tl.minimum(tl.maximum(tl.min(seen, 0), 0), length)
+    start, end = _split_range(lo, length, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):  # the level's KV: read once for every row of the tile
         pos = n0 + tl.arange(0, BLOCK_N)
         ok = pos < end
         blk = tl.load(lvl_blocks_ptr + lvl * stride_lvl_blocks + pos // BLOCK_SIZE, mask=ok)
         slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         k, v = _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, stride_vh, d)
-        m_i, l_i, acc = _softmax_step(q, k, v, ok[None, :], m_i, l_i, acc, qk_scale, PRECISION)
+        valid = ok[None, :]
+        if SLIDING:
+            valid = valid & (pos[None, :] >= seen[:, None])
+        m_i, l_i, acc = _softmax_step(
+            q, k, v, valid, m_i, l_i, acc, qk_scale, cap_scale, PRECISION, SOFTCAP
+        )
 
     out, lse = _finish(m_i, l_i, acc)  # lse: natural log, like torch.logsumexp
     out_row = (tl.load(lvl_out_ptr + lvl) + rows - row_start).to(tl.int64)
@@ -198,11 +233,13 @@ def prefix_level_kernel(
     q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr,
     tile_level_ptr, tile_row0_ptr, num_tiles,
     lvl_row_start_ptr, lvl_row_end_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
+    row_pos_ptr, lvl_start_ptr,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
-    qk_scale,
+    qk_scale, cap_scale, window,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
 ):  # fmt: skip
     """Program ``(p, kvh, split)`` takes tiles ``p, p + num_programs(0), ...`` of the
     ``num_tiles`` until the list ends or reaches its padding (tiles of the null level, which
@@ -216,10 +253,12 @@ def prefix_level_kernel(
         if row_end > row_start:
             _level_tile(
                 q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
+                row_pos_ptr, lvl_start_ptr,
                 lvl, tl.load(tile_row0_ptr + tile), row_start, row_end,
                 stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                 stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
-                qk_scale, G, ROWS, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_SIZE, PRECISION,
+                qk_scale, cap_scale, window,
+                G, ROWS, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_SIZE, PRECISION, SOFTCAP, SLIDING,
             )  # fmt: skip
             tile += tl.num_programs(0)
         else:
@@ -235,14 +274,15 @@ def own_kv_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_vs, stride_vh,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_table, stride_seq_levels,
     stride_os, stride_ols, prefix_splits,
-    qk_scale,
+    qk_scale, cap_scale, window,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
 ):  # fmt: skip
     """With ``SPLIT``, program ``(tile, kvh, s)`` writes the normalised partial of its part of
     the own KV (split 0 also merges the levels) to ``so``/``slse``, fp32 buffers laid out like
-    the level partials ``po``/``plse`` (splits, T, H[, D]); without, the output to ``o``."""
+    the level partials ``po``/``plse`` (splits, T, H[, D]); without, the output to ``o``. With
+    ``SLIDING`` the KV loop starts at the tile's first query's window."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
@@ -281,7 +321,10 @@ def own_kv_kernel(
             m_i, l_i, acc = _merge_partial(m_i, l_i, acc, o_p, lse)
 
     last = ctx - q_len + tl.minimum(q0 + ROWS, q_len)  # one past the tile's last query position
-    start, end = _split_range(shared, last, BLOCK_N)
+    lo = shared
+    if SLIDING:  # the first position the tile's first query sees
+        lo = tl.maximum(shared, ctx - q_len + q0 - window + 1)
+    start, end = _split_range(lo, last, BLOCK_N)
     table = block_table_ptr + seq * stride_table - shared // BLOCK_SIZE  # own blocks from shared
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
@@ -290,7 +333,11 @@ def own_kv_kernel(
         slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         k, v = _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, stride_vh, d)
         valid = ok[None, :] & (pos[None, :] <= q_pos[:, None])
-        m_i, l_i, acc = _softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION)
+        if SLIDING:
+            valid = valid & (pos[None, :] > q_pos[:, None] - window)
+        m_i, l_i, acc = _softmax_step(
+            q, k, v, valid, m_i, l_i, acc, qk_scale, cap_scale, PRECISION, SOFTCAP
+        )
 
     out, lse = _finish(m_i, l_i, acc)
     if SPLIT:  # laid out like the level partials: (splits, T, H, D) and (splits, T, H)

@@ -12,6 +12,7 @@ import torch
 import triton
 
 from . import triton_kernels as kernels
+from .backend import FULL_ATTENTION, LayerAttention
 from .kv_splits import NO_SPLITS, KVSplits, busy_tiles
 from .triton_metadata import TritonMetadata
 
@@ -23,6 +24,20 @@ def _tile_m(rows: int, group: int) -> int:
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 dots
+
+
+def _scores(scale: float, attn: LayerAttention) -> dict[str, float | int | bool]:
+    """The kernels' score arguments for a layer: ``qk_scale`` and ``cap_scale`` (see
+    ``_softmax_step``), the ``window`` and the ``SOFTCAP`` / ``SLIDING`` switches."""
+    log2e = kernels.LOG2E.value
+    cap = attn.softcap
+    return {
+        "qk_scale": scale * log2e if cap is None else scale / cap,
+        "cap_scale": 1.0 if cap is None else cap * log2e,
+        "window": attn.window or 0,
+        "SOFTCAP": cap is not None,
+        "SLIDING": attn.window is not None,
+    }
 
 
 def _check(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> tuple[int, int, int]:
@@ -45,10 +60,12 @@ def prefix_partials(
     meta: TritonMetadata,
     scale: float,
     splits: int = 1,
+    attn: LayerAttention = FULL_ATTENTION,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every level's rows against the level's KV, split into ``splits`` parts of whole KV
     tiles: q (T, H, D), pools (slots, KVH, D) -> o (splits, num_partials, H, D) fp32 and lse
-    (splits, num_partials, H) fp32 (natural log; -1e30 for a part past the level's end). The
+    (splits, num_partials, H) fp32 (natural log; -1e30 for a part past the level's end or
+    before a row's sliding window). The
     partials of level ``i`` are rows ``[level_out[i], level_out[i] + row_end - row_start)``.
     Padded metadata (a CUDA-graph bucket) launches programs for the tiles its rows can fill,
     each taking further tiles until the padding (``busy_tiles``).
@@ -66,12 +83,12 @@ def prefix_partials(
         q, k_pool, v_pool, o, lse,
         meta.prefix_tile_level, meta.prefix_tile_row0, tiles,
         meta.level_row_start, meta.level_row_end, meta.level_length, meta.level_out,
-        meta.level_blocks,
+        meta.level_blocks, meta.row_position, meta.level_start,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
         v_pool.stride(0), v_pool.stride(1),
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         meta.level_blocks.stride(0),
-        scale * kernels.LOG2E.value,
+        **_scores(scale, attn),
         G=g, ROWS=meta.prefix_rows, BLOCK_M=_tile_m(meta.prefix_rows, g), BLOCK_N=kernels.BLOCK_N,
         HEAD_DIM=dim, BLOCK_SIZE=meta.block_size, PRECISION=_precision(q.dtype),
     )  # fmt: skip
@@ -85,15 +102,17 @@ def triton_attention(
     meta: TritonMetadata,
     scale: float,
     splits: KVSplits = NO_SPLITS,
+    attn: LayerAttention = FULL_ATTENTION,
 ) -> torch.Tensor:
     """Attention of every row of the step: q (T, H, D) fp32/fp16/bf16, one layer's pools
-    (slots, KVH, D) already holding the step's new K/V -> (T, H, D) in q's dtype.
+    (slots, KVH, D) already holding the step's new K/V -> (T, H, D) in q's dtype, with the
+    layer's sliding window and soft-cap (``attn``).
 
     Two launches whatever the step holds: the prefix levels (skipped when there are none), then
     the own-KV kernel that merges them; a third merges the own KV's parts when ``splits.own``
     is above 1. Raises ValueError on shapes the kernels do not take."""
     h, kvh, dim = _check(q, k_pool, v_pool)
-    po, plse = prefix_partials(q, k_pool, v_pool, meta, scale, splits.prefix)
+    po, plse = prefix_partials(q, k_pool, v_pool, meta, scale, splits.prefix, attn)
     out = torch.empty_like(q)
     tiles = meta.own_tile_seq.numel()
     if tiles == 0:
@@ -115,7 +134,7 @@ def triton_attention(
         po.stride(0), po.stride(1), po.stride(2), plse.stride(0), plse.stride(1),
         meta.block_table.stride(0), meta.seq_levels.stride(0),
         so.stride(0), slse.stride(0), splits.prefix,
-        scale * kernels.LOG2E.value,
+        **_scores(scale, attn),
         G=g, ROWS=meta.own_rows, BLOCK_M=_tile_m(meta.own_rows, g), BLOCK_N=kernels.BLOCK_N,
         HEAD_DIM=dim, BLOCK_SIZE=meta.block_size, PRECISION=_precision(q.dtype),
         SPLIT=split_own,

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 from ..upload import Staged, upload
-from .backend import padded_rows, slot_mapping
+from .backend import padded_rows, query_positions, slot_mapping
 from .step import AttentionStep
 
 # Packed (query row x GQA head) rows a tile aims for; untuned starting points.
 OWN_TILE_M = 32
 PREFIX_TILE_M = 64
 _SEQ_KEYS = ("q_start", "q_len", "context_len", "shared_len", "num_levels")
-_LEVEL_KEYS = ("level_row_start", "level_row_end", "level_length")
+_LEVEL_KEYS = ("level_row_start", "level_row_end", "level_length", "level_start")
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,9 @@ class TritonMetadata:
     ``shared_len`` on (column ``j``: positions ``shared_len + j * block_size ..``), padded with
     0; ``seq_levels`` (S, max(1, max_depth)) holds
     the level id at each depth (-1 past ``num_levels``). ``slot_mapping`` (T,) is the KV slot of
-    each new token. Per level, shape (L,): ``level_row_start``, ``level_row_end``,
-    ``level_length`` (positions, whole blocks), ``level_out``
+    each new token, ``row_position`` (T,) its position. Per level, shape (L,):
+    ``level_row_start``, ``level_row_end``, ``level_length`` (positions, whole blocks),
+    ``level_start`` (the position of its first), ``level_out``
     (first row of the level's partials in the (num_partials, H, D) buffer); ``level_blocks``
     (L, max_level_blocks) padded with 0. Work lists: ``own_tile_seq``, ``own_tile_q0`` (NT,);
     ``prefix_tile_level``, ``prefix_tile_row0`` (NP,).
@@ -79,9 +80,11 @@ class TritonMetadata:
     block_table: torch.Tensor
     seq_levels: torch.Tensor
     slot_mapping: torch.Tensor
+    row_position: torch.Tensor
     level_row_start: torch.Tensor
     level_row_end: torch.Tensor
     level_length: torch.Tensor
+    level_start: torch.Tensor
     level_out: torch.Tensor
     level_blocks: torch.Tensor
     own_tile_seq: torch.Tensor
@@ -130,6 +133,7 @@ class TritonMetadata:
             "shared_len": shared,
             "block_table": table,
             "slot_mapping": slot_mapping(step, table).astype(np.int32),
+            "row_position": query_positions(step)[1].astype(np.int32),
             **_level_arrays(step, q_start, q_len, shared),
             **_tiles("own_tile_seq", "own_tile_q0", q_len, own_rows, np.zeros_like(q_len)),
         }
@@ -229,6 +233,7 @@ def _level_arrays(
         "level_row_start": row_start.astype(np.int32),
         "level_row_end": row_end.astype(np.int32),
         "level_length": (end - start).astype(np.int32),
+        "level_start": start.astype(np.int32),
         "level_out": _exclusive_cumsum(row_end - row_start),
         "level_blocks": padded_rows([lvl.block_ids for lvl in levels], np.int32),
     }
@@ -262,6 +267,7 @@ def _pad(arrays: dict[str, np.ndarray], shape: MetadataShape) -> dict[str, np.nd
     }
     exact: dict[str, tuple[tuple[int, ...], int]] = {
         "slot_mapping": ((shape.rows,), -1),
+        "row_position": ((shape.rows,), 0),
         "own_tile_seq": ((shape.own_tiles,), shape.seqs),
         "own_tile_q0": ((shape.own_tiles,), 0),
         "prefix_tile_level": ((shape.prefix_tiles,), shape.levels),

@@ -1,6 +1,6 @@
 // Fused element-wise ops of a decoder layer (CPU, fp32), after vLLM's CPU `_C` ops: RMSNorm
-// (plain, in place on strided heads, and fused with the residual add), SiLU-and-mul and in-place
-// rotary embedding; and the greedy sampler's row argmax. Built at first use by prefixbatch/execution/fused_ops.py; the plain PyTorch
+// (plain, in place on strided heads, and fused with the residual add), SiLU- and GELU-and-mul
+// (SwiGLU, GeGLU) and in-place rotary embedding; and the greedy sampler's row argmax. Built at first use by prefixbatch/execution/fused_ops.py; the plain PyTorch
 // path in layers.py is what each op is tested against. Loops are plain and marked `omp simd` so
 // the compiler vectorises them for whatever this CPU has (the build uses -march=native).
 #include <torch/extension.h>
@@ -109,29 +109,48 @@ void fused_add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor 
   });
 }
 
-// gate_up (T, 2I) contiguous, gate then up -> silu(gate) * up (T, I).
-torch::Tensor silu_and_mul(torch::Tensor gate_up) {
-  check_fp32(gate_up, "silu_and_mul");
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
-              "silu_and_mul: gate_up must be contiguous (T, 2I)");
+namespace {
+
+// gate_up (T, 2I) contiguous, gate then up -> act(gate) * up (T, I).
+template <class Act>
+torch::Tensor act_and_mul(const torch::Tensor& gate_up, const char* op, Act act) {
+  check_fp32(gate_up, op);
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0, op,
+              ": gate_up must be contiguous (T, 2I)");
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
   auto out = torch::empty({T, I}, gate_up.options());
   const float* in = gate_up.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  float* op_ = out.data_ptr<float>();
   at::parallel_for(0, T, grain(2 * I), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* g = in + t * 2 * I;
       const float* u = g + I;
-      float* o = op + t * I;
+      float* o = op_ + t * I;
 #pragma omp simd
-      for (int64_t i = 0; i < I; ++i) {
-        // exp's argument is capped so it stays finite (-ffast-math assumes no infinities); past
-        // the cap silu(g) is below 1e-33 either way.
-        o[i] = g[i] / (1.f + std::exp(std::min(-g[i], 80.f))) * u[i];
-      }
+      for (int64_t i = 0; i < I; ++i) o[i] = act(g[i]) * u[i];
     }
   });
   return out;
+}
+
+}  // namespace
+
+// gate_up (T, 2I) contiguous, gate then up -> silu(gate) * up (T, I).
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  // exp's argument is capped so it stays finite (-ffast-math assumes no infinities); past the
+  // cap silu(g) is below 1e-33 either way.
+  return act_and_mul(gate_up, "silu_and_mul",
+                     [](float g) { return g / (1.f + std::exp(std::min(-g, 80.f))); });
+}
+
+// gate_up (T, 2I) contiguous, gate then up -> gelu(gate) * up (T, I), gelu's tanh approximation
+// 0.5 g (1 + tanh(z)), z = sqrt(2 / pi) (g + 0.044715 g^3) (PyTorch's approximate="tanh":
+// GeGLU), computed as g / (1 + exp(-2z)) (1 + tanh(z) = 2 sigmoid(2z): no cancellation).
+torch::Tensor gelu_tanh_and_mul(torch::Tensor gate_up) {
+  return act_and_mul(gate_up, "gelu_tanh_and_mul", [](float g) {
+    const float z = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+    return g / (1.f + std::exp(std::min(-2.f * z, 80.f)));
+  });
 }
 
 namespace {
@@ -237,6 +256,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_", &rms_norm_, "RMSNorm of (T, D) or (T, H, D) rows in place");
   m.def("fused_add_rms_norm_", &fused_add_rms_norm_, "residual += x; x = RMSNorm(residual)");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of (T, 2I) gate_up");
+  m.def("gelu_tanh_and_mul", &gelu_tanh_and_mul, "gelu_tanh(gate) * up of (T, 2I) gate_up");
   m.def("rotary_embedding_", &rotary_embedding_, "rotate-half RoPE of q and k in place");
   m.def("argmax_rows", &argmax_rows, "first index of each row's maximum");
 }

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...config import ModelConfig
-from ..attention.backend import AttentionBackend
+from ..attention.backend import FULL_ATTENTION, AttentionBackend, LayerAttention
 from ..layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, rope_inv_freq
 from ..packed_linear import Linear, MergedLinear
 from .family import CausalLM
@@ -28,21 +28,33 @@ from .family import CausalLM
 @dataclass(frozen=True)
 class AttentionOptions:
     """``qkv_bias``: biases on the q, k and v projections; ``o_bias``: on the output projection;
-    ``qk_norm``: an RMSNorm over each head of q and k before rope (Qwen3), or with
-    ``qk_norm_all_heads`` over all heads of q (and of k) at once (OLMoE); ``clip_qkv``: q, k
-    and v clamped to ``[-clip_qkv, clip_qkv]`` after the norms (OLMoE's ``clip_qkv``)."""
+    ``qk_norm``: an RMSNorm over each head of q and k before rope (Qwen3, Gemma 3), or with
+    ``qk_norm_all_heads`` over all heads of q (and of k) at once (OLMoE), of class ``norm``
+    (``GemmaRMSNorm`` for Gemma); ``clip_qkv``: q, k and v clamped to
+    ``[-clip_qkv, clip_qkv]`` after the norms (OLMoE's ``clip_qkv``)."""
 
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
     qk_norm_all_heads: bool = False
     clip_qkv: float | None = None
+    norm: type[RMSNorm] = RMSNorm
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, options: AttentionOptions) -> None:
+    """Grouped-query attention of layer ``layer``; ``attn`` is what the backend adds to causal
+    attention for this layer (its sliding window and soft-cap)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        options: AttentionOptions,
+        attn: LayerAttention = FULL_ATTENTION,
+    ) -> None:
         super().__init__()
         self.layer = layer
+        self.attn = attn
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
@@ -51,8 +63,9 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=options.o_bias)
         whole = options.qk_norm_all_heads
         q_dim, k_dim = (self.q_size, self.kv_size) if whole else (self.head_dim, self.head_dim)
-        self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps) if options.qk_norm else None
-        self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps) if options.qk_norm else None
+        norm = options.norm if options.qk_norm else None
+        self.q_norm = norm(q_dim, cfg.rms_norm_eps) if norm else None
+        self.k_norm = norm(k_dim, cfg.rms_norm_eps) if norm else None
         self.clip_qkv = options.clip_qkv
 
     def forward(
@@ -75,7 +88,7 @@ class Attention(nn.Module):
         k = k.reshape(t, self.kv_heads, self.head_dim)  # (T, KVH, D)
         v = v.reshape(t, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = backend.forward(self.layer, q, k, v, meta)  # (T, H, D)
+        out = backend.forward(self.layer, q, k, v, meta, self.attn)  # (T, H, D)
         return self.o_proj(out.reshape(t, self.q_size))
 
 

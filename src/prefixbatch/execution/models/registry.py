@@ -10,7 +10,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ...errors import UnsupportedModelError
-from . import llama, mistral, mixtral, olmoe, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe
+from . import (
+    gemma2,
+    gemma3,
+    llama,
+    mistral,
+    mixtral,
+    olmoe,
+    phi3,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+)
 from .family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -19,6 +31,8 @@ FAMILIES: tuple[ModelFamily, ...] = (
     qwen2.FAMILY,
     qwen3.FAMILY,
     phi3.FAMILY,
+    gemma2.FAMILY,
+    gemma3.FAMILY,
     # mixture-of-experts
     qwen2_moe.FAMILY,
     qwen3_moe.FAMILY,

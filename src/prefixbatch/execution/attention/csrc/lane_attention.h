@@ -7,7 +7,9 @@
 // of up to kLanes tokens, each tile's rows copied contiguous first; per tile, token t's scores for
 // all lanes are sum_d qt[d] * k_t[d] (k broadcast, no horizontal reduction), the online softmax
 // runs lane-wise, and acc[d] (the weighted values, dimension d in lanes) gets sum_t p_t * v_t[d]:
-// D multiply-adds per (token, kLanes query heads) for scores and D for values.
+// D multiply-adds per (token, kLanes query heads) for scores and D for values. Scores may be
+// soft-capped (softcap * tanh(s / softcap), Gemma 2) and masked per lane to a range of positions
+// (causal, and a sliding window's lower end).
 #pragma once
 
 #include <algorithm>
@@ -40,6 +42,11 @@ typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 inline Vec splat(float x) { return Vec{} + x; }
 inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 inline Vec vexp(Vec x) { return vector_exp<Vec, IVec>(x); }
+inline Vec vtanh(Vec x) { return vector_tanh<Vec, IVec>(x); }
+// No sliding window: a lane's lowest visible position.
+constexpr int32_t kNoLow = -(1 << 30);
+// Not causal: a lane's highest visible position.
+constexpr int32_t kNoHigh = 1 << 30;
 
 // The next tile's K and V rows (one KV head), prefetched a line or so per dimension of the
 // current tile's arithmetic rather than all at once (see paged_decode.cpp: a burst of prefetches
@@ -72,11 +79,14 @@ struct ChunkState {
 };
 
 // One tile of n <= kLanes tokens at positions pos0.., kt and vt (kLanes, D) row-major (rows past
-// n are zero). kCausal: token pos0 + t counts for lane i only if it is at most position[i].
-// A lane must see a counted token in the first tile it is given (its running max starts there).
-template <int kD, bool kCausal>
+// n are zero). softcap > 0: each (scaled) score s becomes softcap * tanh(s / softcap). kMasked:
+// token pos0 + t counts for lane i only if low[i] <= pos0 + t <= high[i] (causal: high is the
+// lane's query position; a sliding window: low is the first position it sees). A lane that has
+// counted no token yet holds m = kNegBig; its first counted token zeroes what it held
+// (exp(kNegBig - m) = 0), and one that counts none is cleared by clear_unseen.
+template <int kD, bool kMasked>
 inline void tile_update(ChunkState& c, const float* kt, const float* vt, int64_t n, int64_t dim,
-                        int64_t pos0 = 0, IVec position = IVec{}) {
+                        float softcap, int64_t pos0 = 0, IVec low = IVec{}, IVec high = IVec{}) {
   const int64_t D = kD ? kD : dim;
   Vec s[kLanes];
   for (int t = 0; t < kLanes; ++t) s[t] = Vec{};
@@ -85,10 +95,16 @@ inline void tile_update(ChunkState& c, const float* kt, const float* vt, int64_t
     const Vec qd = c.qt[d];
     for (int t = 0; t < kLanes; ++t) s[t] += qd * kt[t * D + d];
   }
+  if (softcap > 0.f) {
+    const float inv = 1.f / softcap;
+    for (int t = 0; t < kLanes; ++t) s[t] = vtanh(s[t] * inv) * softcap;
+  }
   for (int t = static_cast<int>(n); t < kLanes; ++t) s[t] = splat(kNegBig);
-  if (kCausal)
-    for (int t = 0; t < kLanes; ++t)
-      s[t] = position >= static_cast<int32_t>(pos0 + t) ? s[t] : splat(kNegBig);
+  if (kMasked)
+    for (int t = 0; t < kLanes; ++t) {
+      const int32_t at = static_cast<int32_t>(pos0 + t);
+      s[t] = (high >= at) & (low <= at) ? s[t] : splat(kNegBig);
+    }
   Vec top = s[0];
   for (int t = 1; t < kLanes; ++t) top = vmax(top, s[t]);
   const Vec new_m = vmax(c.m, top);
@@ -106,6 +122,15 @@ inline void tile_update(ChunkState& c, const float* kt, const float* vt, int64_t
     for (int t = 0; t < kLanes; ++t) a += s[t] * vt[t * D + d];
     c.acc[d] = a;
   }
+}
+
+// Lanes that counted no token (all their positions masked: a prefix level wholly before a
+// sliding window) get an empty result: acc 0, l 1, so their output is 0 and m + log(l) is
+// kNegBig, a log-sum-exp that weighs nothing in a merge.
+inline void clear_unseen(ChunkState& c, int64_t D) {
+  const auto seen = c.m > splat(kNegBig);
+  for (int64_t d = 0; d < D; ++d) c.acc[d] = seen ? c.acc[d] : Vec{};
+  c.l = seen ? c.l : splat(1.f);
 }
 
 // Scratch of one thread: kChunksPerPiece chunk states and one K and one V tile, left
@@ -202,18 +227,18 @@ inline ChunkState Scratch::chunk(int64_t c, int64_t D, const float* const* src, 
   return st;
 }
 
-// Positions [0, length) of one KV head, as tiles of up to kLanes tokens that never cross a block
-// boundary: each tile's K and V rows copied contiguous into the scratch (zero past its n
+// Positions [begin, length) of one KV head, as tiles of up to kLanes tokens that never cross a
+// block boundary: each tile's K and V rows copied contiguous into the scratch (zero past its n
 // tokens), then tile(kt, vt, pos0, n). k and v point at the head's first element in the pools;
 // table holds the blocks in position order; tok_stride is the floats between slots.
 template <class Tile>
-inline void for_each_tile(const float* k, const float* v, const int64_t* table, int64_t length,
-                          int64_t block_size, int64_t tok_stride, int64_t D, Scratch& scratch,
-                          Tile tile) {
+inline void for_each_tile(const float* k, const float* v, const int64_t* table, int64_t begin,
+                          int64_t length, int64_t block_size, int64_t tok_stride, int64_t D,
+                          Scratch& scratch, Tile tile) {
   float* kt = scratch.kt.get();
   float* vt = scratch.vt.get();
   int64_t n;
-  for (int64_t pos = 0; pos < length; pos += n) {
+  for (int64_t pos = std::max<int64_t>(begin, 0); pos < length; pos += n) {
     n = std::min<int64_t>({kLanes, length - pos, block_size - pos % block_size});
     const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
     for (int64_t t = 0; t < n; ++t) {  // the tile's rows, contiguous: fixed strides in tile()

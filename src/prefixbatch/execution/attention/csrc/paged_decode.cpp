@@ -6,7 +6,10 @@
 // qkv output); k_pool, v_pool (slots, KVH, D) of one layer, slot = block * block_size +
 // offset, so one block of K (or V) is block_size * KVH * D contiguous floats; block_tables (B, NB)
 // int64 with a sequence's blocks in position order; lengths (B,) int64 positions attended (>= 1).
-// Query head h * G + g (g < G = H / KVH) reads KV head h.
+// Query head h * G + g (g < G = H / KVH) reads KV head h. A sliding window (window > 0) limits
+// a row to its last `window` positions: its pieces start at the window's first block, whose
+// earlier tokens are masked. Soft-capped scores (softcap > 0, Gemma 2) are capped before the
+// softmax.
 //
 // Algorithm. The work is cut into pieces: a piece is a run of one sequence's blocks, the whole
 // sequence unless the batch is too small to keep every thread busy, in which case long contexts
@@ -64,7 +67,14 @@ struct Problem {
   int64_t tok_stride;    // KVH * D: floats between consecutive slots of the pool
   int64_t score_stride;  // block_size rounded up to 16: floats between query heads' scores
   float scale;
+  int64_t window;  // 0: none, else a row sees only its last `window` positions
+  float softcap;   // 0: none, else scores become softcap * tanh(score / softcap)
 };
+
+// The first position row b sees (its query is its last position) and its block.
+inline int64_t first_seen(const Problem& p, int64_t b) {
+  return p.window ? std::max<int64_t>(0, p.lengths[b] - p.window) : 0;
+}
 
 // The next block's K and V (all heads), prefetched a few cache lines at a time.
 struct BlockPrefetch {
@@ -215,16 +225,23 @@ inline void block_values(const Problem& p, const float* v, int64_t n, const floa
   }
 }
 
-// Online softmax over one block's n scores of a query head, in tiles of 16 (sg holds n rounded
-// up to 16 floats; the padding is ignored): sg becomes exp(score - new max), m and l the running
-// max and sum, correction the factor for what was accumulated before this block.
-inline void block_softmax(float* sg, int64_t n, float& m, float& l, float& correction) {
+// Online softmax over one block's scores [lo, n) of a query head, in tiles of 16 (sg holds n
+// rounded up to 16 floats; the padding and the scores before lo, outside a sliding window, are
+// ignored): sg becomes exp(score - new max), m and l the running max and sum, correction the
+// factor for what was accumulated before this block. softcap > 0: the scores are soft-capped
+// first.
+inline void block_softmax(float* sg, int64_t lo, int64_t n, float softcap, float& m, float& l,
+                          float& correction) {
   const I16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   V16 top = V16{} + kNegBig;
   for (int64_t t0 = 0; t0 < n; t0 += 16) {
     V16 x;
     std::memcpy(&x, sg + t0, sizeof x);
-    x = lane < static_cast<int32_t>(n - t0) ? x : top;
+    if (softcap > 0.f) {
+      x = vector_tanh<V16, I16>(x * (1.f / softcap)) * softcap;
+      std::memcpy(sg + t0, &x, sizeof x);
+    }
+    x = (lane < static_cast<int32_t>(n - t0)) & (lane >= static_cast<int32_t>(lo - t0)) ? x : top;
     top = x > top ? x : top;
   }
   float block_max = kNegBig;
@@ -235,7 +252,8 @@ inline void block_softmax(float* sg, int64_t n, float& m, float& l, float& corre
     V16 x;
     std::memcpy(&x, sg + t0, sizeof x);
     x = vector_exp<V16, I16>(x - new_max);
-    x = lane < static_cast<int32_t>(n - t0) ? x : V16{};
+    x = (lane < static_cast<int32_t>(n - t0)) & (lane >= static_cast<int32_t>(lo - t0)) ? x
+                                                                                         : V16{};
     std::memcpy(sg + t0, &x, sizeof x);
     sum += x;
   }
@@ -250,7 +268,7 @@ inline void block_softmax(float* sg, int64_t n, float& m, float& l, float& corre
 // Scratch: acc (H * D), m and l (H), correction (G), s (G * score_stride).
 void attend_piece(const Problem& p, const Piece& piece, const Piece* after, float* acc, float* m,
                   float* l, float* correction, float* s) {
-  const int64_t b = piece.b, n_ctx = p.lengths[b];
+  const int64_t b = piece.b, n_ctx = p.lengths[b], seen = first_seen(p, b);
   const float* q = p.q + b * p.q_row_stride;
   const int64_t* table = p.tables + b * p.NB;
   std::fill(acc, acc + p.H * p.D, 0.f);
@@ -258,6 +276,7 @@ void attend_piece(const Problem& p, const Piece& piece, const Piece* after, floa
   std::fill(l, l + p.H, 0.f);
   for (int64_t j = piece.first_block; j < piece.end_block; ++j) {
     const int64_t n = std::min(p.block_size, n_ctx - j * p.block_size);
+    const int64_t lo = std::max<int64_t>(0, seen - j * p.block_size);  // before the window
     int64_t next = -1, next_n = 0;  // the block to prefetch and its slots in use
     if (j + 1 < piece.end_block) {
       next = table[j + 1];
@@ -280,7 +299,8 @@ void attend_piece(const Problem& p, const Piece& piece, const Piece* after, floa
       const int64_t qh = h * p.G;  // first query head of KV head h
       block_scores(p, q + qh * p.D, p.k + offset + h * p.D, n, s, pf);
       for (int64_t g = 0; g < p.G; ++g)
-        block_softmax(s + g * p.score_stride, n, m[qh + g], l[qh + g], correction[g]);
+        block_softmax(s + g * p.score_stride, lo, n, p.softcap, m[qh + g], l[qh + g],
+                      correction[g]);
       block_values(p, p.v + offset + h * p.D, n, s, correction, acc + qh * p.D, pf);
     }
     pf.rest();  // what the arithmetic did not cover
@@ -294,11 +314,13 @@ void attend_piece(const Problem& p, const Piece& piece, const Piece* after, floa
 
 }  // namespace
 
-// Returns out (B, H, D) and the log-sum-exp of the scores, lse (B, H).
+// Returns out (B, H, D) and the log-sum-exp of the scores, lse (B, H). window > 0: each row
+// attends only its last `window` positions (the blocks before them are not read); softcap > 0:
+// scores are soft-capped.
 std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
                                         torch::Tensor v_pool, torch::Tensor block_tables,
                                         torch::Tensor lengths, int64_t block_size,
-                                        double scale) {
+                                        double scale, int64_t window, double softcap) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k_pool.dtype() == torch::kFloat32 &&
                   v_pool.dtype() == torch::kFloat32,
               "paged_decode: fp32 only");
@@ -321,7 +343,10 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
             block_size,
             KVH * D,
             (block_size + 15) / 16 * 16,
-            static_cast<float>(scale)};
+            static_cast<float>(scale),
+            window,
+            static_cast<float>(softcap)};
+  TORCH_CHECK(window >= 0 && softcap >= 0, "paged_decode: a negative window or soft-cap");
   auto out = torch::empty({B, H, D}, q.options());
   auto lse = torch::empty({B, H}, q.options());
   float* op = out.data_ptr<float>();
@@ -330,7 +355,8 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
   // Split long contexts only when the batch has too few sequences for the threads.
   const int64_t threads = at::get_num_threads();
   int64_t total_blocks = 0;
-  for (int64_t b = 0; b < B; ++b) total_blocks += (p.lengths[b] + block_size - 1) / block_size;
+  for (int64_t b = 0; b < B; ++b)
+    total_blocks += (p.lengths[b] + block_size - 1) / block_size - first_seen(p, b) / block_size;
   const int64_t piece_blocks =
       B >= kPiecesPerThread * threads
           ? p.NB
@@ -339,11 +365,13 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
   std::vector<int64_t> first_piece(B + 1);  // pieces of sequence b: [first_piece[b], ..[b + 1])
   int64_t split_pieces = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t blocks = (p.lengths[b] + block_size - 1) / block_size;
+    const int64_t first = first_seen(p, b) / block_size;  // the window's first block
+    const int64_t blocks = (p.lengths[b] + block_size - 1) / block_size - first;
     first_piece[b] = static_cast<int64_t>(pieces.size());
     const int64_t count = (blocks + piece_blocks - 1) / piece_blocks;
     for (int64_t i = 0; i < count; ++i)
-      pieces.push_back({b, i * blocks / count, (i + 1) * blocks / count, nullptr, nullptr});
+      pieces.push_back(
+          {b, first + i * blocks / count, first + (i + 1) * blocks / count, nullptr, nullptr});
     if (count > 1) split_pieces += count;
   }
   first_piece[B] = static_cast<int64_t>(pieces.size());
@@ -399,11 +427,13 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
 void attend_prefix_levels(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                           torch::Tensor out, torch::Tensor lse, torch::Tensor level_tables,
                           torch::Tensor level_lengths, torch::Tensor level_row_ptr,
-                          torch::Tensor level_rows, int64_t block_size, double scale);
+                          torch::Tensor level_rows, int64_t block_size, double scale,
+                          torch::Tensor level_starts, torch::Tensor positions, int64_t window,
+                          double softcap);
 void prefill_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                        torch::Tensor out, torch::Tensor block_tables, torch::Tensor q_start,
                        torch::Tensor q_len, torch::Tensor context_len, int64_t block_size,
-                       double scale);
+                       double scale, int64_t window, double softcap);
 void write_kv(torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor slots, torch::Tensor k,
               torch::Tensor v);
 

@@ -7,7 +7,10 @@
 // computes every (query, key) tile, masked ones too, and needs the context gathered first. Here
 // the query heads of a chunk sit in vector lanes (lane_attention.h; lane i: query row i / G,
 // query head i % G of the KV head), each lane chunk walks its keys only up to its last query's
-// position, and tiles past a chunk's first query position are masked lane by lane.
+// position, and tiles past a chunk's first query position are masked lane by lane. With a sliding
+// window each lane also sees only its last `window` positions: a chunk starts its walk at its
+// first lane's window and masks the tiles where some lane's window begins. Scores may be
+// soft-capped (softcap > 0).
 //
 // Layout. q (T, H, D) with each row's heads contiguous (row stride free: q may be a view into
 // the fused qkv output); pools (slots, KVH, D); out (T, H, D) contiguous, written at the chunks'
@@ -39,6 +42,8 @@ struct Prefill {
   float* out;
   int64_t q_row_stride, H, G, D, NB, block_size, tok_stride;
   float scale;
+  int64_t window;  // 0: none
+  float softcap;   // 0: none
 };
 
 // Lane chunks [first_chunk, end_chunk) of chunk `seq`'s query heads of KV head `head`.
@@ -54,8 +59,12 @@ void attend_piece(const Prefill& p, const Piece& piece, Scratch& scratch) {
   const int64_t chunks = piece.end_chunk - piece.first_chunk;
   ChunkState state[kChunksPerPiece];
   IVec position[kChunksPerPiece];  // each lane's query position
+  IVec low[kChunksPerPiece];       // each lane's first visible position
   int64_t lo[kChunksPerPiece], hi[kChunksPerPiece];  // a chunk's first and last query position
+  // With a window: the first position a chunk's first lane sees, and one its last lane sees.
+  int64_t see_from[kChunksPerPiece], all_see[kChunksPerPiece];
   float* dst[kChunksPerPiece][kLanes];
+  const int64_t window = p.window;
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t first = (piece.first_chunk + c) * kLanes;
     const float* src[kLanes];
@@ -66,20 +75,26 @@ void attend_piece(const Prefill& p, const Piece& piece, Scratch& scratch) {
       src[i] = real ? p.q + row * p.q_row_stride + head * D : nullptr;
       dst[c][i] = real ? p.out + (row * p.H + head) * D : nullptr;
       position[c][i] = static_cast<int32_t>(first_pos + lane / p.G);
+      low[c][i] = window ? position[c][i] - static_cast<int32_t>(window) + 1 : kNoLow;
     }
     lo[c] = first_pos + first / p.G;
     hi[c] = first_pos + (std::min(first + kLanes, lanes) - 1) / p.G;
+    see_from[c] = window ? lo[c] - window + 1 : 0;
+    all_see[c] = window ? hi[c] - window + 1 : 0;
     state[c] = scratch.chunk(c, D, src, p.scale);
   }
-  for_each_tile(p.k + piece.head * D, p.v + piece.head * D, p.tables + s * p.NB,
+  const int64_t begin = *std::min_element(see_from, see_from + chunks);
+  for_each_tile(p.k + piece.head * D, p.v + piece.head * D, p.tables + s * p.NB, begin,
                 *std::max_element(hi, hi + chunks) + 1, p.block_size, p.tok_stride, D, scratch,
                 [&](const float* kt, const float* vt, int64_t pos0, int64_t n) {
                   for (int64_t c = 0; c < chunks; ++c) {
-                    if (pos0 > hi[c]) continue;  // past every query of the chunk
-                    if (pos0 + n - 1 <= lo[c])   // before every query: no mask
-                      tile_update<kD, false>(state[c], kt, vt, n, D);
+                    // past every query of the chunk, or before every lane's window
+                    if (pos0 > hi[c] || pos0 + n - 1 < see_from[c]) continue;
+                    if (pos0 + n - 1 <= lo[c] && pos0 >= all_see[c])  // every lane sees it all
+                      tile_update<kD, false>(state[c], kt, vt, n, D, p.softcap);
                     else
-                      tile_update<kD, true>(state[c], kt, vt, n, D, pos0, position[c]);
+                      tile_update<kD, true>(state[c], kt, vt, n, D, p.softcap, pos0, low[c],
+                                            position[c]);
                   }
                 });
   for (int64_t c = 0; c < chunks; ++c) from_lanes(state[c], D, dst[c]);
@@ -88,11 +103,12 @@ void attend_piece(const Prefill& p, const Piece& piece, Scratch& scratch) {
 }  // namespace
 
 // Fills out's rows of every prefill chunk with its causal attention over its sequence's
-// positions [0, context_len).
+// positions [0, context_len) (the last `window` up to each query's, for window > 0), scores
+// soft-capped for softcap > 0.
 void prefill_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
                        at::Tensor out, at::Tensor block_tables, at::Tensor q_start,
                        at::Tensor q_len, at::Tensor context_len, int64_t block_size,
-                       double scale) {
+                       double scale, int64_t window, double softcap) {
   const int64_t H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
   TORCH_CHECK(q.dtype() == at::kFloat && q.stride(2) == 1 && q.stride(1) == D,
               "prefill_attention: fp32 q with each row's heads contiguous");
@@ -118,7 +134,10 @@ void prefill_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
             block_tables.size(1),
             block_size,
             KVH * D,
-            static_cast<float>(scale)};
+            static_cast<float>(scale),
+            window,
+            static_cast<float>(softcap)};
+  TORCH_CHECK(window >= 0 && softcap >= 0, "prefill_attention: a negative window or soft-cap");
   for (int64_t s = 0; s < S; ++s)
     TORCH_CHECK(p.q_len[s] >= 1 && p.q_len[s] <= p.context_len[s] &&
                     p.q_start[s] + p.q_len[s] <= q.size(0) &&

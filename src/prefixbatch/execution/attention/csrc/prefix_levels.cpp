@@ -16,6 +16,10 @@
 // Levels: level_tables (L, NBL) int64 block ids, level_lengths (L,) positions (a level's own part,
 // whole blocks), level_row_ptr (L + 1,) and level_rows (R,) int64: level l is read by rows
 // level_rows[level_row_ptr[l] .. level_row_ptr[l + 1]) of q.
+// Sliding window (window > 0): level_starts (L,) the position of each level's first token and
+// positions (B,) each row's query position; a row sees a level's tokens at positions
+// > position - window only, and a piece whose rows see none of its level skips it. softcap > 0:
+// scores are soft-capped.
 // ATen headers only: the bindings (and the heavy torch/extension.h) are in paged_decode.cpp.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -42,8 +46,12 @@ struct Levels {
   const int64_t* lengths;
   const int64_t* row_ptr;
   const int64_t* rows;
+  const int64_t* starts;     // (L,) with a window, else null
+  const int64_t* positions;  // (B,) with a window, else null
   int64_t H, KVH, G, D, NBL, block_size, tok_stride;
   float scale;
+  int64_t window;  // 0: none
+  float softcap;   // 0: none
 };
 
 // Query heads [chunk * kLanes, + kLanes) of level `level`'s lanes for KV head `head`; each chunk
@@ -75,21 +83,37 @@ void attend_level_piece(const Levels& p, const LevelPiece& piece, Scratch& scrat
   const int64_t lanes = (p.row_ptr[piece.level + 1] - first) * p.G;
   const int64_t chunks = piece.end_chunk - piece.first_chunk;
   ChunkState state[kChunksPerPiece];
+  IVec low[kChunksPerPiece];  // each lane's first visible position of the level (window)
+  int64_t see_from = p.lengths[piece.level], all_see = 0;  // over the piece's lanes
   for (int64_t c = 0; c < chunks; ++c) {
     const float* src[kLanes];  // each lane's query head (null past the level's: zero)
     for (int i = 0; i < kLanes; ++i) {
       const LaneHead at = lane_head(p, piece, first, lanes, c, i);
       src[i] = at.slot < 0 ? nullptr : p.q + p.rows[at.slot] * p.q_row_stride + at.head * D;
+      int64_t from = 0;  // in the level's positions
+      if (p.window && at.slot >= 0)
+        from = p.positions[p.rows[at.slot]] - p.window + 1 - p.starts[piece.level];
+      low[c][i] = static_cast<int32_t>(std::max<int64_t>(from, kNoLow));
+      if (at.slot >= 0) {
+        see_from = std::min(see_from, from);
+        all_see = std::max(all_see, from);
+      }
     }
     state[c] = scratch.chunk(c, D, src, p.scale);
   }
+  const IVec high = IVec{} + kNoHigh;
   for_each_tile(p.k + piece.head * D, p.v + piece.head * D, p.tables + piece.level * p.NBL,
-                p.lengths[piece.level], p.block_size, p.tok_stride, D, scratch,
-                [&](const float* kt, const float* vt, int64_t, int64_t n) {
+                see_from, p.lengths[piece.level], p.block_size, p.tok_stride, D, scratch,
+                [&](const float* kt, const float* vt, int64_t pos0, int64_t n) {
                   for (int64_t c = 0; c < chunks; ++c)
-                    tile_update<kD, false>(state[c], kt, vt, n, D);
+                    if (pos0 >= all_see)  // every lane sees the whole tile
+                      tile_update<kD, false>(state[c], kt, vt, n, D, p.softcap);
+                    else
+                      tile_update<kD, true>(state[c], kt, vt, n, D, p.softcap, pos0, low[c],
+                                            high);
                 });
   for (int64_t c = 0; c < chunks; ++c) {
+    if (p.window) clear_unseen(state[c], D);
     float* dst[kLanes];
     for (int i = 0; i < kLanes; ++i) {
       const LaneHead at = lane_head(p, piece, first, lanes, c, i);
@@ -109,19 +133,25 @@ void attend_level_piece(const Levels& p, const LevelPiece& piece, Scratch& scrat
 void attend_prefix_levels(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
                           at::Tensor out, at::Tensor lse, at::Tensor level_tables,
                           at::Tensor level_lengths, at::Tensor level_row_ptr,
-                          at::Tensor level_rows, int64_t block_size, double scale) {
+                          at::Tensor level_rows, int64_t block_size, double scale,
+                          at::Tensor level_starts, at::Tensor positions, int64_t window,
+                          double softcap) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
   TORCH_CHECK(q.dtype() == at::kFloat && q.stride(2) == 1 && q.stride(1) == D,
               "attend_prefix_levels: fp32 q with each row's heads contiguous");
   for (const auto& t : {k_pool, v_pool, out, lse})
     TORCH_CHECK(t.dtype() == at::kFloat && t.is_contiguous(),
                 "attend_prefix_levels: contiguous fp32 tensors only");
-  for (const auto& t : {level_tables, level_lengths, level_row_ptr, level_rows})
+  for (const auto& t :
+       {level_tables, level_lengths, level_row_ptr, level_rows, level_starts, positions})
     TORCH_CHECK(t.dtype() == at::kLong && t.is_contiguous(),
                 "attend_prefix_levels: contiguous int64 index tensors only");
   const int64_t L = level_lengths.size(0), R = level_rows.size(0);
   TORCH_CHECK(level_row_ptr.size(0) == L + 1 && level_tables.size(0) == L,
               "attend_prefix_levels: level arrays of different lengths");
+  TORCH_CHECK(window >= 0 && softcap >= 0, "attend_prefix_levels: a negative window or soft-cap");
+  TORCH_CHECK(window == 0 || (level_starts.size(0) == L && positions.size(0) == B),
+              "attend_prefix_levels: a window needs each level's start and each row's position");
   for (int64_t i = 0; i < R; ++i)
     TORCH_CHECK(level_rows.data_ptr<int64_t>()[i] >= 0 && level_rows.data_ptr<int64_t>()[i] < B,
                 "attend_prefix_levels: a level row outside the batch");
@@ -133,6 +163,8 @@ void attend_prefix_levels(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
            level_lengths.data_ptr<int64_t>(),
            level_row_ptr.data_ptr<int64_t>(),
            level_rows.data_ptr<int64_t>(),
+           window ? level_starts.data_ptr<int64_t>() : nullptr,
+           window ? positions.data_ptr<int64_t>() : nullptr,
            H,
            KVH,
            H / KVH,
@@ -140,7 +172,9 @@ void attend_prefix_levels(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
            level_tables.size(1),
            block_size,
            KVH * D,
-           static_cast<float>(scale)};
+           static_cast<float>(scale),
+           window,
+           static_cast<float>(softcap)};
 
   std::vector<LevelPiece> pieces;
   for (int64_t l = 0; l < L; ++l) {
