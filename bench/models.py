@@ -8,10 +8,13 @@ Workloads (``bench/workloads.py``, token ids, greedy, EOS ignored so every engin
 same tokens): ``multilevel`` (system prompt > documents > questions: prefixes shared) and
 ``noshare`` (nothing shared).
 
-Families (``--family``): ``qwen3_moe``: 8 layers, hidden 512, 8 heads of 64 (4 KV heads), 32
-experts of 256 units, top-8 renormalised; its peer is a dense Qwen3 of intermediate 8 x 256.
-A family is one entry of ``FAMILIES`` (its config, and optionally a peer's): another family's
-job (Gemma 3) is added there.
+Families (``--family``), each one entry of ``FAMILIES`` (its config, and optionally a peer's):
+
+- ``qwen3_moe``: 8 layers, hidden 512, 8 heads of 64 (4 KV heads), 32 experts of 256 units,
+  top-8 renormalised; its peer is a dense Qwen3 of intermediate 8 x 256.
+- ``gemma3``: a Gemma 3 text model of 8 layers, hidden 512, 8 heads of 64 (4 KV heads),
+  intermediate 2048 (GeGLU), five sliding-window layers (window 512) to one global, tied
+  embeddings; no peer. The ``multilevel`` prompts (about 720 tokens) reach past the window.
 
 Targets (the issue's): prefixbatch >= 3x transformers on the MoE job, and the MoE job's
 seconds per output token within 2x of the dense peer's.
@@ -20,6 +23,7 @@ seconds per output token within 2x of the dense peer's.
         [--kv-cache-memory 1GiB] [--hf-batches 16,64] [--hf-experts grouped_mm,eager]
         [--no-hf] [--no-peer] [--vllm-python /path/to/venv/bin/python]
         [--layers 8 --experts 32 --top-k 8 --hidden 512 --expert-intermediate 256]
+        [--window 512]
 """
 
 from __future__ import annotations
@@ -47,17 +51,18 @@ VOCAB = 40960  # the workloads draw token ids below 40000
 @dataclass(frozen=True)
 class FamilyJob:
     """A family's random model (a transformers config) and, optionally, a peer model that
-    prefixbatch runs on the same job, named ``peer_name``."""
+    prefixbatch runs on the same job, named ``peer_name``; ``moe``: transformers runs it with
+    each of ``--hf-experts`` (a dense model takes no ``experts_implementation``)."""
 
     config: Any
     peer: Any | None = None
     peer_name: str = ""
+    moe: bool = False
 
 
-def qwen3_moe(args: argparse.Namespace) -> FamilyJob:
-    from transformers import Qwen3Config, Qwen3MoeConfig
-
-    common = dict(
+def common_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields every family's job shares: sizes from the arguments, heads of 64."""
+    return dict(
         vocab_size=VOCAB,
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
@@ -65,11 +70,16 @@ def qwen3_moe(args: argparse.Namespace) -> FamilyJob:
         num_key_value_heads=max(1, args.hidden // 128),
         head_dim=64,
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
         initializer_range=0.05,
         eos_token_id=2,
         bos_token_id=1,
     )
+
+
+def qwen3_moe(args: argparse.Namespace) -> FamilyJob:
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    common = {**common_fields(args), "tie_word_embeddings": False}
     moe = Qwen3MoeConfig(
         **common,
         intermediate_size=args.top_k * args.expert_intermediate,
@@ -79,10 +89,29 @@ def qwen3_moe(args: argparse.Namespace) -> FamilyJob:
         norm_topk_prob=True,
     )
     dense = Qwen3Config(**common, intermediate_size=args.top_k * args.expert_intermediate)
-    return FamilyJob(moe, dense, "dense Qwen3, same active parameters")
+    return FamilyJob(moe, dense, "dense Qwen3, same active parameters", moe=True)
 
 
-FAMILIES: dict[str, Callable[[argparse.Namespace], FamilyJob]] = {"qwen3_moe": qwen3_moe}
+def gemma3(args: argparse.Namespace) -> FamilyJob:
+    """Gemma 3 (text): every sixth layer global, the others sliding (``--window``); an MLP of
+    4 x hidden; Gemma's tied embeddings."""
+    from transformers import Gemma3TextConfig
+
+    kinds = ("sliding_attention", "full_attention")
+    config = Gemma3TextConfig(
+        **common_fields(args),
+        intermediate_size=4 * args.hidden,
+        query_pre_attn_scalar=64,
+        sliding_window=args.window,
+        layer_types=[kinds[(i + 1) % 6 == 0] for i in range(args.layers)],
+    )
+    return FamilyJob(config)
+
+
+FAMILIES: dict[str, Callable[[argparse.Namespace], FamilyJob]] = {
+    "qwen3_moe": qwen3_moe,
+    "gemma3": gemma3,
+}
 
 
 def save_random_model(config: Any, path: Path) -> Path:
@@ -111,23 +140,26 @@ def run_prefixbatch(llm: LLM, w: Workload) -> tuple[float, int]:
 
 
 def run_transformers(
-    path: Path, w: Workload, batches: list[int], experts: list[str]
+    path: Path, w: Workload, batches: list[int], experts: list[str] | None
 ) -> tuple[float, int, str]:
-    """transformers' best (seconds, tokens, configuration) over batch sizes and experts
-    implementations (its MoE forward: ``grouped_mm``, the default, ``batched_mm``, ``eager``)."""
+    """transformers' best (seconds, tokens, configuration) over batch sizes and, for a
+    mixture-of-experts model, experts implementations (its MoE forward: ``grouped_mm``, the
+    default, ``batched_mm``, ``eager``; None for a dense model)."""
     from transformers import AutoModelForCausalLM
 
     best: tuple[float, int, str] | None = None
     requests = [(p, w.max_tokens) for p in w.prompts]
-    for impl in experts:
+    for impl in experts or [None]:
+        options = {} if impl is None else {"experts_implementation": impl}
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch.float32, experts_implementation=impl
+            str(path), dtype=torch.float32, **options
         ).eval()
         for batch in batches:
             made, secs = timed(lambda b=batch, m=model: hf_generate(m, requests, b, [2], True))
-            print(f"  transformers {impl} batch {batch}: {secs:.1f}s", flush=True)
+            name = f"batch {batch}" if impl is None else f"{impl}, batch {batch}"
+            print(f"  transformers {name}: {secs:.1f}s", flush=True)
             if best is None or secs / made < best[0] / best[1]:
-                best = (secs, made, f"{impl}, batch {batch}")
+                best = (secs, made, name)
     assert best is not None
     return best
 
@@ -148,6 +180,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--expert-intermediate", type=int, default=256)
+    parser.add_argument("--window", type=int, default=512)  # gemma3's sliding window
     args = parser.parse_args()
     print(f"machine: {machine()}")
     job = FAMILIES[args.family](args)
@@ -181,7 +214,8 @@ def main() -> None:
                 row["s/token vs peer"] = f"{secs / tokens / (peer_secs / peer_tokens):.2f}x"
             if not args.no_hf:
                 batches = [int(b) for b in args.hf_batches.split(",")]
-                hf_secs, made, best = run_transformers(path, w, batches, args.hf_experts.split(","))
+                experts = args.hf_experts.split(",") if job.moe else None
+                hf_secs, made, best = run_transformers(path, w, batches, experts)
                 row["transformers s"] = f"{hf_secs:.1f} ({best})"
                 row["vs transformers"] = f"{hf_secs / made / (secs / tokens):.2f}x"
             if args.vllm_python:
