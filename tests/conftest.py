@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,32 @@ if not torch.cuda.is_available():
 
 VOCAB = 512
 EOS = 2
+HEARTBEAT_S = 50.0  # a line at least this often, even inside one long test (CI watches output)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    """While a test runs longer than ``HEARTBEAT_S``, say so on the terminal every
+    ``HEARTBEAT_S`` (output capture set aside for the line, as pytest does for its own)."""
+    plugins = item.config.pluginmanager
+    reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
+    if reporter is None or capture is None:  # -p no:terminal or --capture=no: nothing to do
+        return (yield)
+    done = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(
+                    f"[still running {item.nodeid}: {time.monotonic() - start:.0f} s]"
+                )
+
+    threading.Thread(target=beat, name="test-heartbeat", daemon=True).start()
+    try:
+        return (yield)
+    finally:
+        done.set()
 
 
 def save_tokenizer(path: Path) -> None:
