@@ -36,10 +36,9 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
 
     def beat() -> None:
         while not done.wait(HEARTBEAT_S):
+            line = f"[still running {item.nodeid}: {time.monotonic() - start:.0f} s]"
             with capture.global_and_fixture_disabled():
-                reporter.write_line(
-                    f"[still running {item.nodeid}: {time.monotonic() - start:.0f} s]"
-                )
+                reporter.write_line(line)
 
     threading.Thread(target=beat, name="test-heartbeat", daemon=True).start()
     try:
