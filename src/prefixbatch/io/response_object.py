@@ -14,33 +14,43 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..chat.reply import assistant_message
 from ..outputs import AssistantMessage, RequestOutput
 from .batch_file import BatchRequest
 
+Decode = Callable[[list[int]], str]
+
 
 def _id(prefix: str, key: str) -> str:
     return f"{prefix}_{hashlib.sha1(key.encode()).hexdigest()[:24]}"
 
 
-def reasoning_tokens(token_ids: list[int], end_id: int | None, message: AssistantMessage) -> int:
-    """How many of the answer's tokens are its thought: up to and including the token that
-    closes it (``end_id``: the id of the reasoning parser's end marker when that is one
-    token), or all of them when the thought was never closed."""
-    if message.reasoning_content is None:
+def reasoning_tokens(
+    token_ids: list[int], message: AssistantMessage, end: str, decode: Decode | None
+) -> int:
+    """How many of the answer's tokens are its thought: the fewest whose text (``decode``,
+    special tokens kept) holds the ``end`` marker that closes it, found by bisection (the
+    marker may be one token or several); all of them when the thought was never closed; 0
+    without a thought or a ``decode``."""
+    if message.reasoning_content is None or decode is None:
         return 0
-    if end_id is not None and end_id in token_ids:
-        return token_ids.index(end_id) + 1
-    return len(token_ids) if message.content is None and not message.tool_calls else 0
+    if end not in decode(token_ids):
+        return len(token_ids)
+    low, high = 1, len(token_ids)  # decode(token_ids[:high]) holds it
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if end in decode(token_ids[:mid]) else (mid + 1, high)
+    return high
 
 
 def response_body(
-    req: BatchRequest, out: RequestOutput, model: str, end_id: int | None = None
+    req: BatchRequest, out: RequestOutput, model: str, decode: Decode | None = None
 ) -> dict[str, Any]:
     """The Response object of ``req`` (a ``/v1/responses`` request: one choice) answered by
-    ``out``; ``end_id`` as ``reasoning_tokens`` takes it."""
+    ``out``; ``decode`` (token ids -> text) counts the reasoning tokens."""
     (choice,) = out.outputs
     message, _ = assistant_message(
         choice.text, choice.finish_reason, req.reply, f"{req.custom_id}:0"
@@ -82,7 +92,9 @@ def response_body(
         )
     now = int(time.time())
     echo = req.response_echo.fields() if req.response_echo is not None else {}
-    thought = reasoning_tokens(choice.token_ids, end_id, message)
+    parser = req.reply.reasoning if req.reply is not None else None
+    end = parser.end if parser is not None else ""
+    thought = reasoning_tokens(choice.token_ids, message, end, decode)
     return {
         "id": _id("resp", req.custom_id),
         "object": "response",

@@ -33,7 +33,7 @@ from ..chat.reply import assistant_message
 from ..outputs import CompletionOutput, RequestOutput
 from .batch_file import CHAT_URL, RESPONSES_URL, BatchRequest, LineError
 from .logprobs_format import chat_logprobs, completion_logprobs, prompt_logprobs_list
-from .response_object import response_body
+from .response_object import Decode, response_body
 
 HASH_FIELD = "request_hash"
 SERVER_ERROR = "server_error"  # the code of a request that failed while it was served
@@ -49,16 +49,16 @@ def success_record(
     model: str,
     vocab: Sequence[bytes] | None = None,
     prompt_text: str = "",
-    reasoning_end_id: int | None = None,
+    decode: Decode | None = None,
 ) -> dict[str, Any]:
     """The record of an answered request: one choice per ``out.outputs``, with OpenAI's
     ``logprobs`` shapes when asked for (``vocab``: each token id's bytes, needed then), and
     the prompt's ``prompt_logprobs`` as vLLM writes them (chat: in the body; completions: in
     each choice). ``prompt_text`` starts each completion's text when ``req.echo``. A
     ``/v1/responses`` request's body is its Response object (``response_object.py``;
-    ``reasoning_end_id`` counts its reasoning tokens)."""
+    ``decode``: token ids -> text, special tokens kept, to count its reasoning tokens)."""
     if req.url == RESPONSES_URL:
-        return _record(req, response_body(req, out, model, reasoning_end_id))
+        return _record(req, response_body(req, out, model, decode))
     usage = {
         "prompt_tokens": out.num_prompt_tokens,
         "completion_tokens": out.num_output_tokens,

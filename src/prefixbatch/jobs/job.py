@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from ..chat.render import ChatOptions
 from ..config import EngineConfig
 from ..engine import EngineStats, LLMEngine
 from ..errors import InputFileError, JobInterrupted, KVBudgetError
-from ..io.batch_file import RESPONSES_URL, BatchRequest, LineError
+from ..io.batch_file import BatchRequest, LineError
 from ..io.progress import PlannedWork, Progress
 from ..io.results import SERVER_ERROR, ResultWriter, error_record, success_record
 from ..loading.model_config import read_model_config
@@ -205,7 +206,8 @@ def run_batch(
             )
             model_name = engine.model_name
             used = [requests.param_sets[i] for i in np.unique(requests.param_ids).tolist()]
-            vocab, end_ids = None, {}
+            vocab = None
+            decode = partial(engine.tokenizer.hf.decode, skip_special_tokens=False)
             if any(p.logprobs is not None or p.prompt_logprobs is not None for p in used):
                 vocab = engine.tokenizer.token_bytes(engine.limits.vocab_size)
             computing = time.monotonic()
@@ -220,8 +222,7 @@ def run_batch(
                         writer.write(error_record(failed))
                     else:
                         echoed = _prompt_text(engine.tokenizer, req, out.prompt_token_ids)
-                        end_id = _reasoning_end_id(engine.tokenizer, req, end_ids)
-                        record = success_record(req, out, model_name, vocab, echoed, end_id)
+                        record = success_record(req, out, model_name, vocab, echoed, decode)
                         writer.write(record)
                         answered += 1
                     work = (engine.stats.prefill_tokens_computed, engine.stats.sampled_tokens)
@@ -286,20 +287,6 @@ def _planned(requests: CompactRequests, plan: Plan | None) -> PlannedWork:
     choices = np.array([p.n for p in requests.param_sets], dtype=np.int64)[requests.param_ids]
     prefill = plan.computed_prefill_tokens if plan is not None else requests.prompts.num_tokens
     return PlannedWork(prefill, int((requests.max_tokens() * choices).sum()))
-
-
-def _reasoning_end_id(
-    tokenizer: Tokenizer, req: BatchRequest, known: dict[str, int | None]
-) -> int | None:
-    """The token id of the marker that closes a Responses answer's thought, when it is one
-    token (``known``: the ids found so far, by marker)."""
-    reasoning = req.reply.reasoning if req.reply is not None else None
-    if req.url != RESPONSES_URL or reasoning is None:
-        return None
-    if reasoning.end not in known:
-        ids = tokenizer.encode_text(reasoning.end)
-        known[reasoning.end] = ids[0] if len(ids) == 1 else None
-    return known[reasoning.end]
 
 
 def _prompt_text(tokenizer: Tokenizer, req: BatchRequest, ids: list[int]) -> str:
