@@ -369,3 +369,26 @@ def test_the_server_takes_responses_batches(
     assert batch.usage.input_tokens == sum(
         r["response"]["body"]["usage"]["input_tokens"] for r in recs.values()
     )
+
+
+def test_the_compact_store_keeps_each_setting_once() -> None:
+    """What a Response repeats of its request is held as bytes: the settings (tools,
+    instructions) once per distinct value, the per-line metadata in one byte array."""
+    import numpy as np
+
+    from prefixbatch.io.results import record_key
+    from prefixbatch.jobs.batch_store import BatchStore
+
+    store = BatchStore()
+    for i in range(300):
+        req = parse({"input": f"q{i}", "instructions": "Be brief.", "tools": FUNCTIONS,
+                     "metadata": {"row": str(i)}})  # fmt: skip
+        assert isinstance(req, BatchRequest)
+        store.add(req, record_key(req.custom_id, req.request_hash), np.arange(3, dtype=np.int32))
+    store.freeze()
+    assert len(store.settings) == 1
+    for i in (0, 137, 299):
+        info = store.info(i)
+        assert info.url == RESPONSES_URL and info.response_echo is not None
+        fields = info.response_echo.fields()
+        assert fields["metadata"] == {"row": str(i)} and fields["instructions"] == "Be brief."
