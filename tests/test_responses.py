@@ -127,6 +127,11 @@ def test_a_request_maps_onto_the_chat_fields() -> None:
         ({"input": "x", "text": {"format": {"type": "grammar"}}}, "'text.format.type'"),
         ({"input": "x", "metadata": {"k": 1}}, "'metadata'"),
         ({"input": "x", "n": 2}, "unknown field 'n'"),
+        ({"input": "x", "tools": [{"type": "function", "name": "a b"}]}, "tools[0].name"),
+        (
+            {"input": "x", "text": {"format": {"type": "json_schema", "name": "s"}}},
+            "text.format.schema",
+        ),
     ],
 )
 def test_unsupported_fields_are_line_errors_naming_them(body: dict[str, Any], named: str) -> None:

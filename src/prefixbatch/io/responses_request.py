@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..chat.tools import FUNCTION_NAME
 from .body_fields import RESPONSES_SAMPLING
 
 # Input item types: the message parts read as text, the item types read at all.
@@ -92,8 +93,8 @@ def _messages(value: Any, instructions: Any) -> list[dict[str, Any]]:
             name, call_id, arguments = (item.get(k) for k in ("name", "call_id", "arguments"))
             if not all(isinstance(v, str) for v in (name, call_id, arguments)):
                 raise ValueError(f"{where} needs string 'call_id', 'name' and 'arguments'")
-            call = {"id": call_id, "type": "function", "function": {"name": name}}
-            call["function"]["arguments"] = arguments
+            function = {"name": name, "arguments": arguments}
+            call = {"id": call_id, "type": "function", "function": function}
             if not out or out[-1]["role"] != "assistant" or thought is not None:
                 out.append({"role": "assistant", "content": None})
                 if thought is not None:
@@ -140,6 +141,8 @@ def _format(text: Any) -> dict[str, Any] | None:
     if kind in ("text", "json_object"):
         return {"type": kind}
     if kind == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise ValueError("'text.format.schema' must be a JSON schema object")
         schema = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
         return {"type": "json_schema", "json_schema": schema}
     raise ValueError(
@@ -161,6 +164,13 @@ def _tools(tools: Any) -> list[dict[str, Any]] | None:
                 f"tools[{i}].type {_shown(kind)} is not supported: only function tools "
                 '({"type": "function", "name", "parameters", ...}), no built-in tools'
             )
+        name = tool.get("name")
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+            raise ValueError(
+                f"tools[{i}].name must be 1-64 letters, digits, '_' or '-', got {_shown(name)}"
+            )
+        if tool.get("parameters") is not None and not isinstance(tool["parameters"], dict):
+            raise ValueError(f"tools[{i}].parameters must be a JSON schema object")
         keys = ("name", "description", "parameters", "strict")
         out.append({"type": "function", "function": {k: tool[k] for k in keys if k in tool}})
     return out
