@@ -267,10 +267,13 @@ def nested_prompts(
 def dense_attention(q, k_pool, v_pool, step, scale, attn=None):  # type: ignore[no-untyped-def]
     """Every sequence's whole context gathered by its block table, causal softmax with the offset
     ``context_len - q_len``, in float64 -> (T, H, D) float64; with ``attn`` (a
-    ``LayerAttention``), only each query's last ``attn.window`` positions and soft-capped
-    scores. Ignores the levels: the plain definition every attention path is checked against."""
+    ``LayerAttention``), only each query's last ``attn.window`` positions, soft-capped scores
+    and the sinks as one more logit per head in the softmax (transformers' gpt-oss: a column
+    that attends no value). Ignores the levels: the plain definition every attention path is
+    checked against."""
     window = attn.window if attn is not None else None
     softcap = attn.softcap if attn is not None else None
+    sinks = attn.sinks if attn is not None else None
     out = torch.empty(q.shape, dtype=torch.float64)
     g = q.shape[1] // k_pool.shape[1]
     bs = step.block_size
@@ -288,7 +291,12 @@ def dense_attention(q, k_pool, v_pool, step, scale, attn=None):  # type: ignore[
         if window is not None:
             hidden |= pos[None, :] <= q_pos - window
         scores = scores.masked_fill(hidden, float("-inf"))
-        out[s.q_start : s.q_start + s.q_len] = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
+        if sinks is not None:  # (H, n, L + 1): the sink column, dropped after the softmax
+            sink = sinks.double().cpu()[:, None, None].expand(-1, s.q_len, 1)
+            probs = torch.cat((scores, sink), dim=-1).softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)
+        out[s.q_start : s.q_start + s.q_len] = torch.einsum("hnl,lhd->nhd", probs, v)
     return out
 
 

@@ -416,7 +416,7 @@ def check_prefill(
         torch.tensor([c[0] for c in chunks]),
         torch.tensor([c[1] for c in chunks]),
         torch.tensor([c[2] for c in chunks]),
-        block_size, dim**-0.5, *kernel_options(attn),
+        block_size, dim**-0.5, *kernel_options(attn), torch.empty(0),
     )  # fmt: skip
     assert (out[0] == 5.0).all()
     for start, q_len, context, table in chunks:

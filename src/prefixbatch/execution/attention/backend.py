@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,17 +31,32 @@ class LayerAttention:
     positions ``(p - window, p]`` (sliding-window attention: Mistral, Gemma 2/3; Hugging Face's
     mask ``kv_idx > q_idx - sliding_window``). ``softcap`` (None: off): each scaled score ``s``
     becomes ``softcap * tanh(s / softcap)`` before the softmax (Gemma 2's
-    ``attn_logit_softcapping``). Raises ValueError for a window below 1 or a cap not above 0.
+    ``attn_logit_softcapping``). ``sinks`` (None: off): attention sinks, one learned logit
+    per query head, (H,) fp32 on the cache's device, that joins each query's softmax
+    denominator and attends no value (gpt-oss; Xiao et al., 2024, "Efficient Streaming
+    Language Models with Attention Sinks"): a row's output over keys with log-sum-exp ``lse``
+    becomes ``out * sigmoid(lse - sink)`` (``with_sinks``), applied once after every partial
+    of the row is merged. Raises ValueError for a window below 1 or a cap not above 0.
     """
 
     window: int | None = None
     softcap: float | None = None
+    sinks: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.window is not None and self.window < 1:
             raise ValueError(f"a sliding window of {self.window} positions")
         if self.softcap is not None and not self.softcap > 0:
             raise ValueError(f"a soft-cap of {self.softcap}")
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """A row's attention over all its keys, out (n, H, D) fp32 with its log-sum-exp lse (n, H),
+    -> the same with the sinks (H,) in the softmax denominator: ``out * sigmoid(lse - sink)``
+    (= out * e^lse / (e^lse + e^sink)); ``out`` as it is for None."""
+    if sinks is None:
+        return out
+    return out * torch.sigmoid(lse - sinks)[..., None]
 
 
 FULL_ATTENTION = LayerAttention()
@@ -52,7 +67,8 @@ class AttentionBackend(ABC):
 
     Contract: ``forward`` gets q (T, H, D), k and v (T, KVH, D) for the flattened step and returns
     (T, H, D): for each row, exact softmax attention over the positions its sequence attends
-    (causal, within the layer's window, scores soft-capped: ``LayerAttention``), whatever way the
+    (causal, within the layer's window, scores soft-capped, sinks in the denominator:
+    ``LayerAttention``), whatever way the
     backend splits the work (prefix levels read once per group and merged by log-sum-exp, or the
     whole context per row). A sliding layer reads only the window of a shared prefix: a level
     wholly before a row's window adds nothing to that row.

@@ -8,8 +8,9 @@ reads each shared prefix level once for all the decode rows below it and merges 
 results by log-sum-exp (cascade attention, after BatchLLM, Hydragen and FlashInfer).
 ``prefill_attention`` attends prefill chunks causally over their sequences. ``write_kv`` stores
 a step's new K/V rows. Each attention kernel takes the layer's sliding window (reading only the
-blocks inside it) and soft-cap (``LayerAttention``). The build (``native_build.py``) happens
-once per machine and source version; without a C++ compiler, or with ``kernels="torch"``, the
+blocks inside it) and soft-cap (``LayerAttention``); sinks join the prefill kernel's softmax
+and, for decode rows, the merged result by its log-sum-exp (``with_sinks``). The build
+(``native_build.py``) happens once per machine and source version; without a C++ compiler, or with ``kernels="torch"``, the
 engine keeps the plain PyTorch path.
 """
 
@@ -32,6 +33,7 @@ from .backend import (
     LayerAttention,
     padded_rows,
     slot_mapping,
+    with_sinks,
 )
 from .reference import ContextPlan
 from .step import AttentionStep
@@ -103,11 +105,13 @@ class DecodeKernels(Protocol):
         scale: float,
         window: int,
         softcap: float,
+        sinks: torch.Tensor,
     ) -> None:
         """Fills ``out`` (T, H, D) contiguous at each chunk's rows ``[q_start[s], + q_len[s])``:
         their causal attention over positions ``[0, context_len[s])`` held in
-        ``block_tables[s]`` (S, NB), each query's last ``window`` only for ``window`` > 0.
-        q (T, H, D) may be a row-strided view."""
+        ``block_tables[s]`` (S, NB), each query's last ``window`` only for ``window`` > 0,
+        ``sinks`` (H,) fp32 in every softmax denominator (empty: none). q (T, H, D) may be a
+        row-strided view."""
         ...
 
     def write_kv(
@@ -213,6 +217,7 @@ class CpuBackend(AttentionBackend):
     ) -> None:
         super().__init__(cache, num_heads, scale)
         self.kernels = kernels
+        self.no_sinks = torch.empty(0, dtype=torch.float32)
 
     def stage(self, step: AttentionStep) -> Staged[CpuMetadata]:
         arrays = {"slots": slot_mapping(step)}
@@ -268,6 +273,7 @@ class CpuBackend(AttentionBackend):
             self.kernels.prefill_attention(
                 q, k_pool, v_pool, out, p.block_ids, p.q_start, p.q_len, p.context_len,
                 self.cache.block_size, self.scale, *kernel_options(attn),
+                self.no_sinks if attn.sinks is None else attn.sinks,
             )  # fmt: skip
         if d is not None:
             out[d.rows] = self.decode(q[d.rows], k_pool, v_pool, d, meta.levels, attn)
@@ -293,7 +299,7 @@ class CpuBackend(AttentionBackend):
                 q, k_pool, v_pool, out, lse, levels.block_ids, levels.lengths, levels.row_ptr,
                 levels.rows, bs, scale, levels.starts, levels.positions, *options,
             )  # fmt: skip
-        return out
+        return with_sinks(out, lse, attn.sinks)
 
 
 def kernel_options(attn: LayerAttention) -> tuple[int, float]:

@@ -1,7 +1,8 @@
 """The plain PyTorch attention path over block tables: the reference every fast path is tested
 against. Prefill chunks attend one sequence at a time through SDPA; decode tokens attend in one
-padded SDPA call. A sliding window narrows the masks; soft-capped scores (which SDPA cannot take)
-go through the explicit softmax that the shared-prefix path also uses (``attend_lse``).
+padded SDPA call. A sliding window narrows the masks; soft-capped scores and attention sinks
+(which SDPA cannot take) go through the explicit softmax that the shared-prefix path also uses
+(``attend_lse``), the sinks applied to its result by its log-sum-exp (``with_sinks``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .backend import (
     decode_kv,
     own_slots,
     slot_mapping,
+    with_sinks,
 )
 from .step import AttentionStep
 
@@ -176,12 +178,14 @@ def attend_slice(
     attn: LayerAttention = FULL_ATTENTION,
 ) -> torch.Tensor:
     """One sequence's chunk: q (n, H, D) against its gathered KV -> (n, H, D). SDPA, unless
-    the scores are soft-capped (SDPA has no soft-cap): then the explicit softmax."""
+    the scores are soft-capped or there are sinks (SDPA has neither): then the explicit
+    softmax."""
     k = k_pool.index_select(0, s.kv_slots)  # (L, KVH, D)
     v = v_pool.index_select(0, s.kv_slots)
     mask = causal_mask(s.q_len, len(s.kv_slots), q.device, attn.window)
-    if attn.softcap is not None:
-        return attend_lse(q, k, v, mask, scale, attn.softcap)[0].to(q.dtype)
+    if attn.softcap is not None or attn.sinks is not None:
+        out, lse = attend_lse(q, k, v, mask, scale, attn.softcap)
+        return with_sinks(out, lse, attn.sinks).to(q.dtype)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],
         k.transpose(0, 1)[None],
@@ -205,11 +209,12 @@ def attend_decode(
     """Decode tokens q (B, H, D) against their padded KV -> (B, H, D).
 
     The query heads that share a KV head are folded into the query length, so K/V are never
-    expanded: q becomes (B, KVH, G, D) against k (B, KVH, Lmax, D). Soft-capped scores take the
-    explicit softmax (``attend_lse_decode``).
+    expanded: q becomes (B, KVH, G, D) against k (B, KVH, Lmax, D). Soft-capped scores and
+    sinks take the explicit softmax (``attend_lse_decode``).
     """
-    if attn.softcap is not None:
-        return attend_lse_decode(q, k_pool, v_pool, d, scale, block_size, attn)[0].to(q.dtype)
+    if attn.softcap is not None or attn.sinks is not None:
+        out, lse = attend_lse_decode(q, k_pool, v_pool, d, scale, block_size, attn)
+        return with_sinks(out, lse, attn.sinks).to(q.dtype)
     b, h, dim = q.shape
     kv_heads = k_pool.shape[1]
     k, v = decode_kv(k_pool, v_pool, d, block_size)  # (B, KVH, Lmax, D)

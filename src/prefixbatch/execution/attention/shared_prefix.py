@@ -4,7 +4,8 @@ For each prefix segment in a step, the stacked queries of every sequence below i
 segment's KV in one matrix product, so a prefix is read once per step instead of once per
 member. Each member then attends causally to its own KV, and all partial results merge through
 their log-sum-exp. Rows outside groups go through the reference path. In a sliding-window layer
-a segment is read only by the rows whose window reaches into it, masked to the window.
+a segment is read only by the rows whose window reaches into it, masked to the window. Sinks
+join a member row's result once, after its last merge (``with_sinks``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .backend import (
     PrefillSlice,
     query_positions,
     slot_mapping,
+    with_sinks,
 )
 from .reference import ContextPlan, ReferenceBackend, attend_lse, attend_lse_decode, causal_mask
 from .step import AttentionStep
@@ -129,13 +131,17 @@ class SharedPrefixBackend(ReferenceBackend):
                 self.scale,
                 attn.softcap,
             )
-            out[rows] = merge(acc_o[rows], acc_lse[rows], o, lse)[0].to(out.dtype)
+            out[rows] = with_sinks(*merge(acc_o[rows], acc_lse[rows], o, lse), attn.sinks).to(
+                out.dtype
+            )
         if meta.member_decode is not None:
             rows = meta.member_decode.rows
             o, lse = attend_lse_decode(
                 q[rows], k_pool, v_pool, meta.member_decode, self.scale, self.cache.block_size, attn
             )
-            out[rows] = merge(acc_o[rows], acc_lse[rows], o, lse)[0].to(out.dtype)
+            out[rows] = with_sinks(*merge(acc_o[rows], acc_lse[rows], o, lse), attn.sinks).to(
+                out.dtype
+            )
         return out
 
     @staticmethod

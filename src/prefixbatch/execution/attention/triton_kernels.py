@@ -21,8 +21,10 @@ The loops follow Triton's fused-attention tutorial: scores in base 2 (``scale * 
 switches add a layer's ``LayerAttention``: ``SOFTCAP`` caps the scores (``softcap * tanh(s /
 softcap)``, Gemma 2) and ``SLIDING`` keeps each query's last ``window`` positions: a tile starts
 its KV loop at its first query's window and masks per row, so a prefix level wholly before every
-row's window reads nothing and adds an empty partial. Keys are gathered per position through
-the sequence's own block table, which starts at its ``shared_len`` (slot
+row's window reads nothing and adds an empty partial. ``SINKS`` (gpt-oss's attention sinks, one
+logit per query head in every softmax denominator) starts the own-KV state of split 0 at the
+sink: running max the sink, denominator 1, nothing accumulated. Keys are gathered per position
+through the sequence's own block table, which starts at its ``shared_len`` (slot
 ``table[p // block_size - shared_len // block_size] * block_size + p % block_size``), so tiles
 need not align with blocks. fp32 inputs use IEEE dot products (not TF32), so they match
 the PyTorch reference to ~1e-6.
@@ -267,7 +269,7 @@ def prefix_level_kernel(
 
 @_jit
 def own_kv_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr, so_ptr, slse_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr, so_ptr, slse_ptr, sinks_ptr,
     tile_seq_ptr, tile_q0_ptr,
     seq_q_start_ptr, seq_q_len_ptr, seq_ctx_ptr, seq_shared_ptr, seq_num_levels_ptr,
     block_table_ptr, seq_levels_ptr, lvl_row_start_ptr, lvl_out_ptr,
@@ -277,7 +279,7 @@ def own_kv_kernel(
     qk_scale, cap_scale, window,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
+    SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr, SINKS: tl.constexpr,
 ):  # fmt: skip
     """With ``SPLIT``, program ``(tile, kvh, s)`` writes the normalised partial of its part of
     the own KV (split 0 also merges the levels) to ``so``/``slse``, fp32 buffers laid out like
@@ -303,6 +305,10 @@ def own_kv_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # The levels' partials (each level's KV parts, in order): merged once, by split 0.
     split = tl.program_id(2)
+    if SINKS:  # the sink as a key of value 0, counted once: by split 0
+        sink = tl.load(sinks_ptr + heads, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+        m_i = tl.where(split == 0, sink, m_i)
+        l_i = tl.where(split == 0, 1.0, l_i)
     for depth in range(0, tl.where(split == 0, num_levels, 0)):
         lvl = tl.load(seq_levels_ptr + seq * stride_seq_levels + depth)
         p_row = (tl.load(lvl_out_ptr + lvl) + q_start + r - tl.load(lvl_row_start_ptr + lvl)).to(

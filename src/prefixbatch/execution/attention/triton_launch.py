@@ -106,7 +106,7 @@ def triton_attention(
 ) -> torch.Tensor:
     """Attention of every row of the step: q (T, H, D) fp32/fp16/bf16, one layer's pools
     (slots, KVH, D) already holding the step's new K/V -> (T, H, D) in q's dtype, with the
-    layer's sliding window and soft-cap (``attn``).
+    layer's sliding window, soft-cap and sinks (``attn``).
 
     Two launches whatever the step holds: the prefix levels (skipped when there are none), then
     the own-KV kernel that merges them; a third merges the own KV's parts when ``splits.own``
@@ -124,8 +124,9 @@ def triton_attention(
         slse = torch.empty(splits.own, q.shape[0], h, dtype=torch.float32, device=q.device)
     else:
         so, slse = po, plse  # not read
+    sinks = attn.sinks
     kernels.own_kv_kernel[(tiles, kvh, splits.own)](
-        q, k_pool, v_pool, out, po, plse, so, slse,
+        q, k_pool, v_pool, out, po, plse, so, slse, plse if sinks is None else sinks,
         meta.own_tile_seq, meta.own_tile_q0,
         meta.q_start, meta.q_len, meta.context_len, meta.shared_len, meta.num_levels,
         meta.block_table, meta.seq_levels, meta.level_row_start, meta.level_out,
@@ -137,7 +138,7 @@ def triton_attention(
         **_scores(scale, attn),
         G=g, ROWS=meta.own_rows, BLOCK_M=_tile_m(meta.own_rows, g), BLOCK_N=kernels.BLOCK_N,
         HEAD_DIM=dim, BLOCK_SIZE=meta.block_size, PRECISION=_precision(q.dtype),
-        SPLIT=split_own,
+        SPLIT=split_own, SINKS=sinks is not None,
     )  # fmt: skip
     if split_own:
         kernels.merge_splits_kernel[(q.shape[0], kvh)](

@@ -433,7 +433,7 @@ void attend_prefix_levels(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v
 void prefill_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                        torch::Tensor out, torch::Tensor block_tables, torch::Tensor q_start,
                        torch::Tensor q_len, torch::Tensor context_len, int64_t block_size,
-                       double scale, int64_t window, double softcap);
+                       double scale, int64_t window, double softcap, torch::Tensor sinks);
 void write_kv(torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor slots, torch::Tensor k,
               torch::Tensor v);
 

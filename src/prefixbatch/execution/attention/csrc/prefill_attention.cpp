@@ -10,7 +10,8 @@
 // position, and tiles past a chunk's first query position are masked lane by lane. With a sliding
 // window each lane also sees only its last `window` positions: a chunk starts its walk at its
 // first lane's window and masks the tiles where some lane's window begins. Scores may be
-// soft-capped (softcap > 0).
+// soft-capped (softcap > 0). Attention sinks (gpt-oss: one logit per query head in every
+// softmax denominator, attending no value) start each lane's online softmax at m = sink, l = 1.
 //
 // Layout. q (T, H, D) with each row's heads contiguous (row stride free: q may be a view into
 // the fused qkv output); pools (slots, KVH, D); out (T, H, D) contiguous, written at the chunks'
@@ -44,6 +45,7 @@ struct Prefill {
   float scale;
   int64_t window;  // 0: none
   float softcap;   // 0: none
+  const float* sinks;  // (H,) or null: none
 };
 
 // Lane chunks [first_chunk, end_chunk) of chunk `seq`'s query heads of KV head `head`.
@@ -82,6 +84,11 @@ void attend_piece(const Prefill& p, const Piece& piece, Scratch& scratch) {
     see_from[c] = window ? lo[c] - window + 1 : 0;
     all_see[c] = window ? hi[c] - window + 1 : 0;
     state[c] = scratch.chunk(c, D, src, p.scale);
+    if (p.sinks)  // the sink as a key seen first: running max sink, sum e^0 = 1, nothing summed
+      for (int i = 0; i < kLanes; ++i) {
+        state[c].m[i] = p.sinks[piece.head * p.G + std::min(first + i, lanes - 1) % p.G];
+        state[c].l[i] = 1.f;
+      }
   }
   const int64_t begin = *std::min_element(see_from, see_from + chunks);
   for_each_tile(p.k + piece.head * D, p.v + piece.head * D, p.tables + s * p.NB, begin,
@@ -104,11 +111,11 @@ void attend_piece(const Prefill& p, const Piece& piece, Scratch& scratch) {
 
 // Fills out's rows of every prefill chunk with its causal attention over its sequence's
 // positions [0, context_len) (the last `window` up to each query's, for window > 0), scores
-// soft-capped for softcap > 0.
+// soft-capped for softcap > 0, with the sinks (H,) fp32 in every denominator unless empty.
 void prefill_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
                        at::Tensor out, at::Tensor block_tables, at::Tensor q_start,
                        at::Tensor q_len, at::Tensor context_len, int64_t block_size,
-                       double scale, int64_t window, double softcap) {
+                       double scale, int64_t window, double softcap, at::Tensor sinks) {
   const int64_t H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
   TORCH_CHECK(q.dtype() == at::kFloat && q.stride(2) == 1 && q.stride(1) == D,
               "prefill_attention: fp32 q with each row's heads contiguous");
@@ -118,6 +125,9 @@ void prefill_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
   for (const auto& t : {block_tables, q_start, q_len, context_len})
     TORCH_CHECK(t.dtype() == at::kLong && t.is_contiguous(),
                 "prefill_attention: contiguous int64 index tensors");
+  TORCH_CHECK(sinks.numel() == 0 || (sinks.dtype() == at::kFloat && sinks.is_contiguous() &&
+                                      sinks.numel() == H),
+              "prefill_attention: sinks must be empty or contiguous fp32 (H,)");
   const int64_t S = q_len.size(0);
   Prefill p{q.data_ptr<float>(),
             k_pool.data_ptr<float>(),
@@ -136,7 +146,8 @@ void prefill_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
             KVH * D,
             static_cast<float>(scale),
             window,
-            static_cast<float>(softcap)};
+            static_cast<float>(softcap),
+            sinks.numel() ? sinks.data_ptr<float>() : nullptr};
   TORCH_CHECK(window >= 0 && softcap >= 0, "prefill_attention: a negative window or soft-cap");
   for (int64_t s = 0; s < S; ++s)
     TORCH_CHECK(p.q_len[s] >= 1 && p.q_len[s] <= p.context_len[s] &&
