@@ -10,8 +10,8 @@ results by log-sum-exp (cascade attention, after BatchLLM, Hydragen and FlashInf
 a step's new K/V rows. Each attention kernel takes the layer's sliding window (reading only the
 blocks inside it) and soft-cap (``LayerAttention``); sinks join the prefill kernel's softmax
 and, for decode rows, the merged result by its log-sum-exp (``with_sinks``). The build
-(``native_build.py``) happens once per machine and source version; without a C++ compiler, or with ``kernels="torch"``, the
-engine keeps the plain PyTorch path.
+(``native_build.py``) happens once per machine and source version; without a C++ compiler, or
+with ``kernels="torch"``, the engine keeps the plain PyTorch path.
 """
 
 from __future__ import annotations
