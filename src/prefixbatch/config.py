@@ -18,14 +18,18 @@ from .policy import Policy
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding parameters (``rope_type`` is ``default``, ``linear``: positions divided
-    by ``factor`` (Gemma 3's global layers), ``llama3`` or ``longrope``).
+    by ``factor`` (Gemma 3's global layers), ``llama3``, ``longrope`` or ``yarn``).
 
     ``partial_rotary_factor``: the share of each head that is rotated (its first
     ``int(head_dim * factor)`` dimensions; Phi-4-mini: 0.75). ``attention_factor`` scales cos
     and sin (so q.k by its square; LongRoPE's sqrt(1 + ln(s) / ln(original)), as transformers
     computes it). LongRoPE (Ding et al., 2024; Phi-3) divides each inverse frequency by its
     ``short_factor`` for contexts up to ``original_max_position`` and by its ``long_factor``
-    beyond; ``long_context`` says which set this engine runs (``at_context``).
+    beyond; ``long_context`` says which set this engine runs (``at_context``). YaRN (Peng et
+    al., 2023; gpt-oss) blends interpolated (divided by ``factor``) and original frequencies
+    along a ramp between the dimensions that turn ``beta_fast`` and ``beta_slow`` times over
+    ``original_max_position`` (rounded outwards when ``truncate``), and scales cos and sin by
+    ``attention_factor``.
     """
 
     theta: float
@@ -39,6 +43,9 @@ class RopeConfig:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     long_context: bool = False
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     def at_context(self, context_len: int) -> RopeConfig:
         """The rope an engine of sequences of up to ``context_len`` positions runs: LongRoPE's

@@ -83,14 +83,17 @@ def rotary_dim(rope: RopeConfig, head_dim: int) -> int:
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies (rotary_dim / 2,), with linear, llama3 or LongRoPE scaling when
-    configured (computed as transformers' ``_compute_linear_scaling_rope_parameters``,
-    ``_compute_llama3_parameters`` and ``_compute_longrope_parameters`` do)."""
+    """Inverse frequencies (rotary_dim / 2,), with linear, llama3, LongRoPE or YaRN scaling
+    when configured (computed as transformers' ``_compute_linear_scaling_rope_parameters``,
+    ``_compute_llama3_parameters``, ``_compute_longrope_parameters`` and
+    ``_compute_yarn_parameters`` do)."""
     dim = rotary_dim(rope, head_dim)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     if rope.rope_type == "longrope":
         factors = rope.long_factor if rope.long_context else rope.short_factor
         return 1.0 / (torch.tensor(factors, dtype=torch.float32) * rope.theta**exponents)
+    if rope.rope_type == "yarn":
+        return yarn_inv_freq(rope, dim, rope.theta**exponents)
     inv = 1.0 / (rope.theta**exponents)
     if rope.rope_type == "linear":
         return inv / rope.factor
@@ -106,6 +109,27 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def yarn_inv_freq(rope: RopeConfig, dim: int, wavelengths: torch.Tensor) -> torch.Tensor:
+    """YaRN's inverse frequencies (Peng et al., 2023, "YaRN: Efficient Context Window Extension
+    of Large Language Models"): ``wavelengths`` (dim / 2,) = theta ** (2i / dim); dimensions that
+    turn more than ``beta_fast`` times over the original context keep their frequency, those
+    turning fewer than ``beta_slow`` times are divided by ``factor``, a linear ramp between."""
+    original = rope.original_max_position
+
+    def dim_turning(turns: float) -> float:  # the dimension that turns ``turns`` times
+        return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = dim_turning(rope.beta_fast), dim_turning(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # the share of the original frequency
+    return (1.0 / (rope.factor * wavelengths)) * (1 - keep) + (1.0 / wavelengths) * keep
 
 
 class RotaryEmbedding(nn.Module):

@@ -83,7 +83,8 @@ def normalise(hf: Any) -> ModelConfig:
 
 def rope_config(hf: Any) -> RopeConfig:
     """The rotary embedding's parameters; raises ``UnsupportedModelError`` for a scaling other
-    than none, ``linear``, ``llama3`` or ``longrope`` (``su`` in early Phi-3 configs)."""
+    than none, ``linear``, ``llama3``, ``longrope`` (``su`` in early Phi-3 configs) or
+    ``yarn``."""
     # transformers 5 keeps everything in rope_parameters; 4.x uses rope_theta + rope_scaling.
     params = dict(getattr(hf, "rope_parameters", None) or {})
     scaling = dict(getattr(hf, "rope_scaling", None) or {})
@@ -93,15 +94,17 @@ def rope_config(hf: Any) -> RopeConfig:
     rope_type = {"su": "longrope"}.get(rope_type, rope_type)
     partial = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
     partial = float(partial or 1.0)
-    if rope_type not in ("default", "linear", "llama3", "longrope"):
+    if rope_type not in ("default", "linear", "llama3", "longrope", "yarn"):
         raise UnsupportedModelError(
-            f"unsupported rope scaling {rope_type!r}; supported: linear, llama3, longrope"
+            f"unsupported rope scaling {rope_type!r}; supported: linear, llama3, longrope, yarn"
         )
     if rope_type in ("default", "linear"):
         factor = float(params.get("factor", 1.0))
         return RopeConfig(theta, rope_type, factor=factor, partial_rotary_factor=partial)
     if rope_type == "longrope":
         return longrope_config(hf, params, theta, partial)
+    if rope_type == "yarn":
+        return yarn_config(hf, params, theta, partial)
     return RopeConfig(
         theta=theta,
         rope_type="llama3",
@@ -110,6 +113,35 @@ def rope_config(hf: Any) -> RopeConfig:
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position=int(params.get("original_max_position_embeddings", 8192)),
         partial_rotary_factor=partial,
+    )
+
+
+def yarn_config(hf: Any, params: dict[str, Any], theta: float, partial: float) -> RopeConfig:
+    """YaRN as transformers' ``_compute_yarn_parameters`` reads it: ``factor`` defaults to
+    max_position_embeddings / original_max_position_embeddings, the attention factor to
+    ``0.1 * ln(factor) + 1`` (with ``mscale`` and ``mscale_all_dim``: the ratio of the two
+    such terms), ``beta_fast`` 32, ``beta_slow`` 1, ``truncate`` true."""
+    original = int(params["original_max_position_embeddings"])
+    factor = params.get("factor")
+    factor = hf.max_position_embeddings / original if factor is None else float(factor)
+
+    def mscale(scale: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
+    return RopeConfig(
+        theta=theta,
+        rope_type="yarn",
+        factor=factor,
+        original_max_position=original,
+        partial_rotary_factor=partial,
+        attention_factor=float(attention),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        truncate=bool(params.get("truncate", True)),
     )
 
 
