@@ -133,7 +133,24 @@ def tiny_config(family: str):  # type: ignore[no-untyped-def]
         )
     if family in MOE_FAMILIES:
         return tiny_moe_config(family, common)
+    if family == "gpt_oss":
+        return gpt_oss_config(common)
     raise ValueError(family)
+
+
+def gpt_oss_config(common: dict):  # type: ignore[no-untyped-def,type-arg]
+    """gpt-oss's shape: sliding (window 12, inside blocks of 8) and global layers alternating,
+    YaRN (factor 4 past 64 positions), 4 experts of 32 units, top-2, a SwiGLU limit low enough
+    to clamp."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        **{**common, "intermediate_size": 32, "max_position_embeddings": 256}, head_dim=16,
+        sliding_window=12, num_local_experts=4, num_experts_per_tok=2, swiglu_limit=0.6,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": False, "original_max_position_embeddings": 64,
+                         "rope_theta": 150000.0},
+    )  # fmt: skip
 
 
 # Mixture-of-experts families: 8 experts, top-2 or top-3 (Mixtral: 4 experts, top-2), and for
@@ -200,6 +217,10 @@ def make_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name:
                 torch.nn.init.normal_(p, std=0.3)
+    if family == "gpt_oss":  # sinks from far below to above the scores: they bind
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                torch.nn.init.normal_(p, std=2.0)
     model.save_pretrained(str(path))
     save_tokenizer(path)
     return path

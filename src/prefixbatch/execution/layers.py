@@ -166,6 +166,16 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return nn.functional.silu(gate) * up
 
 
+def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's experts' activation (transformers' ``GptOssExperts._apply_gate``): gate_up
+    (T, 2 * intermediate), gate then up -> (T, intermediate): the gate clamped above at
+    ``limit``, up to ``[-limit, limit]``, then ``(up + 1) * gate * sigmoid(alpha * gate)``."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(-limit, limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up (T, 2 * intermediate), gate then up -> gelu(gate) * up (T, intermediate), gelu's
     tanh approximation (Hugging Face's ``gelu_pytorch_tanh``: Gemma's GeGLU)."""

@@ -81,7 +81,8 @@ class ModelFamily:
     entries it reads, its ``model_type`` (what transformers reads a GGUF file's config as),
     the model class, ``read_config`` (the common config and the Hugging Face config -> the
     family's config) and, optionally, the CPU fast path's forward (``fused_forward.py``),
-    built from the loaded model and the fused kernels."""
+    built from the loaded model and the fused kernels. ``reads_gguf``: whether its GGUF files
+    are read (False: refused with a clear error)."""
 
     name: str
     architectures: tuple[str, ...]
@@ -89,3 +90,4 @@ class ModelFamily:
     model: Callable[[ModelConfig], CausalLM]
     read_config: Callable[[ModelConfig, Any], ModelConfig] = keep_config
     fast_forward: Callable[[Any, FusedKernels], Forward] | None = None
+    reads_gguf: bool = True

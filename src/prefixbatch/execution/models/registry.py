@@ -13,6 +13,7 @@ from ...errors import UnsupportedModelError
 from . import (
     gemma2,
     gemma3,
+    gpt_oss,
     llama,
     mistral,
     mixtral,
@@ -38,6 +39,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     qwen3_moe.FAMILY,
     mixtral.FAMILY,
     olmoe.FAMILY,
+    gpt_oss.FAMILY,
 )
 _BY_ARCH = {arch: f for f in FAMILIES for arch in f.architectures}
 _BY_NAME = {f.name: f for f in FAMILIES}
@@ -62,9 +64,13 @@ def family_named(name: str) -> ModelFamily:
 
 def family_for_gguf(model_type: str) -> ModelFamily:
     """The family of a GGUF file, by the ``model_type`` transformers reads its config as
-    (``llama``, ``qwen2``, ...); raises ``UnsupportedModelError``."""
-    if model_type not in _BY_MODEL_TYPE:
+    (``llama``, ``qwen2``, ...); raises ``UnsupportedModelError`` for another, or one whose
+    GGUF files are not read (``ModelFamily.reads_gguf``)."""
+    family = _BY_MODEL_TYPE.get(model_type)
+    if family is None or not family.reads_gguf:
+        supported = ", ".join(t for t, f in _BY_MODEL_TYPE.items() if f.reads_gguf)
         raise UnsupportedModelError(
-            f"unsupported GGUF architecture {model_type!r}; supported: {', '.join(_BY_MODEL_TYPE)}"
+            f"unsupported GGUF architecture {model_type!r}; supported: {supported}"
+            + ("; load its Hugging Face checkpoint instead" if family is not None else "")
         )
-    return _BY_MODEL_TYPE[model_type]
+    return family

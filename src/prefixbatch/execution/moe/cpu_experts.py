@@ -2,7 +2,8 @@
 (``experts.grouped_gemms``) over weights repacked once so each expert's GEMM reads its weight
 row-major, every expert's GEMM of a projection in one parallel region (``csrc/grouped_gemm.cpp``,
 compiled on first use; the per-expert PyTorch loop where it cannot be built), and the fused
-SiLU-and-mul kernel between the two projections.
+SiLU-and-mul kernel between the two projections (another activation, e.g. gpt-oss's clamped
+SwiGLU, runs as the experts define it; biases are added as in the reference).
 
 The stacked weights are stored (E, out, in), the layout checkpoints use; a GEMM over a slice of
 rows multiplies by each expert's transpose. Copying them once as (E, in, out) and dropping the
@@ -44,4 +45,6 @@ class CpuExperts:
         self, experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor:
         """x (T, H), weights and ids (T, top_k) -> (T, H) (``ExpertsKernel``)."""
-        return grouped_gemms(x, weights, ids, self.up, self.down, self.act, self.gemm)
+        return grouped_gemms(
+            x, weights, ids, self.up, self.down, self.act, self.gemm, experts.biases()
+        )

@@ -2,6 +2,9 @@
 stacked, ``gate_up_proj`` (E, 2 * I, H) (gate rows, then up rows) and ``down_proj``
 (E, H, I), as transformers 5 stores them in memory and vLLM's ``FusedMoE`` does.
 
+Experts may have biases (``gate_up_proj_bias`` (E, 2 * I), ``down_proj_bias`` (E, H): gpt-oss)
+and another gate activation than SiLU-and-mul (``activation``: gpt-oss's clamped SwiGLU).
+
 Checkpoints store one tensor per expert and projection (``experts.{e}.gate_proj.weight``, or
 Mixtral's ``w1``/``w3``/``w2``) or, when saved by transformers 5 with
 ``save_original_format=False``, the stacked tensors; ``Experts.weight_loader`` takes both. How
@@ -26,6 +29,8 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 # (out (N, O), rows (N, K) sorted by expert, weights (E, K, O), rows per expert (E,) int64):
 # fills out with each expert's slice of rows times its weight
 GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# The experts' biases: gate/up (E, 2 * I) and down (E, H), or None
+Biases = tuple[torch.Tensor, torch.Tensor] | None
 # (experts, x (T, H), routing weights (T, top_k) fp32, expert ids (T, top_k) int64) -> (T, H)
 ExpertsKernel = Callable[["Experts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,7 +44,9 @@ def grouped_experts(
     """The reference kernel: ``grouped_gemms`` over the stacked weights as stored, one
     PyTorch GEMM per expert."""
     up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
-    return grouped_gemms(x, weights, ids, up, down, silu_and_mul, gemm_per_expert)
+    return grouped_gemms(
+        x, weights, ids, up, down, experts.activation, gemm_per_expert, experts.biases()
+    )
 
 
 def gemm_per_expert(
@@ -62,35 +69,61 @@ def grouped_gemms(
     down: torch.Tensor,
     act: Activation,
     gemm: GroupedGemm,
+    biases: Biases = None,
 ) -> torch.Tensor:
     """x (T, H) through the experts ``up`` (E, H, 2 * I) and ``down`` (E, I, H) (the stacked
     weights transposed, as views or copies) -> (T, H). The T * top_k (token, expert) rows are
     sorted by expert and gathered; ``gemm`` runs each expert's slice through its projection
-    (one GEMM per expert with rows, or tiles of them), ``act`` (SiLU-and-mul, (N, 2I) ->
-    (N, I)) runs once over all rows, and the rows are weighted and summed back into their
+    (one GEMM per expert with rows, or tiles of them), each row gets its expert's bias where
+    there are ``biases`` ((E, 2I), (E, H)), ``act`` (a gate activation: (N, 2I), gate then up
+    -> (N, I)) runs once over all rows, and the rows are weighted and summed back into their
     tokens."""
     order, counts = sort_by_expert(ids, up.shape[0])
     rows = x.index_select(0, order // ids.shape[1])  # (N, H), grouped by expert
     gate_up = rows.new_empty(rows.shape[0], up.shape[2])
     gemm(gate_up, rows, up, counts)
+    row_expert = ids.reshape(-1)[order] if biases is not None else None  # (N,)
+    if biases is not None:
+        gate_up += biases[0].index_select(0, row_expert)
     hidden = act(gate_up)  # (N, I)
     out = torch.empty_like(rows)
     gemm(out, hidden, down, counts)
+    if biases is not None:
+        out += biases[1].index_select(0, row_expert)
     return combine(out, order, weights)
 
 
 class Experts(nn.Module):
-    """``num_experts`` SwiGLU MLPs of ``intermediate`` units over ``hidden`` (stacked weights,
-    see the module's docstring). ``forward(x, weights, ids)``: x (T, H), each token's routing
-    weights (T, top_k) and expert ids (T, top_k) -> sum over its experts of weight x MLP(x),
-    (T, H) in x's dtype, computed by ``kernel``."""
+    """``num_experts`` gated MLPs of ``intermediate`` units over ``hidden`` (stacked weights,
+    see the module's docstring), SwiGLU unless another ``activation`` is given, with biases
+    where ``bias``. ``forward(x, weights, ids)``: x (T, H), each token's routing weights
+    (T, top_k) and expert ids (T, top_k) -> sum over its experts of weight x MLP(x), (T, H)
+    in x's dtype, computed by ``kernel``."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+        activation: Activation = silu_and_mul,
+        bias: bool = False,
+    ) -> None:
         super().__init__()
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.gate_up_proj_bias = (
+            nn.Parameter(torch.empty(num_experts, 2 * intermediate)) if bias else None
+        )
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden)) if bias else None
+        self.activation = activation
         self.kernel: ExpertsKernel = grouped_experts
+
+    def biases(self) -> Biases:
+        """(gate_up_proj_bias, down_proj_bias), or None without biases."""
+        if self.gate_up_proj_bias is None or self.down_proj_bias is None:
+            return None
+        return self.gate_up_proj_bias, self.down_proj_bias
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.kernel(self, x, weights, ids)

@@ -16,8 +16,9 @@ from .experts import Activation, Experts, grouped_experts
 def use_experts_kernel(model: nn.Module, kernel: str, act: Activation | None = None) -> None:
     """Compute every ``Experts`` of ``model`` with ``kernel``: ``torch`` (the reference),
     ``cpu`` (the CPU fast path, fp32, after loading: it repacks the weights, and runs ``act``,
-    the fused SiLU-and-mul, where given) or ``triton`` (the fused kernel: CUDA, or the CPU
-    under ``TRITON_INTERPRET=1``; needs triton). A model without experts is left as it is.
+    the fused SiLU-and-mul, where given and the experts' activation is SiLU-and-mul) or
+    ``triton`` (the fused kernel: CUDA, or the CPU under ``TRITON_INTERPRET=1``; needs
+    triton). A model without experts is left as it is.
     Raises ValueError for another name."""
     if kernel not in ("torch", "cpu", "triton"):
         raise ValueError(f"unknown experts kernel {kernel!r}; use torch, cpu or triton")
@@ -27,7 +28,8 @@ def use_experts_kernel(model: nn.Module, kernel: str, act: Activation | None = N
         if kernel == "torch":
             module.kernel = grouped_experts
         elif kernel == "cpu":
-            module.kernel = CpuExperts(module, act or silu_and_mul)
+            swiglu = module.activation is silu_and_mul
+            module.kernel = CpuExperts(module, act if act and swiglu else module.activation)
         else:
             from .triton_experts import triton_experts
 

@@ -36,6 +36,19 @@ def select_experts(
     return weights, ids
 
 
+def select_top_logits(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` largest logits first, then a softmax over those only (gpt-oss's router,
+    transformers' ``GptOssTopKRouter``): router_logits (T, E) -> weights (T, top_k) fp32 and
+    expert ids (T, top_k) int64, largest first. The same experts and, up to rounding, the same
+    weights as ``select_experts`` with ``renormalize``. Raises ValueError unless
+    ``1 <= top_k <= E``."""
+    experts = router_logits.shape[-1]
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"top_k {top_k} must be between 1 and the {experts} experts")
+    top, ids = router_logits.float().topk(top_k, dim=-1)
+    return torch.softmax(top, dim=-1), ids
+
+
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """ids (T, top_k) -> rows per expert (E,) int64, without a host sync (``bincount`` reads
     the largest id back to size its output)."""

@@ -3,10 +3,12 @@ kernel): the (token, expert) pairs sorted by expert in blocks of ``BLOCK_M`` row
 one expert (``routing.align_blocks``), each program computing a ``BLOCK_M x BLOCK_N`` tile of
 its block's GEMM against its expert's weight, read in place from the stacked tensor.
 
-1. gate/up: row ``pair`` of the output (T * top_k, 2I) is x[pair // top_k] @ gate_up[e].T;
-2. SiLU-and-mul over all rows (PyTorch);
-3. down: row ``pair`` of (T * top_k, H) is act[pair] @ down[e].T, times the pair's routing
-   weight; the top_k rows of a token are then summed.
+1. gate/up: row ``pair`` of the output (T * top_k, 2I) is x[pair // top_k] @ gate_up[e].T
+   (+ the expert's bias where the experts have biases: gpt-oss);
+2. the experts' activation over all rows (PyTorch: SiLU-and-mul, or gpt-oss's clamped
+   SwiGLU);
+3. down: row ``pair`` of (T * top_k, H) is act[pair] @ down[e].T (+ bias), times the pair's
+   routing weight; the top_k rows of a token are then summed.
 
 Accumulation is fp32 (IEEE dot products for fp32 inputs, so results match the PyTorch
 reference to ~1e-6). Shapes depend on the token count alone and the layout is built on the
@@ -21,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layers import silu_and_mul
 from .experts import Experts
 from .routing import align_blocks
 
@@ -35,6 +36,7 @@ def expert_gemm_kernel(
     block_expert_ptr,
     used_rows_ptr,
     route_ptr,
+    bias_ptr,
     num_pairs,
     n,
     k,
@@ -42,16 +44,19 @@ def expert_gemm_kernel(
     stride_we,
     stride_wn,
     stride_cm,
+    stride_be,
     A_ROW_DIV: tl.constexpr,
     WEIGHTED: tl.constexpr,
+    BIASED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """C[pair, :n] = A[pair // A_ROW_DIV, :k] @ W[expert, :n, :k].T (times route[pair] when
-    WEIGHTED) for the rows of block ``program_id(0)``, columns of tile ``program_id(1)``;
-    padding rows (pair == num_pairs) and blocks past ``used_rows`` write nothing."""
+    """C[pair, :n] = A[pair // A_ROW_DIV, :k] @ W[expert, :n, :k].T (+ bias[expert, :n] when
+    BIASED; times route[pair] when WEIGHTED) for the rows of block ``program_id(0)``, columns
+    of tile ``program_id(1)``; padding rows (pair == num_pairs) and blocks past ``used_rows``
+    write nothing."""
     block = tl.program_id(0)
     if block * BLOCK_M >= tl.load(used_rows_ptr):
         return
@@ -75,6 +80,9 @@ def expert_gemm_kernel(
             other=0.0,
         )  # (BLOCK_K, BLOCK_N): the expert's rows ``cols``, transposed
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if BIASED:
+        bias = tl.load(bias_ptr + expert * stride_be + cols, mask=cols < n, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
     if WEIGHTED:
         acc = acc * tl.load(route_ptr + pairs, mask=real, other=0.0)[:, None]
     out = c_ptr + pairs[:, None] * stride_cm + cols[None, :]
@@ -97,8 +105,10 @@ def expert_gemm(
     num_pairs: int,
     a_row_div: int,
     route: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One launch: a (rows, K), w (E, N, K) -> (num_pairs, N) in a's dtype (see the kernel)."""
+    """One launch: a (rows, K), w (E, N, K), bias (E, N) or None -> (num_pairs, N) in a's
+    dtype (see the kernel)."""
     pair_ids, block_expert, used_rows, bm = layout_args
     n, k = w.shape[1], w.shape[2]
     if a.stride(1) != 1 or w.stride(2) != 1:
@@ -113,6 +123,7 @@ def expert_gemm(
         block_expert,
         used_rows,
         c if route is None else route,
+        c if bias is None else bias,
         num_pairs,
         n,
         k,
@@ -120,8 +131,10 @@ def expert_gemm(
         w.stride(0),
         w.stride(1),
         c.stride(0),
+        0 if bias is None else bias.stride(0),
         A_ROW_DIV=a_row_div,
         WEIGHTED=route is not None,
+        BIASED=bias is not None,
         BLOCK_M=bm,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -140,8 +153,9 @@ def triton_experts(
         return torch.zeros_like(x)
     layout = align_blocks(ids, experts.num_experts, block_m(pairs, experts.num_experts))
     args = (layout.pair_ids, layout.block_expert, layout.used_rows, layout.block_m)
-    gate_up = expert_gemm(x, experts.gate_up_proj, args, pairs, top_k, None)  # (T * top_k, 2I)
-    hidden = silu_and_mul(gate_up)  # (T * top_k, I)
+    up_bias, down_bias = experts.gate_up_proj_bias, experts.down_proj_bias
+    gate_up = expert_gemm(x, experts.gate_up_proj, args, pairs, top_k, None, up_bias)  # (T*k, 2I)
+    hidden = experts.activation(gate_up)  # (T * top_k, I)
     route = weights.reshape(-1).float().contiguous()
-    out = expert_gemm(hidden, experts.down_proj, args, pairs, 1, route)  # weighted
+    out = expert_gemm(hidden, experts.down_proj, args, pairs, 1, route, down_bias)  # weighted
     return out.view(t, top_k, -1).sum(dim=1)
