@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_gemma import levels_against_windows
+from test_moe_models import load
 
 from conftest import VOCAB, hf_greedy, make_tiny_model, nested_prompts, tiny_config
 from prefixbatch import LLM, SamplingParams
@@ -23,15 +24,13 @@ from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
 from prefixbatch.execution.attention.step import AttentionStep, SeqStep
 from prefixbatch.execution.attention.triton_backend import TritonBackend, triton_available
 from prefixbatch.execution.models.gpt_oss import GptOssConfig, GptOssExperts
-from prefixbatch.execution.models.loader import build_model
-from prefixbatch.execution.models.registry import family_for_gguf, family_named
+from prefixbatch.execution.models.registry import family_for_gguf
 from prefixbatch.execution.moe.cpu_experts import CpuExperts
 from prefixbatch.execution.moe.experts import grouped_experts
 from prefixbatch.execution.moe.kernel_choice import use_experts_kernel
 from prefixbatch.execution.moe.mxfp4 import dequantize_mxfp4
 from prefixbatch.execution.moe.routing import select_experts, select_top_logits
-from prefixbatch.loading.model_config import normalise, read_model_config
-from prefixbatch.loading.model_source import ModelSource
+from prefixbatch.loading.model_config import normalise
 
 FAMILIES = ["gpt_oss"]
 WINDOW = 12  # conftest's tiny config
@@ -231,26 +230,14 @@ def test_an_mxfp4_checkpoint_loads_as_its_dequantised_weights(gpt_oss, tmp_path)
         dirs[kind] = tmp_path / kind
         shutil.copytree(gpt_oss, dirs[kind])
         save_file(weights, str(dirs[kind] / "model.safetensors"))
-    loaded = {kind: load(path) for kind, path in dirs.items()}
+    loaded = {kind: load(path, "gpt_oss") for kind, path in dirs.items()}
     assert loaded["mxfp4"].keys() == loaded["plain"].keys()
     for name, value in loaded["plain"].items():
         assert torch.equal(loaded["mxfp4"][name], value), name
     del quantised["model.layers.1.mlp.experts.down_proj_scales"]
     save_file(quantised, str(dirs["mxfp4"] / "model.safetensors"))
     with pytest.raises(ModelNotFoundError, match="no tensor for layers.1.mlp.experts.down_proj"):
-        load(dirs["mxfp4"])
-
-
-def load(path: Path) -> dict[str, torch.Tensor]:
-    source = ModelSource(path)
-    model = build_model(
-        family_named("gpt_oss"),
-        read_model_config(source),
-        source.weights(),
-        torch.device("cpu"),
-        torch.float32,
-    )
-    return {name: p.detach() for name, p in model.named_parameters()}
+        load(dirs["mxfp4"], "gpt_oss")
 
 
 def with_architecture(config):  # type: ignore[no-untyped-def]
