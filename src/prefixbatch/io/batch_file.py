@@ -27,6 +27,7 @@ from ..optional import missing
 from ..sampling_params import SamplingParams
 from ..tokenizer import TOKEN_BYTES_FEATURE
 from .body_fields import field_problem
+from .embedding_request import EMBEDDINGS_URL, Input, embedding_inputs, embedding_params
 from .json_text import json_text
 
 CHAT_URL = "/v1/chat/completions"
@@ -37,7 +38,7 @@ COMPLETIONS_URL = "/v1/completions"
 class BatchRequest:
     line: int  # 1-based line number in the input file
     custom_id: str
-    url: str  # CHAT_URL or COMPLETIONS_URL
+    url: str  # CHAT_URL, COMPLETIONS_URL or EMBEDDINGS_URL
     messages: list[dict[str, Any]] | None
     prompt: str | list[int] | None
     params: SamplingParams
@@ -49,6 +50,11 @@ class BatchRequest:
     tools: ToolRequest | None = None  # chat: tools, tool_choice, parallel_tool_calls
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
     reply: ReplyFormat | None = None  # chat: how the answer is parsed (set when rendered)
+    # embeddings: the line's inputs as read; the job runs each as a request of its own (one
+    # ``part`` of ``parts``, its ``prompt``) and answers the line once all are embedded
+    inputs: tuple[Input, ...] = ()
+    part: int = 0
+    parts: int = 1
 
     def chat(self) -> ChatRequest:
         """What this chat request asks of the chat template."""
@@ -172,15 +178,21 @@ def _request(
         if method != "POST":
             raise _Invalid(f"'method' must be POST, got {json_text(method)}")
         url = obj.get("url")
-        if url not in (CHAT_URL, COMPLETIONS_URL):
-            raise _Invalid(f"unsupported url {json_text(url)}; use {CHAT_URL} or {COMPLETIONS_URL}")
+        if url not in (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL):
+            raise _Invalid(
+                f"unsupported url {json_text(url)}; use {CHAT_URL}, {COMPLETIONS_URL} or "
+                f"{EMBEDDINGS_URL}"
+            )
         body = obj.get("body")
         if not isinstance(body, dict):
             raise _Invalid("'body' must be a JSON object")
         not_fields: frozenset[str] = frozenset()
     else:  # minimal form: sampling fields sit next to the prompt
         url, body = (CHAT_URL if "messages" in obj else COMPLETIONS_URL), obj
+        url = EMBEDDINGS_URL if "input" in obj else url
         not_fields = frozenset({"custom_id"})
+    if url == EMBEDDINGS_URL:
+        return _embedding_request(body, number, custom_id, not_fields)
     problem = field_problem(body, url == CHAT_URL, not_fields)
     if problem:
         raise _Invalid(problem)
@@ -218,6 +230,22 @@ def _request(
         max_tokens_given=given,
         tools=tools,
         template_kwargs=template_kwargs,
+    )
+
+
+def _embedding_request(
+    body: dict[str, Any], number: int, custom_id: str, not_fields: frozenset[str]
+) -> BatchRequest:
+    """An ``/v1/embeddings`` line (``embedding_request.py``)."""
+    body = {k: v for k, v in body.items() if k not in not_fields}
+    try:
+        params = embedding_params(body)
+        inputs = embedding_inputs(body.get("input"))
+    except ValueError as e:
+        raise _Invalid(str(e)) from e
+    digest = request_hash(EMBEDDINGS_URL, body, params.max_tokens)
+    return BatchRequest(
+        number, custom_id, EMBEDDINGS_URL, None, None, params, digest, inputs=inputs
     )
 
 

@@ -77,6 +77,12 @@ def success_record(
         "usage": usage,
         **extra,
     }
+    return success_envelope(req, body)
+
+
+def success_envelope(req: BatchRequest, body: dict[str, Any]) -> dict[str, Any]:
+    """The batch output record around a response ``body`` (status 200), with the request
+    hash that the resume rule reads."""
     return {
         "id": _id("batch_req_", req.custom_id),
         "custom_id": req.custom_id,
@@ -242,8 +248,11 @@ class ResultWriter:
         success record of each request (``lines``: (n,) its input line, ascending; ``keys``:
         (n,) ``S16`` its ``record_key``), else the error of its line from ``errors``, which
         also holds the lines that are no request; superseded records and records of custom_ids
-        no longer in the input are dropped. Atomic: a temporary file in the same folder, fsync,
+        no longer in the input are dropped. A line listed more than once (the inputs of an
+        embedding line) gets one record. Atomic: a temporary file in the same folder, fsync,
         rename."""
+        first = np.append(True, lines[1:] != lines[:-1]) if len(lines) else np.zeros(0, bool)
+        lines, keys = lines[first], keys[first]
         self._open()
         self.close()
         found, offsets, lengths, _ = _success_keys(self.path)

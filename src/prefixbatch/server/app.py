@@ -28,6 +28,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from ..io.batch_file import CHAT_URL, COMPLETIONS_URL
+from ..io.embedding_request import EMBEDDINGS_URL
 from ..io.json_text import json_text
 from .envelope import OpenAIEnvelope
 from .errors import APIError, bad_request, not_found
@@ -174,9 +175,10 @@ def create_app(store: Store, worker: BatchWorker, config: AppConfig) -> FastAPI:
 
     @app.post("/v1/batches")
     def create_batch(body: CreateBatch) -> dict[str, Any]:
-        if body.endpoint not in (CHAT_URL, COMPLETIONS_URL):
+        if body.endpoint not in (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL):
             raise bad_request(
-                f"endpoint must be {CHAT_URL} or {COMPLETIONS_URL}, got {json_text(body.endpoint)}",
+                f"endpoint must be {CHAT_URL}, {COMPLETIONS_URL} or {EMBEDDINGS_URL}, "
+                f"got {json_text(body.endpoint)}",
                 param="endpoint",
                 code="invalid_value",
             )

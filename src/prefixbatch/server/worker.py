@@ -202,7 +202,7 @@ class BatchWorker:
                     kind = "output"
                     usage = rec["response"]["body"]["usage"]
                     prompt_tokens += usage["prompt_tokens"]
-                    completion_tokens += usage["completion_tokens"]
+                    completion_tokens += usage.get("completion_tokens", 0)  # none: embeddings
                 else:
                     kind = "error"
                     if not isinstance(rec.get("custom_id"), str):  # OpenAI's is a string
