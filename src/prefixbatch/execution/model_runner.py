@@ -230,7 +230,10 @@ class ModelRunner:
             logits = self.graphs.run(ids, t["positions"], meta)[t["logits_rows"]]
         else:
             rows = t["logits_rows"]
-            logits = self.model(ids, t["positions"], self.backend, meta, rows, hidden=hidden)
+            if hidden:  # (the flag only when set: wrappers of a forward may not know it)
+                logits = self.model(ids, t["positions"], self.backend, meta, rows, hidden=True)
+            else:
+                logits = self.model(ids, t["positions"], self.backend, meta, rows)
         return logits, extras
 
     def _staged(self, attn: AttentionStep, graphs: bool = True) -> tuple[Staged[Any], bool]:
