@@ -34,7 +34,9 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     ids = range(1000, min(vocab, 40_000))
     instruction = [rng.choice(ids) for _ in range(INSTRUCTION)]
-    return [instruction + [rng.choice(ids) for _ in range(rng.randint(LOW, HIGH))] for _ in range(n)]
+    return [
+        instruction + [rng.choice(ids) for _ in range(rng.randint(LOW, HIGH))] for _ in range(n)
+    ]
 
 
 def hf_embed(model: torch.nn.Module, prompts: list[list[int]], batch: int) -> np.ndarray:
@@ -57,6 +59,17 @@ def hf_embed(model: torch.nn.Module, prompts: list[list[int]], batch: int) -> np
     return out
 
 
+def row(run: str, batch: object, seconds: float, tokens: int, engine_s: float) -> dict[str, str]:
+    """A table row; ``ratio``: the engine's tokens per second over this run's."""
+    return {
+        "run": run,
+        "batch": str(batch),
+        "s": f"{seconds:.1f}",
+        "tok/s": f"{tokens / seconds:.0f}",
+        "ratio": f"{seconds / engine_s:.2f}",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passages", type=int, default=20_000)
@@ -73,14 +86,12 @@ def main() -> None:
     llm.embed(prompts[:4], use_tqdm=False)  # warm-up (kernel loads)
     got, engine_s = timed(lambda: np.stack(llm.embed(prompts, use_tqdm=False)))
     saved = llm.engine.stats.prefill_tokens_saved
-    rows = [{"run": "prefixbatch", "batch": "-", "s": f"{engine_s:.1f}",
-             "tok/s": f"{tokens / engine_s:.0f}", "ratio": "1.00"}]  # fmt: skip
+    rows = [row("prefixbatch", "-", engine_s, tokens, engine_s)]
     best = None
     for batch in (int(b) for b in args.hf_batches.split(",")):
         expected, hf_s = timed(lambda: hf_embed(hf, prompts, batch))  # noqa: B023
         best = hf_s if best is None else min(best, hf_s)
-        rows.append({"run": "transformers", "batch": batch, "s": f"{hf_s:.1f}",
-                     "tok/s": f"{tokens / hf_s:.0f}", "ratio": f"{hf_s / engine_s:.2f}"})  # fmt: skip
+        rows.append(row("transformers", batch, hf_s, tokens, engine_s))
     assert best is not None
     error = float(np.abs(got - expected).max())
     print(f"{len(prompts)} passages, {tokens} prompt tokens, {saved} prefill tokens saved by "
