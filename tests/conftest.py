@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,31 @@ if not torch.cuda.is_available():
 
 VOCAB = 512
 EOS = 2
+HEARTBEAT_S = 50.0  # a line at least this often, even inside one long test (CI watches output)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    """While a test runs longer than ``HEARTBEAT_S``, say so on the terminal every
+    ``HEARTBEAT_S`` (output capture set aside for the line, as pytest does for its own)."""
+    plugins = item.config.pluginmanager
+    reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
+    if reporter is None or capture is None:  # -p no:terminal or --capture=no: nothing to do
+        return (yield)
+    done = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            line = f"[still running {item.nodeid}: {time.monotonic() - start:.0f} s]"
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(line)
+
+    threading.Thread(target=beat, name="test-heartbeat", daemon=True).start()
+    try:
+        return (yield)
+    finally:
+        done.set()
 
 
 def save_tokenizer(path: Path) -> None:
@@ -104,6 +131,36 @@ def tiny_config(family: str):  # type: ignore[no-untyped-def]
             },
             final_logit_softcapping=4.0,
         )
+    if family in MOE_FAMILIES:
+        return tiny_moe_config(family, common)
+    raise ValueError(family)
+
+
+# Mixture-of-experts families: 8 experts, top-2 or top-3 (Mixtral: 4 experts, top-2), and for
+# Qwen-MoE dense layers between sparse ones (``mlp_only_layers``, ``decoder_sparse_step``).
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+
+
+def tiny_moe_config(family: str, common: dict):  # type: ignore[no-untyped-def,type-arg]
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    if family == "qwen2_moe":  # layers 1 and 3 sparse, with the shared expert and its gate
+        return Qwen2MoeConfig(
+            **{**common, "num_hidden_layers": 4, "intermediate_size": 96}, num_experts=8,
+            num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            decoder_sparse_step=2,
+        )  # fmt: skip
+    if family == "qwen3_moe":  # layer 1 dense
+        return Qwen3MoeConfig(
+            **{**common, "intermediate_size": 96}, num_experts=8, num_experts_per_tok=3,
+            moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1], head_dim=32,
+        )  # fmt: skip
+    if family == "mixtral":
+        return MixtralConfig(**{**common, "intermediate_size": 32}, num_local_experts=4,
+                             num_experts_per_tok=2, sliding_window=None)  # fmt: skip
+    if family == "olmoe":  # q/k norms over all heads, and the qkv clamp
+        return OlmoeConfig(**{**common, "intermediate_size": 32}, num_experts=8,
+                           num_experts_per_tok=2, clip_qkv=1.0, pad_token_id=0)  # fmt: skip
     raise ValueError(family)
 
 
@@ -160,6 +217,12 @@ def kernels_cannot_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Ite
     native_build.build_extension.cache_clear()
     yield
     native_build.build_extension.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe-models")
+    return {f: make_tiny_model(root / f, f) for f in MOE_FAMILIES}
 
 
 @pytest.fixture(scope="session")

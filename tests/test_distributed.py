@@ -261,6 +261,30 @@ def test_two_workers_carry_tool_calls(ray_cluster, tiny_models, tmp_path):  # ty
     assert all("tool_calls" in ray_choices[c][0]["message"] for c in ("named", "single"))
 
 
+def test_two_workers_carry_responses(ray_cluster, tiny_models, tmp_path):  # type: ignore[no-untyped-def]
+    """/v1/responses lines on Ray: the driver maps, renders and writes Response objects; the
+    records equal a single process's."""
+    import json
+
+    from chat_formats import chat_model
+    from test_responses import ENGINE, LINES, records, stable
+
+    from prefixbatch.cli import main
+
+    inp = tmp_path / "in.jsonl"
+    lines = [x for x in LINES if x["url"] == "/v1/responses"]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    model = chat_model(tiny_models["qwen3"], "qwen3", tmp_path / "model")
+    base = ["run", str(inp), "--model", str(model), *ENGINE]
+    assert main([*base, "-o", str(tmp_path / "single.jsonl")]) == 0
+    assert main([*base, "-o", str(tmp_path / "ray.jsonl"), "--workers", "2"]) == 0
+    single, ray_recs = (records((tmp_path / f).read_text()) for f in ("single.jsonl", "ray.jsonl"))
+    assert {c: stable(r) for c, r in ray_recs.items()} == {c: stable(r) for c, r in single.items()}
+    assert any(
+        i["type"] == "function_call" for i in ray_recs["tools"]["response"]["body"]["output"]
+    )
+
+
 def test_two_workers_embed(ray_cluster, tiny_models):  # type: ignore[no-untyped-def]
     """Embedding requests on Ray: each equals transformers' pooled last hidden state."""
     from test_embeddings import TOLERANCE, hf_embeddings

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_gemma import FAMILIES as GEMMA_PARITY_FAMILIES
+from test_moe_models import FAMILIES as MOE_PARITY_FAMILIES
 from test_parity_hf import FAMILIES as PARITY_FAMILIES
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -24,7 +25,8 @@ from prefixbatch.loading.model_source import ModelSource
 
 
 def test_every_registered_family_has_a_parity_test():
-    tested = {tiny_config(name).model_type for name in PARITY_FAMILIES + GEMMA_PARITY_FAMILIES}
+    parity = [*PARITY_FAMILIES, *GEMMA_PARITY_FAMILIES, *MOE_PARITY_FAMILIES]
+    tested = {tiny_config(name).model_type for name in parity}
     assert {f.model_type for f in FAMILIES} <= tested
 
 

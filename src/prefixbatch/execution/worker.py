@@ -5,7 +5,8 @@ backend, the decode CUDA graphs and the fast-path choices, all settled once at s
 (LongRoPE's factor set, ``RopeConfig.at_context``), builds the checkpoint's family model in the
 target dtype on the device and loads the weights (``models/loader.py``); on the CPU in fp32 it
 packs the projections for oneDNN and builds the fused kernels (the family's fast forward and the
-compiled greedy argmax); it sizes the KV pool (a byte budget, or on CUDA a profiling forward at
+compiled greedy argmax); it picks how a mixture-of-experts model computes its experts
+(``moe/kernel_choice.py``); it sizes the KV pool (a byte budget, or on CUDA a profiling forward at
 the largest step, ``kv_memory.py``), allocates it, picks the attention backend
 (``attention/registry.py``) and captures the decode graphs (``cuda_graphs.py``). Engines get a
 ``ModelRunner`` and the argmax from it and never reach into the model. One worker may serve
@@ -33,6 +34,7 @@ from .model_runner import ModelRunner
 from .models.family import Forward
 from .models.loader import Weights, build_model
 from .models.registry import family_named
+from .moe.kernel_choice import use_experts_kernel
 from .packed_linear import onednn_available, pack_linears
 from .sampler import SamplingTensors, sample, torch_argmax
 
@@ -58,6 +60,8 @@ class Worker:
         family = family_named(model_config.architecture)
         self.model = build_model(family, model_config, weights, self.device, config.torch_dtype)
         kernels = self._cpu_fast_paths()
+        act = None if kernels is None else kernels.silu_and_mul
+        use_experts_kernel(self.model, self._experts_kernel(kernels is not None), act)
         self.forward: Forward = self.model
         if kernels is not None and family.fast_forward is not None:
             self.forward = family.fast_forward(self.model, kernels)
@@ -101,6 +105,20 @@ class Worker:
         if onednn_available():
             pack_linears(self.model)
         return fused_kernels()
+
+    def _experts_kernel(self, cpu_fast: bool) -> str:
+        """How a mixture-of-experts model computes its experts (``moe/kernel_choice.py``): the fused
+        Triton kernel on CUDA (and on the CPU when the Triton attention backend is asked for:
+        the interpreter), the CPU fast path with the other CPU fast paths, else the reference."""
+        from .attention.triton_backend import triton_available
+
+        config = self.config
+        if config.kernels != "auto":
+            return "torch"
+        on_cuda = self.device.type == "cuda"
+        if (on_cuda or config.attention_backend == "triton") and triton_available(self.device):
+            return "triton"
+        return "cpu" if cpu_fast else "torch"
 
     def _cache(self, num_blocks: int) -> KVCache:
         cfg, config = self.model_config, self.config

@@ -26,19 +26,22 @@ from ..grammar_spec import GrammarSpec
 from ..optional import missing
 from ..sampling_params import SamplingParams
 from ..tokenizer import TOKEN_BYTES_FEATURE
-from .body_fields import field_problem
+from .body_fields import field_problem, responses_field_problem
 from .embedding_request import EMBEDDINGS_URL, Input, embedding_inputs, embedding_params
 from .json_text import json_text
+from .responses_request import ResponseEcho, chat_body, response_echo
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
+RESPONSES_URL = "/v1/responses"  # runs as a chat (``responses_request.py``)
+URLS = (CHAT_URL, COMPLETIONS_URL, RESPONSES_URL, EMBEDDINGS_URL)
 
 
 @dataclass(frozen=True)
 class BatchRequest:
     line: int  # 1-based line number in the input file
     custom_id: str
-    url: str  # CHAT_URL, COMPLETIONS_URL or EMBEDDINGS_URL
+    url: str  # one of URLS
     messages: list[dict[str, Any]] | None
     prompt: str | list[int] | None
     params: SamplingParams
@@ -50,11 +53,17 @@ class BatchRequest:
     tools: ToolRequest | None = None  # chat: tools, tool_choice, parallel_tool_calls
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
     reply: ReplyFormat | None = None  # chat: how the answer is parsed (set when rendered)
+    response_echo: ResponseEcho | None = None  # responses: what the Response object repeats
     # embeddings: the line's inputs as read; the job runs each as a request of its own (one
     # ``part`` of ``parts``, its ``prompt``) and answers the line once all are embedded
     inputs: tuple[Input, ...] = ()
     part: int = 0
     parts: int = 1
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether the request runs through the chat template (chat and responses)."""
+        return self.url in (CHAT_URL, RESPONSES_URL)
 
     def chat(self) -> ChatRequest:
         """What this chat request asks of the chat template."""
@@ -178,11 +187,8 @@ def _request(
         if method != "POST":
             raise _Invalid(f"'method' must be POST, got {json_text(method)}")
         url = obj.get("url")
-        if url not in (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL):
-            raise _Invalid(
-                f"unsupported url {json_text(url)}; use {CHAT_URL}, {COMPLETIONS_URL} or "
-                f"{EMBEDDINGS_URL}"
-            )
+        if url not in URLS:
+            raise _Invalid(f"unsupported url {json_text(url)}; use {', '.join(URLS)}")
         body = obj.get("body")
         if not isinstance(body, dict):
             raise _Invalid("'body' must be a JSON object")
@@ -193,14 +199,22 @@ def _request(
         not_fields = frozenset({"custom_id"})
     if url == EMBEDDINGS_URL:
         return _embedding_request(body, number, custom_id, not_fields)
-    problem = field_problem(body, url == CHAT_URL, not_fields)
+    if url == RESPONSES_URL:
+        problem = responses_field_problem(body)
+    else:
+        problem = field_problem(body, url == CHAT_URL, not_fields)
     if problem:
         raise _Invalid(problem)
-    params = _params(body, default_max_tokens, url == CHAT_URL)
+    digest_body = {k: v for k, v in body.items() if k not in not_fields}
+    echo_fields = None
+    if url == RESPONSES_URL:
+        try:
+            body, echo_fields = chat_body(body), response_echo(body)
+        except ValueError as e:
+            raise _Invalid(str(e)) from e
+    params = _params(body, default_max_tokens, url != COMPLETIONS_URL)
     given = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
-    digest = request_hash(
-        url, {k: v for k, v in body.items() if k not in not_fields}, params.max_tokens
-    )
+    digest = request_hash(url, digest_body, params.max_tokens)
     if url == COMPLETIONS_URL:
         prompt = _prompt(body.get("prompt"))
         echo = _flag(body, "echo", False)
@@ -230,6 +244,7 @@ def _request(
         max_tokens_given=given,
         tools=tools,
         template_kwargs=template_kwargs,
+        response_echo=echo_fields,
     )
 
 

@@ -94,3 +94,59 @@ def field_problem(body: dict[str, Any], chat: bool, ignore: frozenset[str]) -> s
             return f"'{key}' is only valid for {where}"
         return f"unknown field '{key}'"
     return None
+
+
+# /v1/responses (``responses_request.py`` maps these onto the chat path). The chat fields that
+# keep their meaning there: the sampling options (vLLM takes them as extras), and the tools.
+RESPONSES_SAMPLING = HONOURED - {
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "logprobs",
+    "prompt_logprobs",
+    "response_format",
+}
+RESPONSES_ONLY = frozenset(
+    {"input", "instructions", "max_output_tokens", "text", "reasoning", "prompt_cache_key"}
+)
+# The Responses name of a chat field.
+RESPONSES_NAMES = {
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text.format",
+    "reasoning_effort": "reasoning.effort",
+}
+RESPONSES_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "stream": (False,),
+    "stream_options": (),
+    "background": (False,),
+    "store": (False,),  # OpenAI keeps a stored response for previous_response_id; we keep none
+    "previous_response_id": (),
+    "conversation": (),
+    "prompt": (),  # a stored prompt template
+    "include": ([],),
+    "max_tool_calls": (),
+    "truncation": ("disabled",),
+    "top_logprobs": (0,),
+    "prompt_cache_retention": (),
+}
+
+
+def responses_field_problem(body: dict[str, Any]) -> str | None:
+    """``field_problem`` for a ``/v1/responses`` body (the minimal line form has none)."""
+    allowed = RESPONSES_SAMPLING | RESPONSES_ONLY | (METADATA - {"store"})
+    for key, value in body.items():
+        if key in allowed or key in ("tools", "tool_choice", "parallel_tool_calls"):
+            continue
+        if key in RESPONSES_UNSUPPORTED:
+            if _asks_nothing(value, RESPONSES_UNSUPPORTED[key]):
+                continue
+            return (
+                f"'{key}' is not supported for /v1/responses (got {json_text(value)}); remove it "
+                "from the request"
+            )
+        if key in RESPONSES_NAMES:
+            return f"'{key}' is not a /v1/responses field; use '{RESPONSES_NAMES[key]}'"
+        return f"unknown field '{key}' for /v1/responses"
+    return None

@@ -31,8 +31,9 @@ import numpy as np
 
 from ..chat.reply import assistant_message
 from ..outputs import CompletionOutput, RequestOutput
-from .batch_file import CHAT_URL, BatchRequest, LineError
+from .batch_file import CHAT_URL, RESPONSES_URL, BatchRequest, LineError
 from .logprobs_format import chat_logprobs, completion_logprobs, prompt_logprobs_list
+from .response_object import Decode, response_body
 
 HASH_FIELD = "request_hash"
 SERVER_ERROR = "server_error"  # the code of a request that failed while it was served
@@ -48,11 +49,16 @@ def success_record(
     model: str,
     vocab: Sequence[bytes] | None = None,
     prompt_text: str = "",
+    decode: Decode | None = None,
 ) -> dict[str, Any]:
     """The record of an answered request: one choice per ``out.outputs``, with OpenAI's
     ``logprobs`` shapes when asked for (``vocab``: each token id's bytes, needed then), and
     the prompt's ``prompt_logprobs`` as vLLM writes them (chat: in the body; completions: in
-    each choice). ``prompt_text`` starts each completion's text when ``req.echo``."""
+    each choice). ``prompt_text`` starts each completion's text when ``req.echo``. A
+    ``/v1/responses`` request's body is its Response object (``response_object.py``;
+    ``decode``: token ids -> text, special tokens kept, to count its reasoning tokens)."""
+    if req.url == RESPONSES_URL:
+        return success_envelope(req, response_body(req, out, model, decode))
     usage = {
         "prompt_tokens": out.num_prompt_tokens,
         "completion_tokens": out.num_output_tokens,
@@ -68,21 +74,21 @@ def success_record(
         else:
             for choice in choices:
                 choice["prompt_logprobs"] = scored
-    body = {
-        "id": _id("chatcmpl-" if chat else "cmpl-", req.custom_id),
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-        **extra,
-    }
-    return success_envelope(req, body)
+    return success_envelope(
+        req,
+        {
+            "id": _id("chatcmpl-" if chat else "cmpl-", req.custom_id),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": usage,
+            **extra,
+        },
+    )
 
 
 def success_envelope(req: BatchRequest, body: dict[str, Any]) -> dict[str, Any]:
-    """The batch output record around a response ``body`` (status 200), with the request
-    hash that the resume rule reads."""
     return {
         "id": _id("batch_req_", req.custom_id),
         "custom_id": req.custom_id,

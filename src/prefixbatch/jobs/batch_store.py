@@ -3,6 +3,8 @@
 Per request: its line, custom_id (UTF-8 in one byte array), request hash (8 bytes) and record key
 (16 bytes, ``io.results.record_key``), its url, echo and max-tokens-given flags, and which
 distinct ``SamplingParams`` and chat ``ReplyFormat`` it uses (each distinct one is kept once);
+a ``/v1/responses`` request's ``ResponseEcho``: its settings once per distinct value, its own
+fields (metadata, user) as UTF-8 in one byte array;
 the token ids of the requests to run go into one ``TokenArrays``. About 60 bytes a request
 beside its tokens, against kilobytes as parsed objects. ``runnable()`` hands the engine the
 requests to run as a ``CompactRequests`` (a ``Request`` object is made only when the engine
@@ -16,13 +18,15 @@ from array import array
 import numpy as np
 
 from ..chat.render import ReplyFormat
-from ..io.batch_file import CHAT_URL, COMPLETIONS_URL, BatchRequest
+from ..io.batch_file import CHAT_URL, COMPLETIONS_URL, RESPONSES_URL, BatchRequest
 from ..io.embedding_request import EMBEDDINGS_URL
+from ..io.responses_request import ResponseEcho
 from ..planning.token_arrays import TokenArraysBuilder
 from ..sampling_params import SamplingParams
 from ..scheduling.request_source import CompactRequests
 
-_CHAT, _ECHO, _GIVEN, _EMBED = 1, 2, 4, 8  # flags: chat url, echo, max_tokens set, embeddings
+# flags: chat url, echo, max_tokens set in the body, responses url, embeddings url
+_CHAT, _ECHO, _GIVEN, _RESPONSES, _EMBED = 1, 2, 4, 8, 16
 
 
 class BatchStore:
@@ -41,6 +45,10 @@ class BatchStore:
         self._names = bytearray()  # custom_ids, UTF-8
         self._name_ends = array("q")
         self._echo: dict[int, str] = {}  # echoed text prompts, by request
+        self._settings: dict[str, int] = {}  # ResponseEcho.settings
+        self._setting_ids = array("i")  # -1: not a responses request
+        self._own = bytearray()  # ResponseEcho.own, UTF-8
+        self._own_ends = array("q")
         self._tokens = TokenArraysBuilder()
         self.frozen = False
 
@@ -59,6 +67,7 @@ class BatchStore:
             self._tokens.append(ids)
         self._flags.append(
             (_CHAT if req.url == CHAT_URL else 0)
+            | (_RESPONSES if req.url == RESPONSES_URL else 0)
             | (_ECHO if req.echo else 0)
             | (_GIVEN if req.max_tokens_given else 0)
             | (_EMBED if req.url == EMBEDDINGS_URL else 0)
@@ -72,6 +81,13 @@ class BatchStore:
         self._name_ends.append(len(self._names))
         if req.echo and isinstance(req.prompt, str):
             self._echo[i] = req.prompt
+        echo = req.response_echo
+        settings = (
+            -1 if echo is None else self._settings.setdefault(echo.settings, len(self._settings))
+        )
+        self._setting_ids.append(settings)
+        self._own += b"" if echo is None else echo.own.encode()
+        self._own_ends.append(len(self._own))
 
     def freeze(self) -> None:
         """Turn the appended columns into arrays (no copies of the large ones)."""
@@ -83,6 +99,7 @@ class BatchStore:
         self.prompts = self._tokens.build()
         self.param_sets = tuple(self._sets)
         self.replies = tuple(self._replies)
+        self.settings = tuple(self._settings)
         self.frozen = True
 
     def runnable(self) -> CompactRequests:
@@ -104,7 +121,13 @@ class BatchStore:
         flags = self._flags[i]
         line = self._lines[i]
         first, end = (int(x) for x in np.searchsorted(self.lines, [line, line + 1]))
-        url = CHAT_URL if flags & _CHAT else COMPLETIONS_URL
+        url = (
+            CHAT_URL if flags & _CHAT else RESPONSES_URL if flags & _RESPONSES else COMPLETIONS_URL
+        )
+        echo = None
+        if self._setting_ids[i] >= 0:
+            own = self._own[self._own_ends[i - 1] if i else 0 : self._own_ends[i]].decode()
+            echo = ResponseEcho(self.settings[self._setting_ids[i]], own)
         return BatchRequest(
             line=line,
             custom_id=self._names[start : self._name_ends[i]].decode(),
@@ -116,6 +139,7 @@ class BatchStore:
             echo=bool(flags & _ECHO),
             max_tokens_given=bool(flags & _GIVEN),
             reply=self.replies[self._reply_ids[i]] if self._reply_ids[i] >= 0 else None,
+            response_echo=echo,
             part=i - first,
             parts=end - first,
         )

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -208,6 +209,7 @@ def run_batch(
             model_name = engine.model_name
             used = [requests.param_sets[i] for i in np.unique(requests.param_ids).tolist()]
             vocab = None
+            decode = partial(engine.tokenizer.hf.decode, skip_special_tokens=False)
             if any(p.logprobs is not None or p.prompt_logprobs is not None for p in used):
                 vocab = engine.tokenizer.token_bytes(engine.limits.vocab_size)
             computing = time.monotonic()
@@ -232,7 +234,8 @@ def run_batch(
                                 answered += 1
                         else:
                             echoed = _prompt_text(engine.tokenizer, req, out.prompt_token_ids)
-                            writer.write(success_record(req, out, model_name, vocab, echoed))
+                            record = success_record(req, out, model_name, vocab, echoed, decode)
+                            writer.write(record)
                             answered += 1
                         work = (engine.stats.prefill_tokens_computed, engine.stats.sampled_tokens)
                         progress.update(1, out.num_output_tokens, engine.status(), work)

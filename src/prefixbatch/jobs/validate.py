@@ -13,7 +13,7 @@ import numpy as np
 
 from ..batch_tokenizer import BatchTokenizer
 from ..chat.render import ChatSetup
-from ..io.batch_file import CHAT_URL, BatchRequest, LineError
+from ..io.batch_file import BatchRequest, LineError
 from ..io.embedding_request import EMBEDDINGS_URL
 from ..loading.limits import EngineLimits
 from ..scheduling.request_source import CompactRequests
@@ -42,7 +42,7 @@ def tokenize(
             else:
                 out.append((req, np.asarray(req.prompt, dtype=np.int32)))
             continue
-        if req.url == CHAT_URL:
+        if req.is_chat:
             try:
                 rendered = chat.render(req.chat(), req.params)
             except Exception as e:  # a template may raise anything (jinja, our checks)

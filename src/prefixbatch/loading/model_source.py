@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ModelNotFoundError
+from ..errors import ModelNotFoundError, UnsupportedModelError
 from ..execution.models.registry import family_for_gguf
 from ..optional import require
 from ..paths import cache_root
@@ -117,13 +117,16 @@ def convert_gguf(path: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        complete_config(config, GGUFReader(str(path)))
+    except (ValueError, UnsupportedModelError) as e:  # "GGUF model with architecture ..."
+        raise UnsupportedModelError(f"{path.name}: {e}") from e
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     # Drop the quantization marker: the cache holds plain fp32 weights.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.architectures = [family_for_gguf(config.model_type).architectures[0]]
-    complete_config(config, GGUFReader(str(path)))
     config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     tensors = dict(_gguf_tensors(path, config.num_attention_heads, config.num_key_value_heads))
@@ -151,6 +154,12 @@ _GGUF_LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    # mixture-of-experts: the router, and Qwen2-MoE's shared expert and its gate
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 # Where an architecture's file means something else by a name: Phi-3's ffn_up is gate and up;
 # Gemma's norms around attention and MLP (its ffn_norm is the pre-MLP one).
@@ -167,6 +176,9 @@ _GGUF_ARCH_LAYER_NAMES = {
 # What llama.cpp's converter adds to an architecture's norm weights (Gemma's norms scale by
 # 1 + w; its files store 1 + w), subtracted again here.
 _GGUF_NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}
+# The experts' projections, stacked (E, out, in) in the file: one tensor per expert here.
+_GGUF_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj"}
+_GGUF_EXPERT_NAMES |= {"ffn_down_exps": "down_proj"}
 
 
 def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -180,14 +192,21 @@ def _gguf_tensors(path: Path, heads: int, kv_heads: int) -> Iterator[tuple[str, 
     for tensor in reader.tensors:
         if tensor.name in CONFIG_TENSORS:  # read into the config
             continue
-        name = _GGUF_NAMES.get(tensor.name)
-        if name is None:
-            _, layer, kind, suffix = tensor.name.split(".", 3)
-            name = f"model.layers.{layer}.{layer_names[kind]}.{suffix}"
         # ggml shapes are (cols, rows); dequantize returns numpy rows x cols.
         shape = tuple(int(d) for d in reversed(tensor.shape))
         data = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         weight = torch.from_numpy(data.reshape(shape).copy())
+        name = _GGUF_NAMES.get(tensor.name)
+        if name is None:
+            _, layer, kind, suffix = tensor.name.split(".", 3)
+            if kind in _GGUF_EXPERT_NAMES:
+                prefix = f"model.layers.{layer}.mlp.experts"
+                for e, expert in enumerate(weight):  # (E, out, in) -> one (out, in) each
+                    yield f"{prefix}.{e}.{_GGUF_EXPERT_NAMES[kind]}.{suffix}", expert
+                continue
+            name = f"model.layers.{layer}.{layer_names[kind]}.{suffix}"
+            if kind == "ffn_gate_inp_shexp":
+                weight = weight.reshape(1, -1)  # (hidden,) in the file, a (1, hidden) projection
         if name.endswith("norm.weight") and arch in _GGUF_NORM_SHIFT:
             weight -= _GGUF_NORM_SHIFT[arch]
         if llama_like and name.endswith(("q_proj.weight", "k_proj.weight")):

@@ -27,8 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..io.batch_file import CHAT_URL, COMPLETIONS_URL
-from ..io.embedding_request import EMBEDDINGS_URL
+from ..io.batch_file import URLS
 from ..io.json_text import json_text
 from .envelope import OpenAIEnvelope
 from .errors import APIError, bad_request, not_found
@@ -175,10 +174,9 @@ def create_app(store: Store, worker: BatchWorker, config: AppConfig) -> FastAPI:
 
     @app.post("/v1/batches")
     def create_batch(body: CreateBatch) -> dict[str, Any]:
-        if body.endpoint not in (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL):
+        if body.endpoint not in URLS:
             raise bad_request(
-                f"endpoint must be {CHAT_URL}, {COMPLETIONS_URL} or {EMBEDDINGS_URL}, "
-                f"got {json_text(body.endpoint)}",
+                f"endpoint must be one of {', '.join(URLS)}, got {json_text(body.endpoint)}",
                 param="endpoint",
                 code="invalid_value",
             )

@@ -201,8 +201,11 @@ class BatchWorker:
                 if rec.get("error") is None:
                     kind = "output"
                     usage = rec["response"]["body"]["usage"]
-                    prompt_tokens += usage["prompt_tokens"]
-                    completion_tokens += usage.get("completion_tokens", 0)  # none: embeddings
+                    # /v1/responses names them input_tokens and output_tokens
+                    prompt_tokens += usage.get("prompt_tokens", usage.get("input_tokens", 0))
+                    completion_tokens += usage.get(
+                        "completion_tokens", usage.get("output_tokens", 0)
+                    )
                 else:
                     kind = "error"
                     if not isinstance(rec.get("custom_id"), str):  # OpenAI's is a string

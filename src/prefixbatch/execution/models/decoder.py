@@ -1,6 +1,7 @@
 """The Llama-style decoder the Llama, Mistral, Qwen2 and Qwen3 families share: pre-norm layers
 of grouped-query attention with rotary embeddings and a SwiGLU MLP. What differs between them
-(biases, per-head q/k norms) is ``AttentionOptions``, set by each family's file.
+(biases, q/k norms, clipping) is ``AttentionOptions``, set by each family's file; a family may
+put another MLP in some layers (the mixture-of-experts families, ``moe_decoder.py``).
 
 Every forward works on a flattened batch: all scheduled tokens of all sequences concatenated,
 no padding. Attention goes through an ``AttentionBackend`` that owns the paged KV cache layout.
@@ -10,6 +11,7 @@ runs the same weights through the fused kernels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +28,16 @@ from .family import CausalLM
 @dataclass(frozen=True)
 class AttentionOptions:
     """``qkv_bias``: biases on the q, k and v projections; ``o_bias``: on the output projection;
-    ``qk_norm``: an RMSNorm over each head of q and k before rope (Qwen3, Gemma 3), of class
-    ``norm`` (``GemmaRMSNorm`` for Gemma)."""
+    ``qk_norm``: an RMSNorm over each head of q and k before rope (Qwen3, Gemma 3), or with
+    ``qk_norm_all_heads`` over all heads of q (and of k) at once (OLMoE), of class ``norm``
+    (``GemmaRMSNorm`` for Gemma); ``clip_qkv``: q, k and v clamped to
+    ``[-clip_qkv, clip_qkv]`` after the norms (OLMoE's ``clip_qkv``)."""
 
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
+    qk_norm_all_heads: bool = False
+    clip_qkv: float | None = None
     norm: type[RMSNorm] = RMSNorm
 
 
@@ -55,9 +61,12 @@ class Attention(nn.Module):
         sizes = (self.q_size, self.kv_size, self.kv_size)
         self.qkv_proj = MergedLinear(cfg.hidden_size, sizes, bias=options.qkv_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=options.o_bias)
+        whole = options.qk_norm_all_heads
+        q_dim, k_dim = (self.q_size, self.kv_size) if whole else (self.head_dim, self.head_dim)
         norm = options.norm if options.qk_norm else None
-        self.q_norm = norm(self.head_dim, cfg.rms_norm_eps) if norm else None
-        self.k_norm = norm(self.head_dim, cfg.rms_norm_eps) if norm else None
+        self.q_norm = norm(q_dim, cfg.rms_norm_eps) if norm else None
+        self.k_norm = norm(k_dim, cfg.rms_norm_eps) if norm else None
+        self.clip_qkv = options.clip_qkv
 
     def forward(
         self,
@@ -69,23 +78,39 @@ class Attention(nn.Module):
         """x (T, hidden), rope's cos, sin (T, head_dim/2) -> (T, hidden)."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.heads, self.head_dim)  # (T, H, D), strided views into the qkv output
-        k = k.view(t, self.kv_heads, self.head_dim)  # (T, KVH, D)
-        v = v.view(t, self.kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            # (T, H, D) per head, or (T, 1, H * D) over all heads: strided views into qkv
+            q = self.q_norm(q.view(t, -1, self.q_norm.weight.shape[0]))
+            k = self.k_norm(k.view(t, -1, self.k_norm.weight.shape[0]))
+        if self.clip_qkv is not None:
+            q, k, v = (y.clamp(-self.clip_qkv, self.clip_qkv) for y in (q, k, v))
+        q = q.reshape(t, self.heads, self.head_dim)  # (T, H, D), views where q was one
+        k = k.reshape(t, self.kv_heads, self.head_dim)  # (T, KVH, D)
+        v = v.reshape(t, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = backend.forward(self.layer, q, k, v, meta, self.attn)  # (T, H, D)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
+# (config, layer index) -> the layer's MLP: a module of x (T, hidden) -> (T, hidden) that also
+# has ``fused(kernels)``, its CPU fast path form (``GatedMLP``, ``SparseMoeBlock``).
+MLPFactory = Callable[[ModelConfig, int], nn.Module]
+
+
+def dense_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The SwiGLU MLP of ``intermediate_size`` in every layer."""
+    return GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, options: AttentionOptions) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, options: AttentionOptions, mlp: MLPFactory
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer, options)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = mlp(cfg, layer)
 
     def forward(
         self,
@@ -122,10 +147,13 @@ class DecoderModel(CausalLM):
         "mlp.up_proj": ("mlp.gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, options: AttentionOptions) -> None:
+    def __init__(
+        self, cfg: ModelConfig, options: AttentionOptions, mlp: MLPFactory = dense_mlp
+    ) -> None:
         super().__init__(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, options) for i in range(cfg.num_layers))
+        layers = (DecoderLayer(cfg, i, options, mlp) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

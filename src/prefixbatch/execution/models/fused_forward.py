@@ -12,6 +12,7 @@ in the same order (tested against it, and the engine against transformers).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,17 +35,19 @@ class LayerWeights:
     attn: LayerAttention  # the layer's sliding window and soft-cap
     input_norm: torch.Tensor  # (hidden,)
     qkv: Projection  # hidden -> (H + 2 KVH) * D
-    q_norm: torch.Tensor | None  # (D,) per-head RMSNorm weights (Qwen3), else None
+    # RMSNorm weights of q and k: (D,) per head (Qwen3), (H * D,) over all heads (OLMoE), or None
+    q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
+    clip_qkv: float | None  # q, k, v clamped to [-clip, clip] after the norms (OLMoE)
     o: Projection  # H * D -> hidden
     post_norm: torch.Tensor  # (hidden,)
-    gate_up: Projection  # hidden -> 2 * intermediate
-    down: Projection  # intermediate -> hidden
+    mlp: Callable[[torch.Tensor], torch.Tensor]  # (T, hidden) -> (T, hidden), in its fused form
 
 
 class FusedForward:
     """``DecoderModel.forward`` for fp32 on the CPU with ``kernels``. Built after the weights are
-    loaded (and packed): it keeps references to them."""
+    loaded (and packed): it keeps references to them. Each layer's MLP runs in the form its
+    module gives for the fast path (``fused(kernels)``: dense or mixture-of-experts)."""
 
     def __init__(self, model: DecoderModel, kernels: FusedKernels) -> None:
         self.model = model
@@ -56,13 +59,11 @@ class FusedForward:
         rotary = rotary_dim(model.cfg.rope, self.head_dim)
         self.rotary_dim = rotary if rotary < self.head_dim else None
         self.eps = model.cfg.rms_norm_eps
-        self.activation = kernels.silu_and_mul  # the MLP's gate
         self.layers = tuple(self._weights(layer) for layer in model.layers)
         self.final_norm = model.norm.kernel_weight()
 
-    @staticmethod
-    def _weights(layer: nn.Module) -> LayerWeights:
-        attn, mlp = layer.self_attn, layer.mlp
+    def _weights(self, layer: nn.Module) -> LayerWeights:
+        attn = layer.self_attn
         return LayerWeights(
             attn.layer,
             attn.attn,
@@ -70,10 +71,10 @@ class FusedForward:
             attn.qkv_proj.projection(),
             None if attn.q_norm is None else attn.q_norm.kernel_weight(),
             None if attn.k_norm is None else attn.k_norm.kernel_weight(),
+            attn.clip_qkv,
             attn.o_proj.projection(),
             layer.post_attention_layernorm.kernel_weight(),
-            mlp.gate_up_proj.projection(),
-            mlp.down_proj.projection(),
+            layer.mlp.fused(self.kernels),
         )
 
     def attention(
@@ -90,13 +91,16 @@ class FusedForward:
         kernels, eps = self.kernels, self.eps
         t, heads, kv_heads, dim = x.shape[0], self.heads, self.kv_heads, self.head_dim
         linear, weight, bias = w.qkv
-        q, k, v = linear(x, weight, bias).split_with_sizes(self.qkv_sizes, dim=-1)
+        qkv = linear(x, weight, bias)
+        q, k, v = qkv.split_with_sizes(self.qkv_sizes, dim=-1)
+        if w.q_norm is not None and w.k_norm is not None:  # (T, H, D) or (T, 1, H * D) views
+            kernels.rms_norm_(q.view(t, -1, w.q_norm.shape[0]), w.q_norm, eps)
+            kernels.rms_norm_(k.view(t, -1, w.k_norm.shape[0]), w.k_norm, eps)
+        if w.clip_qkv is not None:
+            qkv.clamp_(-w.clip_qkv, w.clip_qkv)
         q = q.view(t, heads, dim)  # strided views into the qkv output
         k = k.view(t, kv_heads, dim)
         v = v.view(t, kv_heads, dim)
-        if w.q_norm is not None and w.k_norm is not None:
-            kernels.rms_norm_(q, w.q_norm, eps)
-            kernels.rms_norm_(k, w.k_norm, eps)
         if self.rotary_dim is None:
             kernels.rotary_embedding_(q, k, cos, sin)
         else:
@@ -105,13 +109,6 @@ class FusedForward:
         out = backend.forward(w.index, q, k, v, meta, w.attn)  # (T, H, D)
         linear, weight, bias = w.o
         return linear(out.reshape(t, heads * dim), weight, bias)
-
-    def mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        """A layer's gated MLP: x (T, hidden), normed -> (T, hidden)."""
-        linear, weight, bias = w.gate_up
-        act = self.activation(linear(x, weight, bias))
-        linear, weight, bias = w.down
-        return linear(act, weight, bias)
 
     @torch.inference_mode()
     def __call__(
@@ -134,7 +131,7 @@ class FusedForward:
                 kernels.fused_add_rms_norm_(x, residual, w.input_norm, eps)
             x = self.attention(w, x, cos, sin, backend, meta)
             kernels.fused_add_rms_norm_(x, residual, w.post_norm, eps)
-            x = self.mlp(w, x)
+            x = w.mlp(x)
         x, residual = x[logits_rows], residual[logits_rows]  # only rows that sample: (S, hidden)
         kernels.fused_add_rms_norm_(x, residual, self.final_norm, eps)
         return x if hidden else model.lm_head(x)  # (S, hidden) or (S, vocab)

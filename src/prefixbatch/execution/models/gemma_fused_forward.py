@@ -40,11 +40,9 @@ class GemmaFusedForward(FusedForward):
     def __init__(self, model: GemmaModel, kernels: FusedKernels) -> None:
         super().__init__(model, kernels)  # type: ignore[arg-type]
         self.gemma = model
-        self.activation = kernels.gelu_tanh_and_mul
 
-    @staticmethod
-    def _weights(layer: nn.Module) -> GemmaLayerWeights:
-        common = vars(FusedForward._weights(layer))
+    def _weights(self, layer: nn.Module) -> GemmaLayerWeights:
+        common = vars(super()._weights(layer))
         return GemmaLayerWeights(
             **common,
             pre_mlp_norm=layer.pre_feedforward_layernorm.kernel_weight(),
@@ -74,7 +72,7 @@ class GemmaFusedForward(FusedForward):
             x = self.attention(w, x, *ropes[w.sliding], backend, meta)
             kernels.rms_norm_(x, w.post_norm, eps)
             kernels.fused_add_rms_norm_(x, residual, w.pre_mlp_norm, eps)
-            x = self.mlp(w, x)
+            x = w.mlp(x)
             kernels.rms_norm_(x, w.post_mlp_norm, eps)
         x, residual = x[logits_rows], residual[logits_rows]  # only rows that sample: (S, hidden)
         kernels.fused_add_rms_norm_(x, residual, self.final_norm, eps)

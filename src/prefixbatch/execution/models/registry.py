@@ -10,7 +10,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ...errors import UnsupportedModelError
-from . import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
+from . import (
+    gemma2,
+    gemma3,
+    llama,
+    mistral,
+    mixtral,
+    olmoe,
+    phi3,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+)
 from .family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -21,6 +33,11 @@ FAMILIES: tuple[ModelFamily, ...] = (
     phi3.FAMILY,
     gemma2.FAMILY,
     gemma3.FAMILY,
+    # mixture-of-experts
+    qwen2_moe.FAMILY,
+    qwen3_moe.FAMILY,
+    mixtral.FAMILY,
+    olmoe.FAMILY,
 )
 _BY_ARCH = {arch: f for f in FAMILIES for arch in f.architectures}
 _BY_NAME = {f.name: f for f in FAMILIES}
