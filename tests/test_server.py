@@ -284,7 +284,7 @@ def test_bad_requests_get_openai_errors(server: Server, tmp_path: Path) -> None:
     with pytest.raises(openai.BadRequestError):
         server.client.batches.create(
             input_file_id=file_id,
-            endpoint="/v1/embeddings",
+            endpoint="/v1/moderations",
             completion_window="24h",
         )
     with pytest.raises(openai.BadRequestError):
