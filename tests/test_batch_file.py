@@ -92,7 +92,7 @@ def _with(base, **body):  # type: ignore[no-untyped-def]
         ("{not json", "invalid JSON"),
         ("[1, 2]", "expected a JSON object"),
         (json.dumps({"prompt": "x"}), "'custom_id'"),
-        (json.dumps({**CHAT, "url": "/v1/embeddings"}), "unsupported url"),
+        (json.dumps({**CHAT, "url": "/v1/moderations"}), "unsupported url"),
         (json.dumps({**CHAT, "method": "GET"}), "method"),
         (json.dumps({**CHAT, "body": {"max_tokens": 3}}), "'messages'"),
         (json.dumps({**COMPLETION, "body": {"max_tokens": 3}}), "missing 'prompt'"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from conftest import nested_prompts, shared_prefix_prompts
@@ -282,3 +283,27 @@ def test_two_workers_carry_responses(ray_cluster, tiny_models, tmp_path):  # typ
     assert any(
         i["type"] == "function_call" for i in ray_recs["tools"]["response"]["body"]["output"]
     )
+
+
+def test_two_workers_embed(ray_cluster, tiny_models):  # type: ignore[no-untyped-def]
+    """Embedding requests on Ray: each equals transformers' pooled last hidden state."""
+    from test_embeddings import TOLERANCE, hf_embeddings
+
+    from prefixbatch.distributed.ray_executor import RayExecutor
+    from prefixbatch.pooling import EmbeddingParams
+
+    config = EngineConfig(
+        model=str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=16 * 2**20
+    )
+    prompts = shared_prefix_prompts(20, seed=5, prefixes=3)
+    params = SamplingParams(max_tokens=1, embedding=EmbeddingParams())
+    expected = hf_embeddings(tiny_models["llama"], prompts, "last")
+    executor = RayExecutor(config, workers=2)
+    try:
+        outs = list(executor.generate([Request(i, p, params) for i, p in enumerate(prompts)]))
+        assert len(executor.assignments) == 2 and len(outs) == len(prompts)
+        for o in outs:
+            assert o.embedding is not None
+            assert np.abs(o.embedding - expected[o.index]).max() <= TOLERANCE
+    finally:
+        executor.shutdown()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import openai
 import pytest
 from test_job import chat_line, completion_line, write_jsonl  # the batch lines of the CLI tests
@@ -185,6 +186,34 @@ def test_batch_answers_equal_the_cli_and_errors_go_to_the_error_file(
     assert [m.id for m in models] == [model.name]
 
 
+def test_embeddings_batch(server: Server, model: Path, tmp_path: Path) -> None:
+    from test_embeddings import TOLERANCE, hf_embeddings
+    from test_embeddings_job import line, vector
+
+    lines = [
+        line("a", input=["w5 w6 w7", "w5 w6 w8"]),
+        line("b", input=[5, 9], encoding_format="base64"),
+    ]
+    lines.append(line("c", input=[]))
+    file_id = server.upload(write_jsonl(tmp_path / "in.jsonl", lines))
+    batch = server.wait(server.create(file_id, endpoint="/v1/embeddings"))
+    assert batch.status == "completed" and batch.request_counts.failed == 1
+    got = answers_of(server.content(batch.output_file_id))
+    expected = hf_embeddings(model, [[5, 6, 7], [5, 6, 8], [5, 9]], "last")  # w5 -> id 5
+    vectors = [vector(d) for cid in "ab" for d in got[cid]["data"]]
+    assert len(vectors) == 3
+    assert all(np.abs(g - e).max() <= TOLERANCE for g, e in zip(vectors, expected))
+    assert "'input'" in server.content(batch.error_file_id)
+    with pytest.raises(openai.BadRequestError, match="/v1/embeddings"):
+        server.create(file_id, endpoint="/v1/moderations")
+
+
+def answers_of(text: str) -> dict[str, Any]:
+    """Each success record's response body, by custom_id."""
+    records = [json.loads(x) for x in text.splitlines()]
+    return {r["custom_id"]: r["response"]["body"] for r in records if r["response"]}
+
+
 def test_two_batches_back_to_back_and_pagination(server: Server, tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
     file_id = server.upload(inp)
@@ -255,7 +284,7 @@ def test_bad_requests_get_openai_errors(server: Server, tmp_path: Path) -> None:
     with pytest.raises(openai.BadRequestError):
         server.client.batches.create(
             input_file_id=file_id,
-            endpoint="/v1/embeddings",
+            endpoint="/v1/moderations",
             completion_window="24h",
         )
     with pytest.raises(openai.BadRequestError):

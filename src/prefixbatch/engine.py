@@ -24,6 +24,7 @@ from .config import EngineConfig
 from .detokenizer import OutputTexts
 from .errors import KVBudgetError
 from .execution.attention.backend import AttentionBackend
+from .execution.pooler import StepPooler
 from .execution.row_faults import Faults
 from .execution.step_sampler import SampledTokens, StepSampler
 from .loading.builder import LoadedModel, load_model
@@ -32,7 +33,7 @@ from .outputs import CompletionOutput, Request, RequestOutput
 from .planning.plan import Plan, make_plan
 from .scheduling.admission import AdmissionWindow, PendingBatches
 from .scheduling.block_manager import BlockManager
-from .scheduling.request_source import RequestList, RequestSource
+from .scheduling.request_source import CompactRequests, RequestList, RequestSource
 from .scheduling.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .scheduling.sequence import Sequence, Status
 from .scheduling.work import WorkStream
@@ -94,7 +95,12 @@ class LLMEngine:
         )
         cap = config.max_num_seqs if config.policy.caps_requests else None
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, cap, self.limits.max_model_len),
+            SchedulerConfig(
+                config.max_num_batched_tokens,
+                cap,
+                self.limits.max_model_len,
+                embedding_rows=self.limits.pooling.every_row,
+            ),
             self.blocks,
             self.eos_ids,
         )
@@ -124,6 +130,8 @@ class LLMEngine:
         self.overlap = self.worker.device.type == "cuda" if overlap is None else overlap
         self._inflight: _InFlight | None = None  # a launched step whose tokens are not taken in
         self._scoring = 0  # unfinished requests that ask for prompt log-probabilities
+        self.pooler = StepPooler(self.limits.pooling)
+        self._embeds = False  # the requests in flight are embedding requests
 
     def _grammars(self) -> StructuredOutput:
         # Imported on first use: xgrammar is optional (requests that need it were refused).
@@ -163,6 +171,10 @@ class LLMEngine:
         if len(clash) or len(np.unique(ids)) != len(ids):
             first = int(clash[0]) if len(clash) else None
             raise ValueError(f"request id {first} is already in flight (ids must be unique)")
+        kinds = _embedding_kinds(source)
+        if len(kinds) > 1 or (self.has_unfinished() and kinds != {self._embeds}):
+            raise ValueError("embedding and generation requests cannot be in flight together")
+        self._embeds = kinds.pop()
         if self.config.policy.plans and plan is None:
             prompts = [source.request(i).prompt_token_ids for i in range(len(source))]
             plan = make_plan(
@@ -223,6 +235,7 @@ class LLMEngine:
             if seq.status is not Status.FINISHED:
                 self.scheduler.abort(seq)
             self._texts.discard(seq)
+            self.pooler.forget(seq)
         self._finished.pop(request_id, None)
         self._scoring -= self._requests.pop(request_id).params.prompt_logprobs is not None
         return True
@@ -254,7 +267,10 @@ class LLMEngine:
             previous, drained = None, True
         step = scheduler.schedule()
         launched = None
-        if step.seqs:
+        embedded: list[RequestOutput] = []
+        if step.seqs and self._embeds:  # no token to sample: nothing is left in flight
+            embedded = self._embed(step)
+        elif step.seqs:
             launched = self._launch(step, previous)
         elif previous is None and not drained and scheduler.has_work:
             raise KVBudgetError(
@@ -266,7 +282,7 @@ class LLMEngine:
             self._inflight = launched
         elif launched is not None:
             finished += self._complete(launched, failed)
-        self.stats.steps += launched is not None
+        self.stats.steps += bool(step.seqs)
         self.stats.prefill_tokens_computed += scheduler.prefill_tokens_computed - computed
         self.stats.preemptions += scheduler.num_preemptions - preempted
         self.stats.cache_hit_tokens += (self.blocks.cache_hits - hits) * self.config.block_size
@@ -277,7 +293,28 @@ class LLMEngine:
                 out = faults.guard("output", seq, self._output, seq, faults)
                 if out is not None:
                     outputs.append(out)
-        return failed + outputs + self._fail(faults)
+        return failed + outputs + embedded + self._fail(faults)
+
+    def _embed(self, step: ScheduledStep) -> list[RequestOutput]:
+        """Run a step of embedding requests: the final-norm hidden states of the rows pooling
+        reads, pooled (``execution/pooler.py``); the requests it completes end at once, their
+        blocks freed, with their embeddings (``PoolingConfig.finish``)."""
+        with torch.inference_mode():
+            hidden, _ = self.runner.execute(step, self.pooler.every_row(step), hidden=True)
+            pooled = self.pooler.pool(step, hidden)
+            vectors = torch.stack([v for _, v in pooled]).cpu().numpy() if pooled else None
+        self.scheduler.advance(step)
+        outputs = []
+        for (seq, _), vector in zip(pooled, vectors if vectors is not None else ()):
+            request = self._requests.pop(seq.seq_id)
+            self.scheduler.finish(seq, "stop", seq.num_prompt - 1)
+            self._sequences.pop(seq.seq_id, None)
+            assert request.params.embedding is not None
+            embedding = self.limits.pooling.finish(vector, request.params.embedding)
+            outputs.append(
+                RequestOutput(request.index, request.prompt_token_ids, [], embedding=embedding)
+            )
+        return outputs
 
     def _launch(self, step: ScheduledStep, previous: _InFlight | None) -> _InFlight:
         """Run a scheduled step up to its sampled tokens on the device (the previous step's
@@ -434,6 +471,14 @@ class _InFlight:
     step: ScheduledStep
     sampled: SampledTokens
     faults: Faults[Sequence]  # the step's requests that failed before its tokens were taken in
+
+
+def _embedding_kinds(source: RequestSource) -> set[bool]:
+    """Whether the batch's requests are embedding requests: {True}, {False}, or both."""
+    if isinstance(source, CompactRequests):
+        used = np.unique(source.param_ids).tolist()
+        return {source.param_sets[i].embedding is not None for i in used}
+    return {source.params(i).embedding is not None for i in range(len(source))}
 
 
 def _scores_prompt(seq: Sequence) -> bool:

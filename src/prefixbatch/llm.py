@@ -1,4 +1,5 @@
-"""The Python API: ``LLM(model=...).generate(prompts, SamplingParams(...))`` and ``LLM.chat``.
+"""The Python API: ``LLM(model=...).generate(prompts, SamplingParams(...))``, ``LLM.chat`` and
+``LLM.embed``.
 
 Like the CLI, it logs what takes time (loading, conversion, kernel builds) to stderr unless the
 application set up logging itself (``logs.py``), and shows progress for calls that run longer
@@ -15,6 +16,8 @@ from contextlib import closing
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from .chat.messages import check_messages, check_template_kwargs
 from .chat.render import ChatOptions, ChatRequest, ChatSetup, RenderedChat
 from .chat.reply import assistant_message
@@ -26,6 +29,7 @@ from .loading.model_source import DEFAULT_MODEL_NAME
 from .logs import log_to_stderr_unless_configured
 from .outputs import CompletionOutput, Request, RequestOutput
 from .planning.plan import make_plan
+from .pooling import EmbeddingParams
 from .sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -138,6 +142,29 @@ class LLM:
             )
             for out in outs
         ]
+
+    def embed(
+        self,
+        inputs: Prompt | Sequence[Prompt],
+        dimensions: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[np.ndarray]:
+        """Embeddings of texts or token-id lists, in input order: each (dimensions,) float32,
+        pooled as the model's files say (``loading/pooling_config.py``: last token or mean,
+        L2-normalised), cut to ``dimensions`` and normalised again for a Matryoshka model.
+        Prompts run prefill-only on the same engine and shared prefixes are computed once.
+        Raises ValueError for an input that cannot run (empty, too long, token ids outside the
+        vocabulary) or ``dimensions`` the model does not support, and RuntimeError naming the
+        input whose request failed while it ran."""
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]  # type: ignore[list-item]
+        ids = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in inputs]
+        params = SamplingParams(max_tokens=1, embedding=EmbeddingParams(dimensions))
+        outputs = self._run(ids, params, use_tqdm)
+        failed = [o for o in outputs if o.embedding is None]
+        if failed:
+            raise RuntimeError(f"input {failed[0].index}: {failed[0].error}")
+        return [o.embedding for o in outputs if o.embedding is not None]
 
     def _run(
         self,

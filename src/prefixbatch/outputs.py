@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .sampling_params import SamplingParams
 
 
@@ -91,7 +93,10 @@ class RequestOutput:
     A request that failed while it was served (an exception in its grammar, penalties,
     sampling, log-probabilities or text; see ``execution/row_faults.py``) has ``error`` set to
     what went wrong and no ``outputs``: its ``text`` is empty and its ``finish_reason`` is
-    ``"error"``. The other requests of its batch are not affected."""
+    ``"error"``. The other requests of its batch are not affected.
+
+    An embedding request (``SamplingParams.embedding``) has no ``outputs``: its ``embedding``
+    is the pooled vector, (dimensions,) float32."""
 
     index: int
     prompt_token_ids: list[int]
@@ -99,6 +104,7 @@ class RequestOutput:
     preemptions: int = 0
     prompt_logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+    embedding: np.ndarray | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .grammar_spec import GrammarSpec
+from .pooling import EmbeddingParams
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class SamplingParams:
     ``min_p`` (0..1) and ``min_tokens`` are vLLM's (``execution/penalties.py``). ``structured``
     constrains the output to a JSON schema, JSON object, regex or choice
     (``GrammarSpec.from_request``).
+
+    ``embedding`` makes the request an embedding request (``/v1/embeddings``): its prompt is
+    prefilled, its hidden states pooled (``pooling.py``) and nothing is sampled; the sampling
+    fields do not apply (``max_tokens`` is 1, the KV its prompt holds).
     """
 
     max_tokens: int = 16
@@ -54,6 +59,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_p: float = 0.0
     structured: GrammarSpec | None = None
+    embedding: EmbeddingParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

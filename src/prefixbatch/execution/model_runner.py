@@ -200,6 +200,7 @@ class ModelRunner:
         every_row: Sequence[int] = (),
         extra: dict[str, np.ndarray] | None = None,
         previous_tokens: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run one step; returns fp32 logits (S, vocab), one row per entry of ``step.samples``,
         followed by the logits of every new token of the sequences ``every_row`` (indices into
@@ -207,9 +208,11 @@ class ModelRunner:
         in the step's one upload. A token not known on the host yet (``-1 - j``: the previous
         step's ``j``-th sample, see ``Scheduler.advance``) is taken from ``previous_tokens``
         (that step's sampled tokens, on the device). A decode step that fits a captured
-        batch-size bucket replays its CUDA graph."""
+        batch-size bucket replays its CUDA graph. With ``hidden`` the rows are the model's
+        final-norm hidden states (S, hidden) fp32 instead of logits (embeddings; never
+        through a graph)."""
         inputs = self.inputs(step, every_row)
-        staged, graph = self._staged(inputs.attn)
+        staged, graph = self._staged(inputs.attn, graphs=not hidden)
         arrays = {"ids": inputs.input_ids, "positions": inputs.positions}
         arrays["logits_rows"] = inputs.logits_rows
         arrays |= {f"attn.{k}": a for k, a in staged.arrays.items()}
@@ -226,13 +229,17 @@ class ModelRunner:
             assert self.graphs is not None
             logits = self.graphs.run(ids, t["positions"], meta)[t["logits_rows"]]
         else:
-            logits = self.model(ids, t["positions"], self.backend, meta, t["logits_rows"])
+            rows = t["logits_rows"]
+            if hidden:  # (the flag only when set: wrappers of a forward may not know it)
+                logits = self.model(ids, t["positions"], self.backend, meta, rows, hidden=True)
+            else:
+                logits = self.model(ids, t["positions"], self.backend, meta, rows)
         return logits, extras
 
-    def _staged(self, attn: AttentionStep) -> tuple[Staged[Any], bool]:
+    def _staged(self, attn: AttentionStep, graphs: bool = True) -> tuple[Staged[Any], bool]:
         """The step's metadata (padded to its bucket when it is a decode step the graphs
-        take), and whether it runs through a graph."""
-        if self.graphs is not None and (attn.q_len == 1).all():
+        take, and ``graphs``), and whether it runs through a graph."""
+        if graphs and self.graphs is not None and (attn.q_len == 1).all():
             bucket = bucket_for(attn.num_rows, self.graphs.buckets)
             if bucket is not None:
                 try:

@@ -27,13 +27,14 @@ from ..optional import missing
 from ..sampling_params import SamplingParams
 from ..tokenizer import TOKEN_BYTES_FEATURE
 from .body_fields import field_problem, responses_field_problem
+from .embedding_request import EMBEDDINGS_URL, Input, embedding_inputs, embedding_params
 from .json_text import json_text
 from .responses_request import ResponseEcho, chat_body, response_echo
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 RESPONSES_URL = "/v1/responses"  # runs as a chat (``responses_request.py``)
-URLS = (CHAT_URL, COMPLETIONS_URL, RESPONSES_URL)
+URLS = (CHAT_URL, COMPLETIONS_URL, RESPONSES_URL, EMBEDDINGS_URL)
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,16 @@ class BatchRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
     reply: ReplyFormat | None = None  # chat: how the answer is parsed (set when rendered)
     response_echo: ResponseEcho | None = None  # responses: what the Response object repeats
+    # embeddings: the line's inputs as read; the job runs each as a request of its own (one
+    # ``part`` of ``parts``, its ``prompt``) and answers the line once all are embedded
+    inputs: tuple[Input, ...] = ()
+    part: int = 0
+    parts: int = 1
 
     @property
     def is_chat(self) -> bool:
         """Whether the request runs through the chat template (chat and responses)."""
-        return self.url != COMPLETIONS_URL
+        return self.url in (CHAT_URL, RESPONSES_URL)
 
     def chat(self) -> ChatRequest:
         """What this chat request asks of the chat template."""
@@ -189,7 +195,10 @@ def _request(
         not_fields: frozenset[str] = frozenset()
     else:  # minimal form: sampling fields sit next to the prompt
         url, body = (CHAT_URL if "messages" in obj else COMPLETIONS_URL), obj
+        url = EMBEDDINGS_URL if "input" in obj else url
         not_fields = frozenset({"custom_id"})
+    if url == EMBEDDINGS_URL:
+        return _embedding_request(body, number, custom_id, not_fields)
     if url == RESPONSES_URL:
         problem = responses_field_problem(body)
     else:
@@ -236,6 +245,22 @@ def _request(
         tools=tools,
         template_kwargs=template_kwargs,
         response_echo=echo_fields,
+    )
+
+
+def _embedding_request(
+    body: dict[str, Any], number: int, custom_id: str, not_fields: frozenset[str]
+) -> BatchRequest:
+    """An ``/v1/embeddings`` line (``embedding_request.py``)."""
+    body = {k: v for k, v in body.items() if k not in not_fields}
+    try:
+        params = embedding_params(body)
+        inputs = embedding_inputs(body.get("input"))
+    except ValueError as e:
+        raise _Invalid(str(e)) from e
+    digest = request_hash(EMBEDDINGS_URL, body, params.max_tokens)
+    return BatchRequest(
+        number, custom_id, EMBEDDINGS_URL, None, None, params, digest, inputs=inputs
     )
 
 

@@ -58,7 +58,7 @@ def success_record(
     ``/v1/responses`` request's body is its Response object (``response_object.py``;
     ``decode``: token ids -> text, special tokens kept, to count its reasoning tokens)."""
     if req.url == RESPONSES_URL:
-        return _record(req, response_body(req, out, model, decode))
+        return success_envelope(req, response_body(req, out, model, decode))
     usage = {
         "prompt_tokens": out.num_prompt_tokens,
         "completion_tokens": out.num_output_tokens,
@@ -74,7 +74,7 @@ def success_record(
         else:
             for choice in choices:
                 choice["prompt_logprobs"] = scored
-    return _record(
+    return success_envelope(
         req,
         {
             "id": _id("chatcmpl-" if chat else "cmpl-", req.custom_id),
@@ -88,7 +88,7 @@ def success_record(
     )
 
 
-def _record(req: BatchRequest, body: dict[str, Any]) -> dict[str, Any]:
+def success_envelope(req: BatchRequest, body: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": _id("batch_req_", req.custom_id),
         "custom_id": req.custom_id,
@@ -254,8 +254,11 @@ class ResultWriter:
         success record of each request (``lines``: (n,) its input line, ascending; ``keys``:
         (n,) ``S16`` its ``record_key``), else the error of its line from ``errors``, which
         also holds the lines that are no request; superseded records and records of custom_ids
-        no longer in the input are dropped. Atomic: a temporary file in the same folder, fsync,
+        no longer in the input are dropped. A line listed more than once (the inputs of an
+        embedding line) gets one record. Atomic: a temporary file in the same folder, fsync,
         rename."""
+        first = np.append(True, lines[1:] != lines[:-1]) if len(lines) else np.zeros(0, bool)
+        lines, keys = lines[first], keys[first]
         self._open()
         self.close()
         found, offsets, lengths, _ = _success_keys(self.path)

@@ -19,13 +19,14 @@ import numpy as np
 
 from ..chat.render import ReplyFormat
 from ..io.batch_file import CHAT_URL, COMPLETIONS_URL, RESPONSES_URL, BatchRequest
+from ..io.embedding_request import EMBEDDINGS_URL
 from ..io.responses_request import ResponseEcho
 from ..planning.token_arrays import TokenArraysBuilder
 from ..sampling_params import SamplingParams
 from ..scheduling.request_source import CompactRequests
 
-# flags: chat url, echo, max_tokens set in the body, responses url
-_CHAT, _ECHO, _GIVEN, _RESPONSES = 1, 2, 4, 8
+# flags: chat url, echo, max_tokens set in the body, responses url, embeddings url
+_CHAT, _ECHO, _GIVEN, _RESPONSES, _EMBED = 1, 2, 4, 8, 16
 
 
 class BatchStore:
@@ -69,6 +70,7 @@ class BatchStore:
             | (_RESPONSES if req.url == RESPONSES_URL else 0)
             | (_ECHO if req.echo else 0)
             | (_GIVEN if req.max_tokens_given else 0)
+            | (_EMBED if req.url == EMBEDDINGS_URL else 0)
         )
         self._param_ids.append(self._sets.setdefault(req.params, len(self._sets)))
         reply = -1 if req.reply is None else self._replies.setdefault(req.reply, len(self._replies))
@@ -112,9 +114,13 @@ class BatchStore:
         )
 
     def info(self, i: int) -> BatchRequest:
-        """Request ``i`` as its output record needs it (no messages: they were tokenized)."""
+        """Request ``i`` as its output record needs it (no messages: they were tokenized; an
+        embedding line's inputs are requests of their own, of consecutive indices: its
+        ``part`` and ``parts`` say which)."""
         start = self._name_ends[i - 1] if i else 0
         flags = self._flags[i]
+        line = self._lines[i]
+        first, end = (int(x) for x in np.searchsorted(self.lines, [line, line + 1]))
         url = (
             CHAT_URL if flags & _CHAT else RESPONSES_URL if flags & _RESPONSES else COMPLETIONS_URL
         )
@@ -123,9 +129,9 @@ class BatchStore:
             own = self._own[self._own_ends[i - 1] if i else 0 : self._own_ends[i]].decode()
             echo = ResponseEcho(self.settings[self._setting_ids[i]], own)
         return BatchRequest(
-            line=self._lines[i],
+            line=line,
             custom_id=self._names[start : self._name_ends[i]].decode(),
-            url=url,
+            url=EMBEDDINGS_URL if flags & _EMBED else url,
             messages=None,
             prompt=self._echo.get(i),
             params=self.param_sets[self._param_ids[i]],
@@ -134,4 +140,6 @@ class BatchStore:
             max_tokens_given=bool(flags & _GIVEN),
             reply=self.replies[self._reply_ids[i]] if self._reply_ids[i] >= 0 else None,
             response_echo=echo,
+            part=i - first,
+            parts=end - first,
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,15 @@ class Ingested:
     errors: dict[int, LineError] = field(default_factory=dict)  # by line
     lines: int = 0  # non-blank lines
     skipped: int = 0  # requests answered by an earlier run
+
+
+def parts(req: BatchRequest) -> list[BatchRequest]:
+    """The requests a line runs as: an embedding line one per input (each its ``part``), any
+    other line itself."""
+    n = len(req.inputs)
+    if not n:
+        return [req]
+    return [replace(req, prompt=p, inputs=(), part=k, parts=n) for k, p in enumerate(req.inputs)]
 
 
 def ingest(
@@ -79,7 +88,7 @@ def ingest(
                 out.store.add(req, key, None)
             else:  # the request as rendered (its params, its reply format)
                 out.store.add(got[0], key, got[1])
-        out.skipped += int(done.sum())
+        out.skipped += sum(d and r.part == 0 for r, d in zip(chunk, done.tolist()))  # lines
         chunk.clear()
 
     for item in read_batch_file(path, default_max_tokens):
@@ -89,8 +98,8 @@ def ingest(
         if isinstance(item, LineError):
             out.errors[item.line] = item
             continue
-        chunk.append(item)
-        if len(chunk) == chunk_lines:
+        chunk += parts(item)
+        if len(chunk) >= chunk_lines:
             flush()
     if chunk:
         flush()

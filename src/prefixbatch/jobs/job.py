@@ -32,6 +32,8 @@ from ..config import EngineConfig
 from ..engine import EngineStats, LLMEngine
 from ..errors import InputFileError, JobInterrupted, KVBudgetError
 from ..io.batch_file import BatchRequest, LineError
+from ..io.embedding_format import EmbeddingLines
+from ..io.embedding_request import EMBEDDINGS_URL
 from ..io.progress import PlannedWork, Progress
 from ..io.results import SERVER_ERROR, ResultWriter, error_record, success_record
 from ..loading.model_config import read_model_config
@@ -211,24 +213,35 @@ def run_batch(
             if any(p.logprobs is not None or p.prompt_logprobs is not None for p in used):
                 vocab = engine.tokenizer.token_bytes(engine.limits.vocab_size)
             computing = time.monotonic()
-            # closing(): however the loop ends, the engine aborts what is unfinished (idle)
-            with closing(engine.generate(requests, plan, should_stop)) as outputs:
-                for out in outputs:
-                    req = store.info(out.index)
-                    if out.error is not None:  # this request failed while it was served
-                        message = f"line {req.line}: {out.error}"
-                        failed = LineError(req.line, req.custom_id, message, SERVER_ERROR)
-                        errors[req.line] = failed
-                        writer.write(error_record(failed))
-                    else:
-                        echoed = _prompt_text(engine.tokenizer, req, out.prompt_token_ids)
-                        record = success_record(req, out, model_name, vocab, echoed, decode)
-                        writer.write(record)
-                        answered += 1
-                    work = (engine.stats.prefill_tokens_computed, engine.stats.sampled_tokens)
-                    progress.update(1, out.num_output_tokens, engine.status(), work)
-                    report()
-            stats, compute_s = engine.stats, time.monotonic() - computing
+            embedded = EmbeddingLines()
+            for part, part_plan in by_kind(requests, plan):
+                # closing(): however the loop ends, the engine aborts what is unfinished (idle)
+                with closing(engine.generate(part, part_plan, should_stop)) as outputs:
+                    for out in outputs:
+                        req = store.info(out.index)
+                        if req.line in errors:  # another input of its embedding line failed
+                            pass
+                        elif out.error is not None:  # this request failed while it was served
+                            message = f"line {req.line}: {out.error}"
+                            failed = LineError(req.line, req.custom_id, message, SERVER_ERROR)
+                            errors[req.line] = failed
+                            embedded.drop(req.line)
+                            writer.write(error_record(failed))
+                        elif req.url == EMBEDDINGS_URL:
+                            record = embedded.add(req, out, model_name)
+                            if record is not None:
+                                writer.write(record)
+                                answered += 1
+                        else:
+                            echoed = _prompt_text(engine.tokenizer, req, out.prompt_token_ids)
+                            record = success_record(req, out, model_name, vocab, echoed, decode)
+                            writer.write(record)
+                            answered += 1
+                        work = (engine.stats.prefill_tokens_computed, engine.stats.sampled_tokens)
+                        progress.update(1, out.num_output_tokens, engine.status(), work)
+                        report()
+                stats.add(engine.stats)
+            compute_s = time.monotonic() - computing
         writer.finish(store.lines, store.keys, errors)  # also after a stop: the answers so far
     except KeyboardInterrupt:
         if not total:  # still reading: nothing to resume yet
@@ -282,9 +295,27 @@ def _check(
     return checked.runnable, plan
 
 
+def by_kind(
+    requests: CompactRequests, plan: Plan | None
+) -> list[tuple[CompactRequests, Plan | None]]:
+    """The batch as the engine runs it: its generation requests, then its embedding requests
+    (an engine holds one kind at a time), each with its share of ``plan``."""
+    embeds = np.array([p.embedding is not None for p in requests.param_sets], bool)
+    kind = embeds[requests.param_ids] if len(embeds) else np.zeros(0, bool)
+    if kind.all() or not kind.any():
+        return [(requests, plan)]
+    parts = []
+    for positions in (np.flatnonzero(~kind), np.flatnonzero(kind)):
+        parts.append((requests.take(positions), None if plan is None else plan.subset(positions)))
+    return parts
+
+
 def _planned(requests: CompactRequests, plan: Plan | None) -> PlannedWork:
-    """The prefill tokens the run computes and the most output tokens it can sample."""
-    choices = np.array([p.n for p in requests.param_sets], dtype=np.int64)[requests.param_ids]
+    """The prefill tokens the run computes and the most output tokens it can sample (none
+    for embedding requests)."""
+    choices = np.array(
+        [0 if p.embedding is not None else p.n for p in requests.param_sets], dtype=np.int64
+    )[requests.param_ids]
     prefill = plan.computed_prefill_tokens if plan is not None else requests.prompts.num_tokens
     return PlannedWork(prefill, int((requests.max_tokens() * choices).sum()))
 

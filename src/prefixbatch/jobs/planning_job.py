@@ -12,6 +12,7 @@ from ..execution.kv_memory import kv_pool_blocks
 from ..loading.limits import EngineLimits
 from ..loading.model_config import read_model_config
 from ..loading.model_source import resolve_model
+from ..loading.pooling_config import read_pooling_config
 from ..planning.plan import make_plan
 from ..planning.prefix_sort import sort_prompts
 from ..planning.report import format_report, plan_report
@@ -35,7 +36,7 @@ def plan_job(
         path, default_max_tokens, lambda: BatchTokenizer(Tokenizer(source.path)), chat=chat
     )
     blocks, _ = kv_pool_blocks(config, cfg)
-    limits = EngineLimits.of(config, cfg, blocks)
+    limits = EngineLimits.of(config, cfg, blocks, read_pooling_config(source.path))
     runnable = batch.store.runnable()
     checked = check(runnable, limits, batch.store.info, batch.store.explicit[runnable.ids])
     requests = checked.runnable

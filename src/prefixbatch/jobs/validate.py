@@ -14,6 +14,7 @@ import numpy as np
 from ..batch_tokenizer import BatchTokenizer
 from ..chat.render import ChatSetup
 from ..io.batch_file import BatchRequest, LineError
+from ..io.embedding_request import EMBEDDINGS_URL
 from ..loading.limits import EngineLimits
 from ..scheduling.request_source import CompactRequests
 
@@ -124,6 +125,9 @@ def check(
             problem = limits.check_context(len(prompt), params.max_tokens)
         if problem:
             req = origin(int(requests.ids[pos]))
+            if req.url == EMBEDDINGS_URL and params.embedding is not None:
+                where = "'input'" if req.parts == 1 else f"'input'[{req.part}]"
+                problem = problem if problem.startswith("'") else f"{where}: {problem}"
             errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
             too_big += not limits.fits_kv(len(prompt), params.max_tokens)
         else:

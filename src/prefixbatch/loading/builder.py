@@ -16,6 +16,7 @@ from ..tokenizer import Tokenizer
 from .limits import EngineLimits
 from .model_config import read_model_config
 from .model_source import ModelSource, model_name, resolve_model
+from .pooling_config import read_pooling_config
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ def load_model(config: EngineConfig, source: ModelSource | None = None) -> Loade
     _ = config.torch_device  # raises DeviceUnavailableError before any loading
     source = source or resolve_model(config.model)
     cfg = read_model_config(source)
+    pooling = read_pooling_config(source.path)
     tokenizer = Tokenizer(source.path)
     worker = Worker(config, cfg, source.weights())
     eos = [*cfg.eos_token_ids, tokenizer.eos_token_id]
@@ -47,7 +49,7 @@ def load_model(config: EngineConfig, source: ModelSource | None = None) -> Loade
         model_config=cfg,
         tokenizer=tokenizer,
         worker=worker,
-        limits=EngineLimits.of(config, cfg, worker.num_blocks),
+        limits=EngineLimits.of(config, cfg, worker.num_blocks, pooling),
         eos_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
         name=model_name(config.model),
     )

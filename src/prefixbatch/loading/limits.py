@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..config import EngineConfig, ModelConfig
+from ..pooling import PoolingConfig
 from ..sampling_params import SamplingParams
 
 
@@ -18,12 +19,27 @@ class EngineLimits:
     num_blocks: int
     block_size: int
     vocab_size: int
+    hidden_size: int = 0  # the embeddings' size
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)  # how embeddings are pooled
 
     @classmethod
-    def of(cls, config: EngineConfig, cfg: ModelConfig, num_blocks: int) -> EngineLimits:
+    def of(
+        cls,
+        config: EngineConfig,
+        cfg: ModelConfig,
+        num_blocks: int,
+        pooling: PoolingConfig | None = None,
+    ) -> EngineLimits:
         """The limits of ``cfg``'s model under ``config`` (``--max-model-len`` capped by the
-        model's positions) with a pool of ``num_blocks``."""
-        return cls(config.context_len(cfg), num_blocks, config.block_size, cfg.vocab_size)
+        model's positions) with a pool of ``num_blocks``, pooling embeddings by ``pooling``."""
+        return cls(
+            config.context_len(cfg),
+            num_blocks,
+            config.block_size,
+            cfg.vocab_size,
+            cfg.hidden_size,
+            pooling or PoolingConfig(),
+        )
 
     def kv_blocks(self, prompt_len: int, max_tokens: int) -> int:
         """Blocks for the request's prompt and its longest answer (capped by the context)."""
@@ -71,13 +87,16 @@ class EngineLimits:
 
     def check_params(self, params: SamplingParams) -> str | None:
         """Why a request's sampling parameters cannot run on this model, or None: token ids
-        outside the vocabulary, a grammar that does not compile."""
+        outside the vocabulary, a grammar that does not compile, ``dimensions`` the model was
+        not trained for."""
         outside = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
         if outside:
             return (
                 f"logit_bias token id {outside[0]} is outside the model's vocabulary "
                 f"(ids 0 to {self.vocab_size - 1})"
             )
+        if params.embedding is not None:
+            return self.pooling.check(params.embedding, self.hidden_size)
         if params.structured is not None:
             try:
                 params.structured.check()

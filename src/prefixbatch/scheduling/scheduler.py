@@ -19,11 +19,14 @@ from .sequence import PrefixGroup, Sequence, Status
 @dataclass(frozen=True)
 class SchedulerConfig:
     """``max_num_batched_tokens`` caps prefill tokens per step; decode tokens are bounded by KV
-    memory alone. ``max_num_seqs`` caps running sequences (None: memory is the only bound)."""
+    memory alone. ``max_num_seqs`` caps running sequences (None: memory is the only bound).
+    ``embedding_rows``: embedding requests pool every prompt token's hidden state (mean
+    pooling), so they take nothing from the prefix cache (cached blocks have no states)."""
 
     max_num_batched_tokens: int = 1024
     max_num_seqs: int | None = None
     max_model_len: int = 2048
+    embedding_rows: bool = False
 
 
 @dataclass
@@ -223,6 +226,8 @@ class Scheduler:
         if not self.blocks.enable_prefix_cache or seq.computed or seq.block_table:
             return []
         if seq.params.prompt_logprobs is not None:
+            return []
+        if seq.params.embedding is not None and self.config.embedding_rows:
             return []
         usable = (len(seq.tokens) - 1) // self.blocks.block_size
         self._extend_hashes(seq)

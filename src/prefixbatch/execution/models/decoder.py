@@ -166,6 +166,7 @@ class DecoderModel(CausalLM):
         backend: AttentionBackend,
         meta: Any,
         logits_rows: torch.Tensor,
+        hidden: bool = False,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
         rope = self.rotary.cos_sin(positions, x.dtype)
@@ -175,7 +176,7 @@ class DecoderModel(CausalLM):
         assert residual is not None  # a model has layers
         # only rows that sample: (S, hidden)
         x, _ = self.norm.add_forward(x[logits_rows], residual[logits_rows])
-        return self.lm_head(x).float()  # (S, vocab)
+        return (x if hidden else self.lm_head(x)).float()  # (S, hidden) or (S, vocab)
 
     def finish_loading(self, loaded: set[str]) -> None:
         """Tie the output projection to the embeddings when the config says so or the

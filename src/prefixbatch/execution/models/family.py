@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -22,9 +22,22 @@ from ...config import ModelConfig
 from ..attention.backend import AttentionBackend
 from ..fused_ops import FusedKernels
 
-# forward(input_ids (T,), positions (T,), backend, the backend's step metadata, logits_rows (S,))
-# -> fp32 logits (S, vocab) of the rows ``logits_rows``: a model, or its CPU fast path.
-Forward = Callable[[torch.Tensor, torch.Tensor, AttentionBackend, Any, torch.Tensor], torch.Tensor]
+
+class Forward(Protocol):
+    """A model's forward, or its CPU fast path: input_ids (T,), positions (T,), the backend and
+    its step metadata, logits_rows (S,) -> fp32 logits (S, vocab) of the rows ``logits_rows``;
+    with ``hidden`` the final-norm hidden states of those rows instead, (S, hidden) fp32 (what
+    embedding models pool: transformers' ``last_hidden_state``)."""
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        meta: Any,
+        logits_rows: torch.Tensor,
+        hidden: bool = False,
+    ) -> torch.Tensor: ...
 
 
 class CausalLM(nn.Module):

@@ -118,8 +118,10 @@ class FusedForward:
         backend: AttentionBackend,
         meta: Any,
         logits_rows: torch.Tensor,
+        hidden: bool = False,
     ) -> torch.Tensor:
-        """input_ids, positions (T,), T >= 1 -> logits (S, vocab) of the rows ``logits_rows``."""
+        """input_ids, positions (T,), T >= 1 -> logits (S, vocab) of the rows ``logits_rows``
+        (``hidden``: their final-norm hidden states (S, hidden))."""
         model, kernels, eps = self.model, self.kernels, self.eps
         residual = model.embed_tokens(input_ids)  # (T, hidden)
         cos, sin = model.rotary.cos_sin(positions, residual.dtype)
@@ -132,4 +134,4 @@ class FusedForward:
             x = w.mlp(x)
         x, residual = x[logits_rows], residual[logits_rows]  # only rows that sample: (S, hidden)
         kernels.fused_add_rms_norm_(x, residual, self.final_norm, eps)
-        return model.lm_head(x)  # (S, vocab)
+        return x if hidden else model.lm_head(x)  # (S, hidden) or (S, vocab)

@@ -169,6 +169,7 @@ class GemmaModel(CausalLM):
         backend: AttentionBackend,
         meta: Any,
         logits_rows: torch.Tensor,
+        hidden: bool = False,
     ) -> torch.Tensor:
         x = self.embed(input_ids)  # (T, hidden)
         ropes = self.ropes(positions, x.dtype)
@@ -177,7 +178,7 @@ class GemmaModel(CausalLM):
             x, residual = layer(x, residual, ropes[layer.sliding], backend, meta)
         assert residual is not None  # a model has layers
         x, _ = self.norm.add_forward(x[logits_rows], residual[logits_rows])
-        return self.logits(x)
+        return x.float() if hidden else self.logits(x)
 
     def finish_loading(self, loaded: set[str]) -> None:
         """Tie the output projection to the embeddings when the config says so or the

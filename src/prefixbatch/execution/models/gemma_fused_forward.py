@@ -58,8 +58,10 @@ class GemmaFusedForward(FusedForward):
         backend: AttentionBackend,
         meta: Any,
         logits_rows: torch.Tensor,
+        hidden: bool = False,
     ) -> torch.Tensor:
-        """input_ids, positions (T,), T >= 1 -> logits (S, vocab) of the rows ``logits_rows``."""
+        """input_ids, positions (T,), T >= 1 -> logits (S, vocab) of the rows ``logits_rows``
+        (``hidden``: their final-norm hidden states (S, hidden))."""
         model, kernels, eps = self.gemma, self.kernels, self.eps
         residual = model.embed(input_ids)  # (T, hidden)
         ropes = model.ropes(positions, residual.dtype)
@@ -74,4 +76,4 @@ class GemmaFusedForward(FusedForward):
             kernels.rms_norm_(x, w.post_mlp_norm, eps)
         x, residual = x[logits_rows], residual[logits_rows]  # only rows that sample: (S, hidden)
         kernels.fused_add_rms_norm_(x, residual, self.final_norm, eps)
-        return model.logits(x)  # (S, vocab)
+        return x if hidden else model.logits(x)  # (S, hidden) or (S, vocab)
