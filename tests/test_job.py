@@ -132,7 +132,7 @@ def test_prompt_too_long_is_a_line_error(tmp_path, tiny_models):  # type: ignore
         ("missing_input", "input file not found"),
         ("missing_model", "model path does not exist"),
         ("unsupported", "unsupported architecture"),
-        ("kv_too_small", "too small for even one request"),
+        ("kv_too_small", "holds no KV block"),
     ],
 )
 def test_whole_job_errors(tmp_path, tiny_models, capsys, case, message):  # type: ignore[no-untyped-def]
@@ -151,7 +151,7 @@ def test_whole_job_errors(tmp_path, tiny_models, capsys, case, message):  # type
         )
         args[-1] = str(bad)
     else:
-        args += ["--kv-cache-memory", "6KiB"]  # 2 blocks of 8 tokens: 16 < 12 + 50
+        args += ["--kv-cache-memory", "5KiB"]  # a block of 8 tokens takes 6144 bytes
     assert run_cli(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

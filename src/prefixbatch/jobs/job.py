@@ -30,7 +30,7 @@ from ..batch_tokenizer import BatchTokenizer
 from ..chat.render import ChatOptions
 from ..config import EngineConfig
 from ..engine import EngineStats, LLMEngine
-from ..errors import InputFileError, JobInterrupted, KVBudgetError
+from ..errors import InputFileError, JobInterrupted
 from ..io.batch_file import BatchRequest, LineError
 from ..io.embedding_format import EmbeddingLines
 from ..io.embedding_request import EMBEDDINGS_URL
@@ -281,14 +281,11 @@ def _check(
     errors: dict[int, LineError],
 ) -> tuple[CompactRequests, Plan | None]:
     """The requests that fit the engine, with their share of ``plan``; the others' errors go
-    into ``errors``. Raises ``KVBudgetError`` when the KV pool holds none of them."""
+    into ``errors``. A request the KV pool cannot hold is a line error like any other, even
+    when no request fits: which lines fail never depends on which are already answered (a
+    pool too small for any request, one that holds no block, fails when it is sized)."""
     log.info("checking %s", count(len(requests), "request"))
     checked = check(requests, engine.limits, store.info, store.explicit[requests.ids])
-    if checked.too_big_for_kv and not len(checked.runnable):
-        raise KVBudgetError(
-            f"the KV cache ({engine.limits.num_blocks} blocks) is too small for even one "
-            "request; raise --kv-cache-memory"
-        )
     errors.update((e.line, e) for e in checked.errors)
     if plan is not None and checked.kept is not None:
         plan = plan.subset(checked.kept)

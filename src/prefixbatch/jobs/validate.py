@@ -68,7 +68,6 @@ def tokenize(
 class Checked:
     runnable: CompactRequests  # the requests that fit, in input order
     errors: list[LineError]  # one per request that cannot run
-    too_big_for_kv: int  # how many of those the KV pool cannot hold
     kept: np.ndarray | None = None  # the positions of ``runnable`` in the requests (None: all)
 
 
@@ -80,26 +79,28 @@ def check(
 ) -> Checked:
     """Check every request against the model's context, vocabulary and KV pool, and its
     parameters; a request whose ``max_tokens`` was asked for (``explicit``: (n,) bool, by
-    position) must also fit it in the context with its prompt (``EngineLimits.check_context``).
+    position) must also fit it in the context with its prompt (``EngineLimits.check``'s
+    ``explicit``; that error wins over the KV pool's).
     ``origin(request id)`` names a failing request's line and custom_id.
 
     ``EngineLimits`` decides; its checks run once per distinct (length, max_tokens) pair on a
     stand-in prompt of valid ids, once per parameter set, and on the real prompt only for the
     requests something flags (a token outside the vocabulary found in one pass over all ids)."""
     if not len(requests):
-        return Checked(requests, [], 0)
+        return Checked(requests, [])
     lengths, budgets = requests.lengths, requests.max_tokens()
     pairs, pair_of = np.unique(np.stack([lengths, budgets]), axis=1, return_inverse=True)
-    pair_bad = np.array(
-        [limits.check(np.zeros(n, np.int32), int(m)) is not None for n, m in pairs.T.tolist()]
-    )
-    too_long = np.array([limits.check_context(n, m) is not None for n, m in pairs.T.tolist()])
     explicit = np.zeros(len(requests), bool) if explicit is None else explicit
+    pair_bad = np.array(
+        [
+            [limits.check(np.zeros(n, np.int32), m, given) is not None for n, m in pairs.T.tolist()]
+            for given in (False, True)
+        ]
+    )  # (2, pairs): as a default max_tokens, as an explicit one
     set_problem = [limits.check_params(p) for p in requests.param_sets]
     flagged = (
-        pair_bad[pair_of.ravel()]
+        pair_bad[explicit.astype(np.intp), pair_of.ravel()]
         | np.array([p is not None for p in set_problem])[requests.param_ids]
-        | (explicit & too_long[pair_of.ravel()])
     )
     ids = requests.prompts.ids.view(np.uint32)  # a negative id reads as a huge one
     outside = np.concatenate(
@@ -115,28 +116,24 @@ def check(
         at = by_start[np.maximum(np.searchsorted(starts[by_start], outside, "right") - 1, 0)]
         flagged[at[outside < requests.prompts.ends[at]]] = True
     errors: list[LineError] = []
-    too_big = 0
     for pos in np.flatnonzero(flagged).tolist():
         params = requests.params(pos)
         prompt = requests.prompts[pos]
-        problem = limits.check(prompt, params.max_tokens)
+        problem = limits.check(prompt, params.max_tokens, bool(explicit[pos]))
         problem = problem or set_problem[requests.param_ids[pos]]
-        if problem is None and explicit[pos]:
-            problem = limits.check_context(len(prompt), params.max_tokens)
         if problem:
             req = origin(int(requests.ids[pos]))
             if req.url == EMBEDDINGS_URL and params.embedding is not None:
                 where = "'input'" if req.parts == 1 else f"'input'[{req.part}]"
                 problem = problem if problem.startswith("'") else f"{where}: {problem}"
             errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
-            too_big += not limits.fits_kv(len(prompt), params.max_tokens)
         else:
             flagged[pos] = False
     if not flagged.any():
-        return Checked(requests, errors, too_big)
+        return Checked(requests, errors)
     kept = np.flatnonzero(~flagged)
     sub = CompactRequests(
         requests.prompts.select(kept), requests.param_sets, requests.param_ids[kept],
         requests.ids[kept],
     )  # fmt: skip
-    return Checked(sub, errors, too_big, kept)
+    return Checked(sub, errors, kept)

@@ -49,8 +49,12 @@ class EngineLimits:
         """Whether the pool holds the request's prompt and its longest answer."""
         return self.kv_blocks(prompt_len, max_tokens) <= self.num_blocks
 
-    def check(self, prompt: Sequence[int], max_tokens: int) -> str | None:
-        """Why a tokenized request cannot run, or None (``prompt``: a list or an array)."""
+    def check(self, prompt: Sequence[int], max_tokens: int, explicit: bool = False) -> str | None:
+        """Why a tokenized request cannot run, or None (``prompt``: a list or an array). With
+        ``explicit`` (``max_tokens`` was asked for, not defaulted) prompt + ``max_tokens`` must
+        fit the context (``check_context``); that is checked before the KV pool, whose advice
+        (a larger pool) cannot fix it. Checks run in that order: empty prompt, vocabulary,
+        prompt length, context, KV pool; the first failing one is reported."""
         if not len(prompt):
             return "the prompt is empty"
         ids = np.asarray(prompt)
@@ -65,6 +69,8 @@ class EngineLimits:
                 f"the prompt has {len(prompt)} tokens; the model's context is "
                 f"{self.max_model_len} tokens and at least one must be left to generate"
             )
+        if explicit and (problem := self.check_context(len(prompt), max_tokens)):
+            return problem
         if not self.fits_kv(len(prompt), max_tokens):
             need = self.kv_blocks(len(prompt), max_tokens)
             return (
