@@ -3,10 +3,10 @@
 The ETA comes from the work the plan left, not from the count of finished requests (under the
 plan's order the first requests finish late, and a count-based ETA of a million-request job
 reads like weeks at first): the prefill tokens still to compute and the output tokens still
-expected, each at its measured cost. The costs come from a least-squares fit of the compute
-time so far against the prefill and output tokens done so far (``time = a * prefill + b *
-output``), refreshed at every update; until the two can be told apart (the same mix all along),
-both cost the same per token.
+expected (``expected_output_left``), each at its measured cost. The costs come from a
+least-squares fit of the compute time so far against the prefill and output tokens done so far
+(``time = a * prefill + b * output``), refreshed at every update; until the two can be told
+apart (the same mix all along), both cost the same per token.
 """
 
 from __future__ import annotations
@@ -47,6 +47,29 @@ class WorkClock:
                 return a * prefill + b * output
         t, p, o = self._last
         return t / (p + o) * (prefill + output) if p + o else float("nan")
+
+
+def expected_output_left(
+    left: int, budget: float, done: int, finished_tokens: int, running_tokens: int
+) -> float:
+    """Output tokens the ``left`` unfinished requests are expected to sample still.
+
+    Output lengths are censored observations: ``done`` requests finished with
+    ``finished_tokens`` in all, the running ones have sampled ``running_tokens`` so far and go
+    on. The mean length is estimated as under an exponential model (the maximum-likelihood
+    mean with censoring: every token sampled, finished or not, over the finished requests), so
+    long answers still running raise it where the finished requests' plain mean, biased low
+    because short answers finish first, would not; memoryless, it is also what each unfinished
+    request, running or waiting, is expected to sample from here. It is at most ``budget``,
+    the mean ``max_tokens * n``, and the whole is at most the budget the unfinished requests
+    have left (all of it when none has finished yet) and at least one token each (none for
+    embedding requests, whose budget is 0)."""
+    if left <= 0:
+        return 0.0
+    mean = budget
+    if done:
+        mean = min(budget, (finished_tokens + running_tokens) / done)
+    return max(min(float(left), left * budget), min(left * mean, left * budget - running_tokens))
 
 
 class Progress:
@@ -102,12 +125,11 @@ class Progress:
         if self.planned is None:
             return computing / self.done * (self.total - self.done) if self.done else float("nan")
         prefill, sampled = self._work
-        per_request = self.planned.output_tokens / max(1, self.total)
-        if self.done:  # finished requests tell how long outputs run (at most their budget)
-            per_request = min(per_request, self.tokens / self.done)
-        # Outputs still expected: the unfinished requests' expected length, less what the
-        # running ones have sampled already.
-        output_left = max(0.0, (self.total - self.done) * per_request - (sampled - self.tokens))
+        left = self.total - self.done
+        output_left = expected_output_left(
+            left, self.planned.output_tokens / max(1, self.total), self.done, self.tokens,
+            max(0, sampled - self.tokens),
+        )  # fmt: skip
         prefill_left = max(0, self.planned.prefill_tokens - prefill)
         return self.clock.seconds(prefill_left, output_left)
 
