@@ -5,12 +5,14 @@ line error, never a job error), the context error wins over the KV pool's, ...""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from test_job import completion_line, records, words, write_jsonl
 
 from prefixbatch import LLM, SamplingParams
+from prefixbatch.chat.render import ChatOptions
 from prefixbatch.cli import main
 from prefixbatch.config import EngineConfig
 from prefixbatch.jobs.job import JobOptions, make_executor, run_batch
@@ -90,3 +92,29 @@ def test_the_context_error_wins_over_the_kv_pools(tmp_path, tiny_models, capsys)
                  "--json"]) == 0  # fmt: skip
     rejected = json.loads(capsys.readouterr().out)["rejected"]
     assert [r["message"] for r in rejected] == [message["huge"], message["big-2"]]
+
+
+def test_a_chat_template_is_a_file_or_its_text(tmp_path, tiny_models, capsys):  # type: ignore[no-untyped-def]
+    text = "{% for m in messages %}w7 {{ m['content'] }} {% endfor %}w5"
+    path = tmp_path / "t.jinja"
+    path.write_text(text)
+    shipped = Path(__file__).parents[1] / "examples/chat_templates/chatml_tools.jinja"
+    assert ChatOptions(str(shipped)).chat_template == shipped.read_text()
+    assert ChatOptions(str(path)).chat_template == ChatOptions(text).chat_template == text
+    for bad in ("examples/chat_templates/no_such.jinja", "chatml"):
+        with pytest.raises(ValueError, match="neither an existing file nor a Jinja template"):
+            ChatOptions(bad)
+    llm = LLM(str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=2**20)
+    chat = [{"role": "user", "content": "w9 w10"}]
+    params = SamplingParams(max_tokens=2, temperature=0)
+    for template in (str(path), text):
+        (out,) = llm.chat(chat, params, chat_template=template, use_tqdm=False)
+        assert out.prompt_token_ids == [7, 9, 10, 5]
+    with pytest.raises(ValueError, match="'chatml' is neither an existing file"):
+        llm.chat(chat, params, chat_template="chatml")
+    inp = write_jsonl(tmp_path / "in.jsonl", [completion_line(0)])
+    args = ["run", str(inp), "-o", str(tmp_path / "o.jsonl"), "--chat-template", "chatml"]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert "argument --chat-template: chat template 'chatml' is neither" in capsys.readouterr().err

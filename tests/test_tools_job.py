@@ -261,4 +261,4 @@ def test_plan_and_serve_take_the_chat_options(models, tmp_path, monkeypatch, cap
     assert (chat.tool_call_parser, chat.reasoning_parser) == ("hermes", "none")
     with pytest.raises(SystemExit):
         main(["run", str(inp), "-o", str(tmp_path / "o"), "--chat-template", str(tmp_path / "no")])
-    assert "cannot read the chat template" in capsys.readouterr().err
+    assert "is neither an existing file nor a Jinja template" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .chat.reasoning import REASONING_PARSERS
 from .chat.render import ChatOptions
+from .chat.template_source import chat_template_text
 from .chat.tool_parsers import TOOL_CALL_PARSERS
 from .config import EngineConfig, parse_memory
 from .execution.attention.registry import backend_names
@@ -72,20 +73,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     _chat_args(p)
 
 
-def _template_file(path: str) -> str:
+def _chat_template(value: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot read the chat template {path}: {e}") from e
+        return chat_template_text(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
     """How chat requests are rendered and their answers parsed: used by every command."""
     p.add_argument(
         "--chat-template",
-        type=_template_file,
-        help="a Jinja chat template file used instead of the model's, e.g. one that renders "
-        "tools (examples/chat_templates/chatml_tools.jinja for the default model)",
+        type=_chat_template,
+        help="a Jinja chat template file (or its text) used instead of the model's, e.g. one "
+        "that renders tools (examples/chat_templates/chatml_tools.jinja for the default model)",
     )
     p.add_argument(
         "--tool-call-parser",

@@ -101,14 +101,16 @@ class LLM:
 
         ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are OpenAI's (``"required"`` or a
         named function constrains the answer to valid calls), ``chat_template_kwargs`` extra
-        template variables (e.g. ``{"enable_thinking": False}``), ``chat_template`` a template's
-        text used instead of the model's; the parsers are ``"auto"`` (from the template),
-        ``"none"`` or a name (``chat.tool_parsers``, ``chat.reasoning``). Each choice's
-        ``message`` holds the answer split into content, ``reasoning_content`` and
-        ``tool_calls`` (its ``finish_reason`` is ``"tool_calls"`` when it called a tool).
+        template variables (e.g. ``{"enable_thinking": False}``), ``chat_template`` a template
+        file's path or a template's text, used instead of the model's (as
+        ``--chat-template``); the parsers are ``"auto"`` (from the template), ``"none"`` or a
+        name (``chat.tool_parsers``, ``chat.reasoning``). Each choice's ``message`` holds the
+        answer split into content, ``reasoning_content`` and ``tool_calls`` (its
+        ``finish_reason`` is ``"tool_calls"`` when it called a tool).
 
-        Raises ValueError as ``generate`` does, for bad tools or messages, or when the template
-        cannot render a conversation (or its tools). ``use_tqdm`` as in ``generate``."""
+        Raises ValueError as ``generate`` does, for bad tools or messages, a ``chat_template``
+        that is neither a file nor a template's text, or when the template cannot render a
+        conversation (or its tools). ``use_tqdm`` as in ``generate``."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
         setup = ChatSetup(

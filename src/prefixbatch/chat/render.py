@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..execution.tool_grammar import tool_call_grammar
 from ..sampling_params import SamplingParams
 from .reasoning import REASONING_PARSERS, ReasoningParser, detect_reasoning_parser
+from .template_source import chat_template_text
 from .template_support import TemplateSupport
 from .tool_parsers import TOOL_CALL_PARSERS, ToolCallParser, detect_tool_parser
 from .tools import ToolRequest
@@ -30,15 +31,18 @@ TEMPLATE_HINT = "give a chat template that does (--chat-template, or chat_templa
 
 @dataclass(frozen=True)
 class ChatOptions:
-    """How a job's chats are rendered and parsed: ``chat_template`` (a template's text) replaces
-    the model's; parsers are ``"auto"``, ``"none"`` or a name of ``TOOL_CALL_PARSERS`` /
-    ``REASONING_PARSERS``. Raises ValueError for an unknown parser name."""
+    """How a job's chats are rendered and parsed: ``chat_template`` (a template file's path or
+    a template's text, kept as the text: ``chat_template_text``) replaces the model's; parsers
+    are ``"auto"``, ``"none"`` or a name of ``TOOL_CALL_PARSERS`` / ``REASONING_PARSERS``.
+    Raises ValueError for an unknown parser name or a template that is neither."""
 
     chat_template: str | None = None
     tool_call_parser: str = AUTO
     reasoning_parser: str = AUTO
 
     def __post_init__(self) -> None:
+        if self.chat_template is not None:
+            object.__setattr__(self, "chat_template", chat_template_text(self.chat_template))
         for value, known in (
             (self.tool_call_parser, TOOL_CALL_PARSERS),
             (self.reasoning_parser, REASONING_PARSERS),
