@@ -118,3 +118,23 @@ def test_a_chat_template_is_a_file_or_its_text(tmp_path, tiny_models, capsys):  
         main(args)
     assert stop.value.code == 2
     assert "argument --chat-template: chat template 'chatml' is neither" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "in.jsonl", "-o", "o.jsonl", "--kv-cache-memory"],
+        ["plan", "in.jsonl", "--kv-cache-memory"],
+        ["serve", "--kv-cache-memory"],
+        ["serve", "--max-upload-size"],
+    ],
+)
+def test_a_memory_size_option_says_what_it_takes(capsys, args):  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "lots"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {args[-1]}: 'lots' is not a memory size" in err
+    assert "512MiB, 2GiB" in err and "number of bytes" in err
+    with pytest.raises(ValueError, match="'lots' is not a memory size"):
+        LLM("no-model-needed", kv_cache_memory="lots")

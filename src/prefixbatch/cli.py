@@ -46,7 +46,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv-cache-memory",
-        type=parse_memory,
+        type=_memory_size,
         help="KV cache size, e.g. 512MiB or 2GiB (default: a share of free memory)",
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
@@ -71,6 +71,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="max_tokens for requests that set none",
     )
     _chat_args(p)
+
+
+def _memory_size(value: str) -> int:
+    """A memory size option's bytes; argparse shows the message of what it cannot parse."""
+    try:
+        return parse_memory(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _chat_template(value: str) -> str:
@@ -168,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-upload-size",
-        type=parse_memory,
+        type=_memory_size,
         default=200 * 2**20,
         help="largest uploaded file in bytes (e.g. 200MiB)",
     )

@@ -90,12 +90,16 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
 def parse_memory(text: str | int) -> int:
-    """Parse ``512MiB``, ``2GiB``, ``1.5G`` or a byte count into bytes."""
+    """Parse ``512MiB``, ``2GiB``, ``1.5G`` or a byte count into bytes. Raises
+    ``ConfigError`` (a ValueError) naming the forms it takes."""
     if isinstance(text, int):
         return text
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
     if not match:
-        raise ConfigError(f"cannot parse memory size {text!r}; use e.g. 512MiB or 2GiB")
+        raise ConfigError(
+            f"{text!r} is not a memory size: give a number of bytes (e.g. 268435456) or one "
+            "with a unit, e.g. 512MiB, 2GiB or 1.5G (K, M, G, T; KiB = KB = K = 1024 bytes)"
+        )
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
