@@ -183,6 +183,21 @@ def test_the_response_object_follows_openai_schema() -> None:
     assert [i["type"] for i in empty["output"]] == ["message"]
 
 
+def test_the_echoed_settings_default_as_openais_response_does() -> None:
+    """A line that sets no tools echoes OpenAI's defaults, as the schema's example shows them
+    (``tool_choice`` is ``"auto"`` with or without tools)."""
+    example = SUBSET["components"]["schemas"]["Response"]["example"]
+    req = parse({"input": "Hi"})
+    assert isinstance(req, BatchRequest)
+    body = _answered(req, "Hello.", "stop", ReplyFormat())
+    jsonschema.validate(body, RESPONSE)
+    for key in ("tools", "tool_choice", "parallel_tool_calls"):
+        assert body[key] == example[key], key
+    with_tools = parse({"input": "Hi", "tools": FUNCTIONS, "tool_choice": "none"})
+    assert isinstance(with_tools, BatchRequest)
+    assert _answered(with_tools, "Hello.", "stop", ReplyFormat())["tool_choice"] == "none"
+
+
 @pytest.fixture(scope="module")
 def qwen3(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return chat_model(tiny_models["qwen3"], "qwen3", tmp_path_factory.mktemp("resp") / "qwen3")

@@ -252,7 +252,7 @@ def response_echo(body: dict[str, Any]) -> ResponseEcho:
         "temperature": body.get("temperature", 1.0),
         "top_p": body.get("top_p", 1.0),
         "tools": tools,
-        "tool_choice": body.get("tool_choice") or ("auto" if tools else "none"),
+        "tool_choice": body.get("tool_choice") or "auto",  # OpenAI's default, tools or not
         "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
         "reasoning": {"effort": reasoning.get("effort"), "summary": None},
         "truncation": "disabled",
