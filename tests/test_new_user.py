@@ -50,7 +50,7 @@ def test_an_interrupted_overwrite_names_the_command_that_resumes(  # type: ignor
     assert main([*args, "--overwrite", "--quiet"]) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     hint = re.fullmatch(
-        r"prefixbatch: interrupted: (\d+) of 8 requests answered; "
+        r"prefixbatch: interrupted: (\d+) of 8 runnable requests answered; "
         r"to resume, run it again without --overwrite: (prefixbatch run .*)",
         last,
     )

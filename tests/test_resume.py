@@ -147,7 +147,7 @@ def test_interrupt_flushes_and_exits_130(tmp_path, tiny_models, sig):  # type: i
     answered = sum(r["error"] is None for r in records(out))
     assert 3 <= answered < 40, "the signal must land mid-run"
     assert err.strip().splitlines() == [
-        f"prefixbatch: interrupted: {answered} of 41 requests answered; "
+        f"prefixbatch: interrupted: {answered} of 40 runnable requests answered, 1 line failed; "
         "run the same command again to resume"
     ]
     assert run(inp, out, model, "--quiet") == 0

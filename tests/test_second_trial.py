@@ -15,6 +15,7 @@ from prefixbatch import LLM, SamplingParams
 from prefixbatch.chat.render import ChatOptions
 from prefixbatch.cli import main
 from prefixbatch.config import EngineConfig
+from prefixbatch.engine import LLMEngine
 from prefixbatch.jobs.job import JobOptions, make_executor, run_batch
 from prefixbatch.loading.limits import EngineLimits
 
@@ -138,3 +139,31 @@ def test_a_memory_size_option_says_what_it_takes(capsys, args):  # type: ignore[
     assert "512MiB, 2GiB" in err and "number of bytes" in err
     with pytest.raises(ValueError, match="'lots' is not a memory size"):
         LLM("no-model-needed", kv_cache_memory="lots")
+
+
+def test_the_messages_say_what_they_count(tmp_path, tiny_models, capsys, monkeypatch):  # type: ignore[no-untyped-def]
+    good = [completion_line(i, max_tokens=1 + i) for i in range(10)]  # finishing step by step
+    rejected = ["{broken", {"custom_id": "oov", "prompt": [5, 9999]}, too_big(0)]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", [*rejected, *good]), tmp_path / "out.jsonl"
+    args = ["run", str(inp), "-o", str(out), "--model", str(tiny_models["llama"]), *SMALL_POOL]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "planning the 12 requests read" in err  # the line that is no JSON is no request
+    assert "12 requests read, 2 rejected by the checks against the model, 10 to run" in err
+    assert "[prefixbatch] 10/10 requests" in err
+    step, calls = LLMEngine.step, {"n": 0}
+
+    def interrupted_step(self: LLMEngine) -> list:  # type: ignore[type-arg]
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", interrupted_step)
+    assert main([*args, "--overwrite", "--quiet"]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    answered = sum(r["error"] is None for r in records(out))
+    assert 0 < answered < 10
+    assert last.startswith(
+        f"prefixbatch: interrupted: {answered} of 10 runnable requests answered, 3 lines failed; "
+    )

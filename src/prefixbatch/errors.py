@@ -55,8 +55,11 @@ class JobInterrupted(PrefixbatchError):
     """Ctrl-C or SIGTERM: what is answered is on disk; running the job again (without
     ``--overwrite``) resumes. The CLI adds that hint to the message."""
 
-    def __init__(self, answered: int, total: int) -> None:
-        super().__init__(f"interrupted: {answered} of {total} requests answered")
+    def __init__(self, answered: int, runnable: int, failed: int = 0) -> None:
+        """``answered`` of the ``runnable`` lines (those without an error record) have their
+        answer; ``failed`` lines have an error record."""
+        lines = f", {failed} line{'s' if failed != 1 else ''} failed" if failed else ""
+        super().__init__(f"interrupted: {answered} of {runnable} runnable requests answered{lines}")
 
 
 class RequestError(PrefixbatchError):

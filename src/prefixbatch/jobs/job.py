@@ -246,7 +246,7 @@ def run_batch(
     except KeyboardInterrupt:
         if not total:  # still reading: nothing to resume yet
             raise
-        raise JobInterrupted(skipped + answered, total) from None
+        raise JobInterrupted(skipped + answered, total - len(errors), len(errors)) from None
     finally:
         if progress is not None:
             progress.close()
@@ -269,7 +269,7 @@ def _plan(requests: CompactRequests, config: EngineConfig) -> Plan | None:
     """The batch's plan under a planning policy (Ray cuts other policies' chunks by its own)."""
     if not config.policy.plans:
         return None
-    log.info("planning %s", count(len(requests), "request"))
+    log.info("planning the %s read", count(len(requests), "request"))
     return make_plan(requests.prompts, requests.max_tokens(), config.block_size)
 
 
@@ -284,8 +284,11 @@ def _check(
     into ``errors``. A request the KV pool cannot hold is a line error like any other, even
     when no request fits: which lines fail never depends on which are already answered (a
     pool too small for any request, one that holds no block, fails when it is sized)."""
-    log.info("checking %s", count(len(requests), "request"))
     checked = check(requests, engine.limits, store.info, store.explicit[requests.ids])
+    log.info(
+        "%s read, %d rejected by the checks against the model, %d to run",
+        count(len(requests), "request"), len(checked.errors), len(checked.runnable),
+    )  # fmt: skip
     errors.update((e.line, e) for e in checked.errors)
     if plan is not None and checked.kept is not None:
         plan = plan.subset(checked.kept)
