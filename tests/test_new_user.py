@@ -30,6 +30,21 @@ def llm(tiny_models):  # type: ignore[no-untyped-def]
     return LLM(str(tiny_models["llama"]), device="cpu", block_size=8, kv_cache_memory=16 * 2**20)
 
 
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, n: int) -> object:
+    """Make the ``n``-th engine step raise KeyboardInterrupt (Ctrl-C mid-run); the original
+    ``LLMEngine.step``, to put back."""
+    step, calls = LLMEngine.step, {"n": 0}
+
+    def interrupted_step(self: LLMEngine) -> list:  # type: ignore[type-arg]
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", interrupted_step)
+    return step
+
+
 def test_an_interrupted_overwrite_names_the_command_that_resumes(  # type: ignore[no-untyped-def]
     tmp_path, tiny_models, capsys, monkeypatch
 ):
@@ -37,15 +52,7 @@ def test_an_interrupted_overwrite_names_the_command_that_resumes(  # type: ignor
     inp, out = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
     args = ["run", str(inp), "-o", str(out), "--model", str(tiny_models["llama"]), *ENGINE]
     assert main([*args, "--quiet"]) == 0
-    step, calls = LLMEngine.step, {"n": 0}
-
-    def interrupted_step(self: LLMEngine) -> list:  # type: ignore[type-arg]
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(LLMEngine, "step", interrupted_step)
+    step = interrupt_at(monkeypatch, 5)
     capsys.readouterr()
     assert main([*args, "--overwrite", "--quiet"]) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_job import completion_line, records, words, write_jsonl
+from test_new_user import interrupt_at
 
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.chat.render import ChatOptions
 from prefixbatch.cli import main
 from prefixbatch.config import EngineConfig
-from prefixbatch.engine import LLMEngine
 from prefixbatch.jobs.job import JobOptions, make_executor, run_batch
 from prefixbatch.loading.limits import EngineLimits
 
@@ -151,15 +151,7 @@ def test_the_messages_say_what_they_count(tmp_path, tiny_models, capsys, monkeyp
     assert "planning the 12 requests read" in err  # the line that is no JSON is no request
     assert "12 requests read, 2 rejected by the checks against the model, 10 to run" in err
     assert "[prefixbatch] 10/10 requests" in err
-    step, calls = LLMEngine.step, {"n": 0}
-
-    def interrupted_step(self: LLMEngine) -> list:  # type: ignore[type-arg]
-        calls["n"] += 1
-        if calls["n"] == 12:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(LLMEngine, "step", interrupted_step)
+    interrupt_at(monkeypatch, 12)
     assert main([*args, "--overwrite", "--quiet"]) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     answered = sum(r["error"] is None for r in records(out))
