@@ -1,6 +1,10 @@
 """What a second new-user trial found, each fixed by its kind: the same file and flags give
 the same outcome whichever lines are already answered (a request the KV pool cannot hold is a
-line error, never a job error), the context error wins over the KV pool's, ..."""
+line error, never a job error, in run, plan, run_batch and the Python API), the context error
+wins over the KV pool's, a chat template is a file or its text in every front end, memory-size
+options say what they take, the job's messages say what they count, and the README names every
+reasoning parser ``run --help`` offers. (The ETA: ``test_progress_eta.py``; the Responses
+echo: ``test_responses.py``.)"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from test_new_user import interrupt_at
 
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.chat.render import ChatOptions
-from prefixbatch.cli import main
+from prefixbatch.cli import build_parser, main
 from prefixbatch.config import EngineConfig
 from prefixbatch.jobs.job import JobOptions, make_executor, run_batch
 from prefixbatch.loading.limits import EngineLimits
@@ -159,3 +163,17 @@ def test_the_messages_say_what_they_count(tmp_path, tiny_models, capsys, monkeyp
     assert last.startswith(
         f"prefixbatch: interrupted: {answered} of 10 runnable requests answered, 3 lines failed; "
     )
+
+
+def test_the_readme_names_every_parser_run_help_offers():  # type: ignore[no-untyped-def]
+    import argparse
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    reasoning = readme[readme.index("- **Reasoning.**") :].split("\n- **")[0]
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (option,) = [a for a in sub.choices["run"]._actions if "--reasoning-parser" in a.option_strings]
+    for name in option.choices:
+        assert f"`{name}`" in reasoning, name
+    calls = readme[readme.index("- **Guaranteed calls.**") :].split("\n- **")[0]
+    assert "repeat its call until `max_tokens`" in calls
+    assert "`parallel_tool_calls: false` allows exactly one call" in calls
