@@ -189,3 +189,32 @@ def test_structured_output_from_the_package_namespace(llm):  # type: ignore[no-u
     spec = GrammarSpec.from_request(guided_regex="w1[0-9]")
     (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0, structured=spec))
     assert re.fullmatch(r" ?w1[0-9]", out.text) and out.finish_reason == "stop"
+
+
+def test_the_python_api_prices_its_eta_from_planned_work(llm, monkeypatch):  # type: ignore[no-untyped-def]
+    """``LLM.generate``'s progress knows the batch's planned work and is told the work done,
+    so its ETA counts tokens left, not finished requests (which under the plan's order finish
+    late: a count-based ETA read hours for a job seconds from its end)."""
+    from prefixbatch import llm as llm_module
+    from prefixbatch.io.progress import Progress
+
+    made: list[Progress] = []
+    works: list[tuple[int, int] | None] = []
+
+    class Recording(Progress):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def update(self, requests, tokens, note="", work=None):  # type: ignore[no-untyped-def]
+            works.append(work)
+            super().update(requests, tokens, note, work)
+
+    monkeypatch.setattr(llm_module, "Progress", Recording)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13 + i] for i in range(4)]
+    llm.generate(prompts, SamplingParams(max_tokens=3, n=2, ignore_eos=True), use_tqdm=False)
+    planned = made[0].planned
+    assert planned is not None and planned.output_tokens == 4 * 3 * 2
+    assert 9 <= planned.prefill_tokens <= 4 * 9  # the shared 8-token block at most once more
+    assert len(works) == 4 and all(w is not None for w in works)
+    assert works[-1] == (llm.engine.stats.prefill_tokens_computed, 4 * 3 * 2)

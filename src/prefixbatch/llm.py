@@ -24,7 +24,7 @@ from .chat.reply import assistant_message
 from .chat.tools import parse_tools
 from .config import EngineConfig
 from .engine import LLMEngine
-from .io.progress import Progress
+from .io.progress import PlannedWork, Progress
 from .loading.model_source import DEFAULT_MODEL_NAME
 from .logs import log_to_stderr_unless_configured
 from .outputs import CompletionOutput, Request, RequestOutput
@@ -187,12 +187,20 @@ class LLM:
         plan = None
         if self.engine.config.policy.plans:  # the API plans the batch; the engine consumes it
             plan = make_plan(ids, [sp.max_tokens for sp in params], self.engine.config.block_size)
-        progress = Progress(len(requests), quiet=not use_tqdm, after_s=PROGRESS_AFTER_S)
+        planned = PlannedWork(  # the ETA prices the work left, as a job's does
+            plan.computed_prefill_tokens if plan is not None else sum(map(len, ids)),
+            sum(0 if sp.embedding is not None else sp.max_tokens * sp.n for sp in params),
+        )
+        progress = Progress(
+            len(requests), quiet=not use_tqdm, after_s=PROGRESS_AFTER_S, planned=planned
+        )
         outputs = []
         with closing(self.engine.generate(requests, plan)) as finished:
             for out in finished:
                 outputs.append(out)
-                progress.update(1, out.num_output_tokens)
+                stats = self.engine.stats  # each generate call counts afresh
+                work = (stats.prefill_tokens_computed, stats.sampled_tokens)
+                progress.update(1, out.num_output_tokens, work=work)
         progress.close()
         return sorted(outputs, key=lambda o: o.index)
 
