@@ -38,6 +38,7 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
         while not done.wait(HEARTBEAT_S):
             line = f"[still running {item.nodeid}: {time.monotonic() - start:.0f} s]"
             with capture.global_and_fixture_disabled():
+                reporter.ensure_newline()
                 reporter.write_line(line)
 
     threading.Thread(target=beat, name="test-heartbeat", daemon=True).start()
