@@ -16,6 +16,7 @@ from prefixbatch import LLM
 from prefixbatch.cli import main
 
 URL = "/v1/embeddings"
+FULL_CONTEXT = [5 + i % 500 for i in range(128)]  # token ids, as long as --max-model-len
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,7 @@ def test_embedding_lines_end_to_end(tmp_path, model):  # type: ignore[no-untyped
         line("bad-format", input="w5", encoding_format="hex"),
         line("unknown", input="w5", temperature=0),
         line("too-long", input=["w5", words(1, 300)]),
+        line("whole-context", input=FULL_CONTEXT),  # nothing to generate: it may fill it
         {"custom_id": "minimal", "input": texts[3]},
     ]
     inp = write_jsonl(tmp_path / "in.jsonl", lines)
@@ -76,6 +78,8 @@ def test_embedding_lines_end_to_end(tmp_path, model):  # type: ignore[no-untyped
             assert np.abs(vector(d) - expected[k]).max() <= TOLERANCE
         tokens = sum(len(ids[k]) for k in want)
         assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    whole = vector(recs["whole-context"]["response"]["body"]["data"][0])
+    assert np.abs(whole - hf_embeddings(model, [FULL_CONTEXT], "last")[0]).max() <= TOLERANCE
     assert isinstance(recs["many"]["response"]["body"]["data"][0]["embedding"], str)
     assert isinstance(recs["one"]["response"]["body"]["data"][0]["embedding"], list)
     assert recs["cmpl-2"]["response"]["body"]["object"] == "text_completion"
@@ -90,7 +94,7 @@ def test_embedding_lines_end_to_end(tmp_path, model):  # type: ignore[no-untyped
         "no-mrl-size": "'dimensions' must be one of 16, 64",
         "bad-format": "'encoding_format'",
         "unknown": "unknown field 'temperature'",
-        "too-long": "'input'[1]: the prompt has",
+        "too-long": "'input'[1]: the input has 300 tokens; the model's context is 128 tokens",
     }
     for cid, text in problems.items():
         assert recs[cid]["response"] is None and text in recs[cid]["error"]["message"], cid

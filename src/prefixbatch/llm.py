@@ -180,7 +180,8 @@ class LLM:
         params = _params_list(params, len(ids))
         for i, (p, sp) in enumerate(zip(ids, params)):
             limits = self.engine.limits
-            problem = limits.check(p, sp.max_tokens) or limits.check_params(sp)
+            problem = limits.check(p, sp.max_tokens, embedding=sp.embedding is not None)
+            problem = problem or limits.check_params(sp)
             if problem:
                 raise ValueError(f"prompt {i}: {problem}")
         requests = [Request(i, p, sp) for i, (p, sp) in enumerate(zip(ids, params))]

@@ -89,11 +89,16 @@ def check(
     if not len(requests):
         return Checked(requests, [])
     lengths, budgets = requests.lengths, requests.max_tokens()
-    pairs, pair_of = np.unique(np.stack([lengths, budgets]), axis=1, return_inverse=True)
+    set_embeds = np.array([p.embedding is not None for p in requests.param_sets], np.int64)
+    embeds = set_embeds[requests.param_ids]
+    pairs, pair_of = np.unique(np.stack([lengths, budgets, embeds]), axis=1, return_inverse=True)
     explicit = np.zeros(len(requests), bool) if explicit is None else explicit
     pair_bad = np.array(
         [
-            [limits.check(np.zeros(n, np.int32), m, given) is not None for n, m in pairs.T.tolist()]
+            [
+                limits.check(np.zeros(n, np.int32), m, given, bool(e)) is not None
+                for n, m, e in pairs.T.tolist()
+            ]
             for given in (False, True)
         ]
     )  # (2, pairs): as a default max_tokens, as an explicit one
@@ -119,7 +124,8 @@ def check(
     for pos in np.flatnonzero(flagged).tolist():
         params = requests.params(pos)
         prompt = requests.prompts[pos]
-        problem = limits.check(prompt, params.max_tokens, bool(explicit[pos]))
+        embedding = params.embedding is not None
+        problem = limits.check(prompt, params.max_tokens, bool(explicit[pos]), embedding)
         problem = problem or set_problem[requests.param_ids[pos]]
         if problem:
             req = origin(int(requests.ids[pos]))

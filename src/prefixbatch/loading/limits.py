@@ -49,12 +49,19 @@ class EngineLimits:
         """Whether the pool holds the request's prompt and its longest answer."""
         return self.kv_blocks(prompt_len, max_tokens) <= self.num_blocks
 
-    def check(self, prompt: Sequence[int], max_tokens: int, explicit: bool = False) -> str | None:
+    def check(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        explicit: bool = False,
+        embedding: bool = False,
+    ) -> str | None:
         """Why a tokenized request cannot run, or None (``prompt``: a list or an array). With
         ``explicit`` (``max_tokens`` was asked for, not defaulted) prompt + ``max_tokens`` must
         fit the context (``check_context``); that is checked before the KV pool, whose advice
         (a larger pool) cannot fix it. Checks run in that order: empty prompt, vocabulary,
-        prompt length, context, KV pool; the first failing one is reported."""
+        prompt length, context, KV pool; the first failing one is reported. An ``embedding``
+        request generates nothing: its input may fill the whole context."""
         if not len(prompt):
             return "the prompt is empty"
         ids = np.asarray(prompt)
@@ -64,7 +71,13 @@ class EngineLimits:
             return (
                 f"token id {bad} is outside the model's vocabulary (ids 0 to {self.vocab_size - 1})"
             )
-        if len(prompt) >= self.max_model_len:
+        if embedding:
+            if len(prompt) > self.max_model_len:
+                return (
+                    f"the input has {len(prompt)} tokens; the model's context is "
+                    f"{self.max_model_len} tokens"
+                )
+        elif len(prompt) >= self.max_model_len:
             return (
                 f"the prompt has {len(prompt)} tokens; the model's context is "
                 f"{self.max_model_len} tokens and at least one must be left to generate"
