@@ -143,6 +143,11 @@ def test_two_workers_match_single_process(ray_cluster, tiny_models):  # type: ig
         for g in plan.root.children:  # no group straddles two workers
             assert len({owner[i] for i in g.requests()}) == 1
         assert executor.stats.requests == len(requests)
+        done = [executor.done.get(w, 0) for w in range(2)]  # the progress note: counts, not x/y
+        lag = max(done) - min(done)
+        assert executor.status() == (
+            f"2 workers, chunks done per worker: {done[0]}, {done[1]} (lag {lag})"
+        )
     finally:
         executor.shutdown()
 

@@ -126,7 +126,8 @@ class RayExecutor:
             self.done.get(w, 0) for w in range(len(self.actors)) if w not in self.failed_workers
         ]
         lag = max(counts) - min(counts) if counts else 0
-        return f"{len(counts)} workers, chunks {'/'.join(map(str, counts))}, lag {lag}"
+        done = ", ".join(map(str, counts))
+        return f"{len(counts)} workers, chunks done per worker: {done} (lag {lag})"
 
     def generate(
         self,
