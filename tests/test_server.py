@@ -323,3 +323,7 @@ def test_sigkill_mid_batch_then_restart_resumes(
         assert answers(srv.content(batch.output_file_id)) == expected  # each custom_id once
     finally:
         srv.kill()
+    said = log.read_text()  # both runs: what the server is doing, in its log
+    assert said.count("loading the model") == 2 and said.count("model loaded after") == 2
+    assert f"serving the OpenAI Files and Batches API at http://127.0.0.1:{srv.port}/v1" in said
+    assert f"batch {batch_id} completed: 24 of 24 lines answered, 0 failed" in said

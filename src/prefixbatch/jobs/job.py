@@ -108,14 +108,23 @@ def listed(label: str, messages: Sequence[str], total: int) -> list[str]:
 
 
 def make_executor(
-    config: EngineConfig, workers: int = 1, ray_address: str | None = None
+    config: EngineConfig,
+    workers: int = 1,
+    ray_address: str | None = None,
+    start: float | None = None,
 ) -> LLMEngine | RayExecutor:
-    """One in-process engine, or engine actors on Ray for ``--workers`` / ``--ray-address``."""
+    """One in-process engine, or engine actors on Ray for ``--workers`` / ``--ray-address``;
+    logs the loading and the seconds since ``start`` (``time.monotonic()``, default now)."""
+    start = time.monotonic() if start is None else start
+    log.info("loading the model (%s)", config.model or f"default: {DEFAULT_MODEL_NAME}")
     if workers > 1 or ray_address:
         from ..distributed.ray_executor import RayExecutor
 
-        return RayExecutor(config, max(1, workers), ray_address)
-    return LLMEngine(config)
+        executor: LLMEngine | RayExecutor = RayExecutor(config, max(1, workers), ray_address)
+    else:
+        executor = LLMEngine(config)
+    log.info("model loaded after %.1fs", time.monotonic() - start)
+    return executor
 
 
 def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
@@ -134,10 +143,7 @@ def run_job(config: EngineConfig, opts: JobOptions) -> JobSummary:
         return BatchTokenizer(Tokenizer(source.path))
 
     def load() -> LLMEngine | RayExecutor:
-        log.info("loading the model (%s)", config.model or f"default: {DEFAULT_MODEL_NAME}")
-        engine = make_executor(config, opts.workers, opts.ray_address)
-        log.info("model loaded after %.1fs", time.monotonic() - start)
-        return engine
+        return make_executor(config, opts.workers, opts.ray_address, start)
 
     return run_batch(load, opts, start=start, tokenizer=tokenizer, config=config)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from ..jobs.job import make_executor
 from .app import AppConfig, create_app
 from .storage import Store
 from .worker import BatchWorker, WorkerOptions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
         app = create_app(
             store, worker, AppConfig(engine.model_name, opts.api_key, opts.max_upload_bytes)
         )
+        url = f"http://{opts.host}:{opts.port}/v1"
+        log.info("serving the OpenAI Files and Batches API at %s (%s)", url, engine.model_name)
         uvicorn.run(app, host=opts.host, port=opts.port, log_level="info")
     finally:
         store.close()

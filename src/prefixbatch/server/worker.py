@@ -226,6 +226,10 @@ class BatchWorker:
             else:
                 path.unlink()
         done = "cancelled" if batch.status == "cancelling" else "completed"
+        log.info(
+            "batch %s %s: %d of %d lines answered, %d failed",
+            batch.id, done, counts["output"], lines, counts["error"],
+        )  # fmt: skip
         self.store.update_batch(
             batch.id,
             lambda b: {
