@@ -114,7 +114,8 @@ def test_upload_check_names_the_first_bad_line(tmp_path: Path) -> None:
     assert check_jsonl(path) == 2
     for text, expected in [
         ('{"a": 1}\n[1]\n', "line 2: expected a JSON object, got list"),
-        ('{"a": 1}\n{"a": \n', "line 2: invalid JSON"),
+        # the column within the line, as `prefixbatch run` reports it (not the next line's 1)
+        ('{"a": 1}\n{"a": \n', "line 2: invalid JSON: Expecting value: column 7"),
         ("\n\n", "holds no JSON lines"),
     ]:
         path.write_text(text)

@@ -140,6 +140,13 @@ def read_batch_file(
             yield parse_line(text, number, seen, default_max_tokens)
 
 
+def load_line(text: str) -> Any:
+    """One line's JSON value, read without its line end: an unfinished line then ends at its
+    last character, so a decoding error's column lies within the line, as ``json_problem``
+    reports it (raises ``json.JSONDecodeError`` or ``RecursionError``)."""
+    return json.loads(text.rstrip("\r\n"))
+
+
 def json_problem(e: json.JSONDecodeError | RecursionError) -> str:
     """What is wrong with one line's JSON, placed by column within that line (the decoder's own
     message counts lines and characters of the text it was given)."""
@@ -154,7 +161,7 @@ def parse_line(
 ) -> BatchRequest | LineError:
     """One line -> a request or an error; ``seen`` tracks custom_ids for duplicate detection."""
     try:
-        obj = json.loads(text.rstrip("\r\n"))  # an unfinished line ends at its last character
+        obj = load_line(text)
     except (json.JSONDecodeError, RecursionError) as e:
         return LineError(number, None, f"line {number}: {json_problem(e)}")
     if not isinstance(obj, dict):

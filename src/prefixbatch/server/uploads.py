@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io.batch_file import LineError, decoded_lines, json_problem
+from ..io.batch_file import LineError, decoded_lines, json_problem, load_line
 
 
 class BadUpload(ValueError):
@@ -30,7 +30,7 @@ def check_jsonl(path: Path) -> int:
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
+            obj = load_line(text)
         except (json.JSONDecodeError, RecursionError) as e:
             raise BadUpload(f"line {number}: {json_problem(e)}") from None
         if not isinstance(obj, dict):
