@@ -190,7 +190,7 @@ class LLM:
             plan = make_plan(ids, [sp.max_tokens for sp in params], self.engine.config.block_size)
         planned = PlannedWork(  # the ETA prices the work left, as a job's does
             plan.computed_prefill_tokens if plan is not None else sum(map(len, ids)),
-            sum(0 if sp.embedding is not None else sp.max_tokens * sp.n for sp in params),
+            sum(sp.max_tokens * sp.sampled_choices for sp in params),
         )
         progress = Progress(
             len(requests), quiet=not use_tqdm, after_s=PROGRESS_AFTER_S, planned=planned

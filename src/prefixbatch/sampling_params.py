@@ -104,3 +104,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def sampled_choices(self) -> int:
+        """Choices the request samples, each up to ``max_tokens``: ``n``, none for an embedding
+        request (its ``max_tokens`` 1 only holds its KV)."""
+        return 0 if self.embedding is not None else self.n

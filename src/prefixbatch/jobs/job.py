@@ -319,9 +319,9 @@ def by_kind(
 def _planned(requests: CompactRequests, plan: Plan | None) -> PlannedWork:
     """The prefill tokens the run computes and the most output tokens it can sample (none
     for embedding requests)."""
-    choices = np.array(
-        [0 if p.embedding is not None else p.n for p in requests.param_sets], dtype=np.int64
-    )[requests.param_ids]
+    choices = np.array([p.sampled_choices for p in requests.param_sets], dtype=np.int64)[
+        requests.param_ids
+    ]
     prefill = plan.computed_prefill_tokens if plan is not None else requests.prompts.num_tokens
     return PlannedWork(prefill, int((requests.max_tokens() * choices).sum()))
 
