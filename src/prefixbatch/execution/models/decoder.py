@@ -21,6 +21,7 @@ from torch import nn
 from ...config import ModelConfig
 from ..attention.backend import FULL_ATTENTION, AttentionBackend, LayerAttention
 from ..layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, rope_inv_freq
+from ..lm_head import LMHead
 from ..packed_linear import Linear, MergedLinear
 from .family import CausalLM
 
@@ -156,7 +157,7 @@ class DecoderModel(CausalLM):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
 
     @torch.inference_mode()
     def forward(
