@@ -23,7 +23,7 @@ from .packed_linear import Linear
 class LMHead(Linear):
     """``Linear(hidden, vocab)`` without bias. On the CPU, an output larger than
     ``MMAP_THRESHOLD`` bytes is computed with ``torch.mm`` into a buffer kept for the next call
-    (grown to the largest output asked for, never shrunk): **the logits a call returns are
+    (grown to the largest output asked for, by at least a quarter at a time, never shrunk): **the logits a call returns are
     valid until the next call**, which suits the engine (a step's logits are consumed within
     the step: sampling, log-probabilities and prompt scores copy what they keep). Packing
     (``pack``) keeps the plain weight beside the packed copy, for those outputs: an lm_head not
@@ -42,7 +42,8 @@ class LMHead(Linear):
         rows, vocab = x.shape[0], self.out_features
         if x.device.type != "cpu" or rows * vocab * x.element_size() <= MMAP_THRESHOLD:
             return super().forward(x)
-        if self._buffer.numel() < rows * vocab or self._buffer.dtype != x.dtype:
-            self._buffer = torch.empty(rows * vocab, dtype=x.dtype)
+        size = self._buffer.numel()
+        if size < rows * vocab or self._buffer.dtype != x.dtype:
+            self._buffer = torch.empty(max(rows * vocab, size + size // 4), dtype=x.dtype)
         out = self._buffer[: rows * vocab].view(rows, vocab)
         return torch.mm(x, self.weight.t(), out=out)
