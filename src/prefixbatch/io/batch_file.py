@@ -30,11 +30,13 @@ from .body_fields import field_problem, responses_field_problem
 from .embedding_request import EMBEDDINGS_URL, Input, embedding_inputs, embedding_params
 from .json_text import json_text
 from .responses_request import ResponseEcho, chat_body, response_echo
+from .score_request import RERANK_URL, SCORE_NAMES, SCORE_URL, Pair, score_request
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 RESPONSES_URL = "/v1/responses"  # runs as a chat (``responses_request.py``)
-URLS = (CHAT_URL, COMPLETIONS_URL, RESPONSES_URL, EMBEDDINGS_URL)
+URLS = (CHAT_URL, COMPLETIONS_URL, RESPONSES_URL, EMBEDDINGS_URL, SCORE_URL, RERANK_URL)
+POOLING_URLS = (EMBEDDINGS_URL, SCORE_URL, RERANK_URL)  # prefill only: one request per item
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,14 @@ class BatchRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
     reply: ReplyFormat | None = None  # chat: how the answer is parsed (set when rendered)
     response_echo: ResponseEcho | None = None  # responses: what the Response object repeats
-    # embeddings: the line's inputs as read; the job runs each as a request of its own (one
-    # ``part`` of ``parts``, its ``prompt``) and answers the line once all are embedded
-    inputs: tuple[Input, ...] = ()
+    # embeddings: the line's inputs as read, scores: its pairs; the job runs each as a request
+    # of its own (one ``part`` of ``parts``: its ``prompt``, or its ``pair``) and answers the
+    # line once all are done. A rerank part rebuilt for its record (``BatchStore.info``) has
+    # its document, which the record repeats, as ``prompt``.
+    inputs: tuple[Input | Pair, ...] = ()
     part: int = 0
     parts: int = 1
+    pair: Pair | None = None  # a score request's (text_1, text_2)
 
     @property
     def is_chat(self) -> bool:
@@ -203,9 +208,13 @@ def _request(
     else:  # minimal form: sampling fields sit next to the prompt
         url, body = (CHAT_URL if "messages" in obj else COMPLETIONS_URL), obj
         url = EMBEDDINGS_URL if "input" in obj else url
+        url = SCORE_URL if any(n in obj for pair in SCORE_NAMES for n in pair) else url
+        url = RERANK_URL if "query" in obj else url
         not_fields = frozenset({"custom_id"})
     if url == EMBEDDINGS_URL:
         return _embedding_request(body, number, custom_id, not_fields)
+    if url in (SCORE_URL, RERANK_URL):
+        return _score_request(url, body, number, custom_id, not_fields)
     if url == RESPONSES_URL:
         problem = responses_field_problem(body)
     else:
@@ -269,6 +278,19 @@ def _embedding_request(
     return BatchRequest(
         number, custom_id, EMBEDDINGS_URL, None, None, params, digest, inputs=inputs
     )
+
+
+def _score_request(
+    url: str, body: dict[str, Any], number: int, custom_id: str, not_fields: frozenset[str]
+) -> BatchRequest:
+    """A ``/v1/score`` or ``/v1/rerank`` line (``score_request.py``)."""
+    body = {k: v for k, v in body.items() if k not in not_fields}
+    try:
+        pairs, params = score_request(body, url == RERANK_URL)
+    except ValueError as e:
+        raise _Invalid(str(e)) from e
+    digest = request_hash(url, body, params.max_tokens)
+    return BatchRequest(number, custom_id, url, None, None, params, digest, inputs=tuple(pairs))
 
 
 def _prompt(value: Any) -> str | list[int]:
