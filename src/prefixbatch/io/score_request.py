@@ -78,18 +78,19 @@ def score_request(body: dict[str, Any], rerank: bool) -> tuple[list[Pair], Sampl
         if query is not None and not isinstance(query, str):
             raise ValueError(f"'query' must be a string, got {json_text(query)}")
     else:
-        present = [pair for pair in SCORE_NAMES if any(n in body for n in pair)]
-        if len(present) != 1:
+        complete = [p for p in SCORE_NAMES if p[0] in body and p[1] in body]
+        partial = [p for p in SCORE_NAMES if p[0] in body or p[1] in body]
+        if len(complete) > 1 or not partial:
             spelled = ", ".join(f"'{a}' + '{b}'" for a, b in SCORE_NAMES)
-            got = "none" if not present else " and ".join(f"'{a}'/'{b}'" for a, b in present)
+            got = " and ".join(f"'{a}' + '{b}'" for a, b in complete) or "none"
             raise ValueError(f"give the pairs as one of {spelled} (got {got})")
-        names = present[0]
+        names = (complete or partial)[0]
         allowed = COMMON_FIELDS | set(names)
+    pairs = score_pairs(body.get(names[0]), body.get(names[1]), names)
     unknown = sorted(set(body) - allowed)
     if unknown:
         url = RERANK_URL if rerank else SCORE_URL
         raise ValueError(f"unknown field '{unknown[0]}' for {url}")
-    pairs = score_pairs(body.get(names[0]), body.get(names[1]), names)
     top_n = body.get("top_n")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
         raise ValueError(f"'top_n' must be an integer >= 0, got {json_text(top_n)}")
