@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import EngineConfig, ModelConfig
-from ..errors import ConfigError
 from ..execution.score_head import ScoreHead
 from ..execution.worker import Worker
 from ..tokenizer import Tokenizer
@@ -19,7 +18,7 @@ from .limits import EngineLimits
 from .model_config import read_model_config
 from .model_source import ModelSource, model_name, resolve_model
 from .pooling_config import read_pooling_config
-from .score_config import read_score_config, score_token_ids
+from .score_config import read_score_config, score_head_kind, score_token_ids
 
 
 @dataclass(frozen=True)
@@ -47,13 +46,9 @@ def load_model(config: EngineConfig, source: ModelSource | None = None) -> Loade
     pooling = read_pooling_config(source.path)
     scoring = read_score_config(source.path)
     tokenizer = Tokenizer(source.path)
+    kind = score_head_kind(config, cfg)
     tokens = None
-    if config.score_tokens is not None:
-        if cfg.num_labels:
-            raise ConfigError(
-                "score tokens are for a causal LM reranker; this checkpoint is a sequence "
-                "classifier and scores with its own score head"
-            )
+    if kind == "tokens" and config.score_tokens is not None:
         tokens = score_token_ids(tokenizer.hf.get_vocab(), config.score_tokens)
     worker = Worker(config, cfg, source.weights())
     eos = [*cfg.eos_token_ids, tokenizer.eos_token_id]
@@ -64,7 +59,7 @@ def load_model(config: EngineConfig, source: ModelSource | None = None) -> Loade
         model_config=cfg,
         tokenizer=tokenizer,
         worker=worker,
-        limits=EngineLimits.of(config, cfg, worker.num_blocks, pooling, scoring, head),
+        limits=EngineLimits.of(config, cfg, worker.num_blocks, pooling, scoring, kind),
         eos_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
         name=model_name(config.model),
         score_head=head,

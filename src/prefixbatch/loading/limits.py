@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import EngineConfig, ModelConfig
-from ..execution.score_head import ScoreHead
 from ..pooling import PoolingConfig
 from ..sampling_params import SamplingParams
 from ..scoring import ScoreConfig
@@ -34,11 +33,12 @@ class EngineLimits:
         num_blocks: int,
         pooling: PoolingConfig | None = None,
         scoring: ScoreConfig | None = None,
-        score_head: ScoreHead | None = None,
+        score_head: str | None = None,
     ) -> EngineLimits:
         """The limits of ``cfg``'s model under ``config`` (``--max-model-len`` capped by the
         model's positions) with a pool of ``num_blocks``, pooling embeddings by ``pooling``,
-        scoring by ``scoring`` with ``score_head`` (None: the model does not score)."""
+        scoring by ``scoring`` with a score head of the kind ``score_head``
+        (``score_config.score_head_kind``; None: the model does not score)."""
         return cls(
             config.context_len(cfg),
             num_blocks,
@@ -47,7 +47,7 @@ class EngineLimits:
             cfg.hidden_size,
             pooling or PoolingConfig(),
             scoring or ScoreConfig(),
-            None if score_head is None else score_head.kind,
+            score_head,
         )
 
     def kv_blocks(self, prompt_len: int, max_tokens: int) -> int:

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..config import EngineConfig, ModelConfig
 from ..errors import ConfigError, UnsupportedModelError
 from ..scoring import ScoreConfig
 
@@ -59,3 +60,18 @@ def score_token_ids(vocab: dict[str, int], tokens: tuple[str, str]) -> tuple[int
             )
         ids.append(vocab[token])
     return ids[0], ids[1]
+
+
+def score_head_kind(config: EngineConfig, cfg: ModelConfig) -> str | None:
+    """Which score head the engine builds for ``cfg``'s model (``execution/score_head.py``):
+    ``"tokens"`` with ``score_tokens``, ``"classifier"`` for a sequence classifier, None when
+    the model cannot score. Raises ``ConfigError`` for score tokens given to a classifier (it
+    has its head)."""
+    if config.score_tokens is None:
+        return "classifier" if cfg.num_labels else None
+    if cfg.num_labels:
+        raise ConfigError(
+            "score tokens are for a causal LM reranker; this checkpoint is a sequence "
+            "classifier and scores with its own score head"
+        )
+    return "tokens"
