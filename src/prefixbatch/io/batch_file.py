@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..tokenizer import TOKEN_BYTES_FEATURE
 from .body_fields import field_problem, responses_field_problem
 from .embedding_request import EMBEDDINGS_URL, Input, embedding_inputs, embedding_params
 from .json_text import json_text
-from .responses_request import ResponseEcho, chat_body, response_echo
+from .responses_request import InputMap, ResponseEcho, chat_body, response_echo
 from .score_request import RERANK_URL, SCORE_NAMES, SCORE_URL, Pair, score_request
 
 CHAT_URL = "/v1/chat/completions"
@@ -56,6 +56,7 @@ class BatchRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
     reply: ReplyFormat | None = None  # chat: how the answer is parsed (set when rendered)
     response_echo: ResponseEcho | None = None  # responses: what the Response object repeats
+    input_map: InputMap | None = None  # responses: where its chat messages came from
     # embeddings: the line's inputs as read, scores: its pairs; the job runs each as a request
     # of its own (one ``part`` of ``parts``: its ``prompt``, or its ``pair``) and answers the
     # line once all are done. A rerank part rebuilt for its record (``BatchStore.info``) has
@@ -69,6 +70,13 @@ class BatchRequest:
     def is_chat(self) -> bool:
         """Whether the request runs through the chat template (chat and responses)."""
         return self.url in (CHAT_URL, RESPONSES_URL)
+
+    def named(self, problem: str) -> str:
+        """A problem of this request as its own fields name it: a Responses request's with the
+        Responses names (``InputMap.rename``), any other's as it is."""
+        if self.url != RESPONSES_URL:
+            return problem
+        return (self.input_map or InputMap()).rename(problem)
 
     def chat(self) -> ChatRequest:
         """What this chat request asks of the chat template."""
@@ -222,12 +230,30 @@ def _request(
     if problem:
         raise _Invalid(problem)
     digest_body = {k: v for k, v in body.items() if k not in not_fields}
-    echo_fields = None
-    if url == RESPONSES_URL:
-        try:
-            body, echo_fields = chat_body(body), response_echo(body)
-        except ValueError as e:
-            raise _Invalid(str(e)) from e
+    if url != RESPONSES_URL:
+        return _chat_request(url, body, digest_body, number, custom_id, default_max_tokens)
+    try:
+        chat, input_map = chat_body(body)
+        echo = response_echo(body)
+    except ValueError as e:
+        raise _Invalid(str(e)) from e
+    try:  # the chat path's checks name chat fields: give them the Responses names
+        req = _chat_request(url, chat, digest_body, number, custom_id, default_max_tokens)
+    except _Invalid as e:
+        raise _Invalid(input_map.rename(str(e))) from e
+    return replace(req, response_echo=echo, input_map=input_map)
+
+
+def _chat_request(
+    url: str,
+    body: dict[str, Any],
+    digest_body: dict[str, Any],
+    number: int,
+    custom_id: str,
+    default_max_tokens: int,
+) -> BatchRequest:
+    """A chat or completions line (a Responses line's ``body`` mapped onto chat), its
+    ``request_hash`` over ``digest_body``."""
     params = _params(body, default_max_tokens, url != COMPLETIONS_URL)
     given = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
     digest = request_hash(url, digest_body, params.max_tokens)
@@ -260,7 +286,6 @@ def _request(
         max_tokens_given=given,
         tools=tools,
         template_kwargs=template_kwargs,
-        response_echo=echo_fields,
     )
 
 

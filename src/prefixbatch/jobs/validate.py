@@ -53,7 +53,8 @@ def tokenize(
             try:
                 rendered = chat.render(req.chat(), req.params)
             except Exception as e:  # a template may raise anything (jinja, our checks)
-                out.append(LineError(req.line, req.custom_id, f"line {req.line}: {e}"))
+                message = f"line {req.line}: {req.named(str(e))}"
+                out.append(LineError(req.line, req.custom_id, message))
                 continue
             req = replace(req, params=rendered.params, reply=rendered.reply)
             chats.append((k, rendered.text))
@@ -154,7 +155,7 @@ def check(
             where = _item(req, params)
             if problem and where is not None:  # the prompt's problem: name the line's item
                 problem = f"{where}: {problem}"
-            problem = problem or set_problem[requests.param_ids[pos]]
+            problem = req.named(problem or set_problem[requests.param_ids[pos]] or "")
             errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
         else:
             flagged[pos] = False
