@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import random
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,19 +60,28 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     ]
 
 
+def padded_batches(
+    prompts: list[list[int]], batch: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """transformers' best batching here: prompts sorted by length, ``batch`` at a time, right-
+    padded with id 0: (their indices, input_ids (B, longest), attention_mask (B, longest))."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        longest = max(len(prompts[i]) for i in idx)
+        ids = torch.zeros(len(idx), longest, dtype=torch.long)
+        mask = torch.zeros(len(idx), longest, dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(prompts[i])] = torch.tensor(prompts[i])
+            mask[row, : len(prompts[i])] = 1
+        yield idx, ids, mask
+
+
 def hf_embed(model: torch.nn.Module, prompts: list[list[int]], batch: int) -> np.ndarray:
     """Sorted by length, right-padded per batch, the last real token pooled, normalised."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = np.zeros((len(prompts), model.config.hidden_size), np.float32)
     with torch.inference_mode():
-        for start in range(0, len(order), batch):
-            idx = order[start : start + batch]
-            longest = max(len(prompts[i]) for i in idx)
-            ids = torch.zeros(len(idx), longest, dtype=torch.long)
-            mask = torch.zeros(len(idx), longest, dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(prompts[i])] = torch.tensor(prompts[i])
-                mask[row, : len(prompts[i])] = 1
+        for idx, ids, mask in padded_batches(prompts, batch):
             states = model(input_ids=ids, attention_mask=mask).last_hidden_state
             last = mask.sum(dim=1) - 1
             pooled = states[torch.arange(len(idx)), last]
@@ -97,17 +107,9 @@ def score_workload(queries: int, documents: int, seed: int = 0) -> list[list[int
 
 def hf_score(model: torch.nn.Module, prompts: list[list[int]], batch: int) -> np.ndarray:
     """Sorted by length, right-padded per batch (pad id 0), sigmoid of the one-label logit."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = np.zeros(len(prompts), np.float32)
     with torch.inference_mode():
-        for start in range(0, len(order), batch):
-            idx = order[start : start + batch]
-            longest = max(len(prompts[i]) for i in idx)
-            ids = torch.zeros(len(idx), longest, dtype=torch.long)
-            mask = torch.zeros(len(idx), longest, dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(prompts[i])] = torch.tensor(prompts[i])
-                mask[row, : len(prompts[i])] = 1
+        for idx, ids, mask in padded_batches(prompts, batch):
             logits = model(input_ids=ids, attention_mask=mask).logits[:, 0]
             out[idx] = torch.sigmoid(logits).numpy()
     return out

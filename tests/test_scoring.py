@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_embeddings import MODES as EMBEDDING_MODES
 
 from conftest import make_tiny_model, save_tokenizer, tiny_config
 from prefixbatch import LLM
@@ -99,12 +100,7 @@ def hf_token_scores(path: Path, prompts: list[list[int]], false: int, true: int)
     return out
 
 
-MODES = {
-    "batchllm": {"policy": "batchllm"},
-    "fcfs": {"policy": "fcfs"},
-    "torch-cascade": {"policy": "batchllm", "kernels": "torch", "cascade_min_prefix": 0},
-    "chunked": {"policy": "batchllm", "max_num_batched_tokens": 24},
-}
+MODES = {**EMBEDDING_MODES, "fcfs": {"policy": "fcfs"}}  # fcfs: nothing shared
 
 
 @pytest.mark.parametrize(
