@@ -22,15 +22,14 @@ class ScoreHead:
     """Hidden states (S, hidden) fp32 -> logits (S,) fp32 (``__call__``); build it with
     ``classifier`` or ``tokens``."""
 
-    def __init__(self, head: Callable[[torch.Tensor], torch.Tensor], kind: str) -> None:
+    def __init__(self, head: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self._head = head
-        self.kind = kind  # "classifier" or "tokens", for messages
 
     @classmethod
     def classifier(cls, weight: torch.Tensor) -> ScoreHead:
         """A one-label classifier's ``score`` weight (1, hidden), applied in fp32."""
         w = weight.detach().float().t()  # (hidden, 1)
-        return cls(lambda hidden: (hidden @ w)[:, 0], "classifier")
+        return cls(lambda hidden: (hidden @ w)[:, 0])
 
     @classmethod
     def tokens(
@@ -47,7 +46,7 @@ class ScoreHead:
             pair = logits(hidden.to(dtype))[:, [false_id, true_id]]  # (S, 2)
             return pair[:, 1] - pair[:, 0]
 
-        return cls(head, "tokens")
+        return cls(head)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._head(hidden)
