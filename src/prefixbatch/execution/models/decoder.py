@@ -177,7 +177,11 @@ class DecoderModel(CausalLM):
         assert residual is not None  # a model has layers
         # only rows that sample: (S, hidden)
         x, _ = self.norm.add_forward(x[logits_rows], residual[logits_rows])
-        return (x if hidden else self.lm_head(x)).float()  # (S, hidden) or (S, vocab)
+        return x.float() if hidden else self.logits(x)  # (S, hidden) or (S, vocab)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (S, hidden), normed -> fp32 logits (S, vocab)."""
+        return self.lm_head(x).float()
 
     def finish_loading(self, loaded: set[str]) -> None:
         """Tie the output projection to the embeddings when the config says so or the
