@@ -23,9 +23,10 @@ from .packed_linear import Linear
 class LMHead(Linear):
     """``Linear(hidden, vocab)`` without bias. On the CPU, an output larger than
     ``MMAP_THRESHOLD`` bytes is computed with ``torch.mm`` into a buffer kept for the next call
-    (grown to the largest output asked for, by at least a quarter at a time, never shrunk): **the logits a call returns are
-    valid until the next call**, which suits the engine (a step's logits are consumed within
-    the step: sampling, log-probabilities and prompt scores copy what they keep). Packing
+    (grown to the largest output asked for, by at least a quarter at a time, never shrunk):
+    **the logits a call returns are valid until the next call**, which suits the engine (a
+    step's logits are consumed within the step: sampling, log-probabilities and prompt scores
+    copy what they keep). Packing
     (``pack``) keeps the plain weight beside the packed copy, for those outputs: an lm_head not
     tied to the embeddings then holds its weight twice (vocab x hidden x 4 bytes more)."""
 
