@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from ...errors import UnsupportedModelError
 from . import (
+    deepseek,
     gemma2,
     gemma3,
     gpt_oss,
@@ -40,6 +41,9 @@ FAMILIES: tuple[ModelFamily, ...] = (
     mixtral.FAMILY,
     olmoe.FAMILY,
     gpt_oss.FAMILY,
+    # multi-head latent attention (and mixture-of-experts)
+    deepseek.V2_FAMILY,
+    deepseek.V3_FAMILY,
 )
 _BY_ARCH = {arch: f for f in FAMILIES for arch in f.architectures}
 _BY_NAME = {f.name: f for f in FAMILIES}
