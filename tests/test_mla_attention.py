@@ -1,0 +1,96 @@
+"""Attention over a compressed (MLA) KV cache: one KV head whose value is the first lanes of its
+key, kept once (``KVCache(value_in_key=True)``). Every backend that reads such a cache, on
+random mixed steps below nested prefix levels, against the dense definition in float64; the
+cache's layout and sizes; the registry's choice under auto and its error for a backend forced
+that cannot read it."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+from test_triton_attention import random_step
+
+from conftest import dense_attention
+from prefixbatch.config import KVLayout
+from prefixbatch.execution.attention.backend import AttentionBackend, slot_mapping
+from prefixbatch.execution.attention.reference import ReferenceBackend
+from prefixbatch.execution.attention.registry import BackendUnavailableError, select_backend
+from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
+from prefixbatch.execution.attention.step import AttentionStep
+from prefixbatch.execution.attention.triton_backend import triton_available
+from prefixbatch.execution.kv_cache import KVCache
+
+BS = 16
+HEADS, RANK, ROPE = 8, 32, 16  # a latent of 32 lanes and a rotary key of 16: a key of 48
+SCALE = 0.3
+
+
+def latent_cache(blocks: int = 400, dtype: torch.dtype = torch.float32) -> KVCache:
+    cache = KVCache.of_layout(
+        1, blocks, BS, KVLayout(1, RANK + ROPE, RANK, value_in_key=True), dtype, "cpu"
+    )
+    cache.k.normal_()
+    return cache
+
+
+def backend(name: str, cache: KVCache) -> AttentionBackend:
+    if name == "reference":
+        return ReferenceBackend(cache, HEADS, SCALE)
+    if name == "shared_prefix":
+        return SharedPrefixBackend(cache, HEADS, SCALE)
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("triton is not installed")
+    from prefixbatch.execution.attention.triton_backend import TritonBackend
+
+    return TritonBackend(cache, HEADS, SCALE)
+
+
+def test_the_value_is_a_view_of_the_key_stored_once() -> None:
+    layout = KVLayout(1, RANK + ROPE, RANK, value_in_key=True)
+    cache = latent_cache(blocks=4)
+    assert cache.v.shape == (1, 4 * BS, 1, RANK)
+    assert cache.v.data_ptr() == cache.k.data_ptr()
+    cache.k[0, 3, 0, 5] = 7.0
+    assert float(cache.v[0, 3, 0, 5]) == 7.0
+    assert cache.nbytes == 4 * BS * (RANK + ROPE) * 4
+    assert cache.nbytes == KVCache.bytes_per_block(1, BS, layout, torch.float32) * 4
+    # K and V apart (a GQA layout) count both
+    assert KVLayout(2, 64, 64).bytes_per_token(3, torch.bfloat16) == 3 * 2 * 128 * 2
+    with pytest.raises(ValueError, match="a value of 64 lanes in a key of 48"):
+        KVCache(1, 1, BS, 1, 48, torch.float32, "cpu", value_dim=64, value_in_key=True)
+
+
+@pytest.mark.parametrize("name", ["reference", "shared_prefix", "triton"])
+@pytest.mark.parametrize("seed", range(3))
+def test_latent_attention_matches_the_dense_definition(seed: int, name: str) -> None:
+    """Prefill chunks and decode rows below prefix levels up to 3 deep, read as levels by every
+    backend but the reference; the step's new keys written through the backend (its value with
+    it, as the key's first lanes)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    step = random_step(rng, BS)
+    assert step.levels
+    if name == "reference":  # every sequence read whole, as the runner gives it
+        seqs = [replace(s, shared_len=0) for s in step.seqs]
+        step = AttentionStep.of(seqs, (), step.num_rows, BS)
+    cache = latent_cache()
+    attention = backend(name, cache)
+    meta = attention.prepare(step)
+    q = torch.randn(step.num_rows, HEADS, RANK + ROPE)
+    slots = torch.as_tensor(slot_mapping(step))
+    k = torch.randn(step.num_rows, 1, RANK + ROPE)
+    got = attention.forward(0, q, k, k[..., :RANK], meta)
+    assert torch.equal(cache.k[0][slots], k)  # written, the value with it
+    expected = dense_attention(q, cache.k[0], cache.v[0], step, SCALE)
+    assert got.shape == (step.num_rows, HEADS, RANK)
+    torch.testing.assert_close(got.double(), expected, rtol=3e-5, atol=3e-5)
+
+
+def test_auto_picks_a_backend_that_reads_the_latent_and_a_forced_one_says_why() -> None:
+    cache = latent_cache(blocks=4)
+    assert isinstance(select_backend("auto", cache, HEADS, SCALE), SharedPrefixBackend)
+    with pytest.raises(BackendUnavailableError, match=r"'cpu' cannot read.*multi-head latent"):
+        select_backend("cpu", cache, HEADS, SCALE)
