@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -354,6 +355,14 @@ def dense_attention(q, k_pool, v_pool, step, scale, attn=None):  # type: ignore[
             probs = scores.softmax(-1)
         out[s.q_start : s.q_start + s.q_len] = torch.einsum("hnl,lhd->nhd", probs, v)
     return out
+
+
+def record_steps(backend: Any) -> list[Any]:
+    """The ``AttentionStep`` of every step ``backend`` stages from now on, in order."""
+    steps: list[Any] = []
+    stage = backend.stage
+    backend.stage = lambda step, *a: steps.append(step) or stage(step, *a)
+    return steps
 
 
 def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:

@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_moe_models import checkpoint_config
 
-from conftest import VOCAB, hf_greedy, make_tiny_model, nested_prompts, tiny_config
+from conftest import (
+    VOCAB,
+    hf_greedy,
+    make_tiny_model,
+    nested_prompts,
+    record_steps,
+)
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.config import EngineConfig, KVLayout
 from prefixbatch.errors import JobError
@@ -88,9 +95,7 @@ def test_greedy_matches_transformers(models, expected, family, mode):  # type: i
         **MODES[mode],
     )
     backend = llm.engine.backend
-    steps: list[AttentionStep] = []
-    stage = backend.stage
-    backend.stage = lambda step, *a: steps.append(step) or stage(step, *a)  # type: ignore[method-assign]
+    steps = record_steps(backend)
     outs = llm.generate(prompts, params)
     for out, want, p in zip(outs, expected(family), params):
         assert [c.token_ids for c in out.outputs] == [want] * p.n
@@ -126,12 +131,6 @@ def test_logits_match_transformers(models, family):  # type: ignore[no-untyped-d
     with torch.inference_mode():
         want = hf(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-def checkpoint_config(family: str):  # type: ignore[no-untyped-def]
-    config = tiny_config(family)
-    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
-    return config
 
 
 def test_config_fields():

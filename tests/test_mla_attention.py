@@ -6,12 +6,9 @@ that cannot read it."""
 
 from __future__ import annotations
 
-import random
-from dataclasses import replace
-
 import pytest
 import torch
-from test_triton_attention import random_step
+from test_attention_sinks import BS, leveled_step
 
 from conftest import dense_attention
 from prefixbatch.config import KVLayout
@@ -19,11 +16,9 @@ from prefixbatch.execution.attention.backend import AttentionBackend, slot_mappi
 from prefixbatch.execution.attention.reference import ReferenceBackend
 from prefixbatch.execution.attention.registry import BackendUnavailableError, select_backend
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
-from prefixbatch.execution.attention.step import AttentionStep
 from prefixbatch.execution.attention.triton_backend import triton_available
 from prefixbatch.execution.kv_cache import KVCache
 
-BS = 16
 HEADS, RANK, ROPE = 8, 32, 16  # a latent of 32 lanes and a rotary key of 16: a key of 48
 SCALE = 0.3
 
@@ -69,13 +64,7 @@ def test_latent_attention_matches_the_dense_definition(seed: int, name: str) -> 
     """Prefill chunks and decode rows below prefix levels up to 3 deep, read as levels by every
     backend but the reference; the step's new keys written through the backend (its value with
     it, as the key's first lanes)."""
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    step = random_step(rng, BS)
-    assert step.levels
-    if name == "reference":  # every sequence read whole, as the runner gives it
-        seqs = [replace(s, shared_len=0) for s in step.seqs]
-        step = AttentionStep.of(seqs, (), step.num_rows, BS)
+    step = leveled_step(seed, name)
     cache = latent_cache()
     attention = backend(name, cache)
     meta = attention.prepare(step)
