@@ -1,9 +1,11 @@
 """DeepSeek-V2 and DeepSeek-V3 against transformers: greedy tokens through the engine with
 multi-head latent attention over the compressed KV cache, on every CPU path (the plain PyTorch
 reference; the CPU fast paths: packed projections and the CPU experts kernel, attention on the
-backend that reads the latent) with nested shared prefixes read as prefix levels, preemption
-and n > 1; every row's logits (V3 also with its rope not interleaved); the config fields; the
-KV pool sized by the compressed bytes; V3's multi-token-prediction layers skipped at load."""
+backend that reads the latent; the Triton attention and experts kernels under the interpreter)
+with nested shared prefixes read as prefix levels, preemption and n > 1; every row's logits
+(V3 also with its rope not interleaved); the config fields; the KV pool sized by the
+compressed bytes; the routers against transformers' and their edge cases; V3's
+multi-token-prediction layers skipped at load."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from prefixbatch.config import EngineConfig, KVLayout
 from prefixbatch.errors import JobError
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
 from prefixbatch.execution.attention.step import AttentionStep, SeqStep
+from prefixbatch.execution.attention.triton_backend import TritonBackend, triton_available
 from prefixbatch.execution.kv_cache import KVCache
 from prefixbatch.execution.kv_memory import kv_pool_blocks
 from prefixbatch.execution.models.deepseek import DeepseekConfig, DeepseekMoeBlock
@@ -42,6 +45,7 @@ LATENT = 32 + 16  # kv_lora_rank + qk_rope_head_dim of the tiny configs
 MODES = {
     "torch": {"kernels": "torch"},
     "cpu": {},
+    "triton": {"attention_backend": "triton"},
 }
 
 
@@ -52,14 +56,16 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @cache
-def workload() -> tuple[list[list[int]], list[SamplingParams]]:
-    """A system prompt > 2 documents > questions (levels of 16 tokens), and prompts that share
-    nothing; every third request asks for 2 choices; 10 to 14 tokens of output."""
+def workload(short: bool) -> tuple[list[list[int]], list[SamplingParams]]:
+    """A system prompt > 2 documents > questions (levels of 16 tokens; 8 when ``short``), and
+    prompts that share nothing; every third request asks for 2 choices; 10 to 14 tokens of
+    output (5 when ``short``)."""
     rng = random.Random(5)
-    prompts = nested_prompts(rng, 16, 16, docs=2, per_doc=2, vocab=(3, VOCAB))
-    prompts += [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (9, 30)]
+    size = 8 if short else 16
+    prompts = nested_prompts(rng, size, size, docs=2, per_doc=2, vocab=(3, VOCAB))
+    prompts += [[rng.randrange(3, VOCAB) for _ in range(n)] for n in ((9,) if short else (9, 30))]
     params = [
-        SamplingParams(max_tokens=10 + i % 5, temperature=0, n=1 + (i % 3 == 0))
+        SamplingParams(max_tokens=5 if short else 10 + i % 5, temperature=0, n=1 + (i % 3 == 0))
         for i in range(len(prompts))
     ]
     return prompts, params
@@ -68,8 +74,8 @@ def workload() -> tuple[list[list[int]], list[SamplingParams]]:
 @pytest.fixture(scope="module")
 def expected(models):  # type: ignore[no-untyped-def]
     @cache
-    def greedy(family: str) -> list[list[int]]:
-        prompts, params = workload()
+    def greedy(family: str, short: bool) -> list[list[int]]:
+        prompts, params = workload(short)
         return hf_greedy(models[family], prompts, [p.max_tokens for p in params])
 
     return greedy
@@ -84,28 +90,35 @@ def kv_bytes(blocks: int) -> int:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_transformers(models, expected, family, mode):  # type: ignore[no-untyped-def]
-    prompts, params = workload()
+    short = mode == "triton"
+    if short and not triton_available(torch.device("cpu")):
+        pytest.skip("triton is not installed")
+    prompts, params = workload(short)
     llm = LLM(
         str(models[family]),
         device="cpu",
         block_size=8,
         cascade_min_prefix=0,
-        kv_cache_memory=kv_bytes(14),  # decode growth preempts
+        kv_cache_memory=kv_bytes(6 if short else 14),  # decode growth preempts
         max_num_batched_tokens=48,
         **MODES[mode],
     )
     backend = llm.engine.backend
     steps = record_steps(backend)
     outs = llm.generate(prompts, params)
-    for out, want, p in zip(outs, expected(family), params):
+    for out, want, p in zip(outs, expected(family, short), params):
         assert [c.token_ids for c in out.outputs] == [want] * p.n
     stats = llm.engine.stats
     assert stats.groups >= 3 and stats.preemptions > 0
     assert any(step.levels for step in steps)  # shared prefixes were read as levels
     worker = llm.engine.worker
     assert worker.cache.value_in_key and worker.cache.k.shape[-2:] == (1, LATENT)
-    assert isinstance(backend, SharedPrefixBackend)  # auto: the backend that reads the latent
     experts = next(m for m in worker.model.modules() if isinstance(m, DeepseekMoeBlock)).experts
+    if mode == "triton":
+        assert isinstance(backend, TritonBackend)
+        assert experts.kernel.__name__ == "triton_experts"
+        return
+    assert isinstance(backend, SharedPrefixBackend)  # auto on the CPU: it reads the latent
     if mode == "torch":
         assert experts.kernel is grouped_experts
     else:

@@ -453,16 +453,22 @@ def signature(fn, constexprs):
     }
 
 tiles = dict(BLOCK_N=tk.BLOCK_N, HEAD_DIM=128, BLOCK_SIZE=16, PRECISION="tf32")
-plain = dict(SOFTCAP=False, SLIDING=False)
-gemma = dict(SOFTCAP=True, SLIDING=True)
+plain = dict(SOFTCAP=False, SLIDING=False, TAIL=0, HEAD_SPLITS=1)
+gemma = dict(SOFTCAP=True, SLIDING=True, TAIL=0, HEAD_SPLITS=1)
+# DeepSeek-V3's MLA: a value of 512 lanes inside a key of 576, 128 query heads in 8 programs
+mla = dict(**{**tiles, "HEAD_DIM": 512}, SOFTCAP=False, SLIDING=False, TAIL=64, HEAD_SPLITS=8)
 for fn, constexprs in (
     (tk.prefix_level_kernel, dict(G=4, ROWS=16, BLOCK_M=64, **tiles, **plain)),
     (tk.prefix_level_kernel, dict(G=4, ROWS=16, BLOCK_M=64, **tiles, **gemma)),
+    (tk.prefix_level_kernel, dict(G=16, ROWS=4, BLOCK_M=64, **mla)),
     (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=False, **tiles, **plain)),
     (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=True, **tiles, **plain)),
     (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=True, **tiles, **gemma)),
+    (tk.own_kv_kernel, dict(G=16, ROWS=2, BLOCK_M=32, SPLIT=True, **mla)),
     (tk.merge_splits_kernel, dict(G=4, BLOCK_G=4, HEAD_DIM=128)),
-    (tk.store_kv_kernel, dict(ROW=1024, BLOCK=1024)),
+    (tk.merge_splits_kernel, dict(G=16, BLOCK_G=16, HEAD_DIM=512)),
+    (tk.store_kv_kernel, dict(ROW=1024, BLOCK=1024, STORE_V=True)),
+    (tk.store_kv_kernel, dict(ROW=576, BLOCK=1024, STORE_V=False)),
 ):
     source = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
     assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]

@@ -5,7 +5,7 @@ dtype, in priority order; a name picks that backend (an error if it cannot run h
 PyTorch ``torch`` backend runs everywhere and is the reference the others are tested against.
 A cache whose value is narrower than its key or kept in it (multi-head latent attention,
 ``KVCache.value_in_key``) is read only by the backends whose entry says so (``value_dims``):
-today the ``torch`` one; the compiled CPU kernels and the Triton kernels take one head size.
+the ``torch`` and ``triton`` ones; the compiled CPU kernels take one head size.
 """
 
 from __future__ import annotations
@@ -61,11 +61,18 @@ def _triton(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
 
 
 def _triton_supports(cache: KVCache) -> bool:
+    """Head sizes the kernels take (``triton_launch.head_layout``; a narrower value only kept
+    in the key) where triton runs."""
     from .triton_backend import triton_available
 
-    head_dim = cache.k.shape[-1]
-    power_of_two = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    return power_of_two and triton_available(cache.k.device)
+    if not triton_available(cache.k.device):
+        return False
+    from .triton_launch import head_layout  # imports triton
+
+    same = cache.v.shape == cache.k.shape
+    return (same or cache.value_in_key) and head_layout(
+        cache.k.shape[-1], cache.v.shape[-1]
+    ) is None
 
 
 def _torch(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
@@ -80,7 +87,9 @@ def _is_cpu_fp32(cache: KVCache) -> bool:
 
 # Highest priority first; "torch" last: it runs everywhere.
 BACKENDS: list[BackendEntry] = [
-    BackendEntry("triton", _triton_supports, _triton, in_auto=lambda d: d.type == "cuda"),
+    BackendEntry(
+        "triton", _triton_supports, _triton, in_auto=lambda d: d.type == "cuda", value_dims=True
+    ),
     BackendEntry("cpu", _is_cpu_fp32, _cpu_native),
     BackendEntry("torch", lambda cache: True, _torch, value_dims=True),
 ]
