@@ -104,7 +104,9 @@ def _load_q_tail(
     """The query's lanes past the value's, (BLOCK_M, TAIL); 0 (unused) without a ``TAIL``."""
     q_tail = 0.0  # one return: a compile-time branch may rebind it, not return another type
     if TAIL > 0:
-        q_tail = _load_q(q_ptr, rows, heads, ok, stride_qt, stride_qh, HEAD_DIM + tl.arange(0, TAIL))
+        q_tail = _load_q(
+            q_ptr, rows, heads, ok, stride_qt, stride_qh, HEAD_DIM + tl.arange(0, TAIL)
+        )
     return q_tail
 
 
