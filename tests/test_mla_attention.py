@@ -1,18 +1,21 @@
 """Attention over a compressed (MLA) KV cache: one KV head whose value is the first lanes of its
-key, kept once (``KVCache(value_in_key=True)``). Every backend that reads such a cache, on
-random mixed steps below nested prefix levels, against the dense definition in float64; the
-cache's layout and sizes; the registry's choice under auto and its error for a backend forced
-that cannot read it."""
+key, kept once (``KVCache(value_in_key=True)``). Every backend (the PyTorch reference and
+cascade, the compiled CPU kernels, the Triton kernels under the interpreter) on random mixed
+steps below nested prefix levels, against the dense definition in float64; the cache's layout
+and sizes; the registry's choice under auto and its error for a backend forced that cannot
+take the head sizes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_attention import kernels
 from test_attention_sinks import BS, leveled_step
 
 from conftest import dense_attention
 from prefixbatch.config import KVLayout
 from prefixbatch.execution.attention.backend import AttentionBackend, slot_mapping
+from prefixbatch.execution.attention.native import CpuBackend
 from prefixbatch.execution.attention.reference import ReferenceBackend
 from prefixbatch.execution.attention.registry import BackendUnavailableError, select_backend
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
@@ -36,6 +39,8 @@ def backend(name: str, cache: KVCache, heads: int) -> AttentionBackend:
         return ReferenceBackend(cache, heads, SCALE)
     if name == "shared_prefix":
         return SharedPrefixBackend(cache, heads, SCALE)
+    if name == "native":
+        return CpuBackend(cache, heads, SCALE, kernels())
     if not triton_available(torch.device("cpu")):
         pytest.skip("triton is not installed")
     from prefixbatch.execution.attention.triton_backend import TritonBackend
@@ -60,14 +65,21 @@ def test_the_value_is_a_view_of_the_key_stored_once() -> None:
 
 @pytest.mark.parametrize(
     ("name", "heads"),
-    [("reference", 8), ("shared_prefix", 8), ("triton", 8), ("triton", 48)],
+    [
+        ("reference", 8),
+        ("shared_prefix", 8),
+        ("native", 8),
+        ("native", 5),
+        ("triton", 8),
+        ("triton", 48),
+    ],
 )
 @pytest.mark.parametrize("seed", range(3))
 def test_latent_attention_matches_the_dense_definition(seed: int, name: str, heads: int) -> None:
     """Prefill chunks and decode rows below prefix levels up to 3 deep, read as levels by every
     backend but the reference; the step's new keys written through the backend (its value with
-    it, as the key's first lanes). 48 query heads on the one KV head: Triton splits them over
-    3 programs of 16."""
+    it, as the key's first lanes). 5 query heads: a lane chunk of the CPU kernels part empty;
+    48: Triton splits them over 3 programs of 16."""
     step = leveled_step(seed, name)
     cache = latent_cache()
     attention = backend(name, cache, heads)
@@ -82,8 +94,11 @@ def test_latent_attention_matches_the_dense_definition(seed: int, name: str, hea
     torch.testing.assert_close(got.double(), expected, rtol=3e-5, atol=3e-5)
 
 
-def test_auto_picks_a_backend_that_reads_the_latent_and_a_forced_one_says_why() -> None:
+def test_auto_picks_the_cpu_kernels_and_a_backend_that_cannot_says_why() -> None:
     cache = latent_cache(blocks=4)
-    assert isinstance(select_backend("auto", cache, 8, SCALE), SharedPrefixBackend)
-    with pytest.raises(BackendUnavailableError, match=r"'cpu' cannot read.*multi-head latent"):
-        select_backend("cpu", cache, 8, SCALE)
+    assert isinstance(select_backend("auto", cache, 8, SCALE), CpuBackend)
+    odd = KVCache.of_layout(1, 4, BS, KVLayout(1, 40, 24, value_in_key=True), torch.float32, "cpu")
+    assert isinstance(select_backend("auto", odd, 8, SCALE), CpuBackend)
+    if triton_available(torch.device("cpu")):  # its tiles take powers of two: not 40 = 24 + 16
+        with pytest.raises(BackendUnavailableError, match="'triton'.*40 lanes, values of 24, kept"):
+            select_backend("triton", odd, 8, SCALE)

@@ -3,9 +3,8 @@
 ``select_backend("auto", ...)`` takes the first registered backend that supports the device and
 dtype, in priority order; a name picks that backend (an error if it cannot run here). The plain
 PyTorch ``torch`` backend runs everywhere and is the reference the others are tested against.
-A cache whose value is narrower than its key or kept in it (multi-head latent attention,
-``KVCache.value_in_key``) is read only by the backends whose entry says so (``value_dims``):
-the ``torch`` and ``triton`` ones; the compiled CPU kernels take one head size.
+Each backend's ``supports`` includes the cache's head sizes and layout (a value kept in the
+key: multi-head latent attention, ``KVCache.value_in_key``).
 """
 
 from __future__ import annotations
@@ -34,13 +33,6 @@ class BackendEntry:
     # Whether "auto" may pick it where it is supported (the Triton interpreter on the CPU is for
     # tests only: it must be asked for by name).
     in_auto: Callable[[torch.device], bool] = lambda device: True
-    # Whether it reads a value of another head size than the key's, or kept in the key (MLA).
-    value_dims: bool = False
-
-    def reads_layout(self, cache: KVCache) -> bool:
-        """Whether it reads ``cache``'s layout: K and V of one head size, stored apart, unless
-        ``value_dims``."""
-        return self.value_dims or (not cache.value_in_key and cache.v.shape == cache.k.shape)
 
 
 class BackendUnavailableError(JobError):
@@ -81,17 +73,22 @@ def _torch(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
     return SharedPrefixBackend(cache, heads, scale)
 
 
-def _is_cpu_fp32(cache: KVCache) -> bool:
-    return cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
+def _cpu_supports(cache: KVCache) -> bool:
+    """fp32 on the CPU; a narrower value only kept in the key (the kernels' write is K and V of
+    one size)."""
+    same = cache.v.shape == cache.k.shape
+    return (
+        cache.k.device.type == "cpu"
+        and cache.k.dtype == torch.float32
+        and (same or cache.value_in_key)
+    )
 
 
 # Highest priority first; "torch" last: it runs everywhere.
 BACKENDS: list[BackendEntry] = [
-    BackendEntry(
-        "triton", _triton_supports, _triton, in_auto=lambda d: d.type == "cuda", value_dims=True
-    ),
-    BackendEntry("cpu", _is_cpu_fp32, _cpu_native),
-    BackendEntry("torch", lambda cache: True, _torch, value_dims=True),
+    BackendEntry("triton", _triton_supports, _triton, in_auto=lambda d: d.type == "cuda"),
+    BackendEntry("cpu", _cpu_supports, _cpu_native),
+    BackendEntry("torch", lambda cache: True, _torch),
 ]
 
 
@@ -111,21 +108,16 @@ def select_backend(name: str, cache: KVCache, num_heads: int, scale: float) -> A
             raise BackendUnavailableError(
                 f"unknown attention backend {name!r}; use auto, {', '.join(backend_names())}"
             )
-        if not entry.reads_layout(cache):
-            raise BackendUnavailableError(
-                f"attention backend {name!r} cannot read this model's KV cache: its value has "
-                f"{cache.v.shape[-1]} lanes against the key's {cache.k.shape[-1]}"
-                + (", kept in the key (multi-head latent attention)" if cache.value_in_key else "")
-                + "; use the torch backend (or auto, which picks it)"
-            )
         backend = entry.build(cache, num_heads, scale) if entry.supports(cache) else None
         if backend is None:
+            latent = ", kept in the key" if cache.value_in_key else ""
             raise BackendUnavailableError(
-                f"attention backend {name!r} cannot run on {device.type} with {dtype}"
+                f"attention backend {name!r} cannot run on {device.type} with {dtype} and "
+                f"keys of {cache.k.shape[-1]} lanes, values of {cache.v.shape[-1]}{latent}"
             )
         return backend
     for entry in BACKENDS:
-        if entry.in_auto(device) and entry.reads_layout(cache) and entry.supports(cache):
+        if entry.in_auto(device) and entry.supports(cache):
             backend = entry.build(cache, num_heads, scale)
             if backend is not None:
                 return backend
