@@ -7,7 +7,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -363,6 +364,20 @@ def record_steps(backend: Any) -> list[Any]:
     stage = backend.stage
     backend.stage = lambda step, *a: steps.append(step) or stage(step, *a)
     return steps
+
+
+def expected_greedy(
+    paths: dict[str, Path], workload: Callable[[bool], tuple[list[list[int]], list[Any]]]
+) -> Callable[[str, bool], list[list[int]]]:
+    """(family, short) -> transformers' greedy tokens of ``workload(short)`` (prompts and
+    ``SamplingParams``) on the checkpoint ``paths[family]``, computed once each."""
+
+    @cache
+    def greedy(family: str, short: bool) -> list[list[int]]:
+        prompts, params = workload(short)
+        return hf_greedy(paths[family], prompts, [p.max_tokens for p in params])
+
+    return greedy
 
 
 def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:

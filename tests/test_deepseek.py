@@ -11,22 +11,15 @@ multi-token-prediction layers skipped at load."""
 from __future__ import annotations
 
 import random
-from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_moe_models import checkpoint_config
+from test_moe_models import checkpoint_config, workload
 
-from conftest import (
-    VOCAB,
-    hf_greedy,
-    make_tiny_model,
-    nested_prompts,
-    record_steps,
-)
-from prefixbatch import LLM, SamplingParams
+from conftest import VOCAB, expected_greedy, make_tiny_model, record_steps
+from prefixbatch import LLM
 from prefixbatch.config import EngineConfig, KVLayout
 from prefixbatch.errors import JobError
 from prefixbatch.execution.attention.native import CpuBackend
@@ -57,30 +50,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {f: make_tiny_model(root / f, f) for f in (*FAMILIES, "deepseek_v3-flat")}
 
 
-@cache
-def workload(short: bool) -> tuple[list[list[int]], list[SamplingParams]]:
-    """A system prompt > 2 documents > questions (levels of 16 tokens; 8 when ``short``), and
-    prompts that share nothing; every third request asks for 2 choices; 10 to 14 tokens of
-    output (5 when ``short``)."""
-    rng = random.Random(5)
-    size = 8 if short else 16
-    prompts = nested_prompts(rng, size, size, docs=2, per_doc=2, vocab=(3, VOCAB))
-    prompts += [[rng.randrange(3, VOCAB) for _ in range(n)] for n in ((9,) if short else (9, 30))]
-    params = [
-        SamplingParams(max_tokens=5 if short else 10 + i % 5, temperature=0, n=1 + (i % 3 == 0))
-        for i in range(len(prompts))
-    ]
-    return prompts, params
-
-
 @pytest.fixture(scope="module")
 def expected(models):  # type: ignore[no-untyped-def]
-    @cache
-    def greedy(family: str, short: bool) -> list[list[int]]:
-        prompts, params = workload(short)
-        return hf_greedy(models[family], prompts, [p.max_tokens for p in params])
-
-    return greedy
+    return expected_greedy(models, workload)
 
 
 def kv_bytes(blocks: int) -> int:
