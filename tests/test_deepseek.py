@@ -134,6 +134,10 @@ def test_config_fields():
     greedy.topk_method = "noaux_tc"
     with pytest.raises(JobError, match="topk_method 'noaux_tc'"):
         normalise(greedy)
+    fp8 = checkpoint_config("deepseek_v3")
+    fp8.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    with pytest.raises(JobError, match="fp8-quantised DeepSeek checkpoint.*bf16"):
+        normalise(fp8)
     v3 = normalise(checkpoint_config("deepseek_v3"))
     assert isinstance(v3, DeepseekConfig) and v3.q_lora_rank == 48
     r = v3.routing

@@ -18,7 +18,7 @@ forward (its fused attention is grouped-query attention's): the plain modules ru
 packed projections and the CPU experts kernel. V3's multi-token-prediction layers (numbered
 from ``num_hidden_layers`` in the checkpoint) are not run and not loaded, as in transformers.
 GGUF files of DeepSeek (llama.cpp's ``deepseek2``) are refused with a clear error: transformers'
-GGUF reader maps no DeepSeek architecture.
+GGUF reader maps no DeepSeek architecture; so are quantised checkpoints (V3's FP8 release).
 """
 
 from __future__ import annotations
@@ -53,7 +53,14 @@ class DeepseekConfig(MoEConfig, MLAConfig):
 
 def read_config(config: ModelConfig, hf: Any) -> DeepseekConfig:
     """DeepSeek-V2's or V3's fields (the module docstring); raises ``UnsupportedModelError``
-    for a V2 ``topk_method`` other than ``greedy`` or ``group_limited_greedy``."""
+    for a V2 ``topk_method`` other than ``greedy`` or ``group_limited_greedy`` and for a
+    quantised checkpoint (V3's released FP8 weights)."""
+    quantised = getattr(hf, "quantization_config", None)
+    if quantised:
+        method = dict(quantised).get("quant_method", "?")
+        raise UnsupportedModelError(
+            f"a {method}-quantised DeepSeek checkpoint is not supported; use a bf16 conversion"
+        )
     v3 = hf.model_type == "deepseek_v3"
     experts = hf.n_routed_experts or 0
     freq = getattr(hf, "moe_layer_freq", 1) or 1

@@ -120,9 +120,10 @@ _PROJECTION |= {"w1": "gate", "w3": "up", "w2": "down"}
 
 
 class MoEDecoderModel(DecoderModel):
-    """The decoder with ``moe_mlp`` layers; it maps the checkpoints' expert tensors (one per
-    expert and projection, or stacked) onto each layer's stacked ``Experts`` parameters, and
-    Mixtral's ``block_sparse_moe`` onto ``mlp``."""
+    """The decoder with ``moe_mlp`` layers (or the family's own ``mlp`` and ``attention``:
+    DeepSeek's); it maps the checkpoints' expert tensors (one per expert and projection, or
+    stacked) onto each layer's stacked ``Experts`` parameters, and Mixtral's
+    ``block_sparse_moe`` onto ``mlp``."""
 
     packed_modules = {
         **DecoderModel.packed_modules,
