@@ -164,6 +164,30 @@ def test_mixed_step_matches_reference(seed: int, device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_compressed_latent_cache_matches_reference(device: str) -> None:
+    """Multi-head latent attention's cache (one KV head whose value is its key's first lanes,
+    stored once) through the backend, every dtype the device computes: on CUDA at
+    DeepSeek-V3's sizes (a key of 512 + 64 lanes, 128 query heads: 8 head programs per tile),
+    under the interpreter at 32 + 16 lanes and 48 heads (3 programs)."""
+    rng = random.Random(21)
+    torch.manual_seed(21)
+    step = random_step(rng, 16, max_depth=2)
+    rank, rope, heads = (512, 64, 128) if device == "cuda" else (32, 16, 48)
+    scale = (128 + 64) ** -0.5
+    for dtype in dtypes_for(device):
+        cache = KVCache(1, 400, 16, 1, rank + rope, dtype, device, rank, value_in_key=True)
+        cache.k.normal_()
+        backend = TritonBackend(cache, heads, scale)
+        q = torch.randn(step.num_rows, heads, rank + rope, device=device, dtype=dtype)
+        k = torch.randn(step.num_rows, 1, rank + rope, device=device, dtype=dtype)
+        got = backend.forward(0, q, k, k[..., :rank], backend.prepare(step))
+        assert got.shape == (step.num_rows, heads, rank) and got.dtype == dtype
+        expected = dense_attention(q, cache.k[0], cache.v[0], step, scale)
+        err = max_rel_error(got, expected)
+        assert err < TOLERANCE[dtype], f"{dtype}: max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(3))
 def test_prefix_partials_are_each_levels_attention(seed: int, device: str) -> None:
     """The prefix-level kernel alone: each level's rows against its own blocks, output and
