@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from test_moe_models import checkpoint_config, workload
 
 from conftest import VOCAB, expected_greedy, make_tiny_model, record_steps
-from prefixbatch import LLM
+from prefixbatch import LLM, SamplingParams
 from prefixbatch.config import EngineConfig, KVLayout
 from prefixbatch.errors import JobError
 from prefixbatch.execution.attention.native import CpuBackend
@@ -28,7 +28,7 @@ from prefixbatch.execution.attention.step import AttentionStep, SeqStep
 from prefixbatch.execution.attention.triton_backend import TritonBackend, triton_available
 from prefixbatch.execution.kv_cache import KVCache
 from prefixbatch.execution.kv_memory import kv_pool_blocks
-from prefixbatch.execution.models.deepseek import DeepseekConfig, DeepseekMoeBlock
+from prefixbatch.execution.models.deepseek import DeepseekConfig, DeepseekMoeBlock, DeepseekRouter
 from prefixbatch.execution.moe.cpu_experts import CpuExperts
 from prefixbatch.execution.moe.experts import grouped_experts
 from prefixbatch.execution.moe.grouped_routing import GroupedRouting, select_grouped_experts
@@ -233,3 +233,16 @@ def test_routing_edge_cases():
         select_grouped_experts(logits, GroupedRouting(top_k=1, num_groups=3))
     with pytest.raises(ValueError, match="3 of 2 expert groups"):
         GroupedRouting(top_k=1, num_groups=2, top_groups=3)
+
+
+def test_bf16_keeps_the_router_in_fp32(models):  # type: ignore[no-untyped-def]
+    """In bf16 the router's weight and correction bias stay fp32 (as transformers keeps them)
+    and a batch runs."""
+    llm = LLM(str(models["deepseek_v3"]), device="cpu", dtype="bfloat16", kv_cache_memory=2**20)
+    router = next(m for m in llm.engine.worker.model.modules() if isinstance(m, DeepseekRouter))
+    assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32  # type: ignore[union-attr]
+    assert llm.engine.worker.cache.k.dtype == torch.bfloat16
+    outs = llm.generate(
+        [[5, 6, 7, 8]] * 2, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    )
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)

@@ -97,7 +97,15 @@ def read_config(config: ModelConfig, hf: Any) -> DeepseekConfig:
 
 class DeepseekRouter(nn.Module):
     """``weight`` (E, hidden) scores the experts in fp32; ``e_score_correction_bias`` (E,)
-    only for V3 (sigmoid scoring). x (T, hidden) -> weights (T, top_k) fp32, ids (T, top_k)."""
+    only for V3 (sigmoid scoring). x (T, hidden) -> weights (T, top_k) fp32, ids (T, top_k).
+    Its parameters stay fp32 whatever the model's dtype (transformers keeps the router in fp32:
+    in bf16 a rounded correction bias would choose other experts)."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DeepseekRouter:
+        super()._apply(fn, recurse)
+        for param in self.parameters(recurse=False):
+            param.data = param.data.float()
+        return self
 
     def __init__(self, cfg: DeepseekConfig) -> None:
         super().__init__()
