@@ -41,14 +41,20 @@ def run_engine(llm: LLM, w: Workload, policy: str) -> tuple[float, dict[str, flo
     }
 
 
-def run_vllm(python: str, model: Path, w: Workload, kv_bytes: int) -> tuple[float, float]:
-    """(start-up seconds, generation seconds) of vLLM on every core with the same KV budget."""
+def run_vllm(
+    python: str, model: Path, w: Workload, kv_bytes: int, preload: str | None = None
+) -> tuple[float, float]:
+    """(start-up seconds, generation seconds) of vLLM on every core with the same KV budget;
+    ``preload``: a caching allocator's shared library for ``LD_PRELOAD`` (vLLM's CPU install
+    guide recommends TCMalloc this way)."""
     cores = os.cpu_count() or 1
     env = {
         **os.environ,
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     }
+    if preload:
+        env["LD_PRELOAD"] = preload
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "w.json"
         spec.write_text(

@@ -312,3 +312,26 @@ def test_two_workers_embed(ray_cluster, tiny_models):  # type: ignore[no-untyped
             assert np.abs(o.embedding - expected[o.index]).max() <= TOLERANCE
     finally:
         executor.shutdown()
+
+
+def test_two_workers_score_with_score_tokens(ray_cluster, tiny_models):  # type: ignore[no-untyped-def]
+    """Score requests on Ray: the engine option naming a reranker's score tokens reaches the
+    workers, and each score is the softmax of transformers' last-position logits."""
+    from test_scoring import DOCS, ENGINE, FALSE, QUERY, TOLERANCE, TRUE, hf_token_scores, pair_ids
+
+    from prefixbatch.distributed.ray_executor import RayExecutor
+    from prefixbatch.pooling import EmbeddingParams
+    from prefixbatch.scoring import ScoreParams
+
+    model = tiny_models["llama"]
+    config = EngineConfig(model=str(model), score_tokens=(FALSE, TRUE), **ENGINE)
+    prompts = pair_ids(model, [(QUERY, d) for d in DOCS] + [(DOCS[0], d) for d in DOCS])
+    params = SamplingParams(max_tokens=1, embedding=EmbeddingParams(), score=ScoreParams())
+    expected = hf_token_scores(model, prompts, 10, 11)
+    executor = RayExecutor(config, workers=2)
+    try:
+        outs = list(executor.generate([Request(i, p, params) for i, p in enumerate(prompts)]))
+        assert len(executor.assignments) == 2 and len(outs) == len(prompts)
+        assert all(abs(o.score - expected[o.index]) <= TOLERANCE for o in outs)
+    finally:
+        executor.shutdown()

@@ -154,3 +154,18 @@ def test_dimensions_need_matryoshka():  # type: ignore[no-untyped-def]
     assert "'dimensions' is not supported" in (plain.check(EmbeddingParams(8), 64) or "")
     assert PoolingConfig(matryoshka=True).check(EmbeddingParams(65), 64) is not None
     assert PoolingConfig(matryoshka=True).check(EmbeddingParams(64), 64) is None
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_gemma_last_token_embeddings_match_transformers(tiny_models, family, kernels):  # type: ignore[no-untyped-def]
+    """A causal Gemma 2 / Gemma 3 as an embedding model (last token, normalised): its sliding
+    windows, (1 + w) norms and scaled embeddings, shared prefixes computed once, equal to
+    transformers' ``last_hidden_state``."""
+    path = tiny_models[family]
+    prompts = corpus(12, seed=5)
+    expected = hf_embeddings(path, prompts, "last")
+    llm = LLM(str(path), device="cpu", block_size=8, kv_cache_memory=16 * 2**20, kernels=kernels)
+    got = llm.embed(prompts, use_tqdm=False)
+    assert max(float(np.abs(g - e).max()) for g, e in zip(got, expected)) <= TOLERANCE
+    assert llm.engine.stats.prefill_tokens_saved >= 16 * (len(prompts) - 2)

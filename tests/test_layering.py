@@ -15,7 +15,7 @@ ROOT = Path(prefixbatch.__file__).parent
 LAYERS: list[set[str]] = [
     # shared data types, errors and helpers every layer may use
     {"errors", "paths", "optional", "logs", "policy", "config"}
-    | {"grammar_spec", "sampling_params", "outputs", "pooling"},
+    | {"grammar_spec", "sampling_params", "outputs", "pooling", "scoring"},
     {"planning"},
     {"scheduling"},
     {"execution"},

@@ -139,6 +139,59 @@ def test_unsupported_fields_are_line_errors_naming_them(body: dict[str, Any], na
     assert isinstance(err, LineError) and named in err.message, err
 
 
+CALL = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{bad"}
+CHAT_NAMES = ("messages", "response_format", "function.", "max_tokens", "max_completion_tokens")
+
+
+@pytest.mark.parametrize(
+    "body, named",
+    [
+        (
+            {"input": "x", "text": {"format": {"type": "json_schema", "name": "s",
+                                               "schema": {"type": "objectx"}}}},
+            "'text.format': cannot compile json_schema",
+        ),
+        ({"input": "x", "text": {"format": {"type": "json_object"}}, "guided_regex": "a"},
+         "use only one of 'text.format', guided_choice, guided_regex"),
+        ({"input": "x", "tool_choice": "sometimes"}, '{"type": "function", "name": ...}'),
+        ({"input": "x", "tools": [{"type": "function", "name": "f", "description": 5}]},
+         "tools[0].description must be a string"),
+        ({"instructions": "s", "input": [{"role": "user", "content": "q"}, CALL]},
+         "input[1].arguments is not JSON"),
+    ],
+)  # fmt: skip
+def test_chat_path_errors_name_the_responses_fields(body: dict[str, Any], named: str) -> None:
+    """The chat path's own checks run on the mapped body; their messages name what the
+    Responses request wrote, never the chat field it was mapped to."""
+    err = parse(body)
+    assert isinstance(err, LineError) and named in err.message, err
+    assert not any(name in err.message for name in CHAT_NAMES), err.message
+
+
+def test_errors_found_with_the_model_name_the_responses_fields(tiny_models, tmp_path):  # type: ignore[no-untyped-def]
+    """Errors found after parsing (the template rendering a history, the context) too."""
+    call = {**CALL, "arguments": "{}"}
+    history = [{"role": "user", "content": "w5"}, call, {"type": "function_call_output",
+               "call_id": "c1", "output": "w6"}]  # fmt: skip
+    lines = [
+        responses_line("calls", instructions="w7", input=history),
+        responses_line("budget", input="w5 w6", max_output_tokens=40),
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out.jsonl"
+    model = str(tiny_models["llama"])  # its template never reads tool_calls
+    assert (
+        main(["run", str(inp), "-o", str(out), "--model", model, *ENGINE, "--max-model-len", "32"])
+        == 0
+    )
+    recs = records(out.read_text())
+    calls, budget = recs["calls"]["error"]["message"], recs["budget"]["error"]["message"]
+    assert "cannot render the tool calls of input[1]" in calls
+    assert "'max_output_tokens' is too large: 40" in budget and "lower max_output_tokens" in budget
+    assert not any(n in calls + budget for n in CHAT_NAMES), (calls, budget)
+
+
 def _answered(req: BatchRequest, text: str, finish: str, reply: ReplyFormat) -> dict[str, Any]:
     from dataclasses import replace
 

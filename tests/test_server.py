@@ -70,7 +70,7 @@ def cli_answers(model: Path, inp: Path, out: Path) -> dict[str, str]:
 class Server:
     """A ``prefixbatch serve`` subprocess on a free port of 127.0.0.1."""
 
-    def __init__(self, model: Path, data_dir: Path, log: Path) -> None:
+    def __init__(self, model: Path, data_dir: Path, log: Path, extra: tuple[str, ...] = ()) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -78,6 +78,7 @@ class Server:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
         cmd = [sys.executable, "-m", "prefixbatch.cli", "serve", "--model", str(model)]
         cmd += ["--port", str(self.port), "--data-dir", str(data_dir), "--api-key", KEY, *ENGINE]
+        cmd += extra
         self.log = log
         with open(log, "ab") as f:
             self.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)

@@ -103,6 +103,10 @@ class BatchTokenizer:
             return self._plain(texts, special=True)
         return out
 
+    def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[np.ndarray]:
+        """Int32 ids of score pairs (``Tokenizer.encode_pairs``), in one batch call."""
+        return [_array(ids) for ids in self.tokenizer.encode_pairs(pairs)]
+
     def _lookup(self, keys: set[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
         """The ids of every key, encoding those not in the cache in batch calls."""
         found: dict[tuple[str, int], np.ndarray] = {}

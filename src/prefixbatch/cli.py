@@ -70,7 +70,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         default=256,
         help="max_tokens for requests that set none",
     )
+    p.add_argument(
+        "--score-tokens",
+        type=_score_tokens,
+        help="a causal LM reranker's two answer tokens, false then true (e.g. no,yes for "
+        "Qwen3-Reranker): /v1/score and /v1/rerank score p(true), the softmax over their "
+        "logits at the pair's last token (vLLM's classifier_from_token)",
+    )
     _chat_args(p)
+
+
+def _score_tokens(value: str) -> tuple[str, str]:
+    tokens = value.split(",")
+    if len(tokens) != 2 or not all(tokens):
+        raise argparse.ArgumentTypeError(f"two tokens, false then true: no,yes (got {value!r})")
+    return tokens[0], tokens[1]
 
 
 def _memory_size(value: str) -> int:
@@ -233,6 +247,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
         max_model_len=args.max_model_len,
+        score_tokens=args.score_tokens,
         **run_only,  # type: ignore[arg-type]
     )
 

@@ -97,6 +97,9 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool  # Hugging Face's ``attention_bias``; what it biases is the family's
     eos_token_ids: tuple[int, ...]
+    # labels of a sequence classifier's score head (``*ForSequenceClassification``: the
+    # ``score`` matrix on the last token's final hidden state); 0 for a causal LM
+    num_labels: int = 0
 
     @property
     def attention_scale(self) -> float:
@@ -172,9 +175,21 @@ class EngineConfig:
     # (the tokens N+1 needs from N are read on the device). None: on CUDA only; on the CPU the
     # host and the "device" are the same cores, so nothing would overlap.
     overlap_schedule: bool | None = None
+    # A causal LM reranker's score tokens (false, true), e.g. ("no", "yes") for Qwen3-Reranker:
+    # a score is p(true), the softmax over the two tokens' logits at the pair's last position
+    # (vLLM's ``classifier_from_token`` with ``from_2_way_softmax``). None: a classifier
+    # checkpoint scores with its ``score`` head, a causal LM does not score.
+    score_tokens: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))
+        if self.score_tokens is not None:
+            tokens = tuple(self.score_tokens)
+            if len(tokens) != 2 or not all(isinstance(t, str) and t for t in tokens):
+                raise ConfigError(
+                    f"score_tokens must be two tokens (false, true), got {self.score_tokens!r}"
+                )
+            object.__setattr__(self, "score_tokens", tokens)
         if self.kernels not in ("auto", "torch"):
             raise ConfigError(f"unknown kernels {self.kernels!r}; use auto or torch")
         if self.block_size < 1 or self.max_num_batched_tokens < 1:

@@ -131,6 +131,7 @@ class LLMEngine:
         self._inflight: _InFlight | None = None  # a launched step whose tokens are not taken in
         self._scoring = 0  # unfinished requests that ask for prompt log-probabilities
         self.pooler = StepPooler(self.limits.pooling)
+        self.score_head = self.loaded.score_head
         self._embeds = False  # the requests in flight are embedding requests
 
     def _grammars(self) -> StructuredOutput:
@@ -298,22 +299,34 @@ class LLMEngine:
     def _embed(self, step: ScheduledStep) -> list[RequestOutput]:
         """Run a step of embedding requests: the final-norm hidden states of the rows pooling
         reads, pooled (``execution/pooler.py``); the requests it completes end at once, their
-        blocks freed, with their embeddings (``PoolingConfig.finish``)."""
+        blocks freed, with their embeddings (``PoolingConfig.finish``), or for score requests
+        their scores (the score head's logit, ``ScoreConfig.activate``)."""
         with torch.inference_mode():
             hidden, _ = self.runner.execute(step, self.pooler.every_row(step), hidden=True)
             pooled = self.pooler.pool(step, hidden)
-            vectors = torch.stack([v for _, v in pooled]).cpu().numpy() if pooled else None
+            states = torch.stack([v for _, v in pooled]) if pooled else None
+            logits = None
+            if states is not None and self.score_head is not None:
+                scored = [j for j, (seq, _) in enumerate(pooled) if seq.params.score is not None]
+                if scored:  # the score head on the scored requests' states
+                    logits = dict(zip(scored, self.score_head(states[scored]).tolist()))
+            vectors = states.cpu().numpy() if states is not None else ()
         self.scheduler.advance(step)
         outputs = []
-        for (seq, _), vector in zip(pooled, vectors if vectors is not None else ()):
+        for j, ((seq, _), vector) in enumerate(zip(pooled, vectors)):
             request = self._requests.pop(seq.seq_id)
             self.scheduler.finish(seq, "stop", seq.num_prompt - 1)
             self._sequences.pop(seq.seq_id, None)
-            assert request.params.embedding is not None
-            embedding = self.limits.pooling.finish(vector, request.params.embedding)
-            outputs.append(
-                RequestOutput(request.index, request.prompt_token_ids, [], embedding=embedding)
-            )
+            params = request.params
+            assert params.embedding is not None
+            ids = request.prompt_token_ids
+            if params.score is not None:
+                assert logits is not None, "a score request on a model that cannot score"
+                score = self.limits.scoring.activate(logits[j], params.score)
+                outputs.append(RequestOutput(request.index, ids, [], score=score))
+            else:
+                embedding = self.limits.pooling.finish(vector, params.embedding)
+                outputs.append(RequestOutput(request.index, ids, [], embedding=embedding))
         return outputs
 
     def _launch(self, step: ScheduledStep, previous: _InFlight | None) -> _InFlight:

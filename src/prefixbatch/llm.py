@@ -1,5 +1,5 @@
-"""The Python API: ``LLM(model=...).generate(prompts, SamplingParams(...))``, ``LLM.chat`` and
-``LLM.embed``.
+"""The Python API: ``LLM(model=...).generate(prompts, SamplingParams(...))``, ``LLM.chat``,
+``LLM.embed`` and ``LLM.score``.
 
 Like the CLI, it logs what takes time (loading, conversion, kernel builds) to stderr unless the
 application set up logging itself (``logs.py``), and shows progress for calls that run longer
@@ -25,12 +25,14 @@ from .chat.tools import parse_tools
 from .config import EngineConfig
 from .engine import LLMEngine
 from .io.progress import PlannedWork, Progress
+from .io.score_request import score_pairs
 from .loading.model_source import DEFAULT_MODEL_NAME
 from .logs import log_to_stderr_unless_configured
 from .outputs import CompletionOutput, Request, RequestOutput
 from .planning.plan import make_plan
 from .pooling import EmbeddingParams
 from .sampling_params import SamplingParams
+from .scoring import ScoreParams
 
 Prompt = str | list[int]
 PROGRESS_AFTER_S = 1.0  # a call shows progress once it has run this long
@@ -167,6 +169,38 @@ class LLM:
         if failed:
             raise RuntimeError(f"input {failed[0].index}: {failed[0].error}")
         return [o.embedding for o in outputs if o.embedding is not None]
+
+    def score(
+        self,
+        data_1: str | Sequence[str],
+        data_2: str | Sequence[str],
+        use_activation: bool = True,
+        use_tqdm: bool = True,
+    ) -> list[float]:
+        """Scores of text pairs, as vLLM's ``LLM.score``: ``data_1`` and ``data_2`` are a text
+        or lists of texts, paired 1-to-1, 1-to-N (one query, many documents) or N-to-N; one
+        score per pair, in order. A pair runs as one prompt, tokenized as the model tokenizes
+        pairs (``Tokenizer.encode_pairs``), prefill only; the pairs of one query share its
+        tokens, computed once. The score is the model's score head's logit through its
+        activation (sigmoid unless the checkpoint says otherwise; ``use_activation=False``:
+        the raw logit): a classifier checkpoint's ``score`` head, or the score tokens' p(true)
+        (``EngineConfig.score_tokens``). Raises ValueError for empty or mismatched lists, a
+        pair that cannot run (too long) or a model that cannot score, and RuntimeError naming
+        the pair whose request failed while it ran."""
+        names = ("data_1", "data_2")
+        pairs = score_pairs(
+            data_1 if isinstance(data_1, str) else list(data_1),
+            data_2 if isinstance(data_2, str) else list(data_2),
+            names,
+        )
+        ids = self.tokenizer.encode_pairs(pairs)
+        score = ScoreParams(use_activation, names)
+        params = SamplingParams(max_tokens=1, embedding=EmbeddingParams(), score=score)
+        outputs = self._run(ids, params, use_tqdm)
+        failed = [o for o in outputs if o.score is None]
+        if failed:
+            raise RuntimeError(f"pair {failed[0].index}: {failed[0].error}")
+        return [o.score for o in outputs if o.score is not None]
 
     def _run(
         self,

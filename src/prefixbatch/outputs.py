@@ -96,7 +96,8 @@ class RequestOutput:
     ``"error"``. The other requests of its batch are not affected.
 
     An embedding request (``SamplingParams.embedding``) has no ``outputs``: its ``embedding``
-    is the pooled vector, (dimensions,) float32."""
+    is the pooled vector, (dimensions,) float32; a score request's ``score`` is its score
+    (``scoring.ScoreConfig.activate``)."""
 
     index: int
     prompt_token_ids: list[int]
@@ -105,6 +106,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob] | None = None
     error: str | None = None
     embedding: np.ndarray | None = None
+    score: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

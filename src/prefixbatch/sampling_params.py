@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from .grammar_spec import GrammarSpec
 from .pooling import EmbeddingParams
+from .scoring import ScoreParams
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class SamplingParams:
 
     ``embedding`` makes the request an embedding request (``/v1/embeddings``): its prompt is
     prefilled, its hidden states pooled (``pooling.py``) and nothing is sampled; the sampling
-    fields do not apply (``max_tokens`` is 1, the KV its prompt holds).
+    fields do not apply (``max_tokens`` is 1, the KV its prompt holds). ``score`` (with
+    ``embedding`` set: it runs as one) makes it a score request (``/v1/score``, ``/v1/rerank``):
+    the last token's state goes through the model's score head instead (``scoring.py``).
     """
 
     max_tokens: int = 16
@@ -60,6 +63,7 @@ class SamplingParams:
     min_p: float = 0.0
     structured: GrammarSpec | None = None
     embedding: EmbeddingParams | None = None
+    score: ScoreParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +85,8 @@ class SamplingParams:
         bias = self.logit_bias
         pairs = bias.items() if isinstance(bias, Mapping) else bias
         object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(v)) for t, v in pairs)))
+        if self.score is not None and self.embedding is None:
+            raise ValueError("a score request runs as an embedding request: set embedding too")
         self._check_extensions()
 
     def _check_extensions(self) -> None:

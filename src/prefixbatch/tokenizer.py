@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .loading.score_config import read_score_config
 from .optional import require
 
 # OpenAI's newer name for the system message; templates only know "system".
@@ -48,6 +49,7 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(str(path))
+        self.path = path
         self._token_bytes: list[bytes] | None = None
 
     def token_bytes(self, vocab_size: int) -> list[bytes]:
@@ -113,6 +115,19 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict[str, Any]], **template_options: bool) -> list[int]:
         """Token ids of ``render_chat(messages, **template_options)``."""
         return self.encode_text(self.render_chat(messages, **template_options))
+
+    def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[list[int]]:
+        """Token ids of score pairs (text_1, text_2), as vLLM tokenizes them for a scoring
+        model: ``tokenizer(text_1, text_pair=text_2)``, special tokens as the tokenizer adds
+        them to a pair, or the one text ``text_1 + text_2`` when the model's config.json sets
+        ``use_sep_token: false`` (``loading/score_config.py``). Raises
+        ``UnsupportedModelError`` for a config.json that cannot be read."""
+        if not pairs:
+            return []
+        if not read_score_config(self.path).pair_tokens:
+            return self.encode_batch([a + b for a, b in pairs], add_special_tokens=True)
+        firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
+        return [list(ids) for ids in self.hf(firsts, seconds)["input_ids"]]
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         """Many texts in one call (the Rust tokenizer runs them in parallel)."""

@@ -37,6 +37,7 @@ from .models.registry import family_named
 from .moe.kernel_choice import use_experts_kernel
 from .packed_linear import onednn_available, pack_linears
 from .sampler import SamplingTensors, sample, torch_argmax
+from .score_head import ScoreHead
 
 
 class Worker:
@@ -92,6 +93,16 @@ class Worker:
             min_shared=min_shared,
             graphs=self.graphs,
         )
+
+    def score_head(self, tokens: tuple[int, int] | None) -> ScoreHead | None:
+        """The model's score head (``score_head.py``): the logits of the token ids ``tokens``
+        (false, true) when given, else a classifier checkpoint's ``score`` matrix; None for a
+        causal LM without ``tokens``."""
+        if tokens is not None:
+            return ScoreHead.tokens(self.model.logits, self.config.torch_dtype, *tokens)
+        if self.model.score is not None:
+            return ScoreHead.classifier(self.model.score.weight)
+        return None
 
     def _cpu_fast_paths(self) -> FusedKernels | None:
         """The fused CPU kernels when the fast paths apply (``kernels="auto"`` on the CPU in

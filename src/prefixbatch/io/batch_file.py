@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,14 @@ from ..tokenizer import TOKEN_BYTES_FEATURE
 from .body_fields import field_problem, responses_field_problem
 from .embedding_request import EMBEDDINGS_URL, Input, embedding_inputs, embedding_params
 from .json_text import json_text
-from .responses_request import ResponseEcho, chat_body, response_echo
+from .responses_request import InputMap, ResponseEcho, chat_body, response_echo
+from .score_request import RERANK_URL, SCORE_NAMES, SCORE_URL, Pair, score_request
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 RESPONSES_URL = "/v1/responses"  # runs as a chat (``responses_request.py``)
-URLS = (CHAT_URL, COMPLETIONS_URL, RESPONSES_URL, EMBEDDINGS_URL)
+URLS = (CHAT_URL, COMPLETIONS_URL, RESPONSES_URL, EMBEDDINGS_URL, SCORE_URL, RERANK_URL)
+POOLING_URLS = (EMBEDDINGS_URL, SCORE_URL, RERANK_URL)  # prefill only: one request per item
 
 
 @dataclass(frozen=True)
@@ -54,16 +56,27 @@ class BatchRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
     reply: ReplyFormat | None = None  # chat: how the answer is parsed (set when rendered)
     response_echo: ResponseEcho | None = None  # responses: what the Response object repeats
-    # embeddings: the line's inputs as read; the job runs each as a request of its own (one
-    # ``part`` of ``parts``, its ``prompt``) and answers the line once all are embedded
-    inputs: tuple[Input, ...] = ()
+    input_map: InputMap | None = None  # responses: where its chat messages came from
+    # embeddings: the line's inputs as read, scores: its pairs; the job runs each as a request
+    # of its own (one ``part`` of ``parts``: its ``prompt``, or its ``pair``) and answers the
+    # line once all are done. A rerank part rebuilt for its record (``BatchStore.info``) has
+    # its document, which the record repeats, as ``prompt``.
+    inputs: tuple[Input | Pair, ...] = ()
     part: int = 0
     parts: int = 1
+    pair: Pair | None = None  # a score request's (text_1, text_2)
 
     @property
     def is_chat(self) -> bool:
         """Whether the request runs through the chat template (chat and responses)."""
         return self.url in (CHAT_URL, RESPONSES_URL)
+
+    def named(self, problem: str) -> str:
+        """A problem of this request as its own fields name it: a Responses request's with the
+        Responses names (``InputMap.rename``), any other's as it is."""
+        if self.url != RESPONSES_URL:
+            return problem
+        return (self.input_map or InputMap()).rename(problem)
 
     def chat(self) -> ChatRequest:
         """What this chat request asks of the chat template."""
@@ -203,9 +216,13 @@ def _request(
     else:  # minimal form: sampling fields sit next to the prompt
         url, body = (CHAT_URL if "messages" in obj else COMPLETIONS_URL), obj
         url = EMBEDDINGS_URL if "input" in obj else url
+        url = SCORE_URL if any(n in obj for pair in SCORE_NAMES for n in pair) else url
+        url = RERANK_URL if "query" in obj else url
         not_fields = frozenset({"custom_id"})
     if url == EMBEDDINGS_URL:
         return _embedding_request(body, number, custom_id, not_fields)
+    if url in (SCORE_URL, RERANK_URL):
+        return _score_request(url, body, number, custom_id, not_fields)
     if url == RESPONSES_URL:
         problem = responses_field_problem(body)
     else:
@@ -213,12 +230,30 @@ def _request(
     if problem:
         raise _Invalid(problem)
     digest_body = {k: v for k, v in body.items() if k not in not_fields}
-    echo_fields = None
-    if url == RESPONSES_URL:
-        try:
-            body, echo_fields = chat_body(body), response_echo(body)
-        except ValueError as e:
-            raise _Invalid(str(e)) from e
+    if url != RESPONSES_URL:
+        return _chat_request(url, body, digest_body, number, custom_id, default_max_tokens)
+    try:
+        chat, input_map = chat_body(body)
+        echo = response_echo(body)
+    except ValueError as e:
+        raise _Invalid(str(e)) from e
+    try:  # the chat path's checks name chat fields: give them the Responses names
+        req = _chat_request(url, chat, digest_body, number, custom_id, default_max_tokens)
+    except _Invalid as e:
+        raise _Invalid(input_map.rename(str(e))) from e
+    return replace(req, response_echo=echo, input_map=input_map)
+
+
+def _chat_request(
+    url: str,
+    body: dict[str, Any],
+    digest_body: dict[str, Any],
+    number: int,
+    custom_id: str,
+    default_max_tokens: int,
+) -> BatchRequest:
+    """A chat or completions line (a Responses line's ``body`` mapped onto chat), its
+    ``request_hash`` over ``digest_body``."""
     params = _params(body, default_max_tokens, url != COMPLETIONS_URL)
     given = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
     digest = request_hash(url, digest_body, params.max_tokens)
@@ -251,7 +286,6 @@ def _request(
         max_tokens_given=given,
         tools=tools,
         template_kwargs=template_kwargs,
-        response_echo=echo_fields,
     )
 
 
@@ -269,6 +303,19 @@ def _embedding_request(
     return BatchRequest(
         number, custom_id, EMBEDDINGS_URL, None, None, params, digest, inputs=inputs
     )
+
+
+def _score_request(
+    url: str, body: dict[str, Any], number: int, custom_id: str, not_fields: frozenset[str]
+) -> BatchRequest:
+    """A ``/v1/score`` or ``/v1/rerank`` line (``score_request.py``)."""
+    body = {k: v for k, v in body.items() if k not in not_fields}
+    try:
+        pairs, params = score_request(body, url == RERANK_URL)
+    except ValueError as e:
+        raise _Invalid(str(e)) from e
+    digest = request_hash(url, body, params.max_tokens)
+    return BatchRequest(number, custom_id, url, None, None, params, digest, inputs=tuple(pairs))
 
 
 def _prompt(value: Any) -> str | list[int]:

@@ -10,12 +10,16 @@ function tools ``{"type": "function", "name", ...}`` and ``tool_choice`` take th
 thinking switch (``enable_thinking``: false for ``"none"``, true otherwise; the effort itself as
 ``reasoning_effort`` for templates that read it, as vLLM hands it to gpt-oss). vLLM's
 ``serving_responses`` maps the same fields. Which body fields are accepted at all is
-``body_fields.responses_field_problem``. Every problem is a ValueError naming the field.
+``body_fields.responses_field_problem``. Every problem is a ValueError naming the field; the
+chat path's own checks, which run later on the mapped body, name chat fields, and
+``InputMap.rename`` gives their messages the Responses names (``input[i]``, ``text.format``,
+``max_output_tokens``, ``tools[i].description``, ...).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +45,46 @@ class ResponseEcho:
         return {**json.loads(self.settings), **json.loads(self.own)}
 
 
+# Chat names in the chat path's messages -> the Responses names, where no index is involved.
+_RENAMED = (
+    (re.compile(r"\btools\[(\d+)\]\.function\."), r"tools[\1]."),
+    (re.compile(r"'?response_format'?( json_schema)?"), "'text.format'"),
+    (re.compile(r"^cannot compile json_schema"), "'text.format': cannot compile json_schema"),
+    (re.compile(r"'max_tokens' or 'max_completion_tokens'"), "'max_output_tokens'"),
+    (re.compile(r"lower max_tokens"), "lower max_output_tokens"),
+    (re.compile(r"max_tokens=(\d+)"), r"max_output_tokens=\1"),
+    (re.compile(r'\{"type": "function", "function": \{"name": \.\.\.\}\}'),
+     '{"type": "function", "name": ...}'),
+)  # fmt: skip
+_MESSAGE = re.compile(r"\bmessages\[(\d+)\](\.tool_calls\[(\d+)\](\.function)?)?")
+
+
+@dataclass(frozen=True)
+class InputMap:
+    """Where each chat message of a Responses request came from: ``messages[k]`` is input
+    item ``messages[k]`` (-1: the ``instructions``), its ``tool_calls[j]`` input item
+    ``calls[k][j]``."""
+
+    messages: tuple[int, ...] = ()
+    calls: tuple[tuple[int, ...], ...] = ()
+
+    def rename(self, problem: str) -> str:
+        """A chat-path message about this request, with the Responses field names."""
+
+        def item(match: re.Match[str]) -> str:
+            k = int(match.group(1))
+            if k >= len(self.messages):
+                return match.group(0)
+            if match.group(3) is not None:  # a tool call: its own function_call item
+                return f"input[{self.calls[k][int(match.group(3))]}]"
+            return "'instructions'" if self.messages[k] < 0 else f"input[{self.messages[k]}]"
+
+        problem = _MESSAGE.sub(item, problem)
+        for pattern, name in _RENAMED:
+            problem = pattern.sub(name, problem)
+        return problem.replace("'messages'", "'input'")
+
+
 def _shown(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)[:80]
 
@@ -63,16 +107,22 @@ def _text(where: str, content: Any) -> str | list[dict[str, str]]:
     return parts
 
 
-def _messages(value: Any, instructions: Any) -> list[dict[str, Any]]:
+def _messages(value: Any, instructions: Any) -> tuple[list[dict[str, Any]], InputMap]:
     """``instructions`` and ``input`` as chat messages (function calls merged into the
-    assistant turn they follow; a reasoning item's text goes to the next assistant turn)."""
+    assistant turn they follow; a reasoning item's text goes to the next assistant turn), and
+    where each came from."""
     out: list[dict[str, Any]] = []
+    origin: list[int] = []  # the input item of each message (-1: instructions)
+    calls: list[list[int]] = []  # the input item of each of its tool calls
     if instructions is not None:
         if not isinstance(instructions, str):
             raise ValueError("'instructions' must be a string")
         out.append({"role": "system", "content": instructions})
+        origin.append(-1)
+        calls.append([])
     if isinstance(value, str):
-        return [*out, {"role": "user", "content": value}]
+        out.append({"role": "user", "content": value})
+        return out, InputMap((*origin, 0), (*map(tuple, calls), ()))
     if not isinstance(value, list) or not value:
         raise ValueError("'input' must be a string or a non-empty list of input items")
     thought: str | None = None
@@ -89,6 +139,8 @@ def _messages(value: Any, instructions: Any) -> list[dict[str, Any]]:
             if role == "assistant" and thought is not None:
                 message["reasoning_content"], thought = thought, None
             out.append(message)
+            origin.append(i)
+            calls.append([])
         elif kind == "function_call":
             name, call_id, arguments = (item.get(k) for k in ("name", "call_id", "arguments"))
             if not all(isinstance(v, str) for v in (name, call_id, arguments)):
@@ -97,15 +149,20 @@ def _messages(value: Any, instructions: Any) -> list[dict[str, Any]]:
             call = {"id": call_id, "type": "function", "function": function}
             if not out or out[-1]["role"] != "assistant" or thought is not None:
                 out.append({"role": "assistant", "content": None})
+                origin.append(i)
+                calls.append([])
                 if thought is not None:
                     out[-1]["reasoning_content"], thought = thought, None
             out[-1].setdefault("tool_calls", []).append(call)
+            calls[-1].append(i)
         elif kind == "function_call_output":
             output = item.get("output")
             if not isinstance(item.get("call_id"), str):
                 raise ValueError(f"{where}.call_id must be a string")
             content = _text(f"{where}.output", output)
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": content})
+            origin.append(i)
+            calls.append([])
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
             if not isinstance(parts, list) or not all(
@@ -118,7 +175,7 @@ def _messages(value: Any, instructions: Any) -> list[dict[str, Any]]:
                 f"{where}.type {_shown(kind)} is not supported; use message, function_call, "
                 "function_call_output or reasoning items"
             )
-    return out
+    return out, InputMap(tuple(origin), tuple(map(tuple, calls)))
 
 
 def _format(text: Any) -> dict[str, Any] | None:
@@ -208,13 +265,14 @@ def _thinking(reasoning: Any) -> dict[str, Any] | None:
     return {"enable_thinking": effort != "none", "reasoning_effort": effort}
 
 
-def chat_body(body: dict[str, Any]) -> dict[str, Any]:
+def chat_body(body: dict[str, Any]) -> tuple[dict[str, Any], InputMap]:
     """The chat completion body that asks for what the Responses ``body`` asks (its fields
-    already checked by ``responses_field_problem``). Raises ValueError naming the field."""
+    already checked by ``responses_field_problem``), and where its messages came from. Raises
+    ValueError naming the field."""
     chat: dict[str, Any] = {
         k: v for k, v in body.items() if k in RESPONSES_SAMPLING or k == "parallel_tool_calls"
     }
-    chat["messages"] = _messages(body.get("input"), body.get("instructions"))
+    chat["messages"], origin = _messages(body.get("input"), body.get("instructions"))
     limit = body.get("max_output_tokens")
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -228,7 +286,7 @@ def chat_body(body: dict[str, Any]) -> dict[str, Any]:
     ):
         if value is not None:
             chat[key] = value
-    return chat
+    return chat, origin
 
 
 def response_echo(body: dict[str, Any]) -> ResponseEcho:

@@ -39,7 +39,7 @@ HASH_FIELD = "request_hash"
 SERVER_ERROR = "server_error"  # the code of a request that failed while it was served
 
 
-def _id(prefix: str, custom_id: str) -> str:
+def record_id(prefix: str, custom_id: str) -> str:
     return f"{prefix}{hashlib.sha1(custom_id.encode()).hexdigest()[:24]}"
 
 
@@ -77,7 +77,7 @@ def success_record(
     return success_envelope(
         req,
         {
-            "id": _id("chatcmpl-" if chat else "cmpl-", req.custom_id),
+            "id": record_id("chatcmpl-" if chat else "cmpl-", req.custom_id),
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": model,
@@ -90,9 +90,13 @@ def success_record(
 
 def success_envelope(req: BatchRequest, body: dict[str, Any]) -> dict[str, Any]:
     return {
-        "id": _id("batch_req_", req.custom_id),
+        "id": record_id("batch_req_", req.custom_id),
         "custom_id": req.custom_id,
-        "response": {"status_code": 200, "request_id": _id("req_", req.custom_id), "body": body},
+        "response": {
+            "status_code": 200,
+            "request_id": record_id("req_", req.custom_id),
+            "body": body,
+        },
         "error": None,
         HASH_FIELD: req.request_hash,
     }
@@ -129,7 +133,7 @@ def error_record(err: LineError) -> dict[str, Any]:
     """The error record of a line; ``custom_id`` is the line's own value, even if not a string."""
     key = err.custom_id if isinstance(err.custom_id, str) else f"line-{err.line}"
     return {
-        "id": _id("batch_req_", f"{key}:{err.line}"),
+        "id": record_id("batch_req_", f"{key}:{err.line}"),
         "custom_id": err.custom_id,
         "response": None,
         "error": {"code": err.code, "message": err.message, "line": err.line},

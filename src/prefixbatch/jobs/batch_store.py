@@ -21,12 +21,18 @@ from ..chat.render import ReplyFormat
 from ..io.batch_file import CHAT_URL, COMPLETIONS_URL, RESPONSES_URL, BatchRequest
 from ..io.embedding_request import EMBEDDINGS_URL
 from ..io.responses_request import ResponseEcho
+from ..io.score_request import RERANK_URL, SCORE_URL
 from ..planning.token_arrays import TokenArraysBuilder
 from ..sampling_params import SamplingParams
 from ..scheduling.request_source import CompactRequests
 
-# flags: chat url, echo, max_tokens set in the body, responses url, embeddings url
-_CHAT, _ECHO, _GIVEN, _RESPONSES, _EMBED = 1, 2, 4, 8, 16
+# flags: chat url, echo, max_tokens set in the body, responses url, embeddings url, score
+# url, rerank url
+_CHAT, _ECHO, _GIVEN, _RESPONSES, _EMBED, _SCORE, _RERANK = 1, 2, 4, 8, 16, 32, 64
+_URL_FLAGS = {
+    CHAT_URL: _CHAT, RESPONSES_URL: _RESPONSES, EMBEDDINGS_URL: _EMBED, SCORE_URL: _SCORE,
+    RERANK_URL: _RERANK,
+}  # fmt: skip
 
 
 class BatchStore:
@@ -44,7 +50,7 @@ class BatchStore:
         self._keys = bytearray()  # 16 bytes each
         self._names = bytearray()  # custom_ids, UTF-8
         self._name_ends = array("q")
-        self._echo: dict[int, str] = {}  # echoed text prompts, by request
+        self._texts: dict[int, str] = {}  # echoed text prompts, returned documents, by request
         self._settings: dict[str, int] = {}  # ResponseEcho.settings
         self._setting_ids = array("i")  # -1: not a responses request
         self._own = bytearray()  # ResponseEcho.own, UTF-8
@@ -66,11 +72,9 @@ class BatchStore:
             self._rows.append(len(self._tokens))
             self._tokens.append(ids)
         self._flags.append(
-            (_CHAT if req.url == CHAT_URL else 0)
-            | (_RESPONSES if req.url == RESPONSES_URL else 0)
+            _URL_FLAGS.get(req.url, 0)
             | (_ECHO if req.echo else 0)
             | (_GIVEN if req.max_tokens_given else 0)
-            | (_EMBED if req.url == EMBEDDINGS_URL else 0)
         )
         self._param_ids.append(self._sets.setdefault(req.params, len(self._sets)))
         reply = -1 if req.reply is None else self._replies.setdefault(req.reply, len(self._replies))
@@ -80,7 +84,10 @@ class BatchStore:
         self._names += req.custom_id.encode()
         self._name_ends.append(len(self._names))
         if req.echo and isinstance(req.prompt, str):
-            self._echo[i] = req.prompt
+            self._texts[i] = req.prompt
+        score = req.params.score
+        if req.url == RERANK_URL and req.pair is not None and score and score.return_documents:
+            self._texts[i] = req.pair[1]
         echo = req.response_echo
         settings = (
             -1 if echo is None else self._settings.setdefault(echo.settings, len(self._settings))
@@ -115,15 +122,14 @@ class BatchStore:
 
     def info(self, i: int) -> BatchRequest:
         """Request ``i`` as its output record needs it (no messages: they were tokenized; an
-        embedding line's inputs are requests of their own, of consecutive indices: its
-        ``part`` and ``parts`` say which)."""
+        embedding line's inputs and a score line's pairs are requests of their own, of
+        consecutive indices: its ``part`` and ``parts`` say which; a rerank pair's ``prompt``
+        is its document when the record returns it)."""
         start = self._name_ends[i - 1] if i else 0
         flags = self._flags[i]
         line = self._lines[i]
         first, end = (int(x) for x in np.searchsorted(self.lines, [line, line + 1]))
-        url = (
-            CHAT_URL if flags & _CHAT else RESPONSES_URL if flags & _RESPONSES else COMPLETIONS_URL
-        )
+        url = next((u for u, f in _URL_FLAGS.items() if flags & f), COMPLETIONS_URL)
         echo = None
         if self._setting_ids[i] >= 0:
             own = self._own[self._own_ends[i - 1] if i else 0 : self._own_ends[i]].decode()
@@ -131,9 +137,9 @@ class BatchStore:
         return BatchRequest(
             line=line,
             custom_id=self._names[start : self._name_ends[i]].decode(),
-            url=EMBEDDINGS_URL if flags & _EMBED else url,
+            url=url,
             messages=None,
-            prompt=self._echo.get(i),
+            prompt=self._texts.get(i),
             params=self.param_sets[self._param_ids[i]],
             request_hash=self._hashes[8 * i : 8 * i + 8].hex(),
             echo=bool(flags & _ECHO),

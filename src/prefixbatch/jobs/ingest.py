@@ -41,12 +41,17 @@ class Ingested:
 
 
 def parts(req: BatchRequest) -> list[BatchRequest]:
-    """The requests a line runs as: an embedding line one per input (each its ``part``), any
-    other line itself."""
+    """The requests a line runs as: an embedding line one per input, a score line one per pair
+    (each its ``part``), any other line itself."""
     n = len(req.inputs)
     if not n:
         return [req]
-    return [replace(req, prompt=p, inputs=(), part=k, parts=n) for k, p in enumerate(req.inputs)]
+    return [
+        replace(req, inputs=(), part=k, parts=n, pair=p)
+        if isinstance(p, tuple)
+        else replace(req, inputs=(), part=k, parts=n, prompt=p)
+        for k, p in enumerate(req.inputs)
+    ]
 
 
 def ingest(

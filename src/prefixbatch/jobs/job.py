@@ -36,6 +36,7 @@ from ..io.embedding_format import EmbeddingLines
 from ..io.embedding_request import EMBEDDINGS_URL
 from ..io.progress import PlannedWork, Progress
 from ..io.results import SERVER_ERROR, ResultWriter, error_record, success_record
+from ..io.score_format import ScoreLines
 from ..loading.model_config import read_model_config
 from ..loading.model_source import DEFAULT_MODEL_NAME, resolve_model
 from ..planning.plan import Plan, make_plan
@@ -219,7 +220,7 @@ def run_batch(
             if any(p.logprobs is not None or p.prompt_logprobs is not None for p in used):
                 vocab = engine.tokenizer.token_bytes(engine.limits.vocab_size)
             computing = time.monotonic()
-            embedded = EmbeddingLines()
+            embedded, scored = EmbeddingLines(), ScoreLines()
             for part, part_plan in by_kind(requests, plan):
                 # closing(): however the loop ends, the engine aborts what is unfinished (idle)
                 with closing(engine.generate(part, part_plan, should_stop)) as outputs:
@@ -233,8 +234,10 @@ def run_batch(
                             errors[req.line] = failed
                             embedded.drop(req.line)
                             writer.write(error_record(failed))
-                        elif req.url == EMBEDDINGS_URL:
-                            record = embedded.add(req, out, model_name)
+                            scored.drop(req.line)
+                        elif req.url == EMBEDDINGS_URL or req.params.score is not None:
+                            lines = embedded if req.url == EMBEDDINGS_URL else scored
+                            record = lines.add(req, out, model_name)
                             if record is not None:
                                 writer.write(record)
                                 answered += 1

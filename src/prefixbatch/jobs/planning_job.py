@@ -13,6 +13,7 @@ from ..loading.limits import EngineLimits
 from ..loading.model_config import read_model_config
 from ..loading.model_source import resolve_model
 from ..loading.pooling_config import read_pooling_config
+from ..loading.score_config import read_score_config, score_head_kind
 from ..planning.plan import make_plan
 from ..planning.prefix_sort import sort_prompts
 from ..planning.report import format_report, plan_report
@@ -36,14 +37,18 @@ def plan_job(
         path, default_max_tokens, lambda: BatchTokenizer(Tokenizer(source.path)), chat=chat
     )
     blocks, _ = kv_pool_blocks(config, cfg)
-    limits = EngineLimits.of(config, cfg, blocks, read_pooling_config(source.path))
+    scoring = read_score_config(source.path)
+    pooling = read_pooling_config(source.path)
+    limits = EngineLimits.of(config, cfg, blocks, pooling, scoring, score_head_kind(config, cfg))
     runnable = batch.store.runnable()
     checked = check(runnable, limits, batch.store.info, batch.store.explicit[runnable.ids])
     requests = checked.runnable
     tree = sort_prompts(requests.prompts)
     plan = make_plan(requests.prompts, requests.max_tokens(), config.block_size, tree)
     report = plan_report(plan, requests.prompts, tree, config.block_size, max(1, blocks))
-    rejected = sorted([*batch.errors.values(), *checked.errors], key=lambda e: e.line)
+    # one per line: the first failing item of a line of several (embedding inputs, pairs)
+    first = {e.line: e for e in reversed([*batch.errors.values(), *checked.errors])}
+    rejected = sorted(first.values(), key=lambda e: e.line)
     report["rejected_lines"] = len(rejected)
     report["rejected"] = [{"line": e.line, "message": e.message} for e in rejected]
     text = [

@@ -16,6 +16,7 @@ from ..chat.render import ChatSetup
 from ..io.batch_file import BatchRequest, LineError
 from ..io.embedding_request import EMBEDDINGS_URL
 from ..loading.limits import EngineLimits
+from ..sampling_params import SamplingParams
 from ..scheduling.request_source import CompactRequests
 
 _INT32_MAX = 2**31 - 1
@@ -27,13 +28,19 @@ def tokenize(
 ) -> list[tuple[BatchRequest, np.ndarray] | LineError]:
     """Token ids per request, in order (chat template for chats, under ``chat``'s template and
     parsers: a chat request comes back with the params and reply format its rendering
-    decided); template failures and empty prompts are line errors. Texts are encoded in batch
-    calls, each repeated piece once."""
+    decided; a score pair as the model tokenizes pairs, ``Tokenizer.encode_pairs``); template
+    failures and empty prompts are line errors. Texts are encoded in batch calls, each
+    repeated piece once."""
     out: list[tuple[BatchRequest, np.ndarray] | LineError] = []
     chats: list[tuple[int, str]] = []
     prompts: list[tuple[int, str]] = []
+    pairs: list[tuple[int, tuple[str, str]]] = []
     for req in items:
         k = len(out)
+        if req.pair is not None:
+            pairs.append((k, req.pair))
+            out.append((req, np.zeros(0, np.int32)))
+            continue
         if isinstance(req.prompt, list):
             huge = [t for t in req.prompt if t > _INT32_MAX]  # no vocabulary is that large
             if huge:
@@ -46,15 +53,21 @@ def tokenize(
             try:
                 rendered = chat.render(req.chat(), req.params)
             except Exception as e:  # a template may raise anything (jinja, our checks)
-                out.append(LineError(req.line, req.custom_id, f"line {req.line}: {e}"))
+                message = f"line {req.line}: {req.named(str(e))}"
+                out.append(LineError(req.line, req.custom_id, message))
                 continue
             req = replace(req, params=rendered.params, reply=rendered.reply)
             chats.append((k, rendered.text))
         else:
             prompts.append((k, req.prompt or ""))
         out.append((req, np.zeros(0, np.int32)))
-    for texts, encode in ((chats, tokenizer.encode_chats), (prompts, tokenizer.encode_prompts)):
-        for (k, _), ids in zip(texts, encode([t for _, t in texts]) if texts else []):
+    encoders = (
+        (chats, tokenizer.encode_chats),
+        (prompts, tokenizer.encode_prompts),
+        (pairs, tokenizer.encode_pairs),
+    )
+    for texts, encode in encoders:
+        for (k, _), ids in zip(texts, encode([t for _, t in texts]) if texts else []):  # type: ignore[operator]
             req = out[k][0]  # type: ignore[index]
             out[k] = (req, ids)
     for k, item in enumerate(out):
@@ -62,6 +75,17 @@ def tokenize(
             req = item[0]
             out[k] = LineError(req.line, req.custom_id, f"line {req.line}: the prompt is empty")
     return out
+
+
+def _item(req: BatchRequest, params: SamplingParams) -> str | None:
+    """The item of a line that a request is, as its errors name it: an embedding input
+    (``'input'[k]``, ``'input'`` alone) or a score pair (by its second text: ``'documents'[k]``),
+    or None for a request that is its whole line."""
+    if params.score is not None:
+        return f"'{params.score.fields[1]}'[{req.part}]"
+    if req.url == EMBEDDINGS_URL and params.embedding is not None:
+        return "'input'" if req.parts == 1 else f"'input'[{req.part}]"
+    return None
 
 
 @dataclass(frozen=True)
@@ -126,12 +150,12 @@ def check(
         prompt = requests.prompts[pos]
         embedding = params.embedding is not None
         problem = limits.check(prompt, params.max_tokens, bool(explicit[pos]), embedding)
-        problem = problem or set_problem[requests.param_ids[pos]]
-        if problem:
+        if problem or set_problem[requests.param_ids[pos]]:
             req = origin(int(requests.ids[pos]))
-            if req.url == EMBEDDINGS_URL and params.embedding is not None:
-                where = "'input'" if req.parts == 1 else f"'input'[{req.part}]"
-                problem = problem if problem.startswith("'") else f"{where}: {problem}"
+            where = _item(req, params)
+            if problem and where is not None:  # the prompt's problem: name the line's item
+                problem = f"{where}: {problem}"
+            problem = req.named(problem or set_problem[requests.param_ids[pos]] or "")
             errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
         else:
             flagged[pos] = False

@@ -11,6 +11,7 @@ import numpy as np
 from ..config import EngineConfig, ModelConfig
 from ..pooling import PoolingConfig
 from ..sampling_params import SamplingParams
+from ..scoring import ScoreConfig
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class EngineLimits:
     vocab_size: int
     hidden_size: int = 0  # the embeddings' size
     pooling: PoolingConfig = field(default_factory=PoolingConfig)  # how embeddings are pooled
+    scoring: ScoreConfig = field(default_factory=ScoreConfig)  # how scores are made
+    score_head: str | None = None  # the model's score head ("classifier", "tokens"), or none
 
     @classmethod
     def of(
@@ -29,9 +32,13 @@ class EngineLimits:
         cfg: ModelConfig,
         num_blocks: int,
         pooling: PoolingConfig | None = None,
+        scoring: ScoreConfig | None = None,
+        score_head: str | None = None,
     ) -> EngineLimits:
         """The limits of ``cfg``'s model under ``config`` (``--max-model-len`` capped by the
-        model's positions) with a pool of ``num_blocks``, pooling embeddings by ``pooling``."""
+        model's positions) with a pool of ``num_blocks``, pooling embeddings by ``pooling``,
+        scoring by ``scoring`` with a score head of the kind ``score_head``
+        (``score_config.score_head_kind``; None: the model does not score)."""
         return cls(
             config.context_len(cfg),
             num_blocks,
@@ -39,6 +46,8 @@ class EngineLimits:
             cfg.vocab_size,
             cfg.hidden_size,
             pooling or PoolingConfig(),
+            scoring or ScoreConfig(),
+            score_head,
         )
 
     def kv_blocks(self, prompt_len: int, max_tokens: int) -> int:
@@ -104,6 +113,22 @@ class EngineLimits:
             f"({max_tokens} > {self.max_model_len} - {prompt_len}); lower max_tokens"
         )
 
+    def check_score(self) -> str | None:
+        """Why this model cannot score pairs, or None: it has no score head (a causal LM
+        without score tokens), or it pools by mean (a score reads the last token)."""
+        if self.score_head is None:
+            return (
+                "this model cannot score: it has no score head (load a "
+                "*ForSequenceClassification checkpoint, or give a causal LM reranker its "
+                "score tokens: --score-tokens no,yes)"
+            )
+        if self.pooling.every_row:
+            return (
+                "this model pools by mean (its sentence-transformers files); a score reads "
+                "the last token"
+            )
+        return None
+
     def check_params(self, params: SamplingParams) -> str | None:
         """Why a request's sampling parameters cannot run on this model, or None: token ids
         outside the vocabulary, a grammar that does not compile, ``dimensions`` the model was
@@ -114,6 +139,8 @@ class EngineLimits:
                 f"logit_bias token id {outside[0]} is outside the model's vocabulary "
                 f"(ids 0 to {self.vocab_size - 1})"
             )
+        if params.score is not None:
+            return self.check_score()
         if params.embedding is not None:
             return self.pooling.check(params.embedding, self.hidden_size)
         if params.structured is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import ModelConfig, RopeConfig
 from ..errors import ModelNotFoundError, UnsupportedModelError
-from ..execution.models.registry import family_for
+from ..execution.models.registry import family_for, is_classifier
 from .model_source import ModelSource
 
 
@@ -55,10 +55,16 @@ def normalise(hf: Any) -> ModelConfig:
     """A ``transformers.PretrainedConfig`` as its family's ``ModelConfig``; raises
     ``UnsupportedModelError`` for an architecture or rope scaling the engine does not run.
     A multimodal checkpoint's decoder is read from its text config (``get_text_config``), the
-    part the engine runs; its EOS ids from the top level where it sets them."""
-    family = family_for(
-        list(getattr(hf, "architectures", None) or []), getattr(hf, "model_type", "?")
-    )
+    part the engine runs; its EOS ids from the top level where it sets them. A sequence
+    classifier must have one label (a score: what vLLM's score API reads)."""
+    architectures = list(getattr(hf, "architectures", None) or [])
+    family = family_for(architectures, getattr(hf, "model_type", "?"))
+    num_labels = hf.num_labels if is_classifier(architectures) else 0
+    if num_labels > 1:
+        raise UnsupportedModelError(
+            f"a sequence classifier with {num_labels} labels: only one-label score heads "
+            "(rerankers, reward models) run here, for /v1/score and /v1/rerank"
+        )
     text = hf.get_text_config()
     heads = text.num_attention_heads
     eos = getattr(hf, "eos_token_id", None)
@@ -77,6 +83,7 @@ def normalise(hf: Any) -> ModelConfig:
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         attention_bias=bool(getattr(text, "attention_bias", False)),
         eos_token_ids=token_ids(eos if eos is not None else getattr(text, "eos_token_id", None)),
+        num_labels=num_labels,
     )
     return family.read_config(common, hf)
 

@@ -236,10 +236,11 @@ class Scheduler:
     def _extend_hashes(self, seq: Sequence) -> None:
         """Hash the full blocks of the sequence's known tokens not hashed yet."""
         parent = seq.block_hashes[-1] if seq.block_hashes else None
-        tokens = seq.tokens[: _known(seq.tokens)]
-        seq.block_hashes += chain_hashes(
-            tokens, self.blocks.block_size, len(seq.block_hashes), parent
-        )
+        bs = self.blocks.block_size
+        # only the tokens after the hashed blocks: copying the whole list cost O(prompt) per
+        # filled block
+        tokens = seq.tokens[len(seq.block_hashes) * bs : _known(seq.tokens)]
+        seq.block_hashes += chain_hashes(tokens, bs, 0, parent)
 
     # -- after the forward pass ---------------------------------------------------------------
     def postprocess(self, step: ScheduledStep, sampled: list[int]) -> list[Sequence]:
@@ -254,13 +255,14 @@ class Scheduler:
         runner takes such a token from the device). ``resolve`` writes the tokens. Sequences
         that finished since the step was scheduled (the previous step's tokens ended them) are
         left as they are."""
+        cache, bs = self.blocks.enable_prefix_cache, self.blocks.block_size
         for seq, n in zip(step.seqs, step.num_tokens):
             if seq.status is Status.FINISHED:
                 continue
             if seq.computed < seq.num_prompt:
                 self.prefill_tokens_computed += min(seq.computed + n, seq.num_prompt) - seq.computed
             seq.computed += n
-            if self.blocks.enable_prefix_cache:
+            if cache and seq.computed >= (seq.registered + 1) * bs:  # a block filled
                 self._register_blocks(seq)
             if seq.leads and seq.computed == len(seq.tokens):
                 self._prefix_ready(seq)
@@ -285,12 +287,13 @@ class Scheduler:
             self.eos_ids,
             self.config.max_model_len,
         )
+        bs = self.blocks.block_size
         for (_, seq), token, at in zip(step.samples, sampled, step.token_index):
             if seq.status is Status.FINISHED:
                 continue
             seq.tokens[at] = token
             resolved.append((seq, at))
-            if cache:
+            if cache and seq.computed >= (seq.registered + 1) * bs:  # a block filled
                 self._register_blocks(seq)
             p = seq.params
             if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:

@@ -22,6 +22,7 @@ from torch import nn
 from ...config import ModelConfig
 from ..attention.backend import FULL_ATTENTION, AttentionBackend, LayerAttention
 from ..layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, rope_inv_freq
+from ..lm_head import LMHead
 from ..packed_linear import Linear, MergedLinear
 from .family import CausalLM
 
@@ -169,7 +170,7 @@ class DecoderModel(CausalLM):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
 
     @torch.inference_mode()
     def forward(
@@ -189,7 +190,11 @@ class DecoderModel(CausalLM):
         assert residual is not None  # a model has layers
         # only rows that sample: (S, hidden)
         x, _ = self.norm.add_forward(x[logits_rows], residual[logits_rows])
-        return (x if hidden else self.lm_head(x)).float()  # (S, hidden) or (S, vocab)
+        return x.float() if hidden else self.logits(x)  # (S, hidden) or (S, vocab)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (S, hidden), normed -> fp32 logits (S, vocab)."""
+        return self.lm_head(x).float()
 
     def finish_loading(self, loaded: set[str]) -> None:
         """Tie the output projection to the embeddings when the config says so or the

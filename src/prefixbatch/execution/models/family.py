@@ -48,6 +48,10 @@ class CausalLM(nn.Module):
 
     Checkpoint names map to parameters by ``parameter_for``; a parameter is loaded by the
     ``weight_loader`` of the module that owns it (a plain copy where it has none).
+
+    A sequence classifier's checkpoint (``ModelConfig.num_labels``) adds its ``score`` head,
+    (num_labels, hidden) without bias as transformers' ``*ForSequenceClassification`` has it;
+    the engine applies it to the hidden states the forward returns (``execution/score_head.py``).
     """
 
     # checkpoint sub-module name -> (our merged sub-module, shard index), e.g. q_proj -> qkv_proj
@@ -58,6 +62,14 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.score: nn.Linear | None = None  # (num_labels, hidden): a classifier's head
+        if cfg.num_labels:
+            self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (S, hidden) in the model's dtype -> fp32 logits (S, vocab),
+        as the forward computes them (the family's output projection and any soft-capping)."""
+        raise NotImplementedError
 
     def parameter_for(self, checkpoint_name: str) -> tuple[str, int | None] | None:
         """The parameter a checkpoint tensor loads into and the shard it fills there (None:

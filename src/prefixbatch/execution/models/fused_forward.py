@@ -134,4 +134,4 @@ class FusedForward:
             x = w.mlp(x)
         x, residual = x[logits_rows], residual[logits_rows]  # only rows that sample: (S, hidden)
         kernels.fused_add_rms_norm_(x, residual, self.final_norm, eps)
-        return x if hidden else model.lm_head(x)  # (S, hidden) or (S, vocab)
+        return x if hidden else model.logits(x)  # (S, hidden) or (S, vocab)

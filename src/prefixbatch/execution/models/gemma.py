@@ -32,7 +32,7 @@ from ...config import ModelConfig, RopeConfig
 from ...errors import UnsupportedModelError
 from ..attention.backend import AttentionBackend, LayerAttention
 from ..layers import GatedMLP, GemmaRMSNorm, RotaryEmbedding, gelu_tanh_and_mul, rope_inv_freq
-from ..packed_linear import Linear
+from ..lm_head import LMHead
 from .decoder import Attention, AttentionOptions, DecoderModel
 from .family import CausalLM
 
@@ -138,7 +138,7 @@ class GemmaModel(CausalLM):
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
         self.local_rotary = RotaryEmbedding(cfg.local_rope or cfg.rope, cfg.head_dim)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         # sqrt(hidden) in the weights' dtype (0-d), set on the device by finish_loading
         self.register_buffer("embed_scale", torch.ones(()), persistent=False)
 

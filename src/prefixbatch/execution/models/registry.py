@@ -2,7 +2,9 @@
 
 A Hugging Face ``architectures`` entry, or a GGUF file's ``model_type`` as transformers reads
 it, picks the family. Adding a family: its file under ``execution/models/`` (the model and its
-``ModelFamily``) and its entry in ``FAMILIES``.
+``ModelFamily``) and its entry in ``FAMILIES``. A family's ``...ForCausalLM`` decoder also reads
+transformers' ``...ForSequenceClassification`` checkpoints of it (the same decoder under a
+``score`` head: rerankers and reward models, ``is_classifier``).
 """
 
 from __future__ import annotations
@@ -45,16 +47,36 @@ FAMILIES: tuple[ModelFamily, ...] = (
     deepseek.V2_FAMILY,
     deepseek.V3_FAMILY,
 )
-_BY_ARCH = {arch: f for f in FAMILIES for arch in f.architectures}
+_CAUSAL, _CLASSIFIER = "ForCausalLM", "ForSequenceClassification"
+_BY_ARCH = {arch: f for f in FAMILIES for arch in f.architectures} | {
+    arch.replace(_CAUSAL, _CLASSIFIER): f
+    for f in FAMILIES
+    for arch in f.architectures
+    if arch.endswith(_CAUSAL)
+}
 _BY_NAME = {f.name: f for f in FAMILIES}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 
 
+def is_classifier(architectures: Sequence[str]) -> bool:
+    """Whether a checkpoint is a sequence classifier (its decoder under a ``score`` head)."""
+    return any(arch.endswith(_CLASSIFIER) for arch in architectures)
+
+
 def family_for(architectures: Sequence[str], model_type: str = "?") -> ModelFamily:
-    """The family of a checkpoint's ``architectures``; raises ``UnsupportedModelError``."""
+    """The family of a checkpoint's ``architectures``; raises ``UnsupportedModelError``
+    (naming cross-encoders: bidirectional classifiers such as BERT's do not run here)."""
     for arch in architectures:
         if arch in _BY_ARCH:
             return _BY_ARCH[arch]
+    if is_classifier(architectures):
+        raise UnsupportedModelError(
+            f"unsupported architecture {list(architectures)}: prefixbatch runs causal decoders "
+            "only, so cross-encoders (BERT-style bidirectional classifiers such as "
+            "BertForSequenceClassification or XLMRobertaForSequenceClassification) do not run "
+            "here; decoder classifiers do: "
+            + ", ".join(sorted(a for a in _BY_ARCH if a.endswith(_CLASSIFIER)))
+        )
     raise UnsupportedModelError(
         f"unsupported architecture {list(architectures) or model_type}; "
         f"supported: {', '.join(sorted(_BY_ARCH))}"
