@@ -15,6 +15,12 @@ Families (``--family``), each one entry of ``FAMILIES`` (its config, and optiona
 - ``gemma3``: a Gemma 3 text model of 8 layers, hidden 512, 8 heads of 64 (4 KV heads),
   intermediate 2048 (GeGLU), five sliding-window layers (window 512) to one global, tied
   embeddings; no peer. The ``multilevel`` prompts (about 720 tokens) reach past the window.
+- ``deepseek_v2``: DeepSeek-V2-Lite's shape scaled down: 8 layers, hidden 512, 8 heads with
+  multi-head latent attention (``kv_lora_rank`` 256, rotary key 32, per-head nope keys and
+  values of 64, the query from ``q_proj``), the first layer dense, then 32 routed experts of
+  256 units (top-8, as ``--top-k``) and 2 shared ones. The KV cache holds 288 lanes a token
+  and layer (against 8 x (96 + 64) = 1280 expanded); the row gives the blocks the budget buys.
+  No peer.
 
 Targets (the issue's): prefixbatch >= 3x transformers on the MoE job, and the MoE job's
 seconds per output token within 2x of the dense peer's.
@@ -108,9 +114,34 @@ def gemma3(args: argparse.Namespace) -> FamilyJob:
     return FamilyJob(config)
 
 
+def deepseek_v2(args: argparse.Namespace) -> FamilyJob:
+    """DeepSeek-V2-Lite's shape (the module docstring): MLA over the compressed cache and
+    DeepSeekMoE, ``--experts`` of ``--expert-intermediate`` units, ``--top-k`` of them."""
+    from transformers import DeepseekV2Config
+
+    common = {**common_fields(args), "tie_word_embeddings": False}
+    common["num_key_value_heads"] = common["num_attention_heads"]
+    config = DeepseekV2Config(
+        **common,
+        intermediate_size=4 * args.hidden,
+        kv_lora_rank=256,
+        q_lora_rank=None,
+        qk_rope_head_dim=32,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        n_routed_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        moe_intermediate_size=args.expert_intermediate,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+    )
+    return FamilyJob(config, moe=True)
+
+
 FAMILIES: dict[str, Callable[[argparse.Namespace], FamilyJob]] = {
     "qwen3_moe": qwen3_moe,
     "gemma3": gemma3,
+    "deepseek_v2": deepseek_v2,
 }
 
 
@@ -204,6 +235,7 @@ def main() -> None:
             row: dict[str, Any] = {
                 "workload": w.name,
                 "requests": len(w.prompts),
+                "KV blocks": llm.engine.worker.num_blocks,
                 "out tok": tokens,
                 "prefixbatch s": f"{secs:.1f}",
                 "prefixbatch tok/s": f"{tokens / secs:.1f}",

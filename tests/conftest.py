@@ -7,8 +7,10 @@ import os
 import random
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -136,7 +138,37 @@ def tiny_config(family: str):  # type: ignore[no-untyped-def]
         return tiny_moe_config(family, common)
     if family == "gpt_oss":
         return gpt_oss_config(common)
+    if family.startswith("deepseek"):
+        return deepseek_config(family, common)
     raise ValueError(family)
+
+
+def deepseek_config(family: str, common: dict):  # type: ignore[no-untyped-def,type-arg]
+    """DeepSeek's shapes: MLA with a latent of 32 lanes, a rotary key of 16, per-head nope keys
+    of 16 and values of 24; layer 0 dense, then 8 routed experts of 32 units (top-3) in 4
+    groups of which 2 are kept, and shared experts. ``deepseek_v2``: V2-Lite's q_proj, softmax
+    routing (group_limited_greedy), 2 shared experts, interleaved rope. ``deepseek_v3``: the
+    low-rank query, sigmoid routing with a correction bias, renormalised, 1 shared expert,
+    YaRN with ``mscale_all_dim`` (factor 4 past 64 positions). ``deepseek_v3-flat``: V3 with
+    ``rope_interleave`` off."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    common = {**common, "num_key_value_heads": common["num_attention_heads"]}
+    mla = dict(kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24,
+               n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+               first_k_dense_replace=1, n_group=4, topk_group=2)  # fmt: skip
+    if family == "deepseek_v2":
+        return DeepseekV2Config(
+            **common, **mla, q_lora_rank=None, n_shared_experts=2, routed_scaling_factor=1.5,
+            topk_method="group_limited_greedy", norm_topk_prob=False,
+        )  # fmt: skip
+    return DeepseekV3Config(
+        **{**common, "max_position_embeddings": 256}, **mla, q_lora_rank=48, n_shared_experts=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True,
+        rope_interleave=family == "deepseek_v3",
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    )  # fmt: skip
 
 
 def gpt_oss_config(common: dict):  # type: ignore[no-untyped-def,type-arg]
@@ -222,6 +254,10 @@ def make_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if name.endswith("sinks"):
                 torch.nn.init.normal_(p, std=2.0)
+    if family.startswith("deepseek"):  # a correction bias that changes which experts win
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                torch.nn.init.normal_(b, std=0.1)
     model.save_pretrained(str(path))
     save_tokenizer(path)
     return path
@@ -296,7 +332,7 @@ def dense_attention(q, k_pool, v_pool, step, scale, attn=None):  # type: ignore[
     window = attn.window if attn is not None else None
     softcap = attn.softcap if attn is not None else None
     sinks = attn.sinks if attn is not None else None
-    out = torch.empty(q.shape, dtype=torch.float64)
+    out = torch.empty(*q.shape[:2], v_pool.shape[-1], dtype=torch.float64)  # (T, H, Dv)
     g = q.shape[1] // k_pool.shape[1]
     bs = step.block_size
     for s in step.seqs:
@@ -320,6 +356,28 @@ def dense_attention(q, k_pool, v_pool, step, scale, attn=None):  # type: ignore[
             probs = scores.softmax(-1)
         out[s.q_start : s.q_start + s.q_len] = torch.einsum("hnl,lhd->nhd", probs, v)
     return out
+
+
+def record_steps(backend: Any) -> list[Any]:
+    """The ``AttentionStep`` of every step ``backend`` stages from now on, in order."""
+    steps: list[Any] = []
+    stage = backend.stage
+    backend.stage = lambda step, *a: steps.append(step) or stage(step, *a)
+    return steps
+
+
+def expected_greedy(
+    paths: dict[str, Path], workload: Callable[[bool], tuple[list[list[int]], list[Any]]]
+) -> Callable[[str, bool], list[list[int]]]:
+    """(family, short) -> transformers' greedy tokens of ``workload(short)`` (prompts and
+    ``SamplingParams``) on the checkpoint ``paths[family]``, computed once each."""
+
+    @cache
+    def greedy(family: str, short: bool) -> list[list[int]]:
+        prompts, params = workload(short)
+        return hf_greedy(paths[family], prompts, [p.max_tokens for p in params])
+
+    return greedy
 
 
 def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:

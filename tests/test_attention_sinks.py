@@ -59,19 +59,26 @@ def test_with_sinks_is_one_more_logit_in_the_softmax() -> None:
     assert with_sinks(out, scores.logsumexp(-1), None) is out
 
 
+def leveled_step(seed: int, name: str) -> AttentionStep:
+    """A random mixed step (blocks of ``BS``) below nested prefix levels, torch seeded too; for
+    the ``reference`` backend every sequence read whole, as the runner gives it."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    step = random_step(rng, BS)
+    assert step.levels
+    if name == "reference":
+        seqs = [replace(s, shared_len=0) for s in step.seqs]
+        step = AttentionStep.of(seqs, (), step.num_rows, BS)
+    return step
+
+
 @pytest.mark.parametrize("window", [None, 9, 40])
 @pytest.mark.parametrize("name", ["reference", "shared_prefix", "native", "triton"])
 @pytest.mark.parametrize("seed", range(3))
 def test_every_backend_applies_sinks(seed: int, name: str, window: int | None) -> None:
     """Prefill chunks and decode rows below prefix levels up to 3 deep (1-3 blocks each), read
     as levels by every backend but the reference."""
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    step = random_step(rng, BS)
-    assert step.levels
-    if name == "reference":  # every sequence read whole, as the runner gives it
-        seqs = [replace(s, shared_len=0) for s in step.seqs]
-        step = AttentionStep.of(seqs, (), step.num_rows, BS)
+    step = leveled_step(seed, name)
     cache = KVCache(1, 400, BS, KV_HEADS, DIM, torch.float32, torch.device("cpu"))
     cache.k.normal_()
     cache.v.normal_()

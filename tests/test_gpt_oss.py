@@ -16,7 +16,14 @@ import torch
 from test_gemma import levels_against_windows
 from test_moe_models import load
 
-from conftest import VOCAB, hf_greedy, make_tiny_model, nested_prompts, tiny_config
+from conftest import (
+    VOCAB,
+    hf_greedy,
+    make_tiny_model,
+    nested_prompts,
+    record_steps,
+    tiny_config,
+)
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.errors import UnsupportedModelError
 from prefixbatch.execution.attention.native import CpuBackend
@@ -84,9 +91,7 @@ def test_greedy_matches_transformers(gpt_oss, mode):  # type: ignore[no-untyped-
         **MODES[mode],
     )
     backend = llm.engine.backend
-    steps: list[AttentionStep] = []
-    stage = backend.stage
-    backend.stage = lambda step, *a: steps.append(step) or stage(step, *a)  # type: ignore[method-assign]
+    steps = record_steps(backend)
     outs = llm.generate(prompts, params)
     expected = hf_greedy(gpt_oss, prompts, [p.max_tokens for p in params])
     for out, want, p in zip(outs, expected, params):

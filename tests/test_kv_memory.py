@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prefixbatch.config import KVLayout
 from prefixbatch.execution.attention.backend import KVCache
 from prefixbatch.execution.kv_memory import (
     KVBudgetError,
@@ -23,7 +24,7 @@ GIB = 2**30
 def test_blocks_are_what_the_budget_leaves_after_the_peak():
     # An H200-like device with the 8B model: 16 GiB weights + 4 GiB activations, 0.5 GiB context.
     profile = MemoryProfile(total=140 * GIB, peak_allocated=20 * GIB, non_torch=GIB // 2)
-    per_block = KVCache.bytes_per_block(32, 16, 8, 128, torch.bfloat16)
+    per_block = KVCache.bytes_per_block(32, 16, KVLayout(8, 128, 128), torch.bfloat16)
     assert per_block == 2 * 2**20  # 131 KB per token x 16 tokens
     left = int(140 * GIB * 0.9) - 20 * GIB - GIB // 2
     assert kv_blocks_from_profile(profile, 0.9, per_block) == left // per_block

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_deepseek import FAMILIES as DEEPSEEK_PARITY_FAMILIES
 from test_gemma import FAMILIES as GEMMA_PARITY_FAMILIES
 from test_gpt_oss import FAMILIES as GPT_OSS_PARITY_FAMILIES
 from test_moe_models import FAMILIES as MOE_PARITY_FAMILIES
@@ -27,7 +28,7 @@ from prefixbatch.loading.model_source import ModelSource
 
 def test_every_registered_family_has_a_parity_test():
     parity = [*PARITY_FAMILIES, *GEMMA_PARITY_FAMILIES, *MOE_PARITY_FAMILIES]
-    parity += GPT_OSS_PARITY_FAMILIES
+    parity += GPT_OSS_PARITY_FAMILIES + DEEPSEEK_PARITY_FAMILIES
     tested = {tiny_config(name).model_type for name in parity}
     assert {f.model_type for f in FAMILIES} <= tested
 

@@ -2,7 +2,8 @@
 transformers' GGUF reader maps) written the way llama.cpp writes them (stacked expert tensors,
 the router as ``ffn_gate_inp``, the shared expert as ``*_shexp``, the expert sizes as
 ``expert_feed_forward_length``), loaded and run against transformers on the checkpoint they
-were written from; Mixtral (a ``llama`` file with experts) and OLMoE files are clear errors."""
+were written from; Mixtral (a ``llama`` file with experts), OLMoE and DeepSeek (``deepseek2``)
+files are clear errors."""
 
 from __future__ import annotations
 
@@ -137,4 +138,14 @@ def test_gguf_mixtral_and_olmoe_are_clear_errors(moe_models, tmp_path, cache):  
     olmoe = tiny_config("olmoe")
     path = write_gguf(moe_models["olmoe"], tmp_path / "olmoe.gguf", "olmoe", olmoe, tensors)
     with pytest.raises(UnsupportedModelError, match="olmoe is not supported"):
+        LLM(str(path), device="cpu", kv_cache_memory=4 * 2**20)
+
+
+def test_gguf_deepseek_is_a_clear_error(tmp_path, cache):  # type: ignore[no-untyped-def]
+    """transformers' GGUF reader maps no DeepSeek architecture (llama.cpp's ``deepseek2``
+    holds V2 and V3): the error names the file and the architecture."""
+    config = tiny_config("deepseek_v2")
+    tensors = {"token_embd.weight": np.zeros((VOCAB, 64), np.float32)}
+    path = write_gguf(tmp_path, tmp_path / "deepseek.gguf", "deepseek2", config, tensors)
+    with pytest.raises(UnsupportedModelError, match="deepseek.gguf.*deepseek2"):
         LLM(str(path), device="cpu", kv_cache_memory=4 * 2**20)

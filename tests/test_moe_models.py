@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MOE_FAMILIES, hf_greedy, nested_prompts, tiny_config
+from conftest import MOE_FAMILIES, expected_greedy, nested_prompts, tiny_config
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.errors import ModelNotFoundError
 from prefixbatch.execution.attention.native import CpuBackend
@@ -57,12 +57,7 @@ def workload(short: bool) -> tuple[list[list[int]], list[SamplingParams]]:
 
 @pytest.fixture(scope="module")
 def expected(moe_models):  # type: ignore[no-untyped-def]
-    @cache
-    def greedy(family: str, short: bool) -> list[list[int]]:
-        prompts, params = workload(short)
-        return hf_greedy(moe_models[family], prompts, [p.max_tokens for p in params])
-
-    return greedy
+    return expected_greedy(moe_models, workload)
 
 
 def kv_bytes(family: str, blocks: int) -> int:

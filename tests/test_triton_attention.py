@@ -164,6 +164,30 @@ def test_mixed_step_matches_reference(seed: int, device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_compressed_latent_cache_matches_reference(device: str) -> None:
+    """Multi-head latent attention's cache (one KV head whose value is its key's first lanes,
+    stored once) through the backend, every dtype the device computes: on CUDA at
+    DeepSeek-V3's sizes (a key of 512 + 64 lanes, 128 query heads: 8 head programs per tile),
+    under the interpreter at 32 + 16 lanes and 48 heads (3 programs)."""
+    rng = random.Random(21)
+    torch.manual_seed(21)
+    step = random_step(rng, 16, max_depth=2)
+    rank, rope, heads = (512, 64, 128) if device == "cuda" else (32, 16, 48)
+    scale = (128 + 64) ** -0.5
+    for dtype in dtypes_for(device):
+        cache = KVCache(1, 400, 16, 1, rank + rope, dtype, device, rank, value_in_key=True)
+        cache.k.normal_()
+        backend = TritonBackend(cache, heads, scale)
+        q = torch.randn(step.num_rows, heads, rank + rope, device=device, dtype=dtype)
+        k = torch.randn(step.num_rows, 1, rank + rope, device=device, dtype=dtype)
+        got = backend.forward(0, q, k, k[..., :rank], backend.prepare(step))
+        assert got.shape == (step.num_rows, heads, rank) and got.dtype == dtype
+        expected = dense_attention(q, cache.k[0], cache.v[0], step, scale)
+        err = max_rel_error(got, expected)
+        assert err < TOLERANCE[dtype], f"{dtype}: max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(3))
 def test_prefix_partials_are_each_levels_attention(seed: int, device: str) -> None:
     """The prefix-level kernel alone: each level's rows against its own blocks, output and
@@ -453,16 +477,22 @@ def signature(fn, constexprs):
     }
 
 tiles = dict(BLOCK_N=tk.BLOCK_N, HEAD_DIM=128, BLOCK_SIZE=16, PRECISION="tf32")
-plain = dict(SOFTCAP=False, SLIDING=False)
-gemma = dict(SOFTCAP=True, SLIDING=True)
+plain = dict(SOFTCAP=False, SLIDING=False, TAIL=0, HEAD_SPLITS=1)
+gemma = dict(SOFTCAP=True, SLIDING=True, TAIL=0, HEAD_SPLITS=1)
+# DeepSeek-V3's MLA: a value of 512 lanes inside a key of 576, 128 query heads in 8 programs
+mla = dict(**{**tiles, "HEAD_DIM": 512}, SOFTCAP=False, SLIDING=False, TAIL=64, HEAD_SPLITS=8)
 for fn, constexprs in (
     (tk.prefix_level_kernel, dict(G=4, ROWS=16, BLOCK_M=64, **tiles, **plain)),
     (tk.prefix_level_kernel, dict(G=4, ROWS=16, BLOCK_M=64, **tiles, **gemma)),
+    (tk.prefix_level_kernel, dict(G=16, ROWS=4, BLOCK_M=64, **mla)),
     (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=False, **tiles, **plain)),
     (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=True, **tiles, **plain)),
     (tk.own_kv_kernel, dict(G=4, ROWS=8, BLOCK_M=32, SPLIT=True, **tiles, **gemma)),
+    (tk.own_kv_kernel, dict(G=16, ROWS=2, BLOCK_M=32, SPLIT=True, **mla)),
     (tk.merge_splits_kernel, dict(G=4, BLOCK_G=4, HEAD_DIM=128)),
-    (tk.store_kv_kernel, dict(ROW=1024, BLOCK=1024)),
+    (tk.merge_splits_kernel, dict(G=16, BLOCK_G=16, HEAD_DIM=512)),
+    (tk.store_kv_kernel, dict(ROW=1024, BLOCK=1024, STORE_V=True)),
+    (tk.store_kv_kernel, dict(ROW=576, BLOCK=1024, STORE_V=False)),
 ):
     source = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
     assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]

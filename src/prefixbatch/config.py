@@ -59,6 +59,25 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class KVLayout:
+    """What the KV cache holds per token and layer: ``kv_heads`` heads of a key of ``head_dim``
+    lanes and a value of ``value_dim`` lanes. ``value_in_key``: the value is the key's first
+    ``value_dim`` lanes and is stored once, in the key (multi-head latent attention, DeepSeek-V2
+    (DeepSeek-AI, 2024): one head whose key is the normalised latent ``c_kv`` followed by the
+    roped ``k_pe`` and whose value is ``c_kv``)."""
+
+    kv_heads: int
+    head_dim: int
+    value_dim: int
+    value_in_key: bool = False
+
+    def bytes_per_token(self, layers: int, dtype: torch.dtype) -> int:
+        """Bytes one token takes in the cache over ``layers`` layers."""
+        lanes = self.head_dim + (0 if self.value_in_key else self.value_dim)
+        return layers * self.kv_heads * lanes * dtype.itemsize
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A Hugging Face config normalised into the fields every family's model code reads
     (``architecture`` is the family's name); a family may extend it with fields of its own
@@ -87,6 +106,12 @@ class ModelConfig:
         """The factor on q . k before the softmax: 1 / sqrt(head_dim), unless the family's
         config sets another (Gemma's ``query_pre_attn_scalar``)."""
         return self.head_dim**-0.5
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        """What the KV cache stores per token: K and V of ``num_kv_heads`` heads of
+        ``head_dim``, unless the family stores another layout (MLA's latent)."""
+        return KVLayout(self.num_kv_heads, self.head_dim, self.head_dim)
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}

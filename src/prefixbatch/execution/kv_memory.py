@@ -104,14 +104,15 @@ def available_memory() -> int:
 
 def kv_pool_blocks(config: EngineConfig, cfg: ModelConfig) -> tuple[int, int]:
     """(blocks in the KV pool, bytes per block): ``kv_cache_memory`` bytes, or a
-    ``kv_cache_fraction`` of free memory (on the CPU at most ``CPU_DEFAULT_CAP``). On CUDA without
-    a budget this is an estimate from free memory (the plan report); the worker sizes its pool
-    with a profiling forward instead (``gpu_kv_blocks``).
+    ``kv_cache_fraction`` of free memory (on the CPU at most ``CPU_DEFAULT_CAP``). A block's
+    bytes are what the model's ``KVLayout`` stores (MLA: the compressed latent alone). On CUDA
+    without a budget this is an estimate from free memory (the plan report); the worker sizes
+    its pool with a profiling forward instead (``gpu_kv_blocks``).
 
     Raises ``KVBudgetError`` when the budget holds no block at all.
     """
     per_block = KVCache.bytes_per_block(
-        cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, config.torch_dtype
+        cfg.num_layers, config.block_size, cfg.kv_layout, config.torch_dtype
     )
     budget = config.kv_cache_memory
     if budget is None and config.torch_device.type == "cuda":

@@ -78,8 +78,8 @@ class Worker:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of the KV pool (K and V)."""
-        return 2 * self.cache.k.numel() * self.cache.k.element_size()
+        """Bytes of the KV pool (K and V; V once where it is part of K)."""
+        return self.cache.nbytes
 
     def runner(self, share_prefix_attention: bool, min_shared: int | None) -> ModelRunner:
         """A runner of steps on this worker's model, backend and graphs (its options as
@@ -133,15 +133,10 @@ class Worker:
 
     def _cache(self, num_blocks: int) -> KVCache:
         cfg, config = self.model_config, self.config
-        return KVCache(
-            cfg.num_layers,
-            num_blocks,
-            config.block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            config.torch_dtype,
+        return KVCache.of_layout(
+            cfg.num_layers, num_blocks, config.block_size, cfg.kv_layout, config.torch_dtype,
             self.device,
-        )
+        )  # fmt: skip
 
     def _backend(self, name: str, cache: KVCache) -> AttentionBackend:
         cfg = self.model_config
@@ -154,7 +149,7 @@ class Worker:
         if self.device.type != "cuda" or config.kv_cache_memory is not None:
             return kv_pool_blocks(config, cfg)[0]
         per_block = KVCache.bytes_per_block(
-            cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, config.torch_dtype
+            cfg.num_layers, config.block_size, cfg.kv_layout, config.torch_dtype
         )
         return gpu_kv_blocks(
             lambda: self._largest_step(backend_name),

@@ -65,13 +65,17 @@ FULL_ATTENTION = LayerAttention()
 class AttentionBackend(ABC):
     """Writes a step's new K/V into the paged cache and computes attention for every row.
 
-    Contract: ``forward`` gets q (T, H, D), k and v (T, KVH, D) for the flattened step and returns
-    (T, H, D): for each row, exact softmax attention over the positions its sequence attends
+    Contract: ``forward`` gets q (T, H, D), k (T, KVH, D) and v (T, KVH, Dv) for the flattened
+    step and returns (T, H, Dv): for each row, exact softmax attention (scores ``scale * q . k``)
+    over the positions its sequence attends
     (causal, within the layer's window, scores soft-capped, sinks in the denominator:
     ``LayerAttention``), whatever way the
     backend splits the work (prefix levels read once per group and merged by log-sum-exp, or the
     whole context per row). A sliding layer reads only the window of a shared prefix: a level
-    wholly before a row's window adds nothing to that row.
+    wholly before a row's window adds nothing to that row. The value may be narrower than the
+    key (Dv < D), and where the cache keeps it in the key (``KVCache.value_in_key``: multi-head
+    latent attention's one latent head) v is k's first Dv lanes and only k is written (the
+    registry lists which backends read such a cache: ``BackendEntry.value_dims``).
 
     ``shares_prefix``: whether the backend reads prefix levels once for all rows below them (the
     runner then describes the step's levels for sequences whose shared prefix has at least
@@ -111,9 +115,11 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor: ...
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store the step's new k, v (T, KVH, D) at ``slots`` (T,) of the layer's pools."""
+        """Store the step's new k (T, KVH, D), v (T, KVH, Dv) at ``slots`` (T,) of the layer's
+        pools (k alone where the value is part of the key)."""
         self.cache.k[layer].index_copy_(0, slots, k)
-        self.cache.v[layer].index_copy_(0, slots, v)
+        if not self.cache.value_in_key:
+            self.cache.v[layer].index_copy_(0, slots, v)
 
 
 def padded_rows(rows: Sequence[Sequence[int]], dtype: type = np.int64) -> np.ndarray:
@@ -195,16 +201,17 @@ class DecodeBatch:
 
 
 def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
-    """pool (slots, KVH, D), block_ids (B, NB) -> (B, NB * block_size, KVH, D)."""
+    """pool (slots, KVH, D), contiguous or a lane view of one (a value kept in the key),
+    block_ids (B, NB) -> (B, NB * block_size, KVH, D) contiguous."""
     b, nb = block_ids.shape
-    blocks = pool.view(-1, block_size * pool.shape[1] * pool.shape[2])
+    blocks = pool.unflatten(0, (-1, block_size))  # (blocks, block_size, KVH, D)
     return blocks.index_select(0, block_ids.flatten()).view(b, nb * block_size, *pool.shape[1:])
 
 
 def decode_kv(
     k_pool: torch.Tensor, v_pool: torch.Tensor, d: DecodeBatch, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode batch's padded K and V, each (B, KVH, Lmax, D)."""
+    """A decode batch's padded K and V, (B, KVH, Lmax, D) and (B, KVH, Lmax, Dv)."""
     k = gather_blocks(k_pool, d.block_ids, block_size).transpose(1, 2)
     v = gather_blocks(v_pool, d.block_ids, block_size).transpose(1, 2)
     return k, v

@@ -50,11 +50,12 @@ def busy_tiles(tiles: int, rows: int, rows_per_tile: int, padded: bool) -> int:
     return min(tiles, -(-rows // max(1, rows_per_tile))) if padded else tiles
 
 
-def choose_splits(prefix_busy: int, own_busy: int, kv_heads: int, target: int) -> KVSplits:
+def choose_splits(prefix_busy: int, own_busy: int, heads: int, target: int) -> KVSplits:
     """Splits of a step whose grids are ``prefix_busy`` / ``own_busy`` busy tiles x
-    ``kv_heads`` programs (``busy_tiles``), aiming at ``target`` programs (e.g. twice the
-    SMs; 0 never splits)."""
+    ``heads`` head programs (``busy_tiles``; one per KV head, or several when a KV head's
+    query heads are split), aiming at ``target`` programs (e.g. twice the SMs; 0 never
+    splits)."""
     return KVSplits(
-        prefix=splits_for(prefix_busy * kv_heads, target),
-        own=splits_for(own_busy * kv_heads, target),
+        prefix=splits_for(prefix_busy * heads, target),
+        own=splits_for(own_busy * heads, target),
     )

@@ -9,7 +9,10 @@ results by log-sum-exp (cascade attention, after BatchLLM, Hydragen and FlashInf
 ``prefill_attention`` attends prefill chunks causally over their sequences. ``write_kv`` stores
 a step's new K/V rows. Each attention kernel takes the layer's sliding window (reading only the
 blocks inside it) and soft-cap (``LayerAttention``); sinks join the prefill kernel's softmax
-and, for decode rows, the merged result by its log-sum-exp (``with_sinks``). The build
+and, for decode rows, the merged result by its log-sum-exp (``with_sinks``). Values may be
+narrower than keys and kept inside them (multi-head latent attention's compressed cache,
+``csrc/value_pool.h``): the kernels read V through its own slot and head strides, and only K
+is written. The build
 (``native_build.py``) happens once per machine and source version; without a C++ compiler, or
 with ``kernels="torch"``, the engine keeps the plain PyTorch path.
 """
@@ -61,7 +64,8 @@ class DecodeKernels(Protocol):
         softcap: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, H, D) against the first ``lengths[b]`` positions held in blocks
-        ``block_tables[b]`` (B, NB) int64 of the pools (slots, KVH, D) -> out (B, H, D) and the
+        ``block_tables[b]`` (B, NB) int64 of the pools (slots, KVH, D) and (slots, KVH, Dv)
+        (its own pool or K's first lanes) -> out (B, H, Dv) and the
         log-sum-exp of the scores, lse (B, H). fp32; q may be a row-strided view. ``window``
         > 0: only each row's last ``window`` positions; ``softcap`` > 0: soft-capped scores
         (``LayerAttention``; 0 is off for both)."""
@@ -107,7 +111,7 @@ class DecodeKernels(Protocol):
         softcap: float,
         sinks: torch.Tensor,
     ) -> None:
-        """Fills ``out`` (T, H, D) contiguous at each chunk's rows ``[q_start[s], + q_len[s])``:
+        """Fills ``out`` (T, H, Dv) contiguous at each chunk's rows ``[q_start[s], + q_len[s])``:
         their causal attention over positions ``[0, context_len[s])`` held in
         ``block_tables[s]`` (S, NB), each query's last ``window`` only for ``window`` > 0,
         ``sinks`` (H,) fp32 in every softmax denominator (empty: none). q (T, H, D) may be a
@@ -250,7 +254,10 @@ class CpuBackend(AttentionBackend):
         return Staged(arrays, build)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        self.kernels.write_kv(self.cache.k[layer], self.cache.v[layer], slots, k, v)
+        if self.cache.value_in_key:  # K alone (MLA's latent): one index copy
+            super().write_kv(layer, k, v, slots)
+        else:
+            self.kernels.write_kv(self.cache.k[layer], self.cache.v[layer], slots, k, v)
 
     def forward(
         self,
@@ -267,7 +274,7 @@ class CpuBackend(AttentionBackend):
         if meta.prefill is None and d is not None:
             # Every row is a decode row, in row order: no gather of the queries, no scatter.
             return self.decode(q, k_pool, v_pool, d, meta.levels, attn)
-        out = q.new_empty(q.shape)
+        out = q.new_empty(*q.shape[:2], v_pool.shape[-1])  # (T, H, Dv)
         if meta.prefill is not None:
             p = meta.prefill
             self.kernels.prefill_attention(
@@ -289,7 +296,7 @@ class CpuBackend(AttentionBackend):
         attn: LayerAttention,
     ) -> torch.Tensor:
         """The decode rows' queries q (B, H, D), rows possibly strided -> their attention
-        (B, H, D) contiguous."""
+        (B, H, Dv) contiguous."""
         bs, scale, options = self.cache.block_size, self.scale, kernel_options(attn)
         out, lse = self.kernels.paged_decode(
             q, k_pool, v_pool, d.block_ids, d.lengths, bs, scale, *options

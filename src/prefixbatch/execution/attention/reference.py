@@ -2,7 +2,9 @@
 against. Prefill chunks attend one sequence at a time through SDPA; decode tokens attend in one
 padded SDPA call. A sliding window narrows the masks; soft-capped scores and attention sinks
 (which SDPA cannot take) go through the explicit softmax that the shared-prefix path also uses
-(``attend_lse``), the sinks applied to its result by its log-sum-exp (``with_sinks``).
+(``attend_lse``), the sinks applied to its result by its log-sum-exp (``with_sinks``). Values
+may be narrower than keys (Dv < D) and may be a lane view of the key pool (multi-head latent
+attention's compressed cache); every function here takes both.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def attend_lse(
     scale: float,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (n, H, D) against k, v (L, KVH, D) -> out (n, H, D), lse (n, H), both fp32.
+    """q (n, H, D) against k (L, KVH, D), v (L, KVH, Dv) -> out (n, H, Dv), lse (n, H), both
+    fp32.
 
     GQA: the G query heads of a KV head are packed into the rows, so k/v are never expanded.
     ``mask`` (n, L) marks attended positions (None: all); every row must attend one at least.
@@ -141,8 +144,8 @@ def attend_lse(
         scores = scores.view(kvh, n, g, -1).masked_fill(~mask[None, :, None, :], float("-inf"))
         scores = scores.view(kvh, n * g, -1)
     lse = torch.logsumexp(scores, dim=-1)  # (KVH, n*G)
-    out = torch.bmm(torch.exp(scores - lse[..., None]), v.float().transpose(0, 1))  # (KVH, n*G, D)
-    out = out.view(kvh, n, g, d).permute(1, 0, 2, 3).reshape(n, h, d)
+    out = torch.bmm(torch.exp(scores - lse[..., None]), v.float().transpose(0, 1))  # (KVH, n*G, Dv)
+    out = out.view(kvh, n, g, -1).permute(1, 0, 2, 3).reshape(n, h, -1)
     return out, lse.view(kvh, n, g).permute(1, 0, 2).reshape(n, h)
 
 
@@ -155,7 +158,7 @@ def attend_lse_decode(
     block_size: int,
     attn: LayerAttention = FULL_ATTENTION,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query row per sequence, q (B, H, D), against padded own KV -> (B, H, D), (B, H)."""
+    """One query row per sequence, q (B, H, D), against padded own KV -> (B, H, Dv), (B, H)."""
     b, h, dim = q.shape
     kvh = k_pool.shape[1]
     k, v = decode_kv(k_pool, v_pool, d, block_size)  # (B, KVH, Lmax, D)
@@ -165,8 +168,8 @@ def attend_lse_decode(
     scores = soft_cap(scores, attn.softcap)
     scores = scores.masked_fill(~decode_mask(d, block_size, attn.window), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, KVH, G)
-    out = torch.matmul(torch.exp(scores - lse[..., None]), v)  # (B, KVH, G, D)
-    return out.reshape(b, h, dim), lse.reshape(b, h)
+    out = torch.matmul(torch.exp(scores - lse[..., None]), v)  # (B, KVH, G, Dv)
+    return out.reshape(b, h, -1), lse.reshape(b, h)
 
 
 def attend_slice(
@@ -177,7 +180,7 @@ def attend_slice(
     scale: float,
     attn: LayerAttention = FULL_ATTENTION,
 ) -> torch.Tensor:
-    """One sequence's chunk: q (n, H, D) against its gathered KV -> (n, H, D). SDPA, unless
+    """One sequence's chunk: q (n, H, D) against its gathered KV -> (n, H, Dv). SDPA, unless
     the scores are soft-capped or there are sinks (SDPA has neither): then the explicit
     softmax."""
     k = k_pool.index_select(0, s.kv_slots)  # (L, KVH, D)
@@ -193,7 +196,7 @@ def attend_slice(
         attn_mask=mask,
         scale=scale,
         enable_gqa=True,
-    )  # (1, H, n, D)
+    )  # (1, H, n, Dv)
     return out[0].transpose(0, 1)
 
 
@@ -206,7 +209,7 @@ def attend_decode(
     block_size: int,
     attn: LayerAttention = FULL_ATTENTION,
 ) -> torch.Tensor:
-    """Decode tokens q (B, H, D) against their padded KV -> (B, H, D).
+    """Decode tokens q (B, H, D) against their padded KV -> (B, H, Dv).
 
     The query heads that share a KV head are folded into the query length, so K/V are never
     expanded: q becomes (B, KVH, G, D) against k (B, KVH, Lmax, D). Soft-capped scores and
@@ -221,7 +224,7 @@ def attend_decode(
     qg = q.view(b, kv_heads, h // kv_heads, dim)
     mask = decode_mask(d, block_size, attn.window)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(b, h, dim)
+    return out.reshape(b, h, -1)
 
 
 class ReferenceBackend(AttentionBackend):
@@ -246,7 +249,11 @@ class ReferenceBackend(AttentionBackend):
             # Every row is a decode row, in row order: the decode output is the result as it
             # is, with no gather of the rows' queries and no scatter of their outputs.
             return self.decode(q, self.cache.k[layer], self.cache.v[layer], meta.decode, attn)
-        return self.attend(layer, q, meta.prefills, meta.decode, torch.empty_like(q), attn)
+        return self.attend(layer, q, meta.prefills, meta.decode, self.new_out(q), attn)
+
+    def new_out(self, q: torch.Tensor) -> torch.Tensor:
+        """An uninitialised output for queries q (T, H, D): (T, H, Dv)."""
+        return q.new_empty(*q.shape[:2], self.cache.v.shape[-1])
 
     def attend(
         self,
@@ -275,5 +282,5 @@ class ReferenceBackend(AttentionBackend):
         d: DecodeBatch,
         attn: LayerAttention,
     ) -> torch.Tensor:
-        """The decode batch's rows q (B, H, D) -> (B, H, D)."""
+        """The decode batch's rows q (B, H, D) -> (B, H, Dv)."""
         return attend_decode(q, k_pool, v_pool, d, self.scale, self.cache.block_size, attn)

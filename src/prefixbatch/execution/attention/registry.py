@@ -3,6 +3,8 @@
 ``select_backend("auto", ...)`` takes the first registered backend that supports the device and
 dtype, in priority order; a name picks that backend (an error if it cannot run here). The plain
 PyTorch ``torch`` backend runs everywhere and is the reference the others are tested against.
+Each backend's ``supports`` includes the cache's head sizes and layout (a value kept in the
+key: multi-head latent attention, ``KVCache.value_in_key``).
 """
 
 from __future__ import annotations
@@ -51,11 +53,18 @@ def _triton(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
 
 
 def _triton_supports(cache: KVCache) -> bool:
+    """Head sizes the kernels take (``triton_launch.head_layout``; a narrower value only kept
+    in the key) where triton runs."""
     from .triton_backend import triton_available
 
-    head_dim = cache.k.shape[-1]
-    power_of_two = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    return power_of_two and triton_available(cache.k.device)
+    if not triton_available(cache.k.device):
+        return False
+    from .triton_launch import head_layout  # imports triton
+
+    same = cache.v.shape == cache.k.shape
+    return (same or cache.value_in_key) and head_layout(
+        cache.k.shape[-1], cache.v.shape[-1]
+    ) is None
 
 
 def _torch(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
@@ -64,14 +73,21 @@ def _torch(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
     return SharedPrefixBackend(cache, heads, scale)
 
 
-def _is_cpu_fp32(cache: KVCache) -> bool:
-    return cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
+def _cpu_supports(cache: KVCache) -> bool:
+    """fp32 on the CPU; a narrower value only kept in the key (the kernels' write is K and V of
+    one size)."""
+    same = cache.v.shape == cache.k.shape
+    return (
+        cache.k.device.type == "cpu"
+        and cache.k.dtype == torch.float32
+        and (same or cache.value_in_key)
+    )
 
 
 # Highest priority first; "torch" last: it runs everywhere.
 BACKENDS: list[BackendEntry] = [
     BackendEntry("triton", _triton_supports, _triton, in_auto=lambda d: d.type == "cuda"),
-    BackendEntry("cpu", _is_cpu_fp32, _cpu_native),
+    BackendEntry("cpu", _cpu_supports, _cpu_native),
     BackendEntry("torch", lambda cache: True, _torch),
 ]
 
@@ -94,8 +110,10 @@ def select_backend(name: str, cache: KVCache, num_heads: int, scale: float) -> A
             )
         backend = entry.build(cache, num_heads, scale) if entry.supports(cache) else None
         if backend is None:
+            latent = ", kept in the key" if cache.value_in_key else ""
             raise BackendUnavailableError(
-                f"attention backend {name!r} cannot run on {device.type} with {dtype}"
+                f"attention backend {name!r} cannot run on {device.type} with {dtype} and "
+                f"keys of {cache.k.shape[-1]} lanes, values of {cache.v.shape[-1]}{latent}"
             )
         return backend
     for entry in BACKENDS:

@@ -58,7 +58,7 @@ class SharedPrefixMetadata:
 def merge(
     o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two attention partials over disjoint keys: o (n, H, D), lse (n, H).
+    """Combine two attention partials over disjoint keys: o (n, H, Dv), lse (n, H).
     ``lse1`` may be -inf (no keys yet); ``lse2`` never is."""
     m = torch.maximum(lse1, lse2)
     w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
@@ -104,16 +104,16 @@ class SharedPrefixBackend(ReferenceBackend):
         attn: LayerAttention = FULL_ATTENTION,
     ) -> torch.Tensor:
         self.write_kv(layer, k, v, meta.slot_mapping)
-        out = self.attend(layer, q, meta.prefills, meta.decode, torch.empty_like(q), attn)
+        out = self.attend(layer, q, meta.prefills, meta.decode, self.new_out(q), attn)
         if not meta.segments:
             return out
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        t, h, d = q.shape
-        acc_o = q.new_zeros(t, h, d, dtype=torch.float32)  # running merged output per row
+        t, h, dv = out.shape
+        acc_o = q.new_zeros(t, h, dv, dtype=torch.float32)  # running merged output per row
         acc_lse = q.new_full((t, h), float("-inf"), dtype=torch.float32)
         for seg in meta.segments:
             pk = k_pool.index_select(0, seg.slots)  # (P, KVH, D): read once for all rows below
-            pv = v_pool.index_select(0, seg.slots)
+            pv = pk[..., :dv] if self.cache.value_in_key else v_pool.index_select(0, seg.slots)
             seg_rows, mask = self.segment_rows(seg, meta.positions, attn.window)
             for i in range(0, len(seg_rows), _PREFIX_ROWS):
                 rows = seg_rows[i : i + _PREFIX_ROWS]

@@ -44,9 +44,11 @@ class TritonBackend(AttentionBackend):
     rows below prefix levels reading each level once per tile of rows (see ``triton_kernels``,
     launched by ``triton_launch``).
 
-    ``forward`` gets q (T, H, D), k and v (T, KVH, D) for the flattened step and returns
-    (T, H, D) in q's dtype: an exact softmax over each row's whole context (levels, then its own
-    positions ``[shared_len, context_len)`` causally), accumulated in fp32.
+    ``forward`` gets q (T, H, D), k (T, KVH, D) and v (T, KVH, Dv) for the flattened step and
+    returns (T, H, Dv) in q's dtype: an exact softmax over each row's whole context (levels,
+    then its own positions ``[shared_len, context_len)`` causally), accumulated in fp32. A
+    value kept in the key (MLA's compressed cache) is read from the K pool; the key's lanes
+    past the value's are a second dot product (``triton_kernels``).
     """
 
     shares_prefix = True  # the runner may describe prefix-group members as levels + own KV
@@ -57,8 +59,9 @@ class TritonBackend(AttentionBackend):
 
         super().__init__(cache, num_heads, scale)
         self._kernels = triton_launch
-        self.group_size = num_heads // cache.k.shape[2]  # query heads per KV head
-        self.kv_heads = cache.k.shape[2]
+        # query heads one program packs (all of a KV head's, up to 16: MLA splits its 16-128)
+        self.group_size = triton_launch.heads_per_program(num_heads // cache.k.shape[2])
+        self.head_programs = num_heads // self.group_size  # programs per tile, all KV heads
         # Split-KV when a step's grid would underfill the device (kv_splits.py); tests raise it
         # to split on the CPU.
         self.target_programs = target_programs(cache.k.device)
@@ -85,7 +88,8 @@ class TritonBackend(AttentionBackend):
     ) -> torch.Tensor:
         """Attention of layer ``layer`` for the step ``metadata`` was prepared for."""
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        self._kernels.write_kv(k, v, k_pool, v_pool, metadata.slot_mapping)
+        store_v = not self.cache.value_in_key
+        self._kernels.write_kv(k, v, k_pool, v_pool, metadata.slot_mapping, store_v)
         splits = self.splits(metadata)
         return self._kernels.triton_attention(q, k_pool, v_pool, metadata, self.scale, splits, attn)
 
@@ -96,7 +100,7 @@ class TritonBackend(AttentionBackend):
         return choose_splits(
             busy_tiles(metadata.prefix_tile_level.numel(), rows, metadata.prefix_rows, padded),
             busy_tiles(metadata.own_tile_seq.numel(), rows, 1, padded),
-            self.kv_heads,
+            self.head_programs,
             self.target_programs,
         )
 

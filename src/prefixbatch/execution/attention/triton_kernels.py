@@ -29,6 +29,14 @@ through the sequence's own block table, which starts at its ``shared_len`` (slot
 need not align with blocks. fp32 inputs use IEEE dot products (not TF32), so they match
 the PyTorch reference to ~1e-6.
 
+Keys may be wider than values: ``HEAD_DIM`` is the value's lanes, which are also the key's
+first lanes, and ``TAIL`` (0: none) the key's further lanes, whose scores are a second dot
+product (multi-head latent attention: a key ``[c_kv, k_pe]`` of 512 + 64 lanes whose value is
+``c_kv``, kept in the key, so V is a view of the K pool; SGLang's and vLLM's Triton MLA decode
+split the key the same way). A KV head's ``G`` query heads may be split over
+``HEAD_SPLITS`` programs (MLA's one KV head serves every query head): program ``p`` of axis 1
+packs query heads ``[p * G, (p + 1) * G)`` and reads KV head ``p // HEAD_SPLITS``.
+
 No argument whose value changes between steps selects a compiled variant: Triton specialises
 integers on ``== 1`` and divisibility by 16 and pointers on 16-byte alignment, and the block
 table and level table widths (their row strides), the partial buffers' split strides, the split
@@ -51,12 +59,13 @@ BLOCK_N = 32  # KV positions per inner-loop tile; untuned
 
 
 @triton.jit
-def _packed_rows(first, limit, kvh, G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _packed_rows(first, limit, hp, G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
     """The M dimension of a tile: ``ROWS`` query rows from ``first`` x the ``G`` query heads of
-    KV head ``kvh``. Returns each entry's row, head, and whether it is a real row (< ``limit``)."""
+    head program ``hp``. Returns each entry's row, head, and whether it is a real row
+    (< ``limit``)."""
     m = tl.arange(0, BLOCK_M)
     rows = first + m // G
-    return rows, kvh * G + m % G, (m < ROWS * G) & (rows < limit)
+    return rows, hp * G + m % G, (m < ROWS * G) & (rows < limit)
 
 
 @triton.jit
@@ -67,19 +76,52 @@ def _load_q(q_ptr, rows, heads, ok, stride_qt, stride_qh, d):
 
 
 @triton.jit
-def _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, stride_vh, d):
-    """K as (D, BLOCK_N) (ready for q @ k) and V as (BLOCK_N, D) at int64 ``slot``s."""
-    k = tl.load(
+def _load_k(k_ptr, slot, ok, kvh, stride_ks, stride_kh, d):
+    """K's lanes ``d`` as (len(d), BLOCK_N) (ready for q @ k) at int64 ``slot``s."""
+    return tl.load(
         k_ptr + slot[None, :] * stride_ks + kvh * stride_kh + d[:, None],
         mask=ok[None, :],
         other=0.0,
     )
+
+
+@triton.jit
+def _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, stride_vh, d):
+    """K as (D, BLOCK_N) (ready for q @ k) and V as (BLOCK_N, D) at int64 ``slot``s."""
+    k = _load_k(k_ptr, slot, ok, kvh, stride_ks, stride_kh, d)
     v = tl.load(
         v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :],
         mask=ok[:, None],
         other=0.0,
     )
     return k, v
+
+
+@triton.jit
+def _load_q_tail(
+    q_ptr, rows, heads, ok, stride_qt, stride_qh, HEAD_DIM: tl.constexpr, TAIL: tl.constexpr
+):  # fmt: skip
+    """The query's lanes past the value's, (BLOCK_M, TAIL); 0 (unused) without a ``TAIL``."""
+    q_tail = 0.0  # one return: a compile-time branch may rebind it, not return another type
+    if TAIL > 0:
+        q_tail = _load_q(
+            q_ptr, rows, heads, ok, stride_qt, stride_qh, HEAD_DIM + tl.arange(0, TAIL)
+        )
+    return q_tail
+
+
+@triton.jit
+def _qk(
+    q, k, q_tail, k_ptr, slot, ok, kvh, stride_ks, stride_kh,
+    HEAD_DIM: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """q . k (BLOCK_M, BLOCK_N) over every key lane: the first ``HEAD_DIM`` (q, k loaded),
+    then the ``TAIL`` lanes (``q_tail``, K's loaded here)."""
+    dot = tl.dot(q, k, input_precision=PRECISION)
+    if TAIL > 0:
+        k_tail = _load_k(k_ptr, slot, ok, kvh, stride_ks, stride_kh, HEAD_DIM + tl.arange(0, TAIL))
+        dot += tl.dot(q_tail, k_tail, input_precision=PRECISION)
+    return dot
 
 
 @triton.jit
@@ -93,14 +135,15 @@ def _tanh(x):
 
 @triton.jit
 def _softmax_step(
-    q, k, v, valid, m_i, l_i, acc, qk_scale, cap_scale,
+    dot, v, valid, m_i, l_i, acc, qk_scale, cap_scale,
     PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
-    """One online-softmax update with a KV tile; ``valid`` (M, N) masks the scores. Scores are
+    """One online-softmax update with a KV tile of q . k products ``dot`` (M, N); ``valid``
+    (M, N) masks the scores. Scores are
     ``dot * qk_scale`` (base 2), or with ``SOFTCAP`` ``tanh(dot * qk_scale) * cap_scale``
     (``qk_scale`` = scale / softcap, ``cap_scale`` = softcap * log2(e)). Returns the new
     running max (base 2), denominator and unnormalised output, all fp32."""
-    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    s = dot * qk_scale
     if SOFTCAP:
         s = _tanh(s) * cap_scale
     s = tl.where(valid, s, float("-inf"))
@@ -191,17 +234,19 @@ def _level_tile(
     qk_scale, cap_scale, window,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr, SLIDING: tl.constexpr, TAIL: tl.constexpr, HEAD_SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """One tile of level ``lvl`` (rows from ``row0``), KV head ``program_id(1)``, its part
+    """One tile of level ``lvl`` (rows from ``row0``), head program ``program_id(1)``, its part
     ``program_id(2)`` of the level's KV: the partial output and log-sum-exp of its rows. With
     ``SLIDING`` a row at position ``p`` reads the level's positions after ``p - window`` only,
     and the tile's loop starts where its first row's window does."""
-    kvh = tl.program_id(1)
+    hp = tl.program_id(1)
+    kvh = hp // HEAD_SPLITS
     length = tl.load(lvl_len_ptr + lvl)
-    rows, heads, row_ok = _packed_rows(row0, row_end, kvh, G, ROWS, BLOCK_M)
+    rows, heads, row_ok = _packed_rows(row0, row_end, hp, G, ROWS, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     q = _load_q(q_ptr, rows, heads, row_ok, stride_qt, stride_qh, d)
+    q_tail = _load_q_tail(q_ptr, rows, heads, row_ok, stride_qt, stride_qh, HEAD_DIM, TAIL)
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -217,11 +262,14 @@ def _level_tile(
         blk = tl.load(lvl_blocks_ptr + lvl * stride_lvl_blocks + pos // BLOCK_SIZE, mask=ok)
         slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         k, v = _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, stride_vh, d)
+        dot = _qk(
+            q, k, q_tail, k_ptr, slot, ok, kvh, stride_ks, stride_kh, HEAD_DIM, TAIL, PRECISION
+        )
         valid = ok[None, :]
         if SLIDING:
             valid = valid & (pos[None, :] >= seen[:, None])
         m_i, l_i, acc = _softmax_step(
-            q, k, v, valid, m_i, l_i, acc, qk_scale, cap_scale, PRECISION, SOFTCAP
+            dot, v, valid, m_i, l_i, acc, qk_scale, cap_scale, PRECISION, SOFTCAP
         )
 
     out, lse = _finish(m_i, l_i, acc)  # lse: natural log, like torch.logsumexp
@@ -241,9 +289,9 @@ def prefix_level_kernel(
     qk_scale, cap_scale, window,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr, SLIDING: tl.constexpr, TAIL: tl.constexpr, HEAD_SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """Program ``(p, kvh, split)`` takes tiles ``p, p + num_programs(0), ...`` of the
+    """Program ``(p, head program, split)`` takes tiles ``p, p + num_programs(0), ...`` of the
     ``num_tiles`` until the list ends or reaches its padding (tiles of the null level, which
     has no rows; padding comes last): a CUDA-graph bucket's padded list then costs the programs
     its work needs, not one per padded tile."""
@@ -261,6 +309,7 @@ def prefix_level_kernel(
                 stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
                 qk_scale, cap_scale, window,
                 G, ROWS, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_SIZE, PRECISION, SOFTCAP, SLIDING,
+                TAIL, HEAD_SPLITS,
             )  # fmt: skip
             tile += tl.num_programs(0)
         else:
@@ -280,13 +329,15 @@ def own_kv_kernel(
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr, SINKS: tl.constexpr,
+    TAIL: tl.constexpr, HEAD_SPLITS: tl.constexpr,
 ):  # fmt: skip
     """With ``SPLIT``, program ``(tile, kvh, s)`` writes the normalised partial of its part of
     the own KV (split 0 also merges the levels) to ``so``/``slse``, fp32 buffers laid out like
     the level partials ``po``/``plse`` (splits, T, H[, D]); without, the output to ``o``. With
     ``SLIDING`` the KV loop starts at the tile's first query's window."""
     tile = tl.program_id(0)
-    kvh = tl.program_id(1)
+    hp = tl.program_id(1)
+    kvh = hp // HEAD_SPLITS
     seq = tl.load(tile_seq_ptr + tile)
     q0 = tl.load(tile_q0_ptr + tile)
     q_start = tl.load(seq_q_start_ptr + seq)
@@ -295,11 +346,12 @@ def own_kv_kernel(
     shared = tl.load(seq_shared_ptr + seq)
     num_levels = tl.load(seq_num_levels_ptr + seq)
 
-    r, heads, row_ok = _packed_rows(q0, q_len, kvh, G, ROWS, BLOCK_M)  # r: index in new tokens
+    r, heads, row_ok = _packed_rows(q0, q_len, hp, G, ROWS, BLOCK_M)  # r: index in new tokens
     rows = (q_start + r).to(tl.int64)
     q_pos = ctx - q_len + r  # causal offset: query r sits at this position
     d = tl.arange(0, HEAD_DIM)
     q = _load_q(q_ptr, rows, heads, row_ok, stride_qt, stride_qh, d)
+    q_tail = _load_q_tail(q_ptr, rows, heads, row_ok, stride_qt, stride_qh, HEAD_DIM, TAIL)
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -338,11 +390,14 @@ def own_kv_kernel(
         blk = tl.load(table + pos // BLOCK_SIZE, mask=ok)
         slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         k, v = _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, stride_vh, d)
+        dot = _qk(
+            q, k, q_tail, k_ptr, slot, ok, kvh, stride_ks, stride_kh, HEAD_DIM, TAIL, PRECISION
+        )
         valid = ok[None, :] & (pos[None, :] <= q_pos[:, None])
         if SLIDING:
             valid = valid & (pos[None, :] > q_pos[:, None] - window)
         m_i, l_i, acc = _softmax_step(
-            q, k, v, valid, m_i, l_i, acc, qk_scale, cap_scale, PRECISION, SOFTCAP
+            dot, v, valid, m_i, l_i, acc, qk_scale, cap_scale, PRECISION, SOFTCAP
         )
 
     out, lse = _finish(m_i, l_i, acc)
@@ -363,7 +418,7 @@ def merge_splits_kernel(
     stride_os, stride_st, stride_sh, stride_ols, stride_lt, stride_ot, stride_oh, num_splits,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    """Row ``program_id(0)``, the ``G`` query heads of KV head ``program_id(1)``: the
+    """Row ``program_id(0)``, the ``G`` query heads of head program ``program_id(1)``: the
     log-sum-exp merge of its ``num_splits`` partials (fp32, (splits, T, H[, D])) into the
     output. A padding row of a CUDA-graph bucket (KV slot -1) has no partials and is skipped:
     its output is undefined, as it is without splits."""
@@ -395,13 +450,16 @@ def merge_splits_kernel(
 def store_kv_kernel(
     k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_ptr,
     stride_kt, stride_vt, stride_ks, stride_vs,
-    ROW: tl.constexpr, BLOCK: tl.constexpr,
+    ROW: tl.constexpr, BLOCK: tl.constexpr, STORE_V: tl.constexpr,
 ):  # fmt: skip
+    """Token ``program_id(0)``'s K row, and its V row unless ``STORE_V`` is off (a value kept
+    in the key)."""
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     i = tl.arange(0, BLOCK)
     ok = (i < ROW) & (tl.full([BLOCK], 0, tl.int64) + slot >= 0)  # slot -1: a padding row
     k = tl.load(k_ptr + t * stride_kt + i, mask=ok)
-    v = tl.load(v_ptr + t * stride_vt + i, mask=ok)
     tl.store(k_pool_ptr + slot * stride_ks + i, k, mask=ok)
-    tl.store(v_pool_ptr + slot * stride_vs + i, v, mask=ok)
+    if STORE_V:
+        v = tl.load(v_ptr + t * stride_vt + i, mask=ok)
+        tl.store(v_pool_ptr + slot * stride_vs + i, v, mask=ok)

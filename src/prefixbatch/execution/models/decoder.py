@@ -1,7 +1,8 @@
 """The Llama-style decoder the Llama, Mistral, Qwen2 and Qwen3 families share: pre-norm layers
 of grouped-query attention with rotary embeddings and a SwiGLU MLP. What differs between them
 (biases, q/k norms, clipping) is ``AttentionOptions``, set by each family's file; a family may
-put another MLP in some layers (the mixture-of-experts families, ``moe_decoder.py``).
+put another MLP in some layers (the mixture-of-experts families, ``moe_decoder.py``) or another
+attention in every layer (DeepSeek's multi-head latent attention, ``mla.py``).
 
 Every forward works on a flattened batch: all scheduled tokens of all sequences concatenated,
 no padding. Attention goes through an ``AttentionBackend`` that owns the paged KV cache layout.
@@ -96,6 +97,9 @@ class Attention(nn.Module):
 # (config, layer index) -> the layer's MLP: a module of x (T, hidden) -> (T, hidden) that also
 # has ``fused(kernels)``, its CPU fast path form (``GatedMLP``, ``SparseMoeBlock``).
 MLPFactory = Callable[[ModelConfig, int], nn.Module]
+# (config, layer index, options) -> the layer's attention: a module of (x (T, hidden), rope's
+# cos and sin, backend, meta) -> (T, hidden) (``Attention``, ``MultiHeadLatentAttention``).
+AttentionFactory = Callable[[ModelConfig, int, AttentionOptions], nn.Module]
 
 
 def dense_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
@@ -105,11 +109,16 @@ def dense_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, layer: int, options: AttentionOptions, mlp: MLPFactory
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        options: AttentionOptions,
+        mlp: MLPFactory,
+        attention: AttentionFactory = Attention,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer, options)
+        self.self_attn = attention(cfg, layer, options)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp(cfg, layer)
 
@@ -149,11 +158,15 @@ class DecoderModel(CausalLM):
     }
 
     def __init__(
-        self, cfg: ModelConfig, options: AttentionOptions, mlp: MLPFactory = dense_mlp
+        self,
+        cfg: ModelConfig,
+        options: AttentionOptions,
+        mlp: MLPFactory = dense_mlp,
+        attention: AttentionFactory = Attention,
     ) -> None:
         super().__init__(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        layers = (DecoderLayer(cfg, i, options, mlp) for i in range(cfg.num_layers))
+        layers = (DecoderLayer(cfg, i, options, mlp, attention) for i in range(cfg.num_layers))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)

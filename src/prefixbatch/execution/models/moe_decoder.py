@@ -22,7 +22,7 @@ from ..layers import GatedMLP
 from ..moe.experts import Experts
 from ..moe.routing import select_experts
 from ..packed_linear import Linear
-from .decoder import AttentionOptions, DecoderModel
+from .decoder import Attention, AttentionFactory, AttentionOptions, DecoderModel, MLPFactory
 from .mistral import read_config as capped_at_window
 
 
@@ -120,9 +120,10 @@ _PROJECTION |= {"w1": "gate", "w3": "up", "w2": "down"}
 
 
 class MoEDecoderModel(DecoderModel):
-    """The decoder with ``moe_mlp`` layers; it maps the checkpoints' expert tensors (one per
-    expert and projection, or stacked) onto each layer's stacked ``Experts`` parameters, and
-    Mixtral's ``block_sparse_moe`` onto ``mlp``."""
+    """The decoder with ``moe_mlp`` layers (or the family's own ``mlp`` and ``attention``:
+    DeepSeek's); it maps the checkpoints' expert tensors (one per expert and projection, or
+    stacked) onto each layer's stacked ``Experts`` parameters, and Mixtral's
+    ``block_sparse_moe`` onto ``mlp``."""
 
     packed_modules = {
         **DecoderModel.packed_modules,
@@ -130,8 +131,14 @@ class MoEDecoderModel(DecoderModel):
         "mlp.shared_expert.up_proj": ("mlp.shared_expert.gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: MoEConfig, options: AttentionOptions) -> None:
-        super().__init__(cfg, options, moe_mlp)
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        options: AttentionOptions,
+        mlp: MLPFactory = moe_mlp,
+        attention: AttentionFactory = Attention,
+    ) -> None:
+        super().__init__(cfg, options, mlp, attention)
 
     def parameter_for(self, checkpoint_name: str) -> tuple[str, int | None] | None:
         name = checkpoint_name.replace(".block_sparse_moe.", ".mlp.")

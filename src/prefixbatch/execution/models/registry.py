@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from ...errors import UnsupportedModelError
 from . import (
+    deepseek,
     gemma2,
     gemma3,
     gpt_oss,
@@ -42,6 +43,9 @@ FAMILIES: tuple[ModelFamily, ...] = (
     mixtral.FAMILY,
     olmoe.FAMILY,
     gpt_oss.FAMILY,
+    # multi-head latent attention (and mixture-of-experts)
+    deepseek.V2_FAMILY,
+    deepseek.V3_FAMILY,
 )
 _CAUSAL, _CLASSIFIER = "ForCausalLM", "ForSequenceClassification"
 _BY_ARCH = {arch: f for f in FAMILIES for arch in f.architectures} | {

@@ -7,7 +7,9 @@
 // of up to kLanes tokens, each tile's rows copied contiguous first; per tile, token t's scores for
 // all lanes are sum_d qt[d] * k_t[d] (k broadcast, no horizontal reduction), the online softmax
 // runs lane-wise, and acc[d] (the weighted values, dimension d in lanes) gets sum_t p_t * v_t[d]:
-// D multiply-adds per (token, kLanes query heads) for scores and D for values. Scores may be
+// D multiply-adds per (token, kLanes query heads) for scores and DV for values (DV <= D: a value
+// may be narrower than its key, multi-head latent attention's; kD specialisations have DV = D).
+// Scores may be
 // soft-capped (softcap * tanh(s / softcap), Gemma 2) and masked per lane to a range of positions
 // (causal, and a sliding window's lower end).
 #pragma once
@@ -65,7 +67,9 @@ struct TileAhead {
       __builtin_prefetch(base + done / row_lines * stride + done % row_lines * 64);
   }
   inline void next_k() { next_lines(k, k_done); }
-  inline void next_v() { next_lines(v, v_done); }
+  inline void next_v() {
+    if (v) next_lines(v, v_done);
+  }
 };
 
 // Running state of one lane chunk: qt[d] (the chunk's queries, scaled), acc[d] (weighted
@@ -78,16 +82,18 @@ struct ChunkState {
   TileAhead* ahead;
 };
 
-// One tile of n <= kLanes tokens at positions pos0.., kt and vt (kLanes, D) row-major (rows past
-// n are zero). softcap > 0: each (scaled) score s becomes softcap * tanh(s / softcap). kMasked:
+// One tile of n <= kLanes tokens at positions pos0.., kt (kLanes, D) and vt (kLanes, DV)
+// row-major (rows past n are zero). softcap > 0: each (scaled) score s becomes softcap * tanh(s / softcap). kMasked:
 // token pos0 + t counts for lane i only if low[i] <= pos0 + t <= high[i] (causal: high is the
 // lane's query position; a sliding window: low is the first position it sees). A lane that has
 // counted no token yet holds m = kNegBig; its first counted token zeroes what it held
 // (exp(kNegBig - m) = 0), and one that counts none is cleared by clear_unseen.
 template <int kD, bool kMasked>
 inline void tile_update(ChunkState& c, const float* kt, const float* vt, int64_t n, int64_t dim,
-                        float softcap, int64_t pos0 = 0, IVec low = IVec{}, IVec high = IVec{}) {
+                        int64_t value_dim, float softcap, int64_t pos0 = 0, IVec low = IVec{},
+                        IVec high = IVec{}) {
   const int64_t D = kD ? kD : dim;
+  const int64_t DV = kD ? kD : value_dim;
   Vec s[kLanes];
   for (int t = 0; t < kLanes; ++t) s[t] = Vec{};
   for (int64_t d = 0; d < D; ++d) {  // s[t] = q . k_t for every lane: kt broadcast, no reduction
@@ -116,10 +122,10 @@ inline void tile_update(ChunkState& c, const float* kt, const float* vt, int64_t
   }
   c.l = c.l * correction + sum;
   c.m = new_m;
-  for (int64_t d = 0; d < D; ++d) {  // acc[d] = acc[d] * correction + sum_t p_t * v_t[d]
+  for (int64_t d = 0; d < DV; ++d) {  // acc[d] = acc[d] * correction + sum_t p_t * v_t[d]
     c.ahead->next_v();
     Vec a = c.acc[d] * correction;
-    for (int t = 0; t < kLanes; ++t) a += s[t] * vt[t * D + d];
+    for (int t = 0; t < kLanes; ++t) a += s[t] * vt[t * DV + d];
     c.acc[d] = a;
   }
 }
@@ -134,19 +140,22 @@ inline void clear_unseen(ChunkState& c, int64_t D) {
 }
 
 // Scratch of one thread: kChunksPerPiece chunk states and one K and one V tile, left
-// uninitialised (every piece writes what it reads).
+// uninitialised (every piece writes what it reads). D: key lanes, DV: value lanes.
 struct Scratch {
   std::unique_ptr<Vec[]> qt, acc;
   std::unique_ptr<float[]> kt, vt;
   TileAhead ahead;
-  explicit Scratch(int64_t D)
-      : qt(new Vec[kChunksPerPiece * D]),
-        acc(new Vec[kChunksPerPiece * D]),
-        kt(new float[kLanes * D]),
-        vt(new float[kLanes * D]) {}
+  int64_t D, DV;
+  Scratch(int64_t d, int64_t dv)
+      : qt(new Vec[kChunksPerPiece * d]),
+        acc(new Vec[kChunksPerPiece * dv]),
+        kt(new float[kLanes * d]),
+        vt(new float[kLanes * dv]),
+        D(d),
+        DV(dv) {}
 
   // Chunk c of a piece, reset, its queries from src (see to_lanes).
-  ChunkState chunk(int64_t c, int64_t D, const float* const* src, float scale);
+  ChunkState chunk(int64_t c, const float* const* src, float scale);
 };
 
 #ifdef __AVX512F__
@@ -220,21 +229,23 @@ inline void from_lanes(const ChunkState& c, int64_t D, float* const* dst) {
       for (int64_t d = 0; d < D; ++d) dst[i][d] = c.acc[d][i] * inv[i];
 }
 
-inline ChunkState Scratch::chunk(int64_t c, int64_t D, const float* const* src, float scale) {
-  ChunkState st{qt.get() + c * D, acc.get() + c * D, splat(kNegBig), Vec{}, &ahead};
-  for (int64_t d = 0; d < D; ++d) st.acc[d] = Vec{};
+inline ChunkState Scratch::chunk(int64_t c, const float* const* src, float scale) {
+  ChunkState st{qt.get() + c * D, acc.get() + c * DV, splat(kNegBig), Vec{}, &ahead};
+  for (int64_t d = 0; d < DV; ++d) st.acc[d] = Vec{};
   to_lanes(src, D, scale, st.qt);
   return st;
 }
 
 // Positions [begin, length) of one KV head, as tiles of up to kLanes tokens that never cross a
 // block boundary: each tile's K and V rows copied contiguous into the scratch (zero past its n
-// tokens), then tile(kt, vt, pos0, n). k and v point at the head's first element in the pools;
-// table holds the blocks in position order; tok_stride is the floats between slots.
+// tokens), then tile(kt, vt, pos0, n). k and v point at the head's first element in the pools
+// (v may point into K: a value kept in the key); table holds the blocks in position order;
+// tok_stride and v_tok_stride are the floats between slots of K and of V.
 template <class Tile>
 inline void for_each_tile(const float* k, const float* v, const int64_t* table, int64_t begin,
-                          int64_t length, int64_t block_size, int64_t tok_stride, int64_t D,
-                          Scratch& scratch, Tile tile) {
+                          int64_t length, int64_t block_size, int64_t tok_stride,
+                          int64_t v_tok_stride, Scratch& scratch, Tile tile) {
+  const int64_t D = scratch.D, DV = scratch.DV;
   float* kt = scratch.kt.get();
   float* vt = scratch.vt.get();
   int64_t n;
@@ -243,18 +254,20 @@ inline void for_each_tile(const float* k, const float* v, const int64_t* table, 
     const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
     for (int64_t t = 0; t < n; ++t) {  // the tile's rows, contiguous: fixed strides in tile()
       std::memcpy(kt + t * D, k + (slot + t) * tok_stride, D * sizeof(float));
-      std::memcpy(vt + t * D, v + (slot + t) * tok_stride, D * sizeof(float));
+      std::memcpy(vt + t * DV, v + (slot + t) * v_tok_stride, DV * sizeof(float));
     }
     std::fill(kt + n * D, kt + kLanes * D, 0.f);
-    std::fill(vt + n * D, vt + kLanes * D, 0.f);
+    std::fill(vt + n * DV, vt + kLanes * DV, 0.f);
     TileAhead& ahead = scratch.ahead;  // the next tile, fetched during this one's arithmetic
     ahead.lines = ahead.k_done = ahead.v_done = 0;
     const int64_t next = pos + n;
     if (next < length) {
       const int64_t next_n = std::min<int64_t>({kLanes, length - next, block_size - next % block_size});
-      const int64_t at = (table[next / block_size] * block_size + next % block_size) * tok_stride;
-      ahead.k = reinterpret_cast<const char*>(k + at);
-      ahead.v = reinterpret_cast<const char*>(v + at);
+      const int64_t slot = table[next / block_size] * block_size + next % block_size;
+      ahead.k = reinterpret_cast<const char*>(k + slot * tok_stride);
+      // a value inside the key comes with it; one of its own has the key's row layout when
+      // prefetched (V of another width is only approximated: a hint)
+      ahead.v = v == k ? nullptr : reinterpret_cast<const char*>(v + slot * v_tok_stride);
       ahead.stride = tok_stride * static_cast<int64_t>(sizeof(float));
       ahead.row_lines = (D * static_cast<int64_t>(sizeof(float)) + 63) / 64;
       ahead.lines = next_n * ahead.row_lines;
@@ -265,12 +278,12 @@ inline void for_each_tile(const float* k, const float* v, const int64_t* table, 
 }
 
 // fn(std::integral_constant<int, kD>) with kD the head size where it has a compiled
-// specialisation (64, 128), else 0 (the size read at run time).
+// specialisation (64, 128, keys and values of one size), else 0 (the sizes read at run time).
 template <class Fn>
-inline void with_head_size(int64_t D, Fn fn) {
-  if (D == 64)
+inline void with_head_size(int64_t D, int64_t DV, Fn fn) {
+  if (D == 64 && DV == 64)
     fn(std::integral_constant<int, 64>{});
-  else if (D == 128)
+  else if (D == 128 && DV == 128)
     fn(std::integral_constant<int, 128>{});
   else
     fn(std::integral_constant<int, 0>{});

@@ -3,8 +3,10 @@
 // native.py; the plain PyTorch path in reference.py is what it is tested against.
 //
 // Layout. q (B, H, D), each row's heads contiguous (rows may be strided: a view into the fused
-// qkv output); k_pool, v_pool (slots, KVH, D) of one layer, slot = block * block_size +
-// offset, so one block of K (or V) is block_size * KVH * D contiguous floats; block_tables (B, NB)
+// qkv output); k_pool (slots, KVH, D) of one layer, slot = block * block_size + offset, so one
+// block of K is block_size * KVH * D contiguous floats; v_pool (slots, KVH, DV), DV <= D: its own
+// contiguous pool, or a view of K's first DV lanes (multi-head latent attention keeps the value
+// inside the key: one KV head [c_kv, k_pe] whose value is c_kv); block_tables (B, NB)
 // int64 with a sequence's blocks in position order; lengths (B,) int64 positions attended (>= 1).
 // Query head h * G + g (g < G = H / KVH) reads KV head h. A sliding window (window > 0) limits
 // a row to its last `window` positions: its pieces start at the window's first block, whose
@@ -38,6 +40,7 @@
 #include <cstring>
 #include <vector>
 
+#include "value_pool.h"
 #include "vector_exp.h"
 
 #ifdef __AVX512F__
@@ -64,7 +67,9 @@ struct Problem {
   const int64_t* tables;
   const int64_t* lengths;
   int64_t H, KVH, G, D, NB, block_size;
-  int64_t tok_stride;    // KVH * D: floats between consecutive slots of the pool
+  int64_t tok_stride;    // KVH * D: floats between consecutive slots of the K pool
+  int64_t DV;            // lanes of a value (D unless it is narrower)
+  int64_t v_tok_stride, v_head_stride;  // floats between slots and between heads of V
   int64_t score_stride;  // block_size rounded up to 16: floats between query heads' scores
   float scale;
   int64_t window;  // 0: none, else a row sees only its last `window` positions
@@ -79,7 +84,7 @@ inline int64_t first_seen(const Problem& p, int64_t b) {
 // The next block's K and V (all heads), prefetched a few cache lines at a time.
 struct BlockPrefetch {
   const char* k = nullptr;
-  const char* v = nullptr;
+  const char* v = nullptr;  // null: the value is inside the key, fetched with it
   int64_t bytes = 0;      // of the block's K (as many of its V)
   int64_t done = 0;       // bytes of each already prefetched
   int64_t per_row = 1;    // lines of K and of V per V row weighted (block_values)
@@ -88,7 +93,7 @@ struct BlockPrefetch {
   inline void lines(int64_t count) {
     for (int64_t i = 0; i < count && done < bytes; ++i, done += 64) {
       __builtin_prefetch(k + done);
-      __builtin_prefetch(v + done);
+      if (v) __builtin_prefetch(v + done);
     }
   }
   inline void rest() { lines((bytes - done + 63) / 64); }
@@ -101,7 +106,7 @@ constexpr int64_t kLinesPerScoreTile = 4;
 
 struct Piece {
   int64_t b, first_block, end_block;
-  float* out;  // (H, D), normalised
+  float* out;  // (H, DV), normalised
   float* lse;  // (H,)
 };
 
@@ -168,17 +173,19 @@ inline void block_scores(const Problem& p, const float* q, const float* k, int64
   }
 }
 
-// acc_g = acc_g * correction[g] + sum_t s[g, t] * v_t over the n tokens of one block and KV head.
+// acc_g = acc_g * correction[g] + sum_t s[g, t] * v_t over the n tokens of one block and KV head
+// (DV lanes each).
 inline void block_values(const Problem& p, const float* v, int64_t n, const float* s,
                          const float* correction, float* acc, BlockPrefetch& pf) {
+  const int64_t DV = p.DV, vs = p.v_tok_stride;
 #ifdef __AVX512F__
-  if (p.D % 16 == 0) {
+  if (DV % 16 == 0) {
     for (int64_t g = 0; g < p.G; ++g) {
       const float* sg = s + g * p.score_stride;
-      float* a = acc + g * p.D;
+      float* a = acc + g * DV;
       const __m512 c = _mm512_set1_ps(correction[g]);
       int64_t d = 0;
-      for (; d + 64 <= p.D; d += 64) {  // four accumulators in registers across the block
+      for (; d + 64 <= DV; d += 64) {  // four accumulators in registers across the block
         __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(a + d), c);
         __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(a + d + 16), c);
         __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(a + d + 32), c);
@@ -186,7 +193,7 @@ inline void block_values(const Problem& p, const float* v, int64_t n, const floa
         for (int64_t t = 0; t < n; ++t) {
           pf.lines(pf.per_row);
           const __m512 w = _mm512_set1_ps(sg[t]);
-          const float* vt = v + t * p.tok_stride + d;
+          const float* vt = v + t * vs + d;
           a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt), a0);
           a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 16), a1);
           a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 32), a2);
@@ -197,11 +204,10 @@ inline void block_values(const Problem& p, const float* v, int64_t n, const floa
         _mm512_storeu_ps(a + d + 32, a2);
         _mm512_storeu_ps(a + d + 48, a3);
       }
-      for (; d < p.D; d += 16) {
+      for (; d < DV; d += 16) {
         __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(a + d), c);
         for (int64_t t = 0; t < n; ++t)
-          a0 = _mm512_fmadd_ps(_mm512_set1_ps(sg[t]), _mm512_loadu_ps(v + t * p.tok_stride + d),
-                               a0);
+          a0 = _mm512_fmadd_ps(_mm512_set1_ps(sg[t]), _mm512_loadu_ps(v + t * vs + d), a0);
         _mm512_storeu_ps(a + d, a0);
       }
     }
@@ -209,18 +215,18 @@ inline void block_values(const Problem& p, const float* v, int64_t n, const floa
   }
 #endif
   for (int64_t g = 0; g < p.G; ++g) {
-    float* a = acc + g * p.D;
+    float* a = acc + g * DV;
 #pragma omp simd
-    for (int64_t d = 0; d < p.D; ++d) a[d] *= correction[g];
+    for (int64_t d = 0; d < DV; ++d) a[d] *= correction[g];
   }
   for (int64_t t = 0; t < n; ++t) {
-    const float* vt = v + t * p.tok_stride;
+    const float* vt = v + t * vs;
     pf.lines(p.G * pf.per_row);
     for (int64_t g = 0; g < p.G; ++g) {
       const float w = s[g * p.score_stride + t];
-      float* a = acc + g * p.D;
+      float* a = acc + g * DV;
 #pragma omp simd
-      for (int64_t d = 0; d < p.D; ++d) a[d] += w * vt[d];
+      for (int64_t d = 0; d < DV; ++d) a[d] += w * vt[d];
     }
   }
 }
@@ -265,13 +271,13 @@ inline void block_softmax(float* sg, int64_t lo, int64_t n, float softcap, float
 }
 
 // One piece: attention of sequence b's query over its blocks [first_block, end_block).
-// Scratch: acc (H * D), m and l (H), correction (G), s (G * score_stride).
+// Scratch: acc (H * DV), m and l (H), correction (G), s (G * score_stride).
 void attend_piece(const Problem& p, const Piece& piece, const Piece* after, float* acc, float* m,
                   float* l, float* correction, float* s) {
   const int64_t b = piece.b, n_ctx = p.lengths[b], seen = first_seen(p, b);
   const float* q = p.q + b * p.q_row_stride;
   const int64_t* table = p.tables + b * p.NB;
-  std::fill(acc, acc + p.H * p.D, 0.f);
+  std::fill(acc, acc + p.H * p.DV, 0.f);
   std::fill(m, m + p.H, kNegBig);
   std::fill(l, l + p.H, 0.f);
   for (int64_t j = piece.first_block; j < piece.end_block; ++j) {
@@ -290,31 +296,34 @@ void attend_piece(const Problem& p, const Piece& piece, const Piece* after, floa
     if (next >= 0) {
       const int64_t at = next * p.block_size * p.tok_stride;
       pf.k = reinterpret_cast<const char*>(p.k + at);
-      pf.v = reinterpret_cast<const char*>(p.v + at);
+      const int64_t v_at = next * p.block_size * p.v_tok_stride;
+      pf.v = p.v == p.k ? nullptr : reinterpret_cast<const char*>(p.v + v_at);
       pf.bytes = next_n * p.tok_stride * static_cast<int64_t>(sizeof(float));
       pf.per_row = std::max<int64_t>(1, pf.bytes / 64 / (p.KVH * p.G * n));
     }
     const int64_t offset = table[j] * p.block_size * p.tok_stride;
+    const int64_t v_offset = table[j] * p.block_size * p.v_tok_stride;
     for (int64_t h = 0; h < p.KVH; ++h) {
       const int64_t qh = h * p.G;  // first query head of KV head h
       block_scores(p, q + qh * p.D, p.k + offset + h * p.D, n, s, pf);
       for (int64_t g = 0; g < p.G; ++g)
         block_softmax(s + g * p.score_stride, lo, n, p.softcap, m[qh + g], l[qh + g],
                       correction[g]);
-      block_values(p, p.v + offset + h * p.D, n, s, correction, acc + qh * p.D, pf);
+      block_values(p, p.v + v_offset + h * p.v_head_stride, n, s, correction, acc + qh * p.DV,
+                   pf);
     }
     pf.rest();  // what the arithmetic did not cover
   }
   for (int64_t h = 0; h < p.H; ++h) {
     const float inv = 1.f / l[h];
-    for (int64_t d = 0; d < p.D; ++d) piece.out[h * p.D + d] = acc[h * p.D + d] * inv;
+    for (int64_t d = 0; d < p.DV; ++d) piece.out[h * p.DV + d] = acc[h * p.DV + d] * inv;
     piece.lse[h] = m[h] + std::log(l[h]);
   }
 }
 
 }  // namespace
 
-// Returns out (B, H, D) and the log-sum-exp of the scores, lse (B, H). window > 0: each row
+// Returns out (B, H, DV) and the log-sum-exp of the scores, lse (B, H). window > 0: each row
 // attends only its last `window` positions (the blocks before them are not read); softcap > 0:
 // scores are soft-capped.
 std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
@@ -325,10 +334,12 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
                   v_pool.dtype() == torch::kFloat32,
               "paged_decode: fp32 only");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
+  const int64_t DV = v_pool.size(2);
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D && k_pool.is_contiguous() &&
-                  v_pool.is_contiguous() && block_tables.is_contiguous() &&
+                  value_pool_ok(k_pool, v_pool) && block_tables.is_contiguous() &&
                   lengths.is_contiguous(),
-              "paged_decode: contiguous tensors only (q: each row's heads contiguous)");
+              "paged_decode: contiguous tensors only (q: each row's heads contiguous; V: its "
+              "own pool or K's first lanes)");
   Problem p{q.data_ptr<float>(),
             q.stride(0),
             k_pool.data_ptr<float>(),
@@ -342,12 +353,15 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
             block_tables.size(1),
             block_size,
             KVH * D,
+            DV,
+            v_pool.stride(0),
+            v_pool.stride(1),
             (block_size + 15) / 16 * 16,
             static_cast<float>(scale),
             window,
             static_cast<float>(softcap)};
   TORCH_CHECK(window >= 0 && softcap >= 0, "paged_decode: a negative window or soft-cap");
-  auto out = torch::empty({B, H, D}, q.options());
+  auto out = torch::empty({B, H, DV}, q.options());
   auto lse = torch::empty({B, H}, q.options());
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
@@ -376,12 +390,12 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
   }
   first_piece[B] = static_cast<int64_t>(pieces.size());
   // Partial results of split sequences (normalised out and lse per piece); others write directly.
-  std::vector<float> part_out(split_pieces * H * D), part_lse(split_pieces * H);
+  std::vector<float> part_out(split_pieces * H * DV), part_lse(split_pieces * H);
   int64_t next_part = 0;
   for (int64_t b = 0; b < B; ++b) {
     const bool split = first_piece[b + 1] - first_piece[b] > 1;
     for (int64_t i = first_piece[b]; i < first_piece[b + 1]; ++i) {
-      pieces[i].out = split ? part_out.data() + next_part * H * D : op + b * H * D;
+      pieces[i].out = split ? part_out.data() + next_part * H * DV : op + b * H * DV;
       pieces[i].lse = split ? part_lse.data() + next_part * H : lp + b * H;
       next_part += split;
     }
@@ -390,7 +404,7 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
   std::atomic<int64_t> next{0};
   const int64_t num_pieces = static_cast<int64_t>(pieces.size());
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> acc(H * D), m(H), l(H), correction(p.G), s(p.G * p.score_stride);
+    std::vector<float> acc(H * DV), m(H), l(H), correction(p.G), s(p.G * p.score_stride);
     // Each thread claims its next piece before it starts the current one, so that the current
     // piece's last block can prefetch the next piece's first.
     for (int64_t i = next++; i < num_pieces;) {
@@ -408,15 +422,15 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
       for (int64_t i = first_piece[b]; i < first_piece[b + 1]; ++i)
         top = std::max(top, pieces[i].lse[h]);
       float total = 0.f;
-      float* o = op + (b * H + h) * D;
-      std::fill(o, o + D, 0.f);
+      float* o = op + (b * H + h) * DV;
+      std::fill(o, o + DV, 0.f);
       for (int64_t i = first_piece[b]; i < first_piece[b + 1]; ++i) {
         const float w = std::exp(pieces[i].lse[h] - top);
         total += w;
-        const float* po = pieces[i].out + h * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * po[d];
+        const float* po = pieces[i].out + h * DV;
+        for (int64_t d = 0; d < DV; ++d) o[d] += w * po[d];
       }
-      for (int64_t d = 0; d < D; ++d) o[d] /= total;
+      for (int64_t d = 0; d < DV; ++d) o[d] /= total;
       lp[b * H + h] = top + std::log(total);
     }
   }

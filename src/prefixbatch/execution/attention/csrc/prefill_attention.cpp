@@ -14,8 +14,8 @@
 // softmax denominator, attending no value) start each lane's online softmax at m = sink, l = 1.
 //
 // Layout. q (T, H, D) with each row's heads contiguous (row stride free: q may be a view into
-// the fused qkv output); pools (slots, KVH, D); out (T, H, D) contiguous, written at the chunks'
-// rows only. Per chunk s: block_tables[s] (S, NB) int64, its query rows [q_start[s], + q_len[s])
+// the fused qkv output); k_pool (slots, KVH, D), v_pool (slots, KVH, DV) (its own pool or K's
+// first lanes); out (T, H, DV) contiguous, written at the chunks' rows only. Per chunk s: block_tables[s] (S, NB) int64, its query rows [q_start[s], + q_len[s])
 // at positions [context_len[s] - q_len[s], context_len[s]).
 // ATen headers only: the bindings (and the heavy torch/extension.h) are in paged_decode.cpp.
 #include <ATen/core/Tensor.h>
@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "lane_attention.h"
+#include "value_pool.h"
 
 namespace {
 
@@ -42,6 +43,7 @@ struct Prefill {
   const int64_t* context_len;
   float* out;
   int64_t q_row_stride, H, G, D, NB, block_size, tok_stride;
+  int64_t DV, v_tok_stride, v_head_stride;  // V's lanes and strides
   float scale;
   int64_t window;  // 0: none
   float softcap;   // 0: none
@@ -55,7 +57,7 @@ struct Piece {
 
 template <int kD>
 void attend_piece(const Prefill& p, const Piece& piece, Scratch& scratch) {
-  const int64_t D = kD ? kD : p.D;
+  const int64_t D = kD ? kD : p.D, DV = kD ? kD : p.DV;
   const int64_t s = piece.seq, q_start = p.q_start[s], lanes = p.q_len[s] * p.G;
   const int64_t first_pos = p.context_len[s] - p.q_len[s];
   const int64_t chunks = piece.end_chunk - piece.first_chunk;
@@ -75,7 +77,7 @@ void attend_piece(const Prefill& p, const Piece& piece, Scratch& scratch) {
       const int64_t row = q_start + lane / p.G, head = piece.head * p.G + lane % p.G;
       const bool real = first + i < lanes;
       src[i] = real ? p.q + row * p.q_row_stride + head * D : nullptr;
-      dst[c][i] = real ? p.out + (row * p.H + head) * D : nullptr;
+      dst[c][i] = real ? p.out + (row * p.H + head) * DV : nullptr;
       position[c][i] = static_cast<int32_t>(first_pos + lane / p.G);
       low[c][i] = window ? position[c][i] - static_cast<int32_t>(window) + 1 : kNoLow;
     }
@@ -83,7 +85,7 @@ void attend_piece(const Prefill& p, const Piece& piece, Scratch& scratch) {
     hi[c] = first_pos + (std::min(first + kLanes, lanes) - 1) / p.G;
     see_from[c] = window ? lo[c] - window + 1 : 0;
     all_see[c] = window ? hi[c] - window + 1 : 0;
-    state[c] = scratch.chunk(c, D, src, p.scale);
+    state[c] = scratch.chunk(c, src, p.scale);
     if (p.sinks)  // the sink as a key seen first: running max sink, sum e^0 = 1, nothing summed
       for (int i = 0; i < kLanes; ++i) {
         state[c].m[i] = p.sinks[piece.head * p.G + std::min(first + i, lanes - 1) % p.G];
@@ -91,20 +93,21 @@ void attend_piece(const Prefill& p, const Piece& piece, Scratch& scratch) {
       }
   }
   const int64_t begin = *std::min_element(see_from, see_from + chunks);
-  for_each_tile(p.k + piece.head * D, p.v + piece.head * D, p.tables + s * p.NB, begin,
-                *std::max_element(hi, hi + chunks) + 1, p.block_size, p.tok_stride, D, scratch,
+  for_each_tile(p.k + piece.head * D, p.v + piece.head * p.v_head_stride, p.tables + s * p.NB,
+                begin, *std::max_element(hi, hi + chunks) + 1, p.block_size, p.tok_stride,
+                p.v_tok_stride, scratch,
                 [&](const float* kt, const float* vt, int64_t pos0, int64_t n) {
                   for (int64_t c = 0; c < chunks; ++c) {
                     // past every query of the chunk, or before every lane's window
                     if (pos0 > hi[c] || pos0 + n - 1 < see_from[c]) continue;
                     if (pos0 + n - 1 <= lo[c] && pos0 >= all_see[c])  // every lane sees it all
-                      tile_update<kD, false>(state[c], kt, vt, n, D, p.softcap);
+                      tile_update<kD, false>(state[c], kt, vt, n, D, DV, p.softcap);
                     else
-                      tile_update<kD, true>(state[c], kt, vt, n, D, p.softcap, pos0, low[c],
+                      tile_update<kD, true>(state[c], kt, vt, n, D, DV, p.softcap, pos0, low[c],
                                             position[c]);
                   }
                 });
-  for (int64_t c = 0; c < chunks; ++c) from_lanes(state[c], D, dst[c]);
+  for (int64_t c = 0; c < chunks; ++c) from_lanes(state[c], DV, dst[c]);
 }
 
 }  // namespace
@@ -116,12 +119,14 @@ void prefill_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
                        at::Tensor out, at::Tensor block_tables, at::Tensor q_start,
                        at::Tensor q_len, at::Tensor context_len, int64_t block_size,
                        double scale, int64_t window, double softcap, at::Tensor sinks) {
-  const int64_t H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
+  const int64_t H = q.size(1), D = q.size(2), KVH = k_pool.size(1), DV = v_pool.size(2);
   TORCH_CHECK(q.dtype() == at::kFloat && q.stride(2) == 1 && q.stride(1) == D,
               "prefill_attention: fp32 q with each row's heads contiguous");
-  for (const auto& t : {k_pool, v_pool, out})
+  for (const auto& t : {k_pool, out})
     TORCH_CHECK(t.dtype() == at::kFloat && t.is_contiguous(),
                 "prefill_attention: contiguous fp32 pools and output");
+  TORCH_CHECK(value_pool_ok(k_pool, v_pool) && out.size(2) == DV,
+              "prefill_attention: V must be its own pool or K's first lanes, out of its width");
   for (const auto& t : {block_tables, q_start, q_len, context_len})
     TORCH_CHECK(t.dtype() == at::kLong && t.is_contiguous(),
                 "prefill_attention: contiguous int64 index tensors");
@@ -144,6 +149,9 @@ void prefill_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
             block_tables.size(1),
             block_size,
             KVH * D,
+            DV,
+            v_pool.stride(0),
+            v_pool.stride(1),
             static_cast<float>(scale),
             window,
             static_cast<float>(softcap),
@@ -171,8 +179,9 @@ void prefill_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
   std::atomic<int64_t> next{0};
   const int64_t num_pieces = static_cast<int64_t>(pieces.size());
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    Scratch scratch(D);
+    Scratch scratch(D, DV);
     for (int64_t i = next++; i < num_pieces; i = next++)
-      with_head_size(D, [&](auto kD) { attend_piece<decltype(kD)::value>(p, pieces[i], scratch); });
+      with_head_size(D, DV,
+                     [&](auto kD) { attend_piece<decltype(kD)::value>(p, pieces[i], scratch); });
   });
 }

@@ -11,8 +11,8 @@
 // i / G, query head i % G of the KV head), so each K or V element is loaded once for kLanes
 // query heads.
 //
-// Layout. As paged_decode.cpp: q (B, H, D), rows possibly strided; pools (slots, KVH, D);
-// out (B, H, D), lse (B, H).
+// Layout. As paged_decode.cpp: q (B, H, D), rows possibly strided; k_pool (slots, KVH, D),
+// v_pool (slots, KVH, DV) (its own pool or K's first lanes); out (B, H, DV), lse (B, H).
 // Levels: level_tables (L, NBL) int64 block ids, level_lengths (L,) positions (a level's own part,
 // whole blocks), level_row_ptr (L + 1,) and level_rows (R,) int64: level l is read by rows
 // level_rows[level_row_ptr[l] .. level_row_ptr[l + 1]) of q.
@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "lane_attention.h"
+#include "value_pool.h"
 
 namespace {
 
@@ -49,6 +50,7 @@ struct Levels {
   const int64_t* starts;     // (L,) with a window, else null
   const int64_t* positions;  // (B,) with a window, else null
   int64_t H, KVH, G, D, NBL, block_size, tok_stride;
+  int64_t DV, v_tok_stride, v_head_stride;  // V's lanes and strides
   float scale;
   int64_t window;  // 0: none
   float softcap;   // 0: none
@@ -73,12 +75,12 @@ inline LaneHead lane_head(const Levels& p, const LevelPiece& piece, int64_t firs
   return {first + lane / p.G, piece.head * p.G + lane % p.G};
 }
 
-// Partial results of one piece: per lane, out (D,) normalised and lse, at part_out[slot, head]
+// Partial results of one piece: per lane, out (DV,) normalised and lse, at part_out[slot, head]
 // and part_lse[slot, head] where slot indexes level_rows.
 template <int kD>
 void attend_level_piece(const Levels& p, const LevelPiece& piece, Scratch& scratch,
                         float* part_out, float* part_lse) {
-  const int64_t D = kD ? kD : p.D;
+  const int64_t D = kD ? kD : p.D, DV = kD ? kD : p.DV;
   const int64_t first = p.row_ptr[piece.level];
   const int64_t lanes = (p.row_ptr[piece.level + 1] - first) * p.G;
   const int64_t chunks = piece.end_chunk - piece.first_chunk;
@@ -99,35 +101,36 @@ void attend_level_piece(const Levels& p, const LevelPiece& piece, Scratch& scrat
         all_see = std::max(all_see, from);
       }
     }
-    state[c] = scratch.chunk(c, D, src, p.scale);
+    state[c] = scratch.chunk(c, src, p.scale);
   }
   const IVec high = IVec{} + kNoHigh;
-  for_each_tile(p.k + piece.head * D, p.v + piece.head * D, p.tables + piece.level * p.NBL,
-                see_from, p.lengths[piece.level], p.block_size, p.tok_stride, D, scratch,
+  for_each_tile(p.k + piece.head * D, p.v + piece.head * p.v_head_stride,
+                p.tables + piece.level * p.NBL, see_from, p.lengths[piece.level], p.block_size,
+                p.tok_stride, p.v_tok_stride, scratch,
                 [&](const float* kt, const float* vt, int64_t pos0, int64_t n) {
                   for (int64_t c = 0; c < chunks; ++c)
                     if (pos0 >= all_see)  // every lane sees the whole tile
-                      tile_update<kD, false>(state[c], kt, vt, n, D, p.softcap);
+                      tile_update<kD, false>(state[c], kt, vt, n, D, DV, p.softcap);
                     else
-                      tile_update<kD, true>(state[c], kt, vt, n, D, p.softcap, pos0, low[c],
+                      tile_update<kD, true>(state[c], kt, vt, n, D, DV, p.softcap, pos0, low[c],
                                             high);
                 });
   for (int64_t c = 0; c < chunks; ++c) {
-    if (p.window) clear_unseen(state[c], D);
+    if (p.window) clear_unseen(state[c], DV);
     float* dst[kLanes];
     for (int i = 0; i < kLanes; ++i) {
       const LaneHead at = lane_head(p, piece, first, lanes, c, i);
-      dst[i] = at.slot < 0 ? nullptr : part_out + (at.slot * p.H + at.head) * D;
+      dst[i] = at.slot < 0 ? nullptr : part_out + (at.slot * p.H + at.head) * DV;
       if (at.slot >= 0)
         part_lse[at.slot * p.H + at.head] = state[c].m[i] + std::log(state[c].l[i]);
     }
-    from_lanes(state[c], D, dst);
+    from_lanes(state[c], DV, dst);
   }
 }
 
 }  // namespace
 
-// Adds each row's prefix levels to out (B, H, D) and lse (B, H), which hold its attention over
+// Adds each row's prefix levels to out (B, H, DV) and lse (B, H), which hold its attention over
 // its own blocks (from paged_decode), in place: the levels' partial results merged by their
 // log-sum-exp.
 void attend_prefix_levels(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
@@ -137,11 +140,14 @@ void attend_prefix_levels(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
                           at::Tensor level_starts, at::Tensor positions, int64_t window,
                           double softcap) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
+  const int64_t DV = v_pool.size(2);
   TORCH_CHECK(q.dtype() == at::kFloat && q.stride(2) == 1 && q.stride(1) == D,
               "attend_prefix_levels: fp32 q with each row's heads contiguous");
-  for (const auto& t : {k_pool, v_pool, out, lse})
+  for (const auto& t : {k_pool, out, lse})
     TORCH_CHECK(t.dtype() == at::kFloat && t.is_contiguous(),
                 "attend_prefix_levels: contiguous fp32 tensors only");
+  TORCH_CHECK(value_pool_ok(k_pool, v_pool) && out.size(2) == DV,
+              "attend_prefix_levels: V must be its own pool or K's first lanes, out of its width");
   for (const auto& t :
        {level_tables, level_lengths, level_row_ptr, level_rows, level_starts, positions})
     TORCH_CHECK(t.dtype() == at::kLong && t.is_contiguous(),
@@ -172,6 +178,9 @@ void attend_prefix_levels(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
            level_tables.size(1),
            block_size,
            KVH * D,
+           DV,
+           v_pool.stride(0),
+           v_pool.stride(1),
            static_cast<float>(scale),
            window,
            static_cast<float>(softcap)};
@@ -184,13 +193,13 @@ void attend_prefix_levels(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
         pieces.push_back({l, h, c, std::min(chunks, c + kChunksPerPiece)});
   }
   // Per level_rows slot, every element written by its piece.
-  std::unique_ptr<float[]> part_out(new float[R * H * D]), part_lse(new float[R * H]);
+  std::unique_ptr<float[]> part_out(new float[R * H * DV]), part_lse(new float[R * H]);
   std::atomic<int64_t> next{0};
   const int64_t num_pieces = static_cast<int64_t>(pieces.size());
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    Scratch scratch(D);
+    Scratch scratch(D, DV);
     for (int64_t i = next++; i < num_pieces; i = next++)
-      with_head_size(D, [&](auto kD) {
+      with_head_size(D, DV, [&](auto kD) {
         attend_level_piece<decltype(kD)::value>(p, pieces[i], scratch, part_out.get(),
                                                 part_lse.get());
       });
@@ -210,19 +219,19 @@ void attend_prefix_levels(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
         float top = lp[b * H + h];
         for (int64_t i = slot_ptr[b]; i < slot_ptr[b + 1]; ++i)
           top = std::max(top, part_lse[slots[i] * H + h]);
-        float* o = op + (b * H + h) * D;
+        float* o = op + (b * H + h) * DV;
         const float w_own = std::exp(lp[b * H + h] - top);
         float total = w_own;
-        for (int64_t d = 0; d < D; ++d) o[d] *= w_own;
+        for (int64_t d = 0; d < DV; ++d) o[d] *= w_own;
         for (int64_t i = slot_ptr[b]; i < slot_ptr[b + 1]; ++i) {
           const float w = std::exp(part_lse[slots[i] * H + h] - top);
-          const float* po = part_out.get() + (slots[i] * H + h) * D;
+          const float* po = part_out.get() + (slots[i] * H + h) * DV;
           total += w;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) o[d] += w * po[d];
+          for (int64_t d = 0; d < DV; ++d) o[d] += w * po[d];
         }
         const float inv = 1.f / total;
-        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+        for (int64_t d = 0; d < DV; ++d) o[d] *= inv;
         lp[b * H + h] = top + std::log(total);
       }
     }
