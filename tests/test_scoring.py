@@ -164,6 +164,10 @@ def test_score_errors(score_models):  # type: ignore[no-untyped-def]
         LLM(str(score_models["qwen3-lm"]), **ENGINE, score_tokens=(FALSE, "maybe"))
     with pytest.raises(ConfigError, match="this checkpoint is a sequence classifier"):
         LLM(str(score_models["qwen3"]), **ENGINE, score_tokens=(FALSE, TRUE))
+    classifier = LLM(str(score_models["qwen3"]), **ENGINE)
+    with pytest.raises(ValueError, match="a sequence classifier .* cannot generate text"):
+        classifier.generate("w5 w6", use_tqdm=False)  # its lm_head would be untrained
+    assert classifier.embed("w5 w6", use_tqdm=False)  # its hidden states still pool
 
 
 def test_cross_encoders_and_multi_label_heads_are_refused():  # type: ignore[no-untyped-def]

@@ -132,7 +132,7 @@ class EngineLimits:
     def check_params(self, params: SamplingParams) -> str | None:
         """Why a request's sampling parameters cannot run on this model, or None: token ids
         outside the vocabulary, a grammar that does not compile, ``dimensions`` the model was
-        not trained for."""
+        not trained for, text asked of a sequence classifier (it has no trained lm_head)."""
         outside = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
         if outside:
             return (
@@ -143,6 +143,11 @@ class EngineLimits:
             return self.check_score()
         if params.embedding is not None:
             return self.pooling.check(params.embedding, self.hidden_size)
+        if self.score_head == "classifier":  # vLLM serves a classifier as a pooling model only
+            return (
+                "this model is a sequence classifier (a score head and no lm_head): it answers "
+                "/v1/score, /v1/rerank and /v1/embeddings lines and cannot generate text"
+            )
         if params.structured is not None:
             try:
                 params.structured.check()
