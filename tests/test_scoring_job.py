@@ -39,7 +39,7 @@ def run(inp: Path, out: Path, model: Path, *extra: str) -> int:
     return main(["run", *args, "--device", "cpu", "--kv-cache-memory", "16MiB", *extra])
 
 
-def test_score_and_rerank_lines_end_to_end(tmp_path, classifier):  # type: ignore[no-untyped-def]
+def test_score_and_rerank_lines_end_to_end(tmp_path, classifier, capsys):  # type: ignore[no-untyped-def]
     lines = [
         line("one-to-n", queries=QUERY, documents=DOCS[:4], model="m", user="u"),
         line("n-to-n", text_1=[QUERY, DOCS[0]], text_2=[DOCS[5], DOCS[6]]),
@@ -57,6 +57,11 @@ def test_score_and_rerank_lines_end_to_end(tmp_path, classifier):  # type: ignor
     inp = write_jsonl(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
     assert run(inp, out, classifier, "--max-model-len", "128") == 0
+    # 18 requests (pairs and the completion); the completion and both pairs of "too-long" (a
+    # line fails as a whole: its fitting pair is not computed) are rejected
+    assert "18 requests read, 3 rejected by the checks against the model, 15 to run" in (
+        capsys.readouterr().err
+    )
     recs = {r["custom_id"]: r for r in records(out)}
     assert [r["custom_id"] for r in records(out)] == [x["custom_id"] for x in lines]
     pairs = [(QUERY, d) for d in DOCS]

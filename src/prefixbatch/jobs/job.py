@@ -296,7 +296,8 @@ def _check(
     checked = check(requests, engine.limits, store.info, store.explicit[requests.ids])
     log.info(
         "%s read, %d rejected by the checks against the model, %d to run",
-        count(len(requests), "request"), len(checked.errors), len(checked.runnable),
+        count(len(requests), "request"), len(requests) - len(checked.runnable),
+        len(checked.runnable),
     )  # fmt: skip
     errors.update((e.line, e) for e in checked.errors)
     if plan is not None and checked.kept is not None:

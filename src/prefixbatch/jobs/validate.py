@@ -109,7 +109,9 @@ def check(
 
     ``EngineLimits`` decides; its checks run once per distinct (length, max_tokens) pair on a
     stand-in prompt of valid ids, once per parameter set, and on the real prompt only for the
-    requests something flags (a token outside the vocabulary found in one pass over all ids)."""
+    requests something flags (a token outside the vocabulary found in one pass over all ids).
+    A line of several items (embedding inputs, score pairs) fails as a whole: one error for its
+    failing item, and its other items are left out of the runnable requests."""
     if not len(requests):
         return Checked(requests, [])
     lengths, budgets = requests.lengths, requests.max_tokens()
@@ -145,6 +147,7 @@ def check(
         at = by_start[np.maximum(np.searchsorted(starts[by_start], outside, "right") - 1, 0)]
         flagged[at[outside < requests.prompts.ends[at]]] = True
     errors: list[LineError] = []
+    siblings: list[int] = []  # request ids of the other items of lines that failed
     for pos in np.flatnonzero(flagged).tolist():
         params = requests.params(pos)
         prompt = requests.prompts[pos]
@@ -157,8 +160,12 @@ def check(
                 problem = f"{where}: {problem}"
             problem = req.named(problem or set_problem[requests.param_ids[pos]] or "")
             errors.append(LineError(req.line, req.custom_id, f"line {req.line}: {problem}"))
+            first = int(requests.ids[pos]) - req.part  # a line's items have consecutive ids
+            siblings += range(first, first + req.parts)
         else:
             flagged[pos] = False
+    if siblings:  # a line fails as a whole: its other items are not computed
+        flagged |= np.isin(requests.ids, siblings)
     if not flagged.any():
         return Checked(requests, errors)
     kept = np.flatnonzero(~flagged)
