@@ -13,6 +13,7 @@ from prefixbatch import LLM, SamplingParams
 from prefixbatch.config import EngineConfig
 from prefixbatch.engine import LLMEngine
 from prefixbatch.errors import ConfigError, JobError
+from prefixbatch.execution.attention import triton_backend
 from prefixbatch.execution.attention.native import CpuBackend
 from prefixbatch.execution.attention.registry import BackendUnavailableError, select_backend
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
@@ -162,10 +163,14 @@ def test_registry_picks_the_backend_by_device_and_dtype():  # type: ignore[no-un
     assert isinstance(select_backend("auto", fp32, 4, 0.25), CpuBackend)
     assert type(select_backend("auto", fp16, 4, 0.25)) is SharedPrefixBackend
     assert type(select_backend("torch", fp32, 4, 0.25)) is SharedPrefixBackend
-    with pytest.raises(BackendUnavailableError, match="cannot run"):
+    with pytest.raises(BackendUnavailableError, match="cannot run.*the CPU in float32 only"):
         select_backend("cpu", fp16, 4, 0.25)
     with pytest.raises(BackendUnavailableError, match="unknown attention backend"):
         select_backend("flash", fp32, 4, 0.25)
+    with pytest.MonkeyPatch.context() as m:  # say why a backend cannot run: no Triton here
+        m.setattr(triton_backend, "triton_available", lambda device: False)
+        with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            select_backend("triton", fp32, 4, 0.25)
 
 
 def test_shared_prefix_threshold_is_the_backends_unless_configured(tiny_models):  # type: ignore[no-untyped-def]

@@ -23,12 +23,12 @@ Factory = Callable[[KVCache, int, float], AttentionBackend | None]
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """``supports(cache)`` says whether the backend can run over that cache (device, dtype, head
-    size); ``build`` may still return None when a compiled part cannot be built (a warning says
-    why), and the next entry is used."""
+    """``unsupported(cache)`` says why the backend cannot run over that cache (device, dtype,
+    head size), or None when it can; ``build`` may still return None when a compiled part
+    cannot be built (a warning says why), and the next entry is used."""
 
     name: str
-    supports: Callable[[KVCache], bool]
+    unsupported: Callable[[KVCache], str | None]
     build: Factory
     # Whether "auto" may pick it where it is supported (the Triton interpreter on the CPU is for
     # tests only: it must be asked for by name).
@@ -52,19 +52,22 @@ def _triton(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
     return TritonBackend(cache, heads, scale)
 
 
-def _triton_supports(cache: KVCache) -> bool:
-    """Head sizes the kernels take (``triton_launch.head_layout``; a narrower value only kept
-    in the key) where triton runs."""
+def _triton_unsupported(cache: KVCache) -> str | None:
+    """Where triton runs, head sizes the kernels take (``triton_launch.head_layout``; a narrower
+    value only kept in the key)."""
     from .triton_backend import triton_available
 
     if not triton_available(cache.k.device):
-        return False
+        return (
+            f"Triton does not run on {cache.k.device.type} here (CUDA, or the CPU under "
+            "TRITON_INTERPRET=1 for tests, with the triton package installed)"
+        )
     from .triton_launch import head_layout  # imports triton
 
-    same = cache.v.shape == cache.k.shape
-    return (same or cache.value_in_key) and head_layout(
-        cache.k.shape[-1], cache.v.shape[-1]
-    ) is None
+    if cache.v.shape != cache.k.shape and not cache.value_in_key:
+        return "its kernels take values of another size than the keys only kept in the key"
+    layout = head_layout(cache.k.shape[-1], cache.v.shape[-1])
+    return None if layout is None else f"its kernels cannot take {layout}"
 
 
 def _torch(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
@@ -73,22 +76,21 @@ def _torch(cache: KVCache, heads: int, scale: float) -> AttentionBackend:
     return SharedPrefixBackend(cache, heads, scale)
 
 
-def _cpu_supports(cache: KVCache) -> bool:
+def _cpu_unsupported(cache: KVCache) -> str | None:
     """fp32 on the CPU; a narrower value only kept in the key (the kernels' write is K and V of
     one size)."""
-    same = cache.v.shape == cache.k.shape
-    return (
-        cache.k.device.type == "cpu"
-        and cache.k.dtype == torch.float32
-        and (same or cache.value_in_key)
-    )
+    if cache.k.device.type != "cpu" or cache.k.dtype != torch.float32:
+        return "its kernels run on the CPU in float32 only"
+    if cache.v.shape != cache.k.shape and not cache.value_in_key:
+        return "its kernels take values of another size than the keys only kept in the key"
+    return None
 
 
 # Highest priority first; "torch" last: it runs everywhere.
 BACKENDS: list[BackendEntry] = [
-    BackendEntry("triton", _triton_supports, _triton, in_auto=lambda d: d.type == "cuda"),
-    BackendEntry("cpu", _cpu_supports, _cpu_native),
-    BackendEntry("torch", lambda cache: True, _torch),
+    BackendEntry("triton", _triton_unsupported, _triton, in_auto=lambda d: d.type == "cuda"),
+    BackendEntry("cpu", _cpu_unsupported, _cpu_native),
+    BackendEntry("torch", lambda cache: None, _torch),
 ]
 
 
@@ -108,16 +110,18 @@ def select_backend(name: str, cache: KVCache, num_heads: int, scale: float) -> A
             raise BackendUnavailableError(
                 f"unknown attention backend {name!r}; use auto, {', '.join(backend_names())}"
             )
-        backend = entry.build(cache, num_heads, scale) if entry.supports(cache) else None
+        why = entry.unsupported(cache)
+        backend = entry.build(cache, num_heads, scale) if why is None else None
         if backend is None:
             latent = ", kept in the key" if cache.value_in_key else ""
             raise BackendUnavailableError(
                 f"attention backend {name!r} cannot run on {device.type} with {dtype} and "
-                f"keys of {cache.k.shape[-1]} lanes, values of {cache.v.shape[-1]}{latent}"
+                f"keys of {cache.k.shape[-1]} lanes, values of {cache.v.shape[-1]}{latent}: "
+                + (why or "its compiled kernels could not be built (see the warning above)")
             )
         return backend
     for entry in BACKENDS:
-        if entry.in_auto(device) and entry.supports(cache):
+        if entry.in_auto(device) and entry.unsupported(cache) is None:
             backend = entry.build(cache, num_heads, scale)
             if backend is not None:
                 return backend
