@@ -109,3 +109,5 @@ def test_eta_comes_from_planned_work_not_from_finished_requests():  # type: igno
 def test_summary_tokens_per_second_leave_out_start_up():  # type: ignore[no-untyped-def]
     summary = JobSummary(3, 0, 0, 30, 200, 0, 0, wall_s=100.0, compute_s=10.0)
     assert "wall time: 100.0s, of which computing 10.0s: 20.0 output tok/s" in summary.lines()
+    prefill_only = JobSummary(3, 0, 0, 300, 0, 0, 0, wall_s=100.0, compute_s=10.0)  # embeddings
+    assert "wall time: 100.0s, of which computing 10.0s: 30.0 prompt tok/s" in prefill_only.lines()

@@ -83,7 +83,10 @@ class JobSummary:
     failures: tuple[str, ...] = ()  # the first LISTED error messages, in line order
 
     def lines(self) -> list[str]:
-        tps = self.output_tokens / self.compute_s if self.compute_s else 0.0
+        # prefill-only work (embeddings, scores) is priced by its prompt tokens
+        kind = "output" if self.output_tokens else "prompt"
+        done = self.output_tokens or self.prompt_tokens
+        tps = done / self.compute_s if self.compute_s else 0.0
         lines = [
             f"requests: {self.requests_ok} ok, {self.requests_failed} failed, "
             f"{self.skipped} already answered",
@@ -92,7 +95,7 @@ class JobSummary:
             f"{self.prefill_tokens_saved} prefill tokens saved by sharing",
             f"preemptions: {self.preemptions}",
             f"wall time: {self.wall_s:.1f}s, of which computing {self.compute_s:.1f}s: "
-            f"{tps:.1f} output tok/s",
+            f"{tps:.1f} {kind} tok/s",
         ]
         if not self.requests_ok and not self.skipped:
             lines.insert(0, "no line of the input is a valid request: see the error records")
