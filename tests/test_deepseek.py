@@ -16,32 +16,31 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_moe_models import checkpoint_config, workload
+from test_moe_models import (
+    CPU_PATHS,
+    check_experts_kernel,
+    checkpoint_config,
+    greedy_parity,
+    short_run,
+    workload,
+)
 
-from conftest import VOCAB, expected_greedy, make_tiny_model, record_steps
+from conftest import VOCAB, expected_greedy, make_tiny_model
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.config import EngineConfig, KVLayout
 from prefixbatch.errors import JobError
 from prefixbatch.execution.attention.native import CpuBackend
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
 from prefixbatch.execution.attention.step import AttentionStep, SeqStep
-from prefixbatch.execution.attention.triton_backend import TritonBackend, triton_available
+from prefixbatch.execution.attention.triton_backend import TritonBackend
 from prefixbatch.execution.kv_cache import KVCache
 from prefixbatch.execution.kv_memory import kv_pool_blocks
 from prefixbatch.execution.models.deepseek import DeepseekConfig, DeepseekMoeBlock, DeepseekRouter
-from prefixbatch.execution.moe.cpu_experts import CpuExperts
-from prefixbatch.execution.moe.experts import grouped_experts
 from prefixbatch.execution.moe.grouped_routing import GroupedRouting, select_grouped_experts
 from prefixbatch.loading.model_config import normalise
 
 FAMILIES = ["deepseek_v2", "deepseek_v3"]
 LATENT = 32 + 16  # kv_lora_rank + qk_rope_head_dim of the tiny configs
-
-MODES = {
-    "torch": {"kernels": "torch"},
-    "cpu": {},
-    "triton": {"attention_backend": "triton"},
-}
 
 
 @pytest.fixture(scope="module")
@@ -61,41 +60,28 @@ def kv_bytes(blocks: int) -> int:
     return blocks * 3 * 8 * LATENT * 4
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", CPU_PATHS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_transformers(models, expected, family, mode):  # type: ignore[no-untyped-def]
-    short = mode == "triton"
-    if short and not triton_available(torch.device("cpu")):
-        pytest.skip("triton is not installed")
+    short = short_run(mode)
     prompts, params = workload(short)
-    llm = LLM(
-        str(models[family]),
-        device="cpu",
-        block_size=8,
+    llm, steps = greedy_parity(
+        models[family],
+        prompts,
+        params,
+        expected(family, short),
+        kv_bytes(6 if short else 14),  # decode growth preempts
         cascade_min_prefix=0,
-        kv_cache_memory=kv_bytes(6 if short else 14),  # decode growth preempts
-        max_num_batched_tokens=48,
-        **MODES[mode],
+        **CPU_PATHS[mode],
     )
     backend = llm.engine.backend
-    steps = record_steps(backend)
-    outs = llm.generate(prompts, params)
-    for out, want, p in zip(outs, expected(family, short), params):
-        assert [c.token_ids for c in out.outputs] == [want] * p.n
-    stats = llm.engine.stats
-    assert stats.groups >= 3 and stats.preemptions > 0
     assert any(step.levels for step in steps)  # shared prefixes were read as levels
     worker = llm.engine.worker
     assert worker.cache.value_in_key and worker.cache.k.shape[-2:] == (1, LATENT)
     experts = next(m for m in worker.model.modules() if isinstance(m, DeepseekMoeBlock)).experts
-    if mode == "triton":
-        assert isinstance(backend, TritonBackend)
-        assert experts.kernel.__name__ == "triton_experts"
-        return
-    if mode == "torch":
-        assert isinstance(backend, SharedPrefixBackend) and experts.kernel is grouped_experts
-    else:  # CI has a compiler: the compiled attention kernels read the latent
-        assert isinstance(backend, CpuBackend) and isinstance(experts.kernel, CpuExperts)
+    check_experts_kernel(experts, mode)
+    kind = {"torch": SharedPrefixBackend, "cpu": CpuBackend, "triton": TritonBackend}[mode]
+    assert isinstance(backend, kind)  # cpu: the compiled attention kernels read the latent
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "deepseek_v3-flat"])

@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_gemma import levels_against_windows
-from test_moe_models import load
+from test_moe_models import CPU_PATHS, check_experts_kernel, greedy_parity, load, short_run
 
 from conftest import (
     VOCAB,
     hf_greedy,
     make_tiny_model,
     nested_prompts,
-    record_steps,
     tiny_config,
 )
 from prefixbatch import LLM, SamplingParams
@@ -32,8 +31,6 @@ from prefixbatch.execution.attention.step import AttentionStep, SeqStep
 from prefixbatch.execution.attention.triton_backend import TritonBackend, triton_available
 from prefixbatch.execution.models.gpt_oss import GptOssConfig, GptOssExperts
 from prefixbatch.execution.models.registry import family_for_gguf
-from prefixbatch.execution.moe.cpu_experts import CpuExperts
-from prefixbatch.execution.moe.experts import grouped_experts
 from prefixbatch.execution.moe.kernel_choice import use_experts_kernel
 from prefixbatch.execution.moe.mxfp4 import dequantize_mxfp4
 from prefixbatch.execution.moe.routing import select_experts, select_top_logits
@@ -41,12 +38,6 @@ from prefixbatch.loading.model_config import normalise
 
 FAMILIES = ["gpt_oss"]
 WINDOW = 12  # conftest's tiny config
-
-MODES = {
-    "torch": {"kernels": "torch"},
-    "cpu": {},
-    "triton": {"attention_backend": "triton"},
-}
 
 
 @pytest.fixture(scope="module")
@@ -75,38 +66,25 @@ def kv_bytes(blocks: int) -> int:
     return blocks * 2 * 3 * 8 * 2 * 16 * 4
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", CPU_PATHS)
 def test_greedy_matches_transformers(gpt_oss, mode):  # type: ignore[no-untyped-def]
-    short = mode == "triton"
-    if short and not triton_available(torch.device("cpu")):
-        pytest.skip("triton is not installed")
+    short = short_run(mode)
     prompts, params = workload(short)
-    llm = LLM(
-        str(gpt_oss),
-        device="cpu",
-        block_size=8,
-        cascade_min_prefix=0,
-        kv_cache_memory=kv_bytes(7 if short else 14),  # decode growth preempts
-        max_num_batched_tokens=48,
-        **MODES[mode],
-    )
-    backend = llm.engine.backend
-    steps = record_steps(backend)
-    outs = llm.generate(prompts, params)
     expected = hf_greedy(gpt_oss, prompts, [p.max_tokens for p in params])
-    for out, want, p in zip(outs, expected, params):
-        assert [c.token_ids for c in out.outputs] == [want] * p.n
-    assert llm.engine.stats.groups >= 3 and llm.engine.stats.preemptions > 0
+    llm, steps = greedy_parity(
+        gpt_oss,
+        prompts,
+        params,
+        expected,
+        kv_bytes(7 if short else 14),  # decode growth preempts
+        cascade_min_prefix=0,
+        **CPU_PATHS[mode],
+    )
     assert levels_against_windows(steps, WINDOW) == (True, True)
     experts = next(m for m in llm.engine.worker.model.modules() if isinstance(m, GptOssExperts))
     kind = {"torch": SharedPrefixBackend, "cpu": CpuBackend, "triton": TritonBackend}[mode]
-    assert isinstance(backend, kind)
-    if mode == "torch":
-        assert experts.kernel is grouped_experts
-    elif mode == "cpu":
-        assert isinstance(experts.kernel, CpuExperts)
-    else:
-        assert experts.kernel.__name__ == "triton_experts"
+    assert isinstance(llm.engine.backend, kind)
+    check_experts_kernel(experts, mode)
 
 
 def test_logits_match_transformers(gpt_oss):  # type: ignore[no-untyped-def]

@@ -11,11 +11,12 @@ from __future__ import annotations
 import random
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from conftest import MOE_FAMILIES, expected_greedy, nested_prompts, tiny_config
+from conftest import MOE_FAMILIES, expected_greedy, nested_prompts, record_steps, tiny_config
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.errors import ModelNotFoundError
 from prefixbatch.execution.attention.native import CpuBackend
@@ -32,11 +33,67 @@ from prefixbatch.loading.model_source import ModelSource
 
 FAMILIES = list(MOE_FAMILIES)
 
-MODES = {
-    "torch": {"kernels": "torch", "cascade_min_prefix": 0},
+# The CPU paths of every family's parity test: the plain PyTorch reference, the CPU fast paths
+# (compiled attention and experts kernels), the Triton kernels under the interpreter.
+CPU_PATHS: dict[str, dict[str, Any]] = {
+    "torch": {"kernels": "torch"},
     "cpu": {},
-    "triton": {"attention_backend": "triton", "cascade_min_prefix": 0},
+    "triton": {"attention_backend": "triton"},
 }
+MODES = {
+    "torch": {**CPU_PATHS["torch"], "cascade_min_prefix": 0},
+    "cpu": CPU_PATHS["cpu"],
+    "triton": {**CPU_PATHS["triton"], "cascade_min_prefix": 0},
+}
+
+
+def short_run(mode: str) -> bool:
+    """Whether ``mode`` runs the short workload (Triton's interpreter is slow); skips the test
+    where triton is not installed."""
+    if mode == "triton" and not triton_available(torch.device("cpu")):
+        pytest.skip("triton is not installed")
+    return mode == "triton"
+
+
+def greedy_parity(
+    path: Path,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    expected: list[list[int]],
+    kv_cache_memory: int,
+    **engine: Any,
+) -> tuple[LLM, list[Any]]:
+    """Run ``prompts`` greedily on the checkpoint ``path`` (blocks of 8, prefill chunks of 48,
+    ``engine`` settings) and check every choice against transformers' ``expected`` tokens,
+    the shared prefixes run as levels (at least 3) and preemption (a KV pool small enough
+    that decode growth preempts). Returns the engine and the ``AttentionStep`` of each step."""
+    llm = LLM(
+        str(path),
+        device="cpu",
+        block_size=8,
+        kv_cache_memory=kv_cache_memory,
+        max_num_batched_tokens=48,
+        **engine,
+    )
+    steps = record_steps(llm.engine.backend)
+    outs = llm.generate(prompts, params)
+    for out, want, p in zip(outs, expected, params):
+        assert [c.token_ids for c in out.outputs] == [want] * p.n
+    stats = llm.engine.stats
+    assert stats.groups >= 3  # the system prompt and both documents were shared levels
+    assert stats.preemptions > 0
+    return llm, steps
+
+
+def check_experts_kernel(experts: Any, mode: str) -> None:
+    """The experts kernel each CPU path runs: the grouped PyTorch reference, the compiled CPU
+    kernel (CI has a compiler), the Triton kernel."""
+    if mode == "torch":
+        assert experts.kernel is grouped_experts
+    elif mode == "cpu":
+        assert isinstance(experts.kernel, CpuExperts)
+    else:
+        assert experts.kernel.__name__ == "triton_experts"
 
 
 @cache
@@ -70,34 +127,25 @@ def kv_bytes(family: str, blocks: int) -> int:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_transformers(moe_models, expected, family, mode):  # type: ignore[no-untyped-def]
-    short = mode == "triton"
-    if short and not triton_available(torch.device("cpu")):
-        pytest.skip("triton is not installed")
+    short = short_run(mode)
     prompts, params = workload(short)
-    llm = LLM(
-        str(moe_models[family]),
-        device="cpu",
-        block_size=8,
-        # a few sequences at a time, so decode growth preempts
-        kv_cache_memory=kv_bytes(family, 6 if short else 16),
-        max_num_batched_tokens=48,
+    llm, _ = greedy_parity(
+        moe_models[family],
+        prompts,
+        params,
+        expected(family, short),
+        kv_bytes(family, 6 if short else 16),  # a few sequences at a time
         **MODES[mode],
     )
-    outs = llm.generate(prompts, params)
-    for out, want, p in zip(outs, expected(family, short), params):
-        assert [c.token_ids for c in out.outputs] == [want] * p.n
-    stats = llm.engine.stats
-    assert stats.groups >= 3  # the system prompt and both documents were shared levels
-    assert stats.preemptions > 0
     worker = llm.engine.worker
     experts = next(m for m in worker.model.modules() if isinstance(m, SparseMoeBlock)).experts
+    check_experts_kernel(experts, mode)
     if mode == "torch":
-        assert experts.kernel is grouped_experts and not isinstance(worker.forward, FusedForward)
-    elif mode == "cpu":  # CI has a compiler: the compiled kernels and the fast path
-        assert isinstance(experts.kernel, CpuExperts) and isinstance(worker.forward, FusedForward)
+        assert not isinstance(worker.forward, FusedForward)
+    elif mode == "cpu":  # the fast path
+        assert isinstance(worker.forward, FusedForward)
         assert isinstance(llm.engine.backend, CpuBackend)
     else:
-        assert experts.kernel.__name__ == "triton_experts"
         assert isinstance(llm.engine.backend, TritonBackend)
 
 
