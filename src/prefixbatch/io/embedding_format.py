@@ -5,20 +5,19 @@
 list of floats, or with ``encoding_format: "base64"`` the base64 of its little-endian float32
 bytes (as OpenAI's clients decode it: ``np.frombuffer(base64.b64decode(s), "<f4")``).
 
-A line's inputs run as separate requests; ``EmbeddingLines`` gathers them until the line is
-complete.
+A line's inputs run as separate requests; ``line_parts.LineParts`` gathers them until the line
+is complete.
 """
 
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..outputs import RequestOutput
 from .batch_file import BatchRequest
+from .line_parts import Part
 from .results import success_envelope
 
 
@@ -47,29 +46,8 @@ def embedding_record(
     return success_envelope(req, body)
 
 
-@dataclass
-class _Line:
-    vectors: list[np.ndarray | None]
-    prompt_tokens: int = 0
-
-
-@dataclass
-class EmbeddingLines:
-    """The embedding lines some of whose inputs are answered, by line."""
-
-    _open: dict[int, _Line] = field(default_factory=dict)
-
-    def add(self, req: BatchRequest, out: RequestOutput, model: str) -> dict[str, Any] | None:
-        """Take input ``req.part``'s answer; the line's record once every input has one."""
-        line = self._open.setdefault(req.line, _Line([None] * req.parts))
-        line.vectors[req.part] = out.embedding
-        line.prompt_tokens += out.num_prompt_tokens
-        if any(v is None for v in line.vectors):
-            return None
-        del self._open[req.line]
-        vectors = [v for v in line.vectors if v is not None]
-        return embedding_record(req, vectors, line.prompt_tokens, model)
-
-    def drop(self, line: int) -> None:
-        """Forget a line that failed."""
-        self._open.pop(line, None)
+def embedding_line(parts: list[Part], model: str) -> dict[str, Any]:
+    """The record of an embedding line from its answered inputs, in order."""
+    vectors = [out.embedding for _, out in parts if out.embedding is not None]
+    prompt_tokens = sum(out.num_prompt_tokens for _, out in parts)
+    return embedding_record(parts[0][0], vectors, prompt_tokens, model)

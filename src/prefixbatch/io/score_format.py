@@ -9,18 +9,16 @@
   ``relevance_score``, highest first, cut to ``top_n`` when it is set (and below the number of
   documents); ``document`` is left out with ``return_documents: false``.
 
-A line's pairs run as separate requests; ``ScoreLines`` gathers them until the line is
-complete.
+A line's pairs run as separate requests; ``line_parts.LineParts`` gathers them until the line
+is complete.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..outputs import RequestOutput
-from .batch_file import BatchRequest
+from .line_parts import Part
 from .results import record_id, success_envelope
 from .score_request import RERANK_URL
 
@@ -62,39 +60,20 @@ def rerank_body(
     return {"id": ident, "model": model, "usage": usage, "results": results}
 
 
-@dataclass
-class _Line:
-    scores: list[float | None]
-    documents: list[str]
-    prompt_tokens: int = 0
-
-
-@dataclass
-class ScoreLines:
-    """The score and rerank lines some of whose pairs are answered, by line."""
-
-    _open: dict[int, _Line] = field(default_factory=dict)
-
-    def add(self, req: BatchRequest, out: RequestOutput, model: str) -> dict[str, Any] | None:
-        """Take pair ``req.part``'s score; the line's record once every pair has one."""
-        line = self._open.setdefault(req.line, _Line([None] * req.parts, [""] * req.parts))
-        line.scores[req.part] = out.score
-        line.documents[req.part] = req.prompt if isinstance(req.prompt, str) else ""
-        line.prompt_tokens += out.num_prompt_tokens
-        if any(s is None for s in line.scores):
-            return None
-        del self._open[req.line]
-        scores = [s for s in line.scores if s is not None]
-        params = req.params.score
-        assert params is not None
-        if req.url == RERANK_URL:
-            documents = line.documents if params.return_documents else None
-            ident = record_id("rerank-", req.custom_id)
-            body = rerank_body(scores, documents, params.top_n, line.prompt_tokens, model, ident)
-        else:
-            body = score_body(scores, line.prompt_tokens, model, record_id("score-", req.custom_id))
-        return success_envelope(req, body)
-
-    def drop(self, line: int) -> None:
-        """Forget a line that failed."""
-        self._open.pop(line, None)
+def score_line(parts: list[Part], model: str) -> dict[str, Any]:
+    """The record of a score or rerank line from its answered pairs, in order (a rerank
+    pair's ``prompt`` is its document when the record returns it)."""
+    req = parts[0][0]
+    scores = [out.score for _, out in parts if out.score is not None]
+    prompt_tokens = sum(out.num_prompt_tokens for _, out in parts)
+    params = req.params.score
+    assert params is not None
+    if req.url == RERANK_URL:
+        documents = None
+        if params.return_documents:
+            documents = [r.prompt if isinstance(r.prompt, str) else "" for r, _ in parts]
+        ident = record_id("rerank-", req.custom_id)
+        body = rerank_body(scores, documents, params.top_n, prompt_tokens, model, ident)
+    else:
+        body = score_body(scores, prompt_tokens, model, record_id("score-", req.custom_id))
+    return success_envelope(req, body)

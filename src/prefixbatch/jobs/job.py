@@ -32,11 +32,12 @@ from ..config import EngineConfig
 from ..engine import EngineStats, LLMEngine
 from ..errors import InputFileError, JobInterrupted
 from ..io.batch_file import BatchRequest, LineError
-from ..io.embedding_format import EmbeddingLines
+from ..io.embedding_format import embedding_line
 from ..io.embedding_request import EMBEDDINGS_URL
+from ..io.line_parts import LineParts
 from ..io.progress import PlannedWork, Progress
 from ..io.results import SERVER_ERROR, ResultWriter, error_record, success_record
-from ..io.score_format import ScoreLines
+from ..io.score_format import score_line
 from ..loading.model_config import read_model_config
 from ..loading.model_source import DEFAULT_MODEL_NAME, resolve_model
 from ..planning.plan import Plan, make_plan
@@ -223,7 +224,7 @@ def run_batch(
             if any(p.logprobs is not None or p.prompt_logprobs is not None for p in used):
                 vocab = engine.tokenizer.token_bytes(engine.limits.vocab_size)
             computing = time.monotonic()
-            embedded, scored = EmbeddingLines(), ScoreLines()
+            lines = LineParts()  # embedding inputs and score pairs, by line
             for part, part_plan in by_kind(requests, plan):
                 # closing(): however the loop ends, the engine aborts what is unfinished (idle)
                 with closing(engine.generate(part, part_plan, should_stop)) as outputs:
@@ -235,13 +236,15 @@ def run_batch(
                             message = f"line {req.line}: {out.error}"
                             failed = LineError(req.line, req.custom_id, message, SERVER_ERROR)
                             errors[req.line] = failed
-                            embedded.drop(req.line)
+                            lines.drop(req.line)
                             writer.write(error_record(failed))
-                            scored.drop(req.line)
                         elif req.url == EMBEDDINGS_URL or req.params.score is not None:
-                            lines = embedded if req.url == EMBEDDINGS_URL else scored
-                            record = lines.add(req, out, model_name)
-                            if record is not None:
+                            parts = lines.add(req, out)
+                            if parts is not None:
+                                embeds = req.url == EMBEDDINGS_URL
+                                record = (embedding_line if embeds else score_line)(
+                                    parts, model_name
+                                )
                                 writer.write(record)
                                 answered += 1
                         else:
