@@ -50,11 +50,15 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
         done.set()
 
 
+# The test vocabulary, by id: what save_tokenizer writes and the GGUF writers list.
+TOKENS = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(3, VOCAB))]
+
+
 def save_tokenizer(path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    vocab = {token: i for i, token in enumerate(TOKENS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
@@ -400,3 +404,23 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> li
             )
             outs.append(gen[0, len(p) :].tolist())
     return outs
+
+
+def gguf_header(writer: Any, config: dict[str, Any]) -> None:
+    """The model fields every llama.cpp GGUF header has, from a transformers config's dict:
+    context, sizes, layers, heads, RMSNorm epsilon."""
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+
+
+def finish_gguf(writer: Any) -> None:
+    """Write a GGUF file's header, key-values and tensors, and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -14,7 +14,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import EOS, VOCAB, hf_greedy, nested_prompts, save_tokenizer, shared_prefix_prompts
+from conftest import (
+    EOS,
+    TOKENS,
+    VOCAB,
+    finish_gguf,
+    gguf_header,
+    hf_greedy,
+    nested_prompts,
+    save_tokenizer,
+    shared_prefix_prompts,
+)
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.config import RopeConfig
 from prefixbatch.errors import UnsupportedModelError
@@ -324,20 +334,13 @@ def write_gguf(hf_dir: Path, out: Path, arch: str) -> Path:
     config = json.loads((hf_dir / "config.json").read_text())
     tensors = load_file(str(next(hf_dir.glob("*.safetensors"))))
     writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
+    gguf_header(writer, config)
     writer.add_key_length(config["head_dim"])
     writer.add_value_length(config["head_dim"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_sliding_window(config["sliding_window"])
     writer.add_rope_freq_base(10000.0)
-    tokens = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(3, VOCAB))]
     writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
+    writer.add_token_list(TOKENS)
     writer.add_token_scores([0.0] * VOCAB)
     writer.add_token_types([2, 3, 3, *([1] * (VOCAB - 3))])  # unknown, control, normal
     writer.add_unk_token_id(0)
@@ -350,10 +353,7 @@ def write_gguf(hf_dir: Path, out: Path, arch: str) -> Path:
             continue
         data = tensor.float().numpy() + (1.0 if name.endswith("norm.weight") else 0.0)
         writer.add_tensor(f"{names.get_name(base)}.{suffix}", data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     return out
 
 

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, hf_greedy, shared_prefix_prompts, tiny_config
+from conftest import (
+    TOKENS,
+    VOCAB,
+    finish_gguf,
+    gguf_header,
+    hf_greedy,
+    shared_prefix_prompts,
+    tiny_config,
+)
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.errors import UnsupportedModelError
 from prefixbatch.loading import model_source
@@ -64,16 +72,10 @@ def write_gguf(model_dir: Path, path: Path, arch: str, config, tensors=None) -> 
     tokenizer over the test vocabulary."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(arch)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    gguf_header(writer, config.to_dict())
     writer.add_key_length(getattr(config, "head_dim", None) or 16)
     writer.add_value_length(getattr(config, "head_dim", None) or 16)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 0)
     writer.add_expert_count(experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
@@ -82,7 +84,7 @@ def write_gguf(model_dir: Path, path: Path, arch: str, config, tensors=None) -> 
     if getattr(config, "shared_expert_intermediate_size", None):
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(3, VOCAB))])
+    writer.add_token_list(TOKENS)
     writer.add_token_scores([0.0] * VOCAB)  # no merges: transformers derives them
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
@@ -90,10 +92,7 @@ def write_gguf(model_dir: Path, path: Path, arch: str, config, tensors=None) -> 
         tensors = gguf_tensors(dict(ModelSource(model_dir).weights()))
     for name, array in tensors.items():
         writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     return path
 
 

@@ -16,7 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, hf_greedy, make_tiny_model, nested_prompts, tiny_config
+from conftest import (
+    TOKENS,
+    VOCAB,
+    finish_gguf,
+    gguf_header,
+    hf_greedy,
+    make_tiny_model,
+    nested_prompts,
+    tiny_config,
+)
 from prefixbatch import LLM, SamplingParams
 from prefixbatch.execution.attention.native import CpuBackend
 from prefixbatch.execution.attention.shared_prefix import SharedPrefixBackend
@@ -298,14 +307,8 @@ def write_phi3_gguf(hf_dir: Path, path: Path) -> None:
     rope = config.rope_parameters
     writer = gguf.GGUFWriter(str(path), "phi3")
     writer.add_name("tiny-phi3")
-    writer.add_context_length(config.max_position_embeddings)
+    gguf_header(writer, config.to_dict())
     writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     rotated = int(rope["partial_rotary_factor"] * config.hidden_size) // config.num_attention_heads
     writer.add_rope_dimension_count(rotated)
     writer.add_rope_freq_base(rope["rope_theta"])
@@ -320,7 +323,7 @@ def write_phi3_gguf(hf_dir: Path, path: Path) -> None:
             factors = np.array(rope[f"{kind}_factor"], dtype=np.float32)
             writer.add_tensor(f"rope_factors_{kind}.weight", factors)
     writer.add_tokenizer_model("llama")
-    writer.add_token_list(["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(3, VOCAB))])
+    writer.add_token_list(TOKENS)
     writer.add_token_scores([0.0] * 3 + [-float(i) for i in range(3, VOCAB)])
     writer.add_token_types([2, 3, 3] + [1] * (VOCAB - 3))  # unknown, control, normal
     writer.add_bos_token_id(1)
@@ -331,10 +334,7 @@ def write_phi3_gguf(hf_dir: Path, path: Path) -> None:
         gguf_name = names.get_name(name, try_suffixes=(".weight",))
         assert gguf_name is not None, name
         writer.add_tensor(gguf_name, tensor.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
 
 
 @pytest.mark.parametrize("shape", ["phi3", "phi3-long", "phi3-4k"])
