@@ -4,8 +4,9 @@ Each running sequence owns a row (its ``batch_index``, given by the scheduler wh
 admitted); the row holds its own blocks: those after the shared prefix it reads through prefix
 levels (all of its blocks when it reads none), padded with 0. A step writes only what changed
 since the last one: the whole row of a sequence admitted in this step (or admitted again after a
-preemption), and for every other sequence the blocks appended to its table since its row was
-last written (usually none; one per ``block_size`` decode steps). The step hands the array to
+preemption), and for the sequences whose table grew (the scheduler names them: one in
+``block_size`` decode rows per step) the blocks appended since their row was last written; the
+other rows are not visited. The step hands the array to
 the attention backend as it is (``AttentionStep.tables``); the blocks a row attends itself are
 then one contiguous slice. Host work per step therefore does not grow with the shared prefix, nor
 with the number of blocks a sequence holds beyond the ones it reads (vLLM v1 keeps its block
@@ -32,19 +33,21 @@ class BlockTables:
 
     def update(
         self,
-        seqs: Iterable[Sequence],
         admitted: Iterable[Sequence],
+        grown: Iterable[Sequence],
         shared: Callable[[Sequence], int],
     ) -> None:
-        """Bring the rows of ``seqs`` up to date; ``admitted`` (a subset) start from scratch,
-        their first ``shared(seq)`` blocks left out (the prefix they read through levels)."""
+        """Write the rows of ``admitted`` from scratch, their first ``shared(seq)`` blocks left
+        out (the prefix they read through levels), then append to the rows of ``grown`` (and
+        of ``admitted``) the blocks their tables gained since their rows were written."""
+        admitted = list(admitted)
         for seq in admitted:
             i, start = seq.batch_index, shared(seq)
             self._fit(i, len(seq.block_table) - start)
             self.table[i] = 0
             self.synced[i] = self.start[i] = start
         synced, table = self.synced, self.table
-        for seq in seqs:
+        for seq in (*admitted, *grown):
             i, blocks = seq.batch_index, seq.block_table
             done = synced[i]
             if len(blocks) != done:

@@ -88,7 +88,7 @@ class ModelRunner:
         of the sequences ``every_row`` (indices into ``step.seqs``, in that order: prompt
         scoring)."""
         seqs = step.seqs
-        self.tables.update(seqs, step.admitted, self._shared_blocks)
+        self.tables.update(step.admitted, step.grown, self._shared_blocks)
         n = np.array(step.num_tokens, dtype=np.int64)
         groups = self._level_groups(seqs)
         if groups is not None:

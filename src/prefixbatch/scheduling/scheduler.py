@@ -39,6 +39,9 @@ class ScheduledStep:
     # Sequences that got their ``batch_index`` in this step (admitted, or admitted again after
     # a preemption): the runner writes their rows of its persistent state from scratch.
     admitted: list[Sequence] = field(default_factory=list)
+    # Sequences already running whose block table grew in this step (the runner writes only
+    # their new blocks; every other running row's table is as the last step left it).
+    grown: list[Sequence] = field(default_factory=list)
     # Where each sample's token goes in its receiver's tokens (``Scheduler.advance``).
     token_index: list[int] = field(default_factory=list)
 
@@ -114,6 +117,7 @@ class Scheduler:
                         break
                 if seq.status is not Status.RUNNING:
                     continue
+                step.grown.append(seq)
             step.add(seq, n)
             if pending > 1:
                 budget -= n
