@@ -163,7 +163,7 @@ class OutputTexts:
         recorded in ``faults`` and left as it is."""
         ended = []
         for seq, at in resolved:
-            if not seq.params.stop:
+            if not seq.stops_on_text:
                 continue  # decoded when it finishes (``pop``): nothing reads its text before
             if faults.guard("detokenizing", seq, self._append, seq, at, finish):
                 ended.append(seq)

@@ -118,7 +118,7 @@ class ModelRunner:
             self.block_size,
         )  # fmt: skip
         if num_rows == len(seqs):  # a decode step: one new token per sequence
-            ids = [s.tokens[s.computed] for s in ordered]
+            ids = [s.last_token for s in ordered]  # the token list itself is not touched
         else:
             ids = []
             for s, k in zip(ordered, q_len.tolist()):

@@ -65,6 +65,7 @@ class SampledSequence(Protocol):
     tokens: list[int]
     num_prompt: int
     seed: int
+    kind: int  # ``_row_kinds(params)`` once known, else -1 (filled here)
 
     @property
     def num_output(self) -> int: ...
@@ -137,7 +138,6 @@ class StepSampler:
         self._make_structured = structured
         self._structured: StructuredOutput | None = None
         self._penalties: PenaltyState | None = None
-        self._kinds = _Kinds()
         self._matchers: WeakKeyDictionary[SampledSequence, xgr.GrammarMatcher] = WeakKeyDictionary()
         self._logprobs: WeakKeyDictionary[SampledSequence, list[TokenLogprob]] = WeakKeyDictionary()
         self._prompt: WeakKeyDictionary[SampledSequence, list[TokenLogprob]] = WeakKeyDictionary()
@@ -180,7 +180,7 @@ class StepSampler:
         the structured rows. A row whose grammar, sampling parameters or penalties cannot be
         set up is recorded in ``plan.faults`` and left out of them."""
         faults: Faults[int] = Faults()
-        kinds = self._kinds.of(seqs)
+        kinds = _kinds(seqs)
         any_kind = 0
         for k in set(kinds):
             any_kind |= k
@@ -445,21 +445,16 @@ def _row_kinds(p: SamplingParams) -> int:
     )
 
 
-class _Kinds(dict[int, tuple[SamplingParams, int]]):
-    """``_row_kinds`` of each ``SamplingParams`` object by id (the object is kept alive with
-    its entry, so an id is never reused while cached); emptied when it grows large."""
-
-    def of(self, seqs: Seq[SampledSequence]) -> list[int]:
-        if len(self) > 1 << 16:
-            self.clear()
-        out = []
-        for seq in seqs:
-            p = seq.params
-            entry = self.get(id(p))
-            if entry is None:
-                entry = self[id(p)] = (p, _row_kinds(p))
-            out.append(entry[1])
-        return out
+def _kinds(seqs: Seq[SampledSequence]) -> list[int]:
+    """``_row_kinds`` of each sequence's params, cached on the sequence (params are frozen): a
+    step reads only the sequence objects, not their params."""
+    out = []
+    for seq in seqs:
+        k = seq.kind
+        if k < 0:
+            k = seq.kind = _row_kinds(seq.params)
+        out.append(k)
+    return out
 
 
 def _rows(kinds: list[int], flag: int) -> list[int]:

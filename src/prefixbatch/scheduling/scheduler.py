@@ -71,8 +71,20 @@ class Scheduler:
         self._finished_total = 0
         self._free_indices: list[int] = []  # batch indices given back, reused first
         self._num_indices = 0
+        # The stop-token sets of the running sequences, one per (ignore_eos, stop_token_ids).
+        self._stop_ids: dict[tuple[bool, tuple[int, ...]], frozenset[int]] = {}
 
     def add(self, seq: Sequence) -> None:
+        """Queue ``seq`` (parked while its level's prefix is not computed), with its stop
+        conditions (``Sequence.stop_ids``, ``Sequence.end``)."""
+        p = seq.params
+        key = (p.ignore_eos, tuple(p.stop_token_ids))
+        stops = self._stop_ids.get(key)
+        if stops is None:
+            eos = () if p.ignore_eos else self.eos_ids
+            stops = self._stop_ids[key] = frozenset((*eos, *p.stop_token_ids))
+        seq.stop_ids = stops
+        seq.end = min(seq.num_prompt + p.max_tokens, self.config.max_model_len)
         if seq.group is not None and not seq.group.ready:
             self.parked.setdefault(id(seq.group), []).append(seq)
         else:
@@ -277,6 +289,7 @@ class Scheduler:
                 continue
             at.append(len(seq.tokens))
             seq.tokens.append(-1 - j)
+            seq.last_token = -1 - j
 
     def resolve(
         self, step: ScheduledStep, sampled: list[int]
@@ -286,23 +299,20 @@ class Scheduler:
         ends here drops what a later step computed after it). Returns the finished, and each
         sequence that got its token with the token's index."""
         finished, resolved = [], []
-        cache, eos, max_len = (
-            self.blocks.enable_prefix_cache,
-            self.eos_ids,
-            self.config.max_model_len,
-        )
-        bs = self.blocks.block_size
+        cache, bs = self.blocks.enable_prefix_cache, self.blocks.block_size
+        done = Status.FINISHED
         for (_, seq), token, at in zip(step.samples, sampled, step.token_index):
-            if seq.status is Status.FINISHED:
+            if seq.status is done:
                 continue
             seq.tokens[at] = token
+            if at == len(seq.tokens) - 1:
+                seq.last_token = token
             resolved.append((seq, at))
             if cache and seq.computed >= (seq.registered + 1) * bs:  # a block filled
                 self._register_blocks(seq)
-            p = seq.params
-            if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
+            if token in seq.stop_ids:
                 reason = "stop"
-            elif at + 1 - seq.num_prompt >= p.max_tokens or at + 1 >= max_len:
+            elif at + 1 >= seq.end:
                 reason = "length"
             else:
                 continue
@@ -343,6 +353,7 @@ class Scheduler:
         dropped; None: the tokens as they are)."""
         if last is not None:
             del seq.tokens[last + 1 :]
+            seq.last_token = seq.tokens[-1]
         seq.finish_reason = reason
         self._drop(seq)
         self._finished += 1
@@ -387,7 +398,11 @@ class Scheduler:
             group = group.parent
 
     def check_integrity(self) -> None:
-        """Block accounting must match the live block tables and group prefixes exactly."""
+        """Block accounting must match the live block tables and group prefixes exactly, and
+        each live sequence's ``last_token`` its last token."""
+        live = (*self.running, *self.waiting, *(s for p in self.parked.values() for s in p))
+        stale = [s.seq_id for s in live if s.last_token != (s.tokens[-1] if s.tokens else -1)]
+        assert not stale, f"sequences {stale} hold a stale last_token"
         holders = [s.own_blocks for s in (*self.running, *self.waiting)]
         holders += [g.own_blocks for g in self.groups]
         self.blocks.check_integrity(holders)

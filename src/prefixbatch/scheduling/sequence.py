@@ -51,6 +51,14 @@ class Sequence:
     the group's blocks, and preemption frees only the blocks after them. While running it holds
     ``batch_index``: its row in the model runner's persistent per-sequence state (block tables),
     given by the scheduler at admission and taken back when it stops running.
+
+    A step reads and writes only this object for a decode row, not its token list (a fresh page
+    per row, and a further one the longer the prompt): ``last_token`` is ``tokens[-1]`` (a
+    decode step's input), and the scheduler sets ``stop_ids`` (the tokens that end the output:
+    EOS unless ignored, and ``stop_token_ids``) and ``end`` (the length at which it ends:
+    ``max_tokens`` or the model's length) when it is added. ``stops_on_text``: its params name
+    stop strings (only those sequences are decoded while they run); ``kind``: the sampler's
+    row kind (``execution/step_sampler.py``), filled on first use.
     """
 
     seq_id: int
@@ -71,6 +79,15 @@ class Sequence:
     # many blocks of its table are registered in the cache (each block is registered once).
     block_hashes: list[int] = field(default_factory=list)
     registered: int = 0
+    last_token: int = field(init=False)
+    stop_ids: frozenset[int] = frozenset()
+    end: int = 0
+    stops_on_text: bool = field(init=False)
+    kind: int = -1
+
+    def __post_init__(self) -> None:
+        self.last_token = self.tokens[-1] if self.tokens else -1
+        self.stops_on_text = bool(self.params.stop)
 
     @property
     def num_output(self) -> int:
