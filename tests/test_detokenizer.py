@@ -3,8 +3,6 @@ tokenizer (characters split across tokens, like GPT-2's) and the word-level test
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -112,14 +110,8 @@ def test_stop_token_text_is_left_out_unless_asked(words):  # type: ignore[no-unt
     assert out_text(words, skip, prompt, output, True)[0] == " w10"
 
 
-class _Seq(SimpleNamespace):
-    __hash__ = object.__hash__  # keyed by identity, as scheduler sequences are
-
-
-def seq(seq_id: int, tokens: list[int], params: SamplingParams, num_prompt: int):  # type: ignore[no-untyped-def]
-    return _Seq(
-        seq_id=seq_id, tokens=tokens, params=params, finish_reason=None, num_prompt=num_prompt
-    )
+def seq(seq_id: int, tokens: list[int], params: SamplingParams, num_prompt: int) -> Sequence:
+    return Sequence(seq_id, tokens[:num_prompt], num_prompt, params, outputs=tokens[num_prompt:])
 
 
 def test_a_stop_string_on_the_last_allowed_token_finishes_with_stop(words):  # type: ignore[no-untyped-def]
@@ -131,9 +123,9 @@ def test_a_stop_string_on_the_last_allowed_token_finishes_with_stop(words):  # t
     a, b = seq(0, [*prompt, 10], params, n), seq(1, [*prompt, 20], params, n)
     faults: Faults[object] = Faults()
     assert texts.update([(a, n), (b, n)], lambda s, r, at: finished.append((s, r)), faults) == []
-    a.tokens.append(11)
+    a.outputs.append(11)
     a.finish_reason = "length"  # the scheduler ended it on max_tokens with the same token
-    b.tokens.append(11)  # running: the stop string ends it through finish()
+    b.outputs.append(11)  # running: the stop string ends it through finish()
     record = lambda s, r, at: finished.append((s, r, at))  # noqa: E731
     ended = texts.update([(a, n + 1), (b, n + 1)], record, faults)
     assert a.finish_reason == "stop" and texts.pop(a) == " w10 "  # type: ignore[arg-type]
@@ -168,7 +160,7 @@ def test_outputs_without_stop_strings_are_decoded_when_they_finish(
     texts = OutputTexts(bpe)
     s = seq(0, [*prompt], params, len(prompt))
     for token in output:  # the steps: the text is not touched
-        s.tokens.append(token)
+        s.outputs.append(token)
         assert texts.update([(s, len(s.tokens) - 1)], lambda *a: None, Faults()) == []
         assert not texts.texts
     s.finish_reason = "stop" if ended_by_stop_token else "length"
@@ -182,7 +174,7 @@ def test_min_tokens_masks_eos_and_stop_ids():  # type: ignore[no-untyped-def]
     p = SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=(5,))
     no_eos = SamplingParams(max_tokens=5, min_tokens=2, ignore_eos=True)
     outputs = [[3], [3, 4, 6], [3]]  # 1, 3 and 1 output tokens
-    seqs = [Sequence(0, [1, *out], 1, q) for q, out in zip([p, p, no_eos], outputs)]
+    seqs = [Sequence(0, [1], 1, q, outputs=list(out)) for q, out in zip([p, p, no_eos], outputs)]
     state = PenaltyState(8, logits.device)
     processing = LogitsProcessing.build(seqs, state, eos_ids=(2, 99), device=logits.device)
     assert processing is not None

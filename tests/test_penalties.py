@@ -27,7 +27,10 @@ def processing(
 ) -> LogitsProcessing | None:
     """The step's processing for rows with these prompts and outputs so far (their penalty
     state made from scratch)."""
-    seqs = [Sequence(0, pr + out, len(pr), p) for p, pr, out in zip(params, prompts, outputs)]
+    seqs = [
+        Sequence(0, pr, len(pr), p, outputs=list(out))
+        for p, pr, out in zip(params, prompts, outputs)
+    ]
     return LogitsProcessing.build(
         seqs, PenaltyState(VOCAB, torch.device("cpu")), EOS, torch.device("cpu")
     )

@@ -88,7 +88,7 @@ def test_structured_rows_mixed_with_free_rows():
         plan = sampler.prepare(live)
         tokens = sampler.sample(torch.randn(len(live), vocab, generator=gen), plan)
         for s, t in zip(live, tokens):
-            s.tokens.append(t)
+            s.outputs.append(t)
     for s in (seqs[0], seqs[2]):
         assert s.output_tokens[-1] == eos
         jsonschema.validate(json.loads(tok.hf.decode(s.output_tokens[:-1])), schema)

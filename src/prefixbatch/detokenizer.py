@@ -146,7 +146,7 @@ class OutputTexts:
 
     def _new(self, seq: SchedSequence) -> OutputText:
         n = seq.num_prompt  # the detokenizer reads the prompt's last few tokens only
-        prompt = seq.tokens[max(0, n - PROMPT_CONTEXT_TOKENS - 2) : n]
+        prompt = seq.prompt[max(0, n - PROMPT_CONTEXT_TOKENS - 2) : n]
         return OutputText(self.hf, prompt, seq.params, self.special_ids, self.strings)
 
     def update(
@@ -176,7 +176,8 @@ class OutputTexts:
         text = self.texts.get(seq)
         if text is None:
             text = self.texts[seq] = self._new(seq)
-        if not text.append(seq.tokens[at], stop_token=seq.finish_reason == "stop"):
+        token = seq.outputs[at - seq.num_prompt]
+        if not text.append(token, stop_token=seq.finish_reason == "stop"):
             return False
         if seq.finish_reason is not None:
             seq.finish_reason = "stop"
@@ -190,7 +191,7 @@ class OutputTexts:
         text = self.texts.pop(seq, None)
         if text is None:
             text = self._new(seq)
-        outputs = seq.tokens[seq.num_prompt :]
+        outputs = seq.outputs
         last = len(outputs) - 1
         for k in range(text.num_tokens, len(outputs)):
             text.append(outputs[k], stop_token=k == last and seq.finish_reason == "stop")

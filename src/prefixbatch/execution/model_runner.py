@@ -122,7 +122,7 @@ class ModelRunner:
         else:
             ids = []
             for s, k in zip(ordered, q_len.tolist()):
-                ids += s.tokens[s.computed : s.computed + k]
+                ids += s.token_slice(s.computed, s.computed + k)
         positions = np.arange(num_rows, dtype=np.int64) - np.repeat(q_start - start, q_len)
         last_row = np.empty(len(seqs), dtype=np.int64)
         last_row[order] = q_start + q_len - 1

@@ -82,7 +82,8 @@ class PenalisedSequence(Protocol):
     """What is read from a sequence (``scheduling.sequence.Sequence`` has it)."""
 
     params: LogitsParams
-    tokens: list[int]
+    prompt: list[int]
+    outputs: list[int]
     num_prompt: int
 
     @property
@@ -133,8 +134,8 @@ class PenaltyState:
 
         return rows, {
             "new": np.array([row for row, _ in new], dtype=np.int64),
-            "prompt": pairs([(row, s.tokens[: s.num_prompt]) for row, s in new]),
-            "output": pairs([(row, s.tokens[s.num_prompt :]) for row, s in new]),
+            "prompt": pairs([(row, s.prompt) for row, s in new]),
+            "output": pairs([(row, s.outputs) for row, s in new]),
         }
 
     def fill(self, t: dict[str, torch.Tensor]) -> None:

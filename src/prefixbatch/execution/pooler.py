@@ -57,7 +57,7 @@ class StepPooler:
                 self._sums[seq] = chunk
             else:
                 self._sums[seq] += chunk
-            if seq.leads is not None and seq.computed + n == len(seq.tokens):
+            if seq.leads is not None and seq.computed + n == seq.num_tokens:
                 self._levels[seq.leads] = self._sums.pop(seq)
         pooled = []
         for _, receiver in samples:

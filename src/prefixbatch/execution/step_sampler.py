@@ -62,7 +62,7 @@ class SampledSequence(Protocol):
     """What is read from a sequence (``scheduling.sequence.Sequence`` has it)."""
 
     params: SamplingParams
-    tokens: list[int]
+    prompt: list[int]
     num_prompt: int
     seed: int
     kind: int  # ``_row_kinds(params)`` once known, else -1 (filled here)
@@ -168,7 +168,7 @@ class StepSampler:
         preemption adds nothing already recorded."""
         done = self._prompt.setdefault(seq, [])
         k = seq.params.prompt_logprobs or 0
-        prompt = seq.tokens[: seq.num_prompt]
+        prompt = seq.prompt
         if start >= len(prompt) - 1 or start > len(done):
             return
         scored = prompt_logprobs(logits, prompt, start, k)

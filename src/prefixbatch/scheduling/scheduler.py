@@ -46,7 +46,7 @@ class ScheduledStep:
     token_index: list[int] = field(default_factory=list)
 
     def add(self, seq: Sequence, n: int) -> None:
-        if seq.computed + n == len(seq.tokens):
+        if seq.computed + n == seq.num_prompt + len(seq.outputs):
             receivers = seq.leads.dependents if seq.leads else (seq,)
             i = len(self.seqs)
             self.samples += [(i, r) for r in receivers]
@@ -111,7 +111,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             # A decode token costs KV memory only; prefill chunks also spend the token budget.
-            pending = len(seq.tokens) - seq.computed
+            pending = seq.num_prompt + len(seq.outputs) - seq.computed
             if pending == 1 and seq.computed < len(seq.block_table) * bs and not seq.leads:
                 samples.append((len(seqs), seq))  # a decode row with room in its last block
                 seqs.append(seq)
@@ -146,7 +146,7 @@ class Scheduler:
                 seq.reset_to_prefix()
             hits = self._cached_prefix(seq)
             computed = max(seq.computed, len(hits) * self.blocks.block_size)
-            n = min(len(seq.tokens) - computed, budget)
+            n = min(seq.num_tokens - computed, budget)
             need = self.blocks.blocks_for(computed + n) - max(len(seq.block_table), len(hits))
             room = self.blocks.num_available - (reserve if self.running else 0)
             # Cached blocks nobody references are counted as available; reusing them takes them.
@@ -220,7 +220,7 @@ class Scheduler:
                 continue
             p = s.params
             expected = p.max_tokens if p.ignore_eos else min(p.max_tokens, mean)
-            future = len(s.tokens) + max(0, expected - (len(s.tokens) - s.num_prompt))
+            future = s.num_tokens + max(0, expected - len(s.outputs))
             total += max(0, -(-future // bs) - len(s.block_table))
         return total
 
@@ -245,7 +245,7 @@ class Scheduler:
             return []
         if seq.params.embedding is not None and self.config.embedding_rows:
             return []
-        usable = (len(seq.tokens) - 1) // self.blocks.block_size
+        usable = (seq.num_tokens - 1) // self.blocks.block_size
         self._extend_hashes(seq)
         return self.blocks.cached_prefix(seq.tokens, seq.block_hashes, usable)
 
@@ -255,7 +255,7 @@ class Scheduler:
         bs = self.blocks.block_size
         # only the tokens after the hashed blocks: copying the whole list cost O(prompt) per
         # filled block
-        tokens = seq.tokens[len(seq.block_hashes) * bs : _known(seq.tokens)]
+        tokens = seq.token_slice(len(seq.block_hashes) * bs, seq.num_known)
         seq.block_hashes += chain_hashes(tokens, bs, 0, parent)
 
     # -- after the forward pass ---------------------------------------------------------------
@@ -280,15 +280,15 @@ class Scheduler:
             seq.computed += n
             if cache and seq.computed >= (seq.registered + 1) * bs:  # a block filled
                 self._register_blocks(seq)
-            if seq.leads and seq.computed == len(seq.tokens):
+            if seq.leads and seq.computed == seq.num_prompt + len(seq.outputs):
                 self._prefix_ready(seq)
         at = step.token_index
         for j, (_, seq) in enumerate(step.samples):
             if seq.status is Status.FINISHED:
                 at.append(-1)  # ``resolve`` skips it
                 continue
-            at.append(len(seq.tokens))
-            seq.tokens.append(-1 - j)
+            at.append(seq.num_prompt + len(seq.outputs))
+            seq.outputs.append(-1 - j)
             seq.last_token = -1 - j
 
     def resolve(
@@ -304,8 +304,10 @@ class Scheduler:
         for (_, seq), token, at in zip(step.samples, sampled, step.token_index):
             if seq.status is done:
                 continue
-            seq.tokens[at] = token
-            if at == len(seq.tokens) - 1:
+            k = at - seq.num_prompt
+            outputs = seq.outputs
+            outputs[k] = token
+            if k == len(outputs) - 1:
                 seq.last_token = token
             resolved.append((seq, at))
             if cache and seq.computed >= (seq.registered + 1) * bs:  # a block filled
@@ -324,14 +326,14 @@ class Scheduler:
         """Enter the sequence's newly filled, computed blocks into the prefix cache: each block
         is hashed and registered once, when it fills and its tokens are known, not on every
         step."""
-        full = min(seq.computed, _known(seq.tokens)) // self.blocks.block_size
+        full = min(seq.computed, seq.num_known) // self.blocks.block_size
         if full <= seq.registered:
             return
         self._extend_hashes(seq)
         bs = self.blocks.block_size
         full = min(full, len(seq.block_hashes))
         for i in range(seq.registered, full):
-            tokens = seq.tokens[i * bs : (i + 1) * bs]
+            tokens = seq.token_slice(i * bs, (i + 1) * bs)
             self.blocks.register(seq.block_table[i], seq.block_hashes[i], tokens)
         seq.registered = max(seq.registered, full)
 
@@ -352,8 +354,9 @@ class Scheduler:
         ``last``: the index of its last token (what a later step scheduled after it is
         dropped; None: the tokens as they are)."""
         if last is not None:
-            del seq.tokens[last + 1 :]
-            seq.last_token = seq.tokens[-1]
+            assert last >= seq.num_prompt - 1, "a finish inside the prompt"
+            del seq.outputs[last + 1 - seq.num_prompt :]
+            seq.last_token = (seq.outputs or seq.prompt)[-1]
         seq.finish_reason = reason
         self._drop(seq)
         self._finished += 1
@@ -401,16 +404,8 @@ class Scheduler:
         """Block accounting must match the live block tables and group prefixes exactly, and
         each live sequence's ``last_token`` its last token."""
         live = (*self.running, *self.waiting, *(s for p in self.parked.values() for s in p))
-        stale = [s.seq_id for s in live if s.last_token != (s.tokens[-1] if s.tokens else -1)]
+        stale = [s.seq_id for s in live if s.last_token != (s.outputs or s.prompt or [-1])[-1]]
         assert not stale, f"sequences {stale} hold a stale last_token"
         holders = [s.own_blocks for s in (*self.running, *self.waiting)]
         holders += [g.own_blocks for g in self.groups]
         self.blocks.check_integrity(holders)
-
-
-def _known(tokens: list[int]) -> int:
-    """How many leading tokens are known: placeholders (negative) are only ever at the end."""
-    k = len(tokens)
-    while k and tokens[k - 1] < 0:
-        k -= 1
-    return k

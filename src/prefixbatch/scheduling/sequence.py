@@ -46,14 +46,17 @@ class Sequence:
     (``leads``). ``seq_id`` is the request's id, shared by its ``n`` choices (``choice``
     0..n-1); a leader's is ``-1 - group_id``.
 
-    ``tokens`` are prompt + generated tokens; ``computed`` of them have KV in the cache. A
+    ``prompt`` (``num_prompt`` tokens, never changed) then ``outputs`` (generated, with
+    placeholders ``-1 - j`` at the end while their step is in flight) are its tokens, kept
+    apart so that a step appends to a short list and never touches the prompt's;
+    ``computed`` of them have KV in the cache. A
     sequence in a ``group`` starts with the group's prefix tokens, its ``block_table`` starts with
     the group's blocks, and preemption frees only the blocks after them. While running it holds
     ``batch_index``: its row in the model runner's persistent per-sequence state (block tables),
     given by the scheduler at admission and taken back when it stops running.
 
     A step reads and writes only this object for a decode row, not its token list (a fresh page
-    per row, and a further one the longer the prompt): ``last_token`` is ``tokens[-1]`` (a
+    per row): ``last_token`` is the last token (a
     decode step's input), and the scheduler sets ``stop_ids`` (the tokens that end the output:
     EOS unless ignored, and ``stop_token_ids``) and ``end`` (the length at which it ends:
     ``max_tokens`` or the model's length) when it is added. ``stops_on_text``: its params name
@@ -62,7 +65,7 @@ class Sequence:
     """
 
     seq_id: int
-    tokens: list[int]
+    prompt: list[int]
     num_prompt: int
     params: SamplingParams
     group: PrefixGroup | None = None
@@ -79,6 +82,7 @@ class Sequence:
     # many blocks of its table are registered in the cache (each block is registered once).
     block_hashes: list[int] = field(default_factory=list)
     registered: int = 0
+    outputs: list[int] = field(default_factory=list)
     last_token: int = field(init=False)
     stop_ids: frozenset[int] = frozenset()
     end: int = 0
@@ -86,21 +90,50 @@ class Sequence:
     kind: int = -1
 
     def __post_init__(self) -> None:
-        self.last_token = self.tokens[-1] if self.tokens else -1
+        last = self.outputs or self.prompt
+        self.last_token = last[-1] if last else -1
         self.stops_on_text = bool(self.params.stop)
 
     @property
+    def num_tokens(self) -> int:
+        """Prompt and output tokens (placeholders included)."""
+        return self.num_prompt + len(self.outputs)
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt + outputs, a new list."""
+        return self.prompt + self.outputs
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """``tokens[start:stop]`` without joining the lists (0 <= start <= stop)."""
+        n = self.num_prompt
+        if stop <= n:
+            return self.prompt[start:stop]
+        if start >= n:
+            return self.outputs[start - n : stop - n]
+        return self.prompt[start:] + self.outputs[: stop - n]
+
+    @property
+    def num_known(self) -> int:
+        """Leading tokens known: placeholders (negative) are only ever at the end."""
+        out = self.outputs
+        k = len(out)
+        while k and out[k - 1] < 0:
+            k -= 1
+        return self.num_prompt + k
+
+    @property
     def num_output(self) -> int:
-        return len(self.tokens) - self.num_prompt
+        return len(self.outputs)
 
     @property
     def output_tokens(self) -> list[int]:
-        return self.tokens[self.num_prompt :]
+        return list(self.outputs)
 
     @property
     def pending(self) -> int:
         """Known tokens whose KV is not computed yet (1 for a sequence in decode)."""
-        return len(self.tokens) - self.computed
+        return self.num_prompt + len(self.outputs) - self.computed
 
     @property
     def shared_len(self) -> int:
