@@ -10,7 +10,7 @@ import random
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import nested_prompts
@@ -123,6 +123,9 @@ def described(inputs: StepInputs) -> dict[str, object]:
     overlap=st.booleans(),
     min_shared=st.sampled_from([1, 8, 12]),
 )
+# A step whose rows are all one token with a 1-token prefill chunk among them (budget 5): the
+# chunk's input is a prompt token, not the sequence's last.
+@example(seed=111, policy="fcfs-lru", num_blocks=40, budget=5, overlap=False, min_shared=1)
 def test_incremental_inputs_equal_a_rebuild_every_step(
     seed: int, policy: str, num_blocks: int, budget: int, overlap: bool, min_shared: int
 ) -> None:

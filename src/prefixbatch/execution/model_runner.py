@@ -117,8 +117,14 @@ class ModelRunner:
             q_start, q_len, context, shared, self.tables.table, rows, levels, num_rows,
             self.block_size,
         )  # fmt: skip
-        if num_rows == len(seqs):  # a decode step: one new token per sequence
-            ids = [s.last_token for s in ordered]  # the token list itself is not touched
+        if num_rows == len(seqs):  # one new token per sequence: decode rows (their last
+            # token, read without touching the token lists) or 1-token prefill chunks
+            ids = [
+                s.last_token
+                if s.computed + 1 == s.num_prompt + len(s.outputs)
+                else s.token_slice(s.computed, s.computed + 1)[0]
+                for s in ordered
+            ]
         else:
             ids = []
             for s, k in zip(ordered, q_len.tolist()):
