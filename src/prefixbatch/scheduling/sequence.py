@@ -40,7 +40,7 @@ class PrefixGroup:
         return self.blocks[len(self.parent.blocks) :] if self.parent else self.blocks
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Sequence:
     """One sequence: a request's choice, or the leader that computes a group's prefix
     (``leads``). ``seq_id`` is the request's id, shared by its ``n`` choices (``choice``
