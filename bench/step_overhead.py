@@ -20,12 +20,13 @@ with repetition, frequency and presence penalties. Outputs never end (EOS is mas
 stub's logits), so every request runs until the measurement ends. ``fcfs-lru`` runs the same
 requests in file order with its prefix cache and a request cap equal to the row count.
 
-Each configuration runs the prefill phase (its mixed steps: prefill chunks beside decode rows,
-``--max-num-batched-tokens`` prefill tokens each) and then ``--decode-steps`` pure decode steps
-with every request running; the table gives medians, in host milliseconds, per part. Times are
-the engine thread's CPU time by default (``--clock thread``: robust on a shared machine, where a
-descheduled process would count other processes' work as its own); ``--clock wall`` gives wall
-time, the same figures on a quiet machine.
+Each configuration runs in a fresh process (where one run left objects in the heap must not
+change the next one's memory access) through the prefill phase (its mixed steps: prefill chunks
+beside decode rows, ``--max-num-batched-tokens`` prefill tokens each) and then
+``--decode-steps`` pure decode steps with every request running; the table gives medians, in
+host milliseconds, per part. Times are the engine thread's CPU time by default (``--clock
+thread``: robust on a shared machine, where a descheduled process would count other processes'
+work as its own); ``--clock wall`` gives wall time, the same figures on a quiet machine.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
 from typing import Any
 
 import torch
@@ -315,7 +317,11 @@ def main() -> None:
         for policy in args.policies.split(","):
             for variant in args.variants.split(","):
                 job = Job(n, policy, variant, args.prefix, args.suffix)
-                result = run(job, args.decode_steps, args.max_num_batched_tokens, clock)
+                # Each configuration in a fresh process: one run's heap (where its objects
+                # sit, what it freed) must not shape the next one's memory access.
+                with get_context("spawn").Pool(1) as pool:
+                    work = (job, args.decode_steps, args.max_num_batched_tokens, clock)
+                    result = pool.apply(run, work)
                 for kind, ms in result.items():
                     row = {"rows": n, "policy": policy, "variant": variant, "step": kind}
                     row |= {k: f"{ms[k]:.2f}" for k in (*PARTS, "host total", "device")}
