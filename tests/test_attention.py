@@ -79,9 +79,9 @@ def random_step(rng: random.Random, num_blocks: int):  # type: ignore[no-untyped
             SamplingParams(),
             group=g,
             block_table=table,
-            computed=shared + own - n,
             batch_index=i,
         )
+        seq.computed = shared + own - n
         step.add(seq, n)
         step.admitted.append(seq)
     return step

@@ -101,7 +101,7 @@ class ModelRunner:
             order = np.arange(len(seqs))
             ordered = seqs
         q_len = n[order]
-        start = np.array([s.computed for s in ordered], dtype=np.int64)
+        start = np.array([s.num_prompt + len(s.outputs) - s.pending for s in ordered], np.int64)
         context = start + q_len
         q_start = np.cumsum(q_len) - q_len
         num_rows = int(q_len.sum())
@@ -120,9 +120,7 @@ class ModelRunner:
         if num_rows == len(seqs):  # one new token per sequence: decode rows (their last
             # token, read without touching the token lists) or 1-token prefill chunks
             ids = [
-                s.last_token
-                if s.computed + 1 == s.num_prompt + len(s.outputs)
-                else s.token_slice(s.computed, s.computed + 1)[0]
+                s.last_token if s.pending == 1 else s.token_slice(s.computed, s.computed + 1)[0]
                 for s in ordered
             ]
         else:

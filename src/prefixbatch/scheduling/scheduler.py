@@ -46,7 +46,7 @@ class ScheduledStep:
     token_index: list[int] = field(default_factory=list)
 
     def add(self, seq: Sequence, n: int) -> None:
-        if seq.computed + n == seq.num_prompt + len(seq.outputs):
+        if n == seq.pending:
             receivers = seq.leads.dependents if seq.leads else (seq,)
             i = len(self.seqs)
             self.samples += [(i, r) for r in receivers]
@@ -71,7 +71,7 @@ class Scheduler:
         self._finished_total = 0
         self._free_indices: list[int] = []  # batch indices given back, reused first
         self._num_indices = 0
-        # The stop-token sets of the running sequences, one per (ignore_eos, stop_token_ids).
+        # Stop-token sets, one per (ignore_eos, stop_token_ids), shared by the sequences.
         self._stop_ids: dict[tuple[bool, tuple[int, ...]], frozenset[int]] = {}
 
     def add(self, seq: Sequence) -> None:
@@ -111,8 +111,9 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             # A decode token costs KV memory only; prefill chunks also spend the token budget.
-            pending = seq.num_prompt + len(seq.outputs) - seq.computed
-            if pending == 1 and seq.computed < len(seq.block_table) * bs and not seq.leads:
+            pending = seq.pending
+            room = len(seq.block_table) * bs
+            if pending == 1 and seq.num_prompt + len(seq.outputs) <= room and not seq.leads:
                 samples.append((len(seqs), seq))  # a decode row with room in its last block
                 seqs.append(seq)
                 num_tokens.append(1)
@@ -120,7 +121,7 @@ class Scheduler:
             n = 1 if pending == 1 else min(pending, budget)
             if n == 0:
                 continue
-            if seq.computed + n > len(seq.block_table) * bs:
+            if seq.computed + n > room:
                 while not self._grow(seq, n):
                     victim = self.running[-1]
                     self._preempt(victim)
@@ -275,12 +276,13 @@ class Scheduler:
         for seq, n in zip(step.seqs, step.num_tokens):
             if seq.status is Status.FINISHED:
                 continue
-            if seq.computed < seq.num_prompt:
-                self.prefill_tokens_computed += min(seq.computed + n, seq.num_prompt) - seq.computed
-            seq.computed += n
+            if len(seq.outputs) < seq.pending:  # computed < num_prompt: a prefill chunk
+                computed = seq.computed
+                self.prefill_tokens_computed += min(computed + n, seq.num_prompt) - computed
+            seq.pending -= n
             if cache and seq.computed >= (seq.registered + 1) * bs:  # a block filled
                 self._register_blocks(seq)
-            if seq.leads and seq.computed == seq.num_prompt + len(seq.outputs):
+            if seq.leads and not seq.pending:
                 self._prefix_ready(seq)
         at = step.token_index
         for j, (_, seq) in enumerate(step.samples):
@@ -288,8 +290,10 @@ class Scheduler:
                 at.append(-1)  # ``resolve`` skips it
                 continue
             at.append(seq.num_prompt + len(seq.outputs))
-            seq.outputs.append(-1 - j)
-            seq.last_token = -1 - j
+            placeholder = -1 - j
+            seq.outputs.append(placeholder)
+            seq.pending += 1
+            seq.last_token = placeholder
 
     def resolve(
         self, step: ScheduledStep, sampled: list[int]
@@ -355,7 +359,9 @@ class Scheduler:
         dropped; None: the tokens as they are)."""
         if last is not None:
             assert last >= seq.num_prompt - 1, "a finish inside the prompt"
+            computed = seq.computed
             del seq.outputs[last + 1 - seq.num_prompt :]
+            seq.computed = min(computed, seq.num_tokens)
             seq.last_token = (seq.outputs or seq.prompt)[-1]
         seq.finish_reason = reason
         self._drop(seq)

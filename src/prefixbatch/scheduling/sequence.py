@@ -47,21 +47,21 @@ class Sequence:
     0..n-1); a leader's is ``-1 - group_id``.
 
     ``prompt`` (``num_prompt`` tokens, never changed) then ``outputs`` (generated, with
-    placeholders ``-1 - j`` at the end while their step is in flight) are its tokens, kept
-    apart so that a step appends to a short list and never touches the prompt's;
-    ``computed`` of them have KV in the cache. A
-    sequence in a ``group`` starts with the group's prefix tokens, its ``block_table`` starts with
-    the group's blocks, and preemption frees only the blocks after them. While running it holds
-    ``batch_index``: its row in the model runner's persistent per-sequence state (block tables),
-    given by the scheduler at admission and taken back when it stops running.
+    placeholders ``-1 - j`` at the end while their step is in flight) are its tokens; the first
+    ``computed`` of them have KV in the cache (the last ``pending`` not yet). A sequence in a
+    ``group`` starts with the group's prefix tokens, its ``block_table`` starts with the group's
+    blocks, and preemption frees only the blocks after them. While running it holds
+    ``batch_index``: its row in the model runner's persistent per-sequence state (block
+    tables), given by the scheduler at admission and taken back when it stops running.
 
-    A step reads and writes only this object for a decode row, not its token list (a fresh page
-    per row): ``last_token`` is the last token (a
-    decode step's input), and the scheduler sets ``stop_ids`` (the tokens that end the output:
-    EOS unless ignored, and ``stop_token_ids``) and ``end`` (the length at which it ends:
-    ``max_tokens`` or the model's length) when it is added. ``stops_on_text``: its params name
-    stop strings (only those sequences are decoded while they run); ``kind``: the sampler's
-    row kind (``execution/step_sampler.py``), filled on first use.
+    A decode step reads this object (its fields in slots) and appends to ``outputs``, a short
+    list; it never touches the prompt's list (a page of its own per row, further apart the
+    longer the prompts). For that, ``last_token`` is the last token (a decode step's input);
+    the scheduler sets ``stop_ids`` (the tokens that end the output: EOS unless ignored, and
+    ``stop_token_ids``) and ``end`` (the length at which it ends: ``max_tokens`` or the model's
+    length) when the sequence is added; ``stops_on_text`` says whether its params name stop
+    strings (only those sequences are decoded while they run); ``kind`` is the sampler's row
+    kind (``execution/step_sampler.py``), filled on first use.
     """
 
     seq_id: int
@@ -73,7 +73,6 @@ class Sequence:
     seed: int = 0  # sampling seed (execution/sampler.py hashes it with the output index)
     choice: int = 0
     status: Status = Status.WAITING
-    computed: int = 0
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     preemptions: int = 0
@@ -88,11 +87,24 @@ class Sequence:
     end: int = 0
     stops_on_text: bool = field(init=False)
     kind: int = -1
+    # Known tokens whose KV is not computed yet: 1 for a sequence in decode, a small int that a
+    # step rewrites without making a new object (``computed`` is derived from it).
+    pending: int = field(init=False)
 
     def __post_init__(self) -> None:
         last = self.outputs or self.prompt
         self.last_token = last[-1] if last else -1
         self.stops_on_text = bool(self.params.stop)
+        self.pending = self.num_prompt + len(self.outputs)
+
+    @property
+    def computed(self) -> int:
+        """Leading tokens whose KV is in the cache."""
+        return self.num_prompt + len(self.outputs) - self.pending
+
+    @computed.setter
+    def computed(self, value: int) -> None:
+        self.pending = self.num_prompt + len(self.outputs) - value
 
     @property
     def num_tokens(self) -> int:
@@ -129,11 +141,6 @@ class Sequence:
     @property
     def output_tokens(self) -> list[int]:
         return list(self.outputs)
-
-    @property
-    def pending(self) -> int:
-        """Known tokens whose KV is not computed yet (1 for a sequence in decode)."""
-        return self.num_prompt + len(self.outputs) - self.computed
 
     @property
     def shared_len(self) -> int:
