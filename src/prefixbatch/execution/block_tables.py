@@ -6,11 +6,11 @@ levels (all of its blocks when it reads none), padded with 0. A step writes only
 since the last one: the whole row of a sequence admitted in this step (or admitted again after a
 preemption), and for the sequences whose table grew (the scheduler names them: one in
 ``block_size`` decode rows per step) the blocks appended since their row was last written; the
-other rows are not visited. The step hands the array to
-the attention backend as it is (``AttentionStep.tables``); the blocks a row attends itself are
-then one contiguous slice. Host work per step therefore does not grow with the shared prefix, nor
-with the number of blocks a sequence holds beyond the ones it reads (vLLM v1 keeps its block
-tables in a persistent batch too, ``vllm/v1/worker/block_table.py``).
+other rows are not visited. The step hands the array to the attention backend as it is
+(``AttentionStep.tables``); the blocks a row attends itself are then one contiguous slice.
+Host work per step therefore does not grow with the shared prefix, nor with the number of
+blocks a sequence holds beyond the ones it reads (vLLM v1 keeps its block tables in a
+persistent batch too, ``vllm/v1/worker/block_table.py``).
 """
 
 from __future__ import annotations

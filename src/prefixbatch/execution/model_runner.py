@@ -101,6 +101,7 @@ class ModelRunner:
             order = np.arange(len(seqs))
             ordered = seqs
         q_len = n[order]
+        # each sequence's computed tokens (read from its fields: no property call per row)
         start = np.array([s.num_prompt + len(s.outputs) - s.pending for s in ordered], np.int64)
         context = start + q_len
         q_start = np.cumsum(q_len) - q_len
