@@ -225,9 +225,7 @@ def triton_compiles() -> int | None:
     return sum(len(caches[0]) for k in kernels for caches in k.device_caches.values())
 
 
-def job_row(
-    name: str, requests: int, wall: float, outputs: int, flops: float
-) -> dict[str, Any]:
+def job_row(name: str, requests: int, wall: float, outputs: int, flops: float) -> dict[str, Any]:
     return {
         "check": name,
         "requests": requests,
@@ -252,12 +250,16 @@ def run_ours(
     flops = useful_flops(params, sizes, groups)
     row = job_row(policy, len(prompts), wall, sum(map(len, outs)), flops)
     after = triton_compiles()
-    return row | timer.summary() | {
-        "steps": engine.stats.steps,
-        "groups": engine.stats.groups,
-        "prefill_tokens": engine.stats.prefill_tokens_computed,
-        "triton_compiles": None if compiles is None or after is None else after - compiles,
-    }
+    return (
+        row
+        | timer.summary()
+        | {
+            "steps": engine.stats.steps,
+            "groups": engine.stats.groups,
+            "prefill_tokens": engine.stats.prefill_tokens_computed,
+            "triton_compiles": None if compiles is None or after is None else after - compiles,
+        }
+    )
 
 
 def jobs(sizes: Sizes, rec: Recorder) -> None:
