@@ -141,3 +141,22 @@ def test_penalties_match_the_reference_through_the_engine(llm, hf_model):  # typ
     got = [o.output_token_ids for o in llm.generate(batch, params)]
     assert got == [reference_greedy(hf_model, p, sp) for p, sp in zip(batch, params)]
     assert got[0] != reference_greedy(hf_model, batch[0], SamplingParams(max_tokens=10))
+
+
+def test_cached_tokens_count_the_prompt_read_from_kv_computed_before_it(llm):  # type: ignore[no-untyped-def]
+    """``cached_tokens`` (OpenAI's usage.prompt_tokens_details): batchllm's group members read
+    their shared prefix, computed once by the group; fcfs-lru's later request reads its cache
+    hits; a request that computes its whole prompt reads none."""
+    rng = random.Random(5)
+    head = [rng.randrange(3, VOCAB) for _ in range(37)]
+    batch = [head + [rng.randrange(3, VOCAB) for _ in range(5)] for _ in range(4)]
+    lone = [rng.randrange(3, VOCAB) for _ in range(20)]
+    params = SamplingParams(max_tokens=3, temperature=0)
+    outs = llm.generate([*batch, lone], params)
+    whole_blocks = len(head) // 8 * 8  # the prefix a group shares is whole KV blocks
+    assert [o.cached_tokens for o in outs] == [whole_blocks] * 4 + [0]
+    lru = llm.with_policy("fcfs-lru")
+    first, again = (lru.generate([p], params)[0] for p in batch[:2])
+    assert (first.cached_tokens, again.cached_tokens) == (0, whole_blocks)
+    plain = llm.with_policy("fcfs")
+    assert [o.cached_tokens for o in plain.generate(batch, params)] == [0] * 4

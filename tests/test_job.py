@@ -86,6 +86,7 @@ def test_output_format_field_by_field(tmp_path, tiny_models):  # type: ignore[no
     assert choice["finish_reason"] in ("stop", "length") and choice["logprobs"] is None
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
     assert 0 < usage["completion_tokens"] <= 6
     for cid in ("cmpl-1", "min-2"):
         body = recs[cid]["response"]["body"]

@@ -385,13 +385,17 @@ def test_a_batch_file_answers_as_chat_does_and_resumes(
 
 
 def stable(record: dict[str, Any]) -> dict[str, Any]:
-    """A record without its timestamps."""
+    """A record without what depends on the run rather than on the request: its timestamps and
+    its cached input tokens (the prompt tokens that run found computed before, which depends
+    on what else it ran)."""
     body = (record["response"] or {}).get("body", {})
-    return {
-        **record,
-        "body": {k: v for k, v in body.items() if "created" not in k and k != "completed_at"},
-        "response": None,
-    }
+    body = {k: v for k, v in body.items() if "created" not in k and k != "completed_at"}
+    usage = dict(body.get("usage") or {})
+    for key in ("input_tokens_details", "prompt_tokens_details"):  # Responses', chat's
+        if key in usage:
+            usage[key] = {**usage[key], "cached_tokens": None}
+    body["usage"] = usage
+    return {**record, "body": body, "response": None}
 
 
 def test_the_server_takes_responses_batches(

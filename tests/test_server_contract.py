@@ -149,15 +149,18 @@ def test_every_response_of_a_full_flow_matches_openais_schemas(  # type: ignore[
     assert batch["request_counts"] == {"total": 6, "completed": 4, "failed": 2}
     output = client.get(f"/v1/files/{batch['output_file_id']}/content").text.splitlines()
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    cached = 0
     for record in map(json.loads, output):
         openai_schema(record, "BatchRequestOutput")
         openai_schema(record["response"]["body"], "CreateChatCompletionResponse")
         assert record["response"]["body"]["choices"][0]["message"]["refusal"] is None
         for key in usage:
             usage[key] += record["response"]["body"]["usage"][key]
+        cached += record["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert len(output) == 4 and batch["usage"]["input_tokens"] == usage["prompt_tokens"] > 0
     assert batch["usage"]["output_tokens"] == usage["completion_tokens"] > 0
     assert batch["usage"]["total_tokens"] == sum(usage.values())
+    assert batch["usage"]["input_tokens_details"]["cached_tokens"] == cached
     errors = client.get(f"/v1/files/{batch['error_file_id']}/content").text.splitlines()
     by_line = {}
     for record in map(json.loads, errors):

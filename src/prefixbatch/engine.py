@@ -469,6 +469,7 @@ class LLMEngine:
             choices,
             sum(s.preemptions for s in done),
             self.sampler.prompt_logprobs(done[0]) if scored else None,
+            cached_tokens=min(s.cached if s.cached >= 0 else s.shared_len for s in done),
         )
         del self._requests[seq.seq_id], self._finished[seq.seq_id]
         self._scoring -= request.params.prompt_logprobs is not None

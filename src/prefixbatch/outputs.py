@@ -97,7 +97,11 @@ class RequestOutput:
 
     An embedding request (``SamplingParams.embedding``) has no ``outputs``: its ``embedding``
     is the pooled vector, (dimensions,) float32; a score request's ``score`` is its score
-    (``scoring.ScoreConfig.activate``)."""
+    (``scoring.ScoreConfig.activate``).
+
+    ``cached_tokens``: prompt tokens whose KV was computed before the request needed it (the
+    prefix its group shares, computed once for all its members, or prefix-cache hits) and so
+    not computed for it; OpenAI's ``usage.prompt_tokens_details.cached_tokens``."""
 
     index: int
     prompt_token_ids: list[int]
@@ -107,6 +111,7 @@ class RequestOutput:
     error: str | None = None
     embedding: np.ndarray | None = None
     score: float | None = None
+    cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

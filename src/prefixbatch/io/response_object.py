@@ -110,7 +110,7 @@ def response_body(
         **echo,
         "usage": {
             "input_tokens": out.num_prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "input_tokens_details": {"cached_tokens": out.cached_tokens, "cache_write_tokens": 0},
             "output_tokens": out.num_output_tokens,
             "output_tokens_details": {"reasoning_tokens": thought},
             "total_tokens": out.num_prompt_tokens + out.num_output_tokens,

@@ -63,6 +63,7 @@ def success_record(
         "prompt_tokens": out.num_prompt_tokens,
         "completion_tokens": out.num_output_tokens,
         "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
+        "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
     }
     chat = req.url == CHAT_URL
     choices = [_choice(req, out, c, vocab, prompt_text) for c in out.outputs]

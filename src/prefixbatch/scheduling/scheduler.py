@@ -159,6 +159,8 @@ class Scheduler:
             if seq.leads and self.running and self._group_footprint(seq) > room:
                 break
             self.waiting.popleft()
+            if seq.cached < 0:
+                seq.cached = min(computed, seq.num_prompt)
             if hits:
                 self.blocks.take_cached(hits)
                 seq.block_table = hits

@@ -90,6 +90,9 @@ class Sequence:
     # Known tokens whose KV is not computed yet: 1 for a sequence in decode, a small int that a
     # step rewrites without making a new object (``computed`` is derived from it).
     pending: int = field(init=False)
+    # Prompt tokens whose KV was computed before this sequence needed it (its group's prefix,
+    # prefix-cache hits), as found at its first admission; -1 until then.
+    cached: int = -1
 
     def __post_init__(self) -> None:
         last = self.outputs or self.prompt

@@ -7,8 +7,8 @@ error file (errors), as OpenAI splits them. After a crash, whatever was unfinish
 again in order, and a batch that was running resumes from its record file.
 
 Lifecycle (OpenAI's statuses): validating (queued; checked at dequeue) -> in_progress ->
-finalizing -> completed (with the token ``usage`` of the answered requests; OpenAI's
-``cached_tokens`` is not tracked per request and reads 0); failed (the input cannot run at
+finalizing -> completed (with the token ``usage`` of the answered requests, their
+``cached_tokens`` included); failed (the input cannot run at
 all); expired (still queued when its completion window passed); cancelling (asked to stop; the
 run stops after the next output) -> cancelled, keeping what finished.
 """
@@ -193,7 +193,7 @@ class BatchWorker:
         outputs = {kind: self.store.new_blob() for kind in ("output", "error")}
         counts = {"output": 0, "error": 0}
         sizes = {"output": 0, "error": 0}
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         records = self.store.blob_path(batch.records_name)
         with open(outputs["output"][1], "wb") as ok, open(outputs["error"][1], "wb") as bad:
             for raw in _complete_lines(records):
@@ -206,6 +206,8 @@ class BatchWorker:
                     completion_tokens += usage.get(
                         "completion_tokens", usage.get("output_tokens", 0)
                     )
+                    details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+                    cached_tokens += (details or {}).get("cached_tokens", 0)
                 else:
                     kind = "error"
                     if not isinstance(rec.get("custom_id"), str):  # OpenAI's is a string
@@ -242,7 +244,7 @@ class BatchWorker:
                 "error_file_id": files["error"].id if "error" in files else None,
                 "usage": {
                     "input_tokens": prompt_tokens,
-                    "input_tokens_details": {"cached_tokens": 0},
+                    "input_tokens_details": {"cached_tokens": cached_tokens},
                     "output_tokens": completion_tokens,
                     "output_tokens_details": {"reasoning_tokens": 0},
                     "total_tokens": prompt_tokens + completion_tokens,
