@@ -151,18 +151,19 @@ class OutputTexts:
 
     def update(
         self,
-        resolved: list[tuple[SchedSequence, int]],
+        got: list[SchedSequence],
+        where: list[int],
         finish: Callable[[SchedSequence, str, int], None],
         faults: Faults[SchedSequence],
     ) -> list[SchedSequence]:
-        """Call after the scheduler wrote each sequence's new token at its index in
-        ``resolved`` (and finished those that hit EOS, a stop token or a length limit). Only
+        """Call after the scheduler wrote each sequence of ``got``'s new token at its index in
+        ``where`` (and finished those that hit EOS, a stop token or a length limit). Only
         sequences with stop strings are decoded here: a stop string ends a running sequence
         through ``finish(seq, "stop", index)`` (those are returned) and turns a ``"length"``
         finish on the same token into ``"stop"``. A sequence whose text cannot be built is
         recorded in ``faults`` and left as it is."""
         ended = []
-        for seq, at in resolved:
+        for seq, at in zip(got, where):
             if not seq.stops_on_text:
                 continue  # decoded when it finishes (``pop``): nothing reads its text before
             if faults.guard("detokenizing", seq, self._append, seq, at, finish):

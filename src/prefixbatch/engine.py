@@ -319,7 +319,7 @@ class LLMEngine:
             self._sequences.pop(seq.seq_id, None)
             params = request.params
             assert params.embedding is not None
-            ids = request.prompt_token_ids
+            ids = list(request.prompt_token_ids)
             if params.score is not None:
                 assert logits is not None, "a score request on a model that cannot score"
                 score = self.limits.scoring.activate(logits[j], params.score)
@@ -332,7 +332,7 @@ class LLMEngine:
     def _launch(self, step: ScheduledStep, previous: _InFlight | None) -> _InFlight:
         """Run a scheduled step up to its sampled tokens on the device (the previous step's
         tokens, when not taken in yet, are read there) and advance the scheduler."""
-        sampling = [receiver for _, receiver in step.samples]
+        sampling = step.receivers
         plan = self.sampler.prepare(sampling)  # grammar masks fill during the forward pass
         scoring = []
         if self._scoring:  # some request in flight asks for prompt log-probabilities
@@ -357,18 +357,18 @@ class LLMEngine:
         for row, message in plan.faults.errors.items():
             faults.fail(plan.seqs[row], message)
         failed += self._fail(faults)  # before the stop checks: those skip aborted sequences
-        finished, resolved = self.scheduler.resolve(launched.step, tokens)
+        finished, (got, where) = self.scheduler.resolve(launched.step, tokens)
         if plan.masks is not None:  # a complete grammar ends its request
-            finished += self._end_grammars(resolved)
-        finished += self._texts.update(resolved, self.scheduler.finish, faults)
+            finished += self._end_grammars(got, where)
+        finished += self._texts.update(got, where, self.scheduler.finish, faults)
         failed += self._fail(faults)
         return finished
 
-    def _end_grammars(self, resolved: list[tuple[Sequence, int]]) -> list[Sequence]:
+    def _end_grammars(self, got: list[Sequence], where: list[int]) -> list[Sequence]:
         """Finish the structured sequences whose grammar accepted a stop token, also under
         ``ignore_eos`` (nothing can follow a complete grammar)."""
         ended = []
-        for seq, at in resolved:
+        for seq, at in zip(got, where):
             if (
                 seq.params.structured is not None
                 and seq.status is not Status.FINISHED
@@ -388,7 +388,7 @@ class LLMEngine:
                 continue
             log.warning("request %d failed: %s", request.index, message)
             outputs.append(
-                RequestOutput(request.index, request.prompt_token_ids, [], error=message)
+                RequestOutput(request.index, list(request.prompt_token_ids), [], error=message)
             )
         faults.errors.clear()
         return outputs
@@ -465,7 +465,7 @@ class LLMEngine:
         scored = request.params.prompt_logprobs is not None
         out = RequestOutput(
             request.index,
-            request.prompt_token_ids,
+            list(request.prompt_token_ids),
             choices,
             sum(s.preemptions for s in done),
             self.sampler.prompt_logprobs(done[0]) if scored else None,

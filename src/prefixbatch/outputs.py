@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +25,11 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class Request:
     """A tokenized request; ``index`` is its id, unique among the engine's requests (the
-    callers use its position in their input order)."""
+    callers use its position in their input order). ``prompt_token_ids``: a list, or the tuple
+    the engine keeps while the request runs."""
 
     index: int
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]
     params: SamplingParams
 
 

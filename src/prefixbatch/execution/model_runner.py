@@ -131,7 +131,7 @@ class ModelRunner:
         positions = np.arange(num_rows, dtype=np.int64) - np.repeat(q_start - start, q_len)
         last_row = np.empty(len(seqs), dtype=np.int64)
         last_row[order] = q_start + q_len - 1
-        logits_rows = [last_row[[i for i, _ in step.samples]]]
+        logits_rows = [last_row[step.sample_rows]]
         for i in every_row:
             logits_rows.append(np.arange(last_row[i] - n[i] + 1, last_row[i] + 1))
         return StepInputs(

@@ -33,9 +33,13 @@ class SchedulerConfig:
 class ScheduledStep:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)  # new tokens per sequence
-    # (index into seqs whose last row's logits are sampled, sequence that receives the token):
-    # a request samples for itself; a leader samples for the members whose prompt it completes.
-    samples: list[tuple[int, Sequence]] = field(default_factory=list)
+    # Per sample: the index into seqs whose last row's logits are sampled, and the sequence
+    # that receives the token (a request samples for itself; a leader samples for the members
+    # whose prompt it completes). Two lists, not a tuple per row: a step then makes no object
+    # per row for the garbage collector to track (tuples alive across its collections are
+    # promoted, and enough of them set off full collections of the whole heap).
+    sample_rows: list[int] = field(default_factory=list)
+    receivers: list[Sequence] = field(default_factory=list)
     # Sequences that got their ``batch_index`` in this step (admitted, or admitted again after
     # a preemption): the runner writes their rows of its persistent state from scratch.
     admitted: list[Sequence] = field(default_factory=list)
@@ -45,11 +49,16 @@ class ScheduledStep:
     # Where each sample's token goes in its receiver's tokens (``Scheduler.advance``).
     token_index: list[int] = field(default_factory=list)
 
+    @property
+    def samples(self) -> list[tuple[int, Sequence]]:
+        """``(sample_rows[j], receivers[j])`` pairs (a new list)."""
+        return list(zip(self.sample_rows, self.receivers))
+
     def add(self, seq: Sequence, n: int) -> None:
         if n == seq.pending:
             receivers = seq.leads.dependents if seq.leads else (seq,)
-            i = len(self.seqs)
-            self.samples += [(i, r) for r in receivers]
+            self.sample_rows += [len(self.seqs)] * len(receivers)
+            self.receivers += receivers
         self.seqs.append(seq)
         self.num_tokens.append(n)
 
@@ -104,7 +113,8 @@ class Scheduler:
         """Pick this step's sequences and token counts, allocating the blocks they need."""
         budget = self.config.max_num_batched_tokens
         step = ScheduledStep()
-        seqs, num_tokens, samples = step.seqs, step.num_tokens, step.samples
+        seqs, num_tokens = step.seqs, step.num_tokens
+        sample_rows, receivers = step.sample_rows, step.receivers
         bs = self.blocks.block_size
         preempted = False
         for seq in list(self.running):
@@ -114,7 +124,8 @@ class Scheduler:
             pending = seq.pending
             room = len(seq.block_table) * bs
             if pending == 1 and seq.num_prompt + len(seq.outputs) <= room and not seq.leads:
-                samples.append((len(seqs), seq))  # a decode row with room in its last block
+                sample_rows.append(len(seqs))  # a decode row with room in its last block
+                receivers.append(seq)
                 seqs.append(seq)
                 num_tokens.append(1)
                 continue
@@ -287,7 +298,7 @@ class Scheduler:
             if seq.leads and not seq.pending:
                 self._prefix_ready(seq)
         at = step.token_index
-        for j, (_, seq) in enumerate(step.samples):
+        for j, seq in enumerate(step.receivers):
             if seq.status is Status.FINISHED:
                 at.append(-1)  # ``resolve`` skips it
                 continue
@@ -299,15 +310,17 @@ class Scheduler:
 
     def resolve(
         self, step: ScheduledStep, sampled: list[int]
-    ) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
+    ) -> tuple[list[Sequence], tuple[list[Sequence], list[int]]]:
         """Write an advanced step's sampled tokens over their placeholders and finish the
         sequences they end (a sequence that ended or was aborted since gets nothing; one that
-        ends here drops what a later step computed after it). Returns the finished, and each
-        sequence that got its token with the token's index."""
-        finished, resolved = [], []
+        ends here drops what a later step computed after it). Returns the finished, and the
+        sequences that got their token with each token's index (two lists)."""
+        finished: list[Sequence] = []
+        got: list[Sequence] = []
+        where: list[int] = []
         cache, bs = self.blocks.enable_prefix_cache, self.blocks.block_size
         done = Status.FINISHED
-        for (_, seq), token, at in zip(step.samples, sampled, step.token_index):
+        for seq, token, at in zip(step.receivers, sampled, step.token_index):
             if seq.status is done:
                 continue
             k = at - seq.num_prompt
@@ -315,7 +328,8 @@ class Scheduler:
             outputs[k] = token
             if k == len(outputs) - 1:
                 seq.last_token = token
-            resolved.append((seq, at))
+            got.append(seq)
+            where.append(at)
             if cache and seq.computed >= (seq.registered + 1) * bs:  # a block filled
                 self._register_blocks(seq)
             if token in seq.stop_ids:
@@ -326,7 +340,7 @@ class Scheduler:
                 continue
             self.finish(seq, reason, at)
             finished.append(seq)
-        return finished, resolved
+        return finished, (got, where)
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Enter the sequence's newly filled, computed blocks into the prefix cache: each block

@@ -27,7 +27,7 @@ class PrefixGroup:
     """
 
     group_id: int
-    tokens: list[int]
+    tokens: tuple[int, ...]
     remaining: int
     parent: PrefixGroup | None = None
     blocks: list[int] = field(default_factory=list)
@@ -65,7 +65,7 @@ class Sequence:
     """
 
     seq_id: int
-    prompt: list[int]
+    prompt: tuple[int, ...]
     num_prompt: int
     params: SamplingParams
     group: PrefixGroup | None = None
@@ -117,16 +117,16 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         """Prompt + outputs, a new list."""
-        return self.prompt + self.outputs
+        return [*self.prompt, *self.outputs]
 
     def token_slice(self, start: int, stop: int) -> list[int]:
-        """``tokens[start:stop]`` without joining the lists (0 <= start <= stop)."""
+        """``tokens[start:stop]`` without joining prompt and outputs (0 <= start <= stop)."""
         n = self.num_prompt
         if stop <= n:
-            return self.prompt[start:stop]
+            return list(self.prompt[start:stop])
         if start >= n:
             return self.outputs[start - n : stop - n]
-        return self.prompt[start:] + self.outputs[: stop - n]
+        return [*self.prompt[start:], *self.outputs[: stop - n]]
 
     @property
     def num_known(self) -> int:

@@ -116,7 +116,7 @@ class WorkStream:
                     yield self._request(int(positions[item]), group)
             else:
                 first = self.source.request(int(positions[item.first]))
-                tokens = list(first.prompt_token_ids[: item.prefix_len])
+                tokens = tuple(first.prompt_token_ids[: item.prefix_len])
                 sub = self._open_level(tokens, len(item.members) + len(item.children), group)
                 requests, seqs = [], [self._leader(sub, group, first)]
                 exact = item.members[plan.lengths[item.members] == item.prefix_len]
@@ -128,7 +128,7 @@ class WorkStream:
                 stack.append((plan.in_order(item), sub, item.prefix_len))
 
     def _open_level(
-        self, tokens: list[int], remaining: int, parent: PrefixGroup | None
+        self, tokens: tuple[int, ...], remaining: int, parent: PrefixGroup | None
     ) -> PrefixGroup:
         return PrefixGroup(next(self.group_ids), tokens, remaining, parent=parent)
 
@@ -136,7 +136,7 @@ class WorkStream:
         """The sequence that computes ``level``'s prefix (queued before its members)."""
         tokens = level.tokens
         leader = Sequence(
-            -1 - level.group_id, list(tokens), len(tokens), first.params, group=parent, leads=level
+            -1 - level.group_id, tokens, len(tokens), first.params, group=parent, leads=level
         )
         level.leader = leader
         return leader
@@ -144,13 +144,17 @@ class WorkStream:
     def _request(self, pos: int, group: PrefixGroup | None) -> Admission:
         """A request's sequences below ``group``, which counts the request once."""
         r = self.source.request(pos)
+        # One tuple for the request and its sequences: a tuple of ints leaves the garbage
+        # collector's tracking after its first pass, so full collections do not walk prompts.
+        prompt = tuple(r.prompt_token_ids)
+        r = Request(r.index, prompt, r.params)
         n = r.params.n
         seqs: list[Sequence] = []
         if n > 1:
             aligned = len(r.prompt_token_ids) // self.block_size * self.block_size
             above = len(group.tokens) if group is not None else 0
             if aligned > above and r.params.prompt_logprobs is None:
-                level = self._open_level(list(r.prompt_token_ids[:aligned]), n, group)
+                level = self._open_level(tuple(r.prompt_token_ids[:aligned]), n, group)
                 seqs.append(self._leader(level, group, r))
                 group = level
             elif group is not None:
@@ -159,8 +163,8 @@ class WorkStream:
         for choice in range(n):
             seq = Sequence(
                 r.index,
-                list(r.prompt_token_ids),
-                len(r.prompt_token_ids),
+                prompt,
+                len(prompt),
                 r.params,
                 group=group,
                 seed=choice_seed(seed, choice),
