@@ -9,6 +9,7 @@ prompt token ``i + 1``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,9 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> L
     return LogprobTensors(token_ids, chosen, top.indices, top.values)
 
 
-def prompt_logprobs(logits: torch.Tensor, prompt: list[int], start: int, k: int) -> LogprobTensors:
+def prompt_logprobs(
+    logits: torch.Tensor, prompt: Sequence[int], start: int, k: int
+) -> LogprobTensors:
     """Prompt scoring for one chunk: ``logits`` (T, vocab) are the model's outputs at prompt
     positions ``start .. start + T - 1``; position ``i`` predicts prompt token ``i + 1``, so the
     result covers prompt tokens ``start + 1 .. start + T`` (the last position of the prompt

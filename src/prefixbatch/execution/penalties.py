@@ -82,7 +82,7 @@ class PenalisedSequence(Protocol):
     """What is read from a sequence (``scheduling.sequence.Sequence`` has it)."""
 
     params: LogitsParams
-    prompt: list[int]
+    prompt: Sequence[int]
     outputs: list[int]
     num_prompt: int
 

@@ -62,7 +62,7 @@ class SampledSequence(Protocol):
     """What is read from a sequence (``scheduling.sequence.Sequence`` has it)."""
 
     params: SamplingParams
-    prompt: list[int]
+    prompt: Seq[int]
     num_prompt: int
     seed: int
     kind: int  # ``_row_kinds(params)`` once known, else -1 (filled here)
