@@ -51,6 +51,7 @@ from prefixbatch.config import EngineConfig, ModelConfig
 from prefixbatch.engine import LLMEngine
 from prefixbatch.execution import step_sampler
 from prefixbatch.execution.attention.backend import AttentionBackend
+from prefixbatch.execution.attention.resident_table import ResidentTable
 from prefixbatch.execution.attention.step import AttentionStep
 from prefixbatch.execution.attention.triton_metadata import TritonMetadata
 from prefixbatch.execution.fused_ops import fused_kernels
@@ -98,12 +99,19 @@ class StubModel:
 
 
 class TritonMetadataOnly(AttentionBackend):
-    """The Triton backend's host side: builds its metadata for every step, attends nothing."""
+    """The Triton backend's host side: builds its metadata for every step, attends nothing.
+    Its block tables' "device" copies are kept by row diffs, as on CUDA (the CPU backend reads
+    the host arrays in place)."""
 
     shares_prefix = True
 
+    def __init__(self, cache: KVCache, num_heads: int, scale: float) -> None:
+        super().__init__(cache, num_heads, scale)
+        cpu = torch.device("cpu")
+        self.resident = (ResidentTable(cpu, mirror=True), ResidentTable(cpu, mirror=True))
+
     def stage(self, step: AttentionStep) -> Staged[TritonMetadata]:
-        return TritonMetadata.stage(step, GQA_GROUP)
+        return TritonMetadata.stage(step, GQA_GROUP, resident=self.resident)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: Any) -> torch.Tensor:  # fmt: skip

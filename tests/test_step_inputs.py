@@ -2,7 +2,8 @@
 level block ids made once per group, array operations), against a from-scratch rebuild of
 every step: the per-sequence Python walk the runner used to make each step. Driven by the real
 scheduler without a model, through admissions, preemptions, aborts, groups finishing and
-overlap scheduling (steps scheduled before the previous step's tokens are known)."""
+overlap scheduling (steps scheduled before the previous step's tokens are known). The
+persistent tables' device copies, kept by row diffs, equal the host arrays after every step."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from hypothesis import strategies as st
 
 from conftest import nested_prompts
 from prefixbatch.execution.attention.reference import ReferenceBackend
+from prefixbatch.execution.attention.resident_table import ResidentTable
+from prefixbatch.execution.attention.step import AttentionStep
+from prefixbatch.execution.block_tables import BlockTables, PrefixTables
 from prefixbatch.execution.kv_cache import KVCache
 from prefixbatch.execution.model_runner import ModelRunner, StepInputs
+from prefixbatch.execution.upload import upload
 from prefixbatch.outputs import Request
 from prefixbatch.planning.plan import make_plan
 from prefixbatch.sampling_params import SamplingParams
@@ -114,6 +119,27 @@ def described(inputs: StepInputs) -> dict[str, object]:
     }
 
 
+def check_tables(
+    attn: AttentionStep, mirrors: tuple[ResidentTable, ResidentTable], applied: bool
+) -> None:
+    """Each level's row of the prefix tables holds its block ids (one row per level), and the
+    device copies of both tables, brought up to date by the rows written since their last
+    update (unless not ``applied``: staged and dropped, as by a failed step), equal them."""
+    assert attn.prefix_tables is not None and attn.versions is not None
+    for lvl in attn.levels:
+        row = attn.prefix_tables[lvl.table_row]
+        blocks = np.asarray(lvl.block_ids)
+        assert np.array_equal(row[: len(blocks)], blocks) and not row[len(blocks) :].any()
+    assert len({lvl.table_row for lvl in attn.levels}) == len(attn.levels)
+    versions = attn.versions
+    hosts = (attn.tables, versions.tables), (attn.prefix_tables, versions.prefix_tables)
+    for mirror, (host, written), key in zip(mirrors, hosts, ("own", "levels")):
+        arrays, apply = mirror.stage(host, written, versions.version, key)
+        if applied:
+            copy = apply(upload(arrays, torch.device("cpu")))
+            assert np.array_equal(copy.numpy(), host)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
@@ -159,13 +185,18 @@ def test_incremental_inputs_equal_a_rebuild_every_step(
         share_prefix_attention=policy == "batchllm" or rng.random() < 0.5,
         min_shared=min_shared,
     )
+    # Small arrays to start with: both grow (new arrays, every row sent again) during the run.
+    runner.tables, runner.prefix_tables = BlockTables(rows=2, width=1), PrefixTables(1, 1)
+    mirrors = (ResidentTable(cache.k.device, True), ResidentTable(cache.k.device, True))
     pending: ScheduledStep | None = None
     steps = 0
     while sched.has_work or pending is not None:
         step = sched.schedule()
         if step.seqs:
-            got = described(runner.inputs(step))
+            inputs = runner.inputs(step)
+            got = described(inputs)
             assert got == rebuild(step, runner.share_prefix_attention, runner.min_shared)
+            check_tables(inputs.attn, mirrors, applied=rng.random() < 0.8)
             sched.advance(step)
         if pending is not None:  # overlap: the previous step's tokens arrive now
             sched.resolve(pending, [rng.randrange(0, 60) for _ in pending.samples])

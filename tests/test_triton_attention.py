@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,7 +26,13 @@ from prefixbatch.execution.attention.kv_splits import (  # noqa: E402
     splits_for,
 )
 from prefixbatch.execution.attention.reference import attend_lse  # noqa: E402
-from prefixbatch.execution.attention.step import AttentionStep, PrefixLevel, SeqStep  # noqa: E402
+from prefixbatch.execution.attention.resident_table import ResidentTable  # noqa: E402
+from prefixbatch.execution.attention.step import (  # noqa: E402
+    AttentionStep,
+    PrefixLevel,
+    SeqStep,
+    TableVersions,
+)
 from prefixbatch.execution.attention.triton_backend import (  # noqa: E402
     TritonBackend,
     triton_available,
@@ -39,6 +46,7 @@ from prefixbatch.execution.attention.triton_metadata import (  # noqa: E402
     TritonMetadata,
 )
 from prefixbatch.execution.kv_cache import KVCache  # noqa: E402
+from prefixbatch.execution.upload import upload  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -161,6 +169,69 @@ def test_mixed_step_matches_reference(seed: int, device: str) -> None:
         expected_by_dtype[dtype] = dense_attention(q_d, k_d, v_d, step, scale)
         err = max_rel_error(got, expected_by_dtype[dtype])
         assert err < TOLERANCE[dtype], f"{dtype}: max relative error {err:.2e}"
+
+
+def persistent(step: AttentionStep, rng: random.Random) -> AttentionStep:
+    """``step`` laid out as the model runner keeps it: each sequence's own blocks in a random
+    row of a wider block table among rows of other sequences (random blocks), each level's in a
+    random row of the prefix tables, every row written at version 1."""
+    width = step.tables.shape[1] + 3
+    rows = rng.sample(range(2 * step.num_seqs + 3), step.num_seqs)
+    tables = np.asarray(
+        [[rng.randrange(400) for _ in range(width)] for _ in range(2 * step.num_seqs + 3)],
+        dtype=np.int32,
+    )
+    tables[rows] = 0
+    tables[rows, : step.tables.shape[1]] = step.tables[step.table_rows]
+    level_rows = rng.sample(range(2 * len(step.levels) + 2), len(step.levels))
+    prefix = np.asarray(
+        [[rng.randrange(400) for _ in range(5)] for _ in range(2 * len(step.levels) + 2)],
+        dtype=np.int32,
+    )
+    for lvl, row in zip(step.levels, level_rows):
+        prefix[row] = 0
+        prefix[row, : len(lvl.block_ids)] = lvl.block_ids
+    ones = np.ones(len(tables), dtype=np.int64), np.ones(len(prefix), dtype=np.int64)
+    return replace(
+        step,
+        tables=tables,
+        table_rows=np.asarray(rows),
+        levels=tuple(replace(lvl, table_row=r) for lvl, r in zip(step.levels, level_rows)),
+        prefix_tables=prefix,
+        versions=TableVersions(*ones, 1),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(3))
+def test_kernels_read_resident_tables_by_row(seed: int, device: str) -> None:
+    """The runner's persistent tables, kept on the device by row diffs and read in place: each
+    sequence's and level's blocks in a row of its own among other rows, the same attention as
+    the reference (which reads the step's own rows and the levels' block ids); a later step
+    uploads only the rows written since."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    step = persistent(random_step(rng, 16), rng)
+    q, k_pool, v_pool, scale = random_inputs(rng, step, device, 2, 32)
+    dev = torch.device(device)
+    resident = (ResidentTable(dev, mirror=True), ResidentTable(dev, mirror=True))
+    staged = TritonMetadata.stage(step, 2, resident=resident)
+    assert len(staged.arrays["own.rows"]) == len(step.tables)  # the first upload: every row
+    meta = staged.build(upload(staged.arrays, dev))
+    assert meta.block_table.shape == step.tables.shape  # the whole table, not gathered rows
+    got = triton_attention(q, k_pool, v_pool, meta, scale)
+    err = max_rel_error(got, dense_attention(q, k_pool, v_pool, step, scale))
+    assert err < TOLERANCE[torch.float32], f"max relative error {err:.2e}"
+    # Version 2 rewrites one sequence's row (a grown table): only that row travels.
+    tables, row = step.tables.copy(), int(step.table_rows[0])
+    written = step.versions.tables.copy()
+    tables[row, -1], written[row] = 7, 2
+    later = replace(step, tables=tables, versions=replace(step.versions, tables=written, version=2))
+    staged = TritonMetadata.stage(later, 2, resident=resident)
+    assert staged.arrays["own.rows"].tolist() == [row]
+    assert len(staged.arrays["levels.rows"]) == 0
+    meta = staged.build(upload(staged.arrays, dev))
+    assert torch.equal(meta.block_table.cpu(), torch.from_numpy(tables))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -553,15 +624,18 @@ def test_padded_metadata_for_cuda_graphs(device: str, split: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    "graphs,split", [(False, False), (True, False), (True, True)],
-    ids=["eager", "graph-buffers", "split-kv"],
+    "graphs,split,mirror", [(False, False, False), (False, False, True), (True, False, False),
+                            (True, True, False)],
+    ids=["eager", "eager-diffs", "graph-buffers", "split-kv"],
 )  # fmt: skip
-def test_engine_with_the_triton_backend_matches_transformers(tiny_models, graphs, split):  # type: ignore[no-untyped-def]
+def test_engine_with_the_triton_backend_matches_transformers(tiny_models, graphs, split, mirror):  # type: ignore[no-untyped-def]
     """The whole engine through the Triton kernels (interpreter on the CPU, fp32): nested prefix
     levels read as levels (cascade on every group), prefill chunks and decode rows in one step.
     With graphs, decode steps go through the CUDA-graph runner's padded static buffers (run
     eagerly here: the same hooks and padding a capture replays); with split-KV, the backend
-    aims at a device it fills only by splitting the KV of small steps."""
+    aims at a device it fills only by splitting the KV of small steps; with diffs, the block
+    tables the kernels read are device copies kept by row diffs, as on CUDA (on the CPU the
+    kernels otherwise read the host arrays in place)."""
     from conftest import hf_greedy, nested_prompts
     from prefixbatch import LLM, SamplingParams
     from prefixbatch.execution.attention.triton_backend import TritonBackend
@@ -585,6 +659,19 @@ def test_engine_with_the_triton_backend_matches_transformers(tiny_models, graphs
     backend = llm.engine.backend
     assert isinstance(backend, TritonBackend)
     assert (llm.engine.worker.graphs is not None) == graphs
+    shipped = []  # (rows sent, rows in the table) of each block-table update
+    if mirror:
+        cpu = torch.device("cpu")
+        own = ResidentTable(cpu, mirror=True)
+        backend.resident = (own, ResidentTable(cpu, mirror=True))
+        stage = own.stage
+
+        def counted(host, written, version, key):  # type: ignore[no-untyped-def]
+            arrays, apply = stage(host, written, version, key)
+            shipped.append((len(arrays[f"{key}.rows"]), len(host)))
+            return arrays, apply
+
+        own.stage = counted  # type: ignore[method-assign]
     chosen = []
     if split:
         backend.target_programs = 8
@@ -599,6 +686,8 @@ def test_engine_with_the_triton_backend_matches_transformers(tiny_models, graphs
     assert bool(replays) == graphs  # decode steps of up to 4 rows went through the buffers
     assert any(c.prefix > 1 and c.own > 1 for c in chosen) == split
     assert llm.engine.stats.groups >= 3  # the system prompt and two documents were levels
+    if mirror:  # after the first step, only the rows written since travelled
+        assert shipped and all(sent < rows for sent, rows in shipped[1:])
     assert [o.output_token_ids for o in outs] == hf_greedy(
         tiny_models["llama"], prompts, [3] * len(prompts)
     )

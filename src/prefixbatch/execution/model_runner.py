@@ -4,8 +4,9 @@ The only place where bookkeeping becomes tensors: token ids, positions and the r
 are built here; the step is described to the attention backend in device-neutral terms
 (``AttentionStep``) and the backend builds its own metadata. Host work per step is a few list
 comprehensions over the step's sequences and array operations: the block tables persist across
-steps (``BlockTables``), each prefix level's block ids are made once per group, and everything
-the device needs travels in one upload (``backend.upload``).
+steps (``BlockTables``, and the prefix levels' in ``PrefixTables``, each level's row written
+once), with the version at which each row was written, so a backend can keep device copies by
+row diffs; everything the device needs travels in one upload (``backend.upload``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from ..scheduling.scheduler import ScheduledStep
 from ..scheduling.sequence import PrefixGroup
 from ..scheduling.sequence import Sequence as SchedSequence
 from .attention.backend import AttentionBackend
-from .attention.step import AttentionStep, PrefixLevel
-from .block_tables import BlockTables
+from .attention.step import AttentionStep, PrefixLevel, TableVersions
+from .block_tables import BlockTables, PrefixTables
 from .cuda_graphs import DecodeGraphRunner, bucket_for
 from .models.family import Forward
 from .upload import Staged, upload
@@ -78,7 +79,9 @@ class ModelRunner:
         self.share_prefix_attention = share_prefix_attention and backend.shares_prefix
         self.min_shared = max(1, backend.min_shared_prefix if min_shared is None else min_shared)
         self.tables = BlockTables()
+        self.prefix_tables = PrefixTables()
         self._level_blocks: WeakKeyDictionary[PrefixGroup, np.ndarray] = WeakKeyDictionary()
+        self._version = 0  # steps described so far: the version of the tables' rows
 
     def inputs(self, step: ScheduledStep, every_row: Sequence[int] = ()) -> StepInputs:
         """The step on the host. Sequences that read prefix levels come first, depth-first by
@@ -88,7 +91,8 @@ class ModelRunner:
         of the sequences ``every_row`` (indices into ``step.seqs``, in that order: prompt
         scoring)."""
         seqs = step.seqs
-        self.tables.update(step.admitted, step.grown, self._shared_blocks)
+        self._version += 1
+        self.tables.update(step.admitted, step.grown, self._shared_blocks, self._version)
         n = np.array(step.num_tokens, dtype=np.int64)
         groups = self._level_groups(seqs)
         if groups is not None:
@@ -114,9 +118,10 @@ class ModelRunner:
         else:
             shared = np.array([0 if g is None else len(g.tokens) for g in groups], np.int64)
             levels = self._levels(groups, keys, q_start, q_len)
+        versions = TableVersions(self.tables.written, self.prefix_tables.written, self._version)
         attn = AttentionStep(
             q_start, q_len, context, shared, self.tables.table, rows, levels, num_rows,
-            self.block_size,
+            self.block_size, self.prefix_tables.table, versions,
         )  # fmt: skip
         if num_rows == len(seqs):  # one new token per sequence: decode rows (their last
             # token, read without touching the token lists) or 1-token prefill chunks
@@ -185,6 +190,7 @@ class ModelRunner:
             if blocks is None:
                 blocks = np.array(group.blocks[begin // bs : len(group.tokens) // bs], np.int32)
                 self._level_blocks[group] = blocks
+            row = self.prefix_tables.row(group, blocks, self._version)
             levels.append(
                 PrefixLevel(
                     begin,
@@ -195,6 +201,7 @@ class ModelRunner:
                     int(q_start[first]),
                     int(q_end[last]),
                     depth,
+                    row,
                 )
             )
         return tuple(levels)

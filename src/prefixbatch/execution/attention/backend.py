@@ -147,14 +147,13 @@ def own_slots(step: AttentionStep, i: int) -> np.ndarray:
     return own[pos // bs - step.shared_len[i] // bs].astype(np.int64) * bs + pos % bs
 
 
-def slot_mapping(step: AttentionStep, own: np.ndarray | None = None) -> np.ndarray:
+def slot_mapping(step: AttentionStep) -> np.ndarray:
     """(T,) int64 slot where each row's new K/V is written (new tokens follow ``shared_len``,
-    so a sequence's own blocks hold them; ``own``: ``step.own_tables()`` when made already)."""
+    so a sequence's own blocks hold them): one lookup per row in the step's block tables."""
     seq, pos = query_positions(step)
     bs = step.block_size
     col = pos // bs - step.shared_len[seq] // bs
-    own = step.own_tables() if own is None else own
-    return own[seq, col].astype(np.int64) * bs + pos % bs
+    return step.tables[step.table_rows[seq], col].astype(np.int64) * bs + pos % bs
 
 
 def decode_batch(step: AttentionStep, which: np.ndarray, mask: bool) -> dict[str, np.ndarray]:

@@ -56,6 +56,22 @@ class PrefixLevel:
     row_start: int
     row_end: int
     depth: int  # 0 for a top-level prefix, 1 below it, ...
+    # Row of ``AttentionStep.prefix_tables`` holding ``block_ids`` (-1: none, the step has no
+    # persistent table for its levels).
+    table_row: int = -1
+
+
+@dataclass(frozen=True, eq=False)
+class TableVersions:
+    """When the rows of a step's persistent tables last changed, for a device copy kept in
+    step by row diffs (``attention/resident_table.py``): ``tables`` (R,) and ``prefix_tables``
+    (LR,) int64 hold the version at which each row of ``AttentionStep.tables`` /
+    ``AttentionStep.prefix_tables`` was last written, ``version`` is the current one (rows of
+    a grown array count as written at it). Versions only grow."""
+
+    tables: np.ndarray
+    prefix_tables: np.ndarray
+    version: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +87,12 @@ class AttentionStep:
     from the levels, then the own ones). ``levels`` is empty when the policy or backend reads
     every sequence as a whole. Each row of a sequence with ``shared_len > 0`` is covered by
     exactly the levels whose row range holds it, and those levels tile ``[0, shared_len)``.
+
+    The model runner also keeps every live prefix level's blocks in one array across steps,
+    ``prefix_tables`` (LR, LW) int32 (a level's ``block_ids`` in row ``table_row``, padded with
+    0), and says which rows of both arrays changed when (``versions``): a backend may then keep
+    device copies of the two arrays by row diffs and read them in place, instead of gathering
+    the step's rows every step. Both are None for a step made from records (``of``).
     """
 
     q_start: np.ndarray
@@ -82,6 +104,8 @@ class AttentionStep:
     levels: tuple[PrefixLevel, ...]
     num_rows: int
     block_size: int
+    prefix_tables: np.ndarray | None = None
+    versions: TableVersions | None = None
 
     @classmethod
     def of(

@@ -13,9 +13,10 @@ import os
 import torch
 
 from ..kv_cache import KVCache
-from ..upload import Staged
+from ..upload import Staged, upload
 from .backend import FULL_ATTENTION, AttentionBackend, LayerAttention
 from .kv_splits import KVSplits, busy_tiles, choose_splits
+from .resident_table import ResidentTable
 from .step import AttentionStep, SeqStep
 from .triton_metadata import PREFIX_TILE_M, MetadataShape, TritonMetadata
 
@@ -65,17 +66,22 @@ class TritonBackend(AttentionBackend):
         # Split-KV when a step's grid would underfill the device (kv_splits.py); tests raise it
         # to split on the CPU.
         self.target_programs = target_programs(cache.k.device)
+        # Device copies of the runner's block tables and prefix tables, kept by row diffs.
+        device = cache.k.device
+        self.resident = (ResidentTable(device), ResidentTable(device))
 
     def stage(
         self, step: AttentionStep, shape: MetadataShape | None = None
     ) -> Staged[TritonMetadata]:
-        """The step's metadata as one host array (``TritonMetadata.stage``); padded to
-        ``shape`` for a CUDA-graph bucket."""
-        return TritonMetadata.stage(step, self.group_size, shape)
+        """The step's metadata as one host array (``TritonMetadata.stage``), reading the
+        block tables in their device copies (``resident``) when the step has persistent ones;
+        padded to ``shape`` for a CUDA-graph bucket (its own tables, gathered)."""
+        return TritonMetadata.stage(step, self.group_size, shape, self.resident)
 
     def prepare(self, step: AttentionStep, shape: MetadataShape | None = None) -> TritonMetadata:
         """``stage``'s metadata on the cache's device (one host-to-device copy)."""
-        return TritonMetadata.build(step, self.cache.k.device, self.group_size, shape)
+        staged = self.stage(step, shape)
+        return staged.build(upload(staged.arrays, self.cache.k.device))
 
     def forward(
         self,

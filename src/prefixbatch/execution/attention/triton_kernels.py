@@ -203,8 +203,9 @@ def _split_range(lo, hi, BLOCK_N: tl.constexpr):
 _METADATA_PTRS = (
     "tile_level_ptr", "tile_row0_ptr", "tile_seq_ptr", "tile_q0_ptr",
     "lvl_row_start_ptr", "lvl_row_end_ptr", "lvl_len_ptr", "lvl_out_ptr", "lvl_blocks_ptr",
-    "seq_q_start_ptr", "seq_q_len_ptr", "seq_ctx_ptr", "seq_shared_ptr", "seq_num_levels_ptr",
-    "block_table_ptr", "seq_levels_ptr", "slot_ptr", "row_pos_ptr", "lvl_start_ptr",
+    "lvl_table_row_ptr", "seq_q_start_ptr", "seq_q_len_ptr", "seq_ctx_ptr", "seq_shared_ptr",
+    "seq_num_levels_ptr", "seq_table_row_ptr", "block_table_ptr", "seq_levels_ptr", "slot_ptr",
+    "row_pos_ptr", "lvl_start_ptr",
 )  # fmt: skip
 # Integer arguments that change from step to step (see the module docstring), or from layer to
 # layer (the window).
@@ -227,7 +228,7 @@ def _jit(fn):  # type: ignore[no-untyped-def]
 @triton.jit
 def _level_tile(
     q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
-    row_pos_ptr, lvl_start_ptr,
+    lvl_table_row_ptr, row_pos_ptr, lvl_start_ptr,
     lvl, row0, row_start, row_end,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
@@ -256,10 +257,11 @@ def _level_tile(
         seen -= tl.load(lvl_start_ptr + lvl)
         lo = tl.minimum(tl.maximum(tl.min(seen, 0), 0), length)
     start, end = _split_range(lo, length, BLOCK_N)
+    blocks = lvl_blocks_ptr + tl.load(lvl_table_row_ptr + lvl).to(tl.int64) * stride_lvl_blocks
     for n0 in range(start, end, BLOCK_N):  # the level's KV: read once for every row of the tile
         pos = n0 + tl.arange(0, BLOCK_N)
         ok = pos < end
-        blk = tl.load(lvl_blocks_ptr + lvl * stride_lvl_blocks + pos // BLOCK_SIZE, mask=ok)
+        blk = tl.load(blocks + pos // BLOCK_SIZE, mask=ok)
         slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         k, v = _load_kv(k_ptr, v_ptr, slot, ok, kvh, stride_ks, stride_kh, stride_vs, stride_vh, d)
         dot = _qk(
@@ -283,7 +285,7 @@ def prefix_level_kernel(
     q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr,
     tile_level_ptr, tile_row0_ptr, num_tiles,
     lvl_row_start_ptr, lvl_row_end_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
-    row_pos_ptr, lvl_start_ptr,
+    lvl_table_row_ptr, row_pos_ptr, lvl_start_ptr,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
     qk_scale, cap_scale, window,
@@ -303,7 +305,7 @@ def prefix_level_kernel(
         if row_end > row_start:
             _level_tile(
                 q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, lvl_len_ptr, lvl_out_ptr, lvl_blocks_ptr,
-                row_pos_ptr, lvl_start_ptr,
+                lvl_table_row_ptr, row_pos_ptr, lvl_start_ptr,
                 lvl, tl.load(tile_row0_ptr + tile), row_start, row_end,
                 stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                 stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_lvl_blocks,
@@ -321,7 +323,7 @@ def own_kv_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr, so_ptr, slse_ptr, sinks_ptr,
     tile_seq_ptr, tile_q0_ptr,
     seq_q_start_ptr, seq_q_len_ptr, seq_ctx_ptr, seq_shared_ptr, seq_num_levels_ptr,
-    block_table_ptr, seq_levels_ptr, lvl_row_start_ptr, lvl_out_ptr,
+    seq_table_row_ptr, block_table_ptr, seq_levels_ptr, lvl_row_start_ptr, lvl_out_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_vs, stride_vh,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_table, stride_seq_levels,
     stride_os, stride_ols, prefix_splits,
@@ -383,7 +385,9 @@ def own_kv_kernel(
     if SLIDING:  # the first position the tile's first query sees
         lo = tl.maximum(shared, ctx - q_len + q0 - window + 1)
     start, end = _split_range(lo, last, BLOCK_N)
-    table = block_table_ptr + seq * stride_table - shared // BLOCK_SIZE  # own blocks from shared
+    # own blocks from shared, in the sequence's row of the (persistent or gathered) table
+    table_row = tl.load(seq_table_row_ptr + seq).to(tl.int64)
+    table = block_table_ptr + table_row * stride_table - shared // BLOCK_SIZE
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         ok = pos < end

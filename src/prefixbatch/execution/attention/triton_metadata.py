@@ -22,6 +22,7 @@ shape, and a captured step is refreshed with one device copy (``update_from``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,13 +30,14 @@ import torch
 
 from ..upload import Staged, upload
 from .backend import padded_rows, query_positions, slot_mapping
+from .resident_table import ResidentTable
 from .step import AttentionStep
 
 # Packed (query row x GQA head) rows a tile aims for; untuned starting points.
 OWN_TILE_M = 32
 PREFIX_TILE_M = 64
-_SEQ_KEYS = ("q_start", "q_len", "context_len", "shared_len", "num_levels")
-_LEVEL_KEYS = ("level_row_start", "level_row_end", "level_length", "level_start")
+_SEQ_KEYS = ("q_start", "q_len", "context_len", "shared_len", "num_levels", "table_row")
+_LEVEL_KEYS = ("level_row_start", "level_row_end", "level_length", "level_start", "level_row")
 
 
 @dataclass(frozen=True)
@@ -59,16 +61,20 @@ class TritonMetadata:
     """Device tensors (int32) for one step, and the sizes the launcher needs.
 
     Per sequence, shape (S,): ``q_start``, ``q_len``, ``context_len``, ``shared_len`` (where its
-    own KV starts), ``num_levels`` (prefix levels above it, depths ``0..num_levels - 1``).
-    ``block_table`` (S, max_blocks) holds each sequence's own blocks, from position
-    ``shared_len`` on (column ``j``: positions ``shared_len + j * block_size ..``), padded with
-    0; ``seq_levels`` (S, max(1, max_depth)) holds
+    own KV starts), ``num_levels`` (prefix levels above it, depths ``0..num_levels - 1``),
+    ``table_row``. Row ``table_row[i]`` of ``block_table`` (R, W) holds sequence ``i``'s own
+    blocks, from position ``shared_len`` on (column ``j``: positions ``shared_len + j *
+    block_size ..``), padded with 0: the runner's persistent table itself, kept on the device by
+    row diffs (``resident_table.py``), or the step's rows gathered (CUDA-graph buckets, steps
+    made from records). ``seq_levels`` (S, max(1, max_depth)) holds
     the level id at each depth (-1 past ``num_levels``). ``slot_mapping`` (T,) is the KV slot of
     each new token, ``row_position`` (T,) its position. Per level, shape (L,):
     ``level_row_start``, ``level_row_end``, ``level_length`` (positions, whole blocks),
     ``level_start`` (the position of its first), ``level_out``
-    (first row of the level's partials in the (num_partials, H, D) buffer); ``level_blocks``
-    (L, max_level_blocks) padded with 0. Work lists: ``own_tile_seq``, ``own_tile_q0`` (NT,);
+    (first row of the level's partials in the (num_partials, H, D) buffer), ``level_row``: the
+    row of ``level_blocks`` (LR, LW) holding its blocks, padded with 0 (the runner's persistent
+    prefix tables on the device, or the step's levels gathered, as for ``block_table``). Work
+    lists: ``own_tile_seq``, ``own_tile_q0`` (NT,);
     ``prefix_tile_level``, ``prefix_tile_row0`` (NP,).
     """
 
@@ -77,6 +83,7 @@ class TritonMetadata:
     context_len: torch.Tensor
     shared_len: torch.Tensor
     num_levels: torch.Tensor
+    table_row: torch.Tensor
     block_table: torch.Tensor
     seq_levels: torch.Tensor
     slot_mapping: torch.Tensor
@@ -86,12 +93,13 @@ class TritonMetadata:
     level_length: torch.Tensor
     level_start: torch.Tensor
     level_out: torch.Tensor
+    level_row: torch.Tensor
     level_blocks: torch.Tensor
     own_tile_seq: torch.Tensor
     own_tile_q0: torch.Tensor
     prefix_tile_level: torch.Tensor
     prefix_tile_row0: torch.Tensor
-    flat: torch.Tensor  # the one device buffer every field above is a view of
+    flat: torch.Tensor  # the device buffer every field above is a view of (resident tables aside)
     num_rows: int
     block_size: int
     own_rows: int  # query rows per own tile
@@ -101,14 +109,21 @@ class TritonMetadata:
 
     @classmethod
     def stage(
-        cls, step: AttentionStep, group_size: int = 1, shape: MetadataShape | None = None
+        cls,
+        step: AttentionStep,
+        group_size: int = 1,
+        shape: MetadataShape | None = None,
+        resident: tuple[ResidentTable, ResidentTable] | None = None,
     ) -> Staged[TritonMetadata]:
         """Lay out ``step`` for the kernels: every array built with array operations (no loop
         over sequences) and packed into one int32 host array, and how to make the metadata from
         its device copy. ``group_size`` (query heads per KV head) only sizes the tiles; any
         value gives correct results. With ``shape``, every array is padded to it (padding rows
         write no KV, padding tiles do no work; q must then have ``shape.rows`` rows, and the
-        output rows past ``step.num_rows`` are undefined).
+        output rows past ``step.num_rows`` are undefined). With ``resident`` (the device copies
+        of the step's block tables and prefix tables) and a step that has them
+        (``step.versions``), the kernels read those copies in place, brought up to date by the
+        rows written since (no padding then: a CUDA-graph bucket reads its own fixed buffers).
 
         Raises ValueError when the rows do not tile ``[0, num_rows)`` in sequence order, a
         sequence's levels do not cover ``[0, shared_len)`` with depths ``0..n-1``, or the step
@@ -123,7 +138,6 @@ class TritonMetadata:
             raise ValueError("each sequence needs q_len >= 1 and new tokens after shared_len")
         if (step.tables.shape[1] * bs < ctx - shared).any():
             raise ValueError("a block table is shorter than its context")
-        table = step.own_tables()  # positions below shared_len are read through the levels
         own_rows = max(1, OWN_TILE_M // group_size)
         prefix_rows = max(1, PREFIX_TILE_M // group_size)
         arrays = {
@@ -131,8 +145,7 @@ class TritonMetadata:
             "q_len": q_len,
             "context_len": ctx,
             "shared_len": shared,
-            "block_table": table,
-            "slot_mapping": slot_mapping(step, table).astype(np.int32),
+            "slot_mapping": slot_mapping(step).astype(np.int32),
             "row_position": query_positions(step)[1].astype(np.int32),
             **_level_arrays(step, q_start, q_len, shared),
             **_tiles("own_tile_seq", "own_tile_q0", q_len, own_rows, np.zeros_like(q_len)),
@@ -140,6 +153,8 @@ class TritonMetadata:
         row_start = arrays["level_row_start"]
         rows = arrays["level_row_end"] - row_start
         arrays.update(_tiles("prefix_tile_level", "prefix_tile_row0", rows, prefix_rows, row_start))
+        tables, table_arrays = _tables(step, resident if shape is None else None)
+        arrays |= tables
         num_rows, num_partials = step.num_rows, int(rows.sum())
         if shape is not None:
             if num_partials > shape.partials:
@@ -147,10 +162,13 @@ class TritonMetadata:
             arrays, num_rows, num_partials = _pad(arrays, shape), shape.rows, shape.partials
         layout = [(key, a.shape) for key, a in arrays.items()]
         flat = np.concatenate([a.ravel() for a in arrays.values()]).astype(np.int32, copy=False)
+        extra = {k: a for staged, _ in table_arrays.values() for k, a in staged.items()}
 
         def build(t: dict[str, torch.Tensor]) -> TritonMetadata:
+            views = _views(t["triton"], layout)
+            views |= {key: apply(t) for key, (_, apply) in table_arrays.items()}
             return cls(
-                **_views(t["triton"], layout),
+                **views,
                 num_rows=num_rows,
                 block_size=bs,
                 own_rows=own_rows,
@@ -159,7 +177,7 @@ class TritonMetadata:
                 padded=shape is not None,
             )
 
-        return Staged({"triton": flat}, build)
+        return Staged({"triton": flat, **extra}, build)
 
     @classmethod
     def build(
@@ -188,6 +206,40 @@ class TritonMetadata:
 
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return (np.cumsum(x) - x).astype(np.int32)
+
+
+_Apply = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _tables(
+    step: AttentionStep, resident: tuple[ResidentTable, ResidentTable] | None
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[dict[str, np.ndarray], _Apply]]]:
+    """The tables the kernels read and each sequence's / level's row in them: host arrays for
+    the packed buffer (``table_row``, ``level_row``, and the gathered ``block_table`` /
+    ``level_blocks`` when not resident), and for each resident table its diff arrays and the
+    function that applies them (``ResidentTable.stage``)."""
+    levels = step.levels
+    versions = step.versions
+    resident_levels = step.prefix_tables is not None and all(lvl.table_row >= 0 for lvl in levels)
+    if resident is None or versions is None:
+        own = step.own_tables()  # positions below shared_len are read through the levels
+        arrays = {"table_row": np.arange(step.num_seqs, dtype=np.int32), "block_table": own}
+        staged = {}
+    else:
+        arrays = {"table_row": step.table_rows.astype(np.int32)}
+        staged = {
+            "block_table": resident[0].stage(step.tables, versions.tables, versions.version, "own")
+        }
+    if resident is None or versions is None or not resident_levels:
+        arrays["level_row"] = np.arange(len(levels), dtype=np.int32)
+        arrays["level_blocks"] = padded_rows([lvl.block_ids for lvl in levels], np.int32)
+    else:
+        assert step.prefix_tables is not None
+        arrays["level_row"] = np.array([lvl.table_row for lvl in levels], dtype=np.int32)
+        staged["level_blocks"] = resident[1].stage(
+            step.prefix_tables, versions.prefix_tables, versions.version, "levels"
+        )
+    return arrays, staged
 
 
 def _level_arrays(
@@ -235,7 +287,6 @@ def _level_arrays(
         "level_length": (end - start).astype(np.int32),
         "level_start": start.astype(np.int32),
         "level_out": _exclusive_cumsum(row_end - row_start),
-        "level_blocks": padded_rows([lvl.block_ids for lvl in levels], np.int32),
     }
 
 
