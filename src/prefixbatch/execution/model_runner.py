@@ -24,12 +24,11 @@ from ..scheduling.sequence import PrefixGroup
 from ..scheduling.sequence import Sequence as SchedSequence
 from .attention.backend import AttentionBackend
 from .attention.step import AttentionStep, PrefixLevel, TableVersions
+from .batch_rows import NO_LEVEL, BatchRows
 from .block_tables import BlockTables, PrefixTables
 from .cuda_graphs import DecodeGraphRunner, bucket_for
 from .models.family import Forward
 from .upload import Staged, upload
-
-_NO_LEVEL = 1 << 62  # sort key of sequences that read no prefix level: after all the others
 
 
 def group_depth(group: PrefixGroup) -> int:
@@ -80,6 +79,7 @@ class ModelRunner:
         self.min_shared = max(1, backend.min_shared_prefix if min_shared is None else min_shared)
         self.tables = BlockTables()
         self.prefix_tables = PrefixTables()
+        self.batch = BatchRows()
         self._level_blocks: WeakKeyDictionary[PrefixGroup, np.ndarray] = WeakKeyDictionary()
         self._version = 0  # steps described so far: the version of the tables' rows
 
@@ -93,31 +93,27 @@ class ModelRunner:
         seqs = step.seqs
         self._version += 1
         self.tables.update(step.admitted, step.grown, self._shared_blocks, self._version)
+        self.batch.admit(step.admitted, self._reads)
         n = np.array(step.num_tokens, dtype=np.int64)
-        groups = self._level_groups(seqs)
-        if groups is not None:
-            keys = np.array([_NO_LEVEL if g is None else g.group_id for g in groups], np.int64)
-            order = np.argsort(keys, kind="stable")
-            ordered = [seqs[i] for i in order.tolist()]
-            groups = [groups[i] for i in order.tolist()]
-            keys = keys[order]
-        else:
-            order = np.arange(len(seqs))
-            ordered = seqs
-        q_len = n[order]
-        # each sequence's computed tokens (read from its fields: no property call per row)
-        start = np.array([s.num_prompt + len(s.outputs) - s.pending for s in ordered], np.int64)
+        # One pass over the sequences for their rows: everything else comes from the rows'
+        # persistent state (``BatchRows``) by array operations.
+        rows = np.array([s.batch_index for s in seqs], dtype=np.int64)
+        assert rows.min(initial=0) >= 0, "a scheduled sequence is not running"
+        keys = self.batch.key[rows]
+        reading = bool(len(keys)) and int(keys.min()) != NO_LEVEL
+        order = np.argsort(keys, kind="stable") if reading else np.arange(len(seqs))
+        rows, keys, q_len = rows[order], keys[order], n[order]
+        start = self.batch.computed[rows]
         context = start + q_len
+        self.batch.computed[rows] = context
         q_start = np.cumsum(q_len) - q_len
         num_rows = int(q_len.sum())
-        rows = np.array([s.batch_index for s in ordered], dtype=np.int64)
-        assert rows.min(initial=0) >= 0, "a scheduled sequence is not running"
-        if groups is None:
-            shared = np.zeros(len(seqs), dtype=np.int64)
-            levels: tuple[PrefixLevel, ...] = ()
+        if reading:
+            shared = self.batch.shared[rows]
+            levels = self._levels(rows, keys, q_start, q_len)
         else:
-            shared = np.array([0 if g is None else len(g.tokens) for g in groups], np.int64)
-            levels = self._levels(groups, keys, q_start, q_len)
+            shared = np.zeros(len(seqs), dtype=np.int64)
+            levels = ()
         versions = TableVersions(self.tables.written, self.prefix_tables.written, self._version)
         attn = AttentionStep(
             q_start, q_len, context, shared, self.tables.table, rows, levels, num_rows,
@@ -125,57 +121,49 @@ class ModelRunner:
         )  # fmt: skip
         if num_rows == len(seqs):  # one new token per sequence: decode rows (their last
             # token, read without touching the token lists) or 1-token prefill chunks
-            ids = [
+            last = [
                 s.last_token if s.pending == 1 else s.token_slice(s.computed, s.computed + 1)[0]
-                for s in ordered
+                for s in seqs
             ]
+            input_ids = np.array(last, dtype=np.int64)[order]
         else:
-            ids = []
-            for s, k in zip(ordered, q_len.tolist()):
-                ids += s.token_slice(s.computed, s.computed + k)
+            ids: list[int] = []
+            for i, first, k in zip(order.tolist(), start.tolist(), q_len.tolist()):
+                ids += seqs[i].token_slice(first, first + k)
+            input_ids = np.array(ids, dtype=np.int64)
         positions = np.arange(num_rows, dtype=np.int64) - np.repeat(q_start - start, q_len)
         last_row = np.empty(len(seqs), dtype=np.int64)
         last_row[order] = q_start + q_len - 1
         logits_rows = [last_row[step.sample_rows]]
         for i in every_row:
             logits_rows.append(np.arange(last_row[i] - n[i] + 1, last_row[i] + 1))
-        return StepInputs(
-            attn, np.array(ids, dtype=np.int64), positions, np.concatenate(logits_rows)
-        )
+        return StepInputs(attn, input_ids, positions, np.concatenate(logits_rows))
+
+    def _reads(self, seq: SchedSequence) -> PrefixGroup | None:
+        """The group whose prefix ``seq`` reads through levels (None when it reads none)."""
+        g = seq.group
+        if not self.share_prefix_attention or g is None or len(g.tokens) < self.min_shared:
+            return None
+        return g
 
     def _shared_blocks(self, seq: SchedSequence) -> int:
         """Blocks of the prefix ``seq`` reads through levels (0 when it reads none)."""
-        g = seq.group
-        if not self.share_prefix_attention or g is None or len(g.tokens) < self.min_shared:
-            return 0
-        return len(g.tokens) // self.block_size
-
-    def _level_groups(self, seqs: Sequence[Any]) -> list[PrefixGroup | None] | None:
-        """The innermost group of each sequence that reads prefix levels (None for the others),
-        or None when no sequence of the step does."""
-        if not self.share_prefix_attention:
-            return None
-        m = self.min_shared
-        groups = [g if (g := s.group) is not None and len(g.tokens) >= m else None for s in seqs]
-        return groups if any(g is not None for g in groups) else None
+        g = self._reads(seq)
+        return 0 if g is None else len(g.tokens) // self.block_size
 
     def _levels(
-        self,
-        groups: list[PrefixGroup | None],
-        keys: np.ndarray,
-        q_start: np.ndarray,
-        q_len: np.ndarray,
+        self, rows: np.ndarray, keys: np.ndarray, q_start: np.ndarray, q_len: np.ndarray
     ) -> tuple[PrefixLevel, ...]:
-        """The prefix levels above the sequences (in step order: ``groups`` their innermost
-        groups, ``keys`` those groups' ids, sorted): one per group with a sequence below it,
-        innermost first along each sequence's chain, as the sequences are met. Python work per
-        run of sequences in one innermost group, not per sequence."""
-        readers = int(np.searchsorted(keys, _NO_LEVEL))
+        """The prefix levels above the sequences (in step order: ``rows`` their batch
+        indices, ``keys`` their innermost groups' ids, sorted): one per group with a sequence
+        below it, innermost first along each sequence's chain, as the sequences are met. Python
+        work per run of sequences in one innermost group, not per sequence."""
+        readers = int(np.searchsorted(keys, NO_LEVEL))
         firsts = np.flatnonzero(np.diff(keys[:readers], prepend=-1))
         lasts = np.append(firsts[1:], readers) - 1
         spans: dict[int, list[Any]] = {}  # id(group) -> [group, first, last, depth]
         for first, last in zip(firsts.tolist(), lasts.tolist()):
-            group = groups[first]
+            group = self.batch.groups[int(rows[first])]
             depth = group_depth(group)  # type: ignore[arg-type]
             while group is not None:
                 span = spans.setdefault(id(group), [group, first, last, depth])
