@@ -122,8 +122,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             # A decode token costs KV memory only; prefill chunks also spend the token budget.
             pending = seq.pending
-            room = len(seq.block_table) * bs
-            if pending == 1 and seq.num_prompt + len(seq.outputs) <= room and not seq.leads:
+            if pending == 1 and seq.room >= 0 and not seq.leads:
                 sample_rows.append(len(seqs))  # a decode row with room in its last block
                 receivers.append(seq)
                 seqs.append(seq)
@@ -132,7 +131,7 @@ class Scheduler:
             n = 1 if pending == 1 else min(pending, budget)
             if n == 0:
                 continue
-            if seq.computed + n > room:
+            if seq.computed + n > len(seq.block_table) * bs:
                 while not self._grow(seq, n):
                     victim = self.running[-1]
                     self._preempt(victim)
@@ -177,6 +176,7 @@ class Scheduler:
                 seq.block_table = hits
                 seq.computed = computed
             seq.block_table += self.blocks.allocate(need, seq.last_block)
+            seq.room = len(seq.block_table) * self.blocks.block_size - seq.num_tokens
             self._start(seq)
             step.add(seq, n)
             step.admitted.append(seq)
@@ -203,6 +203,7 @@ class Scheduler:
         if need > self.blocks.num_available:
             return False
         seq.block_table += self.blocks.allocate(need, seq.last_block)
+        seq.room = len(seq.block_table) * self.blocks.block_size - seq.num_tokens
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -306,6 +307,7 @@ class Scheduler:
             placeholder = -1 - j
             seq.outputs.append(placeholder)
             seq.pending += 1
+            seq.room -= 1
             seq.last_token = placeholder
 
     def resolve(
@@ -423,11 +425,15 @@ class Scheduler:
             group = group.parent
 
     def check_integrity(self) -> None:
-        """Block accounting must match the live block tables and group prefixes exactly, and
-        each live sequence's ``last_token`` its last token."""
+        """Block accounting must match the live block tables and group prefixes exactly, each
+        live sequence's ``last_token`` its last token, and each running one's ``room`` its
+        table's slots beyond its tokens."""
         live = (*self.running, *self.waiting, *(s for p in self.parked.values() for s in p))
         stale = [s.seq_id for s in live if s.last_token != (s.outputs or s.prompt or [-1])[-1]]
         assert not stale, f"sequences {stale} hold a stale last_token"
+        bs = self.blocks.block_size
+        wrong = [s.seq_id for s in self.running if s.room != len(s.block_table) * bs - s.num_tokens]
+        assert not wrong, f"sequences {wrong} hold a wrong room"
         holders = [s.own_blocks for s in (*self.running, *self.waiting)]
         holders += [g.own_blocks for g in self.groups]
         self.blocks.check_integrity(holders)

@@ -61,7 +61,10 @@ class Sequence:
     ``stop_token_ids``) and ``end`` (the length at which it ends: ``max_tokens`` or the model's
     length) when the sequence is added; ``stops_on_text`` says whether its params name stop
     strings (only those sequences are decoded while they run); ``kind`` is the sampler's row
-    kind (``execution/step_sampler.py``), filled on first use.
+    kind (``execution/step_sampler.py``), filled on first use; while it runs, ``room`` is the
+    token slots its block table has beyond its tokens (``len(block_table) * block_size -
+    num_tokens``, kept by the scheduler; a small int in decode), so the scheduler sees that a
+    decode row needs no new block without reading its lists.
     """
 
     seq_id: int
@@ -87,6 +90,7 @@ class Sequence:
     end: int = 0
     stops_on_text: bool = field(init=False)
     kind: int = -1
+    room: int = 0
     # Known tokens whose KV is not computed yet: 1 for a sequence in decode, a small int that a
     # step rewrites without making a new object (``computed`` is derived from it).
     pending: int = field(init=False)
