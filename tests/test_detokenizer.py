@@ -122,12 +122,12 @@ def test_a_stop_string_on_the_last_allowed_token_finishes_with_stop(words):  # t
     finished: list[object] = []
     a, b = seq(0, [*prompt, 10], params, n), seq(1, [*prompt, 20], params, n)
     faults: Faults[object] = Faults()
-    assert texts.update([a, b], [n, n], lambda s, r, at: finished.append((s, r)), faults) == []
+    assert texts.update([a, b], [0, 0], lambda s, r, at: finished.append((s, r)), faults) == []
     a.outputs.append(11)
     a.finish_reason = "length"  # the scheduler ended it on max_tokens with the same token
     b.outputs.append(11)  # running: the stop string ends it through finish()
     record = lambda s, r, at: finished.append((s, r, at))  # noqa: E731
-    ended = texts.update([a, b], [n + 1, n + 1], record, faults)
+    ended = texts.update([a, b], [1, 1], record, faults)  # their outputs' second token
     assert a.finish_reason == "stop" and texts.pop(a) == " w10 "  # type: ignore[arg-type]
     assert ended == [b] and finished == [(b, "stop", n + 1)] and not faults.errors
 
@@ -161,7 +161,7 @@ def test_outputs_without_stop_strings_are_decoded_when_they_finish(
     s = seq(0, [*prompt], params, len(prompt))
     for token in output:  # the steps: the text is not touched
         s.outputs.append(token)
-        assert texts.update([s], [len(s.tokens) - 1], lambda *a: None, Faults()) == []
+        assert texts.update([s], [len(s.outputs) - 1], lambda *a: None, Faults()) == []
         assert not texts.texts
     s.finish_reason = "stop" if ended_by_stop_token else "length"
     expected = out_text(bpe, params, prompt, output, ended_by_stop_token)[0]

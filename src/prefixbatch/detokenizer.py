@@ -157,11 +157,11 @@ class OutputTexts:
         faults: Faults[SchedSequence],
     ) -> list[SchedSequence]:
         """Call after the scheduler wrote each sequence of ``got``'s new token at its index in
-        ``where`` (and finished those that hit EOS, a stop token or a length limit). Only
-        sequences with stop strings are decoded here: a stop string ends a running sequence
-        through ``finish(seq, "stop", index)`` (those are returned) and turns a ``"length"``
-        finish on the same token into ``"stop"``. A sequence whose text cannot be built is
-        recorded in ``faults`` and left as it is."""
+        its outputs, ``where`` (and finished those that hit EOS, a stop token or a length
+        limit). Only sequences with stop strings are decoded here: a stop string ends a running
+        sequence through ``finish(seq, "stop", index)`` (the token's index in its tokens; those
+        are returned) and turns a ``"length"`` finish on the same token into ``"stop"``. A
+        sequence whose text cannot be built is recorded in ``faults`` and left as it is."""
         ended = []
         for seq, at in zip(got, where):
             if not seq.stops_on_text:
@@ -173,17 +173,17 @@ class OutputTexts:
     def _append(
         self, seq: SchedSequence, at: int, finish: Callable[[SchedSequence, str, int], None]
     ) -> bool:
-        """Decode ``seq``'s token at ``at``; True when a stop string ended it there."""
+        """Decode ``seq``'s output ``at``; True when a stop string ended it there."""
         text = self.texts.get(seq)
         if text is None:
             text = self.texts[seq] = self._new(seq)
-        token = seq.outputs[at - seq.num_prompt]
+        token = seq.outputs[at]
         if not text.append(token, stop_token=seq.finish_reason == "stop"):
             return False
         if seq.finish_reason is not None:
             seq.finish_reason = "stop"
             return False
-        finish(seq, "stop", at)
+        finish(seq, "stop", seq.num_prompt + at)
         return True
 
     def pop(self, seq: SchedSequence) -> str:

@@ -374,7 +374,7 @@ class LLMEngine:
                 and seq.status is not Status.FINISHED
                 and self.sampler.grammar_ended(seq)
             ):
-                self.scheduler.finish(seq, "stop", at)
+                self.scheduler.finish(seq, "stop", seq.num_prompt + at)
                 ended.append(seq)
         return ended
 

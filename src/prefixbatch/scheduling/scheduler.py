@@ -46,8 +46,8 @@ class ScheduledStep:
     # Sequences already running whose block table grew in this step (the runner writes only
     # their new blocks; every other running row's table is as the last step left it).
     grown: list[Sequence] = field(default_factory=list)
-    # Where each sample's token goes in its receiver's tokens (``Scheduler.advance``).
-    token_index: list[int] = field(default_factory=list)
+    # Where each sample's token goes in its receiver's outputs (``Scheduler.advance``).
+    output_index: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> list[tuple[int, Sequence]]:
@@ -61,6 +61,18 @@ class ScheduledStep:
             self.receivers += receivers
         self.seqs.append(seq)
         self.num_tokens.append(n)
+
+
+_PLACEHOLDERS: list[int] = []
+
+
+def _placeholders(n: int) -> list[int]:
+    """``[-1, -2, ..., -n]`` and more: the placeholders of a step's samples, made once (a new
+    int object per row and step would land wherever the allocator has room)."""
+    have = len(_PLACEHOLDERS)
+    if have < n:
+        _PLACEHOLDERS.extend(range(-1 - have, -1 - max(n, 2 * have), -1))
+    return _PLACEHOLDERS
 
 
 class Scheduler:
@@ -85,7 +97,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue ``seq`` (parked while its level's prefix is not computed), with its stop
-        conditions (``Sequence.stop_ids``, ``Sequence.end``)."""
+        conditions (``Sequence.stop_ids``, ``Sequence.max_outputs``)."""
         p = seq.params
         key = (p.ignore_eos, tuple(p.stop_token_ids))
         stops = self._stop_ids.get(key)
@@ -93,7 +105,7 @@ class Scheduler:
             eos = () if p.ignore_eos else self.eos_ids
             stops = self._stop_ids[key] = frozenset((*eos, *p.stop_token_ids))
         seq.stop_ids = stops
-        seq.end = min(seq.num_prompt + p.max_tokens, self.config.max_model_len)
+        seq.max_outputs = min(p.max_tokens, self.config.max_model_len - seq.num_prompt)
         if seq.group is not None and not seq.group.ready:
             self.parked.setdefault(id(seq.group), []).append(seq)
         else:
@@ -298,14 +310,16 @@ class Scheduler:
                 self._register_blocks(seq)
             if seq.leads and not seq.pending:
                 self._prefix_ready(seq)
-        at = step.token_index
+        at = step.output_index
+        placeholders = _placeholders(len(step.receivers))
         for j, seq in enumerate(step.receivers):
             if seq.status is Status.FINISHED:
                 at.append(-1)  # ``resolve`` skips it
                 continue
-            at.append(seq.num_prompt + len(seq.outputs))
-            placeholder = -1 - j
-            seq.outputs.append(placeholder)
+            outputs = seq.outputs
+            at.append(len(outputs))  # a small int: no new object
+            placeholder = placeholders[j]
+            outputs.append(placeholder)
             seq.pending += 1
             seq.room -= 1
             seq.last_token = placeholder
@@ -316,31 +330,30 @@ class Scheduler:
         """Write an advanced step's sampled tokens over their placeholders and finish the
         sequences they end (a sequence that ended or was aborted since gets nothing; one that
         ends here drops what a later step computed after it). Returns the finished, and the
-        sequences that got their token with each token's index (two lists)."""
+        sequences that got their token with each token's index in their outputs (two lists)."""
         finished: list[Sequence] = []
         got: list[Sequence] = []
         where: list[int] = []
         cache, bs = self.blocks.enable_prefix_cache, self.blocks.block_size
         done = Status.FINISHED
-        for seq, token, at in zip(step.receivers, sampled, step.token_index):
+        for seq, token, k in zip(step.receivers, sampled, step.output_index):
             if seq.status is done:
                 continue
-            k = at - seq.num_prompt
             outputs = seq.outputs
             outputs[k] = token
             if k == len(outputs) - 1:
                 seq.last_token = token
             got.append(seq)
-            where.append(at)
+            where.append(k)
             if cache and seq.computed >= (seq.registered + 1) * bs:  # a block filled
                 self._register_blocks(seq)
             if token in seq.stop_ids:
                 reason = "stop"
-            elif at + 1 >= seq.end:
+            elif k + 1 >= seq.max_outputs:
                 reason = "length"
             else:
                 continue
-            self.finish(seq, reason, at)
+            self.finish(seq, reason, seq.num_prompt + k)
             finished.append(seq)
         return finished, (got, where)
 

@@ -58,13 +58,14 @@ class Sequence:
     list; it never touches the prompt's list (a page of its own per row, further apart the
     longer the prompts). For that, ``last_token`` is the last token (a decode step's input);
     the scheduler sets ``stop_ids`` (the tokens that end the output: EOS unless ignored, and
-    ``stop_token_ids``) and ``end`` (the length at which it ends: ``max_tokens`` or the model's
-    length) when the sequence is added; ``stops_on_text`` says whether its params name stop
-    strings (only those sequences are decoded while they run); ``kind`` is the sampler's row
-    kind (``execution/step_sampler.py``), filled on first use; while it runs, ``room`` is the
-    token slots its block table has beyond its tokens (``len(block_table) * block_size -
-    num_tokens``, kept by the scheduler; a small int in decode), so the scheduler sees that a
-    decode row needs no new block without reading its lists.
+    ``stop_token_ids``) and ``max_outputs`` (the output count at which it ends: ``max_tokens``,
+    or fewer at the model's length) when the sequence is added; ``stops_on_text`` says whether
+    its params name stop strings (only those sequences are decoded while they run); ``kind``
+    is the sampler's row kind (``execution/step_sampler.py``), filled on first use; while it
+    runs, ``room`` is the token slots its block table has beyond its tokens
+    (``len(block_table) * block_size - num_tokens``, kept by the scheduler; a small int in
+    decode), so the scheduler sees that a decode row needs no new block without reading its
+    lists.
     """
 
     seq_id: int
@@ -87,7 +88,7 @@ class Sequence:
     outputs: list[int] = field(default_factory=list)
     last_token: int = field(init=False)
     stop_ids: frozenset[int] = frozenset()
-    end: int = 0
+    max_outputs: int = 0
     stops_on_text: bool = field(init=False)
     kind: int = -1
     room: int = 0
