@@ -15,10 +15,11 @@ detokenizer does its real work.
 The job is the GPU job's shape (``/docs`` of the project: 16 requests per group sharing a
 2,000-token prefix, each with its own 200-token suffix), with the prefix nested: a 500-token
 system prompt shared by every request above a 1,500-token document per group. ``long`` makes
-every prompt 4x longer; ``sampled`` samples a quarter of the rows (temperature, top-p, top-k)
-with repetition, frequency and presence penalties. Outputs never end (EOS is masked in the
-stub's logits), so every request runs until the measurement ends. ``fcfs-lru`` runs the same
-requests in file order with its prefix cache and a request cap equal to the row count.
+every prompt 4x longer; ``sampled`` samples a quarter of the rows
+(temperature, top-p, top-k) with repetition, frequency and presence penalties. Outputs never end
+(EOS is masked in the stub's logits), so every request runs until the measurement ends.
+``fcfs-lru`` runs the same requests in file order with its prefix cache and a request cap equal
+to the row count.
 
 Each configuration runs in a fresh process (where one run left objects in the heap must not
 change the next one's memory access) through the prefill phase (its mixed steps: prefill chunks
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from typing import Any
 
+import numpy as np
 import torch
 from common import machine, table
 
@@ -64,8 +66,9 @@ from prefixbatch.loading.builder import LoadedModel
 from prefixbatch.loading.limits import EngineLimits
 from prefixbatch.loading.model_config import read_model_config
 from prefixbatch.loading.model_source import model_name, resolve_model
-from prefixbatch.outputs import Request
 from prefixbatch.planning.plan import make_plan
+from prefixbatch.planning.token_arrays import TokenArrays, TokenArraysBuilder
+from prefixbatch.scheduling.request_source import CompactRequests
 from prefixbatch.tokenizer import Tokenizer
 
 # The issue's figures (1,024 decode rows, batchllm, greedy, before this work), for comparison.
@@ -130,25 +133,40 @@ class Job:
     def scale(self) -> int:
         return 4 if self.variant == "long" else 1
 
-    def prompts(self) -> list[list[int]]:
+    def prompts(self) -> TokenArrays:
         """rows / 16 groups of 16: a shared system prompt > a document per group > a suffix
-        per request; shuffled (seed 0)."""
+        per request; shuffled (seed 0). Arrays, as a job holds its batch (no int object per
+        token in the process: what the engine keeps of a running request is all that adds to
+        its heap)."""
         rng = random.Random(0)
         n = self.prefix * self.scale
 
-        def tokens(k: int) -> list[int]:
-            return [rng.randrange(100, 40000) for _ in range(k)]
+        def tokens(k: int) -> np.ndarray:
+            return np.array([rng.randrange(100, 40000) for _ in range(k)], dtype=np.int32)
 
         system = tokens(n // 4)
-        docs = [system + tokens(n - n // 4) for _ in range(self.rows // 16)]
-        prompts = [d + tokens(self.suffix * self.scale) for d in docs for _ in range(16)]
-        rng.shuffle(prompts)
-        return prompts
+        docs = [np.concatenate([system, tokens(n - n // 4)]) for _ in range(self.rows // 16)]
+        suffixes = [tokens(self.suffix * self.scale) for _ in range(self.rows)]
+        order = list(range(self.rows))
+        rng.shuffle(order)
+        builder = TokenArraysBuilder()
+        for i in order:
+            builder.append(np.concatenate([docs[i // 16], suffixes[i]]))
+        return builder.build()
+
+    def requests(self, max_tokens: int) -> CompactRequests:
+        """The batch as a job hands it to the engine."""
+        prompts = self.prompts()
+        sets = (self.params(1, max_tokens), self.params(0, max_tokens))
+        param_ids = (np.arange(len(prompts)) % 4 == 0).astype(np.int32)
+        if self.variant != "sampled":
+            sets, param_ids = sets[:1], np.zeros(len(prompts), dtype=np.int32)
+        return CompactRequests(prompts, sets, param_ids, np.arange(len(prompts)))
 
     def params(self, i: int, max_tokens: int) -> SamplingParams:
         if self.variant == "sampled" and i % 4 == 0:
             return SamplingParams(
-                max_tokens=max_tokens, temperature=0.8, top_p=0.9, top_k=50, seed=i,
+                max_tokens=max_tokens, temperature=0.8, top_p=0.9, top_k=50,
                 repetition_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.3,
             )  # fmt: skip
         return SamplingParams(max_tokens=max_tokens, temperature=0)
@@ -282,9 +300,9 @@ def run(
     """Median ms per part of the job's mixed steps and of its pure decode steps."""
     max_tokens = 4096
     engine = stub_engine(job, batched_tokens, max_tokens)
-    prompts = job.prompts()
-    requests = [Request(i, p, job.params(i, max_tokens)) for i, p in enumerate(prompts)]
-    plan = make_plan(prompts, [max_tokens] * len(prompts), 16) if job.policy == "batchllm" else None
+    requests = job.requests(max_tokens)
+    plans = job.policy == "batchllm"
+    plan = make_plan(requests.prompts, requests.max_tokens(), 16) if plans else None
     engine.add_requests(requests, plan)
     probe = Probe(engine, clock)
     while len(engine.scheduler.running) < job.rows or engine.scheduler.waiting:

@@ -5,6 +5,7 @@ the progress ETA from planned work."""
 from __future__ import annotations
 
 import io
+import random
 
 import numpy as np
 import pytest
@@ -18,9 +19,11 @@ from prefixbatch.jobs.batch_store import BatchStore
 from prefixbatch.jobs.job import JobSummary
 from prefixbatch.outputs import Request
 from prefixbatch.planning import token_arrays
+from prefixbatch.planning.plan import make_plan
 from prefixbatch.planning.token_arrays import TokenArrays
 from prefixbatch.sampling_params import SamplingParams
 from prefixbatch.scheduling.request_source import CompactRequests
+from prefixbatch.scheduling.work import WorkStream
 
 prompts = st.lists(st.lists(st.integers(0, 2**31 - 1), max_size=20), max_size=30)
 
@@ -78,7 +81,7 @@ def test_the_store_rebuilds_what_a_record_needs():  # type: ignore[no-untyped-de
     assert store.info(0).prompt == "w5 w6"  # echoed as sent
     runnable = store.runnable()
     assert runnable.ids.tolist() == [0, 2]  # request id = the store's index
-    assert runnable.request(1).prompt_token_ids == [5, 6, 2]
+    assert runnable.request(1).prompt_list() == [5, 6, 2]
 
 
 def test_work_clock_prices_prefill_and_output_apart():  # type: ignore[no-untyped-def]
@@ -111,3 +114,31 @@ def test_summary_tokens_per_second_leave_out_start_up():  # type: ignore[no-unty
     assert "wall time: 100.0s, of which computing 10.0s: 20.0 output tok/s" in summary.lines()
     prefill_only = JobSummary(3, 0, 0, 300, 0, 0, 0, wall_s=100.0, compute_s=10.0)  # embeddings
     assert "wall time: 100.0s, of which computing 10.0s: 30.0 prompt tok/s" in prefill_only.lines()
+
+
+@pytest.mark.parametrize("policy", ["batchllm", "fcfs-lru"])
+def test_running_requests_view_the_batch_arrays(policy):  # type: ignore[no-untyped-def]
+    """The requests made from a batch's arrays, their sequences and their levels (the shared
+    prefix's, and the prompt of a request with n = 2 choices) hold read-only int32 views of
+    those arrays: no token is copied, no int object made per token."""
+    rng = random.Random(0)
+    shared = [rng.randrange(1, 500) for _ in range(40)]
+    prompts = [shared + [rng.randrange(1, 500) for _ in range(5 + i)] for i in range(6)]
+    params = [SamplingParams(max_tokens=3, temperature=0, n=1 + i % 2) for i in range(6)]
+    compact = CompactRequests.of([Request(i, p, params[i]) for i, p in enumerate(prompts)])
+    plan = make_plan(compact.prompts, compact.max_tokens(), 8) if policy == "batchllm" else None
+    held: list[np.ndarray] = []
+    levels: list[np.ndarray] = []
+    for admitted, seqs in WorkStream(compact, policy, 8, 0, plan):
+        for _, r in admitted:
+            assert r.prompt_list() == prompts[r.index]
+            held.append(r.prompt_token_ids)
+        held += [s.prompt for s in seqs]
+        levels += [s.leads.tokens for s in seqs if s.leads is not None]
+    above = len(shared) if policy == "batchllm" else 0  # a choice level below the shared one
+    choice_levels = [p[: len(p) // 8 * 8] for i, p in enumerate(prompts) if i % 2]
+    expected = [c for c in choice_levels if len(c) > above] + ([shared] if above else [])
+    assert sorted(t.tolist() for t in levels) == sorted(expected)
+    for tokens in held + levels:
+        assert tokens.dtype == np.int32 and not tokens.flags.writeable
+        assert np.shares_memory(tokens, compact.prompts.ids)

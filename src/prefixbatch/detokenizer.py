@@ -146,7 +146,7 @@ class OutputTexts:
 
     def _new(self, seq: SchedSequence) -> OutputText:
         n = seq.num_prompt  # the detokenizer reads the prompt's last few tokens only
-        prompt = seq.prompt[max(0, n - PROMPT_CONTEXT_TOKENS - 2) : n]
+        prompt = seq.token_slice(max(0, n - PROMPT_CONTEXT_TOKENS - 2), n)
         return OutputText(self.hf, prompt, seq.params, self.special_ids, self.strings)
 
     def update(

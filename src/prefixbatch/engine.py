@@ -177,7 +177,11 @@ class LLMEngine:
             raise ValueError("embedding and generation requests cannot be in flight together")
         self._embeds = kinds.pop()
         if self.config.policy.plans and plan is None:
-            prompts = [source.request(i).prompt_token_ids for i in range(len(source))]
+            prompts = (
+                source.prompts
+                if isinstance(source, CompactRequests)
+                else [source.request(i).prompt_token_ids for i in range(len(source))]
+            )
             plan = make_plan(
                 prompts,
                 [source.params(i).max_tokens for i in range(len(source))],
@@ -319,7 +323,7 @@ class LLMEngine:
             self._sequences.pop(seq.seq_id, None)
             params = request.params
             assert params.embedding is not None
-            ids = list(request.prompt_token_ids)
+            ids = request.prompt_list()
             if params.score is not None:
                 assert logits is not None, "a score request on a model that cannot score"
                 score = self.limits.scoring.activate(logits[j], params.score)
@@ -387,9 +391,7 @@ class LLMEngine:
             if request is None or not self.abort(seq.seq_id):
                 continue
             log.warning("request %d failed: %s", request.index, message)
-            outputs.append(
-                RequestOutput(request.index, list(request.prompt_token_ids), [], error=message)
-            )
+            outputs.append(RequestOutput(request.index, request.prompt_list(), [], error=message))
         faults.errors.clear()
         return outputs
 
@@ -465,7 +467,7 @@ class LLMEngine:
         scored = request.params.prompt_logprobs is not None
         out = RequestOutput(
             request.index,
-            list(request.prompt_token_ids),
+            request.prompt_list(),
             choices,
             sum(s.preemptions for s in done),
             self.sampler.prompt_logprobs(done[0]) if scored else None,

@@ -25,12 +25,27 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class Request:
     """A tokenized request; ``index`` is its id, unique among the engine's requests (the
-    callers use its position in their input order). ``prompt_token_ids``: a list, or the tuple
-    the engine keeps while the request runs."""
+    callers use its position in their input order). ``prompt_token_ids``: a list, or an int32
+    array (what ``CompactRequests`` hands out and the engine keeps while the request runs)."""
 
     index: int
-    prompt_token_ids: Sequence[int]
+    prompt_token_ids: Sequence[int] | np.ndarray
     params: SamplingParams
+
+    def prompt_list(self) -> list[int]:
+        """The prompt's token ids as a new list of ints."""
+        ids = self.prompt_token_ids
+        return ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+
+    def __eq__(self, other: object) -> bool:
+        """Same id, token ids and parameters (a list and an array of the same ids are equal)."""
+        if not isinstance(other, Request):
+            return NotImplemented
+        return (self.index, self.params, self.prompt_list()) == (
+            other.index, other.params, other.prompt_list()
+        )  # fmt: skip
+
+    __hash__ = None  # type: ignore[assignment]  # the token ids are mutable
 
 
 @dataclass(frozen=True)

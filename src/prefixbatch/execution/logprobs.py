@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..outputs import TokenLogprob
@@ -53,7 +54,7 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> L
 
 
 def prompt_logprobs(
-    logits: torch.Tensor, prompt: Sequence[int], start: int, k: int
+    logits: torch.Tensor, prompt: Sequence[int] | np.ndarray, start: int, k: int
 ) -> LogprobTensors:
     """Prompt scoring for one chunk: ``logits`` (T, vocab) are the model's outputs at prompt
     positions ``start .. start + T - 1``; position ``i`` predicts prompt token ``i + 1``, so the

@@ -127,10 +127,11 @@ class ModelRunner:
             ]
             input_ids = np.array(last, dtype=np.int64)[order]
         else:
-            ids: list[int] = []
-            for i, first, k in zip(order.tolist(), start.tolist(), q_len.tolist()):
-                ids += seqs[i].token_slice(first, first + k)
-            input_ids = np.array(ids, dtype=np.int64)
+            parts = [
+                seqs[i].token_array(first, first + k)
+                for i, first, k in zip(order.tolist(), start.tolist(), q_len.tolist())
+            ]
+            input_ids = np.concatenate(parts).astype(np.int64)
         positions = np.arange(num_rows, dtype=np.int64) - np.repeat(q_start - start, q_len)
         last_row = np.empty(len(seqs), dtype=np.int64)
         last_row[order] = q_start + q_len - 1

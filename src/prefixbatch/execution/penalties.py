@@ -82,7 +82,7 @@ class PenalisedSequence(Protocol):
     """What is read from a sequence (``scheduling.sequence.Sequence`` has it)."""
 
     params: LogitsParams
-    prompt: Sequence[int]
+    prompt: np.ndarray  # (num_prompt,) int32
     outputs: list[int]
     num_prompt: int
 

@@ -62,7 +62,7 @@ class SampledSequence(Protocol):
     """What is read from a sequence (``scheduling.sequence.Sequence`` has it)."""
 
     params: SamplingParams
-    prompt: Seq[int]
+    prompt: np.ndarray  # (num_prompt,) int32
     num_prompt: int
     seed: int
     kind: int  # ``_row_kinds(params)`` once known, else -1 (filled here)

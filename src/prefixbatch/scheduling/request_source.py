@@ -94,9 +94,8 @@ class CompactRequests:
         return self.prompts.lengths
 
     def request(self, position: int) -> Request:
-        return Request(
-            int(self.ids[position]), self.prompts[position].tolist(), self.params(position)
-        )
+        """The request, its prompt an int32 view of ``prompts`` (no copy)."""
+        return Request(int(self.ids[position]), self.prompts[position], self.params(position))
 
     def params(self, position: int) -> SamplingParams:
         return self.param_sets[self.param_ids[position]]

@@ -393,7 +393,7 @@ class Scheduler:
             computed = seq.computed
             del seq.outputs[last + 1 - seq.num_prompt :]
             seq.computed = min(computed, seq.num_tokens)
-            seq.last_token = (seq.outputs or seq.prompt)[-1]
+            seq.last_token = seq.tail_token
         seq.finish_reason = reason
         self._drop(seq)
         self._finished += 1
@@ -442,7 +442,7 @@ class Scheduler:
         live sequence's ``last_token`` its last token, and each running one's ``room`` its
         table's slots beyond its tokens."""
         live = (*self.running, *self.waiting, *(s for p in self.parked.values() for s in p))
-        stale = [s.seq_id for s in live if s.last_token != (s.outputs or s.prompt or [-1])[-1]]
+        stale = [s.seq_id for s in live if s.last_token != s.tail_token]
         assert not stale, f"sequences {stale} hold a stale last_token"
         bs = self.blocks.block_size
         wrong = [s.seq_id for s in self.running if s.room != len(s.block_table) * bs - s.num_tokens]

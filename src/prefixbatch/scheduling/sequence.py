@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..sampling_params import SamplingParams
+
+
+def as_prompt(token_ids: Seq[int] | np.ndarray) -> np.ndarray:
+    """``token_ids`` as a read-only (n,) int32 array, as sequences and levels hold their
+    tokens: an int32 array is viewed, not copied. 4 bytes a token, where a tuple of ints takes 36
+    and puts an int object per token between the running sequences' small objects.
+
+    Raises OverflowError for an id outside int32 (no vocabulary is that large)."""
+    if isinstance(token_ids, np.ndarray) and token_ids.dtype == np.int32:
+        if not token_ids.flags.writeable:
+            return token_ids
+    out = np.asarray(token_ids, dtype=np.int32).view()
+    out.flags.writeable = False
+    return out
 
 
 class Status(enum.Enum):
@@ -19,15 +36,15 @@ class PrefixGroup:
     """One level of shared prefix: ``tokens`` (the whole prefix from position 0) are computed
     once by the group's leader sequence and referenced by everything below the level.
 
-    ``blocks`` is the whole prefix's block table once ``ready``; the group itself holds one
-    reference to its own part (the blocks after its parent's). ``remaining`` counts members and
-    sub-levels not yet finished; at zero the group releases its blocks and counts itself off its
-    parent. ``dependents`` are members whose prompt is exactly the prefix: they take their first
-    token from the logits of the prefix's last token.
+    ``tokens``: (n,) int32 (``as_prompt``). ``blocks`` is the whole prefix's block table once
+    ``ready``; the group itself holds one reference to its own part (the blocks after its parent's).
+    ``remaining`` counts members and sub-levels not yet finished; at zero the group releases its
+    blocks and counts itself off its parent. ``dependents`` are members whose prompt is exactly the
+    prefix: they take their first token from the logits of the prefix's last token.
     """
 
     group_id: int
-    tokens: tuple[int, ...]
+    tokens: np.ndarray
     remaining: int
     parent: PrefixGroup | None = None
     blocks: list[int] = field(default_factory=list)
@@ -46,12 +63,12 @@ class Sequence:
     (``leads``). ``seq_id`` is the request's id, shared by its ``n`` choices (``choice``
     0..n-1); a leader's is ``-1 - group_id``.
 
-    ``prompt`` (``num_prompt`` tokens, never changed) then ``outputs`` (generated, with
-    placeholders ``-1 - j`` at the end while their step is in flight) are its tokens; the first
-    ``computed`` of them have KV in the cache (the last ``pending`` not yet). A sequence in a
-    ``group`` starts with the group's prefix tokens, its ``block_table`` starts with the group's
-    blocks, and preemption frees only the blocks after them. While running it holds
-    ``batch_index``: its row in the model runner's persistent per-sequence state (block
+    ``prompt`` (``num_prompt`` tokens, a read-only (num_prompt,) int32 array: ``as_prompt``) then
+    ``outputs`` (generated, with placeholders ``-1 - j`` at the end while their step is in flight)
+    are its tokens; the first ``computed`` of them have KV in the cache (the last ``pending`` not
+    yet). A sequence in a ``group`` starts with the group's prefix tokens, its ``block_table``
+    starts with the group's blocks, and preemption frees only the blocks after them. While running
+    it holds ``batch_index``: its row in the model runner's persistent per-sequence state (block
     tables), given by the scheduler at admission and taken back when it stops running.
 
     A decode step reads this object (its fields in slots) and appends to ``outputs``, a short
@@ -69,7 +86,7 @@ class Sequence:
     """
 
     seq_id: int
-    prompt: tuple[int, ...]
+    prompt: np.ndarray
     num_prompt: int
     params: SamplingParams
     group: PrefixGroup | None = None
@@ -100,8 +117,8 @@ class Sequence:
     cached: int = -1
 
     def __post_init__(self) -> None:
-        last = self.outputs or self.prompt
-        self.last_token = last[-1] if last else -1
+        self.prompt = as_prompt(self.prompt)
+        self.last_token = self.tail_token
         self.stops_on_text = bool(self.params.stop)
         self.pending = self.num_prompt + len(self.outputs)
 
@@ -115,6 +132,14 @@ class Sequence:
         self.pending = self.num_prompt + len(self.outputs) - value
 
     @property
+    def tail_token(self) -> int:
+        """The last of prompt and outputs, read from the lists (-1 for none): what
+        ``last_token`` holds."""
+        if self.outputs:
+            return self.outputs[-1]
+        return int(self.prompt[-1]) if self.num_prompt else -1
+
+    @property
     def num_tokens(self) -> int:
         """Prompt and output tokens (placeholders included)."""
         return self.num_prompt + len(self.outputs)
@@ -122,16 +147,25 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         """Prompt + outputs, a new list."""
-        return [*self.prompt, *self.outputs]
+        return self.prompt.tolist() + self.outputs
 
     def token_slice(self, start: int, stop: int) -> list[int]:
         """``tokens[start:stop]`` without joining prompt and outputs (0 <= start <= stop)."""
         n = self.num_prompt
         if stop <= n:
-            return list(self.prompt[start:stop])
+            return self.prompt[start:stop].tolist()
         if start >= n:
             return self.outputs[start - n : stop - n]
-        return [*self.prompt[start:], *self.outputs[: stop - n]]
+        return self.prompt[start:].tolist() + self.outputs[: stop - n]
+
+    def token_array(self, start: int, stop: int) -> np.ndarray:
+        """``tokens[start:stop]`` as an int32 array (0 <= start <= stop): a prompt slice is a
+        view."""
+        n = self.num_prompt
+        if stop <= n:
+            return self.prompt[start:stop]
+        out = np.array(self.outputs[max(0, start - n) : stop - n], dtype=np.int32)
+        return np.concatenate([self.prompt[start:], out]) if start < n else out
 
     @property
     def num_known(self) -> int:

@@ -33,7 +33,7 @@ from ..planning.groups import Group
 from ..planning.plan import Plan
 from ..policy import Policy
 from .request_source import RequestSource
-from .sequence import PrefixGroup, Sequence
+from .sequence import PrefixGroup, Sequence, as_prompt
 
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's stream increment (execution/sampler.py)
 
@@ -116,7 +116,7 @@ class WorkStream:
                     yield self._request(int(positions[item]), group)
             else:
                 first = self.source.request(int(positions[item.first]))
-                tokens = tuple(first.prompt_token_ids[: item.prefix_len])
+                tokens = as_prompt(first.prompt_token_ids)[: item.prefix_len]
                 sub = self._open_level(tokens, len(item.members) + len(item.children), group)
                 requests, seqs = [], [self._leader(sub, group, first)]
                 exact = item.members[plan.lengths[item.members] == item.prefix_len]
@@ -128,7 +128,7 @@ class WorkStream:
                 stack.append((plan.in_order(item), sub, item.prefix_len))
 
     def _open_level(
-        self, tokens: tuple[int, ...], remaining: int, parent: PrefixGroup | None
+        self, tokens: np.ndarray, remaining: int, parent: PrefixGroup | None
     ) -> PrefixGroup:
         return PrefixGroup(next(self.group_ids), tokens, remaining, parent=parent)
 
@@ -144,17 +144,17 @@ class WorkStream:
     def _request(self, pos: int, group: PrefixGroup | None) -> Admission:
         """A request's sequences below ``group``, which counts the request once."""
         r = self.source.request(pos)
-        # One tuple for the request and its sequences: a tuple of ints leaves the garbage
-        # collector's tracking after its first pass, so full collections do not walk prompts.
-        prompt = tuple(r.prompt_token_ids)
+        # One int32 array for the request and its sequences (a view of the source's where it
+        # holds one): no int object per token, nothing for the garbage collector to walk.
+        prompt = as_prompt(r.prompt_token_ids)
         r = Request(r.index, prompt, r.params)
         n = r.params.n
         seqs: list[Sequence] = []
         if n > 1:
-            aligned = len(r.prompt_token_ids) // self.block_size * self.block_size
+            aligned = len(prompt) // self.block_size * self.block_size
             above = len(group.tokens) if group is not None else 0
             if aligned > above and r.params.prompt_logprobs is None:
-                level = self._open_level(tuple(r.prompt_token_ids[:aligned]), n, group)
+                level = self._open_level(prompt[:aligned], n, group)
                 seqs.append(self._leader(level, group, r))
                 group = level
             elif group is not None:
