@@ -37,8 +37,12 @@ def work_for(requests: list[Request], policy: str, block_size: int) -> Work:
     return Work(requests, policy, block_size)
 
 
-def drive(prompts, max_tokens, policy, num_blocks, block_size=4, budget=32, seed=0):
-    """Run to completion with pseudo-random tokens; returns the scheduler and finished seqs."""
+def drive(
+    prompts, max_tokens, policy, num_blocks, block_size=4, budget=32, seed=0, placeholders=True
+):
+    """Run to completion with pseudo-random tokens; returns the scheduler and finished seqs.
+    ``placeholders``: advance with placeholders, as the overlap loop does (else the tokens are
+    appended by ``resolve``, as in the synchronous loop)."""
     rng = random.Random(seed)
     requests = [
         Request(i, p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
@@ -59,7 +63,8 @@ def drive(prompts, max_tokens, policy, num_blocks, block_size=4, budget=32, seed
             assert s.status is Status.RUNNING
         sched.check_integrity()
         tokens = [rng.randrange(1, 100) for _ in step.samples]
-        done = sched.postprocess(step, tokens)
+        sched.advance(step, placeholders)
+        done = sched.resolve(step, tokens)[0]
         finished += done
         sched.check_integrity()
         steps += 1
@@ -87,6 +92,24 @@ def test_every_request_finishes_with_max_tokens():
     sched, work, finished = drive(prompts, [6] * len(prompts), "batchllm", num_blocks=64)
     assert sorted(s.seq_id for s in finished) == list(range(len(prompts)))
     assert all(s.num_output == 6 and s.finish_reason == "length" for s in finished)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(["batchllm", "fcfs-lru", "fcfs"]))
+def test_tokens_appended_at_resolve_equal_placeholders(seed, policy):
+    """The synchronous loop's steps (no placeholders: ``resolve`` appends each token) end as
+    the overlap loop's (placeholders written over): the same outputs, finishes, preemptions."""
+    rng = random.Random(seed)
+    prompts = shared(2, 5, 12, seed=seed)
+    max_tokens = [rng.randrange(1, 12) for _ in prompts]
+    runs = [drive(prompts, max_tokens, policy, 40, seed=seed, placeholders=p) for p in (1, 0)]
+    ends = [
+        sorted((s.seq_id, s.outputs, s.finish_reason, s.num_prompt) for s in finished)
+        for _, _, finished in runs
+    ]
+    assert ends[0] == ends[1]
+    assert len(ends[0]) == len(prompts)
+    assert runs[0][0].num_preemptions == runs[1][0].num_preemptions
 
 
 def test_prefix_blocks_freed_exactly_when_last_member_finishes():

@@ -349,7 +349,8 @@ class LLMEngine:
                 self._score_prompts(step, scoring, logits[len(sampling) :], faults)
                 logits = logits[: len(sampling)]
             sampled = self.sampler.sample_async(logits, plan, tensors)
-        self.scheduler.advance(step)
+        # Placeholders only where the next step is scheduled before these tokens are in.
+        self.scheduler.advance(step, placeholders=self.overlap)
         return _InFlight(step, sampled, faults)
 
     def _complete(self, launched: _InFlight, failed: list[RequestOutput]) -> list[Sequence]:

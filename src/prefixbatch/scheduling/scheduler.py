@@ -8,6 +8,7 @@ their own blocks; a level's blocks go back when everything below it has finished
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -46,7 +47,8 @@ class ScheduledStep:
     # Sequences already running whose block table grew in this step (the runner writes only
     # their new blocks; every other running row's table is as the last step left it).
     grown: list[Sequence] = field(default_factory=list)
-    # Where each sample's token goes in its receiver's outputs (``Scheduler.advance``).
+    # Where each sample's token goes in its receiver's outputs (``Scheduler.advance``; empty
+    # when it was advanced without placeholders: the tokens are appended).
     output_index: list[int] = field(default_factory=list)
 
     @property
@@ -291,13 +293,15 @@ class Scheduler:
         self.advance(step)
         return self.resolve(step, sampled)[0]
 
-    def advance(self, step: ScheduledStep) -> None:
-        """The step is running: advance computed counts, make levels whose prefix it completes
-        ready, and give each receiver a placeholder for its token (``-1 - j`` for the step's
-        ``j``-th sample), so the next step can be scheduled before the tokens are known (the
-        runner takes such a token from the device). ``resolve`` writes the tokens. Sequences
-        that finished since the step was scheduled (the previous step's tokens ended them) are
-        left as they are."""
+    def advance(self, step: ScheduledStep, placeholders: bool = True) -> None:
+        """The step is running: advance computed counts and make levels whose prefix it
+        completes ready. With ``placeholders`` each receiver also gets a placeholder for its
+        token (``-1 - j`` for the step's ``j``-th sample), so the next step can be scheduled
+        before the tokens are known (the runner takes such a token from the device), and
+        ``resolve`` writes the tokens over them; without, ``resolve`` appends them (a step
+        completed before the next is scheduled: each receiver's outputs are touched once).
+        Sequences that finished since the step was scheduled (the previous step's tokens ended
+        them) are left as they are."""
         cache, bs = self.blocks.enable_prefix_cache, self.blocks.block_size
         for seq, n in zip(step.seqs, step.num_tokens):
             if seq.status is Status.FINISHED:
@@ -310,15 +314,17 @@ class Scheduler:
                 self._register_blocks(seq)
             if seq.leads and not seq.pending:
                 self._prefix_ready(seq)
+        if not placeholders:
+            return
         at = step.output_index
-        placeholders = _placeholders(len(step.receivers))
+        made = _placeholders(len(step.receivers))
         for j, seq in enumerate(step.receivers):
             if seq.status is Status.FINISHED:
                 at.append(-1)  # ``resolve`` skips it
                 continue
             outputs = seq.outputs
             at.append(len(outputs))  # a small int: no new object
-            placeholder = placeholders[j]
+            placeholder = made[j]
             outputs.append(placeholder)
             seq.pending += 1
             seq.room -= 1
@@ -327,22 +333,31 @@ class Scheduler:
     def resolve(
         self, step: ScheduledStep, sampled: list[int]
     ) -> tuple[list[Sequence], tuple[list[Sequence], list[int]]]:
-        """Write an advanced step's sampled tokens over their placeholders and finish the
-        sequences they end (a sequence that ended or was aborted since gets nothing; one that
-        ends here drops what a later step computed after it). Returns the finished, and the
-        sequences that got their token with each token's index in their outputs (two lists)."""
+        """Write an advanced step's sampled tokens over their placeholders, or append them
+        when it was advanced without, and finish the sequences they end (a sequence that ended
+        or was aborted since gets nothing; one that ends here drops what a later step computed
+        after it). Returns the finished, and the sequences that got their token with each
+        token's index in their outputs (two lists)."""
         finished: list[Sequence] = []
         got: list[Sequence] = []
         where: list[int] = []
         cache, bs = self.blocks.enable_prefix_cache, self.blocks.block_size
         done = Status.FINISHED
-        for seq, token, k in zip(step.receivers, sampled, step.output_index):
+        placed = step.output_index or itertools.repeat(-1)
+        for seq, token, k in zip(step.receivers, sampled, placed):
             if seq.status is done:
                 continue
             outputs = seq.outputs
-            outputs[k] = token
-            if k == len(outputs) - 1:
+            if k < 0:  # no placeholder: the token goes at the end
+                k = len(outputs)
+                outputs.append(token)
+                seq.pending += 1
+                seq.room -= 1
                 seq.last_token = token
+            else:
+                outputs[k] = token
+                if k == len(outputs) - 1:
+                    seq.last_token = token
             got.append(seq)
             where.append(k)
             if cache and seq.computed >= (seq.registered + 1) * bs:  # a block filled
