@@ -15,7 +15,11 @@ detokenizer does its real work.
 The job is the GPU job's shape (``/docs`` of the project: 16 requests per group sharing a
 2,000-token prefix, each with its own 200-token suffix), with the prefix nested: a 500-token
 system prompt shared by every request above a 1,500-token document per group. ``long`` makes
-every prompt 4x longer; ``sampled`` samples a quarter of the rows
+every prompt 4x longer and the prefill budget per step 4x larger, so that its prefill phase
+takes as many steps and its decode steps are measured with outputs as long as ``greedy``'s (the
+requests admitted first decode while the rest are prefilled: with the same budget their outputs
+would be 2-3x longer when decode is measured, and the comparison would be of output lengths,
+whose lists a step appends to, not of prompt lengths); ``sampled`` samples a quarter of the rows
 (temperature, top-p, top-k) with repetition, frequency and presence penalties. Outputs never end
 (EOS is masked in the stub's logits), so every request runs until the measurement ends.
 ``fcfs-lru`` runs the same requests in file order with its prefix cache and a request cap equal
@@ -299,7 +303,7 @@ def run(
 ) -> dict[str, dict[str, float]]:
     """Median ms per part of the job's mixed steps and of its pure decode steps."""
     max_tokens = 4096
-    engine = stub_engine(job, batched_tokens, max_tokens)
+    engine = stub_engine(job, batched_tokens * job.scale, max_tokens)
     requests = job.requests(max_tokens)
     plans = job.policy == "batchllm"
     plan = make_plan(requests.prompts, requests.max_tokens(), 16) if plans else None
