@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -46,7 +46,9 @@ class BlockManager:
         # Automatic prefix cache: content hash <-> block; unreferenced cached blocks in LRU order.
         self.hash_to_block: dict[int, int] = {}
         self.block_to_hash: dict[int, int] = {}
-        self.block_tokens: dict[int, tuple[int, ...]] = {}  # compared on every hit
+        # A cached block's tokens as int32 bytes, compared on every hit (a tuple would hold an
+        # int object per token, among the running sequences' objects).
+        self.block_tokens: dict[int, bytes] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.cache_hits = 0  # blocks reused from the cache (tokens = hits * block_size)
 
@@ -127,14 +129,17 @@ class BlockManager:
                     self._chunk_free[b >> self._shift] += 1
 
     # -- automatic prefix cache (fcfs-lru) ---------------------------------------------------
-    def cached_prefix(self, tokens: list[int], hashes: list[int], usable: int) -> list[int]:
+    def cached_prefix(
+        self, tokens: Sequence[int] | np.ndarray, hashes: Sequence[int], usable: int
+    ) -> list[int]:
         """Cached blocks holding the first blocks of ``tokens`` (at most ``usable``), found by
         chained hash and confirmed by comparing their tokens. References nothing."""
         bs = self.block_size
+        ids = np.asarray(tokens, dtype=np.int32)
         hits = []
         for i, h in enumerate(hashes[:usable]):
             block = self.hash_to_block.get(h)
-            if block is None or self.block_tokens[block] != tuple(tokens[i * bs : (i + 1) * bs]):
+            if block is None or self.block_tokens[block] != ids[i * bs : (i + 1) * bs].tobytes():
                 break
             hits.append(block)
         return hits
@@ -144,7 +149,7 @@ class BlockManager:
         self.incref(blocks)  # also takes them off the evictable list
         self.cache_hits += len(blocks)
 
-    def register(self, block: int, block_hash: int, tokens: list[int]) -> None:
+    def register(self, block: int, block_hash: int, tokens: Sequence[int] | np.ndarray) -> None:
         """Record that ``block`` holds the KV of the full block ``tokens`` with ``block_hash``."""
         if not self.enable_prefix_cache or block_hash in self.hash_to_block:
             return
@@ -152,7 +157,7 @@ class BlockManager:
             return
         self.hash_to_block[block_hash] = block
         self.block_to_hash[block] = block_hash
-        self.block_tokens[block] = tuple(tokens)
+        self.block_tokens[block] = np.asarray(tokens, dtype=np.int32).tobytes()
 
     def check_integrity(self, holders: Iterable[Iterable[int]]) -> None:
         """Assert free + referenced + evictable == total and that every refcount equals the

@@ -276,7 +276,9 @@ class Scheduler:
             return []
         usable = (seq.num_tokens - 1) // self.blocks.block_size
         self._extend_hashes(seq)
-        return self.blocks.cached_prefix(seq.tokens, seq.block_hashes, usable)
+        return self.blocks.cached_prefix(
+            seq.token_array(0, seq.num_tokens), seq.block_hashes, usable
+        )
 
     def _extend_hashes(self, seq: Sequence) -> None:
         """Hash the full blocks of the sequence's known tokens not hashed yet."""
@@ -285,7 +287,7 @@ class Scheduler:
         # only the tokens after the hashed blocks: copying the whole list cost O(prompt) per
         # filled block
         tokens = seq.token_slice(len(seq.block_hashes) * bs, seq.num_known)
-        seq.block_hashes += chain_hashes(tokens, bs, 0, parent)
+        seq.block_hashes.extend(chain_hashes(tokens, bs, 0, parent))
 
     # -- after the forward pass ---------------------------------------------------------------
     def postprocess(self, step: ScheduledStep, sampled: list[int]) -> list[Sequence]:
@@ -383,7 +385,7 @@ class Scheduler:
         bs = self.blocks.block_size
         full = min(full, len(seq.block_hashes))
         for i in range(seq.registered, full):
-            tokens = seq.token_slice(i * bs, (i + 1) * bs)
+            tokens = seq.token_array(i * bs, (i + 1) * bs)
             self.blocks.register(seq.block_table[i], seq.block_hashes[i], tokens)
         seq.registered = max(seq.registered, full)
 

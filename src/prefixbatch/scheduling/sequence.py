@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from array import array
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -98,9 +99,10 @@ class Sequence:
     finish_reason: str | None = None
     preemptions: int = 0
     batch_index: int = -1
-    # Block hashes of this sequence's full blocks (fcfs-lru's automatic prefix cache), and how
-    # many blocks of its table are registered in the cache (each block is registered once).
-    block_hashes: list[int] = field(default_factory=list)
+    # Block hashes of this sequence's full blocks (fcfs-lru's automatic prefix cache: an array,
+    # no int object per block), and how many blocks of its table are registered in the cache
+    # (each block is registered once).
+    block_hashes: array[int] = field(default_factory=lambda: array("q"))
     registered: int = 0
     outputs: list[int] = field(default_factory=list)
     last_token: int = field(init=False)
