@@ -64,7 +64,7 @@ def rebuild(step: ScheduledStep, share: bool, min_shared: int) -> dict[str, obje
     for i in order:
         s, n = step.seqs[i], step.num_tokens[i]
         ctx = s.computed + n
-        ids += s.tokens[s.computed : ctx]
+        ids += [*s.prompt.tolist(), *s.outputs][s.computed : ctx]
         positions += range(s.computed, ctx)
         shared = len(s.group.tokens) if reads(s) else 0
         g = s.group if shared else None

@@ -146,23 +146,13 @@ class Sequence:
         """Prompt and output tokens (placeholders included)."""
         return self.num_prompt + len(self.outputs)
 
-    @property
-    def tokens(self) -> list[int]:
-        """Prompt + outputs, a new list."""
-        return self.prompt.tolist() + self.outputs
-
     def token_slice(self, start: int, stop: int) -> list[int]:
-        """``tokens[start:stop]`` without joining prompt and outputs (0 <= start <= stop)."""
-        n = self.num_prompt
-        if stop <= n:
-            return self.prompt[start:stop].tolist()
-        if start >= n:
-            return self.outputs[start - n : stop - n]
-        return self.prompt[start:].tolist() + self.outputs[: stop - n]
+        """Tokens ``start:stop`` of prompt + outputs as a list of ints (0 <= start <= stop)."""
+        return self.token_array(start, stop).tolist()
 
     def token_array(self, start: int, stop: int) -> np.ndarray:
-        """``tokens[start:stop]`` as an int32 array (0 <= start <= stop): a prompt slice is a
-        view."""
+        """Tokens ``start:stop`` of prompt + outputs as an int32 array (0 <= start <= stop),
+        without joining the two: a prompt slice is a view."""
         n = self.num_prompt
         if stop <= n:
             return self.prompt[start:stop]
