@@ -188,6 +188,7 @@ class StubWorker:
         self.model = StubModel(cfg.vocab_size, rows, eos)
         kernels = fused_kernels()  # the compiled row argmax (torch's CPU argmax is a slow loop)
         self.argmax = torch_argmax if kernels is None else kernels.argmax_rows
+        self.greedy_head = None  # as on a GPU: every step samples from the logits
         self.kv_bytes = 0
 
     def runner(self, share_prefix_attention: bool, min_shared: int | None) -> ModelRunner:

@@ -19,7 +19,7 @@ from prefixbatch.detokenizer import OutputText
 from prefixbatch.execution import step_sampler
 from prefixbatch.execution.penalties import LogitsProcessing
 from prefixbatch.execution.row_faults import Faults
-from prefixbatch.execution.sampler import SamplingTensors
+from prefixbatch.execution.sampler import SamplingTensors, torch_argmax
 from prefixbatch.execution.step_sampler import NO_TOKEN, StepSampler
 from prefixbatch.execution.structured import StructuredOutput
 from prefixbatch.grammar_spec import GrammarSpec
@@ -245,6 +245,47 @@ def test_no_all_minus_inf_row_is_sampled():  # type: ignore[no-untyped-def]
     assert tokens[0] == int(expected[0].argmax()) and 0 <= tokens[3] < 32
 
 
+def test_a_greedy_head_fault_fails_only_its_row():  # type: ignore[no-untyped-def]
+    """The fused greedy head (hidden states -> tokens) raising for one row: the batch call
+    fails, the rows run one by one, and only the marked row gets -1 and the error."""
+    weight = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    hidden[2] = 99.0
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        if (h == 99.0).all(dim=-1).any():
+            raise RuntimeError("injected fault")
+        return (h @ weight.t()).argmax(dim=-1)
+
+    sampler = StepSampler(32, (2,), lambda: pytest.fail("no grammar"), greedy_head=head)  # type: ignore[arg-type,return-value]
+    plan = sampler.prepare([step_sampler_seq(SamplingParams(temperature=0)) for _ in range(4)])
+    assert sampler.reads_hidden(plan)
+    tokens = sampler.collect(sampler.sample_hidden(hidden, plan))
+    assert tokens[2] == -1 and list(plan.faults.errors) == [2]
+    assert plan.faults.errors[2].startswith("sampling: RuntimeError")
+    expected = (hidden @ weight.t()).argmax(dim=-1)
+    assert [tokens[i] for i in (0, 1, 3)] == expected[[0, 1, 3]].tolist()
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        SamplingParams(temperature=0.7, seed=1),
+        SamplingParams(temperature=0, logprobs=1),
+        SamplingParams(temperature=0, presence_penalty=0.5),
+        SamplingParams(temperature=0, logit_bias=((3, 1.0),)),
+        SamplingParams(temperature=0, min_tokens=2),
+    ],
+)
+def test_a_step_reads_hidden_states_only_when_every_row_is_plain_greedy(other):  # type: ignore[no-untyped-def]
+    sampler = StepSampler(32, (2,), lambda: pytest.fail("no grammar"), greedy_head=torch_argmax)  # type: ignore[arg-type,return-value]
+    greedy = step_sampler_seq(SamplingParams(temperature=0))
+    assert sampler.reads_hidden(sampler.prepare([greedy, greedy]))
+    assert not sampler.reads_hidden(sampler.prepare([greedy, step_sampler_seq(other)]))
+    without = StepSampler(32, (2,), lambda: pytest.fail("no grammar"))  # type: ignore[arg-type,return-value]
+    assert not without.reads_hidden(without.prepare([greedy]))
+
+
 def step_sampler_seq(params: SamplingParams):  # type: ignore[no-untyped-def]
     from prefixbatch.scheduling.sequence import Sequence
 
@@ -259,11 +300,11 @@ def test_a_forward_fault_stops_the_batch_and_leaves_the_engine_idle(llm, monkeyp
     calls = {"n": 0}
     original = runner.execute
 
-    def execute(*args: Any) -> torch.Tensor:
+    def execute(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls["n"] += 1
         if calls["n"] == 3:
             raise error("the device fell over")
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(runner, "execute", execute)
     with pytest.raises(error, match="fell over"):
@@ -356,11 +397,11 @@ def _fail_forward_after(mp: pytest.MonkeyPatch, steps: int) -> dict[str, int]:
     calls = {"n": 0}
     original = ModelRunner.execute
 
-    def execute(self: ModelRunner, *args: Any) -> torch.Tensor:
+    def execute(self: ModelRunner, *args: Any, **kwargs: Any) -> torch.Tensor:
         calls["n"] += 1
         if calls["n"] > steps:
             raise RuntimeError("the device fell over")
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     mp.setattr(ModelRunner, "execute", execute)
     return calls

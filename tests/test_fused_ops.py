@@ -178,6 +178,63 @@ def test_argmax_rows_on_short_rows_and_span_edges(kernels, vocab):  # type: igno
     assert torch.equal(kernels.argmax_rows(logits), logits.argmax(dim=-1))
 
 
+def logits64(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.double() @ weight.double().t()
+
+
+@pytest.mark.parametrize("rows", [0, 1, 15, 33, 100])
+@pytest.mark.parametrize("hidden", [1, 7, 64, 129])
+@pytest.mark.parametrize("vocab", [1, 5, 6, 1000, 3001])
+def test_lm_head_argmax_picks_the_largest_logit(kernels, rows, hidden, vocab):  # type: ignore[no-untyped-def]
+    """Against the float64 logits: the picked logit is the largest (within fp32 rounding of the
+    sums), and it is torch.argmax's pick wherever the two largest are apart. Shapes cover
+    partial row blocks (16 or 32 rows a block), partial vocabulary tiles (6 a tile), and one
+    or two threads' parts of the vocabulary (1,024 entries a part at least)."""
+    torch.manual_seed(rows * 1000 + hidden * 10 + vocab)
+    x = torch.randn(rows, hidden)
+    weight = torch.randn(vocab, hidden) / hidden**0.5
+    got = kernels.lm_head_argmax(x, weight)
+    assert got.dtype == torch.int64 and got.shape == (rows,)
+    if rows == 0:
+        return
+    exact = logits64(x, weight)
+    top2 = exact.topk(min(2, vocab), dim=-1).values
+    picked = exact.gather(1, got[:, None])[:, 0]
+    assert (top2[:, 0] - picked).abs().max() < 1e-5
+    apart = top2[:, 0] - top2[:, -1] > 1e-4 if vocab > 1 else torch.ones(rows, dtype=torch.bool)
+    assert torch.equal(got[apart], exact.argmax(dim=-1)[apart])
+
+
+def test_lm_head_argmax_takes_the_first_of_tied_logits(kernels):  # type: ignore[no-untyped-def]
+    """Equal weight rows give bit-equal logits: the first index wins, inside a micro-tile,
+    across tiles and across the threads' vocabulary parts, as torch.argmax."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 32)
+    weight = torch.randn(5000, 32) * 0.1
+    best = torch.randn(32)
+    for at in (4700, 2, 3, 2600, 1030):
+        weight[at] = best * 10  # the largest logit of every row where x . best > 0
+    got = kernels.lm_head_argmax(x, weight)
+    wins = x @ best > 0
+    assert wins.any() and (~wins).any()
+    assert (got[wins] == 2).all()
+    assert torch.equal(got[~wins], logits64(x, weight).argmax(dim=-1)[~wins])
+
+
+def test_lm_head_argmax_reads_strided_rows_and_refuses_bad_inputs(kernels):  # type: ignore[no-untyped-def]
+    torch.manual_seed(1)
+    both = torch.randn(20, 2, 48)
+    weight = torch.randn(300, 48)
+    x = both[:, 1]  # rows 96 floats apart
+    assert torch.equal(kernels.lm_head_argmax(x, weight), kernels.lm_head_argmax(x.clone(), weight))
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        kernels.lm_head_argmax(x.double(), weight.double())
+    with pytest.raises(RuntimeError, match="contiguous weight"):
+        kernels.lm_head_argmax(x, torch.randn(48, 300).t())
+    with pytest.raises(RuntimeError, match=r"x \(S, K\)"):
+        kernels.lm_head_argmax(x, torch.randn(300, 47))
+
+
 def test_engine_fuses_only_on_the_cpu_fast_path(tiny_models):  # type: ignore[no-untyped-def]
     path = str(tiny_models["qwen3"])
 
@@ -186,11 +243,36 @@ def test_engine_fuses_only_on_the_cpu_fast_path(tiny_models):  # type: ignore[no
         fast = isinstance(llm.engine.worker.forward, FusedForward)
         fast_argmax = llm.engine.sampler.argmax_rows is not torch_argmax
         assert fast_argmax == fast
+        assert (llm.engine.sampler.greedy_head is not None) == fast
         return fast
 
     assert fused()  # kernels="auto", fp32
     assert not fused(kernels="torch")
     assert not fused(dtype="bfloat16")
+
+
+def test_greedy_head_steps_equal_the_logits_path(tiny_models):  # type: ignore[no-untyped-def]
+    """A greedy job's steps take their tokens from the hidden states through the fused head;
+    switched off, the same job samples from logits: the same tokens, and transformers'."""
+    path = tiny_models["qwen3"]
+    llm = LLM(str(path), device="cpu", block_size=8, kv_cache_memory=8 * 2**20)
+    sampler = llm.engine.sampler
+    head = sampler.greedy_head
+    assert head is not None
+    calls: list[int] = []
+
+    def counted(hidden: torch.Tensor) -> torch.Tensor:
+        calls.append(len(hidden))
+        return head(hidden)
+
+    sampler.greedy_head = counted
+    prompts = shared_prefix_prompts(10, seed=5)
+    params = SamplingParams(max_tokens=7, temperature=0)
+    fused = [o.output_token_ids for o in llm.generate(prompts, params)]
+    assert sum(calls) == 10 * 7  # every token through the head
+    sampler.greedy_head = None
+    assert [o.output_token_ids for o in llm.generate(prompts, params)] == fused
+    assert fused == hf_greedy(path, prompts, [7] * 10)
 
 
 @pytest.mark.usefixtures("kernels_cannot_build")
@@ -206,7 +288,8 @@ def test_engine_keeps_pytorch_ops_when_the_kernels_cannot_build(tiny_models):  #
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
 def test_fused_forward_matches_the_modules_forward(tiny_models, family):  # type: ignore[no-untyped-def]
     """The CPU fast path's flat loop (``fused_forward.py``) against the modules' plain forward,
-    on every step of a job: prefill chunks, decode rows and steps mixing both."""
+    on every step of a job: prefill chunks, decode rows and steps mixing both; logits, and the
+    hidden states the greedy head takes (every row of this job is greedy)."""
     llm = LLM(
         str(tiny_models[family]),
         device="cpu",
@@ -218,11 +301,12 @@ def test_fused_forward_matches_the_modules_forward(tiny_models, family):  # type
     assert isinstance(fused, FusedForward)
     step_rows: list[tuple[int, int]] = []  # (rows, rows that sample) of each step
 
-    def compare(*args):  # type: ignore[no-untyped-def]
-        expected = model(*args)
-        got = fused(*args)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    def compare(*args, hidden=False):  # type: ignore[no-untyped-def]
+        torch.testing.assert_close(fused(*args), model(*args), rtol=1e-4, atol=1e-4)
+        got = fused(*args, hidden=True)
+        torch.testing.assert_close(got, model(*args, hidden=True), rtol=1e-4, atol=1e-4)
         step_rows.append((len(args[0]), len(args[4])))
+        assert hidden  # greedy steps go through the greedy head
         return got
 
     llm.engine.runner.model = compare  # every step runs both forwards

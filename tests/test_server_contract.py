@@ -201,11 +201,11 @@ def test_a_failed_batch_never_leaves_the_engine_busy(client, engine, tmp_path, m
     calls = {"n": 0}
     original = engine.runner.execute
 
-    def execute(*args: Any) -> Any:
+    def execute(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("the forward pass failed")
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(engine.runner, "execute", execute)
     path = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(4)])

@@ -116,6 +116,7 @@ class LLMEngine:
             self._grammars,
             self.worker.argmax,
             self.worker.device,
+            self.worker.greedy_head,
         )
         self.stats = EngineStats()
         self._requests: dict[int, Request] = {}  # unfinished requests by id
@@ -344,11 +345,15 @@ class LLMEngine:
         before = None if previous is None else previous.sampled.tokens
         faults: Faults[Sequence] = Faults()
         with torch.inference_mode():  # the runner's logits are inference tensors
-            logits, tensors = self.runner.execute(step, scoring, plan.arrays, before)
-            if scoring:
-                self._score_prompts(step, scoring, logits[len(sampling) :], faults)
-                logits = logits[: len(sampling)]
-            sampled = self.sampler.sample_async(logits, plan, tensors)
+            if not scoring and self.sampler.reads_hidden(plan):  # greedy: no logits needed
+                hidden, _ = self.runner.execute(step, (), plan.arrays, before, hidden=True)
+                sampled = self.sampler.sample_hidden(hidden, plan)
+            else:
+                logits, tensors = self.runner.execute(step, scoring, plan.arrays, before)
+                if scoring:
+                    self._score_prompts(step, scoring, logits[len(sampling) :], faults)
+                    logits = logits[: len(sampling)]
+                sampled = self.sampler.sample_async(logits, plan, tensors)
         # Placeholders only where the next step is scheduled before these tokens are in.
         self.scheduler.advance(step, placeholders=self.overlap)
         return _InFlight(step, sampled, faults)

@@ -8,7 +8,10 @@ Llama-style families and of Gemma. fp32 only; the engine switches them on with
 the other CPU fast paths (``kernels="auto"``, CPU, fp32). The plain PyTorch path in ``layers.py``
 is the reference they are tested against; without a C++ compiler the engine keeps it. The same
 module holds the greedy sampler's row argmax (torch's CPU argmax is a scalar loop: about 4 ms
-for 96 rows of a 49k vocabulary, a few percent of a decode step).
+for 96 rows of a 49k vocabulary, a few percent of a decode step) and, for steps whose every row
+is greedy, the output projection fused with that argmax (``csrc/lm_head_argmax.cpp``: the logits
+are never written; 67 ms against 153 for ``torch.mm`` and the argmax at 1,024 rows x 128 hidden
+x 49,152 vocabulary on two AVX2 cores).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 
 from .native_build import build_extension
 
-SOURCE = Path(__file__).with_name("csrc") / "elementwise.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "elementwise.cpp", CSRC / "lm_head_argmax.cpp")
 
 
 class FusedKernels(Protocol):
@@ -61,7 +65,14 @@ class FusedKernels(Protocol):
         sampler's ``argmax``; rows must not hold NaN)."""
         ...
 
+    def lm_head_argmax(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (S, K), rows contiguous, and weight (V, K) contiguous -> (S,) int64: the first
+        index of each row's largest logit ``x @ weight.T``, the logits never materialised. The
+        sums run in another order than ``torch.mm``'s: where a row's two largest logits are
+        within rounding of each other either may be picked. Rows must not hold NaN."""
+        ...
+
 
 def fused_kernels() -> FusedKernels | None:
     """The compiled kernels, or None (the build failed: a warning says why)."""
-    return build_extension((SOURCE,), "the fused CPU element-wise kernels")  # type: ignore[return-value]
+    return build_extension(SOURCES, "the fused CPU element-wise kernels")  # type: ignore[return-value]

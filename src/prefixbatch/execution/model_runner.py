@@ -210,8 +210,8 @@ class ModelRunner:
         step's ``j``-th sample, see ``Scheduler.advance``) is taken from ``previous_tokens``
         (that step's sampled tokens, on the device). A decode step that fits a captured
         batch-size bucket replays its CUDA graph. With ``hidden`` the rows are the model's
-        final-norm hidden states (S, hidden) fp32 instead of logits (embeddings; never
-        through a graph)."""
+        final-norm hidden states (S, hidden) fp32 instead of logits (embeddings, and greedy
+        steps whose sampler fuses the lm_head with the argmax; never through a graph)."""
         inputs = self.inputs(step, every_row)
         staged, graph = self._staged(inputs.attn, graphs=not hidden)
         arrays = {"ids": inputs.input_ids, "positions": inputs.positions}

@@ -15,7 +15,10 @@ Per step, only for the rows that ask for it:
 
 Host work per step is one pass over the rows (what each request's parameters need is worked out
 once per request); a step where nobody uses these features is one argmax and one copy, a step
-with a few sampled, penalised or structured rows does their work only.
+with a few sampled, penalised or structured rows does their work only. Where the worker has a
+greedy head (the lm_head fused with the argmax, CPU fast path), a step whose every row is plain
+greedy skips the logits altogether: ``reads_hidden`` says so before the forward pass, and
+``sample_hidden`` takes the final hidden states instead of ``sample_async``'s logits.
 
 Each stage is isolated per row (``row_faults.py``; the step's faults travel in
 ``SamplingPlan.faults``): a row whose grammar, penalties, sampling or log-probabilities raise is
@@ -121,7 +124,9 @@ class StepSampler:
     """Holds per-sequence state across steps (grammar matchers, log-probabilities so far, the
     penalties' token counts), keyed weakly by sequence so finished sequences drop theirs.
     ``structured`` builds the grammar engine on first use (compiling the vocabulary costs a
-    fraction of a second); ``device`` is the logits' device."""
+    fraction of a second); ``device`` is the logits' device. ``greedy_head``: hidden states
+    (S, hidden) -> tokens (S,) int64, the argmax of their logits without the logits (None: every
+    step samples from logits)."""
 
     def __init__(
         self,
@@ -130,9 +135,11 @@ class StepSampler:
         structured: Callable[[], StructuredOutput],
         argmax_rows: Callable[[torch.Tensor], torch.Tensor] = torch_argmax,
         device: torch.device | None = None,
+        greedy_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.vocab_size = vocab_size
         self.argmax_rows = argmax_rows
+        self.greedy_head = greedy_head
         self.eos_ids = tuple(eos_ids)
         self.device = device or torch.device("cpu")
         self._make_structured = structured
@@ -296,6 +303,37 @@ class StepSampler:
         ready = torch.cuda.Event()
         ready.record()
         return SampledTokens(plan, chosen, host, ready, logprobs)
+
+    def reads_hidden(self, plan: SamplingPlan) -> bool:
+        """Whether the step's tokens come from its final hidden states (``sample_hidden``):
+        there is a greedy head and every row is greedy with no log-probabilities, penalties,
+        biases, ``min_tokens`` or grammar."""
+        return (
+            self.greedy_head is not None
+            and plan.sampling is None
+            and plan.processing is None
+            and plan.masks is None
+            and not plan.logprob_rows
+            and not plan.masked
+        )
+
+    def sample_hidden(self, hidden: torch.Tensor, plan: SamplingPlan) -> SampledTokens:
+        """``sample_async`` for a step ``reads_hidden`` accepts: each row's greedy token from
+        its final-norm hidden state ``hidden`` (S, hidden) fp32, through the greedy head. When
+        the head raises for the batch, it runs row by row and the rows that raise again get -1
+        and their error in ``plan.faults``."""
+        head = self.greedy_head
+        assert head is not None, "no greedy head: sample from logits"
+        chosen = torch.full((len(plan.seqs),), -1, dtype=torch.long, device=hidden.device)
+
+        def batch() -> None:
+            chosen.copy_(head(hidden))
+
+        def one(i: int) -> None:
+            chosen[i] = head(hidden[i : i + 1])[0]
+
+        plan.faults.isolate("sampling", range(len(plan.seqs)), batch, one)
+        return SampledTokens(plan, chosen, chosen, None, [])
 
     def _bitmask(self, masks: PendingMasks, faults: Faults[int], batch: int) -> torch.Tensor:
         """The masks filled during the forward pass; when that fill raised, each row is filled

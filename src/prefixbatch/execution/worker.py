@@ -4,18 +4,20 @@ backend, the decode CUDA graphs and the fast-path choices, all settled once at s
 ``Worker(config, model_config, weights)`` settles the rotary embedding for the engine's context
 (LongRoPE's factor set, ``RopeConfig.at_context``), builds the checkpoint's family model in the
 target dtype on the device and loads the weights (``models/loader.py``); on the CPU in fp32 it
-packs the projections for oneDNN and builds the fused kernels (the family's fast forward and the
-compiled greedy argmax); it picks how a mixture-of-experts model computes its experts
-(``moe/kernel_choice.py``); it sizes the KV pool (a byte budget, or on CUDA a profiling forward at
-the largest step, ``kv_memory.py``), allocates it, picks the attention backend
-(``attention/registry.py``) and captures the decode graphs (``cuda_graphs.py``). Engines get a
-``ModelRunner`` and the argmax from it and never reach into the model. One worker may serve
+packs the projections for oneDNN and builds the fused kernels (the family's fast forward, the
+compiled greedy argmax and the greedy head that fuses the lm_head with it); it picks how a
+mixture-of-experts model computes its experts (``moe/kernel_choice.py``); it sizes the KV pool (a
+byte budget, or on CUDA a profiling forward at the largest step, ``kv_memory.py``), allocates it,
+picks the attention backend (``attention/registry.py``) and captures the decode graphs
+(``cuda_graphs.py``). Engines get a ``ModelRunner``, the argmax and the greedy head from it and
+never reach into the model. One worker may serve
 several engines (the same weights under different policies), one at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
@@ -23,6 +25,7 @@ import torch
 from ..config import EngineConfig, ModelConfig
 from ..sampling_params import SamplingParams
 from .attention.backend import AttentionBackend
+from .attention.native import decode_kernels
 from .attention.registry import select_backend
 from .attention.step import AttentionStep, SeqStep
 from .cuda_graphs import DecodeGraphRunner, GraphMetadataHooks
@@ -45,7 +48,10 @@ class Worker:
 
     ``forward`` is what steps run: the CPU fast path's forward (``fused_forward.py``) where it
     applies, else the model's own (the plain PyTorch reference). ``argmax`` is the greedy
-    sampler's row argmax (the compiled one with the CPU fast paths). ``graphs`` replays decode
+    sampler's row argmax (the compiled one with the CPU fast paths). ``greedy_head`` maps a
+    greedy step's final-norm hidden states (S, hidden) to its tokens (S,) int64 in one pass
+    over the lm_head weight (``fused_ops.lm_head_argmax``), with the CPU fast paths when the
+    family's logits are its plain output projection; else None. ``graphs`` replays decode
     steps (None when off or the backend has no graph hooks).
 
     Raises ``JobError`` subclasses: a checkpoint that does not fit the model, an attention
@@ -75,6 +81,10 @@ class Worker:
         # Built here, not per job: on the CPU this may compile the decode kernel (once per machine).
         self.backend = self._backend(backend_name, self.cache)
         self.graphs = self._decode_graphs()
+        # Decode graphs replay the logits path (on the CPU only in tests): no greedy head then.
+        self.greedy_head = (
+            None if kernels is None or self.graphs is not None else self._greedy_head(kernels)
+        )
 
     @property
     def kv_bytes(self) -> int:
@@ -107,7 +117,10 @@ class Worker:
     def _cpu_fast_paths(self) -> FusedKernels | None:
         """The fused CPU kernels when the fast paths apply (``kernels="auto"`` on the CPU in
         fp32), after keeping freed host memory and packing the projections for oneDNN; None
-        elsewhere or when the kernels cannot be built (a warning says why)."""
+        elsewhere or when the kernels cannot be built (a warning says why). Where the CPU
+        attention backend may be chosen, its kernels are built at the same time on another
+        thread (a machine's first start compiles both modules at once: about 35 s on 2 cores,
+        against 60 one after the other); the backend then finds them built."""
         config = self.config
         cpu_fp32 = self.device.type == "cpu" and config.torch_dtype == torch.float32
         if config.kernels != "auto" or not cpu_fp32:
@@ -115,7 +128,21 @@ class Worker:
         keep_freed_memory()
         if onednn_available():
             pack_linears(self.model)
-        return fused_kernels()
+        with ThreadPoolExecutor(1) as builds:  # leaving the block waits for the other build
+            if config.attention_backend in ("auto", "cpu"):
+                builds.submit(decode_kernels)
+            return fused_kernels()
+
+    def _greedy_head(self, kernels: FusedKernels) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The lm_head fused with the argmax, where the model's logits are its plain output
+        projection with a contiguous fp32 weight."""
+        head = self.model.greedy_projection()
+        if head is None or head.bias is not None:
+            return None
+        weight = head.weight  # tied to the embeddings or not, as loaded
+        if weight.dtype != torch.float32 or not weight.is_contiguous():
+            return None
+        return lambda hidden: kernels.lm_head_argmax(hidden, weight)
 
     def _experts_kernel(self, cpu_fast: bool) -> str:
         """How a mixture-of-experts model computes its experts (``moe/kernel_choice.py``): the fused

@@ -1,7 +1,8 @@
 // Fused element-wise ops of a decoder layer (CPU, fp32), after vLLM's CPU `_C` ops: RMSNorm
 // (plain, in place on strided heads, and fused with the residual add), SiLU- and GELU-and-mul
-// (SwiGLU, GeGLU) and in-place rotary embedding; and the greedy sampler's row argmax. Built at first use by prefixbatch/execution/fused_ops.py; the plain PyTorch
-// path in layers.py is what each op is tested against. Loops are plain and marked `omp simd` so
+// (SwiGLU, GeGLU) and in-place rotary embedding; and the greedy sampler's row argmax (with
+// lm_head_argmax.cpp, its fused output projection). Built at first use by
+// prefixbatch/execution/fused_ops.py; the plain PyTorch path in layers.py is what each op is tested against. Loops are plain and marked `omp simd` so
 // the compiler vectorises them for whatever this CPU has (the build uses -march=native).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -251,6 +252,9 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   return out;
 }
 
+// lm_head_argmax.cpp, built into the same module.
+torch::Tensor lm_head_argmax(torch::Tensor x, torch::Tensor w);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of (T, D) or (T, H, D) rows into a new tensor");
   m.def("rms_norm_", &rms_norm_, "RMSNorm of (T, D) or (T, H, D) rows in place");
@@ -259,4 +263,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_tanh_and_mul", &gelu_tanh_and_mul, "gelu_tanh(gate) * up of (T, 2I) gate_up");
   m.def("rotary_embedding_", &rotary_embedding_, "rotate-half RoPE of q and k in place");
   m.def("argmax_rows", &argmax_rows, "first index of each row's maximum");
+  m.def("lm_head_argmax", &lm_head_argmax, "first index of each row's largest logit x @ w^T");
 }

@@ -196,6 +196,9 @@ class DecoderModel(CausalLM):
         """Final hidden states (S, hidden), normed -> fp32 logits (S, vocab)."""
         return self.lm_head(x).float()
 
+    def greedy_projection(self) -> nn.Linear | None:
+        return self.lm_head
+
     def finish_loading(self, loaded: set[str]) -> None:
         """Tie the output projection to the embeddings when the config says so or the
         checkpoint has no ``lm_head``; rebuild the fp32 rotary frequencies on the device (a

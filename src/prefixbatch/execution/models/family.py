@@ -71,6 +71,13 @@ class CausalLM(nn.Module):
         as the forward computes them (the family's output projection and any soft-capping)."""
         raise NotImplementedError
 
+    def greedy_projection(self) -> nn.Linear | None:
+        """The output projection whose output, as fp32, is exactly ``logits`` (nothing applied
+        after it): a greedy step may then take each row's largest ``x @ weight.T`` without
+        materialising the logits (``fused_ops.lm_head_argmax``). None (the default) when the
+        family soft-caps or scales its logits."""
+        return None
+
     def parameter_for(self, checkpoint_name: str) -> tuple[str, int | None] | None:
         """The parameter a checkpoint tensor loads into and the shard it fills there (None:
         all of it), or None for a tensor the model derives itself. Hugging Face checkpoints

@@ -161,6 +161,11 @@ class GemmaModel(CausalLM):
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
 
+    def greedy_projection(self) -> nn.Linear | None:
+        """The lm_head when the logits are not soft-capped (the capped ones can tie in fp32
+        where the raw ones do not)."""
+        return self.lm_head if self.cfg.final_softcap is None else None
+
     @torch.inference_mode()
     def forward(
         self,
