@@ -65,7 +65,7 @@ def build_name(sources: tuple[Path, ...]) -> str:
 def build_extension(sources: tuple[Path, ...], what: str) -> ModuleType | None:
     """The module compiled from ``sources`` (the first one holds its Python bindings), or None
     when it cannot be built (a warning names ``what`` and the error). The first build takes
-    20-40 s on 2 idle cores and is logged, with a line every ``PROGRESS_EVERY_S`` while it
+    15-30 s on 2 idle cores and is logged, with a line every ``PROGRESS_EVERY_S`` while it
     runs. Processes sharing the cache build a module once: the others wait on a file lock,
     then import it."""
     name = build_name(sources)
@@ -116,7 +116,7 @@ def _compile(name: str, sources: tuple[Path, ...], build_dir: Path, what: str) -
     from torch.utils.cpp_extension import load
 
     (build_dir / "lock").unlink(missing_ok=True)
-    log.info("compiling %s (once, about 30 s on 2 idle cores) into %s", what, build_dir)
+    log.info("compiling %s (once, 15-30 s on 2 idle cores) into %s", what, build_dir)
     start = time.monotonic()
     done = threading.Event()
 

@@ -4,8 +4,11 @@
 // lm_head_argmax.cpp, its fused output projection). Built at first use by
 // prefixbatch/execution/fused_ops.py; the plain PyTorch path in layers.py is what each op is tested against. Loops are plain and marked `omp simd` so
 // the compiler vectorises them for whatever this CPU has (the build uses -march=native).
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/utils/pybind.h>  // the bindings; not torch/extension.h: 3x its compile time
 
 #include <algorithm>
 #include <cmath>
@@ -21,8 +24,8 @@ int64_t grain(int64_t floats_per_item) {
   return std::max<int64_t>(1, kGrainFloats / std::max<int64_t>(floats_per_item, 1));
 }
 
-void check_fp32(const torch::Tensor& t, const char* op) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32, op, ": fp32 only");
+void check_fp32(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": fp32 only");
   TORCH_CHECK(t.stride(-1) == 1, op, ": the last dimension must be contiguous");
 }
 
@@ -42,8 +45,8 @@ inline void scale_row(const float* x, const float* w, float inv, float* out, int
 
 // RMSNorm of every D-row of x (T, D) or (T, H, D) into out of the same shape; either may be a
 // strided view (last dimension contiguous) and out may be x.
-void norm_rows(const torch::Tensor& x, const torch::Tensor& weight, double eps,
-               torch::Tensor& out) {
+void norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps,
+               at::Tensor& out) {
   check_fp32(x, "rms_norm");
   check_fp32(out, "rms_norm");
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "rms_norm: x must be (T, D) or (T, H, D)");
@@ -69,18 +72,18 @@ void norm_rows(const torch::Tensor& x, const torch::Tensor& weight, double eps,
 }  // namespace
 
 // x (T, D) or (T, H, D), any row strides -> RMSNorm(x) * weight, contiguous.
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  auto out = torch::empty(x.sizes(), x.options());
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
+  auto out = at::empty(x.sizes(), x.options());
   norm_rows(x, weight, eps, out);
   return out;
 }
 
 // x (T, D) or (T, H, D), any row strides: x = RMSNorm(x) * weight in place (Qwen3's per-head
 // q/k norm on views into the fused qkv output).
-void rms_norm_(torch::Tensor x, torch::Tensor weight, double eps) { norm_rows(x, weight, eps, x); }
+void rms_norm_(at::Tensor x, at::Tensor weight, double eps) { norm_rows(x, weight, eps, x); }
 
 // x, residual (T, D) contiguous, in place: residual += x, then x = RMSNorm(residual) * weight.
-void fused_add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight,
+void fused_add_rms_norm_(at::Tensor x, at::Tensor residual, at::Tensor weight,
                          double eps) {
   check_fp32(x, "fused_add_rms_norm_");
   check_fp32(residual, "fused_add_rms_norm_");
@@ -114,12 +117,12 @@ namespace {
 
 // gate_up (T, 2I) contiguous, gate then up -> act(gate) * up (T, I).
 template <class Act>
-torch::Tensor act_and_mul(const torch::Tensor& gate_up, const char* op, Act act) {
+at::Tensor act_and_mul(const at::Tensor& gate_up, const char* op, Act act) {
   check_fp32(gate_up, op);
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0, op,
               ": gate_up must be contiguous (T, 2I)");
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
-  auto out = torch::empty({T, I}, gate_up.options());
+  auto out = at::empty({T, I}, gate_up.options());
   const float* in = gate_up.data_ptr<float>();
   float* op_ = out.data_ptr<float>();
   at::parallel_for(0, T, grain(2 * I), [&](int64_t begin, int64_t end) {
@@ -137,7 +140,7 @@ torch::Tensor act_and_mul(const torch::Tensor& gate_up, const char* op, Act act)
 }  // namespace
 
 // gate_up (T, 2I) contiguous, gate then up -> silu(gate) * up (T, I).
-torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+at::Tensor silu_and_mul(at::Tensor gate_up) {
   // exp's argument is capped so it stays finite (-ffast-math assumes no infinities); past the
   // cap silu(g) is below 1e-33 either way.
   return act_and_mul(gate_up, "silu_and_mul",
@@ -147,7 +150,7 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
 // gate_up (T, 2I) contiguous, gate then up -> gelu(gate) * up (T, I), gelu's tanh approximation
 // 0.5 g (1 + tanh(z)), z = sqrt(2 / pi) (g + 0.044715 g^3) (PyTorch's approximate="tanh":
 // GeGLU), computed as g / (1 + exp(-2z)) (1 + tanh(z) = 2 sigmoid(2z): no cancellation).
-torch::Tensor gelu_tanh_and_mul(torch::Tensor gate_up) {
+at::Tensor gelu_tanh_and_mul(at::Tensor gate_up) {
   return act_and_mul(gate_up, "gelu_tanh_and_mul", [](float g) {
     const float z = 0.7978845608028654f * (g + 0.044715f * g * g * g);
     return g / (1.f + std::exp(std::min(-2.f * z, 80.f)));
@@ -175,14 +178,14 @@ inline void rotate_heads(float* x, int64_t H, int64_t hs, int64_t half, const fl
 
 // Non-interleaved ("rotate half") RoPE in place: q (T, H, D) and k (T, KVH, D), any token and
 // head strides (views into the fused qkv output), by per-token cos, sin (T, D/2) contiguous.
-void rotary_embedding_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+void rotary_embedding_(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin) {
   check_fp32(q, "rotary_embedding_");
   check_fp32(k, "rotary_embedding_");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == q.size(2),
               "rotary_embedding_: q (T, H, D) and k (T, KVH, D) expected");
   const int64_t T = q.size(0), H = q.size(1), KVH = k.size(1), D = q.size(2), half = D / 2;
   TORCH_CHECK(D % 2 == 0, "rotary_embedding_: even head size expected");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 &&
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
                   cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * half &&
                   sin.numel() == T * half,
               "rotary_embedding_: cos and sin must be contiguous fp32 (T, D/2)");
@@ -238,12 +241,12 @@ inline int64_t argmax_row(const float* row, int64_t V) {
 // Index of the first largest value of each row of x (S, V), contiguous -> (S,) int64: what
 // torch.argmax gives for rows without NaN, from two vectorised passes over the row (torch's CPU
 // argmax tracks the index in a scalar loop, ~10x slower).
-torch::Tensor argmax_rows(torch::Tensor x) {
+at::Tensor argmax_rows(at::Tensor x) {
   check_fp32(x, "argmax_rows");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0,
               "argmax_rows: contiguous (S, V) with V > 0 expected");
   const int64_t S = x.size(0), V = x.size(1);
-  auto out = torch::empty({S}, x.options().dtype(torch::kInt64));
+  auto out = at::empty({S}, x.options().dtype(at::kLong));
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, S, grain(V), [&](int64_t begin, int64_t end) {
@@ -253,7 +256,7 @@ torch::Tensor argmax_rows(torch::Tensor x) {
 }
 
 // lm_head_argmax.cpp, built into the same module.
-torch::Tensor lm_head_argmax(torch::Tensor x, torch::Tensor w);
+at::Tensor lm_head_argmax(at::Tensor x, at::Tensor w);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of (T, D) or (T, H, D) rows into a new tensor");

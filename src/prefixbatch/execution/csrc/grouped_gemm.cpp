@@ -6,8 +6,11 @@
 // either way on one thread). Each thread runs whole tiles of rows through ATen's GEMM,
 // single-threaded inside the region. Built at first use by prefixbatch/execution/moe/
 // cpu_experts.py; the per-expert PyTorch loop in moe/experts.py is what it is tested against.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/utils/pybind.h>  // the bindings; not torch/extension.h: 3x its compile time
 
 #include <vector>
 
@@ -25,10 +28,10 @@ struct Tile {
 
 // out (N, O) = rows (N, K) x weights[e] (E, K, O) for each expert e's slice of rows, the slices
 // in expert order with counts (E,) int64 rows each (sum = N). out must not alias rows.
-void grouped_mm_(torch::Tensor out, const torch::Tensor& rows, const torch::Tensor& weights,
-                 const torch::Tensor& counts) {
+void grouped_mm_(at::Tensor out, const at::Tensor& rows, const at::Tensor& weights,
+                 const at::Tensor& counts) {
   TORCH_CHECK(rows.dim() == 2 && weights.dim() == 3 && out.dim() == 2, "grouped_mm_: shapes");
-  TORCH_CHECK(counts.scalar_type() == torch::kInt64 && counts.is_contiguous() &&
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() &&
                   counts.device().is_cpu() && counts.numel() == weights.size(0),
               "grouped_mm_: counts must be (E,) int64 on the CPU");
   TORCH_CHECK(rows.size(1) == weights.size(1) && out.size(1) == weights.size(2) &&

@@ -17,8 +17,10 @@
 // while the vocabulary is walked upwards. Sums run in another order than a BLAS GEMM's, so a
 // row whose two largest logits are within rounding of each other may pick the other one.
 // Rows must not hold NaN (as the sampler's argmax_rows).
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstring>
@@ -102,15 +104,15 @@ void micro_tile_n(int64_t n, const float* xp, const float* w, int64_t K, int32_t
 
 }  // namespace
 
-torch::Tensor lm_head_argmax(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32,
+at::Tensor lm_head_argmax(at::Tensor x, at::Tensor w) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
               "lm_head_argmax: fp32 only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.stride(1) == 1,
               "lm_head_argmax: x (S, K) with contiguous rows and w (V, K) expected");
   TORCH_CHECK(w.is_contiguous() && w.size(0) > 0 && w.size(0) <= INT32_MAX,
               "lm_head_argmax: a contiguous weight of 1 to 2^31 - 1 rows expected");
   const int64_t S = x.size(0), K = x.size(1), V = w.size(0), xs = x.stride(0);
-  auto out = torch::empty({S}, x.options().dtype(torch::kInt64));
+  auto out = at::empty({S}, x.options().dtype(at::kLong));
   if (S == 0) return out;
   // x packed by blocks of MR rows, each (K, MR) with its rows side by side (zero rows pad the
   // last block).

@@ -31,8 +31,11 @@
 // token's dot product accumulated in a vector and the 16 vectors reduced together (AVX-512;
 // elsewhere one reduction per token); online softmax over blocks (running max and sum per query
 // head); then the V rows weighted into accumulators kept in registers for the block.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/utils/pybind.h>  // the bindings; not torch/extension.h: 3x its compile time
 
 #include <algorithm>
 #include <atomic>
@@ -326,12 +329,12 @@ void attend_piece(const Problem& p, const Piece& piece, const Piece* after, floa
 // Returns out (B, H, DV) and the log-sum-exp of the scores, lse (B, H). window > 0: each row
 // attends only its last `window` positions (the blocks before them are not read); softcap > 0:
 // scores are soft-capped.
-std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
-                                        torch::Tensor v_pool, torch::Tensor block_tables,
-                                        torch::Tensor lengths, int64_t block_size,
+std::vector<at::Tensor> paged_decode(at::Tensor q, at::Tensor k_pool,
+                                        at::Tensor v_pool, at::Tensor block_tables,
+                                        at::Tensor lengths, int64_t block_size,
                                         double scale, int64_t window, double softcap) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_pool.dtype() == torch::kFloat32 &&
-                  v_pool.dtype() == torch::kFloat32,
+  TORCH_CHECK(q.dtype() == at::kFloat && k_pool.dtype() == at::kFloat &&
+                  v_pool.dtype() == at::kFloat,
               "paged_decode: fp32 only");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
   const int64_t DV = v_pool.size(2);
@@ -361,8 +364,8 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
             window,
             static_cast<float>(softcap)};
   TORCH_CHECK(window >= 0 && softcap >= 0, "paged_decode: a negative window or soft-cap");
-  auto out = torch::empty({B, H, DV}, q.options());
-  auto lse = torch::empty({B, H}, q.options());
+  auto out = at::empty({B, H, DV}, q.options());
+  auto lse = at::empty({B, H}, q.options());
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
 
@@ -438,18 +441,18 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_pool,
 }
 
 // prefix_levels.cpp, prefill_attention.cpp and kv_write.cpp, built into the same module.
-void attend_prefix_levels(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
-                          torch::Tensor out, torch::Tensor lse, torch::Tensor level_tables,
-                          torch::Tensor level_lengths, torch::Tensor level_row_ptr,
-                          torch::Tensor level_rows, int64_t block_size, double scale,
-                          torch::Tensor level_starts, torch::Tensor positions, int64_t window,
+void attend_prefix_levels(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
+                          at::Tensor out, at::Tensor lse, at::Tensor level_tables,
+                          at::Tensor level_lengths, at::Tensor level_row_ptr,
+                          at::Tensor level_rows, int64_t block_size, double scale,
+                          at::Tensor level_starts, at::Tensor positions, int64_t window,
                           double softcap);
-void prefill_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
-                       torch::Tensor out, torch::Tensor block_tables, torch::Tensor q_start,
-                       torch::Tensor q_len, torch::Tensor context_len, int64_t block_size,
-                       double scale, int64_t window, double softcap, torch::Tensor sinks);
-void write_kv(torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor slots, torch::Tensor k,
-              torch::Tensor v);
+void prefill_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
+                       at::Tensor out, at::Tensor block_tables, at::Tensor q_start,
+                       at::Tensor q_len, at::Tensor context_len, int64_t block_size,
+                       double scale, int64_t window, double softcap, at::Tensor sinks);
+void write_kv(at::Tensor k_pool, at::Tensor v_pool, at::Tensor slots, at::Tensor k,
+              at::Tensor v);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV pool");
