@@ -5,7 +5,7 @@
 feature flags, the torch version and the Python ABI, so a later start loads the cached library
 (milliseconds) and a change to any of them rebuilds. A built library is imported directly, not
 through ``cpp_extension.load``: its ninja file names the source and header paths of the checkout
-that built it, so two checkouts or environments sharing the cache would otherwise rebuild (30-60
+that built it, so two checkouts or environments sharing the cache would otherwise rebuild (15-30
 s, silently) each time the other one had loaded. Processes starting at once (Ray workers, a job
 beside a server) take a file lock per module, so one of them builds it and the others wait,
 then import it. Without a C++ compiler the build fails with a warning and callers keep their
