@@ -22,7 +22,7 @@ from prefixbatch.planning import token_arrays
 from prefixbatch.planning.plan import make_plan
 from prefixbatch.planning.token_arrays import TokenArrays
 from prefixbatch.sampling_params import SamplingParams
-from prefixbatch.scheduling.request_source import CompactRequests
+from prefixbatch.scheduling.request_source import CompactRequests, RequestList
 from prefixbatch.scheduling.work import WorkStream
 
 prompts = st.lists(st.lists(st.integers(0, 2**31 - 1), max_size=20), max_size=30)
@@ -54,6 +54,20 @@ def test_compact_requests_keep_each_parameter_set_once():  # type: ignore[no-unt
     part = compact.take([5, 3])
     assert part.param_sets == (sampled,)  # only the sets it uses travel
     assert [part.request(i) for i in range(2)] == [requests[5], requests[3]]
+
+
+def test_both_request_sources_answer_the_engine_alike():  # type: ignore[no-untyped-def]
+    """What the engine reads of a batch before making its requests (the planner's prompts and
+    budgets, the parameter sets in use) is the same from a list and from arrays."""
+    sets = [SamplingParams(max_tokens=n) for n in (3, 5, 7)]
+    requests = [Request(i, [i + 2] * (i % 4 + 1), sets[2 * (i % 3 // 2)]) for i in range(7)]
+    listed, compact = RequestList(requests), CompactRequests.of(requests)
+    extra = (*compact.param_sets, sets[1])  # a set no request uses
+    by_hand = CompactRequests(compact.prompts, extra, compact.param_ids, compact.ids)
+    for source in (listed, compact, by_hand):
+        assert [list(p) for p in source.prompt_tokens()] == [r.prompt_token_ids for r in requests]
+        assert source.max_tokens().tolist() == [r.params.max_tokens for r in requests]
+        assert source.distinct_params() == [sets[0], sets[2]]  # sets[1]: in no request
 
 
 def test_the_store_rebuilds_what_a_record_needs():  # type: ignore[no-untyped-def]

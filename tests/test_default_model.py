@@ -55,21 +55,6 @@ def test_default_model_matches_transformers_greedy():
         assert out.output_token_ids == gen[0, ids.shape[1] :].tolist()
 
 
-def test_first_gguf_conversion_says_so(tmp_path, monkeypatch, caplog):  # type: ignore[no-untyped-def]
-    """Start-up tells a newcomer what the slow first run is doing, once."""
-    import logging
-
-    from prefixbatch.loading.model_source import resolve_model
-
-    monkeypatch.setenv("PREFIXBATCH_CACHE", str(tmp_path))
-    with caplog.at_level(logging.INFO, logger="prefixbatch"):
-        first = resolve_model(None)
-        assert any("converting" in r.message and "once" in r.message for r in caplog.records)
-        caplog.clear()
-        assert resolve_model(None) == first
-        assert not any("converting" in r.message for r in caplog.records)
-
-
 def test_copies_of_a_gguf_share_one_cache_dir(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     """The conversion is keyed by content: the same checkpoint at two paths (two environments)
     gets one cache directory, other content another; a known path is not hashed again."""

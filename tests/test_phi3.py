@@ -6,6 +6,7 @@ directories and from GGUF files written the way llama.cpp's converter writes the
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import random
 from dataclasses import replace
@@ -335,6 +336,24 @@ def write_phi3_gguf(hf_dir: Path, path: Path) -> None:
         assert gguf_name is not None, name
         writer.add_tensor(gguf_name, tensor.numpy())
     finish_gguf(writer)
+
+
+def test_a_first_gguf_conversion_says_so_once(phi_models, tmp_path, monkeypatch, caplog):  # type: ignore[no-untyped-def]
+    """Start-up tells a newcomer what a slow first run is doing, once (here a tiny file: the
+    default model's conversion, the same code, takes 20 s)."""
+    pytest.importorskip("gguf")
+    from prefixbatch.loading.model_source import resolve_model
+
+    monkeypatch.setenv("PREFIXBATCH_CACHE", str(tmp_path / "cache"))
+    gguf_path = tmp_path / "tiny.gguf"
+    write_phi3_gguf(phi_models["phi3"], gguf_path)
+    with caplog.at_level(logging.INFO, logger="prefixbatch"):
+        first = resolve_model(str(gguf_path))
+        assert first.path.is_relative_to(tmp_path / "cache")
+        assert any("converting" in r.message and "once" in r.message for r in caplog.records)
+        caplog.clear()
+        assert resolve_model(str(gguf_path)) == first
+        assert not any("converting" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("shape", ["phi3", "phi3-long", "phi3-4k"])

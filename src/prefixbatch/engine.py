@@ -33,7 +33,7 @@ from .outputs import CompletionOutput, Request, RequestOutput
 from .planning.plan import Plan, make_plan
 from .scheduling.admission import AdmissionWindow, PendingBatches
 from .scheduling.block_manager import BlockManager
-from .scheduling.request_source import CompactRequests, RequestList, RequestSource
+from .scheduling.request_source import RequestList, RequestSource
 from .scheduling.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .scheduling.sequence import Sequence, Status
 from .scheduling.work import WorkStream
@@ -173,21 +173,12 @@ class LLMEngine:
         if len(clash) or len(np.unique(ids)) != len(ids):
             first = int(clash[0]) if len(clash) else None
             raise ValueError(f"request id {first} is already in flight (ids must be unique)")
-        kinds = _embedding_kinds(source)
+        kinds = {p.embedding is not None for p in source.distinct_params()}
         if len(kinds) > 1 or (self.has_unfinished() and kinds != {self._embeds}):
             raise ValueError("embedding and generation requests cannot be in flight together")
         self._embeds = kinds.pop()
         if self.config.policy.plans and plan is None:
-            prompts = (
-                source.prompts
-                if isinstance(source, CompactRequests)
-                else [source.request(i).prompt_token_ids for i in range(len(source))]
-            )
-            plan = make_plan(
-                prompts,
-                [source.params(i).max_tokens for i in range(len(source))],
-                self.config.block_size,
-            )
+            plan = make_plan(source.prompt_tokens(), source.max_tokens(), self.config.block_size)
         stream = WorkStream(
             source,
             self.config.policy,
@@ -493,14 +484,6 @@ class _InFlight:
     step: ScheduledStep
     sampled: SampledTokens
     faults: Faults[Sequence]  # the step's requests that failed before its tokens were taken in
-
-
-def _embedding_kinds(source: RequestSource) -> set[bool]:
-    """Whether the batch's requests are embedding requests: {True}, {False}, or both."""
-    if isinstance(source, CompactRequests):
-        used = np.unique(source.param_ids).tolist()
-        return {source.param_sets[i].embedding is not None for i in used}
-    return {source.params(i).embedding is not None for i in range(len(source))}
 
 
 def _scores_prompt(seq: Sequence) -> bool:

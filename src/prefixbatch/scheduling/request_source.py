@@ -38,6 +38,18 @@ class RequestSource(Protocol):
         """(len,) int64 ``Request.index`` of every position."""
         ...
 
+    def prompt_tokens(self) -> TokenArrays | Sequence[Sequence[int]]:
+        """Every prompt by position, as the planner takes them (``make_plan``)."""
+        ...
+
+    def max_tokens(self) -> np.ndarray:
+        """(len,) int64 each request's ``max_tokens``."""
+        ...
+
+    def distinct_params(self) -> list[SamplingParams]:
+        """The parameter sets the batch uses, each once."""
+        ...
+
 
 @dataclass(frozen=True)
 class RequestList:
@@ -61,6 +73,15 @@ class RequestList:
 
     def request_ids(self) -> np.ndarray:
         return np.fromiter((r.index for r in self.requests), np.int64, len(self.requests))
+
+    def prompt_tokens(self) -> Sequence[Sequence[int]]:
+        return [r.prompt_token_ids for r in self.requests]
+
+    def max_tokens(self) -> np.ndarray:
+        return np.fromiter((r.params.max_tokens for r in self.requests), np.int64, len(self))
+
+    def distinct_params(self) -> list[SamplingParams]:
+        return list(dict.fromkeys(r.params for r in self.requests))
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,10 +124,17 @@ class CompactRequests:
     def request_ids(self) -> np.ndarray:
         return self.ids
 
+    def prompt_tokens(self) -> TokenArrays:
+        return self.prompts
+
     def max_tokens(self) -> np.ndarray:
-        """(n,) int64 each request's ``max_tokens``."""
         per_set = np.array([p.max_tokens for p in self.param_sets], dtype=np.int64)
         return per_set[self.param_ids]
+
+    def distinct_params(self) -> list[SamplingParams]:
+        """The sets some request uses (``take`` keeps only those; a batch built by hand may
+        hold others)."""
+        return [self.param_sets[i] for i in np.unique(self.param_ids).tolist()]
 
     def take(self, positions: Sequence[int] | np.ndarray) -> CompactRequests:
         """The requests at ``positions`` (ids kept), in arrays of their own: what a worker is
