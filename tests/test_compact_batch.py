@@ -128,6 +128,8 @@ def test_summary_tokens_per_second_leave_out_start_up():  # type: ignore[no-unty
     assert "wall time: 100.0s, of which computing 10.0s: 20.0 output tok/s" in summary.lines()
     prefill_only = JobSummary(3, 0, 0, 300, 0, 0, 0, wall_s=100.0, compute_s=10.0)  # embeddings
     assert "wall time: 100.0s, of which computing 10.0s: 30.0 prompt tok/s" in prefill_only.lines()
+    resumed_done = JobSummary(0, 0, 40, 0, 0, 0, 0, wall_s=2.0, compute_s=0.0)  # all answered
+    assert "wall time: 2.0s, of which computing 0.0s (nothing computed)" in resumed_done.lines()
 
 
 @pytest.mark.parametrize("policy", ["batchllm", "fcfs-lru"])

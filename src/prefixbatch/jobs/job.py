@@ -88,6 +88,7 @@ class JobSummary:
         kind = "output" if self.output_tokens else "prompt"
         done = self.output_tokens or self.prompt_tokens
         tps = done / self.compute_s if self.compute_s else 0.0
+        rate = f": {tps:.1f} {kind} tok/s" if done else " (nothing computed)"
         lines = [
             f"requests: {self.requests_ok} ok, {self.requests_failed} failed, "
             f"{self.skipped} already answered",
@@ -95,8 +96,7 @@ class JobSummary:
             f"tokens: {self.prompt_tokens} prompt, {self.output_tokens} output, "
             f"{self.prefill_tokens_saved} prefill tokens saved by sharing",
             f"preemptions: {self.preemptions}",
-            f"wall time: {self.wall_s:.1f}s, of which computing {self.compute_s:.1f}s: "
-            f"{tps:.1f} {kind} tok/s",
+            f"wall time: {self.wall_s:.1f}s, of which computing {self.compute_s:.1f}s{rate}",
         ]
         if not self.requests_ok and not self.skipped:
             lines.insert(0, "no line of the input is a valid request: see the error records")

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,7 @@ def convert_gguf(path: Path) -> Path:
         return out
     require("gguf", "reading a .gguf model")  # transformers' GGUF reader needs it too
     log.info("converting %s to fp32 safetensors in %s (once, kept for later runs)", path.name, out)
+    start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     from gguf import GGUFReader
     from safetensors.torch import save_file
@@ -133,6 +135,7 @@ def convert_gguf(path: Path) -> Path:
     save_file(tensors, str(out / "model.safetensors"))
     (out / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
     (out / "done").touch()
+    log.info("converted %s in %.0f s", path.name, time.monotonic() - start)
     return out
 
 
