@@ -10,8 +10,8 @@ mixture-of-experts model computes its experts (``moe/kernel_choice.py``); it siz
 byte budget, or on CUDA a profiling forward at the largest step, ``kv_memory.py``), allocates it,
 picks the attention backend (``attention/registry.py``) and captures the decode graphs
 (``cuda_graphs.py``). Engines get a ``ModelRunner``, the argmax and the greedy head from it and
-never reach into the model. One worker may serve
-several engines (the same weights under different policies), one at a time.
+never reach into the model. One worker may serve several engines (the same weights under
+different policies), one at a time.
 """
 
 from __future__ import annotations
@@ -119,8 +119,10 @@ class Worker:
         fp32), after keeping freed host memory and packing the projections for oneDNN; None
         elsewhere or when the kernels cannot be built (a warning says why). Where the CPU
         attention backend may be chosen, its kernels are built at the same time on another
-        thread (a machine's first start compiles both modules at once: about 35 s on 2 cores,
-        against 60 one after the other); the backend then finds them built."""
+        thread (a machine's first start compiles both modules at once: 25-28 s on 2 idle
+        cores, about 60 one after the other); the backend then finds them built. (A model the
+        CPU backend cannot take, values of another size than the keys, builds it for
+        nothing, once per machine.)"""
         config = self.config
         cpu_fp32 = self.device.type == "cpu" and config.torch_dtype == torch.float32
         if config.kernels != "auto" or not cpu_fp32:

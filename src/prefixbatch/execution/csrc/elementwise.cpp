@@ -2,8 +2,9 @@
 // (plain, in place on strided heads, and fused with the residual add), SiLU- and GELU-and-mul
 // (SwiGLU, GeGLU) and in-place rotary embedding; and the greedy sampler's row argmax (with
 // lm_head_argmax.cpp, its fused output projection). Built at first use by
-// prefixbatch/execution/fused_ops.py; the plain PyTorch path in layers.py is what each op is tested against. Loops are plain and marked `omp simd` so
-// the compiler vectorises them for whatever this CPU has (the build uses -march=native).
+// prefixbatch/execution/fused_ops.py; the plain PyTorch path in layers.py is what each op is
+// tested against. Loops are plain and marked `omp simd` so the compiler vectorises them for
+// whatever this CPU has (the build uses -march=native).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

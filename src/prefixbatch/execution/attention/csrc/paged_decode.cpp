@@ -329,10 +329,10 @@ void attend_piece(const Problem& p, const Piece& piece, const Piece* after, floa
 // Returns out (B, H, DV) and the log-sum-exp of the scores, lse (B, H). window > 0: each row
 // attends only its last `window` positions (the blocks before them are not read); softcap > 0:
 // scores are soft-capped.
-std::vector<at::Tensor> paged_decode(at::Tensor q, at::Tensor k_pool,
-                                        at::Tensor v_pool, at::Tensor block_tables,
-                                        at::Tensor lengths, int64_t block_size,
-                                        double scale, int64_t window, double softcap) {
+std::vector<at::Tensor> paged_decode(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
+                                     at::Tensor block_tables, at::Tensor lengths,
+                                     int64_t block_size, double scale, int64_t window,
+                                     double softcap) {
   TORCH_CHECK(q.dtype() == at::kFloat && k_pool.dtype() == at::kFloat &&
                   v_pool.dtype() == at::kFloat,
               "paged_decode: fp32 only");
